@@ -1,0 +1,44 @@
+# The two commands: `make demo` (the whole system on a small run) and `make test`.
+# onnxruntime-node's postinstall downloads CUDA libraries that cannot be reached here: skip it.
+export ONNXRUNTIME_NODE_INSTALL := skip
+
+NODE_MODULES := node_modules/.package-lock.json
+BUILD_STAMP := dist/.built
+
+.PHONY: install build demo test test-long up down clean lint
+
+install: $(NODE_MODULES)
+
+$(NODE_MODULES): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	@touch $@
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services -name '*.proto' -o -name '*.ts' 2>/dev/null) buf.gen.yaml tsconfig.json
+	rm -rf gen
+	npx buf generate
+	npx tsc -p tsconfig.json
+	@touch $@
+
+demo: build
+	node dist/services/cli/demo.js
+
+test: build
+	npx tsc -p tsconfig.test.json
+	npx jest --runInBand
+
+test-long: build
+	AXIS_TEST_LONG=1 npx jest --runInBand
+
+up: build
+	node dist/services/cli/up.js
+
+down:
+	@if [ -f dist/services/cli/down.js ]; then node dist/services/cli/down.js; else echo "nothing to stop"; fi
+
+lint: install
+	npx buf lint
+
+clean:
+	rm -rf dist gen .axis

@@ -1,0 +1,36 @@
+import * as grpc from '@grpc/grpc-js';
+import { CoordinatorClient, Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { channelOptions } from '../shared/server';
+
+export function coordinatorClient(address: string): CoordinatorClient {
+  return new CoordinatorClient(address, grpc.credentials.createInsecure(), channelOptions());
+}
+
+export function startRun(client: CoordinatorClient, req: Partial<StartRunRequest>): Promise<Run> {
+  return new Promise((resolve, reject) => client.startRun(StartRunRequest.fromPartial(req), (err, res) => (err ? reject(err) : resolve(res))));
+}
+
+export function getRun(client: CoordinatorClient, name: string): Promise<Run> {
+  return new Promise((resolve, reject) => client.getRun({ name }, (err, res) => (err ? reject(err) : resolve(res))));
+}
+
+/** Follows WatchRun until the run ends; resolves with the last state seen. */
+export function watchRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    let last: Run | undefined;
+    const call = client.watchRun({ name });
+    call.on('data', (run: Run) => {
+      last = run;
+      onUpdate(run);
+    });
+    call.on('error', reject);
+    call.on('end', () => (last ? resolve(last) : reject(new Error('WatchRun ended without an update'))));
+  });
+}
+
+export function stateName(state: RunState): string {
+  return RunState[state]?.replace('RUN_STATE_', '') ?? String(state);
+}
+
+export const isTerminalState = (s: RunState) =>
+  s === RunState.RUN_STATE_SUCCEEDED || s === RunState.RUN_STATE_FAILED || s === RunState.RUN_STATE_CANCELLED;

@@ -1,0 +1,66 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { checkHealth } from '../shared/health';
+import { runMain } from '../shared/server';
+import { coordinatorClient, startRun, watchRun } from './client';
+import { localDirs, repoRoot } from './paths';
+import { formatSummary, ProgressBar } from './progress';
+import { LocalStack } from './stack';
+
+/**
+ * `make demo`: the four services as local processes, one small run on the bundled data set
+ * through the coordinator, progress while it runs, the summary, then everything stopped.
+ * A second demo finds the run complete in the ledger and does no work again.
+ */
+async function demo(): Promise<void> {
+  const root = repoRoot();
+  const dirs = localDirs(root);
+  const config = JSON.parse(fs.readFileSync(path.join(root, 'data', 'demo.json'), 'utf8')) as Partial<StartRunRequest>;
+  const stack = new LocalStack({
+    root,
+    logDir: dirs.logs,
+    stateDir: dirs.state,
+    outputRoot: path.join(root, 'outputs'),
+    dataDir: path.join(root, 'data'),
+    // A pretend generation speed, so progress is visible; the synthetic backend is otherwise instant.
+    args: { inference: ['--backend', 'synthetic', '--synthetic-tokens-per-second', '600'] },
+  });
+  if ((await checkHealth(stack.address('coordinator'))) !== 'UNREACHABLE') {
+    throw new Error(`something already listens on ${stack.address('coordinator')} (services from \`make up\`?): run \`make down\` first`);
+  }
+  const stopAll = async () => {
+    process.stderr.write('stopping the services...\n');
+    await stack.stopAll();
+  };
+  process.once('SIGINT', () => void stopAll().then(() => process.exit(130)));
+
+  process.stderr.write(`starting inference, judge, aggregation and coordinator on ${stack.host} (logs in ${path.relative(process.cwd(), dirs.logs) || dirs.logs}/)...\n`);
+  try {
+    await stack.startAll();
+    const client = coordinatorClient(stack.address('coordinator'));
+    const started = await startRun(client, config);
+    process.stdout.write(`inference backend: ${started.backend} (model ${started.model})\n`);
+    process.stdout.write(`judge: ${started.judge}\n`);
+    if (!/NOT meaningful/.test(started.judge)) process.stdout.write('(the judge is a real language model)\n');
+    else process.stdout.write('WARNING: the offline judge scores with a fixed heuristic; scores and axis are NOT meaningful. Set OPENAI_API_KEY for a real judge.\n');
+    let final = started;
+    if (started.state === RunState.RUN_STATE_SUCCEEDED) {
+      process.stdout.write(`run ${started.name} is already complete in the ledger: nothing was done again.\n`);
+    } else {
+      process.stdout.write(`run ${started.name}: ${started.progress?.itemsTotal} items (${started.roles.length} roles x 5 instructions x ${started.questionCount} questions)${started.progress?.skipped ? `, ${started.progress.skipped} already done` : ''}\n`);
+      const bar = new ProgressBar();
+      final = await watchRun(client, started.name, (run) => bar.update(run));
+      bar.done();
+    }
+    process.stdout.write(formatSummary(final) + '\n');
+    client.close();
+    await stopAll();
+    if (final.state !== RunState.RUN_STATE_SUCCEEDED) process.exit(1);
+  } catch (err) {
+    await stopAll();
+    throw err;
+  }
+}
+
+runMain('demo', demo);

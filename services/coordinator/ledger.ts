@@ -1,0 +1,200 @@
+import Database from 'better-sqlite3';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+/** What a run was asked to do, fully resolved (defaults filled in), as stored in the ledger. */
+export interface RunSpec {
+  name: string;
+  model: string;
+  dataDir: string;
+  roles: string[];
+  questionCount: number;
+  minCount: number;
+  temperature: number;
+  topP: number;
+  maxNewTokens: number;
+  maxContext: number;
+  seed: number;
+  layers: number[];
+  dataHash: string;
+}
+
+export type RunStateName = 'PENDING' | 'RUNNING' | 'COMPUTING' | 'SUCCEEDED' | 'FAILED' | 'CANCELLED';
+
+export interface RunRow {
+  name: string;
+  spec: RunSpec;
+  state: RunStateName;
+  createdAt: string;
+  finishedAt: string;
+  error: string;
+  backend: string;
+  judge: string;
+  summary: unknown;
+  /** Aggregation instance that holds this run's sums (to notice when that state was lost). */
+  aggregationInstance: string;
+}
+
+export interface ItemRow {
+  role: string;
+  promptIndex: number;
+  questionIndex: number;
+  key: string;
+  text: string | null;
+  promptTokens: number;
+  completionTokens: number;
+  finishReason: string;
+  activationAcked: boolean;
+  judged: boolean;
+  score: number | null;
+  rawReply: string;
+  scoreAcked: boolean;
+}
+
+/**
+ * The coordinator's durable record of every run and item (SQLite, WAL, synchronous=FULL so a
+ * committed step survives kill -9 and power loss). An item moves: text saved -> activation
+ * acknowledged by aggregation -> judged -> score acknowledged; a restart resumes each item
+ * at its first missing step.
+ */
+export class Ledger {
+  private readonly db: Database.Database;
+
+  constructor(stateDir: string) {
+    fs.mkdirSync(stateDir, { recursive: true });
+    this.db = new Database(path.join(stateDir, 'ledger.sqlite'));
+    this.db.pragma('journal_mode = WAL');
+    this.db.pragma('synchronous = FULL');
+    this.db.exec(`
+      CREATE TABLE IF NOT EXISTS runs (
+        name TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL,
+        finished_at TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '', backend TEXT NOT NULL DEFAULT '',
+        judge TEXT NOT NULL DEFAULT '', summary TEXT, aggregation_instance TEXT NOT NULL DEFAULT '');
+      CREATE TABLE IF NOT EXISTS items (
+        run TEXT NOT NULL, role TEXT NOT NULL, p INTEGER NOT NULL, q INTEGER NOT NULL, key TEXT NOT NULL,
+        text TEXT, prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+        finish_reason TEXT NOT NULL DEFAULT '', activation_acked INTEGER NOT NULL DEFAULT 0,
+        judged INTEGER NOT NULL DEFAULT 0, score INTEGER, raw_reply TEXT NOT NULL DEFAULT '',
+        score_acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role, key));
+      CREATE TABLE IF NOT EXISTS roles (
+        run TEXT NOT NULL, role TEXT NOT NULL, written INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role));
+    `);
+  }
+
+  close(): void {
+    this.db.close();
+  }
+
+  getRun(name: string): RunRow | undefined {
+    const r = this.db.prepare('SELECT * FROM runs WHERE name = ?').get(name) as Record<string, any> | undefined;
+    return r && toRunRow(r);
+  }
+
+  listRuns(): RunRow[] {
+    return (this.db.prepare('SELECT * FROM runs ORDER BY created_at').all() as Record<string, any>[]).map(toRunRow);
+  }
+
+  /** Creates the run, its roles and all its items in one transaction. */
+  createRun(spec: RunSpec, items: { role: string; p: number; q: number; key: string }[], createdAt: string): void {
+    const insertRun = this.db.prepare('INSERT INTO runs (name, spec, state, created_at) VALUES (?, ?, ?, ?)');
+    const insertRole = this.db.prepare('INSERT OR IGNORE INTO roles (run, role) VALUES (?, ?)');
+    const insertItem = this.db.prepare('INSERT OR IGNORE INTO items (run, role, p, q, key) VALUES (?, ?, ?, ?, ?)');
+    this.db.transaction(() => {
+      insertRun.run(spec.name, JSON.stringify(spec), 'PENDING', createdAt);
+      for (const role of spec.roles) insertRole.run(spec.name, role);
+      for (const it of items) insertItem.run(spec.name, it.role, it.p, it.q, it.key);
+    })();
+  }
+
+  setRunState(name: string, state: RunStateName, fields: { error?: string; finishedAt?: string; summary?: unknown; backend?: string; judge?: string } = {}): void {
+    const run = this.getRun(name);
+    if (!run) return;
+    this.db
+      .prepare('UPDATE runs SET state = ?, error = ?, finished_at = ?, summary = ?, backend = ?, judge = ? WHERE name = ?')
+      .run(
+        state,
+        fields.error ?? (state === 'FAILED' ? run.error : ''),
+        fields.finishedAt ?? (state === 'SUCCEEDED' || state === 'FAILED' || state === 'CANCELLED' ? run.finishedAt : ''),
+        fields.summary !== undefined ? JSON.stringify(fields.summary) : run.summary === undefined ? null : JSON.stringify(run.summary),
+        fields.backend ?? run.backend,
+        fields.judge ?? run.judge,
+        name,
+      );
+  }
+
+  setAggregationInstance(name: string, instance: string): void {
+    this.db.prepare('UPDATE runs SET aggregation_instance = ? WHERE name = ?').run(instance, name);
+  }
+
+  /** Forgets that aggregation acknowledged anything of this run (its state was lost): everything is sent again. */
+  resetAcks(name: string): void {
+    this.db.prepare('UPDATE items SET activation_acked = 0, score_acked = 0 WHERE run = ?').run(name);
+  }
+
+  items(run: string): ItemRow[] {
+    return (this.db.prepare('SELECT * FROM items WHERE run = ? ORDER BY role, p, q').all(run) as Record<string, any>[]).map(toItemRow);
+  }
+
+  roleItems(run: string, role: string): ItemRow[] {
+    return (this.db.prepare('SELECT * FROM items WHERE run = ? AND role = ? ORDER BY p, q').all(run, role) as Record<string, any>[]).map(toItemRow);
+  }
+
+  saveText(run: string, role: string, key: string, r: { text: string; promptTokens: number; completionTokens: number; finishReason: string }): void {
+    this.db
+      .prepare('UPDATE items SET text = ?, prompt_tokens = ?, completion_tokens = ?, finish_reason = ? WHERE run = ? AND role = ? AND key = ?')
+      .run(r.text, r.promptTokens, r.completionTokens, r.finishReason, run, role, key);
+  }
+
+  ackActivation(run: string, role: string, key: string): void {
+    this.db.prepare('UPDATE items SET activation_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+  }
+
+  saveScore(run: string, role: string, key: string, score: number | null, rawReply: string): void {
+    this.db.prepare('UPDATE items SET judged = 1, score = ?, raw_reply = ? WHERE run = ? AND role = ? AND key = ?').run(score, rawReply, run, role, key);
+  }
+
+  ackScore(run: string, role: string, key: string): void {
+    this.db.prepare('UPDATE items SET score_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+  }
+
+  writtenRoles(run: string): Set<string> {
+    return new Set((this.db.prepare('SELECT role FROM roles WHERE run = ? AND written = 1').all(run) as { role: string }[]).map((r) => r.role));
+  }
+
+  markRoleWritten(run: string, role: string): void {
+    this.db.prepare('UPDATE roles SET written = 1 WHERE run = ? AND role = ?').run(run, role);
+  }
+}
+
+function toRunRow(r: Record<string, any>): RunRow {
+  return {
+    name: r.name,
+    spec: JSON.parse(r.spec),
+    state: r.state,
+    createdAt: r.created_at,
+    finishedAt: r.finished_at,
+    error: r.error,
+    backend: r.backend,
+    judge: r.judge,
+    summary: r.summary ? JSON.parse(r.summary) : undefined,
+    aggregationInstance: r.aggregation_instance,
+  };
+}
+
+function toItemRow(r: Record<string, any>): ItemRow {
+  return {
+    role: r.role,
+    promptIndex: r.p,
+    questionIndex: r.q,
+    key: r.key,
+    text: r.text,
+    promptTokens: r.prompt_tokens,
+    completionTokens: r.completion_tokens,
+    finishReason: r.finish_reason,
+    activationAcked: !!r.activation_acked,
+    judged: !!r.judged,
+    score: r.score,
+    rawReply: r.raw_reply,
+    scoreAcked: !!r.score_acked,
+  };
+}

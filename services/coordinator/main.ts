@@ -1,0 +1,158 @@
+import * as grpc from '@grpc/grpc-js';
+import * as path from 'node:path';
+import { CoordinatorServer, CoordinatorService, Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { loadConfig, OptionTable } from '../shared/config';
+import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { createLogger } from '../shared/logger';
+import { createRegistry, prom } from '../shared/metrics';
+import { toServiceError, unary } from '../shared/rpc';
+import { runMain, startService } from '../shared/server';
+import { Ledger } from './ledger';
+import { RunManager } from './runs';
+import { AggregationUpstream, InferenceReplica, JudgeUpstream, Upstreams } from './upstreams';
+
+export const COORDINATOR_OPTIONS = {
+  host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
+  port: { type: 'number', env: 'AXIS_COORDINATOR_PORT', default: DEFAULT_PORTS.coordinator, help: 'gRPC port' },
+  'metrics-port': { type: 'number', env: 'AXIS_COORDINATOR_METRICS_PORT', default: DEFAULT_METRICS_PORTS.coordinator, help: 'Prometheus metrics port' },
+  inference: { type: 'string', env: 'AXIS_INFERENCE_ADDRESSES', default: `127.0.0.1:${DEFAULT_PORTS.inference}`, help: 'inference replicas, comma-separated host:port' },
+  judge: { type: 'string', env: 'AXIS_JUDGE_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.judge}`, help: 'judge service host:port' },
+  aggregation: { type: 'string', env: 'AXIS_AGGREGATION_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.aggregation}`, help: 'aggregation service host:port' },
+  'state-dir': { type: 'string', env: 'AXIS_COORDINATOR_STATE_DIR', default: '.axis/coordinator', help: 'where the run ledger lives' },
+  'output-root': { type: 'string', env: 'AXIS_OUTPUT_ROOT', default: 'outputs', help: 'run directories are <output-root>/<run name>' },
+  'data-dir': { type: 'string', env: 'AXIS_DATA_DIR', default: 'data', help: 'data set used when a run names none (reference layout)' },
+  'judge-concurrency': { type: 'number', env: 'AXIS_COORDINATOR_JUDGE_CONCURRENCY', default: 32, help: 'items at the judge at once' },
+} satisfies OptionTable;
+
+const WATCH_INTERVAL_MS = 200;
+
+async function main(): Promise<void> {
+  const cfg = loadConfig('coordinator', COORDINATOR_OPTIONS);
+  const log = createLogger('coordinator');
+  const upstreams: Upstreams = {
+    inference: cfg.inference.split(',').map((a) => a.trim()).filter(Boolean).map((a) => new InferenceReplica(a)),
+    judge: new JudgeUpstream(cfg.judge),
+    aggregation: new AggregationUpstream(cfg.aggregation),
+  };
+  if (upstreams.inference.length === 0) throw new Error('--inference: at least one replica address is required');
+  const ledger = new Ledger(path.resolve(cfg['state-dir']));
+  const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'] }, log);
+
+  const registry = createRegistry('coordinator');
+  new prom.Gauge({
+    name: 'axis_coordinator_run_items',
+    help: 'Items of each active run, by stage (total, generated, judged, aggregated)',
+    labelNames: ['run', 'stage'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const name of runs.activeRuns()) {
+        const p = runs.progressOf(name);
+        if (!p) continue;
+        this.set({ run: name, stage: 'total' }, p.itemsTotal);
+        this.set({ run: name, stage: 'generated' }, p.generated);
+        this.set({ run: name, stage: 'judged' }, p.judged);
+        this.set({ run: name, stage: 'aggregated' }, p.aggregated);
+      }
+    },
+  });
+  new prom.Gauge({
+    name: 'axis_coordinator_run_eta_seconds',
+    help: 'Estimated seconds left of each active run',
+    labelNames: ['run'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const name of runs.activeRuns()) this.set({ run: name }, runs.progressOf(name)?.etaSeconds ?? 0);
+    },
+  });
+  const ready = new prom.Gauge({ name: 'axis_coordinator_dependencies_ready', help: 'Whether each dependency answers (1) or not (0)', labelNames: ['dependency'], registers: [registry] });
+
+  const impl: CoordinatorServer = {
+    startRun: unary(log, (req) => runs.start(req)),
+    getRun: unary(log, async (req) => runs.get(req.name)),
+    listRuns: unary(log, async () => ({ runs: runs.list() })),
+    cancelRun: unary(log, async (req) => runs.cancel(req.name)),
+    watchRun: (call) => {
+      let first: Run;
+      try {
+        first = runs.get(call.request.name);
+      } catch (err) {
+        call.destroy(toServiceError(err) as Error);
+        return;
+      }
+      const name = call.request.name;
+      let last = 0;
+      let timer: NodeJS.Timeout | undefined;
+      const send = () => {
+        timer = undefined;
+        if (call.cancelled) return;
+        last = Date.now();
+        const run = runs.get(name);
+        call.write(run);
+        if (runs.isTerminal(name) && run.state !== RunState.RUN_STATE_RUNNING) {
+          unsubscribe();
+          call.end();
+        }
+      };
+      // At most one update per WATCH_INTERVAL_MS, and always the latest state.
+      const onChange = () => {
+        if (timer) return;
+        timer = setTimeout(send, Math.max(0, WATCH_INTERVAL_MS - (Date.now() - last)));
+      };
+      const unsubscribe = runs.watch(name, onChange);
+      call.on('cancelled', () => {
+        unsubscribe();
+        if (timer) clearTimeout(timer);
+      });
+      void first;
+      send();
+    },
+  };
+
+  const running = await startService({
+    service: 'coordinator',
+    host: cfg.host,
+    port: cfg.port,
+    metricsPort: cfg['metrics-port'],
+    bindings: [{ name: 'assistant_axis.v1.Coordinator', definition: CoordinatorService, implementation: impl }],
+    registry,
+    log,
+    onDrain: () => {
+      for (const u of [...upstreams.inference, upstreams.judge, upstreams.aggregation]) u.close();
+      ledger.close();
+    },
+  });
+
+  /** Ready when every dependency answers; checked at start and every few seconds. */
+  let resumed = false;
+  const check = async () => {
+    const results = await Promise.all([
+      ...upstreams.inference.map((r) => r.refresh().then(() => true, () => false)),
+      upstreams.judge.refresh().then(() => true, () => false),
+      upstreams.aggregation.runState('probe').then(() => true, () => false),
+    ]);
+    const [aggOk, judgeOk] = [results.pop()!, results.pop()!];
+    const infOk = results.some(Boolean);
+    ready.set({ dependency: 'inference' }, infOk ? 1 : 0);
+    ready.set({ dependency: 'judge' }, judgeOk ? 1 : 0);
+    ready.set({ dependency: 'aggregation' }, aggOk ? 1 : 0);
+    const ok = infOk && judgeOk && aggOk;
+    running.setReady(ok);
+    if (ok && !resumed) {
+      resumed = true;
+      await runs.resumeUnfinished();
+    }
+  };
+  const loop = async () => {
+    try {
+      await check();
+    } catch (err) {
+      log.error({ err }, 'dependency check failed');
+    }
+    setTimeout(loop, resumed ? 5000 : 500).unref();
+  };
+  void loop();
+}
+
+if (require.main === module) runMain('coordinator', main);

@@ -1,0 +1,361 @@
+import * as grpc from '@grpc/grpc-js';
+import { createHash } from 'node:crypto';
+import * as path from 'node:path';
+import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
+import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { writeFileAtomic } from '../shared/files';
+import { Limiter } from '../shared/limit';
+import type { Logger } from '../shared/logger';
+import { isDefaultRole } from '../shared/names';
+import { writeSafetensors } from '../shared/safetensors';
+import { decodeTensor } from '../shared/tensor';
+import { buildConversation } from './conversation';
+import type { DataSet, Role } from './data';
+import type { ItemRow, Ledger, RunSpec } from './ledger';
+import { manifest } from './manifest';
+import { responseRecord, writeRoleFiles } from './runFiles';
+import { ingestId, InferenceReplica, Upstreams } from './upstreams';
+
+export interface Progress {
+  itemsTotal: number;
+  generated: number;
+  judged: number;
+  toJudge: number;
+  aggregated: number;
+  rolesTotal: number;
+  rolesWritten: number;
+  skipped: number;
+  itemsPerSecond: number;
+  etaSeconds: number;
+}
+
+export interface RunSummary {
+  kept: { role: string; count: number }[];
+  leftOut: { role: string; count: number }[];
+  defaults: { role: string; count: number }[];
+  axisNorms: number[];
+  numLayers: number;
+  hiddenSize: number;
+}
+
+/** A failure of the whole run (as opposed to a stream hiccup that is retried). */
+export class RunFailure extends Error {}
+
+const RETRY_ATTEMPTS = 8;
+const JUDGE_BACKLOG_PER_SLOT = 4;
+
+/** Seed of one item: a pure function of the run's seed and the item, so a retry samples the same text. */
+export function itemSeed(runSeed: number, role: string, key: string): number {
+  return createHash('sha256').update(`${runSeed}:${role}:${key}`).digest().readUIntLE(0, 6);
+}
+
+/**
+ * Executes one run from the ledger's state: each item goes generate (or, when its text is
+ * saved but its activation was not acknowledged, Extract) -> activation to aggregation ->
+ * judge -> score to aggregation, with generation bounded by the replicas' capacity and
+ * throttled when the judge falls behind. Finished roles are written as they complete; the
+ * axis is computed when every item is in.
+ */
+export class RunExecutor {
+  readonly progress: Progress;
+  private cancelled = false;
+  private failure: Error | undefined;
+  private wake: (() => void)[] = [];
+  private genInFlight = 0;
+  private judgeBacklog = 0;
+  private startedAt = Date.now();
+  private doneThisAttempt = 0;
+  private modelInfo!: ModelInfo;
+  private readonly rolesByName: Map<string, Role>;
+  private readonly remaining = new Map<string, number>();
+  private readonly judgeSlots: Limiter;
+
+  constructor(
+    private readonly spec: RunSpec,
+    private readonly data: DataSet,
+    private readonly ledger: Ledger,
+    private readonly upstreams: Upstreams,
+    private readonly runDir: string,
+    private readonly log: Logger,
+    private readonly onProgress: () => void,
+    private readonly judgeConcurrency: number,
+  ) {
+    this.rolesByName = new Map(data.roles.map((r) => [r.name, r]));
+    this.judgeSlots = new Limiter(judgeConcurrency);
+    this.progress = { itemsTotal: 0, generated: 0, judged: 0, toJudge: 0, aggregated: 0, rolesTotal: data.roles.length, rolesWritten: 0, skipped: 0, itemsPerSecond: 0, etaSeconds: 0 };
+  }
+
+  cancel(): void {
+    this.cancelled = true;
+    this.notify();
+  }
+
+  get isCancelled(): boolean {
+    return this.cancelled;
+  }
+
+  /** Runs to the end; throws RunFailure (or a gRPC error from aggregation) when the run fails. */
+  async execute(): Promise<RunSummary | undefined> {
+    const replicas = this.replicasForModel();
+    this.modelInfo = replicas[0].info!;
+    await this.reconcileAggregation();
+
+    const items = this.ledger.items(this.spec.name);
+    const written = this.ledger.writtenRoles(this.spec.name);
+    const p = this.progress;
+    p.itemsTotal = items.length;
+    for (const it of items) {
+      const isDefault = isDefaultRole(it.role);
+      if (!isDefault) p.toJudge++;
+      if (it.text !== null) p.generated++;
+      if (it.judged) p.judged++;
+      if (this.isDone(it)) p.aggregated++;
+      else this.remaining.set(it.role, (this.remaining.get(it.role) ?? 0) + 1);
+    }
+    p.skipped = p.aggregated;
+    p.rolesWritten = written.size;
+    this.onProgress();
+    // Roles finished before a crash whose files were not yet written.
+    for (const role of this.data.roles.map((r) => r.name)) {
+      if (!this.remaining.has(role) && !written.has(role)) await this.writeRole(role);
+    }
+
+    const capacity = replicas.reduce((n, r) => n + Math.max(1, r.info!.capacity), 0);
+    const maxJudgeBacklog = this.judgeConcurrency * JUDGE_BACKLOG_PER_SLOT;
+    const active = new Set<Promise<void>>();
+    for (const item of items) {
+      if (this.isDone(item)) continue;
+      while (!this.cancelled && !this.failure && (this.genInFlight >= capacity || this.judgeBacklog >= maxJudgeBacklog)) await this.waitForChange();
+      if (this.cancelled || this.failure) break;
+      const task: Promise<void> = this.processItem(item, replicas).then(
+        () => undefined,
+        (err) => this.fail(err),
+      );
+      active.add(task);
+      task.finally(() => active.delete(task));
+      // Let the item claim its generation slot before the next is considered.
+      await Promise.resolve();
+    }
+    await Promise.all([...active]);
+    if (this.failure) throw this.failure;
+    if (this.cancelled) return undefined;
+    return this.computeAndWrite();
+  }
+
+  private isDone(it: ItemRow): boolean {
+    return it.activationAcked && (isDefaultRole(it.role) || (it.judged && it.scoreAcked));
+  }
+
+  private fail(err: unknown): void {
+    if (!this.failure) {
+      this.failure = err instanceof Error ? err : new Error(String(err));
+      this.log.error({ run: this.spec.name, err: this.failure.message }, 'run failing');
+    }
+    this.notify();
+  }
+
+  private notify(): void {
+    const w = this.wake;
+    this.wake = [];
+    for (const f of w) f();
+  }
+
+  private waitForChange(): Promise<void> {
+    return new Promise((resolve) => this.wake.push(resolve));
+  }
+
+  private replicasForModel(): InferenceReplica[] {
+    const replicas = this.upstreams.inference.filter((r) => r.info && r.info.model === this.spec.model);
+    if (replicas.length === 0) throw new RunFailure(`no inference replica serves model ${JSON.stringify(this.spec.model)}`);
+    return replicas;
+  }
+
+  /** If aggregation holds fewer of this run's activations than the ledger says it acknowledged, its state was lost: send everything again. */
+  private async reconcileAggregation(): Promise<void> {
+    const state = await this.upstreams.aggregation.runState(this.spec.name);
+    const acked = this.ledger.items(this.spec.name).filter((i) => i.activationAcked).length;
+    if (state.activations < acked) {
+      this.log.warn({ run: this.spec.name, aggregationHas: state.activations, ledgerAcked: acked }, 'aggregation lost this run\'s state: re-sending activations (by Extract) and scores');
+      this.ledger.resetAcks(this.spec.name);
+    }
+    this.ledger.setAggregationInstance(this.spec.name, state.instanceId);
+  }
+
+  private conversation(item: ItemRow): { systemPrompt: string; question: string; messages: ChatMessage[] } {
+    const role = this.rolesByName.get(item.role)!;
+    const question = this.data.questions[item.questionIndex].question;
+    const { systemPrompt, messages } = buildConversation(role.instructions[item.promptIndex], question, {
+      shortName: this.modelInfo.modelShortName,
+      supportsSystemPrompt: this.modelInfo.supportsSystemPrompt,
+    });
+    return { systemPrompt, question, messages };
+  }
+
+  private pickReplica(replicas: InferenceReplica[]): InferenceReplica {
+    return replicas.reduce((best, r) => (r.inFlight / Math.max(1, r.info!.capacity) < best.inFlight / Math.max(1, best.info!.capacity) ? r : best));
+  }
+
+  private async processItem(item: ItemRow, replicas: InferenceReplica[]): Promise<void> {
+    const run = this.spec.name;
+    const id = `${item.role}/${item.key}`;
+    const { messages, question } = this.conversation(item);
+    if (item.text === null || !item.activationAcked) {
+      this.genInFlight++;
+      let activation;
+      try {
+        if (item.text === null) {
+          const res = await this.retrying(`generate ${id}`, async () => {
+            const r = await this.pickReplica(replicas).generate.send(id, {
+              itemId: id,
+              messages,
+              sampling: { temperature: this.spec.temperature, topP: this.spec.topP, maxNewTokens: this.spec.maxNewTokens, maxContext: this.spec.maxContext, seed: this.spec.seed },
+              seed: itemSeed(this.spec.seed, item.role, item.key),
+              layers: this.spec.layers,
+            });
+            checkItemError(r.error, `inference failed for item ${id}`);
+            return r;
+          });
+          this.ledger.saveText(run, item.role, item.key, res);
+          item.text = res.text;
+          this.progress.generated++;
+          activation = res.activation;
+        } else {
+          const text = item.text;
+          const res = await this.retrying(`extract ${id}`, async () => {
+            const r = await this.pickReplica(replicas).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers });
+            checkItemError(r.error, `activation recovery (Extract) failed for item ${id}`);
+            return r;
+          });
+          activation = res.activation;
+        }
+      } finally {
+        this.genInFlight--;
+        this.notify();
+      }
+      // Checked here, not only in aggregation, so a malformed activation fails loudly at its source.
+      decodeTensor(activation, `activation of item ${id}`);
+      await this.ingest(item, { $case: 'activation', value: activation! });
+      this.ledger.ackActivation(run, item.role, item.key);
+      item.activationAcked = true;
+    }
+    if (!isDefaultRole(item.role)) {
+      if (!item.judged) {
+        this.judgeBacklog++;
+        let result;
+        try {
+          result = await this.judgeSlots.run(() =>
+            this.retrying(`judge ${id}`, async () => {
+              const r = await this.upstreams.judge.score.send(id, { itemId: id, role: item.role, evalPrompt: this.rolesByName.get(item.role)!.evalPrompt!, question, answer: item.text! });
+              if (r.error) throw new RetryableError(`judge failed for item ${id}: ${r.error.message}`);
+              return r;
+            }),
+          );
+        } finally {
+          this.judgeBacklog--;
+          this.notify();
+        }
+        this.ledger.saveScore(run, item.role, item.key, result.score ?? null, result.rawReply);
+        item.judged = true;
+        item.score = result.score ?? null;
+        this.progress.judged++;
+      }
+      if (!item.scoreAcked) {
+        await this.ingest(item, { $case: 'score', value: { score: item.score ?? undefined } });
+        this.ledger.ackScore(run, item.role, item.key);
+        item.scoreAcked = true;
+      }
+    }
+    this.progress.aggregated++;
+    this.doneThisAttempt++;
+    const elapsed = (Date.now() - this.startedAt) / 1000;
+    this.progress.itemsPerSecond = this.doneThisAttempt / Math.max(elapsed, 1e-3);
+    this.progress.etaSeconds = (this.progress.itemsTotal - this.progress.aggregated) / Math.max(this.progress.itemsPerSecond, 1e-9);
+    const left = (this.remaining.get(item.role) ?? 1) - 1;
+    this.remaining.set(item.role, left);
+    if (left === 0) {
+      this.remaining.delete(item.role);
+      await this.writeRole(item.role);
+    }
+    this.onProgress();
+  }
+
+  private async ingest(item: ItemRow, payload: { $case: 'activation'; value: any } | { $case: 'score'; value: { score?: number } }): Promise<void> {
+    const run = this.spec.name;
+    const id = ingestId(run, item.role, item.key, payload.$case === 'activation');
+    await this.retrying(`aggregate ${item.role}/${item.key}`, async () => {
+      const ack = await this.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload });
+      if (ack.error) throw new RunFailure(`aggregation refused the ${payload.$case} of ${item.role}/${item.key}: ${ack.error.message}`);
+    });
+  }
+
+  private async writeRole(role: string): Promise<void> {
+    const items = this.ledger.roleItems(this.spec.name, role);
+    await writeRoleFiles(this.runDir, role, items, (it) => {
+      const { systemPrompt, question, messages } = this.conversation(it);
+      return responseRecord(systemPrompt, it.promptIndex, it.questionIndex, question, messages, it.text ?? '');
+    });
+    this.ledger.markRoleWritten(this.spec.name, role);
+    this.progress.rolesWritten++;
+    this.log.info({ run: this.spec.name, role }, 'role complete: files written');
+  }
+
+  /** Stream errors (a replica restarting, a dropped connection) are retried with backoff; item errors are not. */
+  private async retrying<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await fn();
+      } catch (err) {
+        if (err instanceof RunFailure || this.cancelled || attempt >= RETRY_ATTEMPTS) {
+          throw err instanceof RunFailure ? err : new RunFailure(`${what}: ${(err as Error).message} (after ${attempt} attempts)`);
+        }
+        const delay = Math.min(5000, 100 * 2 ** attempt) * (0.5 + Math.random() / 2);
+        this.log.warn({ what, attempt, err: (err as Error).message }, 'retrying');
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
+  }
+
+  private async computeAndWrite(): Promise<RunSummary> {
+    const results = await this.upstreams.aggregation.computeAxis({ run: this.spec.name, minCount: this.spec.minCount, scores: [] });
+    const meta = (extra: Record<string, string>) => ({ model: this.spec.model, run: this.spec.name, layers: this.spec.layers.length ? this.spec.layers.join(',') : 'all', ...extra });
+    let summary: RunSummary | undefined;
+    for (const r of results) {
+      if (r.result?.$case === 'vector') {
+        const v = r.result.value;
+        const t = decodeTensor(v.vector, `vector of ${v.role}`);
+        await writeSafetensors(path.join(this.runDir, 'vectors', `${v.role}.safetensors`), { vector: t }, meta({ role: v.role, count: String(v.count), scores: v.isDefault ? 'all' : '3' }));
+      } else if (r.result?.$case === 'axis') {
+        const a = r.result.value;
+        const t = decodeTensor(a.axis, 'axis');
+        summary = {
+          kept: a.kept.map((k) => ({ role: k.role, count: k.count })),
+          leftOut: a.leftOut.map((k) => ({ role: k.role, count: k.count })),
+          defaults: a.defaults.map((k) => ({ role: k.role, count: k.count })),
+          axisNorms: a.norms,
+          numLayers: t.shape[0],
+          hiddenSize: t.shape[1],
+        };
+        await writeSafetensors(
+          path.join(this.runDir, 'axis.safetensors'),
+          { axis: t },
+          meta({ min_count: String(this.spec.minCount), roles_kept: String(a.kept.length), roles_left_out: String(a.leftOut.length), counts: JSON.stringify(Object.fromEntries(a.kept.map((k) => [k.role, k.count]))) }),
+        );
+      }
+    }
+    if (!summary) throw new RunFailure('aggregation returned no axis');
+    await writeFileAtomic(
+      path.join(this.runDir, 'manifest.json'),
+      JSON.stringify(manifest(this.spec, this.data, this.modelInfo, this.upstreams.judge.info!, summary), null, 2) + '\n',
+    );
+    return summary;
+  }
+}
+
+class RetryableError extends Error {}
+
+function checkItemError(error: { code: number; message: string } | undefined, what: string): void {
+  if (!error) return;
+  const retryable = error.code === grpc.status.UNAVAILABLE || error.code === grpc.status.RESOURCE_EXHAUSTED || error.code === grpc.status.ABORTED;
+  const msg = `${what}: ${grpc.status[error.code] ?? error.code}: ${error.message}`;
+  throw retryable ? new RetryableError(msg) : new RunFailure(msg);
+}

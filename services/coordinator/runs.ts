@@ -1,0 +1,301 @@
+import * as grpc from '@grpc/grpc-js';
+import { promises as fs } from 'node:fs';
+import * as path from 'node:path';
+import { Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING } from '../shared/defaults';
+import type { Logger } from '../shared/logger';
+import { isDefaultRole, itemKey, nameProblem } from '../shared/names';
+import { failedPrecondition, invalidArgument, notFound, RpcError } from '../shared/rpc';
+import { DataSet, loadDataSet } from './data';
+import { Ledger, RunRow, RunSpec, RunStateName } from './ledger';
+import { Progress, RunExecutor, RunSummary } from './run';
+import type { Upstreams } from './upstreams';
+
+export interface RunManagerOptions {
+  outputRoot: string;
+  defaultDataDir: string;
+  judgeConcurrency: number;
+}
+
+type Listener = () => void;
+
+const TERMINAL: RunStateName[] = ['SUCCEEDED', 'FAILED', 'CANCELLED'];
+
+/**
+ * Runs, independent of gRPC: validation of StartRun, the ledger, one executor per active run,
+ * progress for Get/Watch, cancel and resume after a restart.
+ */
+export class RunManager {
+  private readonly executors = new Map<string, RunExecutor>();
+  private readonly listeners = new Map<string, Set<Listener>>();
+  private readonly messages = new Map<string, string>();
+
+  constructor(
+    private readonly ledger: Ledger,
+    private readonly upstreams: Upstreams,
+    private readonly opts: RunManagerOptions,
+    private readonly log: Logger,
+  ) {}
+
+  progressOf(name: string): Progress | undefined {
+    return this.executors.get(name)?.progress;
+  }
+
+  activeRuns(): string[] {
+    return [...this.executors.keys()];
+  }
+
+  async start(req: StartRunRequest): Promise<Run> {
+    const spec = await this.resolveSpec(req);
+    const existing = this.ledger.getRun(spec.name);
+    if (existing) {
+      const differs = Object.keys(spec).filter((k) => JSON.stringify(spec[k as keyof RunSpec]) !== JSON.stringify(existing.spec[k as keyof RunSpec]));
+      if (differs.length) {
+        throw new RpcError(grpc.status.ALREADY_EXISTS, `name: run ${JSON.stringify(spec.name)} already exists with other parameters (${differs.join(', ')}); choose another name`);
+      }
+      if (existing.state === 'SUCCEEDED') {
+        this.messages.set(spec.name, 'already complete: nothing to do, no work done again');
+        return this.view(spec.name);
+      }
+      if (this.executors.has(spec.name)) {
+        this.messages.set(spec.name, 'already running');
+        return this.view(spec.name);
+      }
+      this.messages.set(spec.name, `resumed from the ledger (was ${existing.state})`);
+      await this.launch(existing.spec);
+      return this.view(spec.name);
+    }
+    const runDir = this.runDir(spec.name);
+    if (await nonEmptyDir(runDir)) {
+      throw failedPrecondition(`name: output directory ${runDir} already exists and belongs to no run in this coordinator's ledger; move it away or choose another name (results are never overwritten)`);
+    }
+    const items: { role: string; p: number; q: number; key: string }[] = [];
+    const data = await loadDataSet(spec.dataDir, spec.roles, spec.questionCount);
+    for (const role of data.roles) {
+      for (let p = 0; p < role.instructions.length; p++) {
+        for (let q = 0; q < data.questions.length; q++) items.push({ role: role.name, p, q, key: itemKey(p, q) });
+      }
+    }
+    this.ledger.createRun(spec, items, new Date().toISOString());
+    this.messages.set(spec.name, 'started');
+    await this.launch(spec, data);
+    return this.view(spec.name);
+  }
+
+  /** Picks up every run a previous coordinator left unfinished. */
+  async resumeUnfinished(): Promise<void> {
+    for (const run of this.ledger.listRuns()) {
+      if (TERMINAL.includes(run.state) || this.executors.has(run.name)) continue;
+      this.log.info({ run: run.name, state: run.state }, 'resuming run after restart');
+      this.messages.set(run.name, `resumed after a coordinator restart (was ${run.state})`);
+      try {
+        await this.launch(run.spec);
+      } catch (err) {
+        this.ledger.setRunState(run.name, 'FAILED', { error: `cannot resume: ${(err as Error).message}`, finishedAt: new Date().toISOString() });
+      }
+    }
+  }
+
+  get(name: string): Run {
+    this.checkName(name);
+    if (!this.ledger.getRun(name)) throw notFound(`name: no run named ${JSON.stringify(name)}`);
+    return this.view(name);
+  }
+
+  list(): Run[] {
+    return this.ledger.listRuns().map((r) => this.view(r.name));
+  }
+
+  cancel(name: string): Run {
+    const run = this.get(name);
+    const ex = this.executors.get(name);
+    if (ex) {
+      ex.cancel();
+      this.messages.set(name, 'cancelling: in-flight items finish, then the run stops (StartRun with the same request resumes it)');
+    } else if (!TERMINAL.includes(this.ledger.getRun(name)!.state)) {
+      this.ledger.setRunState(name, 'CANCELLED', { finishedAt: new Date().toISOString() });
+    }
+    this.emit(name);
+    return ex ? this.view(name) : run;
+  }
+
+  /** Calls `listener` whenever the run changes; returns the unsubscribe function. */
+  watch(name: string, listener: Listener): () => void {
+    let set = this.listeners.get(name);
+    if (!set) this.listeners.set(name, (set = new Set()));
+    set.add(listener);
+    return () => set!.delete(listener);
+  }
+
+  isTerminal(name: string): boolean {
+    const run = this.ledger.getRun(name);
+    return !!run && TERMINAL.includes(run.state) && !this.executors.has(name);
+  }
+
+  checkName(name: string): void {
+    const problem = nameProblem(name);
+    if (problem) throw invalidArgument(`name: ${problem}`);
+  }
+
+  runDir(name: string): string {
+    return path.join(this.opts.outputRoot, name);
+  }
+
+  private emit(name: string): void {
+    for (const l of this.listeners.get(name) ?? []) l();
+  }
+
+  private async launch(spec: RunSpec, data?: DataSet): Promise<void> {
+    data ??= await loadDataSet(spec.dataDir, spec.roles, spec.questionCount);
+    if (data.hash !== spec.dataHash) throw failedPrecondition(`data_dir: the data set in ${spec.dataDir} changed since run ${spec.name} started (sha256 ${data.hash} != ${spec.dataHash})`);
+    await this.refreshUpstreams();
+    const runDir = this.runDir(spec.name);
+    const executor = new RunExecutor(spec, data, this.ledger, this.upstreams, runDir, this.log.child({ run: spec.name }), () => this.emit(spec.name), this.opts.judgeConcurrency);
+    this.executors.set(spec.name, executor);
+    const replica = this.upstreams.inference.find((r) => r.info?.model === spec.model);
+    this.ledger.setRunState(spec.name, 'RUNNING', { backend: replica?.info?.backend ?? '', judge: judgeLabel(this.upstreams) });
+    this.emit(spec.name);
+    executor.execute().then(
+      (summary: RunSummary | undefined) => {
+        this.executors.delete(spec.name);
+        const finishedAt = new Date().toISOString();
+        if (summary) {
+          this.ledger.setRunState(spec.name, 'SUCCEEDED', { summary, finishedAt });
+          this.messages.set(spec.name, 'complete');
+        } else {
+          this.ledger.setRunState(spec.name, 'CANCELLED', { finishedAt });
+          this.messages.set(spec.name, 'cancelled: StartRun with the same request resumes it');
+        }
+        this.emit(spec.name);
+      },
+      (err: Error & { details?: string }) => {
+        this.executors.delete(spec.name);
+        const error = err.details ?? err.message;
+        this.log.error({ run: spec.name, error }, 'run failed');
+        this.ledger.setRunState(spec.name, 'FAILED', { error, finishedAt: new Date().toISOString() });
+        this.messages.set(spec.name, 'failed: fix the cause and StartRun with the same request to resume; finished items are kept');
+        this.emit(spec.name);
+      },
+    );
+  }
+
+  async refreshUpstreams(): Promise<void> {
+    await Promise.all([
+      ...this.upstreams.inference.map((r) => r.refresh().catch((err) => {
+        r.info = undefined;
+        this.log.warn({ address: r.address, err: (err as Error).message }, 'inference replica unreachable');
+      })),
+      this.upstreams.judge.refresh(),
+    ]);
+  }
+
+  /** Resolves a StartRun request into a complete spec, or throws INVALID_ARGUMENT / FAILED_PRECONDITION naming the field. */
+  private async resolveSpec(req: StartRunRequest): Promise<RunSpec> {
+    this.checkName(req.name);
+    const temperature = req.temperature ?? DEFAULT_SAMPLING.temperature;
+    const topP = req.topP ?? DEFAULT_SAMPLING.topP;
+    const maxNewTokens = req.maxNewTokens ?? DEFAULT_SAMPLING.maxNewTokens;
+    const maxContext = req.maxContext ?? DEFAULT_SAMPLING.maxContext;
+    if (!(Number.isFinite(temperature) && temperature >= 0)) throw invalidArgument(`temperature: must be >= 0, got ${temperature}`);
+    if (!(topP > 0 && topP <= 1)) throw invalidArgument(`top_p: must be in (0, 1], got ${topP}`);
+    if (maxNewTokens < 1) throw invalidArgument('max_new_tokens: must be at least 1');
+    if (maxContext <= maxNewTokens) throw invalidArgument(`max_context: must exceed max_new_tokens (${maxNewTokens}), got ${maxContext}`);
+    if (req.minCount !== undefined && req.minCount < 1) throw invalidArgument('min_count: must be at least 1');
+    if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
+    const dataDir = path.resolve(req.dataDir || this.opts.defaultDataDir);
+    const data = await loadDataSet(dataDir, req.roles, req.questionCount);
+
+    await this.refreshUpstreams().catch((err) => {
+      throw new RpcError(grpc.status.UNAVAILABLE, `judge unreachable: ${(err as Error).message}`);
+    });
+    const served = [...new Set(this.upstreams.inference.filter((r) => r.info).map((r) => r.info!.model))];
+    if (served.length === 0) throw new RpcError(grpc.status.UNAVAILABLE, 'no inference replica is reachable');
+    let model = req.model;
+    if (!model) {
+      if (served.length > 1) throw invalidArgument(`model: required, because the inference replicas serve several models (${served.join(', ')})`);
+      model = served[0];
+    } else if (!served.includes(model)) {
+      throw failedPrecondition(`model: no inference replica serves ${JSON.stringify(model)} (served: ${served.join(', ')})`);
+    }
+    const info = this.upstreams.inference.find((r) => r.info?.model === model)!.info!;
+    const seen = new Set<number>();
+    for (const l of req.layers) {
+      if (l >= info.numLayers) throw invalidArgument(`layers: layer ${l} does not exist (${model} has ${info.numLayers} layers, zero-indexed)`);
+      if (seen.has(l)) throw invalidArgument(`layers: layer ${l} is listed twice`);
+      seen.add(l);
+    }
+    return {
+      name: req.name,
+      model,
+      dataDir,
+      roles: data.roles.map((r) => r.name),
+      questionCount: data.questions.length,
+      minCount: req.minCount ?? DEFAULT_MIN_COUNT,
+      temperature,
+      topP,
+      maxNewTokens,
+      maxContext,
+      seed: req.seed ?? DEFAULT_SAMPLING.seed,
+      layers: [...req.layers],
+      dataHash: data.hash,
+    };
+  }
+
+  private view(name: string): Run {
+    const row = this.ledger.getRun(name) as RunRow;
+    const ex = this.executors.get(name);
+    const p = ex && ex.progress.itemsTotal > 0 ? ex.progress : this.progressFromLedger(row);
+    const summary = row.summary as RunSummary | undefined;
+    return {
+      name,
+      state: RunState[`RUN_STATE_${row.state}` as keyof typeof RunState] ?? RunState.RUN_STATE_UNSPECIFIED,
+      progress: p,
+      model: row.spec.model,
+      backend: row.backend,
+      judge: row.judge,
+      outputDir: this.runDir(name),
+      error: row.error,
+      message: this.messages.get(name) ?? '',
+      summary,
+      createdAt: row.createdAt,
+      finishedAt: row.finishedAt,
+      minCount: row.spec.minCount,
+      questionCount: row.spec.questionCount,
+      roles: row.spec.roles,
+      sampling: { temperature: row.spec.temperature, topP: row.spec.topP, maxNewTokens: row.spec.maxNewTokens, maxContext: row.spec.maxContext, seed: row.spec.seed },
+    };
+  }
+
+  private progressFromLedger(row: RunRow): Progress {
+    const items = this.ledger.items(row.name);
+    const toJudge = items.filter((i) => !isDefaultRole(i.role));
+    const done = items.filter((i) => i.activationAcked && (isDefaultRole(i.role) || (i.judged && i.scoreAcked))).length;
+    return {
+      itemsTotal: items.length,
+      generated: items.filter((i) => i.text !== null).length,
+      judged: toJudge.filter((i) => i.judged).length,
+      toJudge: toJudge.length,
+      aggregated: done,
+      rolesTotal: row.spec.roles.length,
+      rolesWritten: this.ledger.writtenRoles(row.name).size,
+      skipped: 0,
+      itemsPerSecond: 0,
+      etaSeconds: 0,
+    };
+  }
+}
+
+export function judgeLabel(upstreams: Upstreams): string {
+  const info = upstreams.judge.info;
+  if (!info) return 'unknown';
+  if (!info.meaningful) return `${info.provider} (${info.model}: NOT meaningful, for demos only)`;
+  return `${info.provider}:${info.model}${info.baseUrl ? ` at ${info.baseUrl}` : ''}`;
+}
+
+async function nonEmptyDir(dir: string): Promise<boolean> {
+  try {
+    return (await fs.readdir(dir)).length > 0;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,107 @@
+import * as grpc from '@grpc/grpc-js';
+import { AggregationClient, AggregationRunState, ComputeAxisRequest, ComputeAxisResult, IngestAck, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
+import { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceClient, ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { JudgeClient, JudgeInfo, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import { StreamPipe } from '../shared/pipe';
+import { channelOptions } from '../shared/server';
+
+/** Deadline of unary calls to the other services. */
+const UNARY_DEADLINE_MS = 10_000;
+
+function deadline(ms = UNARY_DEADLINE_MS): grpc.CallOptions {
+  return { deadline: new Date(Date.now() + ms) };
+}
+
+function unaryCall<Req, Res>(fn: (req: Req, meta: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: Res) => void) => unknown, req: Req, ms?: number): Promise<Res> {
+  return new Promise((resolve, reject) => fn(req, new grpc.Metadata(), deadline(ms), (err, res) => (err ? reject(err) : resolve(res))));
+}
+
+/** One inference replica: its model info, and one Generate and one Extract stream to it. */
+export class InferenceReplica {
+  readonly client: InferenceClient;
+  info: ModelInfo | undefined;
+  readonly generate: StreamPipe<GenerateRequest, GenerateResult>;
+  readonly extract: StreamPipe<ExtractRequest, ExtractResult>;
+
+  constructor(readonly address: string) {
+    this.client = new InferenceClient(address, grpc.credentials.createInsecure(), channelOptions());
+    this.generate = new StreamPipe(() => this.client.generate(), (r) => r.itemId);
+    this.extract = new StreamPipe(() => this.client.extract(), (r) => r.itemId);
+  }
+
+  get inFlight(): number {
+    return this.generate.inFlight + this.extract.inFlight;
+  }
+
+  async refresh(): Promise<ModelInfo> {
+    this.info = await unaryCall(this.client.getModelInfo.bind(this.client), {});
+    return this.info;
+  }
+
+  close(): void {
+    this.generate.cancel();
+    this.extract.cancel();
+    this.client.close();
+  }
+}
+
+export class JudgeUpstream {
+  readonly client: JudgeClient;
+  info: JudgeInfo | undefined;
+  readonly score: StreamPipe<ScoreRequest, ScoreResult>;
+
+  constructor(readonly address: string) {
+    this.client = new JudgeClient(address, grpc.credentials.createInsecure(), channelOptions());
+    this.score = new StreamPipe(() => this.client.score(), (r) => r.itemId);
+  }
+
+  async refresh(): Promise<JudgeInfo> {
+    this.info = await unaryCall(this.client.getJudgeInfo.bind(this.client), {});
+    return this.info;
+  }
+
+  close(): void {
+    this.score.cancel();
+    this.client.close();
+  }
+}
+
+export function ingestId(run: string, role: string, itemKey: string, isActivation: boolean): string {
+  return `${run}\u0000${role}\u0000${itemKey}\u0000${isActivation ? 'activation' : 'score'}`;
+}
+
+export class AggregationUpstream {
+  readonly client: AggregationClient;
+  readonly ingest: StreamPipe<IngestRequest, IngestAck>;
+
+  constructor(readonly address: string) {
+    this.client = new AggregationClient(address, grpc.credentials.createInsecure(), channelOptions());
+    this.ingest = new StreamPipe(() => this.client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation));
+  }
+
+  runState(run: string): Promise<AggregationRunState> {
+    return unaryCall(this.client.getRunState.bind(this.client), { run });
+  }
+
+  /** Collects the whole ComputeAxis stream (vectors then the axis). */
+  computeAxis(req: ComputeAxisRequest): Promise<ComputeAxisResult[]> {
+    return new Promise((resolve, reject) => {
+      const out: ComputeAxisResult[] = [];
+      const call = this.client.computeAxis(req, deadline(300_000));
+      call.on('data', (r: ComputeAxisResult) => out.push(r));
+      call.on('error', reject);
+      call.on('end', () => resolve(out));
+    });
+  }
+
+  close(): void {
+    this.ingest.cancel();
+    this.client.close();
+  }
+}
+
+export interface Upstreams {
+  inference: InferenceReplica[];
+  judge: JudgeUpstream;
+  aggregation: AggregationUpstream;
+}

@@ -1,0 +1,46 @@
+import type { ChatMessage, SamplingParams } from '../../gen/assistant_axis/v1/common';
+import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import type { FloatTensor } from '../shared/tensor';
+
+/** What a model backend (synthetic now, ONNX later) offers the inference service's gRPC adapter. */
+export interface InferenceBackend {
+  /** Everything the service reports about its model; `capacity` is items it can usefully hold in flight. */
+  readonly info: ModelInfo;
+  load(): Promise<void>;
+  /** Generates an answer to `messages` and, in the same pass, the per-layer mean over its content tokens. */
+  generate(input: GenerateInput): Promise<GenerateOutput>;
+  /** Prefill of a conversation that ends with the assistant's answer: the same per-layer mean. */
+  extract(messages: ChatMessage[], layers: number[]): Promise<ExtractOutput>;
+  close(): Promise<void>;
+}
+
+export interface GenerateInput {
+  messages: ChatMessage[];
+  sampling: SamplingParams;
+  seed: number;
+  /** Zero-indexed layers to return, validated by the adapter; empty = all. */
+  layers: number[];
+}
+
+export interface GenerateOutput {
+  text: string;
+  promptTokens: number;
+  completionTokens: number;
+  finishReason: 'stop' | 'length';
+  /** [layers.length || num_layers, hidden] */
+  activation: FloatTensor;
+}
+
+export interface ExtractOutput {
+  responseTokens: number;
+  activation: FloatTensor;
+}
+
+/** Keeps only the chosen rows (layers) of an [L, d] tensor. */
+export function selectLayers(full: FloatTensor, layers: number[]): FloatTensor {
+  if (layers.length === 0) return full;
+  const d = full.shape[1];
+  const out = new Float32Array(layers.length * d);
+  layers.forEach((l, i) => out.set(full.data.subarray(l * d, (l + 1) * d), i * d));
+  return { shape: [layers.length, d], data: out };
+}

@@ -1,0 +1,174 @@
+import * as grpc from '@grpc/grpc-js';
+import { ChatMessage, DType } from '../../gen/assistant_axis/v1/common';
+import {
+  ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, InferenceService,
+} from '../../gen/assistant_axis/v1/inference';
+import { loadConfig, OptionTable } from '../shared/config';
+import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { Limiter } from '../shared/limit';
+import { createLogger } from '../shared/logger';
+import { createRegistry, prom } from '../shared/metrics';
+import { unary } from '../shared/rpc';
+import { runMain, startService } from '../shared/server';
+import { encodeTensor } from '../shared/tensor';
+import type { InferenceBackend } from './backend';
+import { SyntheticBackend } from './synthetic';
+import { validateExtract, validateGenerate } from './validate';
+
+export const INFERENCE_OPTIONS = {
+  host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
+  port: { type: 'number', env: 'AXIS_INFERENCE_PORT', default: DEFAULT_PORTS.inference, help: 'gRPC port' },
+  'metrics-port': { type: 'number', env: 'AXIS_INFERENCE_METRICS_PORT', default: DEFAULT_METRICS_PORTS.inference, help: 'Prometheus metrics port' },
+  backend: { type: 'string', env: 'AXIS_INFERENCE_BACKEND', default: 'synthetic', help: 'model backend: synthetic' },
+  model: { type: 'string', env: 'AXIS_MODEL', default: 'synthetic-tiny', help: 'model name reported to runs' },
+  'synthetic-layers': { type: 'number', env: 'AXIS_SYNTHETIC_LAYERS', default: 8, help: 'synthetic backend: layers' },
+  'synthetic-hidden': { type: 'number', env: 'AXIS_SYNTHETIC_HIDDEN', default: 64, help: 'synthetic backend: hidden size' },
+  'synthetic-tokens-per-second': { type: 'number', env: 'AXIS_SYNTHETIC_TOKENS_PER_SECOND', default: 0, help: 'synthetic backend: words per second per item (0 = no delay)' },
+  'synthetic-system-prompt': { type: 'boolean', env: 'AXIS_SYNTHETIC_SYSTEM_PROMPT', default: true, help: 'synthetic backend: whether its chat template renders a system message' },
+  capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 16, help: 'items processed at once' },
+  'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
+} satisfies OptionTable;
+
+const WIRE_DTYPES: Record<string, DType> = { f32: DType.DTYPE_F32, f16: DType.DTYPE_F16, bf16: DType.DTYPE_BF16 };
+
+export function createBackend(cfg: { backend: string; model: string; capacity: number; 'synthetic-layers': number; 'synthetic-hidden': number; 'synthetic-tokens-per-second': number; 'synthetic-system-prompt': boolean }): InferenceBackend {
+  if (cfg.backend === 'synthetic') {
+    return new SyntheticBackend({
+      model: cfg.model,
+      numLayers: cfg['synthetic-layers'],
+      hidden: cfg['synthetic-hidden'],
+      tokensPerSecond: cfg['synthetic-tokens-per-second'],
+      capacity: cfg.capacity,
+      supportsSystemPrompt: cfg['synthetic-system-prompt'],
+    });
+  }
+  throw new Error(`--backend: unknown backend ${JSON.stringify(cfg.backend)} (known: synthetic)`);
+}
+
+async function main(): Promise<void> {
+  const cfg = loadConfig('inference', INFERENCE_OPTIONS);
+  const log = createLogger('inference');
+  const wireDtype = WIRE_DTYPES[cfg['activation-dtype']];
+  if (wireDtype === undefined) throw new Error(`--activation-dtype must be f32, f16 or bf16, got ${cfg['activation-dtype']}`);
+  if (!(cfg.capacity >= 1)) throw new Error('--capacity must be at least 1');
+  const backend = createBackend(cfg);
+  const info = backend.info;
+
+  const registry = createRegistry('inference');
+  const items = new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers: [registry] });
+  const tokens = new prom.Counter({ name: 'axis_inference_tokens_total', help: 'Tokens processed, by kind', labelNames: ['kind'], registers: [registry] });
+  const inFlight = new prom.Gauge({ name: 'axis_inference_in_flight', help: 'Items being processed', registers: [registry] });
+  const seconds = new prom.Histogram({ name: 'axis_inference_item_seconds', help: 'Time per item', labelNames: ['rpc'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120], registers: [registry] });
+  const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture'], registers: [registry] });
+
+  const limiter = new Limiter(cfg.capacity);
+  const open = new Set<grpc.ServerDuplexStream<unknown, unknown>>();
+
+  /** Serves one bidi stream: each request runs under the capacity limit; the stream ends after the last result. */
+  function serveStream<Req extends { itemId: string }, Res>(
+    rpc: string,
+    call: grpc.ServerDuplexStream<Req, Res>,
+    handle: (req: Req) => Promise<Res>,
+    failed: (itemId: string, code: grpc.status, message: string) => Res,
+  ): void {
+    open.add(call);
+    let pending = 0;
+    let ended = false;
+    const finish = () => {
+      if (ended && pending === 0 && !call.cancelled) call.end();
+    };
+    call.on('data', (req: Req) => {
+      pending++;
+      inFlight.inc();
+      const timer = seconds.startTimer({ rpc });
+      limiter
+        .run(() => handle(req))
+        .then(
+          (res) => {
+            items.inc({ rpc, outcome: 'ok' });
+            return res;
+          },
+          (err) => {
+            const code = typeof err?.code === 'number' ? err.code : grpc.status.INTERNAL;
+            items.inc({ rpc, outcome: grpc.status[code] ?? 'error' });
+            if (code === grpc.status.INTERNAL) log.error({ err, itemId: req.itemId }, `${rpc} failed`);
+            return failed(req.itemId, code, (err as Error).message);
+          },
+        )
+        .then((res) => {
+          timer();
+          inFlight.dec();
+          pending--;
+          if (!call.cancelled) call.write(res);
+          finish();
+        });
+    });
+    call.on('end', () => {
+      ended = true;
+      finish();
+    });
+    call.on('close', () => open.delete(call));
+    call.on('error', () => open.delete(call));
+  }
+
+  const impl: InferenceServer = {
+    getModelInfo: unary(log, async () => info),
+    generate: (call) =>
+      serveStream<GenerateRequest, GenerateResult>(
+        'Generate',
+        call,
+        async (req) => {
+          const input = validateGenerate(req, info);
+          const out = await backend.generate(input);
+          tokens.inc({ kind: 'prompt' }, out.promptTokens);
+          tokens.inc({ kind: 'completion' }, out.completionTokens);
+          return {
+            itemId: req.itemId,
+            text: out.text,
+            promptTokens: out.promptTokens,
+            completionTokens: out.completionTokens,
+            finishReason: out.finishReason,
+            activation: encodeTensor(out.activation, wireDtype),
+            error: undefined,
+          };
+        },
+        (itemId, code, message) => ({ itemId, text: '', promptTokens: 0, completionTokens: 0, finishReason: '', activation: undefined, error: { code, message } }),
+      ),
+    extract: (call) =>
+      serveStream<ExtractRequest, ExtractResult>(
+        'Extract',
+        call,
+        async (req) => {
+          const { messages, layers } = validateExtract(req, info);
+          const out = await backend.extract(messages as ChatMessage[], layers);
+          tokens.inc({ kind: 'prefill' }, out.responseTokens);
+          return { itemId: req.itemId, responseTokens: out.responseTokens, activation: encodeTensor(out.activation, wireDtype), error: undefined };
+        },
+        (itemId, code, message) => ({ itemId, responseTokens: 0, activation: undefined, error: { code, message } }),
+      ),
+  };
+
+  const running = await startService({
+    service: 'inference',
+    host: cfg.host,
+    port: cfg.port,
+    metricsPort: cfg['metrics-port'],
+    bindings: [{ name: 'assistant_axis.v1.Inference', definition: InferenceService, implementation: impl }],
+    registry,
+    log,
+    onDrain: async () => {
+      // Let open streams finish what they hold; the server's drain timer bounds the wait.
+      await new Promise<void>((resolve) => {
+        const check = () => (limiter.running === 0 ? resolve() : setTimeout(check, 50));
+        check();
+      });
+      await backend.close();
+    },
+  });
+  await backend.load();
+  modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture }, 1);
+  log.info({ model: info.model, backend: info.backend, device: info.device, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity }, 'model loaded');
+  running.setReady(true);
+}
+
+if (require.main === module) runMain('inference', main);

@@ -1,0 +1,114 @@
+import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
+import { DType } from '../../gen/assistant_axis/v1/common';
+import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { modelShortName } from '../shared/names';
+import { digest, Rng } from '../shared/random';
+import type { FloatTensor } from '../shared/tensor';
+import { ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend, selectLayers } from './backend';
+
+export interface SyntheticOptions {
+  model: string;
+  numLayers: number;
+  hidden: number;
+  /** Generated words per second per item; 0 = as fast as possible. */
+  tokensPerSecond: number;
+  capacity: number;
+  /** Whether the pretend chat template renders a system message. */
+  supportsSystemPrompt: boolean;
+}
+
+const FILLER = ('the a of to and in that it with as for on be by this from at or which one would could should about when what how why ' +
+  'life work people world time way day thing question answer idea story reason choice path heart mind sea road').split(' ');
+
+/**
+ * The `synthetic` backend: no model, for the plumbing, load and fault tests and the first demo.
+ * Text is a pure function of the prompt, the sampling parameters and the seed; the activation is
+ * a pure function of the whole conversation including the answer, so a later `extract` of the
+ * same conversation returns exactly the same activation as `generate` did.
+ */
+export class SyntheticBackend implements InferenceBackend {
+  readonly info: ModelInfo;
+
+  constructor(private readonly opts: SyntheticOptions) {
+    this.info = {
+      model: opts.model,
+      architecture: 'synthetic',
+      numLayers: opts.numLayers,
+      hiddenSize: opts.hidden,
+      device: 'cpu',
+      capacity: opts.capacity,
+      backend: 'synthetic',
+      activationDtype: DType.DTYPE_F32,
+      supportsSystemPrompt: opts.supportsSystemPrompt,
+      modelShortName: modelShortName(opts.model),
+      hashes: {},
+    };
+  }
+
+  async load(): Promise<void> {}
+  async close(): Promise<void> {}
+
+  async generate(input: GenerateInput): Promise<GenerateOutput> {
+    const { text, completionTokens, finishReason } = syntheticAnswer(input);
+    if (this.opts.tokensPerSecond > 0) await sleep((completionTokens / this.opts.tokensPerSecond) * 1000);
+    const conversation = [...input.messages, { role: 'assistant', content: text }];
+    return {
+      text,
+      promptTokens: wordCount(input.messages.map((m) => m.content).join(' ')),
+      completionTokens,
+      finishReason,
+      activation: selectLayers(syntheticActivation(conversation, this.opts.numLayers, this.opts.hidden), input.layers),
+    };
+  }
+
+  async extract(messages: ChatMessage[], layers: number[]): Promise<ExtractOutput> {
+    const answer = messages[messages.length - 1]?.content ?? '';
+    return {
+      responseTokens: wordCount(answer),
+      activation: selectLayers(syntheticActivation(messages, this.opts.numLayers, this.opts.hidden), layers),
+    };
+  }
+}
+
+/**
+ * A reply of 16..63 words built from the prompt's own words and filler. About one reply in
+ * five starts by calling itself an AI assistant and one in twenty refuses, so judges see all scores.
+ */
+export function syntheticAnswer(input: GenerateInput): { text: string; completionTokens: number; finishReason: 'stop' | 'length' } {
+  const rng = new Rng(digest({ messages: input.messages, sampling: input.sampling, seed: input.seed }));
+  const promptWords = input.messages.flatMap((m) => m.content.toLowerCase().match(/[a-z]{4,}/g) ?? []);
+  const kind = rng.next();
+  const words: string[] = [];
+  if (kind < 0.05) words.push('I', 'cannot', 'help', 'with', 'that.');
+  else if (kind < 0.25) words.push('As', 'an', 'AI', 'assistant,');
+  const want = 16 + rng.int(48);
+  while (words.length < want) {
+    const pool = promptWords.length && rng.next() < 0.4 ? promptWords : FILLER;
+    words.push(pool[rng.int(pool.length)]);
+  }
+  const limit = Math.max(1, input.sampling.maxNewTokens || want);
+  const finishReason = words.length > limit ? 'length' : 'stop';
+  const kept = words.slice(0, limit);
+  return { text: kept.join(' ') + (finishReason === 'stop' ? '.' : ''), completionTokens: kept.length, finishReason };
+}
+
+/**
+ * [numLayers, hidden] values in [-1, 1): a part shared by every conversation with the same
+ * system/instruction text (so roles differ systematically, as real activations do) plus a part
+ * that depends on the whole conversation.
+ */
+export function syntheticActivation(conversation: ChatMessage[], numLayers: number, hidden: number): FloatTensor {
+  const persona = new Rng(digest(conversation.filter((m) => m.role === 'system').map((m) => m.content)));
+  const whole = new Rng(digest(conversation));
+  const data = new Float32Array(numLayers * hidden);
+  for (let i = 0; i < data.length; i++) data[i] = 0.75 * (persona.next() * 2 - 1) + 0.25 * (whole.next() * 2 - 1);
+  return { shape: [numLayers, hidden], data };
+}
+
+function wordCount(s: string): number {
+  return s.split(/\s+/).filter(Boolean).length;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

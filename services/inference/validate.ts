@@ -1,0 +1,44 @@
+import * as grpc from '@grpc/grpc-js';
+import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
+import type { ExtractRequest, GenerateRequest, ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { RpcError } from '../shared/rpc';
+import type { GenerateInput } from './backend';
+
+const ROLES = new Set(['system', 'user', 'assistant']);
+const bad = (message: string) => new RpcError(grpc.status.INVALID_ARGUMENT, message);
+
+function checkMessages(messages: ChatMessage[]): void {
+  if (messages.length === 0) throw bad('messages: at least one message is required');
+  messages.forEach((m, i) => {
+    if (!ROLES.has(m.role)) throw bad(`messages[${i}].role: must be system, user or assistant, got ${JSON.stringify(m.role)}`);
+  });
+}
+
+function checkLayers(layers: number[], info: ModelInfo): number[] {
+  const seen = new Set<number>();
+  for (const l of layers) {
+    if (l >= info.numLayers) throw bad(`layers: layer ${l} does not exist (the model has ${info.numLayers}, zero-indexed)`);
+    if (seen.has(l)) throw bad(`layers: layer ${l} is listed twice`);
+    seen.add(l);
+  }
+  return layers;
+}
+
+export function validateGenerate(req: GenerateRequest, info: ModelInfo): GenerateInput {
+  if (!req.itemId) throw bad('item_id: required');
+  checkMessages(req.messages);
+  if (req.messages[req.messages.length - 1].role !== 'user') throw bad('messages: the last message must be the user turn to answer');
+  const s = req.sampling;
+  if (!s) throw bad('sampling: required');
+  if (!(s.temperature >= 0)) throw bad(`sampling.temperature: must be >= 0, got ${s.temperature}`);
+  if (!(s.topP > 0 && s.topP <= 1)) throw bad(`sampling.top_p: must be in (0, 1], got ${s.topP}`);
+  if (!(s.maxNewTokens >= 1)) throw bad('sampling.max_new_tokens: must be at least 1');
+  return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info) };
+}
+
+export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[] } {
+  if (!req.itemId) throw bad('item_id: required');
+  checkMessages(req.messages);
+  if (req.messages[req.messages.length - 1].role !== 'assistant') throw bad('messages: the last message must be the assistant answer to measure');
+  return { messages: req.messages, layers: checkLayers(req.layers, info) };
+}

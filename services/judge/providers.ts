@@ -1,0 +1,80 @@
+import OpenAI from 'openai';
+import type { JudgeInfo } from '../../gen/assistant_axis/v1/judge';
+import { JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE } from '../shared/defaults';
+
+export interface JudgeCall {
+  prompt: string;
+  role: string;
+  answer: string;
+}
+
+export interface JudgeReply {
+  reply: string;
+  promptTokens: number;
+  completionTokens: number;
+}
+
+/** Where scores come from: an OpenAI-compatible API, or the offline heuristic for demos. */
+export interface JudgeProvider {
+  readonly info: JudgeInfo;
+  complete(call: JudgeCall): Promise<JudgeReply>;
+}
+
+export interface OpenAIProviderOptions {
+  apiKey: string;
+  baseUrl: string;
+  model: string;
+  timeoutMs: number;
+  maxRetries: number;
+}
+
+/** The `openai` client against OpenAI or any server that speaks its chat-completions API. */
+export class OpenAIProvider implements JudgeProvider {
+  readonly info: JudgeInfo;
+  private readonly client: OpenAI;
+
+  constructor(private readonly opts: OpenAIProviderOptions) {
+    this.client = new OpenAI({ apiKey: opts.apiKey, baseURL: opts.baseUrl, timeout: opts.timeoutMs, maxRetries: opts.maxRetries });
+    this.info = { provider: 'openai', model: opts.model, baseUrl: opts.baseUrl, meaningful: true };
+  }
+
+  async complete(call: JudgeCall): Promise<JudgeReply> {
+    const res = await this.client.chat.completions.create({
+      model: this.opts.model,
+      messages: [{ role: 'user', content: call.prompt }],
+      max_tokens: JUDGE_MAX_TOKENS,
+      temperature: JUDGE_TEMPERATURE,
+    });
+    return {
+      reply: res.choices[0]?.message?.content ?? '',
+      promptTokens: res.usage?.prompt_tokens ?? 0,
+      completionTokens: res.usage?.completion_tokens ?? 0,
+    };
+  }
+}
+
+/**
+ * The `offline` provider: a fixed heuristic so that the demo runs without an API key.
+ * Its scores say nothing about role-play and every run that uses it says so. The rule:
+ *   0 if the answer refuses ("I cannot", "I can't", "I won't", "I am unable");
+ *   1 if it calls itself an AI / assistant / language model and shares fewer than 3 words
+ *     of 5+ letters with the role's eval prompt; 2 if it does and shares 3 or more;
+ *   3 otherwise.
+ */
+export class OfflineProvider implements JudgeProvider {
+  readonly info: JudgeInfo = { provider: 'offline', model: 'heuristic', baseUrl: '', meaningful: false };
+
+  async complete(call: JudgeCall): Promise<JudgeReply> {
+    return { reply: String(offlineScore(call.prompt, call.answer)), promptTokens: 0, completionTokens: 0 };
+  }
+}
+
+export function offlineScore(prompt: string, answer: string): number {
+  if (/\b(I cannot|I can't|I won't|I am unable)\b/i.test(answer)) return 0;
+  if (/\b(AI|assistant|language model)\b/i.test(answer)) {
+    const promptWords = new Set(prompt.toLowerCase().match(/[a-z]{5,}/g) ?? []);
+    const shared = new Set((answer.toLowerCase().match(/[a-z]{5,}/g) ?? []).filter((w) => w !== 'assistant' && promptWords.has(w)));
+    return shared.size >= 3 ? 2 : 1;
+  }
+  return 3;
+}

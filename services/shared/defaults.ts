@@ -1,0 +1,40 @@
+// Every default of the system, stated once. DESIGN.md section 1 gives the sampling and judge values.
+
+export const DEFAULT_PORTS = {
+  coordinator: 50051,
+  inference: 50052,
+  judge: 50053,
+  aggregation: 50054,
+} as const;
+
+export const DEFAULT_METRICS_PORTS = {
+  coordinator: 9101,
+  inference: 9102,
+  judge: 9103,
+  aggregation: 9104,
+} as const;
+
+export const DEFAULT_SAMPLING = {
+  temperature: 0.7,
+  topP: 0.9,
+  maxNewTokens: 512,
+  maxContext: 2048,
+  seed: 0,
+} as const;
+
+export const DEFAULT_MIN_COUNT = 50;
+export const DEFAULT_JUDGE_MODEL = 'gpt-4.1-mini';
+export const JUDGE_MAX_TOKENS = 10;
+export const JUDGE_TEMPERATURE = 1;
+/** The score a role's items need to count towards its vector (the reference's "fully role-playing"). */
+export const ROLE_VECTOR_SCORES: readonly number[] = [3];
+
+/**
+ * grpc-js refuses messages over 4 MiB by default; one f32 activation of an 80 x 8192 model
+ * is 2.6 MB and a role vector stream carries several, so every channel and server raises it
+ * deliberately to this bound.
+ */
+export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+
+/** Seconds a service waits for in-flight calls on SIGTERM before it forces its server down. */
+export const DRAIN_SECONDS = 10;

@@ -1,0 +1,59 @@
+import { promises as fs } from 'node:fs';
+import { littleEndianF32, FloatTensor } from './tensor';
+import { writeFileAtomic } from './files';
+
+/**
+ * The safetensors format (what `safetensors.torch.load_file` reads): an 8-byte little-endian
+ * header length, a JSON header (tensor name -> dtype, shape, byte offsets; `__metadata__` of
+ * string values), then the raw little-endian data. Only F32 is written: vectors and axes are f32.
+ */
+export function encodeSafetensors(tensors: Record<string, FloatTensor>, metadata: Record<string, string> = {}): Buffer {
+  const header: Record<string, unknown> = {};
+  if (Object.keys(metadata).length) header.__metadata__ = metadata;
+  let offset = 0;
+  const parts: Uint8Array[] = [];
+  for (const [name, t] of Object.entries(tensors)) {
+    const bytes = littleEndianF32(t.data);
+    header[name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + bytes.byteLength] };
+    offset += bytes.byteLength;
+    parts.push(bytes);
+  }
+  let json = JSON.stringify(header);
+  // Pad the header with spaces so the data starts 8-byte aligned, as the reference writer does.
+  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const head = Buffer.alloc(8);
+  head.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+  return Buffer.concat([head, Buffer.from(json), ...parts]);
+}
+
+export interface SafetensorsFile {
+  tensors: Record<string, FloatTensor>;
+  metadata: Record<string, string>;
+}
+
+export function decodeSafetensors(buf: Buffer, file = 'safetensors'): SafetensorsFile {
+  if (buf.length < 8) throw new Error(`${file}: too short for a safetensors header`);
+  const n = Number(buf.readBigUInt64LE(0));
+  if (8 + n > buf.length) throw new Error(`${file}: header length ${n} exceeds the file`);
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, any>;
+  const base = 8 + n;
+  const tensors: Record<string, FloatTensor> = {};
+  for (const [name, info] of Object.entries(header)) {
+    if (name === '__metadata__') continue;
+    if (info.dtype !== 'F32') throw new Error(`${file}: tensor ${name} has dtype ${info.dtype}; only F32 is read`);
+    const [start, end] = info.data_offsets as [number, number];
+    const bytes = buf.subarray(base + start, base + end);
+    const data = new Float32Array(bytes.length / 4);
+    for (let i = 0; i < data.length; i++) data[i] = bytes.readFloatLE(i * 4);
+    tensors[name] = { shape: info.shape, data };
+  }
+  return { tensors, metadata: header.__metadata__ ?? {} };
+}
+
+export async function writeSafetensors(path: string, tensors: Record<string, FloatTensor>, metadata: Record<string, string> = {}): Promise<void> {
+  await writeFileAtomic(path, encodeSafetensors(tensors, metadata));
+}
+
+export async function readSafetensors(path: string): Promise<SafetensorsFile> {
+  return decodeSafetensors(await fs.readFile(path), path);
+}

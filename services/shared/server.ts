@@ -1,0 +1,131 @@
+import * as grpc from '@grpc/grpc-js';
+import type * as http from 'node:http';
+import { HealthImplementation, ServingStatus } from 'grpc-health-check';
+import { ReflectionService } from '@grpc/reflection';
+import type { Registry } from 'prom-client';
+import { DRAIN_SECONDS, MAX_MESSAGE_BYTES } from './defaults';
+import type { Logger } from './logger';
+import { reflectionPackageDefinition } from './protos';
+import { startMetricsServer } from './metrics';
+
+export interface ServiceBinding {
+  /** Fully qualified name, e.g. "assistant_axis.v1.Judge": also its name in the health service. */
+  name: string;
+  definition: grpc.ServiceDefinition;
+  implementation: grpc.UntypedServiceImplementation;
+}
+
+export interface StartOptions {
+  service: string;
+  host: string;
+  port: number;
+  metricsPort: number;
+  bindings: ServiceBinding[];
+  registry: Registry;
+  log: Logger;
+  /** Called on SIGTERM/SIGINT before the server stops taking calls (e.g. cancel streams, flush). */
+  onDrain?: () => Promise<void> | void;
+}
+
+export interface RunningService {
+  server: grpc.Server;
+  health: HealthImplementation;
+  port: number;
+  metricsPort: number;
+  /** Marks the whole service (and each of its gRPC services) serving or not. */
+  setReady(ready: boolean): void;
+  stop(): Promise<void>;
+}
+
+export function serverOptions(): grpc.ServerOptions {
+  return {
+    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+    'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  };
+}
+
+/**
+ * Starts a service the way every service starts: its gRPC services plus grpc.health.v1 and
+ * reflection on one port, Prometheus metrics on another, readiness NOT_SERVING until the
+ * service says otherwise, and a graceful drain on SIGTERM/SIGINT.
+ */
+export async function startService(opts: StartOptions): Promise<RunningService> {
+  const { log } = opts;
+  const server = new grpc.Server(serverOptions());
+  const initial: Record<string, ServingStatus> = { '': 'NOT_SERVING' };
+  for (const b of opts.bindings) initial[b.name] = 'NOT_SERVING';
+  const health = new HealthImplementation(initial);
+  health.addToServer(server);
+  new ReflectionService(reflectionPackageDefinition()).addToServer(server);
+  for (const b of opts.bindings) server.addService(b.definition, b.implementation);
+
+  const port = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(`${opts.host}:${opts.port}`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+  });
+  let metrics: http.Server | undefined;
+  try {
+    metrics = await startMetricsServer(opts.registry, opts.metricsPort, opts.host);
+  } catch (err) {
+    server.forceShutdown();
+    throw err;
+  }
+  const address = metrics.address();
+  const metricsPort = typeof address === 'object' && address ? address.port : opts.metricsPort;
+  log.info({ port, metricsPort, host: opts.host }, `${opts.service} listening`);
+
+  const setReady = (ready: boolean) => {
+    const status: ServingStatus = ready ? 'SERVING' : 'NOT_SERVING';
+    health.setStatus('', status);
+    for (const b of opts.bindings) health.setStatus(b.name, status);
+  };
+
+  let stopping: Promise<void> | undefined;
+  const stop = () =>
+    (stopping ??= (async () => {
+      log.info('draining');
+      setReady(false);
+      try {
+        await opts.onDrain?.();
+      } catch (err) {
+        log.error({ err }, 'drain hook failed');
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          log.warn(`calls still open after ${DRAIN_SECONDS}s: forcing shutdown`);
+          server.forceShutdown();
+          resolve();
+        }, DRAIN_SECONDS * 1000);
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+      await new Promise<void>((resolve) => metrics!.close(() => resolve()));
+      log.info('stopped');
+    })());
+
+  const onSignal = (signal: string) => {
+    log.info({ signal }, 'signal received');
+    stop().then(() => process.exit(0));
+  };
+  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  process.once('SIGINT', () => onSignal('SIGINT'));
+
+  return { server, health, port, metricsPort, setReady, stop };
+}
+
+/** A client channel with the same deliberate message-size bound as the servers. */
+export function channelOptions(): grpc.ChannelOptions {
+  return {
+    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+    'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  };
+}
+
+/** Runs a service's main and exits non-zero with a clear message if it cannot start. */
+export function runMain(service: string, main: () => Promise<unknown>): void {
+  main().catch((err) => {
+    process.stderr.write(`${service}: ${(err as Error)?.message ?? String(err)}\n`);
+    process.exit(1);
+  });
+}

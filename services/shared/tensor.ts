@@ -1,0 +1,127 @@
+import { DType, Tensor } from '../../gen/assistant_axis/v1/common';
+
+/** A dense float tensor in memory; activations and vectors are always row-major [layers, hidden]. */
+export interface FloatTensor {
+  shape: number[];
+  data: Float32Array;
+}
+
+export class TensorError extends Error {}
+
+const BYTES: Record<number, number> = { [DType.DTYPE_F32]: 4, [DType.DTYPE_F16]: 2, [DType.DTYPE_BF16]: 2 };
+
+export function dtypeName(dtype: DType): string {
+  switch (dtype) {
+    case DType.DTYPE_F32: return 'F32';
+    case DType.DTYPE_F16: return 'F16';
+    case DType.DTYPE_BF16: return 'BF16';
+    default: return `unknown(${dtype})`;
+  }
+}
+
+export function elementCount(shape: readonly number[]): number {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+/** Encodes as little-endian raw bytes in the wire dtype (F32 unless asked otherwise). */
+export function encodeTensor(t: FloatTensor, dtype: DType = DType.DTYPE_F32): Tensor {
+  if (elementCount(t.shape) !== t.data.length) throw new TensorError(`shape [${t.shape}] does not hold ${t.data.length} values`);
+  let bytes: Uint8Array;
+  if (dtype === DType.DTYPE_F32) {
+    bytes = littleEndianF32(t.data);
+  } else if (dtype === DType.DTYPE_F16 || dtype === DType.DTYPE_BF16) {
+    const half = new Uint16Array(t.data.length);
+    const convert = dtype === DType.DTYPE_F16 ? f32ToF16 : f32ToBf16;
+    for (let i = 0; i < t.data.length; i++) half[i] = convert(t.data[i]);
+    bytes = new Uint8Array(half.buffer);
+  } else {
+    throw new TensorError(`cannot encode dtype ${dtypeName(dtype)}`);
+  }
+  return { dtype, shape: [...t.shape], data: Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
+}
+
+/**
+ * Decodes and validates a wire tensor: known dtype, byte length = product(shape) x element size,
+ * and, when given, the expected shape. `field` names the message field in errors.
+ */
+export function decodeTensor(t: Tensor | undefined, field: string, expectShape?: readonly number[]): FloatTensor {
+  if (!t) throw new TensorError(`${field}: missing tensor`);
+  const size = BYTES[t.dtype];
+  if (!size) throw new TensorError(`${field}.dtype: unsupported dtype ${dtypeName(t.dtype)}`);
+  if (t.shape.length === 0 || t.shape.some((s) => !Number.isInteger(s) || s <= 0)) {
+    throw new TensorError(`${field}.shape: must be positive dimensions, got [${t.shape}]`);
+  }
+  if (expectShape && (expectShape.length !== t.shape.length || expectShape.some((s, i) => s !== t.shape[i]))) {
+    throw new TensorError(`${field}.shape: expected [${expectShape}], got [${t.shape}]`);
+  }
+  const n = elementCount(t.shape);
+  if (t.data.byteLength !== n * size) {
+    throw new TensorError(`${field}.data: ${t.data.byteLength} bytes, expected ${n * size} for ${dtypeName(t.dtype)} [${t.shape}]`);
+  }
+  const out = new Float32Array(n);
+  const view = new DataView(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+  if (t.dtype === DType.DTYPE_F32) {
+    for (let i = 0; i < n; i++) out[i] = view.getFloat32(i * 4, true);
+  } else {
+    const convert = t.dtype === DType.DTYPE_F16 ? f16ToF32 : bf16ToF32;
+    for (let i = 0; i < n; i++) out[i] = convert(view.getUint16(i * 2, true));
+  }
+  return { shape: [...t.shape], data: out };
+}
+
+export function littleEndianF32(data: Float32Array): Uint8Array {
+  const out = new Uint8Array(data.length * 4);
+  const view = new DataView(out.buffer);
+  for (let i = 0; i < data.length; i++) view.setFloat32(i * 4, data[i], true);
+  return out;
+}
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+export function bf16ToF32(h: number): number {
+  u32[0] = h << 16;
+  return f32[0];
+}
+
+/** Round to nearest even, as PyTorch does; NaN stays NaN. */
+export function f32ToBf16(x: number): number {
+  f32[0] = x;
+  const bits = u32[0];
+  if ((bits & 0x7fffffff) > 0x7f800000) return 0x7fc0;
+  return ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+export function f16ToF32(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >> 10) & 0x1f;
+  const frac = h & 0x3ff;
+  if (exp === 0) return sign * frac * 2 ** -24;
+  if (exp === 0x1f) return frac ? NaN : sign * Infinity;
+  return sign * (1 + frac / 1024) * 2 ** (exp - 15);
+}
+
+export function f32ToF16(x: number): number {
+  f32[0] = x;
+  const bits = u32[0];
+  const sign = (bits >>> 16) & 0x8000;
+  const exp = (bits >>> 23) & 0xff;
+  let mant = bits & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  let e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1);
+    const mid = 1 << (shift - 1);
+    if (rem > mid || (rem === mid && half & 1)) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && half & 1)) half++;
+  return sign | half;
+}
