@@ -18,6 +18,8 @@ build: $(BUILD_STAMP)
 $(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services -name '*.proto' -o -name '*.ts' 2>/dev/null) buf.gen.yaml tsconfig.json
 	rm -rf gen
 	npx buf generate
+	npx buf build -o gen/descriptors.binpb
+	npx buf build node_modules/grpc-health-check/proto -o gen/health.binpb
 	npx tsc -p tsconfig.json
 	@touch $@
 

@@ -5,7 +5,7 @@ import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ROLE_VECTOR_SCORES } from '../sha
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
 import { isSafeName, nameProblem } from '../shared/names';
-import { failedPrecondition, invalidArgument, notFound, RpcError, toServiceError, unary } from '../shared/rpc';
+import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { decodeTensor, encodeTensor, TensorError } from '../shared/tensor';
 import { Accumulators, IngestError } from './accumulator';
@@ -117,7 +117,7 @@ async function main(): Promise<void> {
         call.end();
       } catch (err) {
         if (!(err instanceof RpcError)) log.error({ err }, 'computeAxis failed');
-        call.destroy(toServiceError(err) as Error);
+        failStream(call, err);
       }
     },
   };

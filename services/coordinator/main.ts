@@ -5,7 +5,7 @@ import { loadConfig, OptionTable } from '../shared/config';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
-import { toServiceError, unary } from '../shared/rpc';
+import { failStream, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { Ledger } from './ledger';
 import { RunManager } from './runs';
@@ -78,7 +78,7 @@ async function main(): Promise<void> {
       try {
         first = runs.get(call.request.name);
       } catch (err) {
-        call.destroy(toServiceError(err) as Error);
+        failStream(call, err);
         return;
       }
       const name = call.request.name;

@@ -197,7 +197,7 @@ export class RunExecutor {
 
   private async processItem(item: ItemRow, replicas: InferenceReplica[]): Promise<void> {
     const run = this.spec.name;
-    const id = `${item.role}/${item.key}`;
+    const id = `${run}/${item.role}/${item.key}`;
     const { messages, question } = this.conversation(item);
     if (item.text === null || !item.activationAcked) {
       this.genInFlight++;

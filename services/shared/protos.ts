@@ -1,36 +1,43 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as protoLoader from '@grpc/proto-loader';
-import { protoPath as healthProtoPath } from 'grpc-health-check';
+import { fromBinary, toBinary } from '@bufbuild/protobuf';
+import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from '@bufbuild/protobuf/wkt';
 
-/** The repository's proto/ directory, from source (services/shared) or from dist/services/shared. */
-export function protoRoot(): string {
-  if (process.env.AXIS_PROTO_DIR) return process.env.AXIS_PROTO_DIR;
+/** Descriptor sets written by `buf build` at build time (`make build`): proto/, and grpc.health.v1. */
+export const DESCRIPTOR_SETS = [path.join('gen', 'descriptors.binpb'), path.join('gen', 'health.binpb')];
+
+/** A file of the repository, from source (services/shared) or from dist/services/shared. */
+function findInRepo(relative: string): string | undefined {
   let dir = __dirname;
   for (let i = 0; i < 6; i++) {
-    const candidate = path.join(dir, 'proto');
-    if (fs.existsSync(path.join(candidate, 'assistant_axis'))) return candidate;
+    const candidate = path.join(dir, relative);
+    if (fs.existsSync(candidate)) return candidate;
     dir = path.dirname(dir);
   }
-  throw new Error('cannot find the proto/ directory; set AXIS_PROTO_DIR');
+  return undefined;
 }
-
-export const PROTO_FILES = ['common', 'inference', 'judge', 'aggregation', 'coordinator'].map((f) => `assistant_axis/v1/${f}.proto`);
 
 let cached: protoLoader.PackageDefinition | undefined;
 
 /**
- * The package definition that server reflection describes: the project's protos and the
- * health service, so `grpcurl list` and `describe` work with no proto files on the client.
+ * What server reflection describes, so `grpcurl list` and `describe` work with no proto files
+ * on the client: buf's descriptor sets, file by file with their real names and imports
+ * (proto-loader would merge a package into one synthetic file, which reflection clients
+ * such as buf curl cannot resolve).
  */
 export function reflectionPackageDefinition(): protoLoader.PackageDefinition {
-  cached ??= protoLoader.loadSync([...PROTO_FILES, healthProtoPath], {
-    includeDirs: [protoRoot(), path.dirname(healthProtoPath)],
-    keepCase: false,
-    longs: Number,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-  });
-  return cached;
+  if (cached) return cached;
+  const files: Buffer[] = [];
+  for (const rel of DESCRIPTOR_SETS) {
+    const file = findInRepo(rel);
+    if (!file) throw new Error(`cannot find ${rel} (made by \`make build\`)`);
+    const set = fromBinary(FileDescriptorSetSchema, fs.readFileSync(file));
+    for (const f of set.file) files.push(Buffer.from(toBinary(FileDescriptorProtoSchema, f)));
+  }
+  // Reflection reads only `fileDescriptorProtos` of each entry.
+  const entry = { format: 'Protocol Buffer 3 DescriptorProto', type: {}, fileDescriptorProtos: files } as unknown as protoLoader.MessageTypeDefinition<object, object>;
+  const definition: protoLoader.PackageDefinition = { descriptors: entry };
+  cached = definition;
+  return definition;
 }

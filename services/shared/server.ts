@@ -56,7 +56,8 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
   for (const b of opts.bindings) initial[b.name] = 'NOT_SERVING';
   const health = new HealthImplementation(initial);
   health.addToServer(server);
-  new ReflectionService(reflectionPackageDefinition()).addToServer(server);
+  // Each service describes what it serves, not every service of the package.
+  new ReflectionService(reflectionPackageDefinition(), { services: [...opts.bindings.map((b) => b.name), 'grpc.health.v1.Health'] }).addToServer(server);
   for (const b of opts.bindings) server.addService(b.definition, b.implementation);
 
   const port = await new Promise<number>((resolve, reject) => {

@@ -1,0 +1,155 @@
+import { execFile } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { promisify } from 'node:util';
+import { RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { judgePrompt } from '../../services/judge/prompt';
+import type { LocalStack } from '../../services/cli/stack';
+import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
+import { coordinatorClient, getRun, startRun, watchRun } from '../helpers/grpc';
+import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../helpers/runfiles';
+import { ROOT, testStack } from '../helpers/stack';
+
+const run = promisify(execFile);
+const L = 6;
+const D = 40;
+const QUESTIONS = 8;
+const MIN_COUNT = 8;
+
+/** buf curl speaks the same reflection protocol as grpcurl: no proto files are given to it. */
+async function bufCurl(args: string[]): Promise<string> {
+  const { stdout } = await run(path.join(ROOT, 'node_modules', '.bin', 'buf'), ['curl', '--protocol', 'grpc', '--http2-prior-knowledge', ...args], { cwd: '/tmp', timeout: 60_000 });
+  return stdout;
+}
+
+describe('end to end: four processes, synthetic backend, OpenAI-compatible judge server', () => {
+  let stack: LocalStack;
+  const judge = new FakeOpenAIServer();
+
+  beforeAll(async () => {
+    await judge.start();
+    ({ stack } = await testStack('e2e', {
+      args: {
+        inference: ['--synthetic-layers', String(L), '--synthetic-hidden', String(D), '--capacity', '8'],
+        judge: ['--provider', 'openai', '--base-url', judge.baseUrl, '--model', 'judge-test'],
+      },
+      env: { OPENAI_API_KEY: 'sk-test-secret-key-123' },
+    }));
+    await stack.startAll();
+  });
+
+  afterAll(async () => {
+    await stack?.stopAll();
+    await judge.stop();
+  });
+
+  it('lists every service through server reflection, with no proto files', async () => {
+    for (const name of ['coordinator', 'inference', 'judge', 'aggregation'] as const) {
+      const out = await bufCurl(['--list-services', `http://${stack.address(name)}`]);
+      // Each service describes itself and the health service, nothing else.
+      expect(out.trim().split('\n').sort()).toEqual([`assistant_axis.v1.${name[0].toUpperCase()}${name.slice(1)}`, 'grpc.health.v1.Health']);
+      const health = JSON.parse(await bufCurl(['-d', '{"service":""}', `http://${stack.address(name)}/grpc.health.v1.Health/Check`]));
+      expect(health.status).toBe('SERVING');
+    }
+    const methods = await bufCurl(['--list-methods', `http://${stack.address('coordinator')}`]);
+    for (const m of ['StartRun', 'GetRun', 'ListRuns', 'WatchRun', 'CancelRun']) expect(methods).toContain(`assistant_axis.v1.Coordinator/${m}`);
+  });
+
+  it('runs through the coordinator started and watched with buf curl; files and axis match an independent recomputation', async () => {
+    const address = `http://${stack.address('coordinator')}`;
+    const request = { name: 'e2e', questionCount: QUESTIONS, minCount: MIN_COUNT, seed: 11, maxNewTokens: 48 };
+    const started = JSON.parse(await bufCurl(['-d', JSON.stringify(request), `${address}/assistant_axis.v1.Coordinator/StartRun`]));
+    expect(started.name).toBe('e2e');
+    expect(started.backend).toBe('synthetic');
+    expect(started.judge).toContain('judge-test');
+    const watched = await bufCurl(['-d', '{"name":"e2e"}', `${address}/assistant_axis.v1.Coordinator/WatchRun`]);
+    // buf curl prints each streamed message as a JSON object; the last is the finished run.
+    const messages = watched.trim().split(/\n(?=\{)/).map((m) => JSON.parse(m));
+    const final = messages[messages.length - 1];
+    expect(final.state).toBe('RUN_STATE_SUCCEEDED');
+    expect(final.progress.aggregated).toBe(String(9 * 5 * QUESTIONS));
+
+    const runDir = final.outputDir as string;
+    const files = readRunFiles(runDir);
+    // Reference formats: 9 roles, 5 x Q lines each in (prompt, question) order, exactly the reference's fields.
+    expect(Object.keys(files.responses).sort()).toEqual(['astronaut', 'chef', 'default', 'detective', 'gardener', 'lighthouse_keeper', 'medieval_knight', 'poet', 'stoic_philosopher']);
+    expect(Object.keys(files.scores)).not.toContain('default');
+    const roleFile = JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', 'chef.json'), 'utf8'));
+    for (const [role, lines] of Object.entries(files.responses)) {
+      expect(lines).toHaveLength(5 * QUESTIONS);
+      lines.forEach((line, i) => {
+        expect(Object.keys(line).sort()).toEqual(['conversation', 'label', 'prompt_index', 'question', 'question_index', 'system_prompt']);
+        expect([line.prompt_index, line.question_index]).toEqual([Math.floor(i / QUESTIONS), i % QUESTIONS]);
+        expect(line.label).toBe('pos');
+        expect(line.conversation[line.conversation.length - 1].role).toBe('assistant');
+        expect(line.conversation[line.conversation.length - 2]).toEqual({ role: 'user', content: line.question });
+      });
+      if (role === 'chef') {
+        // The judge saw the role's eval prompt filled with this question and answer; the scores file holds what it answered.
+        for (const line of lines) {
+          const prompt = judgePrompt(roleFile.eval_prompt, line.question, line.conversation[line.conversation.length - 1].content);
+          const expected = expectedScore(prompt);
+          const key = `pos_p${line.prompt_index}_q${line.question_index}`;
+          expect([key, files.scores.chef[key]]).toEqual([key, expected]);
+          if (expected === undefined) expect(expectedReply(prompt)).not.toMatch(/\d/);
+        }
+      }
+    }
+    // Every judged item reached the judge with the API key as a bearer token, at most 10 tokens, temperature 1.
+    expect(judge.requests.length).toBeGreaterThanOrEqual(8 * 5 * QUESTIONS);
+    expect(judge.requests.every((r) => r.authorization === 'Bearer sk-test-secret-key-123' && r.body.max_tokens === 10 && r.body.temperature === 1 && r.body.model === 'judge-test')).toBe(true);
+
+    const { tensors, metadata } = await readAxis(runDir);
+    expect(tensors.axis.shape).toEqual([L, D]);
+    expect(metadata.model).toBe('synthetic-tiny');
+    const ref = recomputeAxis(files, L, D, MIN_COUNT);
+    expect(ref.kept.length).toBeGreaterThan(0);
+    const errors = relativeErrorPerLayer(tensors.axis.data, ref.axis, L, D);
+    for (const e of errors) expect(e).toBeLessThanOrEqual(1e-6);
+    expect(final.summary.kept.map((k: { role: string }) => k.role).sort()).toEqual(ref.kept.sort());
+    for (const role of ref.kept) expect(fs.existsSync(path.join(runDir, 'vectors', `${role}.safetensors`))).toBe(true);
+    expect(fs.existsSync(path.join(runDir, 'vectors', 'default.safetensors'))).toBe(true);
+
+    const manifest = JSON.parse(fs.readFileSync(path.join(runDir, 'manifest.json'), 'utf8'));
+    expect(manifest.model.backend).toBe('synthetic');
+    expect(manifest.judge).toMatchObject({ provider: 'openai', model: 'judge-test', meaningful: true });
+    expect(manifest.sampling).toEqual({ temperature: 0.7, top_p: 0.9, max_new_tokens: 48, max_context: 2048 });
+    expect(manifest.seed).toBe(11);
+    expect(manifest.data.sha256).toMatch(/^[0-9a-f]{64}$/);
+
+    // The key never reaches the logs.
+    for (const f of fs.readdirSync(stack.opts.logDir)) expect(fs.readFileSync(path.join(stack.opts.logDir, f), 'utf8')).not.toContain('sk-test-secret-key-123');
+  });
+
+  it('does no work again when the same run is started twice, and says so', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    const before = judge.requests.length;
+    const again = await startRun(client, { name: 'e2e', questionCount: QUESTIONS, minCount: MIN_COUNT, seed: 11, maxNewTokens: 48 });
+    expect(again.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(again.message).toMatch(/already complete/);
+    expect(judge.requests.length).toBe(before);
+    expect((await getRun(client, 'e2e')).summary?.kept.length).toBeGreaterThan(0);
+    client.close();
+  });
+
+  it('fails with FAILED_PRECONDITION listing the counts when no role reaches min_count', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'too-strict', roles: ['chef', 'default'], questionCount: 2, minCount: 50 });
+    const final = await watchRun(client, 'too-strict', () => undefined);
+    expect(final.state).toBe(RunState.RUN_STATE_FAILED);
+    expect(final.error).toMatch(/min_count=50.*chef=\d+/);
+    expect(fs.existsSync(path.join(final.outputDir, 'axis.safetensors'))).toBe(false);
+    client.close();
+  });
+
+  it('exposes Prometheus metrics on each service', async () => {
+    for (const name of ['coordinator', 'inference', 'judge', 'aggregation'] as const) {
+      const res = await fetch(`http://127.0.0.1:${stack.metricsPorts[name]}/metrics`);
+      expect(res.status).toBe(200);
+      expect(await res.text()).toContain(`service="${name}"`);
+    }
+    const judgeMetrics = await (await fetch(`http://127.0.0.1:${stack.metricsPorts.judge}/metrics`)).text();
+    expect(judgeMetrics).toMatch(/axis_judge_calls_total\{[^}]*outcome="scored"[^}]*\} [1-9]/);
+    expect(judgeMetrics).not.toContain('sk-test-secret-key-123');
+  });
+});

@@ -1,0 +1,97 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { buildConversation } from '../../services/coordinator/conversation';
+import { loadDataSet, parseRole } from '../../services/coordinator/data';
+import { isDefaultRole, modelShortName, nameProblem } from '../../services/shared/names';
+import { ROOT, tempDir, UPSTREAM_DATA } from '../helpers/stack';
+
+describe('the reference data set in ../shared/upstream', () => {
+  const dir = path.join(UPSTREAM_DATA, 'roles', 'instructions');
+  const files = fs.readdirSync(dir).filter((f) => f.endsWith('.json'));
+
+  it('has 275 roles plus default', () => {
+    expect(files.length).toBe(276);
+    expect(files).toContain('default.json');
+  });
+
+  it('every role file parses, with 5 instructions and an eval prompt for all but default', () => {
+    for (const f of files) {
+      const name = f.slice(0, -5);
+      expect(nameProblem(name)).toBeUndefined();
+      const role = parseRole(name, fs.readFileSync(path.join(dir, f), 'utf8'), f);
+      expect(role.instructions).toHaveLength(5);
+      if (isDefaultRole(name)) expect(role.evalPrompt).toBeUndefined();
+      else expect(role.evalPrompt).toMatch(/\{answer\}/);
+    }
+  });
+
+  it('loads through loadDataSet with all 240 questions', async () => {
+    const data = await loadDataSet(UPSTREAM_DATA, ['pirate', 'default'], undefined);
+    expect(data.questions).toHaveLength(240);
+    expect(data.roles.map((r) => r.name)).toEqual(['pirate', 'default']);
+    expect(data.hash).toMatch(/^[0-9a-f]{64}$/);
+  });
+});
+
+describe('the bundled data set', () => {
+  it('has 8 roles, default and 20 questions', async () => {
+    const data = await loadDataSet(path.join(ROOT, 'data'), [], undefined);
+    expect(data.roles.filter((r) => !isDefaultRole(r.name))).toHaveLength(8);
+    expect(data.roles.map((r) => r.name)).toContain('default');
+    expect(data.questions).toHaveLength(20);
+  });
+});
+
+describe('data set errors name the file or field', () => {
+  const dir = tempDir('data');
+  fs.mkdirSync(path.join(dir, 'roles', 'instructions'), { recursive: true });
+  fs.writeFileSync(path.join(dir, 'extraction_questions.jsonl'), '{"question":"a?","id":0}\n{"question":"b?","id":1}\n');
+  const write = (name: string, body: string) => fs.writeFileSync(path.join(dir, 'roles', 'instructions', `${name}.json`), body);
+  write('ok', JSON.stringify({ instruction: [{ pos: 'x' }], eval_prompt: '{question} {answer}' }));
+  write('broken', '{"instruction": [');
+  write('noinstr', JSON.stringify({ eval_prompt: 'e' }));
+  write('noeval', JSON.stringify({ instruction: [{ pos: 'x' }] }));
+
+  it.each([
+    [['broken'], 2, /broken\.json: not valid JSON/],
+    [['noinstr'], 2, /noinstr\.json: needs a non-empty "instruction"/],
+    [['noeval'], 2, /noeval\.json: a non-default role needs an "eval_prompt"/],
+    [['missing'], 2, /roles: unknown role "missing"/],
+    [['../ok'], 2, /roles: role name/],
+    [['ok'], 3, /question_count: 3 is more than the 2 questions/],
+    [['ok'], 0, /question_count: must be at least 1/],
+  ])('roles %j, question_count %d', async (roles, count, message) => {
+    await expect(loadDataSet(dir, roles as string[], count as number)).rejects.toThrow(message as RegExp);
+  });
+
+  it('names data_dir when it cannot be read', async () => {
+    await expect(loadDataSet(path.join(dir, 'nope'), [], undefined)).rejects.toThrow(/data_dir: cannot read/);
+  });
+});
+
+describe('conversations', () => {
+  it('puts the instruction in a system message, with {model_name} filled in', () => {
+    expect(buildConversation('You are {model_name}.', 'Hi?', { shortName: 'Gemma', supportsSystemPrompt: true }).messages).toEqual([
+      { role: 'system', content: 'You are Gemma.' },
+      { role: 'user', content: 'Hi?' },
+    ]);
+    expect(buildConversation('', 'Hi?', { shortName: 'Gemma', supportsSystemPrompt: true }).messages).toEqual([{ role: 'user', content: 'Hi?' }]);
+  });
+
+  it('folds the instruction into the user turn when the template has no system role', () => {
+    expect(buildConversation('Be a pirate.', 'Hi?', { shortName: 'Gemma', supportsSystemPrompt: false }).messages).toEqual([{ role: 'user', content: 'Be a pirate.\n\nHi?' }]);
+    expect(buildConversation('', 'Hi?', { shortName: 'Gemma', supportsSystemPrompt: false }).messages).toEqual([{ role: 'user', content: 'Hi?' }]);
+  });
+
+  it('derives the short model name', () => {
+    expect(modelShortName('google/gemma-2-27b-it')).toBe('Gemma');
+    expect(modelShortName('Qwen/Qwen3-32B')).toBe('Qwen');
+    expect(modelShortName('meta-llama/Llama-3.3-70B-Instruct')).toBe('Llama');
+    expect(modelShortName('mistralai/Mistral-7B')).toBe('Mistral');
+  });
+
+  it('rejects names that would escape a directory', () => {
+    for (const bad of ['', '../x', '/abs', 'a/b', '..', 'a..b', '.hidden']) expect(nameProblem(bad)).toBeDefined();
+    for (const good of ['pirate', 'gemma-2-27b', 'run_1.v2']) expect(nameProblem(good)).toBeUndefined();
+  });
+});

@@ -1,0 +1,49 @@
+import { DType } from '../../gen/assistant_axis/v1/common';
+import { decodeSafetensors, encodeSafetensors } from '../../services/shared/safetensors';
+import { bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16 } from '../../services/shared/tensor';
+
+describe('tensor encoding', () => {
+  it('round-trips f32 exactly as little-endian bytes', () => {
+    const data = new Float32Array([1.5, -2.25, 3.1415927, 1e-30, -0, 65504]);
+    const wire = encodeTensor({ shape: [2, 3], data });
+    expect(wire.data.byteLength).toBe(24);
+    expect(Buffer.from(wire.data).readFloatLE(4)).toBe(-2.25);
+    expect([...decodeTensor(wire, 't').data]).toEqual([...data]);
+  });
+
+  it('converts f16 and bf16 with round-to-nearest-even', () => {
+    expect(f16ToF32(f32ToF16(1))).toBe(1);
+    expect(f16ToF32(f32ToF16(65504))).toBe(65504);
+    expect(f16ToF32(f32ToF16(1e-7))).toBeCloseTo(1.1920929e-7, 12); // subnormal
+    expect(f32ToF16(1 + 2 ** -11)).toBe(0x3c00); // tie to even: 1.0
+    expect(bf16ToF32(f32ToBf16(3.140625))).toBe(3.140625);
+    expect(f32ToBf16(1 + 2 ** -8)).toBe(0x3f80); // tie to even
+    expect(Number.isNaN(bf16ToF32(f32ToBf16(NaN)))).toBe(true);
+    const wire = encodeTensor({ shape: [1, 2], data: new Float32Array([0.5, -4]) }, DType.DTYPE_BF16);
+    expect(wire.data.byteLength).toBe(4);
+    expect([...decodeTensor(wire, 'x').data]).toEqual([0.5, -4]);
+  });
+
+  it('rejects a byte length that does not match dtype and shape, naming the field', () => {
+    expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [2, 2], data: Buffer.alloc(12) }, 'activation')).toThrow(/activation.data: 12 bytes, expected 16/);
+    expect(() => decodeTensor({ dtype: DType.DTYPE_UNSPECIFIED, shape: [1], data: Buffer.alloc(4) }, 'activation')).toThrow(/activation.dtype/);
+    expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [0, 2], data: Buffer.alloc(0) }, 'activation')).toThrow(/activation.shape/);
+    expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [1, 1], data: Buffer.alloc(4) }, 'activation', [2, 2])).toThrow(/expected \[2,2\]/);
+  });
+});
+
+describe('safetensors', () => {
+  it('writes the layout safetensors readers expect: u64 header length, aligned JSON header, raw data', () => {
+    const buf = encodeSafetensors({ axis: { shape: [2, 2], data: new Float32Array([1, 2, 3, 4]) } }, { model: 'm' });
+    const n = Number(buf.readBigUInt64LE(0));
+    expect((8 + n) % 8).toBe(0);
+    const header = JSON.parse(buf.subarray(8, 8 + n).toString());
+    expect(header.axis).toEqual({ dtype: 'F32', shape: [2, 2], data_offsets: [0, 16] });
+    expect(header.__metadata__).toEqual({ model: 'm' });
+    expect(buf.length).toBe(8 + n + 16);
+    expect(buf.readFloatLE(8 + n + 12)).toBe(4);
+    const back = decodeSafetensors(buf);
+    expect([...back.tensors.axis.data]).toEqual([1, 2, 3, 4]);
+    expect(back.metadata.model).toBe('m');
+  });
+});
