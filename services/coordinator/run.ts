@@ -43,6 +43,7 @@ export class RunFailure extends Error {}
 
 const RETRY_ATTEMPTS = 8;
 const JUDGE_BACKLOG_PER_SLOT = 4;
+const MAX_RECOVERY_ROUNDS = 3;
 
 /** Seed of one item: a pure function of the run's seed and the item, so a retry samples the same text. */
 export function itemSeed(runSeed: number, role: string, key: string): number {
@@ -68,6 +69,8 @@ export class RunExecutor {
   private modelInfo!: ModelInfo;
   private readonly rolesByName: Map<string, Role>;
   private readonly remaining = new Map<string, number>();
+  /** Roles whose files are written: never written again (results are not overwritten). */
+  private written = new Set<string>();
   private readonly judgeSlots: Limiter;
 
   constructor(
@@ -100,20 +103,35 @@ export class RunExecutor {
     this.modelInfo = replicas[0].info!;
     await this.reconcileAggregation();
 
+    for (let round = 1; ; round++) {
+      await this.processPending(replicas, round === 1);
+      if (this.failure) throw this.failure;
+      if (this.cancelled) return undefined;
+      // Aggregation keeps its sums in memory: if it restarted during the run, what it lost is sent again.
+      const state = await this.retrying('aggregation run state', () => this.upstreams.aggregation.runState(this.spec.name));
+      if (state.activations >= this.progress.itemsTotal && state.scores >= this.progress.toJudge) break;
+      if (round >= MAX_RECOVERY_ROUNDS) throw new RunFailure(`aggregation holds ${state.activations}/${this.progress.itemsTotal} activations and ${state.scores}/${this.progress.toJudge} scores after ${round} rounds of re-sending`);
+      this.log.warn({ run: this.spec.name, activations: state.activations, scores: state.scores }, 'aggregation lost part of this run: re-sending activations (by Extract) and scores');
+      this.ledger.resetAcks(this.spec.name);
+    }
+    return this.computeAndWrite();
+  }
+
+  /** One pass over every item that is not done yet, in ledger order (role by role). */
+  private async processPending(replicas: InferenceReplica[], firstRound: boolean): Promise<void> {
     const items = this.ledger.items(this.spec.name);
-    const written = this.ledger.writtenRoles(this.spec.name);
+    const written = (this.written = this.ledger.writtenRoles(this.spec.name));
     const p = this.progress;
-    p.itemsTotal = items.length;
+    Object.assign(p, { itemsTotal: items.length, generated: 0, judged: 0, toJudge: 0, aggregated: 0, rolesWritten: written.size });
+    this.remaining.clear();
     for (const it of items) {
-      const isDefault = isDefaultRole(it.role);
-      if (!isDefault) p.toJudge++;
+      if (!isDefaultRole(it.role)) p.toJudge++;
       if (it.text !== null) p.generated++;
       if (it.judged) p.judged++;
       if (this.isDone(it)) p.aggregated++;
       else this.remaining.set(it.role, (this.remaining.get(it.role) ?? 0) + 1);
     }
-    p.skipped = p.aggregated;
-    p.rolesWritten = written.size;
+    if (firstRound) p.skipped = p.aggregated;
     this.onProgress();
     // Roles finished before a crash whose files were not yet written.
     for (const role of this.data.roles.map((r) => r.name)) {
@@ -137,9 +155,6 @@ export class RunExecutor {
       await Promise.resolve();
     }
     await Promise.all([...active]);
-    if (this.failure) throw this.failure;
-    if (this.cancelled) return undefined;
-    return this.computeAndWrite();
   }
 
   private isDone(it: ItemRow): boolean {
@@ -172,7 +187,7 @@ export class RunExecutor {
 
   /** If aggregation holds fewer of this run's activations than the ledger says it acknowledged, its state was lost: send everything again. */
   private async reconcileAggregation(): Promise<void> {
-    const state = await this.upstreams.aggregation.runState(this.spec.name);
+    const state = await this.retrying('aggregation run state', () => this.upstreams.aggregation.runState(this.spec.name));
     const acked = this.ledger.items(this.spec.name).filter((i) => i.activationAcked).length;
     if (state.activations < acked) {
       this.log.warn({ run: this.spec.name, aggregationHas: state.activations, ledgerAcked: acked }, 'aggregation lost this run\'s state: re-sending activations (by Extract) and scores');
@@ -274,7 +289,7 @@ export class RunExecutor {
     this.remaining.set(item.role, left);
     if (left === 0) {
       this.remaining.delete(item.role);
-      await this.writeRole(item.role);
+      if (!this.written.has(item.role)) await this.writeRole(item.role);
     }
     this.onProgress();
   }
@@ -295,6 +310,7 @@ export class RunExecutor {
       return responseRecord(systemPrompt, it.promptIndex, it.questionIndex, question, messages, it.text ?? '');
     });
     this.ledger.markRoleWritten(this.spec.name, role);
+    this.written.add(role);
     this.progress.rolesWritten++;
     this.log.info({ run: this.spec.name, role }, 'role complete: files written');
   }

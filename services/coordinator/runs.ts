@@ -29,6 +29,8 @@ export class RunManager {
   private readonly executors = new Map<string, RunExecutor>();
   private readonly listeners = new Map<string, Set<Listener>>();
   private readonly messages = new Map<string, string>();
+  /** Progress of runs that ended in this process, so Get/Watch show what the last attempt did. */
+  private readonly lastProgress = new Map<string, Progress>();
 
   constructor(
     private readonly ledger: Ledger,
@@ -155,9 +157,13 @@ export class RunManager {
     const replica = this.upstreams.inference.find((r) => r.info?.model === spec.model);
     this.ledger.setRunState(spec.name, 'RUNNING', { backend: replica?.info?.backend ?? '', judge: judgeLabel(this.upstreams) });
     this.emit(spec.name);
+    const finish = () => {
+      this.executors.delete(spec.name);
+      this.lastProgress.set(spec.name, executor.progress);
+    };
     executor.execute().then(
       (summary: RunSummary | undefined) => {
-        this.executors.delete(spec.name);
+        finish();
         const finishedAt = new Date().toISOString();
         if (summary) {
           this.ledger.setRunState(spec.name, 'SUCCEEDED', { summary, finishedAt });
@@ -169,7 +175,7 @@ export class RunManager {
         this.emit(spec.name);
       },
       (err: Error & { details?: string }) => {
-        this.executors.delete(spec.name);
+        finish();
         const error = err.details ?? err.message;
         this.log.error({ run: spec.name, error }, 'run failed');
         this.ledger.setRunState(spec.name, 'FAILED', { error, finishedAt: new Date().toISOString() });
@@ -244,7 +250,7 @@ export class RunManager {
   private view(name: string): Run {
     const row = this.ledger.getRun(name) as RunRow;
     const ex = this.executors.get(name);
-    const p = ex && ex.progress.itemsTotal > 0 ? ex.progress : this.progressFromLedger(row);
+    const p = ex && ex.progress.itemsTotal > 0 ? ex.progress : ex ? this.progressFromLedger(row) : (this.lastProgress.get(name) ?? this.progressFromLedger(row));
     const summary = row.summary as RunSummary | undefined;
     return {
       name,

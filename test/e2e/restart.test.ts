@@ -1,0 +1,85 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { RunState } from '../../gen/assistant_axis/v1/coordinator';
+import type { LocalStack, ServiceName } from '../../services/cli/stack';
+import { coordinatorClient, getRun, startRun, waitFor, watchRun } from '../helpers/grpc';
+import { readAxis, readRunFiles, ulpDistance } from '../helpers/runfiles';
+import { testStack } from '../helpers/stack';
+
+const QUESTIONS = 6;
+const REQUEST = { questionCount: QUESTIONS, minCount: 5, seed: 3, maxNewTokens: 48 };
+const TOTAL = 9 * 5 * QUESTIONS;
+
+/**
+ * kill -9 in the middle of a run, restart, and the finished run holds every item exactly once,
+ * with the same files as a clean run and the same axis within one float32 ulp per element.
+ */
+describe('restarts', () => {
+  let stack: LocalStack;
+
+  beforeAll(async () => {
+    ({ stack } = await testStack('restart', {
+      // Slow enough (about 30 items/s) that a kill lands mid-run.
+      args: { inference: ['--synthetic-tokens-per-second', '300', '--capacity', '4'] },
+    }));
+    await stack.startAll();
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'clean', ...REQUEST });
+    expect((await watchRun(client, 'clean', () => undefined)).state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    client.close();
+  });
+
+  afterAll(async () => {
+    await stack?.stopAll();
+  });
+
+  async function crashDuringRun(name: string, victim: ServiceName): Promise<void> {
+    let client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name, ...REQUEST });
+    const atKill = await waitFor('the run to be under way', async () => {
+      const p = (await getRun(client, name)).progress!;
+      return p.aggregated >= TOTAL * 0.3 ? p.aggregated : undefined;
+    });
+    expect(atKill).toBeLessThan(TOTAL);
+    await stack.kill9(victim);
+    client.close();
+    await stack.start(victim);
+    client = coordinatorClient(stack.address('coordinator'));
+    const final = await watchRun(client, name, () => undefined);
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    if (victim === 'coordinator') expect(final.progress!.skipped).toBeGreaterThan(0);
+    client.close();
+  }
+
+  async function expectSameAsClean(name: string): Promise<void> {
+    const cleanDir = path.join(stack.opts.outputRoot, 'clean');
+    const runDir = path.join(stack.opts.outputRoot, name);
+    const clean = readRunFiles(cleanDir);
+    const crashed = readRunFiles(runDir);
+    for (const [role, lines] of Object.entries(crashed.responses)) {
+      // Every item exactly once, in (prompt, question) order.
+      const keys = lines.map((l) => `p${l.prompt_index}_q${l.question_index}`);
+      expect(new Set(keys).size).toBe(5 * QUESTIONS);
+      expect(lines).toEqual(clean.responses[role]);
+    }
+    expect(Object.keys(crashed.responses).sort()).toEqual(Object.keys(clean.responses).sort());
+    expect(crashed.scores).toEqual(clean.scores);
+    const a = (await readAxis(runDir)).tensors.axis;
+    const b = (await readAxis(cleanDir)).tensors.axis;
+    expect(a.shape).toEqual(b.shape);
+    let worst = 0;
+    for (let i = 0; i < a.data.length; i++) worst = Math.max(worst, ulpDistance(a.data[i], b.data[i]));
+    expect(worst).toBeLessThanOrEqual(1);
+    expect(fs.existsSync(path.join(runDir, 'manifest.json'))).toBe(true);
+  }
+
+  it('survives kill -9 of the coordinator', async () => {
+    await crashDuringRun('coordinator-killed', 'coordinator');
+    await expectSameAsClean('coordinator-killed');
+  });
+
+  it('survives kill -9 of the aggregation service (its sums are rebuilt by Extract)', async () => {
+    await crashDuringRun('aggregation-killed', 'aggregation');
+    await expectSameAsClean('aggregation-killed');
+  });
+});
