@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint
+.PHONY: install build demo test test-long up down clean lint docs
 
 install: $(NODE_MODULES)
 
@@ -38,6 +38,9 @@ up: build
 
 down:
 	@if [ -f dist/services/cli/down.js ]; then node dist/services/cli/down.js; else echo "nothing to stop"; fi
+
+docs: build
+	node dist/services/cli/configDoc.js > docs/CONFIGURATION.md
 
 lint: install
 	npx buf lint
