@@ -1,8 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import * as path from 'node:path';
-import { CoordinatorServer, CoordinatorService, Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { CoordinatorServer, CoordinatorService, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import { loadConfig, OptionTable } from '../shared/config';
-import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, DRAIN_SECONDS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
 import { failStream, unary } from '../shared/rpc';
@@ -74,9 +74,8 @@ async function main(): Promise<void> {
     listRuns: unary(log, async () => ({ runs: runs.list() })),
     cancelRun: unary(log, async (req) => runs.cancel(req.name)),
     watchRun: (call) => {
-      let first: Run;
       try {
-        first = runs.get(call.request.name);
+        runs.get(call.request.name);
       } catch (err) {
         failStream(call, err);
         return;
@@ -105,7 +104,6 @@ async function main(): Promise<void> {
         unsubscribe();
         if (timer) clearTimeout(timer);
       });
-      void first;
       send();
     },
   };
@@ -118,7 +116,8 @@ async function main(): Promise<void> {
     bindings: [{ name: 'assistant_axis.v1.Coordinator', definition: CoordinatorService, implementation: impl }],
     registry,
     log,
-    onDrain: () => {
+    onDrain: async () => {
+      await runs.drain((DRAIN_SECONDS - 2) * 1000);
       for (const u of [...upstreams.inference, upstreams.judge, upstreams.aggregation]) u.close();
       ledger.close();
     },

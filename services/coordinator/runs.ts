@@ -31,6 +31,9 @@ export class RunManager {
   private readonly messages = new Map<string, string>();
   /** Progress of runs that ended in this process, so Get/Watch show what the last attempt did. */
   private readonly lastProgress = new Map<string, Progress>();
+  private readonly executions = new Map<string, Promise<void>>();
+  /** Set on SIGTERM: runs stop taking new items but stay resumable (not CANCELLED). */
+  private draining = false;
 
   constructor(
     private readonly ledger: Ledger,
@@ -161,11 +164,13 @@ export class RunManager {
       this.executors.delete(spec.name);
       this.lastProgress.set(spec.name, executor.progress);
     };
-    executor.execute().then(
+    const execution = executor.execute().then(
       (summary: RunSummary | undefined) => {
         finish();
         const finishedAt = new Date().toISOString();
-        if (summary) {
+        if (!summary && this.draining) {
+          this.log.info({ run: spec.name }, 'run paused for shutdown; it resumes when the coordinator starts again');
+        } else if (summary) {
           this.ledger.setRunState(spec.name, 'SUCCEEDED', { summary, finishedAt });
           this.messages.set(spec.name, 'complete');
         } else {
@@ -183,6 +188,20 @@ export class RunManager {
         this.emit(spec.name);
       },
     );
+    this.executions.set(spec.name, execution);
+    void execution.finally(() => this.executions.delete(spec.name));
+  }
+
+  /**
+   * Graceful stop: no new items are sent, in-flight items finish and are recorded, and the
+   * runs stay RUNNING in the ledger so the next coordinator resumes them. Waits at most `timeoutMs`.
+   */
+  async drain(timeoutMs: number): Promise<void> {
+    this.draining = true;
+    for (const ex of this.executors.values()) ex.cancel();
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([Promise.allSettled([...this.executions.values()]), new Promise((r) => (timer = setTimeout(r, timeoutMs)))]);
+    clearTimeout(timer);
   }
 
   async refreshUpstreams(): Promise<void> {

@@ -33,7 +33,7 @@ describe('restarts', () => {
     await stack?.stopAll();
   });
 
-  async function crashDuringRun(name: string, victim: ServiceName): Promise<void> {
+  async function crashDuringRun(name: string, victim: ServiceName, how: 'kill9' | 'sigterm' = 'kill9'): Promise<void> {
     let client = coordinatorClient(stack.address('coordinator'));
     await startRun(client, { name, ...REQUEST });
     const atKill = await waitFor('the run to be under way', async () => {
@@ -41,7 +41,7 @@ describe('restarts', () => {
       return p.aggregated >= TOTAL * 0.3 ? p.aggregated : undefined;
     });
     expect(atKill).toBeLessThan(TOTAL);
-    await stack.kill9(victim);
+    await (how === 'kill9' ? stack.kill9(victim) : stack.stop(victim));
     client.close();
     await stack.start(victim);
     client = coordinatorClient(stack.address('coordinator'));
@@ -76,6 +76,11 @@ describe('restarts', () => {
   it('survives kill -9 of the coordinator', async () => {
     await crashDuringRun('coordinator-killed', 'coordinator');
     await expectSameAsClean('coordinator-killed');
+  });
+
+  it('resumes after a graceful stop (SIGTERM) of the coordinator', async () => {
+    await crashDuringRun('coordinator-stopped', 'coordinator', 'sigterm');
+    await expectSameAsClean('coordinator-stopped');
   });
 
   it('survives kill -9 of the aggregation service (its sums are rebuilt by Extract)', async () => {

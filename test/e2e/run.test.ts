@@ -8,7 +8,7 @@ import type { LocalStack } from '../../services/cli/stack';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, getRun, startRun, watchRun } from '../helpers/grpc';
 import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../helpers/runfiles';
-import { ROOT, testStack } from '../helpers/stack';
+import { ROOT, testStack, UPSTREAM_DATA } from '../helpers/stack';
 
 const run = promisify(execFile);
 const L = 6;
@@ -139,6 +139,35 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     expect(final.state).toBe(RunState.RUN_STATE_FAILED);
     expect(final.error).toMatch(/min_count=50.*chef=\d+/);
     expect(fs.existsSync(path.join(final.outputDir, 'axis.safetensors'))).toBe(false);
+    client.close();
+  });
+
+  it('scores every item although the judge API answers 429 and 500 at times (the client retries)', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    const before = judge.requests.length;
+    judge.failNext(2, 429);
+    judge.failNext(2, 500);
+    await startRun(client, { name: 'flaky-judge', roles: ['poet', 'default'], questionCount: 3, minCount: 1 });
+    const final = await watchRun(client, 'flaky-judge', () => undefined);
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(final.progress?.judged).toBe(15);
+    // 15 judged items + the 4 failed attempts.
+    expect(judge.requests.length - before).toBe(19);
+    client.close();
+  });
+
+  it('runs on the reference data set read from ../shared/upstream', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'upstream', dataDir: UPSTREAM_DATA, roles: ['pirate', 'default'], questionCount: 2, minCount: 1 });
+    const final = await watchRun(client, 'upstream', () => undefined);
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    const files = readRunFiles(final.outputDir);
+    expect(files.responses.pirate).toHaveLength(10);
+    expect(files.responses.default).toHaveLength(10);
+    // default's "You are {model_name}." is filled with the model's short name.
+    expect(files.responses.default.map((l) => l.system_prompt)).toContain('You are Synthetic.');
+    const manifest = JSON.parse(fs.readFileSync(path.join(final.outputDir, 'manifest.json'), 'utf8'));
+    expect(manifest.data.dir).toBe(UPSTREAM_DATA);
     client.close();
   });
 

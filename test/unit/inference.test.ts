@@ -1,0 +1,68 @@
+import { DType } from '../../gen/assistant_axis/v1/common';
+import { SyntheticBackend } from '../../services/inference/synthetic';
+import { validateExtract, validateGenerate } from '../../services/inference/validate';
+
+const backend = new SyntheticBackend({ model: 'synthetic-tiny', numLayers: 4, hidden: 8, tokensPerSecond: 0, capacity: 2, supportsSystemPrompt: true });
+const messages = [
+  { role: 'system', content: 'You are a lighthouse keeper.' },
+  { role: 'user', content: 'What do you do at night?' },
+];
+const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 512, maxContext: 2048, seed: 0 };
+
+describe('synthetic backend', () => {
+  it('gives the same text for the same seed and another for another seed', async () => {
+    const a = await backend.generate({ messages, sampling, seed: 1, layers: [] });
+    const b = await backend.generate({ messages, sampling, seed: 1, layers: [] });
+    const c = await backend.generate({ messages, sampling, seed: 2, layers: [] });
+    expect(a.text).toBe(b.text);
+    expect(a.text).not.toBe(c.text);
+    expect(a.activation.shape).toEqual([4, 8]);
+  });
+
+  it('returns by Extract exactly the activation Generate returned', async () => {
+    const g = await backend.generate({ messages, sampling, seed: 5, layers: [] });
+    const e = await backend.extract([...messages, { role: 'assistant', content: g.text }], []);
+    expect([...e.activation.data]).toEqual([...g.activation.data]);
+    expect(e.responseTokens).toBe(g.completionTokens);
+  });
+
+  it('keeps only the chosen layers, in the order asked', async () => {
+    const all = await backend.generate({ messages, sampling, seed: 5, layers: [] });
+    const some = await backend.generate({ messages, sampling, seed: 5, layers: [3, 1] });
+    expect(some.activation.shape).toEqual([2, 8]);
+    expect([...some.activation.data.subarray(0, 8)]).toEqual([...all.activation.data.subarray(24, 32)]);
+    expect([...some.activation.data.subarray(8, 16)]).toEqual([...all.activation.data.subarray(8, 16)]);
+  });
+
+  it('stops at max_new_tokens with finish reason "length"', async () => {
+    const r = await backend.generate({ messages, sampling: { ...sampling, maxNewTokens: 3 }, seed: 1, layers: [] });
+    expect(r.completionTokens).toBe(3);
+    expect(r.finishReason).toBe('length');
+  });
+
+  it('reports its model info', () => {
+    expect(backend.info).toMatchObject({ backend: 'synthetic', numLayers: 4, hiddenSize: 8, capacity: 2, activationDtype: DType.DTYPE_F32, modelShortName: 'Synthetic' });
+  });
+});
+
+describe('inference request checks name the field', () => {
+  const info = backend.info;
+  const ok = { itemId: 'i', messages, sampling, seed: 0, layers: [] };
+  it.each([
+    ['empty item_id', { ...ok, itemId: '' }, /item_id: required/],
+    ['no messages', { ...ok, messages: [] }, /messages: at least one/],
+    ['unknown message role', { ...ok, messages: [{ role: 'wizard', content: 'x' }] }, /messages\[0\]\.role/],
+    ['conversation not ending with the user', { ...ok, messages: [...messages, { role: 'assistant', content: 'x' }] }, /last message must be the user turn/],
+    ['negative temperature', { ...ok, sampling: { ...sampling, temperature: -1 } }, /sampling.temperature/],
+    ['top_p 0', { ...ok, sampling: { ...sampling, topP: 0 } }, /sampling.top_p/],
+    ['max_new_tokens 0', { ...ok, sampling: { ...sampling, maxNewTokens: 0 } }, /sampling.max_new_tokens/],
+    ['layer out of range', { ...ok, layers: [4] }, /layers: layer 4 does not exist/],
+    ['repeated layer', { ...ok, layers: [1, 1] }, /listed twice/],
+  ])('%s', (_label, req, message) => {
+    expect(() => validateGenerate(req as never, info)).toThrow(message);
+  });
+
+  it('wants Extract conversations to end with the answer', () => {
+    expect(() => validateExtract({ itemId: 'i', messages, layers: [] }, info)).toThrow(/last message must be the assistant answer/);
+  });
+});
