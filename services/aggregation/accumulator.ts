@@ -142,6 +142,12 @@ export class Accumulators {
     return this.runs.get(run);
   }
 
+  totalWaiting(): number {
+    let n = 0;
+    for (const acc of this.runs.values()) n += acc.waitingCount;
+    return n;
+  }
+
   getOrCreate(run: string): RunAccumulator {
     let acc = this.runs.get(run);
     if (!acc) this.runs.set(run, (acc = new RunAccumulator()));

@@ -24,7 +24,14 @@ async function main(): Promise<void> {
 
   const registry = createRegistry('aggregation');
   const messages = new prom.Counter({ name: 'axis_aggregation_messages_total', help: 'Ingested messages, by kind and outcome', labelNames: ['kind', 'outcome'], registers: [registry] });
-  const waiting = new prom.Gauge({ name: 'axis_aggregation_waiting_items', help: 'Activations or scores waiting for their other half', registers: [registry] });
+  new prom.Gauge({
+    name: 'axis_aggregation_waiting_items',
+    help: 'Activations or scores waiting for their other half, all runs',
+    registers: [registry],
+    collect() {
+      this.set(state.totalWaiting());
+    },
+  });
 
   function ingest(req: IngestRequest): IngestAck {
     const ack: IngestAck = { run: req.run, role: req.role, itemKey: req.itemKey, isActivation: req.payload?.$case === 'activation', duplicate: false, error: undefined };
@@ -45,7 +52,6 @@ async function main(): Promise<void> {
       }
       ack.duplicate = outcome === 'duplicate';
       messages.inc({ kind: ack.isActivation ? 'activation' : 'score', outcome });
-      waiting.set(acc.waitingCount);
     } catch (err) {
       if (!(err instanceof IngestError || err instanceof TensorError)) throw err;
       messages.inc({ kind: ack.isActivation ? 'activation' : 'score', outcome: 'invalid' });

@@ -131,6 +131,10 @@ export class Ledger {
     this.db.prepare('UPDATE items SET activation_acked = 0, score_acked = 0 WHERE run = ?').run(name);
   }
 
+  countActivationsAcked(run: string): number {
+    return (this.db.prepare('SELECT COUNT(*) AS n FROM items WHERE run = ? AND activation_acked = 1').get(run) as { n: number }).n;
+  }
+
   items(run: string): ItemRow[] {
     return (this.db.prepare('SELECT * FROM items WHERE run = ? ORDER BY role, p, q').all(run) as Record<string, any>[]).map(toItemRow);
   }

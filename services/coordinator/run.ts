@@ -111,7 +111,7 @@ export class RunExecutor {
       const state = await this.retrying('aggregation run state', () => this.upstreams.aggregation.runState(this.spec.name));
       if (state.activations >= this.progress.itemsTotal && state.scores >= this.progress.toJudge) break;
       if (round >= MAX_RECOVERY_ROUNDS) throw new RunFailure(`aggregation holds ${state.activations}/${this.progress.itemsTotal} activations and ${state.scores}/${this.progress.toJudge} scores after ${round} rounds of re-sending`);
-      this.log.warn({ run: this.spec.name, activations: state.activations, scores: state.scores }, 'aggregation lost part of this run: re-sending activations (by Extract) and scores');
+      this.log.warn({ activations: state.activations, scores: state.scores }, 'aggregation lost part of this run: re-sending activations (by Extract) and scores');
       this.ledger.resetAcks(this.spec.name);
     }
     return this.computeAndWrite();
@@ -164,7 +164,7 @@ export class RunExecutor {
   private fail(err: unknown): void {
     if (!this.failure) {
       this.failure = err instanceof Error ? err : new Error(String(err));
-      this.log.error({ run: this.spec.name, err: this.failure.message }, 'run failing');
+      this.log.error({ err: this.failure.message }, 'run failing');
     }
     this.notify();
   }
@@ -188,9 +188,9 @@ export class RunExecutor {
   /** If aggregation holds fewer of this run's activations than the ledger says it acknowledged, its state was lost: send everything again. */
   private async reconcileAggregation(): Promise<void> {
     const state = await this.retrying('aggregation run state', () => this.upstreams.aggregation.runState(this.spec.name));
-    const acked = this.ledger.items(this.spec.name).filter((i) => i.activationAcked).length;
+    const acked = this.ledger.countActivationsAcked(this.spec.name);
     if (state.activations < acked) {
-      this.log.warn({ run: this.spec.name, aggregationHas: state.activations, ledgerAcked: acked }, 'aggregation lost this run\'s state: re-sending activations (by Extract) and scores');
+      this.log.warn({ aggregationHas: state.activations, ledgerAcked: acked }, 'aggregation lost this run\'s state: re-sending activations (by Extract) and scores');
       this.ledger.resetAcks(this.spec.name);
     }
     this.ledger.setAggregationInstance(this.spec.name, state.instanceId);
@@ -312,7 +312,7 @@ export class RunExecutor {
     this.ledger.markRoleWritten(this.spec.name, role);
     this.written.add(role);
     this.progress.rolesWritten++;
-    this.log.info({ run: this.spec.name, role }, 'role complete: files written');
+    this.log.info({ role }, 'role complete: files written');
   }
 
   /** Stream errors (a replica restarting, a dropped connection) are retried with backoff; item errors are not. */

@@ -51,7 +51,7 @@ export class RunManager {
   }
 
   async start(req: StartRunRequest): Promise<Run> {
-    const spec = await this.resolveSpec(req);
+    const { spec, data } = await this.resolveSpec(req);
     const existing = this.ledger.getRun(spec.name);
     if (existing) {
       const differs = Object.keys(spec).filter((k) => JSON.stringify(spec[k as keyof RunSpec]) !== JSON.stringify(existing.spec[k as keyof RunSpec]));
@@ -75,7 +75,6 @@ export class RunManager {
       throw failedPrecondition(`name: output directory ${runDir} already exists and belongs to no run in this coordinator's ledger; move it away or choose another name (results are never overwritten)`);
     }
     const items: { role: string; p: number; q: number; key: string }[] = [];
-    const data = await loadDataSet(spec.dataDir, spec.roles, spec.questionCount);
     for (const role of data.roles) {
       for (let p = 0; p < role.instructions.length; p++) {
         for (let q = 0; q < data.questions.length; q++) items.push({ role: role.name, p, q, key: itemKey(p, q) });
@@ -215,7 +214,7 @@ export class RunManager {
   }
 
   /** Resolves a StartRun request into a complete spec, or throws INVALID_ARGUMENT / FAILED_PRECONDITION naming the field. */
-  private async resolveSpec(req: StartRunRequest): Promise<RunSpec> {
+  private async resolveSpec(req: StartRunRequest): Promise<{ spec: RunSpec; data: DataSet }> {
     this.checkName(req.name);
     const temperature = req.temperature ?? DEFAULT_SAMPLING.temperature;
     const topP = req.topP ?? DEFAULT_SAMPLING.topP;
@@ -249,7 +248,7 @@ export class RunManager {
       if (seen.has(l)) throw invalidArgument(`layers: layer ${l} is listed twice`);
       seen.add(l);
     }
-    return {
+    const spec: RunSpec = {
       name: req.name,
       model,
       dataDir,
@@ -264,6 +263,7 @@ export class RunManager {
       layers: [...req.layers],
       dataHash: data.hash,
     };
+    return { spec, data };
   }
 
   private view(name: string): Run {
