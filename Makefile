@@ -21,6 +21,7 @@ $(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services -name '*.proto' -o -
 	npx buf build -o gen/descriptors.binpb
 	npx buf build node_modules/grpc-health-check/proto -o gen/health.binpb
 	npx tsc -p tsconfig.json
+	chmod +x dist/services/model/cli.js
 	@touch $@
 
 demo: build

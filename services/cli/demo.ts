@@ -6,6 +6,8 @@ import { runMain } from '../shared/server';
 import { coordinatorClient, startRun, watchRun } from './client';
 import { localDirs, repoRoot } from './paths';
 import { formatSummary, ProgressBar } from './progress';
+import { buildModel } from '../model/build';
+import { writeTinyCheckpoint } from '../model/tiny';
 import { LocalStack } from './stack';
 
 /**
@@ -17,14 +19,14 @@ async function demo(): Promise<void> {
   const root = repoRoot();
   const dirs = localDirs(root);
   const config = JSON.parse(fs.readFileSync(path.join(root, 'data', 'demo.json'), 'utf8')) as Partial<StartRunRequest>;
+  const modelDir = await ensureDemoModel(dirs.base);
   const stack = new LocalStack({
     root,
     logDir: dirs.logs,
     stateDir: dirs.state,
     outputRoot: path.join(root, 'outputs'),
     dataDir: path.join(root, 'data'),
-    // A pretend generation speed, so progress is visible; the synthetic backend is otherwise instant.
-    args: { inference: ['--backend', 'synthetic', '--synthetic-tokens-per-second', '600'] },
+    args: { inference: ['--backend', 'onnx', '--model-dir', modelDir] },
   });
   if ((await checkHealth(stack.address('coordinator'))) !== 'UNREACHABLE') {
     throw new Error(`something already listens on ${stack.address('coordinator')} (services from \`make up\`?): run \`make down\` first`);
@@ -62,5 +64,19 @@ async function demo(): Promise<void> {
     throw err;
   }
 }
+
+/** The demo's model: a tiny random-weight Llama checkpoint and its ONNX build, made once under .axis/. */
+async function ensureDemoModel(base: string): Promise<string> {
+  const checkpoint = path.join(base, 'checkpoints', DEMO_MODEL);
+  const modelDir = path.join(base, 'models', DEMO_MODEL);
+  if (fs.existsSync(path.join(modelDir, 'axis_model.json'))) return modelDir;
+  process.stderr.write(`building the demo model once: a tiny random-weight llama checkpoint in ${checkpoint}, its ONNX graph in ${modelDir}...\n`);
+  if (!fs.existsSync(path.join(checkpoint, 'config.json'))) await writeTinyCheckpoint({ arch: 'llama', out: checkpoint, seed: 0, merges: 2000 });
+  fs.mkdirSync(path.dirname(modelDir), { recursive: true });
+  await buildModel({ hf: checkpoint, out: modelDir, capture: true });
+  return modelDir;
+}
+
+const DEMO_MODEL = 'tiny-llama';
 
 runMain('demo', demo);

@@ -3,15 +3,16 @@ import { ChatMessage, DType } from '../../gen/assistant_axis/v1/common';
 import {
   ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, InferenceService,
 } from '../../gen/assistant_axis/v1/inference';
-import { loadConfig, OptionTable } from '../shared/config';
+import { Config, loadConfig, OptionTable } from '../shared/config';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { Limiter } from '../shared/limit';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
-import { unary } from '../shared/rpc';
+import { RpcError, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { encodeTensor } from '../shared/tensor';
 import type { InferenceBackend } from './backend';
+import { OnnxBackend } from './onnx/backend';
 import { SyntheticBackend } from './synthetic';
 import { validateExtract, validateGenerate } from './validate';
 
@@ -19,30 +20,35 @@ export const INFERENCE_OPTIONS = {
   host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
   port: { type: 'number', env: 'AXIS_INFERENCE_PORT', default: DEFAULT_PORTS.inference, help: 'gRPC port' },
   'metrics-port': { type: 'number', env: 'AXIS_INFERENCE_METRICS_PORT', default: DEFAULT_METRICS_PORTS.inference, help: 'Prometheus metrics port' },
-  backend: { type: 'string', env: 'AXIS_INFERENCE_BACKEND', default: 'synthetic', help: 'model backend: synthetic' },
-  model: { type: 'string', env: 'AXIS_MODEL', default: 'synthetic-tiny', help: 'model name reported to runs' },
+  backend: { type: 'string', env: 'AXIS_INFERENCE_BACKEND', default: 'synthetic', help: 'model backend: onnx (a model directory) or synthetic (no model; for plumbing, load and fault tests)' },
+  'model-dir': { type: 'string', env: 'AXIS_MODEL_DIR', default: '', help: 'onnx backend: model directory made by `axis-model build`' },
+  model: { type: 'string', env: 'AXIS_MODEL', default: '', help: 'model name reported to runs (empty: the model directory\'s name; synthetic-tiny for the synthetic backend)' },
   'synthetic-layers': { type: 'number', env: 'AXIS_SYNTHETIC_LAYERS', default: 8, help: 'synthetic backend: layers' },
   'synthetic-hidden': { type: 'number', env: 'AXIS_SYNTHETIC_HIDDEN', default: 64, help: 'synthetic backend: hidden size' },
   'synthetic-tokens-per-second': { type: 'number', env: 'AXIS_SYNTHETIC_TOKENS_PER_SECOND', default: 0, help: 'synthetic backend: words per second per item (0 = no delay)' },
   'synthetic-system-prompt': { type: 'boolean', env: 'AXIS_SYNTHETIC_SYSTEM_PROMPT', default: true, help: 'synthetic backend: whether its chat template renders a system message' },
-  capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 16, help: 'items processed at once' },
+  capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items processed at once (0: the backend\'s default, 2 for onnx, 16 for synthetic)' },
   'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
 } satisfies OptionTable;
 
 const WIRE_DTYPES: Record<string, DType> = { f32: DType.DTYPE_F32, f16: DType.DTYPE_F16, bf16: DType.DTYPE_BF16 };
 
-export function createBackend(cfg: { backend: string; model: string; capacity: number; 'synthetic-layers': number; 'synthetic-hidden': number; 'synthetic-tokens-per-second': number; 'synthetic-system-prompt': boolean }): InferenceBackend {
+export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>): InferenceBackend {
   if (cfg.backend === 'synthetic') {
     return new SyntheticBackend({
-      model: cfg.model,
+      model: cfg.model || 'synthetic-tiny',
       numLayers: cfg['synthetic-layers'],
       hidden: cfg['synthetic-hidden'],
       tokensPerSecond: cfg['synthetic-tokens-per-second'],
-      capacity: cfg.capacity,
+      capacity: cfg.capacity || 16,
       supportsSystemPrompt: cfg['synthetic-system-prompt'],
     });
   }
-  throw new Error(`--backend: unknown backend ${JSON.stringify(cfg.backend)} (known: synthetic)`);
+  if (cfg.backend === 'onnx') {
+    if (!cfg['model-dir']) throw new Error('--model-dir is required with --backend onnx');
+    return new OnnxBackend({ modelDir: cfg['model-dir'], model: cfg.model, capacity: cfg.capacity || 2 });
+  }
+  throw new Error(`--backend: unknown backend ${JSON.stringify(cfg.backend)} (known: onnx, synthetic)`);
 }
 
 async function main(): Promise<void> {
@@ -50,9 +56,9 @@ async function main(): Promise<void> {
   const log = createLogger('inference');
   const wireDtype = WIRE_DTYPES[cfg['activation-dtype']];
   if (wireDtype === undefined) throw new Error(`--activation-dtype must be f32, f16 or bf16, got ${cfg['activation-dtype']}`);
-  if (!(cfg.capacity >= 1)) throw new Error('--capacity must be at least 1');
+  if (!(cfg.capacity >= 0)) throw new Error('--capacity must be at least 1 (or 0 for the backend default)');
   const backend = createBackend(cfg);
-  const info = backend.info;
+  let loadError: string | undefined;
 
   const registry = createRegistry('inference');
   const items = new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers: [registry] });
@@ -61,7 +67,7 @@ async function main(): Promise<void> {
   const seconds = new prom.Histogram({ name: 'axis_inference_item_seconds', help: 'Time per item', labelNames: ['rpc'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120], registers: [registry] });
   const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture'], registers: [registry] });
 
-  const limiter = new Limiter(cfg.capacity);
+  const limiter = new Limiter(backend.info.capacity);
   const open = new Set<grpc.ServerDuplexStream<unknown, unknown>>();
 
   /** Serves one bidi stream: each request runs under the capacity limit; the stream ends after the last result. */
@@ -111,14 +117,21 @@ async function main(): Promise<void> {
     call.on('error', () => open.delete(call));
   }
 
+  /** The model's info once loaded; until then every call says why the model is not there. */
+  const loadedInfo = () => {
+    if (!ready) throw new RpcError(grpc.status.FAILED_PRECONDITION, loadError ? `model not loaded: ${loadError}` : 'model still loading');
+    return backend.info;
+  };
+  let ready = false;
+
   const impl: InferenceServer = {
-    getModelInfo: unary(log, async () => info),
+    getModelInfo: unary(log, async () => loadedInfo()),
     generate: (call) =>
       serveStream<GenerateRequest, GenerateResult>(
         'Generate',
         call,
         async (req) => {
-          const input = validateGenerate(req, info);
+          const input = validateGenerate(req, loadedInfo());
           const out = await backend.generate(input);
           tokens.inc({ kind: 'prompt' }, out.promptTokens);
           tokens.inc({ kind: 'completion' }, out.completionTokens);
@@ -139,7 +152,7 @@ async function main(): Promise<void> {
         'Extract',
         call,
         async (req) => {
-          const { messages, layers } = validateExtract(req, info);
+          const { messages, layers } = validateExtract(req, loadedInfo());
           const out = await backend.extract(messages as ChatMessage[], layers);
           tokens.inc({ kind: 'prefill' }, out.responseTokens);
           return { itemId: req.itemId, responseTokens: out.responseTokens, activation: encodeTensor(out.activation, wireDtype), error: undefined };
@@ -165,9 +178,18 @@ async function main(): Promise<void> {
       await backend.close();
     },
   });
-  await backend.load();
+  try {
+    await backend.load();
+  } catch (err) {
+    // Stay up and not ready: the health check says NOT_SERVING, GetModelInfo and the logs say why.
+    loadError = (err as Error).message;
+    log.error({ reason: loadError }, 'model failed to load; the service stays not ready');
+    return;
+  }
+  const info = backend.info;
   modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture }, 1);
-  log.info({ model: info.model, backend: info.backend, device: info.device, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity }, 'model loaded');
+  log.info({ model: info.model, backend: info.backend, device: info.device, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity, systemPrompt: info.supportsSystemPrompt, hashes: info.hashes }, 'model loaded');
+  ready = true;
   running.setReady(true);
 }
 

@@ -1,0 +1,105 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import * as path from 'node:path';
+import { codeVersion } from '../coordinator/manifest';
+import { exists } from '../shared/files';
+import { builderFor } from './builders';
+import { CheckpointReader, readConfig } from './checkpoint';
+import { ExternalData, GraphBuilder } from './graph';
+
+/** Layout of a model directory, as transformers.js loads it. */
+export const MODEL_FILES = {
+  graph: path.join('onnx', 'model.onnx'),
+  weights: path.join('onnx', 'model.onnx_data'),
+  metadata: 'axis_model.json',
+};
+const COPIED = ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'special_tokens_map.json', 'chat_template.jinja'];
+
+/** What `axis_model.json` says of a built model; the inference service checks the graph against it. */
+export interface ModelMetadata {
+  format: 'assistant-axis-model/1';
+  name: string;
+  architecture: string;
+  num_layers: number;
+  hidden_size: number;
+  num_attention_heads: number;
+  num_key_value_heads: number;
+  head_dim: number;
+  vocab_size: number;
+  dtype: 'f32';
+  graph: string;
+  weights: string;
+  inputs: string[];
+  outputs: string[];
+  hidden_state_outputs: string[];
+  hashes: { graph_sha256: string; weights_sha256: string; config_sha256: string };
+  built_with: string;
+}
+
+export interface BuildModelOptions {
+  hf: string;
+  out: string;
+  capture: boolean;
+}
+
+/**
+ * Builds a model directory from a Hugging Face checkpoint: the ONNX decoder graph with its
+ * weights as external data, the tokenizer and generation files, and the metadata. Everything
+ * is written into a temporary directory beside `out` and renamed at the end, so `out` is
+ * either complete or absent. Weights stream tensor by tensor from checkpoint to data file.
+ */
+export async function buildModel(opts: BuildModelOptions, log: (msg: string) => void = () => undefined): Promise<ModelMetadata> {
+  if (await exists(opts.out)) throw new Error(`--out: ${opts.out} already exists; remove it or choose another directory`);
+  const config = await readConfig(opts.hf);
+  const ckpt = await CheckpointReader.open(opts.hf);
+  const tmp = `${opts.out.replace(/\/+$/, '')}.building-${randomBytes(4).toString('hex')}`;
+  await fs.mkdir(path.join(tmp, 'onnx'), { recursive: true });
+  try {
+    const data = await ExternalData.create(path.join(tmp, MODEL_FILES.weights), path.basename(MODEL_FILES.weights));
+    const g = new GraphBuilder(data);
+    const builder = builderFor(config, ckpt, g);
+    log(`building ${config.model_type}: ${builder.dims.numLayers} layers, hidden ${builder.dims.hidden}, vocab ${builder.dims.vocab}`);
+    const signature = await builder.build({ capture: opts.capture });
+    const weightsSha = await data.close();
+    const graphBytes = g.encode(`${config.model_type}-decoder`, 'assistant-axis');
+    await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
+
+    const configRaw = await fs.readFile(path.join(opts.hf, 'config.json'), 'utf8');
+    const hfConfig = JSON.parse(configRaw);
+    // transformers.js loads onnx/model.onnx with its weights from onnx/model.onnx_data when told so.
+    hfConfig['transformers.js_config'] = { ...(hfConfig['transformers.js_config'] ?? {}), use_external_data_format: { 'model.onnx': true } };
+    await fs.writeFile(path.join(tmp, 'config.json'), JSON.stringify(hfConfig, null, 2) + '\n');
+    for (const f of COPIED) if (await exists(path.join(opts.hf, f))) await fs.copyFile(path.join(opts.hf, f), path.join(tmp, f));
+
+    const d = builder.dims;
+    const metadata: ModelMetadata = {
+      format: 'assistant-axis-model/1',
+      name: typeof config._name_or_path === 'string' && config._name_or_path ? config._name_or_path : path.basename(path.resolve(opts.hf)),
+      architecture: config.model_type,
+      num_layers: d.numLayers,
+      hidden_size: d.hidden,
+      num_attention_heads: d.heads,
+      num_key_value_heads: d.kvHeads,
+      head_dim: d.headDim,
+      vocab_size: d.vocab,
+      dtype: 'f32',
+      graph: MODEL_FILES.graph,
+      weights: MODEL_FILES.weights,
+      inputs: signature.inputs,
+      outputs: signature.outputs,
+      hidden_state_outputs: signature.hiddenStateOutputs,
+      hashes: { graph_sha256: sha256(graphBytes), weights_sha256: weightsSha, config_sha256: sha256(configRaw) },
+      built_with: codeVersion(),
+    };
+    await fs.writeFile(path.join(tmp, MODEL_FILES.metadata), JSON.stringify(metadata, null, 2) + '\n');
+    await fs.rename(tmp, opts.out);
+    return metadata;
+  } catch (err) {
+    await fs.rm(tmp, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+function sha256(data: string | Uint8Array): string {
+  return createHash('sha256').update(data).digest('hex');
+}

@@ -1,0 +1,18 @@
+import type { CheckpointReader, HfConfig } from '../checkpoint';
+import { CheckpointError } from '../checkpoint';
+import type { GraphBuilder } from '../graph';
+import type { DecoderBuilder } from './decoder';
+import { LlamaBuilder } from './llama';
+
+type BuilderClass = new (config: HfConfig, ckpt: CheckpointReader, g: GraphBuilder) => DecoderBuilder;
+
+/** One builder per architecture (`model_type` in config.json). */
+export const BUILDERS: Record<string, BuilderClass> = {
+  llama: LlamaBuilder,
+};
+
+export function builderFor(config: HfConfig, ckpt: CheckpointReader, g: GraphBuilder): DecoderBuilder {
+  const Builder = BUILDERS[config.model_type];
+  if (!Builder) throw new CheckpointError(`config.json: model_type ${JSON.stringify(config.model_type)} is not supported (supported: ${Object.keys(BUILDERS).join(', ')})`);
+  return new Builder(config, ckpt, g);
+}

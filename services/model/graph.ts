@@ -1,0 +1,184 @@
+import { create, toBinary } from '@bufbuild/protobuf';
+import { createHash, Hash } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import {
+  AttributeProto_AttributeType,
+  AttributeProtoSchema,
+  GraphProtoSchema,
+  ModelProtoSchema,
+  NodeProto,
+  NodeProtoSchema,
+  TensorProto,
+  TensorProto_DataLocation,
+  TensorProto_DataType,
+  TensorProtoSchema,
+  ValueInfoProto,
+  ValueInfoProtoSchema,
+} from 'onnx-buf';
+
+export const DataType = TensorProto_DataType;
+export const OPSET = 17;
+const IR_VERSION = 8n;
+/** Weights in the external data file start on this boundary, so they can be memory-mapped aligned. */
+const ALIGN = 64;
+
+type Attr = number | number[] | string | { float: number } | { floats: number[] } | TensorProto;
+
+/** Appends weights to the ONNX external data file, computing its sha256 as it goes. */
+export class ExternalData {
+  private offset = 0;
+  private readonly hash: Hash = createHash('sha256');
+  private constructor(private readonly handle: fs.FileHandle, readonly location: string) {}
+
+  static async create(file: string, location: string): Promise<ExternalData> {
+    return new ExternalData(await fs.open(file, 'w'), location);
+  }
+
+  async append(bytes: Uint8Array): Promise<{ offset: number; length: number }> {
+    const pad = (ALIGN - (this.offset % ALIGN)) % ALIGN;
+    if (pad) {
+      const zeros = new Uint8Array(pad);
+      await this.handle.write(zeros);
+      this.hash.update(zeros);
+      this.offset += pad;
+    }
+    const at = this.offset;
+    await this.handle.write(bytes);
+    this.hash.update(bytes);
+    this.offset += bytes.byteLength;
+    return { offset: at, length: bytes.byteLength };
+  }
+
+  async close(): Promise<string> {
+    await this.handle.sync();
+    await this.handle.close();
+    return this.hash.digest('hex');
+  }
+}
+
+/**
+ * Builds an ONNX graph node by node. Value names are generated (`name/N`) unless given;
+ * small constants live in the graph, weights in the external data file.
+ */
+export class GraphBuilder {
+  readonly nodes: NodeProto[] = [];
+  readonly initializers: TensorProto[] = [];
+  readonly inputs: ValueInfoProto[] = [];
+  readonly outputs: ValueInfoProto[] = [];
+  private counter = 0;
+  private readonly constCache = new Map<string, string>();
+
+  constructor(private readonly weights: ExternalData) {}
+
+  fresh(hint: string): string {
+    return `${hint}/${this.counter++}`;
+  }
+
+  input(name: string, type: TensorProto_DataType, dims: (number | string)[]): string {
+    this.inputs.push(valueInfo(name, type, dims));
+    return name;
+  }
+
+  output(value: string, name: string, type: TensorProto_DataType, dims: (number | string)[]): void {
+    if (value !== name) this.node('Identity', [value], {}, name);
+    this.outputs.push(valueInfo(name, type, dims));
+  }
+
+  /** Adds a node with one output; returns the output's name. */
+  node(op: string, inputs: string[], attrs: Record<string, Attr> = {}, output?: string): string {
+    const out = output ?? this.fresh(op);
+    this.nodes.push(nodeProto(op, inputs, [out], attrs, `${op}_${this.nodes.length}`));
+    return out;
+  }
+
+  /** Adds a node with several outputs. */
+  nodeN(op: string, inputs: string[], count: number, attrs: Record<string, Attr> = {}): string[] {
+    const outs = Array.from({ length: count }, () => this.fresh(op));
+    this.nodes.push(nodeProto(op, inputs, outs, attrs, `${op}_${this.nodes.length}`));
+    return outs;
+  }
+
+  constInt64(values: number[], dims: number[] = [values.length]): string {
+    const key = `i64:${dims}:${values}`;
+    const cached = this.constCache.get(key);
+    if (cached) return cached;
+    const name = this.fresh('const_i64');
+    const raw = new BigInt64Array(values.map((v) => BigInt(v)));
+    this.initializers.push(create(TensorProtoSchema, { name, dims: dims.map(BigInt), dataType: DataType.INT64, rawData: new Uint8Array(raw.buffer) }));
+    this.constCache.set(key, name);
+    return name;
+  }
+
+  constFloat(values: number[] | Float32Array, dims: number[] = [values.length]): string {
+    const data = Float32Array.from(values);
+    const key = data.length <= 16 ? `f32:${dims}:${Array.from(data)}` : undefined;
+    if (key && this.constCache.has(key)) return this.constCache.get(key)!;
+    const name = this.fresh('const_f32');
+    this.initializers.push(create(TensorProtoSchema, { name, dims: dims.map(BigInt), dataType: DataType.FLOAT, rawData: littleEndianBytes(data) }));
+    if (key) this.constCache.set(key, name);
+    return name;
+  }
+
+  /** A weight stored in the external data file (float32, little-endian). */
+  async weight(name: string, data: Float32Array, dims: number[]): Promise<string> {
+    const { offset, length } = await this.weights.append(littleEndianBytes(data));
+    this.initializers.push(
+      create(TensorProtoSchema, {
+        name,
+        dims: dims.map(BigInt),
+        dataType: DataType.FLOAT,
+        dataLocation: TensorProto_DataLocation.EXTERNAL,
+        externalData: [
+          { key: 'location', value: this.weights.location },
+          { key: 'offset', value: String(offset) },
+          { key: 'length', value: String(length) },
+        ],
+      }),
+    );
+    return name;
+  }
+
+  encode(graphName: string, producer: string): Uint8Array {
+    const model = create(ModelProtoSchema, {
+      irVersion: IR_VERSION,
+      producerName: producer,
+      opsetImport: [{ domain: '', version: BigInt(OPSET) }],
+      graph: create(GraphProtoSchema, { name: graphName, node: this.nodes, initializer: this.initializers, input: this.inputs, output: this.outputs }),
+    });
+    return toBinary(ModelProtoSchema, model);
+  }
+}
+
+function littleEndianBytes(data: Float32Array): Uint8Array<ArrayBuffer> {
+  // Float32Array is little-endian on every platform Node runs on here (x86-64, arm64).
+  return new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.byteLength);
+}
+
+function valueInfo(name: string, elemType: TensorProto_DataType, dims: (number | string)[]): ValueInfoProto {
+  return create(ValueInfoProtoSchema, {
+    name,
+    type: {
+      value: {
+        case: 'tensorType',
+        value: { elemType, shape: { dim: dims.map((d) => ({ value: typeof d === 'number' ? { case: 'dimValue' as const, value: BigInt(d) } : { case: 'dimParam' as const, value: d } })) } },
+      },
+    },
+  });
+}
+
+function nodeProto(op: string, inputs: string[], outputs: string[], attrs: Record<string, Attr>, name: string): NodeProto {
+  return create(NodeProtoSchema, {
+    opType: op,
+    name,
+    input: inputs,
+    output: outputs,
+    attribute: Object.entries(attrs).map(([key, v]) => {
+      if (typeof v === 'number') return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.INT, i: BigInt(v) });
+      if (typeof v === 'string') return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.STRING, s: new TextEncoder().encode(v) });
+      if (Array.isArray(v)) return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.INTS, ints: v.map(BigInt) });
+      if ('float' in v) return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.FLOAT, f: v.float });
+      if ('floats' in v) return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.FLOATS, floats: v.floats });
+      return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.TENSOR, t: v });
+    }),
+  });
+}
