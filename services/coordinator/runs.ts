@@ -205,9 +205,8 @@ export class RunManager {
 
   async refreshUpstreams(): Promise<void> {
     await Promise.all([
-      ...this.upstreams.inference.map((r) => r.refresh().catch((err) => {
-        r.info = undefined;
-        this.log.warn({ address: r.address, err: (err as Error).message }, 'inference replica unreachable');
+      ...this.upstreams.inference.map((r) => r.refresh().catch(() => {
+        this.log.warn({ address: r.address, reason: r.lastError }, 'inference replica not ready');
       })),
       this.upstreams.judge.refresh(),
     ]);
@@ -233,7 +232,10 @@ export class RunManager {
       throw new RpcError(grpc.status.UNAVAILABLE, `judge unreachable: ${(err as Error).message}`);
     });
     const served = [...new Set(this.upstreams.inference.filter((r) => r.info).map((r) => r.info!.model))];
-    if (served.length === 0) throw new RpcError(grpc.status.UNAVAILABLE, 'no inference replica is reachable');
+    if (served.length === 0) {
+      const why = this.upstreams.inference.map((r) => `${r.address}: ${r.lastError || 'no answer'}`).join('; ');
+      throw new RpcError(grpc.status.UNAVAILABLE, `no inference replica is ready (${why})`);
+    }
     let model = req.model;
     if (!model) {
       if (served.length > 1) throw invalidArgument(`model: required, because the inference replicas serve several models (${served.join(', ')})`);

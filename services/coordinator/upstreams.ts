@@ -20,6 +20,8 @@ function unaryCall<Req, Res>(fn: (req: Req, meta: grpc.Metadata, opts: grpc.Call
 export class InferenceReplica {
   readonly client: InferenceClient;
   info: ModelInfo | undefined;
+  /** Why the last GetModelInfo failed (e.g. "model not loaded: ..."). */
+  lastError = '';
   readonly generate: StreamPipe<GenerateRequest, GenerateResult>;
   readonly extract: StreamPipe<ExtractRequest, ExtractResult>;
 
@@ -34,8 +36,15 @@ export class InferenceReplica {
   }
 
   async refresh(): Promise<ModelInfo> {
-    this.info = await unaryCall(this.client.getModelInfo.bind(this.client), {});
-    return this.info;
+    try {
+      this.info = await unaryCall(this.client.getModelInfo.bind(this.client), {});
+      this.lastError = '';
+      return this.info;
+    } catch (err) {
+      this.info = undefined;
+      this.lastError = (err as grpc.ServiceError).details || (err as Error).message;
+      throw err;
+    }
   }
 
   close(): void {

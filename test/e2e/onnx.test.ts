@@ -1,0 +1,105 @@
+import * as grpc from '@grpc/grpc-js';
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { InferenceClient } from '../../gen/assistant_axis/v1/inference';
+import type { LocalStack } from '../../services/cli/stack';
+import { checkHealth } from '../../services/shared/health';
+import { readSafetensors } from '../../services/shared/safetensors';
+import { FakeOpenAIServer } from '../doubles/openai-server';
+import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
+import { tinyLlama } from '../helpers/model';
+import { readAxis, readRunFiles } from '../helpers/runfiles';
+import { freePort, ROOT, testStack } from '../helpers/stack';
+
+const REQUEST = { roles: ['chef', 'poet', 'default'], questionCount: 3, minCount: 1, maxNewTokens: 16, seed: 3 };
+
+describe('end to end through the ONNX backend on a tiny llama', () => {
+  let stack: LocalStack;
+  let modelDir: string;
+  const judge = new FakeOpenAIServer();
+
+  beforeAll(async () => {
+    ({ modelDir } = await tinyLlama());
+    await judge.start();
+    ({ stack } = await testStack('onnx', {
+      args: {
+        inference: ['--backend', 'onnx', '--model-dir', modelDir],
+        judge: ['--provider', 'openai', '--base-url', judge.baseUrl],
+      },
+    }));
+    await stack.startAll();
+  });
+
+  afterAll(async () => {
+    await stack?.stopAll();
+    await judge.stop();
+  });
+
+  it('runs to an axis with the model recorded in the manifest, the same text for the same seed', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'onnx-a', ...REQUEST });
+    const a = await watchRun(client, 'onnx-a', () => undefined);
+    expect(a.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(a.backend).toBe('onnx');
+    expect(a.model).toBe('tiny-llama');
+    const files = readRunFiles(a.outputDir);
+    for (const role of REQUEST.roles) {
+      expect(files.responses[role]).toHaveLength(15);
+      // The llama template renders system messages: the instruction stays a system message.
+      const first = files.responses[role][3]; // prompt 1 (default.json's prompt 0 is empty: no system message)
+      expect(first.conversation[0].role).toBe('system');
+      expect(first.conversation[2].role).toBe('assistant');
+    }
+    const manifest = JSON.parse(fs.readFileSync(path.join(a.outputDir, 'manifest.json'), 'utf8'));
+    expect(manifest.model).toMatchObject({ backend: 'onnx', architecture: 'llama', num_layers: 4, hidden_size: 64, device: 'cpu', short_name: 'Llama' });
+    for (const h of ['graph', 'weights', 'chat_template']) expect(manifest.model.hashes[h]).toMatch(/^[0-9a-f]{64}$/);
+    expect(manifest.sampling.max_new_tokens).toBe(16);
+
+    // The axis is the mean of the default vector minus the mean of the kept role vectors.
+    const axis = (await readAxis(a.outputDir)).tensors.axis;
+    expect(axis.shape).toEqual([4, 64]);
+    const kept = a.summary!.kept.map((k) => k.role);
+    expect(kept.length).toBeGreaterThan(0);
+    const vec = async (role: string) => (await readSafetensors(path.join(a.outputDir, 'vectors', `${role}.safetensors`))).tensors.vector.data;
+    const def = await vec('default');
+    const roles = await Promise.all(kept.map(vec));
+    let worst = 0;
+    for (let i = 0; i < axis.data.length; i++) {
+      const expected = def[i] - roles.reduce((s, r) => s + r[i], 0) / roles.length;
+      worst = Math.max(worst, Math.abs(axis.data[i] - expected));
+    }
+    expect(worst).toBeLessThanOrEqual(1e-5);
+    expect(axis.data.every(Number.isFinite)).toBe(true);
+
+    await startRun(client, { name: 'onnx-b', ...REQUEST });
+    const b = await watchRun(client, 'onnx-b', () => undefined);
+    expect(readRunFiles(b.outputDir).responses).toEqual(files.responses);
+    client.close();
+  });
+});
+
+describe('an inference service whose model cannot load', () => {
+  it('stays up and not ready, and says why in GetModelInfo and its log', async () => {
+    const dir = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-nomodel-'));
+    const port = await freePort();
+    const log = path.join(dir, 'inference.log');
+    const fd = fs.openSync(log, 'w');
+    const child = spawn(process.execPath, [path.join(ROOT, 'dist/services/inference/main.js'), '--port', String(port), '--metrics-port', String(await freePort()), '--backend', 'onnx', '--model-dir', dir], { stdio: ['ignore', fd, fd] });
+    try {
+      const address = `127.0.0.1:${port}`;
+      await waitFor('the service to answer', async () => ((await checkHealth(address)) === 'NOT_SERVING' ? true : undefined), 20_000);
+      await waitFor('the load to fail', async () => (fs.readFileSync(log, 'utf8').includes('model failed to load') ? true : undefined), 20_000);
+      expect(await checkHealth(address)).toBe('NOT_SERVING');
+      const client = new InferenceClient(address, grpc.credentials.createInsecure());
+      const err = await new Promise<grpc.ServiceError>((resolve) => client.getModelInfo({}, (e) => resolve(e!)));
+      expect(err.code).toBe(grpc.status.FAILED_PRECONDITION);
+      expect(err.details).toMatch(/model not loaded: .*axis_model\.json: missing/);
+      expect(fs.readFileSync(log, 'utf8')).toMatch(/axis_model\.json: missing/);
+      client.close();
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
+});
