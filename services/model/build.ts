@@ -5,7 +5,7 @@ import { codeVersion } from '../coordinator/manifest';
 import { exists } from '../shared/files';
 import { builderFor } from './builders';
 import { CheckpointReader, readConfig } from './checkpoint';
-import { ExternalData, GraphBuilder } from './graph';
+import { ExternalData, GraphBuilder, WeightDtype } from './graph';
 
 /** Layout of a model directory, as transformers.js loads it. */
 export const MODEL_FILES = {
@@ -26,7 +26,10 @@ export interface ModelMetadata {
   num_key_value_heads: number;
   head_dim: number;
   vocab_size: number;
-  dtype: 'f32';
+  /** How weights are stored; graph inputs, outputs and arithmetic are float32 whatever it is. */
+  dtype: WeightDtype;
+  /** Layers this graph holds, [first, end): all of them unless it is one stage of a split model. */
+  layers: [number, number];
   graph: string;
   weights: string;
   inputs: string[];
@@ -40,6 +43,8 @@ export interface BuildModelOptions {
   hf: string;
   out: string;
   capture: boolean;
+  dtype?: WeightDtype;
+  layers?: [number, number];
 }
 
 /**
@@ -56,10 +61,11 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
   await fs.mkdir(path.join(tmp, 'onnx'), { recursive: true });
   try {
     const data = await ExternalData.create(path.join(tmp, MODEL_FILES.weights), path.basename(MODEL_FILES.weights));
-    const g = new GraphBuilder(data);
+    const dtype = opts.dtype ?? 'f32';
+    const g = new GraphBuilder(data, dtype);
     const builder = builderFor(config, ckpt, g);
-    log(`building ${config.model_type}: ${builder.dims.numLayers} layers, hidden ${builder.dims.hidden}, vocab ${builder.dims.vocab}`);
-    const signature = await builder.build({ capture: opts.capture });
+    log(`building ${config.model_type}: ${builder.dims.numLayers} layers${opts.layers ? ` (stage ${opts.layers[0]}:${opts.layers[1]})` : ''}, hidden ${builder.dims.hidden}, vocab ${builder.dims.vocab}, weights ${dtype}`);
+    const signature = await builder.build({ capture: opts.capture, layers: opts.layers });
     const weightsSha = await data.close();
     const graphBytes = g.encode(`${config.model_type}-decoder`, 'assistant-axis');
     await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
@@ -82,7 +88,8 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       num_key_value_heads: d.kvHeads,
       head_dim: d.headDim,
       vocab_size: d.vocab,
-      dtype: 'f32',
+      dtype,
+      layers: signature.layers,
       graph: MODEL_FILES.graph,
       weights: MODEL_FILES.weights,
       inputs: signature.inputs,

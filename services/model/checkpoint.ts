@@ -73,7 +73,44 @@ export class CheckpointReader {
     return this.entry(name).shape;
   }
 
+  /** A whole tensor as float32 (for small tensors; large ones are streamed with `chunks`). */
   async read(name: string, expectShape?: number[]): Promise<Float32Array> {
+    const e = this.check(name, expectShape);
+    const out = new Float32Array(e.shape.reduce((a, b) => a * b, 1));
+    let at = 0;
+    for await (const chunk of this.chunks(name)) {
+      out.set(chunk, at);
+      at += chunk.length;
+    }
+    return out;
+  }
+
+  /** The tensor as float32 pieces of at most `chunkElements`, read with positioned reads: memory holds one piece. */
+  async *chunks(name: string, expectShape?: number[], chunkElements = 4 * 1024 * 1024): AsyncGenerator<Float32Array> {
+    const e = this.check(name, expectShape);
+    const size = ELEMENT_BYTES[e.dtype];
+    const n = e.shape.reduce((a, b) => a * b, 1);
+    const handle = await fs.open(e.file, 'r');
+    try {
+      for (let first = 0; first < n; first += chunkElements) {
+        const count = Math.min(chunkElements, n - first);
+        const buf = Buffer.alloc(count * size);
+        const { bytesRead } = await handle.read(buf, 0, buf.length, e.start + first * size);
+        if (bytesRead !== buf.length) throw new CheckpointError(`${name}: ${path.basename(e.file)} ends before the tensor does`);
+        const out = new Float32Array(count);
+        if (e.dtype === 'F32') for (let i = 0; i < count; i++) out[i] = buf.readFloatLE(i * 4);
+        else {
+          const convert = e.dtype === 'F16' ? f16ToF32 : bf16ToF32;
+          for (let i = 0; i < count; i++) out[i] = convert(buf.readUInt16LE(i * 2));
+        }
+        yield out;
+      }
+    } finally {
+      await handle.close();
+    }
+  }
+
+  private check(name: string, expectShape?: number[]): TensorEntry {
     const e = this.entry(name);
     if (expectShape && (expectShape.length !== e.shape.length || expectShape.some((s, i) => s !== e.shape[i]))) {
       throw new CheckpointError(`${name}: shape [${e.shape}] in ${path.basename(e.file)}, expected [${expectShape}] from config.json`);
@@ -81,21 +118,8 @@ export class CheckpointReader {
     const size = ELEMENT_BYTES[e.dtype];
     if (!size) throw new CheckpointError(`${name}: dtype ${e.dtype} is not supported (F32, F16, BF16 are)`);
     const n = e.shape.reduce((a, b) => a * b, 1);
-    if ((e.end - e.start) !== n * size) throw new CheckpointError(`${name}: ${e.end - e.start} bytes for ${e.dtype} [${e.shape}]`);
-    const handle = await fs.open(e.file, 'r');
-    const buf = Buffer.alloc(e.end - e.start);
-    try {
-      await handle.read(buf, 0, buf.length, e.start);
-    } finally {
-      await handle.close();
-    }
-    const out = new Float32Array(n);
-    if (e.dtype === 'F32') for (let i = 0; i < n; i++) out[i] = buf.readFloatLE(i * 4);
-    else {
-      const convert = e.dtype === 'F16' ? f16ToF32 : bf16ToF32;
-      for (let i = 0; i < n; i++) out[i] = convert(buf.readUInt16LE(i * 2));
-    }
-    return out;
+    if (e.end - e.start !== n * size) throw new CheckpointError(`${name}: ${e.end - e.start} bytes for ${e.dtype} [${e.shape}] in ${path.basename(e.file)}`);
+    return e;
   }
 
   private entry(name: string): TensorEntry {
@@ -119,10 +143,16 @@ async function readHeader(file: string): Promise<{ dataStart: number; tensors: R
     if (n <= 0 || n > 100 * 1024 * 1024) throw new CheckpointError(`${file}: implausible safetensors header length ${n}`);
     const json = Buffer.alloc(n);
     await handle.read(json, 0, n, 8);
-    const header = JSON.parse(json.toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+    let header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+    try {
+      header = JSON.parse(json.toString('utf8'));
+    } catch (err) {
+      throw new CheckpointError(`${file}: the safetensors header is not valid JSON (${(err as Error).message})`);
+    }
     const tensors: Record<string, { dtype: string; shape: number[]; start: number; end: number }> = {};
     for (const [name, info] of Object.entries(header)) {
       if (name === '__metadata__') continue;
+      if (!info || !Array.isArray(info.shape) || !Array.isArray(info.data_offsets)) throw new CheckpointError(`${file}: header entry ${name} lacks shape or data_offsets`);
       tensors[name] = { dtype: info.dtype, shape: info.shape, start: info.data_offsets[0], end: info.data_offsets[1] };
     }
     return { dataStart: 8 + n, tensors };

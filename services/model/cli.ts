@@ -1,14 +1,20 @@
 #!/usr/bin/env node
 import { parseArgs } from 'node:util';
 import { buildModel } from './build';
+import type { WeightDtype } from './graph';
+import { writeHiddenStates } from './hidden';
 import { writeTinyCheckpoint } from './tiny';
 
 const USAGE = `usage:
   axis-model tiny --arch llama --out <checkpoint dir> [--seed N] [--merges N]
       a small random-weight Hugging Face checkpoint with a real byte-level BPE tokenizer and a chat template
-  axis-model build --hf <checkpoint dir> --out <model dir> [--no-capture]
+  axis-model build --hf <checkpoint dir> --out <model dir> [--dtype f32|f16|bf16] [--no-capture] [--layers a:b]
       the ONNX decoder graph (KV cache, per-layer hidden-state outputs, weights as external data),
-      tokenizer and generation files, and axis_model.json`;
+      tokenizer and generation files, and axis_model.json; --dtype sets how weights are stored
+      (inputs, outputs and arithmetic stay float32); --layers builds one stage of a split model
+  axis-model hidden --model <model dir> --ids 1,2,3 --out <file.safetensors>
+      one forward pass: tensor hidden_states [num_layers, seq, hidden] (each decoder block's
+      output, before the final norm) and logits [seq, vocab], float32`;
 
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
@@ -22,11 +28,25 @@ async function main(argv: string[]): Promise<void> {
     await writeTinyCheckpoint({ arch: values.arch, out: values.out, seed, merges });
     process.stdout.write(`wrote a tiny ${values.arch} checkpoint to ${values.out}\n`);
   } else if (command === 'build') {
-    const { values } = parseArgs({ args: rest, options: { hf: { type: 'string' }, out: { type: 'string' }, 'no-capture': { type: 'boolean', default: false } } });
+    const { values } = parseArgs({ args: rest, options: { hf: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string', default: 'f32' }, layers: { type: 'string' }, 'no-capture': { type: 'boolean', default: false } } });
     if (!values.hf || !values.out) throw new Error(`build needs --hf and --out\n\n${USAGE}`);
+    if (!['f32', 'f16', 'bf16'].includes(values.dtype!)) throw new Error(`--dtype must be f32, f16 or bf16, got ${values.dtype}`);
+    let layers: [number, number] | undefined;
+    if (values.layers !== undefined) {
+      const m = /^(\d+):(\d+)$/.exec(values.layers);
+      if (!m) throw new Error(`--layers must be a:b (first layer, end layer), got ${values.layers}`);
+      layers = [Number(m[1]), Number(m[2])];
+    }
     const started = Date.now();
-    const meta = await buildModel({ hf: values.hf, out: values.out, capture: !values['no-capture'] }, (m) => process.stderr.write(m + '\n'));
+    const meta = await buildModel({ hf: values.hf, out: values.out, capture: !values['no-capture'], dtype: values.dtype as WeightDtype, layers }, (m) => process.stderr.write(m + '\n'));
     process.stdout.write(`built ${meta.name} (${meta.architecture}, ${meta.num_layers} layers) into ${values.out} in ${((Date.now() - started) / 1000).toFixed(1)} s\n`);
+  } else if (command === 'hidden') {
+    const { values } = parseArgs({ args: rest, options: { model: { type: 'string' }, ids: { type: 'string' }, out: { type: 'string' } } });
+    if (!values.model || !values.ids || !values.out) throw new Error(`hidden needs --model, --ids and --out\n\n${USAGE}`);
+    const ids = values.ids.split(',').map((t) => Number(t.trim()));
+    if (ids.length === 0 || ids.some((n) => !Number.isInteger(n) || n < 0)) throw new Error(`--ids must be comma-separated token ids, got ${values.ids}`);
+    await writeHiddenStates(values.model, ids, values.out);
+    process.stdout.write(`wrote hidden_states and logits for ${ids.length} tokens to ${values.out}\n`);
   } else {
     process.stdout.write(USAGE + '\n');
     if (command !== 'help' && command !== '--help') process.exitCode = 2;

@@ -15,6 +15,7 @@ import {
   ValueInfoProto,
   ValueInfoProtoSchema,
 } from 'onnx-buf';
+import { f32ToBf16, f32ToF16 } from '../shared/tensor';
 
 export const DataType = TensorProto_DataType;
 export const OPSET = 17;
@@ -34,19 +35,19 @@ export class ExternalData {
     return new ExternalData(await fs.open(file, 'w'), location);
   }
 
-  async append(bytes: Uint8Array): Promise<{ offset: number; length: number }> {
+  /** Appends one tensor, given as consecutive pieces, at the next aligned offset. */
+  async append(pieces: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<{ offset: number; length: number }> {
     const pad = (ALIGN - (this.offset % ALIGN)) % ALIGN;
-    if (pad) {
-      const zeros = new Uint8Array(pad);
-      await this.handle.write(zeros);
-      this.hash.update(zeros);
-      this.offset += pad;
-    }
+    if (pad) await this.write(new Uint8Array(pad));
     const at = this.offset;
+    for await (const bytes of pieces) await this.write(bytes);
+    return { offset: at, length: this.offset - at };
+  }
+
+  private async write(bytes: Uint8Array): Promise<void> {
     await this.handle.write(bytes);
     this.hash.update(bytes);
     this.offset += bytes.byteLength;
-    return { offset: at, length: bytes.byteLength };
   }
 
   async close(): Promise<string> {
@@ -68,7 +69,8 @@ export class GraphBuilder {
   private counter = 0;
   private readonly constCache = new Map<string, string>();
 
-  constructor(private readonly weights: ExternalData) {}
+  /** `storage`: how weights are stored; f16 and bf16 weights are cast to float32 inside the graph, so inputs, outputs and arithmetic stay float32. */
+  constructor(private readonly weights: ExternalData, readonly storage: WeightDtype = 'f32') {}
 
   fresh(hint: string): string {
     return `${hint}/${this.counter++}`;
@@ -119,14 +121,23 @@ export class GraphBuilder {
     return name;
   }
 
-  /** A weight stored in the external data file (float32, little-endian). */
-  async weight(name: string, data: Float32Array, dims: number[]): Promise<string> {
-    const { offset, length } = await this.weights.append(littleEndianBytes(data));
+  /**
+   * A weight in the external data file, from float32 pieces (streamed from the checkpoint),
+   * stored as `storage`; returns the name of its float32 value in the graph.
+   */
+  async weight(name: string, pieces: AsyncIterable<Float32Array> | Iterable<Float32Array>, dims: number[]): Promise<string> {
+    const storage = this.storage;
+    async function* encoded() {
+      for await (const piece of pieces) yield encodeWeights(piece, storage);
+    }
+    const { offset, length } = await this.weights.append(encoded());
+    const expected = dims.reduce((a, b) => a * b, 1) * (storage === 'f32' ? 4 : 2);
+    if (length !== expected) throw new Error(`${name}: wrote ${length} bytes, expected ${expected} for [${dims}]`);
     this.initializers.push(
       create(TensorProtoSchema, {
         name,
         dims: dims.map(BigInt),
-        dataType: DataType.FLOAT,
+        dataType: STORAGE_TYPES[storage],
         dataLocation: TensorProto_DataLocation.EXTERNAL,
         externalData: [
           { key: 'location', value: this.weights.location },
@@ -135,7 +146,7 @@ export class GraphBuilder {
         ],
       }),
     );
-    return name;
+    return storage === 'f32' ? name : this.node('Cast', [name], { to: DataType.FLOAT }, `${name}/f32`);
   }
 
   encode(graphName: string, producer: string): Uint8Array {
@@ -147,6 +158,17 @@ export class GraphBuilder {
     });
     return toBinary(ModelProtoSchema, model);
   }
+}
+
+export type WeightDtype = 'f32' | 'f16' | 'bf16';
+const STORAGE_TYPES: Record<WeightDtype, TensorProto_DataType> = { f32: DataType.FLOAT, f16: DataType.FLOAT16, bf16: DataType.BFLOAT16 };
+
+function encodeWeights(data: Float32Array, storage: WeightDtype): Uint8Array {
+  if (storage === 'f32') return littleEndianBytes(data);
+  const convert = storage === 'f16' ? f32ToF16 : f32ToBf16;
+  const half = new Uint16Array(data.length);
+  for (let i = 0; i < data.length; i++) half[i] = convert(data[i]);
+  return new Uint8Array(half.buffer);
 }
 
 function littleEndianBytes(data: Float32Array): Uint8Array<ArrayBuffer> {

@@ -17,6 +17,8 @@ export class ChatTemplate {
       add_generation_prompt: addGenerationPrompt,
       bos_token: this.specials.bos_token ?? '',
       eos_token: this.specials.eos_token ?? '',
+      // Qwen 3 thinks only when asked (DESIGN.md section 1); templates without the switch ignore it.
+      enable_thinking: false,
       // raise_exception is built into @huggingface/jinja and throws, as transformers' does.
     });
   }

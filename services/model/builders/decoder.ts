@@ -15,8 +15,10 @@ export interface DecoderDims {
 }
 
 export interface BuildOptions {
-  /** Emit `hidden_states.{l}` outputs (the post-block residual stream of every layer). */
+  /** Emit `hidden_states.{l}` outputs (the post-block residual stream of every layer built). */
   capture: boolean;
+  /** Build layers [first, end) only: one stage of a model split over several devices. */
+  layers?: [number, number];
 }
 
 /** Graph input and output names: the convention of other ONNX decoder tools, plus hidden states. */
@@ -29,6 +31,7 @@ export const NAMES = {
   logits: 'logits',
   presentKey: (l: number) => `present.${l}.key`,
   presentValue: (l: number) => `present.${l}.value`,
+  /** Output of decoder block l; also the input of a stage that starts at layer l + 1. */
   hiddenState: (l: number) => `hidden_states.${l}`,
 };
 
@@ -36,24 +39,38 @@ export interface GraphSignature {
   inputs: string[];
   outputs: string[];
   hiddenStateOutputs: string[];
+  layers: [number, number];
 }
 
-/** Per-graph values every layer uses: rotary cos/sin [B, 1, S, hd] and the additive attention bias [B, 1, S, T]. */
-interface Shared {
+/** Values built once per graph and used by every layer. */
+export interface Shared {
+  /** Rotary tables [B, 1, S, headDim]. */
   cos: string;
   sin: string;
+  /** Additive attention bias [B, 1, S, T]: causal and padding. */
   bias: string;
+  /** Query and key positions, for masks an architecture adds ([S, 1] and [1, T], int64). */
+  queryPositions: string;
+  keyPositions: string;
+  /** Boolean [B, 1, S, T]: causal and not padding. */
+  allowed: string;
+  /** [B, S] as a 1-D int64 shape, for reshaping [B*S, n] back to [B, S, n]. */
+  batchAndSequence: string;
 }
 
+/** The most negative float32, as Hugging Face masks with: a fully masked row (a padding query) stays finite. */
+export const MASKED = -3.4028234663852886e38;
+
 /**
- * The decoder-only transformer every supported architecture shares (the Llama layout:
- * pre-norm RMSNorm, rotary attention with grouped KV heads, gated SiLU MLP). An architecture
- * is a subclass that overrides the few pieces that differ; this class is the Llama model.
- * Semantics follow Hugging Face's modeling code; weights are stored transposed ([in, out])
- * so every projection is one MatMul.
+ * The decoder-only transformer every supported architecture shares, written as Llama:
+ * pre-norm RMSNorm, rotary attention with grouped KV heads, gated SiLU MLP. An architecture
+ * is a subclass that overrides the pieces that differ. Semantics follow Hugging Face's
+ * modeling code. Weights keep Hugging Face's layout ([out, in]; projections are Gemm with
+ * transB) so they stream from the checkpoint to the data file without being held in memory.
  */
 export class DecoderBuilder {
   readonly dims: DecoderDims;
+  private shared!: Shared;
 
   constructor(protected readonly config: HfConfig, protected readonly ckpt: CheckpointReader, protected readonly g: GraphBuilder) {
     const heads = config.num_attention_heads;
@@ -68,16 +85,16 @@ export class DecoderBuilder {
       eps: config.rms_norm_eps,
       ropeTheta: config.rope_theta ?? 10000,
     };
-    if (!Number.isInteger(this.dims.headDim)) throw new CheckpointError(`config.json: hidden_size ${config.hidden_size} is not a multiple of num_attention_heads ${heads}`);
+    if (!Number.isInteger(this.dims.headDim)) throw new CheckpointError(`config.json: hidden_size ${config.hidden_size} is not a multiple of num_attention_heads ${heads} (and no head_dim is given)`);
     if (heads % this.dims.kvHeads !== 0) throw new CheckpointError(`config.json: num_attention_heads ${heads} is not a multiple of num_key_value_heads ${this.dims.kvHeads}`);
+    if (typeof this.dims.eps !== 'number') throw new CheckpointError('config.json: "rms_norm_eps" is missing');
   }
 
-  // ---- tensor names (Hugging Face's) ----
   protected layerPrefix(l: number): string {
     return `model.layers.${l}`;
   }
 
-  // ---- the pieces an architecture may override ----
+  // ---------- the pieces an architecture may override ----------
 
   /** Rotary inverse frequencies [headDim / 2], float32 as Hugging Face computes them. */
   protected inverseFrequencies(): Float32Array {
@@ -89,30 +106,19 @@ export class DecoderBuilder {
 
   /** Token embeddings [B, S, D]. */
   protected async embed(inputIds: string): Promise<string> {
-    const table = await this.g.weight('model.embed_tokens.weight', await this.ckpt.read('model.embed_tokens.weight', [this.dims.vocab, this.dims.hidden]), [this.dims.vocab, this.dims.hidden]);
-    return this.g.node('Gather', [table, inputIds], { axis: 0 });
+    return this.g.node('Gather', [await this.embeddingTable(), inputIds], { axis: 0 });
   }
 
-  /** RMSNorm: x / sqrt(mean(x^2) + eps) * w. */
-  protected async rmsNorm(x: string, weightName: string, size = this.dims.hidden): Promise<string> {
-    const g = this.g;
-    const w = await g.weight(weightName, await this.ckpt.read(weightName, [size]), [size]);
-    const ms = g.node('ReduceMean', [g.node('Mul', [x, x])], { axes: [-1], keepdims: 1 });
-    const rms = g.node('Sqrt', [g.node('Add', [ms, g.constFloat([this.dims.eps], [])])]);
-    return g.node('Mul', [g.node('Div', [x, rms]), w]);
+  /** RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w. */
+  protected async norm(x: string, weightName: string, size = this.dims.hidden): Promise<string> {
+    return this.g.node('Mul', [this.normalize(x), await this.param(weightName, [size])]);
   }
 
-  /** x @ W^T (+ b): a Hugging Face Linear. */
-  protected async linear(x: string, name: string, outFeatures: number, inFeatures: number, bias = false): Promise<string> {
-    const w = await this.ckpt.read(`${name}.weight`, [outFeatures, inFeatures]);
-    const wt = await this.g.weight(`${name}.weight`, transpose(w, outFeatures, inFeatures), [inFeatures, outFeatures]);
-    const y = this.g.node('MatMul', [x, wt]);
-    if (!bias) return y;
-    const b = await this.g.weight(`${name}.bias`, await this.ckpt.read(`${name}.bias`, [outFeatures]), [outFeatures]);
-    return this.g.node('Add', [y, b]);
+  protected hasQkvBias(): boolean {
+    return this.config.attention_bias === true;
   }
 
-  /** Per-head transform of queries and keys before rotary (none for Llama; Qwen 3 normalises them). */
+  /** Per-head transform of queries and keys ([B, heads, S, headDim]) before rotary: none for Llama. */
   protected async queryKeyNorm(_l: number, q: string, k: string): Promise<[string, string]> {
     return [q, k];
   }
@@ -121,16 +127,81 @@ export class DecoderBuilder {
     return 1 / Math.sqrt(this.dims.headDim);
   }
 
-  /** Extra terms on the attention scores before the mask (none for Llama). */
+  /** Extra terms on the scaled attention scores before the mask: none for Llama. */
   protected scoreTransform(_l: number, scores: string): string {
     return scores;
   }
 
-  protected hasQkvBias(): boolean {
-    return false;
+  /** The additive mask of layer l: the causal + padding mask for Llama. */
+  protected maskFor(_l: number, shared: Shared): string {
+    return shared.bias;
   }
 
-  /** Gated MLP: down(act(gate(x)) * up(x)); act is SiLU for Llama. */
+  /** The MLP's activation: SiLU for Llama. */
+  protected activation(x: string): string {
+    return this.g.node('Mul', [x, this.g.node('Sigmoid', [x])]);
+  }
+
+  /** One decoder block: residual + attention(norm(x)), then residual + mlp(norm(x)). */
+  protected async block(l: number, h: string): Promise<string> {
+    const p = this.layerPrefix(l);
+    const h1 = this.g.node('Add', [h, await this.attention(l, await this.norm(h, `${p}.input_layernorm.weight`))]);
+    return this.g.node('Add', [h1, await this.mlp(l, await this.norm(h1, `${p}.post_attention_layernorm.weight`))]);
+  }
+
+  /** A transform of the final logits: none for Llama. */
+  protected logitsTransform(logits: string): string {
+    return logits;
+  }
+
+  // ---------- helpers for subclasses ----------
+
+  /** x / sqrt(mean(x^2) + eps) over the last axis. */
+  protected normalize(x: string): string {
+    const g = this.g;
+    const ms = g.node('ReduceMean', [g.node('Mul', [x, x])], { axes: [-1], keepdims: 1 });
+    return g.node('Div', [x, g.node('Sqrt', [g.node('Add', [ms, g.constFloat([this.dims.eps], [])])])]);
+  }
+
+  /** A checkpoint tensor as a graph weight, streamed. */
+  protected param(name: string, shape: number[]): Promise<string> {
+    return this.g.weight(name, this.ckpt.chunks(name, shape), shape);
+  }
+
+  /** tanh(x / cap) * cap. */
+  protected softcap(x: string, cap: number): string {
+    const g = this.g;
+    return g.node('Mul', [g.node('Tanh', [g.node('Div', [x, g.constFloat([cap], [])])]), g.constFloat([cap], [])]);
+  }
+
+  /** x [B, S, in] times a Hugging Face Linear `name` ([out, in], optional bias) -> [B, S, out]. */
+  protected async linear(x: string, name: string, outFeatures: number, inFeatures: number, bias = false): Promise<string> {
+    const w = await this.param(`${name}.weight`, [outFeatures, inFeatures]);
+    return this.project(x, w, outFeatures, inFeatures, bias ? await this.param(`${name}.bias`, [outFeatures]) : undefined);
+  }
+
+  protected project(x: string, weight: string, outFeatures: number, inFeatures: number, bias?: string): string {
+    const g = this.g;
+    const rows = g.node('Reshape', [x, g.constInt64([-1, inFeatures])]);
+    const y = g.node('Gemm', bias ? [rows, weight, bias] : [rows, weight], { transB: 1 });
+    return g.node('Reshape', [y, g.node('Concat', [this.shared.batchAndSequence, g.constInt64([outFeatures])], { axis: 0 })]);
+  }
+
+  // ---------- shared structure ----------
+
+  private embeddingTableName: string | undefined;
+
+  /** The embedding table as a graph value, added once (the head reuses it when embeddings are tied). */
+  protected async embeddingTable(): Promise<string> {
+    this.embeddingTableName ??= await this.param('model.embed_tokens.weight', [this.dims.vocab, this.dims.hidden]);
+    return this.embeddingTableName;
+  }
+
+  protected tiedEmbeddings(): boolean {
+    return this.config.tie_word_embeddings === true || (this.config.tie_word_embeddings === undefined && !this.ckpt.has('lm_head.weight'));
+  }
+
+  /** Gated MLP: down(act(gate(x)) * up(x)). */
   protected async mlp(l: number, x: string): Promise<string> {
     const p = `${this.layerPrefix(l)}.mlp`;
     const { hidden, intermediate } = this.dims;
@@ -139,34 +210,9 @@ export class DecoderBuilder {
     return this.linear(this.g.node('Mul', [this.activation(gate), up]), `${p}.down_proj`, hidden, intermediate);
   }
 
-  protected activation(x: string): string {
-    return this.g.node('Mul', [x, this.g.node('Sigmoid', [x])]);
-  }
-
-  /** One decoder block: residual + attention(norm(x)), then residual + mlp(norm(x)). */
-  protected async block(l: number, h: string, shared: Shared): Promise<string> {
-    const p = this.layerPrefix(l);
-    const attn = await this.attention(l, await this.rmsNorm(h, `${p}.input_layernorm.weight`), shared);
-    const h1 = this.g.node('Add', [h, attn]);
-    const mlp = await this.mlp(l, await this.rmsNorm(h1, `${p}.post_attention_layernorm.weight`));
-    return this.g.node('Add', [h1, mlp]);
-  }
-
-  /** Final norm and the language-model head (tied to the embeddings when the config says so). */
-  protected async head(h: string): Promise<string> {
-    const normed = await this.rmsNorm(h, 'model.norm.weight');
-    const tied = this.config.tie_word_embeddings === true || !this.ckpt.has('lm_head.weight');
-    const name = tied ? 'model.embed_tokens' : 'lm_head';
-    const { vocab, hidden } = this.dims;
-    const w = await this.ckpt.read(`${name}.weight`, [vocab, hidden]);
-    const wt = await this.g.weight(tied ? 'lm_head.weight(tied)' : 'lm_head.weight', transpose(w, vocab, hidden), [hidden, vocab]);
-    return this.g.node('MatMul', [normed, wt]);
-  }
-
-  // ---- shared structure ----
-
-  protected async attention(l: number, x: string, shared: Shared): Promise<string> {
+  protected async attention(l: number, x: string): Promise<string> {
     const g = this.g;
+    const shared = this.shared;
     const p = `${this.layerPrefix(l)}.self_attn`;
     const { hidden, heads, kvHeads, headDim } = this.dims;
     const bias = this.hasQkvBias();
@@ -175,8 +221,8 @@ export class DecoderBuilder {
     let k = toHeads(await this.linear(x, `${p}.k_proj`, kvHeads * headDim, hidden, bias), kvHeads);
     const v = toHeads(await this.linear(x, `${p}.v_proj`, kvHeads * headDim, hidden, bias), kvHeads);
     [q, k] = await this.queryKeyNorm(l, q, k);
-    q = this.rotary(q, shared);
-    k = this.rotary(k, shared);
+    q = this.rotary(q);
+    k = this.rotary(k);
     const presentK = g.node('Concat', [NAMES.pastKey(l), k], { axis: 2 }, NAMES.presentKey(l));
     const presentV = g.node('Concat', [NAMES.pastValue(l), v], { axis: 2 }, NAMES.presentValue(l));
     const kAll = this.repeatKv(presentK);
@@ -186,11 +232,6 @@ export class DecoderBuilder {
     const probs = g.node('Softmax', [g.node('Add', [scores, this.maskFor(l, shared)])], { axis: -1 });
     const ctx = g.node('Transpose', [g.node('MatMul', [probs, vAll])], { perm: [0, 2, 1, 3] });
     return this.linear(g.node('Reshape', [ctx, g.constInt64([0, 0, heads * headDim])]), `${p}.o_proj`, hidden, heads * headDim);
-  }
-
-  /** The additive mask of layer l (the same causal + padding mask for every layer here). */
-  protected maskFor(_l: number, shared: Shared): string {
-    return shared.bias;
   }
 
   /** Grouped-query attention: each KV head serves heads / kvHeads query heads. */
@@ -203,16 +244,16 @@ export class DecoderBuilder {
   }
 
   /** x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]. */
-  private rotary(x: string, shared: Shared): string {
+  private rotary(x: string): string {
     const g = this.g;
     const half = this.dims.headDim / 2;
     const [x1, x2] = g.nodeN('Split', [x, g.constInt64([half, half])], 2, { axis: -1 });
     const rotated = g.node('Concat', [g.node('Neg', [x2]), x1], { axis: -1 });
-    return g.node('Add', [g.node('Mul', [x, shared.cos]), g.node('Mul', [rotated, shared.sin])]);
+    return g.node('Add', [g.node('Mul', [x, this.shared.cos]), g.node('Mul', [rotated, this.shared.sin])]);
   }
 
-  /** Rotary tables from position_ids, and the attention bias from attention_mask (causal and padding). */
-  protected sharedValues(): Shared {
+  /** Rotary tables from position_ids; positions and the causal + padding mask from attention_mask. */
+  private sharedValues(): Shared {
     const g = this.g;
     const pos = g.node('Unsqueeze', [g.node('Cast', [NAMES.positionIds], { to: DataType.FLOAT }), g.constInt64([2])]);
     const freqs = g.node('Mul', [pos, g.constFloat(this.inverseFrequencies())]);
@@ -220,57 +261,54 @@ export class DecoderBuilder {
     const cos = g.node('Unsqueeze', [g.node('Cos', [emb]), g.constInt64([1])]);
     const sin = g.node('Unsqueeze', [g.node('Sin', [emb]), g.constInt64([1])]);
 
-    const scalarAt = (t: string, i: number) => g.node('Gather', [g.node('Shape', [t]), g.constInt64([i], [])], { axis: 0 });
-    const S = scalarAt(NAMES.inputIds, 1);
-    const T = scalarAt(NAMES.attentionMask, 1);
+    const positionShape = g.node('Shape', [NAMES.positionIds]);
+    const S = g.node('Gather', [positionShape, g.constInt64([1], [])], { axis: 0 });
+    const T = g.node('Gather', [g.node('Shape', [NAMES.attentionMask]), g.constInt64([1], [])], { axis: 0 });
     const one = g.constInt64([1], []);
-    const keyIdx = g.node('Range', [g.constInt64([0], []), T, one]);
-    const queryIdx = g.node('Range', [g.node('Sub', [T, S]), T, one]);
-    const causal = g.node('LessOrEqual', [g.node('Unsqueeze', [keyIdx, g.constInt64([0])]), g.node('Unsqueeze', [queryIdx, g.constInt64([1])])]);
+    const keyPositions = g.node('Unsqueeze', [g.node('Range', [g.constInt64([0], []), T, one]), g.constInt64([0])]);
+    const queryPositions = g.node('Unsqueeze', [g.node('Range', [g.node('Sub', [T, S]), T, one]), g.constInt64([1])]);
+    const causal = g.node('LessOrEqual', [keyPositions, queryPositions]);
     const notPadding = g.node('Unsqueeze', [g.node('Equal', [NAMES.attentionMask, g.constInt64([1], [])]), g.constInt64([1, 2])]);
     const allowed = g.node('And', [causal, notPadding]);
-    // The most negative float32, as Hugging Face uses: a fully masked row (a padding query) stays finite.
-    const bias = g.node('Where', [allowed, g.constFloat([0], []), g.constFloat([-3.4028234663852886e38], [])]);
-    return { cos, sin, bias };
+    const bias = g.node('Where', [allowed, g.constFloat([0], []), g.constFloat([MASKED], [])]);
+    return { cos, sin, bias, queryPositions, keyPositions, allowed, batchAndSequence: positionShape };
   }
 
-  /** Declares the inputs, builds every block and the head, declares the outputs. */
+  /** Declares the inputs, builds the blocks (and, in the last stage, the head), declares the outputs. */
   async build(opts: BuildOptions): Promise<GraphSignature> {
     const g = this.g;
     const { numLayers, kvHeads, headDim, hidden, vocab } = this.dims;
-    g.input(NAMES.inputIds, DataType.INT64, ['batch_size', 'sequence_length']);
+    const [first, end] = opts.layers ?? [0, numLayers];
+    if (!(Number.isInteger(first) && Number.isInteger(end) && first >= 0 && first < end && end <= numLayers)) {
+      throw new CheckpointError(`--layers: ${first}:${end} is not a range within the model's ${numLayers} layers`);
+    }
+    const h0 = first === 0 ? g.input(NAMES.inputIds, DataType.INT64, ['batch_size', 'sequence_length']) : g.input(NAMES.hiddenState(first - 1), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
     g.input(NAMES.attentionMask, DataType.INT64, ['batch_size', 'total_sequence_length']);
     g.input(NAMES.positionIds, DataType.INT64, ['batch_size', 'sequence_length']);
-    for (let l = 0; l < numLayers; l++) {
+    for (let l = first; l < end; l++) {
       g.input(NAMES.pastKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
       g.input(NAMES.pastValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
     }
-    const shared = this.sharedValues();
-    let h = await this.embed(NAMES.inputIds);
+    this.shared = this.sharedValues();
+    let h = first === 0 ? await this.embed(h0) : h0;
     const hiddenStateOutputs: string[] = [];
-    for (let l = 0; l < numLayers; l++) {
-      h = await this.block(l, h, shared);
-      if (opts.capture) {
+    for (let l = first; l < end; l++) {
+      h = await this.block(l, h);
+      // A stage that is not the last hands its last hidden state on, capture or not.
+      if (opts.capture || (l === end - 1 && end < numLayers)) {
         g.output(h, NAMES.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
-        hiddenStateOutputs.push(NAMES.hiddenState(l));
+        if (opts.capture) hiddenStateOutputs.push(NAMES.hiddenState(l));
       }
     }
-    g.output(await this.head(h), NAMES.logits, DataType.FLOAT, ['batch_size', 'sequence_length', vocab]);
-    for (let l = 0; l < numLayers; l++) {
+    if (end === numLayers) {
+      const normed = await this.norm(h, 'model.norm.weight');
+      const weight = this.tiedEmbeddings() ? await this.embeddingTable() : await this.param('lm_head.weight', [vocab, hidden]);
+      g.output(this.logitsTransform(this.project(normed, weight, vocab, hidden)), NAMES.logits, DataType.FLOAT, ['batch_size', 'sequence_length', vocab]);
+    }
+    for (let l = first; l < end; l++) {
       g.output(NAMES.presentKey(l), NAMES.presentKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
       g.output(NAMES.presentValue(l), NAMES.presentValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
     }
-    return {
-      inputs: g.inputs.map((v) => v.name),
-      outputs: g.outputs.map((v) => v.name),
-      hiddenStateOutputs,
-    };
+    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end] };
   }
-}
-
-/** [rows, cols] -> [cols, rows]. */
-export function transpose(w: Float32Array, rows: number, cols: number): Float32Array {
-  const out = new Float32Array(w.length);
-  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = w[r * cols + c];
-  return out;
 }
