@@ -6,7 +6,7 @@ import { writeHiddenStates } from './hidden';
 import { writeTinyCheckpoint } from './tiny';
 
 const USAGE = `usage:
-  axis-model tiny --arch llama --out <checkpoint dir> [--seed N] [--merges N]
+  axis-model tiny --arch llama|qwen2|qwen3|gemma2 --out <checkpoint dir> [--seed N] [--merges N]
       a small random-weight Hugging Face checkpoint with a real byte-level BPE tokenizer and a chat template
   axis-model build --hf <checkpoint dir> --out <model dir> [--dtype f32|f16|bf16] [--no-capture] [--layers a:b]
       the ONNX decoder graph (KV cache, per-layer hidden-state outputs, weights as external data),

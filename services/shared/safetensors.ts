@@ -1,20 +1,23 @@
 import { promises as fs } from 'node:fs';
-import { littleEndianF32, FloatTensor } from './tensor';
+import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, littleEndianF32, FloatTensor } from './tensor';
+
+export type SafetensorsDtype = 'F32' | 'F16' | 'BF16';
 import { writeFileAtomic } from './files';
 
 /**
  * The safetensors format (what `safetensors.torch.load_file` reads): an 8-byte little-endian
  * header length, a JSON header (tensor name -> dtype, shape, byte offsets; `__metadata__` of
- * string values), then the raw little-endian data. Only F32 is written: vectors and axes are f32.
+ * string values), then the raw little-endian data. Vectors and axes are written as F32;
+ * `dtype` stores every tensor as F16 or BF16 instead (for checkpoints).
  */
-export function encodeSafetensors(tensors: Record<string, FloatTensor>, metadata: Record<string, string> = {}): Buffer {
+export function encodeSafetensors(tensors: Record<string, FloatTensor>, metadata: Record<string, string> = {}, dtype: SafetensorsDtype = 'F32'): Buffer {
   const header: Record<string, unknown> = {};
   if (Object.keys(metadata).length) header.__metadata__ = metadata;
   let offset = 0;
   const parts: Uint8Array[] = [];
   for (const [name, t] of Object.entries(tensors)) {
-    const bytes = littleEndianF32(t.data);
-    header[name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + bytes.byteLength] };
+    const bytes = dtype === 'F32' ? littleEndianF32(t.data) : halfBytes(t.data, dtype === 'F16' ? f32ToF16 : f32ToBf16);
+    header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes.byteLength] };
     offset += bytes.byteLength;
     parts.push(bytes);
   }
@@ -40,11 +43,19 @@ export function decodeSafetensors(buf: Buffer, file = 'safetensors'): Safetensor
   const tensors: Record<string, FloatTensor> = {};
   for (const [name, info] of Object.entries(header)) {
     if (name === '__metadata__') continue;
-    if (info.dtype !== 'F32') throw new Error(`${file}: tensor ${name} has dtype ${info.dtype}; only F32 is read`);
     const [start, end] = info.data_offsets as [number, number];
     const bytes = buf.subarray(base + start, base + end);
-    const data = new Float32Array(bytes.length / 4);
-    for (let i = 0; i < data.length; i++) data[i] = bytes.readFloatLE(i * 4);
+    let data: Float32Array;
+    if (info.dtype === 'F32') {
+      data = new Float32Array(bytes.length / 4);
+      for (let i = 0; i < data.length; i++) data[i] = bytes.readFloatLE(i * 4);
+    } else if (info.dtype === 'F16' || info.dtype === 'BF16') {
+      const convert = info.dtype === 'F16' ? f16ToF32 : bf16ToF32;
+      data = new Float32Array(bytes.length / 2);
+      for (let i = 0; i < data.length; i++) data[i] = convert(bytes.readUInt16LE(i * 2));
+    } else {
+      throw new Error(`${file}: tensor ${name} has dtype ${info.dtype}; F32, F16 and BF16 are read`);
+    }
     tensors[name] = { shape: info.shape, data };
   }
   return { tensors, metadata: header.__metadata__ ?? {} };
@@ -56,4 +67,11 @@ export async function writeSafetensors(path: string, tensors: Record<string, Flo
 
 export async function readSafetensors(path: string): Promise<SafetensorsFile> {
   return decodeSafetensors(await fs.readFile(path), path);
+}
+
+function halfBytes(data: Float32Array, convert: (x: number) => number): Uint8Array {
+  const out = new Uint8Array(data.length * 2);
+  const view = new DataView(out.buffer);
+  for (let i = 0; i < data.length; i++) view.setUint16(i * 2, convert(data[i]), true);
+  return out;
 }

@@ -6,7 +6,7 @@ import { extractFromIds, generateOne } from '../../services/inference/onnx/gener
 import { LoadedModel } from '../../services/inference/onnx/model';
 import { NAMES } from '../../services/model/builders/decoder';
 import { tinyLlama, variant } from '../helpers/model';
-import { llamaForward, relativeError } from '../reference/llamaForward';
+import { referenceForward as llamaForward, relativeError } from '../reference/forward';
 
 const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 12, maxContext: 2048, seed: 0 };
 const messages = [
