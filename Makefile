@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs
+.PHONY: install build demo test test-long up down clean lint docs bench-build
 
 install: $(NODE_MODULES)
 
@@ -15,7 +15,7 @@ $(NODE_MODULES): package.json package-lock.json
 
 build: $(BUILD_STAMP)
 
-$(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services -name '*.proto' -o -name '*.ts' 2>/dev/null) buf.gen.yaml tsconfig.json
+$(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services bench -name '*.proto' -o -name '*.ts' 2>/dev/null) buf.gen.yaml tsconfig.json
 	rm -rf gen
 	npx buf generate
 	npx buf build -o gen/descriptors.binpb
@@ -33,6 +33,10 @@ test: build
 
 test-long: build
 	AXIS_TEST_LONG=1 npx jest --runInBand
+
+# Peak memory of axis-model build on a random 3.4 GB checkpoint (needs about 7 GB of free disk).
+bench-build: build
+	node dist/bench/build-memory.js
 
 up: build
 	node dist/services/cli/up.js
