@@ -59,14 +59,17 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
   const ckpt = await CheckpointReader.open(opts.hf);
   const tmp = `${opts.out.replace(/\/+$/, '')}.building-${randomBytes(4).toString('hex')}`;
   await fs.mkdir(path.join(tmp, 'onnx'), { recursive: true });
+  let data: ExternalData | undefined;
+  let closed = false;
   try {
-    const data = await ExternalData.create(path.join(tmp, MODEL_FILES.weights), path.basename(MODEL_FILES.weights));
+    data = await ExternalData.create(path.join(tmp, MODEL_FILES.weights), path.basename(MODEL_FILES.weights));
     const dtype = opts.dtype ?? 'f32';
     const g = new GraphBuilder(data, dtype);
     const builder = builderFor(config, ckpt, g);
     log(`building ${config.model_type}: ${builder.dims.numLayers} layers${opts.layers ? ` (stage ${opts.layers[0]}:${opts.layers[1]})` : ''}, hidden ${builder.dims.hidden}, vocab ${builder.dims.vocab}, weights ${dtype}`);
     const signature = await builder.build({ capture: opts.capture, layers: opts.layers });
     const weightsSha = await data.close();
+    closed = true;
     const graphBytes = g.encode(`${config.model_type}-decoder`, 'assistant-axis');
     await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
 
@@ -102,6 +105,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
     await fs.rename(tmp, opts.out);
     return metadata;
   } catch (err) {
+    if (data && !closed) await data.abort();
     await fs.rm(tmp, { recursive: true, force: true });
     throw err;
   }

@@ -50,6 +50,11 @@ export class ExternalData {
     this.offset += bytes.byteLength;
   }
 
+  /** Closes the file after a failed build (the caller removes it). */
+  async abort(): Promise<void> {
+    await this.handle.close().catch(() => undefined);
+  }
+
   async close(): Promise<string> {
     await this.handle.sync();
     await this.handle.close();
