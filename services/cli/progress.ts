@@ -14,7 +14,8 @@ export class ProgressBar {
     const filled = Math.round(frac * width);
     const bar = '#'.repeat(filled) + '-'.repeat(width - filled);
     const eta = p.etaSeconds > 0 && frac < 1 ? ` eta ${formatSeconds(p.etaSeconds)}` : '';
-    const line = `[${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ${p.aggregated}/${p.itemsTotal} items | generated ${p.generated} judged ${p.judged}/${p.toJudge} | roles written ${p.rolesWritten}/${p.rolesTotal} | ${p.itemsPerSecond.toFixed(1)} items/s${eta} | ${stateName(run.state)}`;
+    const cost = p.judgeCostUsd > 0 ? ` $${p.judgeCostUsd.toFixed(4)}` : '';
+    const line = `[${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ${p.aggregated}/${p.itemsTotal} items | generated ${p.generated} judged ${p.judged}/${p.toJudge}${cost} | roles written ${p.rolesWritten}/${p.rolesTotal} | ${p.itemsPerSecond.toFixed(1)} items/s${eta} | ${stateName(run.state)}`;
     if (this.out.isTTY) {
       this.out.write(`\r${line.slice(0, (this.out.columns || 160) - 1)}\x1b[K`);
     } else {
@@ -44,6 +45,8 @@ export function formatSummary(run: Run): string {
   lines.push(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}`);
   lines.push(`  model ${run.model}, inference backend: ${run.backend}`);
   lines.push(`  judge: ${run.judge}`);
+  const p = run.progress;
+  if (p && p.judged > 0) lines.push(`  judge usage: ${p.judged} items judged (${p.judgeUnscored} without a usable score), ${p.judgePromptTokens} prompt + ${p.judgeCompletionTokens} completion tokens, $${p.judgeCostUsd.toFixed(4)}${p.judgePossiblyBilledTokens ? `, ${p.judgePossiblyBilledTokens} tokens in calls that timed out (possibly billed)` : ''}`);
   lines.push(`  output: ${run.outputDir}`);
   if (run.error) lines.push(`  error: ${run.error}`);
   if (!s) return lines.join('\n');

@@ -17,9 +17,23 @@ export interface RunSpec {
   seed: number;
   layers: number[];
   dataHash: string;
+  /** Judge spending cap in USD (not part of a run's identity: raising it resumes a paused run). */
+  maxJudgeCostUsd?: number;
 }
 
-export type RunStateName = 'PENDING' | 'RUNNING' | 'COMPUTING' | 'SUCCEEDED' | 'FAILED' | 'CANCELLED';
+/** Spec fields that may change between StartRun calls of the same run. */
+export const ADJUSTABLE_SPEC_FIELDS: (keyof RunSpec)[] = ['maxJudgeCostUsd'];
+
+/** What the judge reported for one item, all attempts. */
+export interface JudgeUsage {
+  attempts: number;
+  promptTokens: number;
+  completionTokens: number;
+  costUsd: number;
+  possiblyBilledTokens: number;
+}
+
+export type RunStateName = 'PENDING' | 'RUNNING' | 'COMPUTING' | 'SUCCEEDED' | 'FAILED' | 'CANCELLED' | 'PAUSED';
 
 export interface RunRow {
   name: string;
@@ -49,6 +63,7 @@ export interface ItemRow {
   score: number | null;
   rawReply: string;
   scoreAcked: boolean;
+  judgeUsage: JudgeUsage;
 }
 
 /**
@@ -79,6 +94,24 @@ export class Ledger {
       CREATE TABLE IF NOT EXISTS roles (
         run TEXT NOT NULL, role TEXT NOT NULL, written INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role));
     `);
+    // Columns added after the first version: added in place to ledgers written before them.
+    this.ensureColumns('items', {
+      judge_attempts: 'INTEGER NOT NULL DEFAULT 0',
+      judge_prompt_tokens: 'INTEGER NOT NULL DEFAULT 0',
+      judge_completion_tokens: 'INTEGER NOT NULL DEFAULT 0',
+      judge_cost_usd: 'REAL NOT NULL DEFAULT 0',
+      judge_possibly_billed_tokens: 'INTEGER NOT NULL DEFAULT 0',
+    });
+  }
+
+  private ensureColumns(table: string, columns: Record<string, string>): void {
+    const have = new Set((this.db.prepare(`PRAGMA table_info(${table})`).all() as { name: string }[]).map((c) => c.name));
+    for (const [name, type] of Object.entries(columns)) if (!have.has(name)) this.db.exec(`ALTER TABLE ${table} ADD COLUMN ${name} ${type}`);
+  }
+
+  /** Replaces the stored spec (only ADJUSTABLE_SPEC_FIELDS may differ; the caller checks). */
+  updateSpec(spec: RunSpec): void {
+    this.db.prepare('UPDATE runs SET spec = ? WHERE name = ?').run(JSON.stringify(spec), spec.name);
   }
 
   close(): void {
@@ -114,7 +147,7 @@ export class Ledger {
       .run(
         state,
         fields.error ?? (state === 'FAILED' ? run.error : ''),
-        fields.finishedAt ?? (state === 'SUCCEEDED' || state === 'FAILED' || state === 'CANCELLED' ? run.finishedAt : ''),
+        fields.finishedAt ?? (state === 'SUCCEEDED' || state === 'FAILED' || state === 'CANCELLED' || state === 'PAUSED' ? run.finishedAt : ''),
         fields.summary !== undefined ? JSON.stringify(fields.summary) : run.summary === undefined ? null : JSON.stringify(run.summary),
         fields.backend ?? run.backend,
         fields.judge ?? run.judge,
@@ -153,8 +186,24 @@ export class Ledger {
     this.db.prepare('UPDATE items SET activation_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
   }
 
-  saveScore(run: string, role: string, key: string, score: number | null, rawReply: string): void {
-    this.db.prepare('UPDATE items SET judged = 1, score = ?, raw_reply = ? WHERE run = ? AND role = ? AND key = ?').run(score, rawReply, run, role, key);
+  saveScore(run: string, role: string, key: string, score: number | null, rawReply: string, usage: JudgeUsage): void {
+    this.db
+      .prepare(
+        `UPDATE items SET judged = 1, score = ?, raw_reply = ?, judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?,
+         judge_completion_tokens = judge_completion_tokens + ?, judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ?
+         WHERE run = ? AND role = ? AND key = ?`,
+      )
+      .run(score, rawReply, usage.attempts, usage.promptTokens, usage.completionTokens, usage.costUsd, usage.possiblyBilledTokens, run, role, key);
+  }
+
+  /** Judge spending on an item whose scoring failed (the calls were still made and may be billed). */
+  addJudgeUsage(run: string, role: string, key: string, usage: JudgeUsage): void {
+    this.db
+      .prepare(
+        `UPDATE items SET judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?, judge_completion_tokens = judge_completion_tokens + ?,
+         judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ? WHERE run = ? AND role = ? AND key = ?`,
+      )
+      .run(usage.attempts, usage.promptTokens, usage.completionTokens, usage.costUsd, usage.possiblyBilledTokens, run, role, key);
   }
 
   ackScore(run: string, role: string, key: string): void {
@@ -200,5 +249,12 @@ function toItemRow(r: Record<string, any>): ItemRow {
     score: r.score,
     rawReply: r.raw_reply,
     scoreAcked: !!r.score_acked,
+    judgeUsage: {
+      attempts: r.judge_attempts ?? 0,
+      promptTokens: r.judge_prompt_tokens ?? 0,
+      completionTokens: r.judge_completion_tokens ?? 0,
+      costUsd: r.judge_cost_usd ?? 0,
+      possiblyBilledTokens: r.judge_possibly_billed_tokens ?? 0,
+    },
   };
 }

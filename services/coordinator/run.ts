@@ -11,7 +11,8 @@ import { writeSafetensors } from '../shared/safetensors';
 import { decodeTensor } from '../shared/tensor';
 import { buildConversation } from './conversation';
 import type { DataSet, Role } from './data';
-import type { ItemRow, Ledger, RunSpec } from './ledger';
+import type { ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import type { ItemRow, JudgeUsage, Ledger, RunSpec } from './ledger';
 import { manifest } from './manifest';
 import { responseRecord, writeRoleFiles } from './runFiles';
 import { ingestId, InferenceReplica, Upstreams } from './upstreams';
@@ -27,7 +28,15 @@ export interface Progress {
   skipped: number;
   itemsPerSecond: number;
   etaSeconds: number;
+  judgeCostUsd: number;
+  judgePromptTokens: number;
+  judgeCompletionTokens: number;
+  judgePossiblyBilledTokens: number;
+  judgeUnscored: number;
 }
+
+/** How an execution ended, when it did not fail. */
+export type RunOutcome = { kind: 'succeeded'; summary: RunSummary } | { kind: 'cancelled' } | { kind: 'paused'; reason: string };
 
 export interface RunSummary {
   kept: { role: string; count: number }[];
@@ -40,6 +49,9 @@ export interface RunSummary {
 
 /** A failure of the whole run (as opposed to a stream hiccup that is retried). */
 export class RunFailure extends Error {}
+
+/** The judge spending cap is reached: the run stops taking items and pauses. */
+class SpendingCapReached extends Error {}
 
 const RETRY_ATTEMPTS = 8;
 const JUDGE_BACKLOG_PER_SLOT = 4;
@@ -60,6 +72,7 @@ export function itemSeed(runSeed: number, role: string, key: string): number {
 export class RunExecutor {
   readonly progress: Progress;
   private cancelled = false;
+  private paused: string | undefined;
   private failure: Error | undefined;
   private wake: (() => void)[] = [];
   private genInFlight = 0;
@@ -85,7 +98,7 @@ export class RunExecutor {
   ) {
     this.rolesByName = new Map(data.roles.map((r) => [r.name, r]));
     this.judgeSlots = new Limiter(judgeConcurrency);
-    this.progress = { itemsTotal: 0, generated: 0, judged: 0, toJudge: 0, aggregated: 0, rolesTotal: data.roles.length, rolesWritten: 0, skipped: 0, itemsPerSecond: 0, etaSeconds: 0 };
+    this.progress = emptyProgress(data.roles.length);
   }
 
   cancel(): void {
@@ -97,8 +110,8 @@ export class RunExecutor {
     return this.cancelled;
   }
 
-  /** Runs to the end; throws RunFailure (or a gRPC error from aggregation) when the run fails. */
-  async execute(): Promise<RunSummary | undefined> {
+  /** Runs to the end, a cancel or the spending cap; throws RunFailure (or a gRPC error from aggregation) when the run fails. */
+  async execute(): Promise<RunOutcome> {
     const replicas = this.replicasForModel();
     this.modelInfo = replicas[0].info!;
     await this.reconcileAggregation();
@@ -106,7 +119,8 @@ export class RunExecutor {
     for (let round = 1; ; round++) {
       await this.processPending(replicas, round === 1);
       if (this.failure) throw this.failure;
-      if (this.cancelled) return undefined;
+      if (this.paused) return { kind: 'paused', reason: this.paused };
+      if (this.cancelled) return { kind: 'cancelled' };
       // Aggregation keeps its sums in memory: if it restarted during the run, what it lost is sent again.
       const state = await this.retrying('aggregation run state', () => this.upstreams.aggregation.runState(this.spec.name));
       if (state.activations >= this.progress.itemsTotal && state.scores >= this.progress.toJudge) break;
@@ -114,7 +128,7 @@ export class RunExecutor {
       this.log.warn({ activations: state.activations, scores: state.scores }, 'aggregation lost part of this run: re-sending activations (by Extract) and scores');
       this.ledger.resetAcks(this.spec.name);
     }
-    return this.computeAndWrite();
+    return { kind: 'succeeded', summary: await this.computeAndWrite() };
   }
 
   /** One pass over every item that is not done yet, in ledger order (role by role). */
@@ -122,12 +136,14 @@ export class RunExecutor {
     const items = this.ledger.items(this.spec.name);
     const written = (this.written = this.ledger.writtenRoles(this.spec.name));
     const p = this.progress;
-    Object.assign(p, { itemsTotal: items.length, generated: 0, judged: 0, toJudge: 0, aggregated: 0, rolesWritten: written.size });
+    Object.assign(p, { ...emptyProgress(p.rolesTotal), skipped: p.skipped, itemsTotal: items.length, rolesWritten: written.size });
     this.remaining.clear();
     for (const it of items) {
       if (!isDefaultRole(it.role)) p.toJudge++;
       if (it.text !== null) p.generated++;
       if (it.judged) p.judged++;
+      if (it.judged && it.score === null) p.judgeUnscored++;
+      this.addUsage(it.judgeUsage);
       if (this.isDone(it)) p.aggregated++;
       else this.remaining.set(it.role, (this.remaining.get(it.role) ?? 0) + 1);
     }
@@ -143,11 +159,11 @@ export class RunExecutor {
     const active = new Set<Promise<void>>();
     for (const item of items) {
       if (this.isDone(item)) continue;
-      while (!this.cancelled && !this.failure && (this.genInFlight >= capacity || this.judgeBacklog >= maxJudgeBacklog)) await this.waitForChange();
-      if (this.cancelled || this.failure) break;
+      while (!this.stopping() && (this.genInFlight >= capacity || this.judgeBacklog >= maxJudgeBacklog)) await this.waitForChange();
+      if (this.stopping()) break;
       const task: Promise<void> = this.processItem(item, replicas).then(
         () => undefined,
-        (err) => this.fail(err),
+        (err) => (err instanceof SpendingCapReached ? this.pause(err.message) : this.fail(err)),
       );
       active.add(task);
       task.finally(() => active.delete(task));
@@ -155,6 +171,32 @@ export class RunExecutor {
       await Promise.resolve();
     }
     await Promise.all([...active]);
+  }
+
+  private stopping(): boolean {
+    return this.cancelled || !!this.failure || !!this.paused;
+  }
+
+  private pause(reason: string): void {
+    if (!this.paused) this.log.warn({ reason }, 'run pausing');
+    this.paused ??= reason;
+    this.notify();
+  }
+
+  private addUsage(u: JudgeUsage): void {
+    const p = this.progress;
+    p.judgeCostUsd += u.costUsd;
+    p.judgePromptTokens += u.promptTokens;
+    p.judgeCompletionTokens += u.completionTokens;
+    p.judgePossiblyBilledTokens += u.possiblyBilledTokens;
+  }
+
+  /** Throws SpendingCapReached when the run has spent its judge budget. */
+  private checkSpendingCap(): void {
+    const cap = this.spec.maxJudgeCostUsd;
+    if (cap !== undefined && this.progress.judgeCostUsd >= cap) {
+      throw new SpendingCapReached(`judge spending cap reached: $${this.progress.judgeCostUsd.toFixed(4)} spent of $${cap.toFixed(4)}; StartRun with the same request and a higher maxJudgeCostUsd resumes the run`);
+    }
   }
 
   private isDone(it: ItemRow): boolean {
@@ -260,8 +302,15 @@ export class RunExecutor {
         try {
           result = await this.judgeSlots.run(() =>
             this.retrying(`judge ${id}`, async () => {
+              this.checkSpendingCap();
               const r = await this.upstreams.judge.score.send(id, { itemId: id, role: item.role, evalPrompt: this.rolesByName.get(item.role)!.evalPrompt!, question, answer: item.text! });
-              if (r.error) throw new RetryableError(`judge failed for item ${id}: ${r.error.message}`);
+              if (r.error) {
+                // The calls were made (and may be billed) even though they failed.
+                const usage = judgeUsage(r);
+                this.ledger.addJudgeUsage(run, item.role, item.key, usage);
+                this.addUsage(usage);
+                checkItemError(r.error, `judge failed for item ${id}`);
+              }
               return r;
             }),
           );
@@ -269,10 +318,13 @@ export class RunExecutor {
           this.judgeBacklog--;
           this.notify();
         }
-        this.ledger.saveScore(run, item.role, item.key, result.score ?? null, result.rawReply);
+        const usage = judgeUsage(result);
+        this.ledger.saveScore(run, item.role, item.key, result.score ?? null, result.rawReply, usage);
+        this.addUsage(usage);
         item.judged = true;
         item.score = result.score ?? null;
         this.progress.judged++;
+        if (item.score === null) this.progress.judgeUnscored++;
       }
       if (!item.scoreAcked) {
         await this.ingest(item, { $case: 'score', value: { score: item.score ?? undefined } });
@@ -321,8 +373,8 @@ export class RunExecutor {
       try {
         return await fn();
       } catch (err) {
-        if (err instanceof RunFailure || this.cancelled || attempt >= RETRY_ATTEMPTS) {
-          throw err instanceof RunFailure ? err : new RunFailure(`${what}: ${(err as Error).message} (after ${attempt} attempts)`);
+        if (err instanceof RunFailure || err instanceof SpendingCapReached || this.cancelled || attempt >= RETRY_ATTEMPTS) {
+          throw err instanceof RunFailure || err instanceof SpendingCapReached ? err : new RunFailure(`${what}: ${(err as Error).message} (after ${attempt} attempts)`);
         }
         const delay = Math.min(5000, 100 * 2 ** attempt) * (0.5 + Math.random() / 2);
         this.log.warn({ what, attempt, err: (err as Error).message }, 'retrying');
@@ -368,6 +420,30 @@ export class RunExecutor {
 }
 
 class RetryableError extends Error {}
+
+export function emptyProgress(rolesTotal: number): Progress {
+  return {
+    itemsTotal: 0,
+    generated: 0,
+    judged: 0,
+    toJudge: 0,
+    aggregated: 0,
+    rolesTotal,
+    rolesWritten: 0,
+    skipped: 0,
+    itemsPerSecond: 0,
+    etaSeconds: 0,
+    judgeCostUsd: 0,
+    judgePromptTokens: 0,
+    judgeCompletionTokens: 0,
+    judgePossiblyBilledTokens: 0,
+    judgeUnscored: 0,
+  };
+}
+
+function judgeUsage(r: ScoreResult): JudgeUsage {
+  return { attempts: r.attempts, promptTokens: r.promptTokens, completionTokens: r.completionTokens, costUsd: r.costUsd, possiblyBilledTokens: r.possiblyBilledTokens };
+}
 
 function checkItemError(error: { code: number; message: string } | undefined, what: string): void {
   if (!error) return;

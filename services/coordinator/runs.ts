@@ -2,13 +2,15 @@ import * as grpc from '@grpc/grpc-js';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
-import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING } from '../shared/defaults';
+import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING, JUDGE_MAX_TOKENS } from '../shared/defaults';
 import type { Logger } from '../shared/logger';
 import { isDefaultRole, itemKey, nameProblem } from '../shared/names';
 import { failedPrecondition, invalidArgument, notFound, RpcError } from '../shared/rpc';
 import { DataSet, loadDataSet } from './data';
-import { Ledger, RunRow, RunSpec, RunStateName } from './ledger';
-import { Progress, RunExecutor, RunSummary } from './run';
+import { ADJUSTABLE_SPEC_FIELDS, Ledger, RunRow, RunSpec, RunStateName } from './ledger';
+import { estimateTokens } from '../judge/costs';
+import { judgePrompt } from '../judge/prompt';
+import { emptyProgress, Progress, RunExecutor, RunOutcome, RunSummary } from './run';
 import type { Upstreams } from './upstreams';
 
 export interface RunManagerOptions {
@@ -19,7 +21,8 @@ export interface RunManagerOptions {
 
 type Listener = () => void;
 
-const TERMINAL: RunStateName[] = ['SUCCEEDED', 'FAILED', 'CANCELLED'];
+/** States in which nothing runs: resumed only by StartRun (PAUSED: the spending cap). */
+const TERMINAL: RunStateName[] = ['SUCCEEDED', 'FAILED', 'CANCELLED', 'PAUSED'];
 
 /**
  * Runs, independent of gRPC: validation of StartRun, the ledger, one executor per active run,
@@ -52,11 +55,17 @@ export class RunManager {
 
   async start(req: StartRunRequest): Promise<Run> {
     const { spec, data } = await this.resolveSpec(req);
+    if (req.dryRun) return this.dryRun(spec, data);
     const existing = this.ledger.getRun(spec.name);
     if (existing) {
-      const differs = Object.keys(spec).filter((k) => JSON.stringify(spec[k as keyof RunSpec]) !== JSON.stringify(existing.spec[k as keyof RunSpec]));
+      const keys = new Set([...Object.keys(spec), ...Object.keys(existing.spec)] as (keyof RunSpec)[]);
+      const differs = [...keys].filter((k) => !ADJUSTABLE_SPEC_FIELDS.includes(k) && JSON.stringify(spec[k]) !== JSON.stringify(existing.spec[k]));
       if (differs.length) {
         throw new RpcError(grpc.status.ALREADY_EXISTS, `name: run ${JSON.stringify(spec.name)} already exists with other parameters (${differs.join(', ')}); choose another name`);
+      }
+      if (ADJUSTABLE_SPEC_FIELDS.some((k) => JSON.stringify(spec[k]) !== JSON.stringify(existing.spec[k]))) {
+        if (this.executors.has(spec.name)) throw failedPrecondition('max_judge_cost_usd: the run is running; cancel it or wait for it to pause before changing its cap');
+        this.ledger.updateSpec(spec);
       }
       if (existing.state === 'SUCCEEDED') {
         this.messages.set(spec.name, 'already complete: nothing to do, no work done again');
@@ -67,7 +76,7 @@ export class RunManager {
         return this.view(spec.name);
       }
       this.messages.set(spec.name, `resumed from the ledger (was ${existing.state})`);
-      await this.launch(existing.spec);
+      await this.launch(this.ledger.getRun(spec.name)!.spec);
       return this.view(spec.name);
     }
     const runDir = this.runDir(spec.name);
@@ -164,14 +173,17 @@ export class RunManager {
       this.lastProgress.set(spec.name, executor.progress);
     };
     const execution = executor.execute().then(
-      (summary: RunSummary | undefined) => {
+      (outcome: RunOutcome) => {
         finish();
         const finishedAt = new Date().toISOString();
-        if (!summary && this.draining) {
-          this.log.info({ run: spec.name }, 'run paused for shutdown; it resumes when the coordinator starts again');
-        } else if (summary) {
-          this.ledger.setRunState(spec.name, 'SUCCEEDED', { summary, finishedAt });
+        if (outcome.kind === 'succeeded') {
+          this.ledger.setRunState(spec.name, 'SUCCEEDED', { summary: outcome.summary, finishedAt });
           this.messages.set(spec.name, 'complete');
+        } else if (outcome.kind === 'paused') {
+          this.ledger.setRunState(spec.name, 'PAUSED', { finishedAt });
+          this.messages.set(spec.name, `paused: ${outcome.reason}`);
+        } else if (this.draining) {
+          this.log.info({ run: spec.name }, 'run paused for shutdown; it resumes when the coordinator starts again');
         } else {
           this.ledger.setRunState(spec.name, 'CANCELLED', { finishedAt });
           this.messages.set(spec.name, 'cancelled: StartRun with the same request resumes it');
@@ -225,6 +237,7 @@ export class RunManager {
     if (maxContext <= maxNewTokens) throw invalidArgument(`max_context: must exceed max_new_tokens (${maxNewTokens}), got ${maxContext}`);
     if (req.minCount !== undefined && req.minCount < 1) throw invalidArgument('min_count: must be at least 1');
     if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
+    if (req.maxJudgeCostUsd !== undefined && !(Number.isFinite(req.maxJudgeCostUsd) && req.maxJudgeCostUsd >= 0)) throw invalidArgument(`max_judge_cost_usd: must be a non-negative number of dollars, got ${req.maxJudgeCostUsd}`);
     const dataDir = path.resolve(req.dataDir || this.opts.defaultDataDir);
     const data = await loadDataSet(dataDir, req.roles, req.questionCount);
 
@@ -264,6 +277,7 @@ export class RunManager {
       seed: req.seed ?? DEFAULT_SAMPLING.seed,
       layers: [...req.layers],
       dataHash: data.hash,
+      ...(req.maxJudgeCostUsd !== undefined ? { maxJudgeCostUsd: req.maxJudgeCostUsd } : {}),
     };
     return { spec, data };
   }
@@ -290,24 +304,82 @@ export class RunManager {
       questionCount: row.spec.questionCount,
       roles: row.spec.roles,
       sampling: { temperature: row.spec.temperature, topP: row.spec.topP, maxNewTokens: row.spec.maxNewTokens, maxContext: row.spec.maxContext, seed: row.spec.seed },
+      dryRun: undefined,
+      maxJudgeCostUsd: row.spec.maxJudgeCostUsd,
+    };
+  }
+
+  /**
+   * What a run would send to the judge and cost, with nothing generated, judged or written.
+   * Answers are not known yet: each is counted at max_new_tokens, so the estimate is an upper bound.
+   */
+  private dryRun(spec: RunSpec, data: DataSet): Run {
+    const info = this.upstreams.judge.info!;
+    let items = 0;
+    let prompts = 0;
+    let promptTokens = 0;
+    let sample = '';
+    for (const role of data.roles) {
+      items += role.instructions.length * data.questions.length;
+      if (!role.evalPrompt) continue;
+      for (const q of data.questions) {
+        const filled = judgePrompt(role.evalPrompt, q.question, '');
+        sample ||= judgePrompt(role.evalPrompt, q.question, `<the model's answer, up to ${spec.maxNewTokens} tokens>`);
+        promptTokens += role.instructions.length * (estimateTokens(filled) + spec.maxNewTokens);
+        prompts += role.instructions.length;
+      }
+    }
+    const completionTokens = prompts * JUDGE_MAX_TOKENS;
+    const cost = info.hasPrice ? (promptTokens * info.promptPricePerMtok + completionTokens * info.completionPricePerMtok) / 1e6 : 0;
+    return {
+      name: spec.name,
+      state: RunState.RUN_STATE_UNSPECIFIED,
+      progress: { ...emptyProgress(data.roles.length), itemsTotal: items, toJudge: prompts },
+      model: spec.model,
+      backend: this.upstreams.inference.find((r) => r.info?.model === spec.model)?.info?.backend ?? '',
+      judge: judgeLabel(this.upstreams),
+      outputDir: this.runDir(spec.name),
+      error: '',
+      message: 'dry run: nothing was generated, judged or written',
+      summary: undefined,
+      createdAt: '',
+      finishedAt: '',
+      minCount: spec.minCount,
+      questionCount: spec.questionCount,
+      roles: spec.roles,
+      sampling: { temperature: spec.temperature, topP: spec.topP, maxNewTokens: spec.maxNewTokens, maxContext: spec.maxContext, seed: spec.seed },
+      dryRun: {
+        items,
+        judgePrompts: prompts,
+        samplePrompt: sample,
+        estimatedPromptTokens: promptTokens,
+        estimatedCompletionTokens: completionTokens,
+        estimatedCostUsd: cost,
+        judgeModel: info.model,
+        judgeHasPrice: info.hasPrice,
+        note: `an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens estimated at 4 characters each, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
+      },
+      maxJudgeCostUsd: spec.maxJudgeCostUsd,
     };
   }
 
   private progressFromLedger(row: RunRow): Progress {
     const items = this.ledger.items(row.name);
     const toJudge = items.filter((i) => !isDefaultRole(i.role));
-    const done = items.filter((i) => i.activationAcked && (isDefaultRole(i.role) || (i.judged && i.scoreAcked))).length;
+    const sum = (f: (i: (typeof items)[number]) => number) => items.reduce((a, i) => a + f(i), 0);
     return {
+      ...emptyProgress(row.spec.roles.length),
       itemsTotal: items.length,
       generated: items.filter((i) => i.text !== null).length,
       judged: toJudge.filter((i) => i.judged).length,
       toJudge: toJudge.length,
-      aggregated: done,
-      rolesTotal: row.spec.roles.length,
+      aggregated: items.filter((i) => i.activationAcked && (isDefaultRole(i.role) || (i.judged && i.scoreAcked))).length,
       rolesWritten: this.ledger.writtenRoles(row.name).size,
-      skipped: 0,
-      itemsPerSecond: 0,
-      etaSeconds: 0,
+      judgeCostUsd: sum((i) => i.judgeUsage.costUsd),
+      judgePromptTokens: sum((i) => i.judgeUsage.promptTokens),
+      judgeCompletionTokens: sum((i) => i.judgeUsage.completionTokens),
+      judgePossiblyBilledTokens: sum((i) => i.judgeUsage.possiblyBilledTokens),
+      judgeUnscored: toJudge.filter((i) => i.judged && i.score === null).length,
     };
   }
 }

@@ -14,9 +14,11 @@ export interface JudgeReply {
   completionTokens: number;
 }
 
-/** Where scores come from: an OpenAI-compatible API, or the offline heuristic for demos. */
+export type ProviderInfo = Pick<JudgeInfo, 'provider' | 'model' | 'baseUrl' | 'meaningful'>;
+
+/** Where scores come from: an OpenAI-compatible API, or the offline heuristic for demos. One call, no retries: the Scorer retries. */
 export interface JudgeProvider {
-  readonly info: JudgeInfo;
+  readonly info: ProviderInfo;
   complete(call: JudgeCall): Promise<JudgeReply>;
 }
 
@@ -24,17 +26,18 @@ export interface OpenAIProviderOptions {
   apiKey: string;
   baseUrl: string;
   model: string;
+  /** Timeout of one request. */
   timeoutMs: number;
-  maxRetries: number;
 }
 
 /** The `openai` client against OpenAI or any server that speaks its chat-completions API. */
 export class OpenAIProvider implements JudgeProvider {
-  readonly info: JudgeInfo;
+  readonly info: ProviderInfo;
   private readonly client: OpenAI;
 
   constructor(private readonly opts: OpenAIProviderOptions) {
-    this.client = new OpenAI({ apiKey: opts.apiKey, baseURL: opts.baseUrl, timeout: opts.timeoutMs, maxRetries: opts.maxRetries });
+    // The client's own retries are off: the Scorer retries, counts and rate-limits every attempt.
+    this.client = new OpenAI({ apiKey: opts.apiKey, baseURL: opts.baseUrl, timeout: opts.timeoutMs, maxRetries: 0 });
     this.info = { provider: 'openai', model: opts.model, baseUrl: opts.baseUrl, meaningful: true };
   }
 
@@ -62,7 +65,7 @@ export class OpenAIProvider implements JudgeProvider {
  *   3 otherwise.
  */
 export class OfflineProvider implements JudgeProvider {
-  readonly info: JudgeInfo = { provider: 'offline', model: 'heuristic', baseUrl: '', meaningful: false };
+  readonly info: ProviderInfo = { provider: 'offline', model: 'heuristic', baseUrl: '', meaningful: false };
 
   async complete(call: JudgeCall): Promise<JudgeReply> {
     return { reply: String(offlineScore(call.prompt, call.answer)), promptTokens: 0, completionTokens: 0 };

@@ -151,8 +151,8 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     const final = await watchRun(client, 'flaky-judge', () => undefined);
     expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
     expect(final.progress?.judged).toBe(15);
-    // 15 judged items + the 4 failed attempts.
-    expect(judge.requests.length - before).toBe(19);
+    // 15 judged items + the 4 failed attempts + 2 more asks of each item whose reply held no score.
+    expect(judge.requests.length - before).toBe(15 + 4 + 2 * final.progress!.judgeUnscored);
     client.close();
   });
 
@@ -178,7 +178,9 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
       expect(await res.text()).toContain(`service="${name}"`);
     }
     const judgeMetrics = await (await fetch(`http://127.0.0.1:${stack.metricsPorts.judge}/metrics`)).text();
-    expect(judgeMetrics).toMatch(/axis_judge_calls_total\{[^}]*outcome="scored"[^}]*\} [1-9]/);
+    expect(judgeMetrics).toMatch(/axis_judge_items_total\{[^}]*result="scored"[^}]*\} [1-9]/);
+    expect(judgeMetrics).toMatch(/axis_judge_requests_total\{[^}]*outcome="rate_limited"[^}]*\} 2/);
+    expect(judgeMetrics).toMatch(/axis_judge_retries_total\{[^}]*reason="server_error"[^}]*\} 2/);
     expect(judgeMetrics).not.toContain('sk-test-secret-key-123');
   });
 });
