@@ -12,6 +12,9 @@ import { decodeTensor } from '../shared/tensor';
 import { buildConversation } from './conversation';
 import type { DataSet, Role } from './data';
 import type { ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import { estimateTokens } from '../judge/costs';
+import { judgePrompt } from '../judge/prompt';
+import { JUDGE_MAX_TOKENS } from '../shared/defaults';
 import type { ItemRow, JudgeUsage, Ledger, RunSpec } from './ledger';
 import { manifest } from './manifest';
 import { responseRecord, writeRoleFiles } from './runFiles';
@@ -73,6 +76,8 @@ export class RunExecutor {
   readonly progress: Progress;
   private cancelled = false;
   private paused: string | undefined;
+  /** Estimated cost of judge calls in flight (see reserveJudgeCost). */
+  private reservedJudgeCost = 0;
   private failure: Error | undefined;
   private wake: (() => void)[] = [];
   private genInFlight = 0;
@@ -191,12 +196,21 @@ export class RunExecutor {
     p.judgePossiblyBilledTokens += u.possiblyBilledTokens;
   }
 
-  /** Throws SpendingCapReached when the run has spent its judge budget. */
-  private checkSpendingCap(): void {
+  /**
+   * Reserves the estimated cost of one judge call against the spending cap, or throws
+   * SpendingCapReached: calls in flight count before their bill arrives, so the run stops
+   * before the cap rather than one full window of calls after it. Returns the reservation.
+   */
+  private reserveJudgeCost(prompt: string): number {
     const cap = this.spec.maxJudgeCostUsd;
-    if (cap !== undefined && this.progress.judgeCostUsd >= cap) {
+    if (cap === undefined) return 0;
+    const info = this.upstreams.judge.info;
+    const estimate = info?.hasPrice ? (estimateTokens(prompt) * info.promptPricePerMtok + JUDGE_MAX_TOKENS * info.completionPricePerMtok) / 1e6 : 0;
+    if (this.progress.judgeCostUsd + this.reservedJudgeCost + estimate > cap) {
       throw new SpendingCapReached(`judge spending cap reached: $${this.progress.judgeCostUsd.toFixed(4)} spent of $${cap.toFixed(4)}; StartRun with the same request and a higher maxJudgeCostUsd resumes the run`);
     }
+    this.reservedJudgeCost += estimate;
+    return estimate;
   }
 
   private isDone(it: ItemRow): boolean {
@@ -302,8 +316,14 @@ export class RunExecutor {
         try {
           result = await this.judgeSlots.run(() =>
             this.retrying(`judge ${id}`, async () => {
-              this.checkSpendingCap();
-              const r = await this.upstreams.judge.score.send(id, { itemId: id, role: item.role, evalPrompt: this.rolesByName.get(item.role)!.evalPrompt!, question, answer: item.text! });
+              const evalPrompt = this.rolesByName.get(item.role)!.evalPrompt!;
+              const reserved = this.reserveJudgeCost(judgePrompt(evalPrompt, question, item.text!));
+              let r: ScoreResult;
+              try {
+                r = await this.upstreams.judge.score.send(id, { itemId: id, role: item.role, evalPrompt, question, answer: item.text! });
+              } finally {
+                this.reservedJudgeCost -= reserved;
+              }
               if (r.error) {
                 // The calls were made (and may be billed) even though they failed.
                 const usage = judgeUsage(r);

@@ -1,16 +1,32 @@
 import { createHash } from 'node:crypto';
 import * as http from 'node:http';
 
+export type Fault = 'rate_limited' | 'server_error' | 'hang' | 'garbage';
+
+export interface FakeOpenAIOptions {
+  /** Milliseconds before answering each request (e.g. a lognormal sampler); none by default. */
+  latencyMs?: () => number;
+  /** Probability of each fault on any request. */
+  faults?: Partial<Record<Fault, number>>;
+  /** Retry-After sent with a 429, in milliseconds. */
+  retryAfterMs?: number;
+  random?: () => number;
+}
+
 /**
- * A real HTTP server on loopback that speaks the OpenAI chat-completions API, for judge tests.
- * Its reply is a pure function of the prompt (see `expectedReply`), and it can inject faults:
- * the next N requests answered with an HTTP error status.
+ * A real HTTP server on loopback that speaks the OpenAI chat-completions API, for judge tests
+ * and benchmarks. Its reply is a pure function of the prompt (see `expectedReply`), with usage
+ * counts. Faults: the next N requests answered with a status (`failNext`), and random 429s with
+ * Retry-After, 500s, hangs (no answer until the client gives up) and garbage bodies.
  */
 export class FakeOpenAIServer {
   private server: http.Server | undefined;
-  requests: { path: string; authorization: string | undefined; body: any }[] = [];
+  requests: { path: string; authorization: string | undefined; body: any; at: number; outcome: 'ok' | Fault | 'injected' }[] = [];
   private faults: number[] = [];
+  private readonly hanging = new Set<http.ServerResponse>();
   port = 0;
+
+  constructor(private readonly opts: FakeOpenAIOptions = {}) {}
 
   get baseUrl(): string {
     return `http://127.0.0.1:${this.port}/v1`;
@@ -34,38 +50,80 @@ export class FakeOpenAIServer {
           res.end(JSON.stringify({ error: { message: 'invalid JSON', type: 'invalid_request_error' } }));
           return;
         }
-        this.requests.push({ path: req.url ?? '', authorization: req.headers.authorization, body });
+        const record = { path: req.url ?? '', authorization: req.headers.authorization, body, at: performance.now(), outcome: 'ok' as 'ok' | Fault | 'injected' };
+        this.requests.push(record);
         const fault = this.faults.shift();
         if (fault) {
+          record.outcome = 'injected';
           res.writeHead(fault, { 'content-type': 'application/json', 'retry-after-ms': '10' });
           res.end(JSON.stringify({ error: { message: `injected ${fault}`, type: 'server_error' } }));
           return;
         }
-        if (req.method !== 'POST' || !req.url?.endsWith('/chat/completions')) {
-          res.writeHead(404, { 'content-type': 'application/json' });
-          res.end(JSON.stringify({ error: { message: 'not found' } }));
+        const random = this.opts.random ?? Math.random;
+        let r = random();
+        let chosen: Fault | undefined;
+        for (const [f, p] of Object.entries(this.opts.faults ?? {}) as [Fault, number][]) {
+          if (r < p) {
+            chosen = f;
+            break;
+          }
+          r -= p;
+        }
+        if (chosen) record.outcome = chosen;
+        if (chosen === 'hang') {
+          this.hanging.add(res);
+          res.on('close', () => this.hanging.delete(res));
           return;
         }
-        const prompt: string = body.messages?.[0]?.content ?? '';
-        const content = expectedReply(prompt);
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(
-          JSON.stringify({
-            id: 'chatcmpl-test',
-            object: 'chat.completion',
-            created: Math.floor(Date.now() / 1000),
-            model: body.model,
-            choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
-            usage: { prompt_tokens: Math.ceil(prompt.length / 4), completion_tokens: 1, total_tokens: Math.ceil(prompt.length / 4) + 1 },
-          }),
-        );
+        const delay = this.opts.latencyMs?.() ?? 0;
+        const answer = () => this.answer(req, res, body, chosen);
+        if (delay > 0) setTimeout(answer, delay);
+        else answer();
       });
     });
     await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', () => resolve()));
     this.port = (this.server.address() as { port: number }).port;
   }
 
+  private answer(req: http.IncomingMessage, res: http.ServerResponse, body: any, fault: Fault | undefined): void {
+    if (fault === 'rate_limited') {
+      res.writeHead(429, { 'content-type': 'application/json', 'retry-after-ms': String(this.opts.retryAfterMs ?? 100) });
+      res.end(JSON.stringify({ error: { message: 'Rate limit reached', type: 'requests', code: 'rate_limit_exceeded' } }));
+      return;
+    }
+    if (fault === 'server_error') {
+      res.writeHead(500, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: { message: 'The server had an error', type: 'server_error' } }));
+      return;
+    }
+    if (fault === 'garbage') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end('<html>upstream proxy error</html>');
+      return;
+    }
+    if (req.method !== 'POST' || !req.url?.endsWith('/chat/completions')) {
+      res.writeHead(404, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: { message: 'not found' } }));
+      return;
+    }
+    const prompt: string = body.messages?.[0]?.content ?? '';
+    const content = expectedReply(prompt);
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(
+      JSON.stringify({
+        id: 'chatcmpl-test',
+        object: 'chat.completion',
+        created: Math.floor(Date.now() / 1000),
+        model: body.model,
+        choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
+        usage: { prompt_tokens: Math.ceil(prompt.length / 4), completion_tokens: 1, total_tokens: Math.ceil(prompt.length / 4) + 1 },
+      }),
+    );
+  }
+
   async stop(): Promise<void> {
+    for (const res of this.hanging) res.destroy();
+    this.server?.closeAllConnections?.();
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
 }

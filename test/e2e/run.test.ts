@@ -28,10 +28,12 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
 
   beforeAll(async () => {
     await judge.start();
+    const prices = path.join(fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-prices-')), 'prices.json');
+    fs.writeFileSync(prices, JSON.stringify({ 'judge-test': { prompt: 1, completion: 4 } }));
     ({ stack } = await testStack('e2e', {
       args: {
         inference: ['--synthetic-layers', String(L), '--synthetic-hidden', String(D), '--capacity', '8'],
-        judge: ['--provider', 'openai', '--base-url', judge.baseUrl, '--model', 'judge-test'],
+        judge: ['--provider', 'openai', '--base-url', judge.baseUrl, '--model', 'judge-test', '--prices', prices, '--backoff-ms', '5'],
       },
       env: { OPENAI_API_KEY: 'sk-test-secret-key-123' },
     }));
@@ -168,6 +170,52 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     expect(files.responses.default.map((l) => l.system_prompt)).toContain('You are Synthetic.');
     const manifest = JSON.parse(fs.readFileSync(path.join(final.outputDir, 'manifest.json'), 'utf8'));
     expect(manifest.data.dir).toBe(UPSTREAM_DATA);
+    client.close();
+  });
+
+  it('answers a dry run with the prompt count, a sample prompt and the estimated cost, and writes nothing', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    const before = judge.requests.length;
+    const run = await startRun(client, { name: 'dry', questionCount: 4, maxNewTokens: 100, dryRun: true });
+    const dry = run.dryRun!;
+    expect(dry.items).toBe(9 * 5 * 4);
+    expect(dry.judgePrompts).toBe(8 * 5 * 4);
+    expect(dry.samplePrompt).toContain('How should someone spend a quiet Sunday morning?');
+    expect(dry.samplePrompt).toContain("<the model's answer, up to 100 tokens>");
+    expect(dry.estimatedCompletionTokens).toBe(160 * 10);
+    expect(dry.estimatedPromptTokens).toBeGreaterThan(160 * 100);
+    expect(dry.estimatedCostUsd).toBeCloseTo((dry.estimatedPromptTokens * 1 + dry.estimatedCompletionTokens * 4) / 1e6, 10);
+    expect(dry.judgeModel).toBe('judge-test');
+    expect(judge.requests.length).toBe(before);
+    const runs = await new Promise<string[]>((resolve, reject) => client.listRuns({}, (e, r) => (e ? reject(e) : resolve(r.runs.map((x) => x.name)))));
+    expect(runs).not.toContain('dry');
+    expect(fs.existsSync(path.join(stack.opts.outputRoot, 'dry'))).toBe(false);
+    client.close();
+  });
+
+  it('pauses a run at its judge spending cap and resumes it when the cap is raised, judging nothing twice', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    const request = { name: 'capped', roles: ['chef', 'poet', 'default'], questionCount: 4, minCount: 1 };
+    await startRun(client, { ...request, maxJudgeCostUsd: 0.0005 });
+    const paused = await watchRun(client, 'capped', () => undefined);
+    expect(paused.state).toBe(RunState.RUN_STATE_PAUSED);
+    expect(paused.message).toMatch(/judge spending cap reached: \$0\.000\d+ spent of \$0\.0005/);
+    expect(paused.progress!.judged).toBeLessThan(40);
+    // Calls in flight count against the cap by their estimated cost before their bill arrives, so the
+    // run stops near the cap (only an item's re-asks can take it past), not a window of 32 calls past it.
+    expect(paused.progress!.judgeCostUsd).toBeGreaterThan(0.0005 * 0.5);
+    expect(paused.progress!.judgeCostUsd).toBeLessThan(0.0005 * 2);
+    const resumed = await startRun(client, { ...request, maxJudgeCostUsd: 1 });
+    expect(resumed.maxJudgeCostUsd).toBe(1);
+    const done = await watchRun(client, 'capped', () => undefined);
+    expect(done.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(done.progress!.judged).toBe(40);
+    // Each prompt of this run got at most one scored reply.
+    const chef = JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', 'chef.json'), 'utf8'));
+    const prompts = judge.requests.map((r) => r.body.messages[0].content as string).filter((p) => p.startsWith(chef.eval_prompt.slice(0, 60)) && /quiet Sunday|best way to learn|decide whom to trust|friendship last/.test(p));
+    const counts = new Map<string, number>();
+    for (const p of prompts) if (expectedScore(p) !== undefined) counts.set(p, (counts.get(p) ?? 0) + 1);
+    expect(Math.max(...counts.values())).toBe(1);
     client.close();
   });
 

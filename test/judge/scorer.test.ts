@@ -1,0 +1,126 @@
+import * as grpc from '@grpc/grpc-js';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { JudgeClient, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import { OpenAIProvider } from '../../services/judge/providers';
+import { StreamPipe } from '../../services/shared/pipe';
+import { testStack } from '../helpers/stack';
+import { judgePrompt, parseScore } from '../../services/judge/prompt';
+import { backoffMs, retryAfter } from '../../services/judge/retry';
+import { Scorer } from '../../services/judge/scorer';
+import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
+
+const EVAL = 'Does the answer play a sea captain?\nQuestion: {question}\nAnswer: {answer}\nReply 0-3.';
+const item = (i: number) => ({ role: 'captain', evalPrompt: EVAL, question: `Question number ${i}?`, answer: `Answer ${i}: the tide turns at dawn.` });
+const price = { prompt: 0.4, completion: 1.6 };
+
+/** Most requests in any window of `windowMs` (by the server's arrival times). */
+function maxInWindow(times: number[], windowMs: number): number {
+  const t = [...times].sort((a, b) => a - b);
+  let best = 0;
+  for (let i = 0, j = 0; i < t.length; i++) {
+    while (t[i] - t[j] >= windowMs) j++;
+    best = Math.max(best, i - j + 1);
+  }
+  return best;
+}
+
+describe('the judge scorer against an OpenAI-compatible server', () => {
+  it('under 30% injected failures scores every item once, or says why not, within the rate limit', async () => {
+    const server = new FakeOpenAIServer({ faults: { rate_limited: 0.1, server_error: 0.08, hang: 0.04, garbage: 0.08 }, retryAfterMs: 50, latencyMs: () => 5 + Math.random() * 20 });
+    await server.start();
+    const RATE = 60;
+    const N = 420;
+    // The judge service itself, as a process, talked to over gRPC.
+    const { stack } = await testStack('judge-faults', {
+      args: {
+        judge: ['--provider', 'openai', '--base-url', server.baseUrl, '--model', 'gpt-4.1-mini', '--concurrency', '32', '--requests-per-second', String(RATE), '--timeout-ms', '250', '--max-attempts', '10', '--backoff-ms', '20', '--max-backoff-ms', '200'],
+      },
+      env: { OPENAI_API_KEY: 'sk-test-fault-key' },
+    });
+    await stack.start('judge');
+    const client = new JudgeClient(stack.address('judge'), grpc.credentials.createInsecure());
+    try {
+      const pipe = new StreamPipe<ScoreRequest, ScoreResult>(() => client.score(), (r) => r.itemId);
+      const outcomes = await Promise.all(Array.from({ length: N }, (_, i) => pipe.send(`i${i}`, { itemId: `i${i}`, ...item(i) })));
+      pipe.close();
+
+      outcomes.forEach((o, i) => {
+        const prompt = judgePrompt(EVAL, item(i).question, item(i).answer);
+        if (o.error) expect(o.attempts).toBe(10); // gave up only at the cap
+        else if (o.unparsed) expect(parseScore(expectedReply(prompt))).toBeUndefined();
+        else expect(o.score).toBe(expectedScore(prompt));
+      });
+      expect(outcomes.filter((o) => o.score !== undefined).length).toBeGreaterThan(N * 0.8);
+      // No item got two scored replies: once scored, it is never asked again.
+      const scoredReplies = new Map<string, number>();
+      for (const r of server.requests) {
+        const prompt = r.body.messages[0].content as string;
+        if (r.outcome === 'ok' && parseScore(expectedReply(prompt)) !== undefined) scoredReplies.set(prompt, (scoredReplies.get(prompt) ?? 0) + 1);
+      }
+      expect(Math.max(...scoredReplies.values())).toBe(1);
+      // Faults really happened, retries really followed, timeouts were counted as possibly billed.
+      const outcomesSeen = new Set(server.requests.map((r) => r.outcome));
+      for (const f of ['rate_limited', 'server_error', 'hang', 'garbage']) expect(outcomesSeen).toContain(f);
+      expect(server.requests.length).toBeGreaterThan(N * 1.3);
+      expect(outcomes.reduce((a, o) => a + o.possiblyBilledTokens, 0)).toBeGreaterThan(0);
+      expect(outcomes.reduce((a, o) => a + o.costUsd, 0)).toBeGreaterThan(0);
+      // The rate limit holds over any 10-second window (within 2%), retries included.
+      const times = server.requests.map((r) => r.at);
+      expect(times[times.length - 1] - times[0]).toBeGreaterThan(10_000);
+      expect(maxInWindow(times, 10_000)).toBeLessThanOrEqual(RATE * 10 * 1.02);
+      // The key never reaches the service's log.
+      expect(fs.readFileSync(path.join(stack.opts.logDir, 'judge.log'), 'utf8')).not.toContain('sk-test-fault-key');
+    } finally {
+      client.close();
+      await stack.stopAll();
+      await server.stop();
+    }
+  }, 60_000);
+
+  it('waits as long as Retry-After asks', async () => {
+    const seq = [0]; // the first request is rate-limited, the rest are not
+    const server = new FakeOpenAIServer({ faults: { rate_limited: 0.5 }, retryAfterMs: 400, random: () => seq.shift() ?? 0.99 });
+    await server.start();
+    try {
+      const scorer = new Scorer(new OpenAIProvider({ apiKey: 'k', baseUrl: server.baseUrl, model: 'm', timeoutMs: 5000 }), { concurrency: 1, requestsPerSecond: 0, tokensPerMinute: 0, retry: { maxAttempts: 3, baseDelayMs: 1, maxDelayMs: 5 }, unparsedRetries: 0 });
+      const o = await scorer.score(item(1));
+      expect(o.attempts).toBe(2);
+      expect(server.requests[1].at - server.requests[0].at).toBeGreaterThanOrEqual(390);
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it('does not retry a client error such as 401, and names it', async () => {
+    const server = new FakeOpenAIServer();
+    await server.start();
+    server.failNext(1, 401);
+    try {
+      const scorer = new Scorer(new OpenAIProvider({ apiKey: 'k', baseUrl: server.baseUrl, model: 'm', timeoutMs: 5000 }), { concurrency: 1, requestsPerSecond: 0, tokensPerMinute: 0, retry: { maxAttempts: 5, baseDelayMs: 1, maxDelayMs: 5 }, unparsedRetries: 0 });
+      const o = await scorer.score(item(2));
+      expect(o.attempts).toBe(1);
+      expect(o.error?.message).toMatch(/client_error \(HTTP 401\)/);
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+describe('retry rules', () => {
+  it('reads Retry-After in milliseconds, seconds and as a date', () => {
+    expect(retryAfter(new Headers({ 'retry-after-ms': '250' }))).toBe(250);
+    expect(retryAfter(new Headers({ 'retry-after': '2' }))).toBe(2000);
+    const later = new Date(Date.now() + 5000).toUTCString();
+    expect(retryAfter(new Headers({ 'retry-after': later }))).toBeGreaterThan(3000);
+    expect(retryAfter(new Headers({}))).toBeUndefined();
+  });
+
+  it('backs off exponentially with full jitter, capped, and never below Retry-After', () => {
+    const policy = { maxAttempts: 10, baseDelayMs: 100, maxDelayMs: 1000 };
+    expect(backoffMs(policy, 1, undefined, () => 0.999)).toBeCloseTo(99.9);
+    expect(backoffMs(policy, 4, undefined, () => 0.999)).toBeCloseTo(799.2);
+    expect(backoffMs(policy, 9, undefined, () => 0.999)).toBeCloseTo(999);
+    expect(backoffMs(policy, 1, 5000, () => 0.5)).toBe(5000);
+  });
+});
