@@ -196,6 +196,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
   it('pauses a run at its judge spending cap and resumes it when the cap is raised, judging nothing twice', async () => {
     const client = coordinatorClient(stack.address('coordinator'));
     const request = { name: 'capped', roles: ['chef', 'poet', 'default'], questionCount: 4, minCount: 1 };
+    const before = judge.requests.length;
     await startRun(client, { ...request, maxJudgeCostUsd: 0.0005 });
     const paused = await watchRun(client, 'capped', () => undefined);
     expect(paused.state).toBe(RunState.RUN_STATE_PAUSED);
@@ -212,7 +213,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     expect(done.progress!.judged).toBe(40);
     // Each prompt of this run got at most one scored reply.
     const chef = JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', 'chef.json'), 'utf8'));
-    const prompts = judge.requests.map((r) => r.body.messages[0].content as string).filter((p) => p.startsWith(chef.eval_prompt.slice(0, 60)) && /quiet Sunday|best way to learn|decide whom to trust|friendship last/.test(p));
+    const prompts = judge.requests.slice(before).map((r) => r.body.messages[0].content as string).filter((p) => p.startsWith(chef.eval_prompt.slice(0, 60)) && /quiet Sunday|best way to learn|decide whom to trust|friendship last/.test(p));
     const counts = new Map<string, number>();
     for (const p of prompts) if (expectedScore(p) !== undefined) counts.set(p, (counts.get(p) ?? 0) + 1);
     expect(Math.max(...counts.values())).toBe(1);
