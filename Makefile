@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge
 
 install: $(NODE_MODULES)
 
@@ -37,6 +37,10 @@ test-long: build
 # Peak memory of axis-model build on a random 3.4 GB checkpoint (needs about 7 GB of free disk).
 bench-build: build
 	node dist/bench/build-memory.js
+
+# Judge service vs the reference's batches of 50, against the test server (about 3 minutes).
+bench-judge: build
+	node dist/bench/judge.js
 
 up: build
 	node dist/services/cli/up.js

@@ -1,7 +1,7 @@
 /**
  * A token bucket: `rate` tokens per second, holding at most `burst`. `take(n)` waits until n
- * tokens are there, in arrival order, so concurrent callers share the rate fairly. With
- * burst = rate / 10, no 10-second window sees more than rate x 10 x 1.01 takes.
+ * tokens are there, in arrival order, so concurrent callers share the rate fairly. No window
+ * of w seconds sees more than rate x w + burst takes.
  */
 export class TokenBucket {
   private tokens: number;

@@ -62,7 +62,8 @@ export class Scorer {
 
   constructor(private readonly provider: JudgeProvider, private readonly opts: ScorerOptions, private readonly events: ScorerEvents = {}) {
     this.pool = new Limiter(Math.max(1, opts.concurrency));
-    if (opts.requestsPerSecond > 0) this.requests = new TokenBucket(opts.requestsPerSecond, Math.max(1, opts.requestsPerSecond / 10));
+    // A burst of 1/20 s of the rate: at most 0.5% over the limit in any 10 s window.
+    if (opts.requestsPerSecond > 0) this.requests = new TokenBucket(opts.requestsPerSecond, Math.max(1, opts.requestsPerSecond / 20));
     if (opts.tokensPerMinute > 0) this.tokens = new TokenBucket(opts.tokensPerMinute / 60, Math.max(1, opts.tokensPerMinute / 60));
   }
 
