@@ -19,6 +19,15 @@ export interface RunSpec {
   dataHash: string;
   /** Judge spending cap in USD (not part of a run's identity: raising it resumes a paused run). */
   maxJudgeCostUsd?: number;
+  /** Judge through the Batch API instead of online calls. */
+  judgeBatch?: boolean;
+}
+
+/** A batch submitted to the judge's Batch API and the items in it. */
+export interface JudgeBatchRow {
+  batchId: string;
+  /** Item ids as sent to the judge (`run/role/key`). */
+  itemIds: string[];
 }
 
 /** Spec fields that may change between StartRun calls of the same run. */
@@ -93,6 +102,9 @@ export class Ledger {
         score_acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role, key));
       CREATE TABLE IF NOT EXISTS roles (
         run TEXT NOT NULL, role TEXT NOT NULL, written INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role));
+      CREATE TABLE IF NOT EXISTS judge_batches (
+        run TEXT NOT NULL, batch_id TEXT NOT NULL, item_ids TEXT NOT NULL, open INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL, PRIMARY KEY (run, batch_id));
     `);
     // Columns added after the first version: added in place to ledgers written before them.
     this.ensureColumns('items', {
@@ -208,6 +220,21 @@ export class Ledger {
 
   ackScore(run: string, role: string, key: string): void {
     this.db.prepare('UPDATE items SET score_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+  }
+
+  addJudgeBatch(run: string, batchId: string, itemIds: string[]): void {
+    this.db.prepare('INSERT INTO judge_batches (run, batch_id, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, batchId, JSON.stringify(itemIds), new Date().toISOString());
+  }
+
+  openJudgeBatches(run: string): JudgeBatchRow[] {
+    return (this.db.prepare('SELECT batch_id, item_ids FROM judge_batches WHERE run = ? AND open = 1 ORDER BY created_at').all(run) as { batch_id: string; item_ids: string }[]).map((r) => ({
+      batchId: r.batch_id,
+      itemIds: JSON.parse(r.item_ids),
+    }));
+  }
+
+  closeJudgeBatch(run: string, batchId: string): void {
+    this.db.prepare('UPDATE judge_batches SET open = 0 WHERE run = ? AND batch_id = ?').run(run, batchId);
   }
 
   writtenRoles(run: string): Set<string> {

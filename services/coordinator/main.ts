@@ -22,6 +22,7 @@ export const COORDINATOR_OPTIONS = {
   'output-root': { type: 'string', env: 'AXIS_OUTPUT_ROOT', default: 'outputs', help: 'run directories are <output-root>/<run name>' },
   'data-dir': { type: 'string', env: 'AXIS_DATA_DIR', default: 'data', help: 'data set used when a run names none (reference layout)' },
   'judge-concurrency': { type: 'number', env: 'AXIS_COORDINATOR_JUDGE_CONCURRENCY', default: 32, help: 'items at the judge at once' },
+  'batch-poll-seconds': { type: 'number', env: 'AXIS_COORDINATOR_BATCH_POLL_SECONDS', default: 30, help: 'batch mode: seconds between polls of an open judge batch' },
 } satisfies OptionTable;
 
 const WATCH_INTERVAL_MS = 200;
@@ -36,7 +37,7 @@ async function main(): Promise<void> {
   };
   if (upstreams.inference.length === 0) throw new Error('--inference: at least one replica address is required');
   const ledger = new Ledger(path.resolve(cfg['state-dir']));
-  const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'] }, log);
+  const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'], batchPollSeconds: cfg['batch-poll-seconds'] }, log);
 
   const registry = createRegistry('coordinator');
   new prom.Gauge({

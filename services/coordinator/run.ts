@@ -12,6 +12,7 @@ import { decodeTensor } from '../shared/tensor';
 import { buildConversation } from './conversation';
 import type { DataSet, Role } from './data';
 import type { ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import { BATCH_PRICE_FACTOR } from '../judge/batch';
 import { estimateTokens } from '../judge/costs';
 import { judgePrompt } from '../judge/prompt';
 import { JUDGE_MAX_TOKENS } from '../shared/defaults';
@@ -36,6 +37,7 @@ export interface Progress {
   judgeCompletionTokens: number;
   judgePossiblyBilledTokens: number;
   judgeUnscored: number;
+  judgeBatchesOpen: number;
 }
 
 /** How an execution ended, when it did not fail. */
@@ -59,6 +61,8 @@ class SpendingCapReached extends Error {}
 const RETRY_ATTEMPTS = 8;
 const JUDGE_BACKLOG_PER_SLOT = 4;
 const MAX_RECOVERY_ROUNDS = 3;
+/** Items per Batch API submission (the API accepts up to 50,000 requests per batch). */
+const BATCH_MAX_ITEMS = 50_000;
 
 /** Seed of one item: a pure function of the run's seed and the item, so a retry samples the same text. */
 export function itemSeed(runSeed: number, role: string, key: string): number {
@@ -78,6 +82,8 @@ export class RunExecutor {
   private paused: string | undefined;
   /** Estimated cost of judge calls in flight (see reserveJudgeCost). */
   private reservedJudgeCost = 0;
+  /** Batch mode: after the batches, what they could not score is judged online. */
+  private onlineFallback = false;
   private failure: Error | undefined;
   private wake: (() => void)[] = [];
   private genInFlight = 0;
@@ -100,6 +106,7 @@ export class RunExecutor {
     private readonly log: Logger,
     private readonly onProgress: () => void,
     private readonly judgeConcurrency: number,
+    private readonly batchPollMs: number = 30_000,
   ) {
     this.rolesByName = new Map(data.roles.map((r) => [r.name, r]));
     this.judgeSlots = new Limiter(judgeConcurrency);
@@ -123,6 +130,11 @@ export class RunExecutor {
 
     for (let round = 1; ; round++) {
       await this.processPending(replicas, round === 1);
+      if (this.spec.judgeBatch && !this.stopping()) {
+        await this.batchPhase();
+        this.onlineFallback = true;
+        if (!this.stopping()) await this.processPending(replicas, false);
+      }
       if (this.failure) throw this.failure;
       if (this.paused) return { kind: 'paused', reason: this.paused };
       if (this.cancelled) return { kind: 'cancelled' };
@@ -268,7 +280,7 @@ export class RunExecutor {
 
   private async processItem(item: ItemRow, replicas: InferenceReplica[]): Promise<void> {
     const run = this.spec.name;
-    const id = `${run}/${item.role}/${item.key}`;
+    const id = this.judgeId(item);
     const { messages, question } = this.conversation(item);
     if (item.text === null || !item.activationAcked) {
       this.genInFlight++;
@@ -310,6 +322,8 @@ export class RunExecutor {
       item.activationAcked = true;
     }
     if (!isDefaultRole(item.role)) {
+      // Batch mode: the item waits for the batch phase, unless the batches already had their turn.
+      if (!item.judged && this.spec.judgeBatch && !this.onlineFallback) return;
       if (!item.judged) {
         this.judgeBacklog++;
         let result;
@@ -346,12 +360,19 @@ export class RunExecutor {
         this.progress.judged++;
         if (item.score === null) this.progress.judgeUnscored++;
       }
-      if (!item.scoreAcked) {
-        await this.ingest(item, { $case: 'score', value: { score: item.score ?? undefined } });
-        this.ledger.ackScore(run, item.role, item.key);
-        item.scoreAcked = true;
-      }
+      if (!item.scoreAcked) await this.sendScore(item);
     }
+    await this.complete(item);
+  }
+
+  private async sendScore(item: ItemRow): Promise<void> {
+    await this.ingest(item, { $case: 'score', value: { score: item.score ?? undefined } });
+    this.ledger.ackScore(this.spec.name, item.role, item.key);
+    item.scoreAcked = true;
+  }
+
+  /** An item whose activation and score aggregation has acknowledged: count it, and write its role when it was the last. */
+  private async complete(item: ItemRow): Promise<void> {
     this.progress.aggregated++;
     this.doneThisAttempt++;
     const elapsed = (Date.now() - this.startedAt) / 1000;
@@ -364,6 +385,71 @@ export class RunExecutor {
       if (!this.written.has(item.role)) await this.writeRole(item.role);
     }
     this.onProgress();
+  }
+
+  /**
+   * Batch mode: every generated, unjudged item not yet in a batch is submitted (batch ids go to
+   * the ledger before anything else, so a restart polls them instead of submitting again); open
+   * batches are polled until they end; their scores are saved, sent to aggregation and complete
+   * their items. Items a batch could not answer are left for online judging.
+   */
+  private async batchPhase(): Promise<void> {
+    const run = this.spec.name;
+    const items = new Map(this.ledger.items(run).map((it) => [this.judgeId(it), it]));
+    const inBatches = new Set(this.ledger.openJudgeBatches(run).flatMap((b) => b.itemIds));
+    const toSubmit = [...items.values()].filter((it) => !isDefaultRole(it.role) && it.text !== null && it.activationAcked && !it.judged && !inBatches.has(this.judgeId(it)));
+    for (let i = 0; i < toSubmit.length && !this.stopping(); i += BATCH_MAX_ITEMS) {
+      const chunk = toSubmit.slice(i, i + BATCH_MAX_ITEMS);
+      const requests = chunk.map((it) => {
+        const { question } = this.conversation(it);
+        return { itemId: this.judgeId(it), role: it.role, evalPrompt: this.rolesByName.get(it.role)!.evalPrompt!, question, answer: it.text! };
+      });
+      if (this.spec.maxJudgeCostUsd !== undefined) {
+        const info = this.upstreams.judge.info;
+        const estimate = info?.hasPrice ? requests.reduce((a, r) => a + estimateTokens(judgePrompt(r.evalPrompt, r.question, r.answer)) * info.promptPricePerMtok + JUDGE_MAX_TOKENS * info.completionPricePerMtok, 0) / 1e6 * BATCH_PRICE_FACTOR : 0;
+        if (this.progress.judgeCostUsd + estimate > this.spec.maxJudgeCostUsd) {
+          this.pause(`judge spending cap: a batch of ${requests.length} items would cost about $${estimate.toFixed(4)}, and $${this.progress.judgeCostUsd.toFixed(4)} of $${this.spec.maxJudgeCostUsd.toFixed(4)} is spent; StartRun with the same request and a higher maxJudgeCostUsd resumes the run`);
+          return;
+        }
+      }
+      const submitted = await this.retrying('submit judge batch', () => this.upstreams.judge.submitBatch(requests));
+      this.ledger.addJudgeBatch(run, submitted.batchId, requests.map((r) => r.itemId));
+      this.log.info({ batchId: submitted.batchId, items: requests.length }, 'judge batch submitted');
+    }
+    for (;;) {
+      const open = this.ledger.openJudgeBatches(run);
+      this.progress.judgeBatchesOpen = open.length;
+      this.onProgress();
+      if (open.length === 0 || this.stopping()) return;
+      for (const batch of open) {
+        const res = await this.retrying(`poll judge batch ${batch.batchId}`, () => this.upstreams.judge.pollBatch(batch.batchId, batch.itemIds));
+        if (!res.done) continue;
+        for (const r of res.results) {
+          const item = items.get(r.itemId);
+          if (!item || item.judged) continue;
+          const usage = judgeUsage(r);
+          this.addUsage(usage);
+          if (r.error) {
+            this.ledger.addJudgeUsage(run, item.role, item.key, usage);
+            continue;
+          }
+          this.ledger.saveScore(run, item.role, item.key, r.score ?? null, r.rawReply, usage);
+          item.judged = true;
+          item.score = r.score ?? null;
+          this.progress.judged++;
+          if (item.score === null) this.progress.judgeUnscored++;
+          await this.sendScore(item);
+          await this.complete(item);
+        }
+        this.ledger.closeJudgeBatch(run, batch.batchId);
+        this.log.info({ batchId: batch.batchId, status: res.status, completed: res.completed, failed: res.failed }, 'judge batch ended');
+      }
+      if (this.ledger.openJudgeBatches(run).length) await Promise.race([new Promise((r) => setTimeout(r, this.batchPollMs)), this.waitForChange()]);
+    }
+  }
+
+  private judgeId(item: ItemRow): string {
+    return `${this.spec.name}/${item.role}/${item.key}`;
   }
 
   private async ingest(item: ItemRow, payload: { $case: 'activation'; value: any } | { $case: 'score'; value: { score?: number } }): Promise<void> {
@@ -458,6 +544,7 @@ export function emptyProgress(rolesTotal: number): Progress {
     judgeCompletionTokens: 0,
     judgePossiblyBilledTokens: 0,
     judgeUnscored: 0,
+    judgeBatchesOpen: 0,
   };
 }
 

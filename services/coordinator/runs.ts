@@ -8,6 +8,7 @@ import { isDefaultRole, itemKey, nameProblem } from '../shared/names';
 import { failedPrecondition, invalidArgument, notFound, RpcError } from '../shared/rpc';
 import { DataSet, loadDataSet } from './data';
 import { ADJUSTABLE_SPEC_FIELDS, Ledger, RunRow, RunSpec, RunStateName } from './ledger';
+import { BATCH_PRICE_FACTOR } from '../judge/batch';
 import { estimateTokens } from '../judge/costs';
 import { judgePrompt } from '../judge/prompt';
 import { emptyProgress, Progress, RunExecutor, RunOutcome, RunSummary } from './run';
@@ -17,6 +18,8 @@ export interface RunManagerOptions {
   outputRoot: string;
   defaultDataDir: string;
   judgeConcurrency: number;
+  /** Batch mode: seconds between polls of an open judge batch. */
+  batchPollSeconds: number;
 }
 
 type Listener = () => void;
@@ -163,7 +166,7 @@ export class RunManager {
     if (data.hash !== spec.dataHash) throw failedPrecondition(`data_dir: the data set in ${spec.dataDir} changed since run ${spec.name} started (sha256 ${data.hash} != ${spec.dataHash})`);
     await this.refreshUpstreams();
     const runDir = this.runDir(spec.name);
-    const executor = new RunExecutor(spec, data, this.ledger, this.upstreams, runDir, this.log.child({ run: spec.name }), () => this.emit(spec.name), this.opts.judgeConcurrency);
+    const executor = new RunExecutor(spec, data, this.ledger, this.upstreams, runDir, this.log.child({ run: spec.name }), () => this.emit(spec.name), this.opts.judgeConcurrency, this.opts.batchPollSeconds * 1000);
     this.executors.set(spec.name, executor);
     const replica = this.upstreams.inference.find((r) => r.info?.model === spec.model);
     this.ledger.setRunState(spec.name, 'RUNNING', { backend: replica?.info?.backend ?? '', judge: judgeLabel(this.upstreams) });
@@ -278,6 +281,7 @@ export class RunManager {
       layers: [...req.layers],
       dataHash: data.hash,
       ...(req.maxJudgeCostUsd !== undefined ? { maxJudgeCostUsd: req.maxJudgeCostUsd } : {}),
+      ...(req.judgeBatch ? { judgeBatch: true } : {}),
     };
     return { spec, data };
   }
@@ -315,6 +319,7 @@ export class RunManager {
    */
   private dryRun(spec: RunSpec, data: DataSet): Run {
     const info = this.upstreams.judge.info!;
+    const priceFactor = spec.judgeBatch ? BATCH_PRICE_FACTOR : 1;
     let items = 0;
     let prompts = 0;
     let promptTokens = 0;
@@ -330,7 +335,7 @@ export class RunManager {
       }
     }
     const completionTokens = prompts * JUDGE_MAX_TOKENS;
-    const cost = info.hasPrice ? (promptTokens * info.promptPricePerMtok + completionTokens * info.completionPricePerMtok) / 1e6 : 0;
+    const cost = info.hasPrice ? ((promptTokens * info.promptPricePerMtok + completionTokens * info.completionPricePerMtok) / 1e6) * priceFactor : 0;
     return {
       name: spec.name,
       state: RunState.RUN_STATE_UNSPECIFIED,
@@ -357,7 +362,7 @@ export class RunManager {
         estimatedCostUsd: cost,
         judgeModel: info.model,
         judgeHasPrice: info.hasPrice,
-        note: `an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens estimated at 4 characters each, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
+        note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens estimated at 4 characters each, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
       },
       maxJudgeCostUsd: spec.maxJudgeCostUsd,
     };
@@ -380,6 +385,7 @@ export class RunManager {
       judgeCompletionTokens: sum((i) => i.judgeUsage.completionTokens),
       judgePossiblyBilledTokens: sum((i) => i.judgeUsage.possiblyBilledTokens),
       judgeUnscored: toJudge.filter((i) => i.judged && i.score === null).length,
+      judgeBatchesOpen: this.ledger.openJudgeBatches(row.name).length,
     };
   }
 }

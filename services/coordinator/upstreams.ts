@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { AggregationClient, AggregationRunState, ComputeAxisRequest, ComputeAxisResult, IngestAck, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceClient, ModelInfo } from '../../gen/assistant_axis/v1/inference';
-import { JudgeClient, JudgeInfo, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import { JudgeClient, JudgeInfo, PollBatchResponse, ScoreRequest, ScoreResult, SubmitBatchResponse } from '../../gen/assistant_axis/v1/judge';
 import { StreamPipe } from '../shared/pipe';
 import { channelOptions } from '../shared/server';
 
@@ -67,6 +67,14 @@ export class JudgeUpstream {
   async refresh(): Promise<JudgeInfo> {
     this.info = await unaryCall(this.client.getJudgeInfo.bind(this.client), {});
     return this.info;
+  }
+
+  submitBatch(items: ScoreRequest[]): Promise<SubmitBatchResponse> {
+    return unaryCall(this.client.submitBatch.bind(this.client), { items }, 300_000);
+  }
+
+  pollBatch(batchId: string, itemIds: string[]): Promise<PollBatchResponse> {
+    return unaryCall(this.client.pollBatch.bind(this.client), { batchId, itemIds }, 300_000);
   }
 
   close(): void {

@@ -4,7 +4,8 @@ import { loadConfig, OptionTable } from '../shared/config';
 import { DEFAULT_JUDGE_MODEL, DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
-import { unary } from '../shared/rpc';
+import { failedPrecondition, invalidArgument, RpcError, unary } from '../shared/rpc';
+import { BatchJudge } from './batch';
 import { runMain, startService } from '../shared/server';
 import { loadPrices } from './costs';
 import { JudgeProvider, OfflineProvider, OpenAIProvider } from './providers';
@@ -126,8 +127,46 @@ async function main(): Promise<void> {
     return toResult(req.itemId, o);
   }
 
+  const batches = provider instanceof OpenAIProvider ? new BatchJudge(provider.client, provider.info.model, price) : undefined;
+  const needBatches = () => {
+    if (!batches) throw failedPrecondition('batch mode needs the openai provider (this judge runs the offline heuristic)');
+    return batches;
+  };
+
   const impl: JudgeServer = {
     getJudgeInfo: unary(log, async () => info),
+    submitBatch: unary(log, async (req) => {
+      if (req.items.length === 0) throw invalidArgument('items: at least one item is required');
+      const bad = req.items.findIndex((it) => !it.itemId || !it.evalPrompt);
+      if (bad >= 0) throw invalidArgument(`items[${bad}]: item_id and eval_prompt are required`);
+      if (new Set(req.items.map((it) => it.itemId)).size !== req.items.length) throw invalidArgument('items: item ids must be unique within a batch');
+      const b = needBatches();
+      try {
+        const { batchId, inputFileId } = await b.submit(req.items);
+        log.info({ batchId, items: req.items.length }, 'batch submitted');
+        return { batchId, inputFileId, items: req.items.length };
+      } catch (err) {
+        throw new RpcError(grpc.status.UNAVAILABLE, `batch submission failed: ${(err as Error).message}`);
+      }
+    }),
+    pollBatch: unary(log, async (req) => {
+      if (!req.batchId) throw invalidArgument('batch_id: required');
+      const b = needBatches();
+      try {
+        const res = await b.poll(req.batchId, req.itemIds);
+        if (res.done) {
+          for (const r of res.results) {
+            items.inc({ result: r.error ? 'error' : r.score === undefined ? 'unscored' : 'scored' });
+            tokens.inc({ model, kind: 'prompt' }, r.promptTokens);
+            tokens.inc({ model, kind: 'completion' }, r.completionTokens);
+            cost.inc({ model }, r.costUsd);
+          }
+        }
+        return res;
+      } catch (err) {
+        throw new RpcError(grpc.status.UNAVAILABLE, `batch ${req.batchId}: ${(err as Error).message}`);
+      }
+    }),
     score: (call) => {
       let pending = 0;
       let ended = false;

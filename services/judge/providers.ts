@@ -33,7 +33,7 @@ export interface OpenAIProviderOptions {
 /** The `openai` client against OpenAI or any server that speaks its chat-completions API. */
 export class OpenAIProvider implements JudgeProvider {
   readonly info: ProviderInfo;
-  private readonly client: OpenAI;
+  readonly client: OpenAI;
 
   constructor(private readonly opts: OpenAIProviderOptions) {
     // The client's own retries are off: the Scorer retries, counts and rate-limits every attempt.

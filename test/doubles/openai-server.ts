@@ -11,6 +11,8 @@ export interface FakeOpenAIOptions {
   /** Retry-After sent with a 429, in milliseconds. */
   retryAfterMs?: number;
   random?: () => number;
+  /** Batch mode: milliseconds from a batch's creation to its completion. */
+  batchDelayMs?: number;
 }
 
 /**
@@ -39,9 +41,19 @@ export class FakeOpenAIServer {
 
   async start(): Promise<void> {
     this.server = http.createServer((req, res) => {
-      let raw = '';
-      req.on('data', (c) => (raw += c));
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => chunks.push(c));
       req.on('end', () => {
+        const url = req.url ?? '';
+        // The Files and Batches APIs (batch mode) are served apart from chat completions.
+        if (url.startsWith('/v1/files') || url.startsWith('/v1/batches')) {
+          this.batchApi(req, res, Buffer.concat(chunks)).catch((err) => {
+            res.writeHead(500, { 'content-type': 'application/json' });
+            res.end(JSON.stringify({ error: { message: String(err) } }));
+          });
+          return;
+        }
+        const raw = Buffer.concat(chunks).toString('utf8');
         let body: any;
         try {
           body = JSON.parse(raw || '{}');
@@ -119,6 +131,71 @@ export class FakeOpenAIServer {
         usage: { prompt_tokens: Math.ceil(prompt.length / 4), completion_tokens: 1, total_tokens: Math.ceil(prompt.length / 4) + 1 },
       }),
     );
+  }
+
+  readonly files = new Map<string, string>();
+  readonly batches = new Map<string, { id: string; inputFileId: string; created: number; outputFileId?: string; total: number }>();
+
+  /** Minimal Files and Batches APIs: a batch completes `batchDelayMs` after it is created. */
+  private async batchApi(req: http.IncomingMessage, res: http.ServerResponse, raw: Buffer): Promise<void> {
+    const url = req.url ?? '';
+    const send = (status: number, value: unknown, type = 'application/json') => {
+      res.writeHead(status, { 'content-type': type });
+      res.end(typeof value === 'string' ? value : JSON.stringify(value));
+    };
+    this.requests.push({ path: url, authorization: req.headers.authorization, body: {}, at: performance.now(), outcome: 'ok' });
+    if (req.method === 'POST' && url === '/v1/files') {
+      const form = await new Request('http://localhost/v1/files', { method: 'POST', headers: req.headers as Record<string, string>, body: raw }).formData();
+      const file = form.get('file') as File;
+      const id = `file-${this.files.size + 1}`;
+      this.files.set(id, await file.text());
+      return send(200, { id, object: 'file', bytes: file.size, created_at: Math.floor(Date.now() / 1000), filename: file.name, purpose: form.get('purpose'), status: 'processed' });
+    }
+    const content = /^\/v1\/files\/([^/]+)\/content$/.exec(url);
+    if (req.method === 'GET' && content) {
+      const text = this.files.get(content[1]);
+      return text === undefined ? send(404, { error: { message: 'no such file' } }) : send(200, text, 'application/octet-stream');
+    }
+    if (req.method === 'POST' && url === '/v1/batches') {
+      const body = JSON.parse(raw.toString('utf8'));
+      const input = this.files.get(body.input_file_id);
+      if (input === undefined) return send(400, { error: { message: `no file ${body.input_file_id}` } });
+      const id = `batch_${this.batches.size + 1}`;
+      this.batches.set(id, { id, inputFileId: body.input_file_id, created: Date.now(), total: input.trim().split('\n').length });
+      return send(200, this.batchObject(id));
+    }
+    const batch = /^\/v1\/batches\/([^/]+)$/.exec(url);
+    if (req.method === 'GET' && batch) {
+      return this.batches.has(batch[1]) ? send(200, this.batchObject(batch[1])) : send(404, { error: { message: 'no such batch' } });
+    }
+    send(404, { error: { message: `not served here: ${req.method} ${url}` } });
+  }
+
+  private batchObject(id: string): unknown {
+    const b = this.batches.get(id)!;
+    const done = Date.now() - b.created >= (this.opts.batchDelayMs ?? 0);
+    if (done && !b.outputFileId) {
+      const lines = this.files.get(b.inputFileId)!.trim().split('\n').map((l) => JSON.parse(l));
+      const out = lines.map((l, i) => {
+        const prompt = l.body.messages[0].content as string;
+        const usage = { prompt_tokens: Math.ceil(prompt.length / 4), completion_tokens: 1, total_tokens: Math.ceil(prompt.length / 4) + 1 };
+        return JSON.stringify({ id: `batch_req_${i}`, custom_id: l.custom_id, response: { status_code: 200, request_id: `req_${i}`, body: { id: `chatcmpl-${i}`, object: 'chat.completion', model: l.body.model, choices: [{ index: 0, message: { role: 'assistant', content: expectedReply(prompt) }, finish_reason: 'stop' }], usage } }, error: null });
+      });
+      b.outputFileId = `file-${this.files.size + 1}`;
+      this.files.set(b.outputFileId, out.join('\n') + '\n');
+    }
+    return {
+      id,
+      object: 'batch',
+      endpoint: '/v1/chat/completions',
+      input_file_id: b.inputFileId,
+      completion_window: '24h',
+      status: done ? 'completed' : 'in_progress',
+      output_file_id: b.outputFileId ?? null,
+      error_file_id: null,
+      created_at: Math.floor(b.created / 1000),
+      request_counts: { total: b.total, completed: done ? b.total : 0, failed: 0 },
+    };
   }
 
   async stop(): Promise<void> {
