@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { isDefaultRole } from '../shared/names';
 import { addInto, computeAxis, AxisResult, RoleSums, Sum } from './axis';
+import type { RecordRef } from './journal';
 
 /** Bucket of an item: its score "0".."3", "none" when the judge gave none, "all" for default roles. */
 export type Bucket = '0' | '1' | '2' | '3' | 'none' | 'all';
@@ -13,11 +14,16 @@ export class IngestError extends Error {
 
 export type IngestOutcome = 'folded' | 'waiting' | 'duplicate';
 
-interface Waiting {
+/** An item with one half in: its activation (in memory, or spooled in the journal at `ref`), or its score. */
+export interface Waiting {
   activation?: Float32Array;
+  ref?: RecordRef;
   /** null = the judge gave no score; undefined = no score message yet. */
   score?: number | null;
 }
+
+/** What addScore found: done, or an activation spooled on disk that the caller must read and fold. */
+export type ScoreOutcome = { outcome: IngestOutcome } | { outcome: 'folded'; spooled: RecordRef; bucket: Bucket };
 
 /**
  * The join of one run: an item's activation and its score arrive in either order; once both
@@ -29,11 +35,17 @@ interface Waiting {
 export class RunAccumulator {
   numLayers = 0;
   hidden = 0;
-  private readonly sums = new Map<string, Map<Bucket, Sum>>();
-  private readonly waiting = new Map<string, Waiting>();
-  private readonly activationSeen = new Set<string>();
-  private readonly scoreSeen = new Set<string>();
+  readonly sums = new Map<string, Map<Bucket, Sum>>();
+  readonly waiting = new Map<string, Waiting>();
+  readonly activationSeen = new Set<string>();
+  readonly scoreSeen = new Set<string>();
   folded = 0;
+  /** Buckets changed and keys added since the last checkpoint (see store.ts). */
+  readonly dirtyBuckets = new Set<string>();
+  newActivationKeys: string[] = [];
+  newScoreKeys: string[] = [];
+  /** Observations rejected for NaN or Inf values. */
+  rejectedNonFinite = 0;
 
   get activations(): number {
     return this.activationSeen.size;
@@ -45,20 +57,38 @@ export class RunAccumulator {
     return this.waiting.size;
   }
 
-  addActivation(role: string, itemKey: string, shape: number[], data: Float32Array): IngestOutcome {
-    const key = `${role}\u0000${itemKey}`;
-    if (this.activationSeen.has(key)) return 'duplicate';
+  /** Checks an activation without changing anything (so nothing invalid is journaled). */
+  checkActivation(role: string, itemKey: string, shape: number[], data: Float32Array): 'duplicate' | 'new' {
+    if (this.activationSeen.has(`${role}\u0000${itemKey}`)) return 'duplicate';
     if (shape.length !== 2) throw new IngestError('activation.shape', `must be [layers, hidden], got [${shape}]`);
-    if (this.numLayers === 0) {
-      this.numLayers = shape[0];
-      this.hidden = shape[1];
-    } else if (shape[0] !== this.numLayers || shape[1] !== this.hidden) {
+    if (this.numLayers !== 0 && (shape[0] !== this.numLayers || shape[1] !== this.hidden)) {
       throw new IngestError('activation.shape', `[${shape}] differs from this run's [${this.numLayers}, ${this.hidden}]`);
     }
     for (let i = 0; i < data.length; i++) {
-      if (!Number.isFinite(data[i])) throw new IngestError('activation.data', `holds a non-finite value at index ${i}`);
+      if (!Number.isFinite(data[i])) {
+        this.rejectedNonFinite++;
+        throw new IngestError('activation.data', `holds a non-finite value at index ${i}: rejected, not summed`);
+      }
+    }
+    return 'new';
+  }
+
+  checkScore(role: string, itemKey: string, score: number | null): 'duplicate' | 'new' {
+    if (isDefaultRole(role)) throw new IngestError('role', `${JSON.stringify(role)} is a default role, whose items are not judged`);
+    if (score !== null && !(Number.isInteger(score) && score >= 0 && score <= 3)) throw new IngestError('score.score', `must be 0..3 or absent, got ${score}`);
+    return this.scoreSeen.has(`${role}\u0000${itemKey}`) ? 'duplicate' : 'new';
+  }
+
+  /** `ref`: where the journal holds this activation; when given, a waiting activation is kept there, not in memory. */
+  addActivation(role: string, itemKey: string, shape: number[], data: Float32Array, ref?: RecordRef): IngestOutcome {
+    const key = `${role}\u0000${itemKey}`;
+    if (this.checkActivation(role, itemKey, shape, data) === 'duplicate') return 'duplicate';
+    if (this.numLayers === 0) {
+      this.numLayers = shape[0];
+      this.hidden = shape[1];
     }
     this.activationSeen.add(key);
+    this.newActivationKeys.push(key);
     if (isDefaultRole(role)) {
       this.fold(role, 'all', data);
       return 'folded';
@@ -69,24 +99,33 @@ export class RunAccumulator {
       this.fold(role, bucketOf(w.score), data);
       return 'folded';
     }
-    this.waiting.set(key, { activation: data });
+    this.waiting.set(key, ref ? { ref } : { activation: data });
     return 'waiting';
   }
 
-  addScore(role: string, itemKey: string, score: number | null): IngestOutcome {
-    if (isDefaultRole(role)) throw new IngestError('role', `${JSON.stringify(role)} is a default role, whose items are not judged`);
-    if (score !== null && !(Number.isInteger(score) && score >= 0 && score <= 3)) throw new IngestError('score.score', `must be 0..3 or absent, got ${score}`);
+  /** Joins a score; if its activation waits on disk, returns where, and the caller folds it with `foldSpooled`. */
+  addScore(role: string, itemKey: string, score: number | null): ScoreOutcome {
+    if (this.checkScore(role, itemKey, score) === 'duplicate') return { outcome: 'duplicate' };
     const key = `${role}\u0000${itemKey}`;
-    if (this.scoreSeen.has(key)) return 'duplicate';
     this.scoreSeen.add(key);
+    this.newScoreKeys.push(key);
     const w = this.waiting.get(key);
     if (w?.activation) {
       this.waiting.delete(key);
       this.fold(role, bucketOf(score), w.activation);
-      return 'folded';
+      return { outcome: 'folded' };
+    }
+    if (w?.ref) {
+      this.waiting.delete(key);
+      return { outcome: 'folded', spooled: w.ref, bucket: bucketOf(score) };
     }
     this.waiting.set(key, { score });
-    return 'waiting';
+    return { outcome: 'waiting' };
+  }
+
+  /** Folds an activation read back from the spool (see addScore). */
+  foldSpooled(role: string, bucket: Bucket, data: Float32Array): void {
+    this.fold(role, bucket, data);
   }
 
   /** Items per bucket of a role. */
@@ -125,17 +164,26 @@ export class RunAccumulator {
     let s = byBucket.get(bucket);
     if (!s) byBucket.set(bucket, (s = { sum: new Float64Array(this.numLayers * this.hidden), count: 0 }));
     addInto(s, data);
+    this.dirtyBuckets.add(`${role}\u0000${bucket}`);
     this.folded++;
+  }
+
+  /** Bytes of activations waiting on disk for their score (the spool). */
+  spooledBytes(): number {
+    let n = 0;
+    for (const w of this.waiting.values()) n += w.ref?.length ?? 0;
+    return n;
   }
 }
 
-function bucketOf(score: number | null | undefined): Bucket {
+export function bucketOf(score: number | null | undefined): Bucket {
   return score === null || score === undefined ? 'none' : (String(score) as Bucket);
 }
 
 /** All runs of this aggregation process. State is in memory for now; `instanceId` tells clients when it was lost. */
 export class Accumulators {
-  readonly instanceId = randomUUID();
+  /** Identifies this state: kept across restarts when the state is durable (see store.ts). */
+  instanceId: string = randomUUID();
   private readonly runs = new Map<string, RunAccumulator>();
 
   get(run: string): RunAccumulator | undefined {
@@ -146,6 +194,16 @@ export class Accumulators {
     let n = 0;
     for (const acc of this.runs.values()) n += acc.waitingCount;
     return n;
+  }
+
+  totalSpooledBytes(): number {
+    let n = 0;
+    for (const acc of this.runs.values()) n += acc.spooledBytes();
+    return n;
+  }
+
+  entries(): [string, RunAccumulator][] {
+    return [...this.runs.entries()];
   }
 
   getOrCreate(run: string): RunAccumulator {

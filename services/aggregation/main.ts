@@ -1,4 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
+import * as path from 'node:path';
+import { DType } from '../../gen/assistant_axis/v1/common';
 import { AggregationServer, AggregationService, IngestAck, IngestRequest, RoleCount } from '../../gen/assistant_axis/v1/aggregation';
 import { loadConfig, OptionTable } from '../shared/config';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ROLE_VECTOR_SCORES } from '../shared/defaults';
@@ -8,22 +10,29 @@ import { isSafeName, nameProblem } from '../shared/names';
 import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { decodeTensor, encodeTensor, TensorError } from '../shared/tensor';
-import { Accumulators, IngestError } from './accumulator';
+import { IngestError } from './accumulator';
+import { DurableStore } from './store';
 import { NoAxisError, toFloat32 } from './axis';
 
 export const AGGREGATION_OPTIONS = {
   host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
   port: { type: 'number', env: 'AXIS_AGGREGATION_PORT', default: DEFAULT_PORTS.aggregation, help: 'gRPC port' },
   'metrics-port': { type: 'number', env: 'AXIS_AGGREGATION_METRICS_PORT', default: DEFAULT_METRICS_PORTS.aggregation, help: 'Prometheus metrics port' },
+  'state-dir': { type: 'string', env: 'AXIS_AGGREGATION_STATE_DIR', default: '.axis/aggregation', help: 'journal, spool and checkpoints' },
+  'checkpoint-seconds': { type: 'number', env: 'AXIS_AGGREGATION_CHECKPOINT_SECONDS', default: 30, help: 'seconds between checkpoints (each writes only what changed)' },
 } satisfies OptionTable;
 
 async function main(): Promise<void> {
   const cfg = loadConfig('aggregation', AGGREGATION_OPTIONS);
   const log = createLogger('aggregation');
-  const state = new Accumulators();
+  const store = new DurableStore(path.resolve(cfg['state-dir']));
+  const opened = Date.now();
+  const { replayed } = await store.open();
+  const state = store.state;
+  log.info({ stateDir: cfg['state-dir'], replayed, runs: state.entries().length, ms: Date.now() - opened }, 'state loaded: checkpoint and journal replayed');
 
   const registry = createRegistry('aggregation');
-  const messages = new prom.Counter({ name: 'axis_aggregation_messages_total', help: 'Ingested messages, by kind and outcome', labelNames: ['kind', 'outcome'], registers: [registry] });
+  const messages = new prom.Counter({ name: 'axis_aggregation_messages_total', help: 'Ingested messages, by kind and outcome (folded, waiting, duplicate, invalid)', labelNames: ['kind', 'outcome'], registers: [registry] });
   new prom.Gauge({
     name: 'axis_aggregation_waiting_items',
     help: 'Activations or scores waiting for their other half, all runs',
@@ -32,47 +41,80 @@ async function main(): Promise<void> {
       this.set(state.totalWaiting());
     },
   });
+  new prom.Gauge({
+    name: 'axis_aggregation_spool_bytes',
+    help: 'Bytes of activations spooled on disk waiting for their score, all runs',
+    registers: [registry],
+    collect() {
+      this.set(state.totalSpooledBytes());
+    },
+  });
+  const checkpoints = new prom.Counter({ name: 'axis_aggregation_checkpoints_total', help: 'Checkpoints written', registers: [registry] });
+  const checkpointSeconds = new prom.Histogram({ name: 'axis_aggregation_checkpoint_seconds', help: 'Time to write a checkpoint', buckets: [0.01, 0.05, 0.1, 0.5, 1, 5, 30], registers: [registry] });
 
-  function ingest(req: IngestRequest): IngestAck {
+  /** Checks names, then hands the message to the store: resolves once it is durable and counted. */
+  async function ingest(req: IngestRequest): Promise<IngestAck> {
     const ack: IngestAck = { run: req.run, role: req.role, itemKey: req.itemKey, isActivation: req.payload?.$case === 'activation', duplicate: false, error: undefined };
+    const kind = ack.isActivation ? 'activation' : 'score';
     try {
       for (const [field, value] of [['run', req.run], ['role', req.role], ['item_key', req.itemKey]] as const) {
         const problem = nameProblem(value);
         if (problem) throw new IngestError(field, problem);
       }
-      const acc = state.getOrCreate(req.run);
-      let outcome;
-      if (req.payload?.$case === 'activation') {
-        const t = decodeTensor(req.payload.value, 'activation');
-        outcome = acc.addActivation(req.role, req.itemKey, t.shape, t.data);
-      } else if (req.payload?.$case === 'score') {
-        outcome = acc.addScore(req.role, req.itemKey, req.payload.value.score ?? null);
-      } else {
-        throw new IngestError('payload', 'needs an activation or a score');
-      }
+      const outcome = await store.ingest(req);
       ack.duplicate = outcome === 'duplicate';
-      messages.inc({ kind: ack.isActivation ? 'activation' : 'score', outcome });
+      messages.inc({ kind, outcome });
     } catch (err) {
-      if (!(err instanceof IngestError || err instanceof TensorError)) throw err;
-      messages.inc({ kind: ack.isActivation ? 'activation' : 'score', outcome: 'invalid' });
+      if (!(err instanceof IngestError || err instanceof TensorError)) {
+        log.error({ err }, 'ingest failed');
+        messages.inc({ kind, outcome: 'error' });
+        ack.error = { code: grpc.status.INTERNAL, message: `not stored: ${(err as Error).message}` };
+        return ack;
+      }
+      messages.inc({ kind, outcome: 'invalid' });
       ack.error = { code: grpc.status.INVALID_ARGUMENT, message: err.message };
     }
     return ack;
   }
 
-  const impl: AggregationServer = {
-    ingest: (call) => {
-      call.on('data', (req: IngestRequest) => {
-        let ack: IngestAck;
-        try {
-          ack = ingest(req);
-        } catch (err) {
-          log.error({ err }, 'ingest failed');
-          ack = { run: req.run, role: req.role, itemKey: req.itemKey, isActivation: req.payload?.$case === 'activation', duplicate: false, error: { code: grpc.status.INTERNAL, message: String(err) } };
+  const exportSums: AggregationServer['exportSums'] = (call) => {
+    try {
+      if (!isSafeName(call.request.run)) throw invalidArgument(`run: ${nameProblem(call.request.run)}`);
+      const acc = state.get(call.request.run);
+      if (!acc) throw notFound(`run: no state for run ${JSON.stringify(call.request.run)} here`);
+      for (const role of acc.roles()) {
+        for (const [bucket, s] of acc.sums.get(role)!) {
+          const bytes = Buffer.from(s.sum.buffer, s.sum.byteOffset, s.sum.byteLength);
+          call.write({ role, bucket, count: s.count, sum: { dtype: DType.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } });
         }
-        if (!call.cancelled) call.write(ack);
+      }
+      call.end();
+    } catch (err) {
+      failStream(call, err);
+    }
+  };
+
+  const impl: AggregationServer = {
+    exportSums,
+    ingest: (call) => {
+      let pending = 0;
+      let ended = false;
+      const finish = () => {
+        if (ended && pending === 0 && !call.cancelled) call.end();
+      };
+      call.on('data', (req: IngestRequest) => {
+        pending++;
+        // Acknowledged only once the message is in the journal on disk.
+        void ingest(req).then((ack) => {
+          pending--;
+          if (!call.cancelled) call.write(ack);
+          finish();
+        });
       });
-      call.on('end', () => call.end());
+      call.on('end', () => {
+        ended = true;
+        finish();
+      });
       call.on('error', () => undefined);
     },
     getRunState: unary(log, async (req) => {
@@ -87,6 +129,8 @@ async function main(): Promise<void> {
         waiting: acc?.waitingCount ?? 0,
         numLayers: acc?.numLayers ?? 0,
         hiddenSize: acc?.hidden ?? 0,
+        spooledBytes: acc?.spooledBytes() ?? 0,
+        rejectedNonFinite: acc?.rejectedNonFinite ?? 0,
       };
     }),
     computeAxis: (call) => {
@@ -128,6 +172,14 @@ async function main(): Promise<void> {
     },
   };
 
+  const checkpoint = async () => {
+    const stop = checkpointSeconds.startTimer();
+    if (await store.checkpoint()) checkpoints.inc();
+    stop();
+  };
+  const timer = setInterval(() => void checkpoint().catch((err) => log.error({ err }, 'checkpoint failed')), cfg['checkpoint-seconds'] * 1000);
+  timer.unref();
+
   const running = await startService({
     service: 'aggregation',
     host: cfg.host,
@@ -136,6 +188,11 @@ async function main(): Promise<void> {
     bindings: [{ name: 'assistant_axis.v1.Aggregation', definition: AggregationService, implementation: impl }],
     registry,
     log,
+    onDrain: async () => {
+      clearInterval(timer);
+      await checkpoint();
+      await store.close();
+    },
   });
   running.setReady(true);
 }

@@ -14,5 +14,5 @@ export function repoRoot(): string {
 /** Where the local deployment keeps its state, logs and pid files (ignored by git). */
 export function localDirs(root: string) {
   const base = path.join(root, '.axis');
-  return { base, logs: path.join(base, 'logs'), state: path.join(base, 'coordinator'), pids: path.join(base, 'pids') };
+  return { base, logs: path.join(base, 'logs'), state: base, pids: path.join(base, 'pids') };
 }

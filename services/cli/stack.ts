@@ -15,6 +15,7 @@ export interface StackOptions {
   metricsPorts?: Partial<Record<ServiceName, number>>;
   /** Directory for the services' log files. */
   logDir: string;
+  /** State of the stateful services: `<stateDir>/coordinator` (ledger) and `<stateDir>/aggregation` (journal, checkpoints). */
   stateDir: string;
   outputRoot: string;
   dataDir: string;
@@ -52,13 +53,14 @@ export class LocalStack {
   flags(name: ServiceName): string[] {
     const common = ['--host', this.host, '--port', String(this.ports[name]), '--metrics-port', String(this.metricsPorts[name])];
     const extra = this.opts.args?.[name] ?? [];
+    if (name === 'aggregation') return [...common, '--state-dir', path.join(this.opts.stateDir, 'aggregation'), ...extra];
     if (name !== 'coordinator') return [...common, ...extra];
     return [
       ...common,
       '--inference', this.address('inference'),
       '--judge', this.address('judge'),
       '--aggregation', this.address('aggregation'),
-      '--state-dir', this.opts.stateDir,
+      '--state-dir', path.join(this.opts.stateDir, 'coordinator'),
       '--output-root', this.opts.outputRoot,
       '--data-dir', this.opts.dataDir,
       ...extra,

@@ -83,7 +83,7 @@ describe('restarts', () => {
     await expectSameAsClean('coordinator-stopped');
   });
 
-  it('survives kill -9 of the aggregation service (its sums are rebuilt by Extract)', async () => {
+  it('survives kill -9 of the aggregation service (its journal and checkpoint restore the sums)', async () => {
     await crashDuringRun('aggregation-killed', 'aggregation');
     await expectSameAsClean('aggregation-killed');
   });

@@ -58,13 +58,13 @@ describe('RunAccumulator (the activation/score join)', () => {
   it('joins activation and score in either order and folds each item once', () => {
     const acc = new RunAccumulator();
     expect(acc.addActivation('pirate', 'pos_p0_q0', [2, 2], act(1))).toBe('waiting');
-    expect(acc.addScore('pirate', 'pos_p0_q0', 3)).toBe('folded');
-    expect(acc.addScore('pirate', 'pos_p0_q1', 3)).toBe('waiting');
+    expect(acc.addScore('pirate', 'pos_p0_q0', 3).outcome).toBe('folded');
+    expect(acc.addScore('pirate', 'pos_p0_q1', 3).outcome).toBe('waiting');
     expect(acc.addActivation('pirate', 'pos_p0_q1', [2, 2], act(3))).toBe('folded');
     expect(acc.addActivation('pirate', 'pos_p0_q1', [2, 2], act(100))).toBe('duplicate');
-    expect(acc.addScore('pirate', 'pos_p0_q1', 3)).toBe('duplicate');
+    expect(acc.addScore('pirate', 'pos_p0_q1', 3).outcome).toBe('duplicate');
     expect(acc.addActivation('pirate', 'pos_p0_q2', [2, 2], act(50))).toBe('waiting');
-    expect(acc.addScore('pirate', 'pos_p0_q2', null)).toBe('folded');
+    expect(acc.addScore('pirate', 'pos_p0_q2', null).outcome).toBe('folded');
     expect(acc.addActivation('default', 'pos_p0_q0', [2, 2], act(10))).toBe('folded');
     expect(acc.histogram('pirate')).toEqual({ '3': 2, none: 1 });
     const r = acc.compute(1, [3]);

@@ -1,0 +1,144 @@
+import { promises as fs } from 'node:fs';
+import * as path from 'node:path';
+import { crc32 } from 'node:zlib';
+
+/** Where a record lives: its segment, and the byte offset and length of its payload. */
+export interface RecordRef {
+  segment: number;
+  offset: number;
+  length: number;
+}
+
+const HEADER = 8; // u32 payload length, u32 crc32 of the payload
+const SEGMENT_BYTES = 256 * 1024 * 1024;
+
+/**
+ * An append-only journal of records in numbered segment files (`journal-000001.log`, ...),
+ * each record [length][crc32][payload]. Appends are group-committed: records queued while a
+ * write is in progress go out together, with one fsync, and each append resolves only once
+ * its record is durable. A process that opens the journal starts a new segment, so a record
+ * torn by a crash is never appended to; replay stops at the first torn record of a segment.
+ */
+export class Journal {
+  private handle: fs.FileHandle | undefined;
+  private segment = 0;
+  private size = 0;
+  private queue: { bytes: Buffer; ref: RecordRef; resolve: () => void; reject: (e: Error) => void }[] = [];
+  private writing: Promise<void> | undefined;
+
+  constructor(readonly dir: string) {}
+
+  async open(): Promise<void> {
+    await fs.mkdir(this.dir, { recursive: true });
+    const existing = await this.segments();
+    this.segment = (existing[existing.length - 1] ?? 0) + 1;
+    await this.openSegment();
+  }
+
+  /** Segment numbers on disk, ascending. */
+  async segments(): Promise<number[]> {
+    return (await fs.readdir(this.dir))
+      .map((f) => /^journal-(\d+)\.log$/.exec(f))
+      .filter((m): m is RegExpExecArray => !!m)
+      .map((m) => Number(m[1]))
+      .sort((a, b) => a - b);
+  }
+
+  /** The position after everything appended so far. */
+  position(): { segment: number; offset: number } {
+    return { segment: this.segment, offset: this.size };
+  }
+
+  append(payload: Uint8Array): Promise<RecordRef> {
+    const bytes = Buffer.alloc(HEADER + payload.byteLength);
+    bytes.writeUInt32LE(payload.byteLength, 0);
+    bytes.writeUInt32LE(crc32(payload), 4);
+    bytes.set(payload, HEADER);
+    const ref = { segment: this.segment, offset: this.size + HEADER, length: payload.byteLength };
+    this.size += bytes.length;
+    return new Promise((resolve, reject) => {
+      this.queue.push({ bytes, ref, resolve: () => resolve(ref), reject });
+      this.writing ??= this.flush();
+    });
+  }
+
+  private async flush(): Promise<void> {
+    while (this.queue.length) {
+      const batch = this.queue;
+      this.queue = [];
+      try {
+        await this.handle!.writev(batch.map((b) => b.bytes));
+        await this.handle!.sync();
+        for (const b of batch) b.resolve();
+      } catch (err) {
+        for (const b of batch) b.reject(err as Error);
+      }
+      if (this.size >= SEGMENT_BYTES && this.queue.length === 0) await this.rotate();
+    }
+    this.writing = undefined;
+  }
+
+  /** Starts a new segment (at a checkpoint, or when the current one is full). */
+  async rotate(): Promise<void> {
+    await this.writing;
+    await this.handle?.close();
+    this.segment++;
+    await this.openSegment();
+  }
+
+  async read(ref: RecordRef): Promise<Buffer> {
+    const handle = await fs.open(this.file(ref.segment), 'r');
+    try {
+      const buf = Buffer.alloc(ref.length);
+      const { bytesRead } = await handle.read(buf, 0, ref.length, ref.offset);
+      if (bytesRead !== ref.length) throw new Error(`journal segment ${ref.segment} is shorter than a record it should hold`);
+      return buf;
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /** Calls `apply` for every intact record from `from` on, in order. */
+  async replay(from: { segment: number; offset: number }, apply: (payload: Buffer, ref: RecordRef) => void): Promise<number> {
+    let count = 0;
+    for (const seg of await this.segments()) {
+      if (seg < from.segment || seg >= this.segment) continue;
+      const data = await fs.readFile(this.file(seg));
+      let at = seg === from.segment ? from.offset : 0;
+      while (at + HEADER <= data.length) {
+        const length = data.readUInt32LE(at);
+        const crc = data.readUInt32LE(at + 4);
+        if (at + HEADER + length > data.length) break; // torn by a crash: nothing after it was acknowledged
+        const payload = data.subarray(at + HEADER, at + HEADER + length);
+        if (crc32(payload) !== crc) break;
+        apply(payload, { segment: seg, offset: at + HEADER, length });
+        count++;
+        at += HEADER + length;
+      }
+    }
+    return count;
+  }
+
+  async remove(segment: number): Promise<void> {
+    await fs.rm(this.file(segment), { force: true });
+  }
+
+  async close(): Promise<void> {
+    await this.writing;
+    await this.handle?.close();
+    this.handle = undefined;
+  }
+
+  private async openSegment(): Promise<void> {
+    this.handle = await fs.open(this.file(this.segment), 'a');
+    this.size = 0;
+    // The new file's name must survive a crash too.
+    const dir = await fs.open(this.dir, 'r');
+    await dir.sync();
+    await dir.close();
+  }
+
+  private file(segment: number): string {
+    return path.join(this.dir, `journal-${String(segment).padStart(6, '0')}.log`);
+  }
+}

@@ -1,0 +1,238 @@
+import { promises as fs } from 'node:fs';
+import * as path from 'node:path';
+import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
+import { writeFileAtomic } from '../shared/files';
+import { decodeTensor } from '../shared/tensor';
+import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator } from './accumulator';
+import { Journal, RecordRef } from './journal';
+
+interface BucketEntry {
+  count: number;
+  file: string;
+}
+
+interface RunSnapshot {
+  numLayers: number;
+  hidden: number;
+  folded: number;
+  rejectedNonFinite: number;
+  keyFiles: string[];
+  buckets: Record<string, Record<string, BucketEntry>>;
+  waiting: { key: string; ref?: RecordRef; score?: number | null }[];
+}
+
+interface Manifest {
+  version: 1;
+  instanceId: string;
+  /** Every journal record before this position is in the snapshot. */
+  journal: { segment: number; offset: number };
+  runs: Record<string, RunSnapshot>;
+}
+
+/**
+ * The aggregation's durable state. Every message goes to the journal first (acknowledged only
+ * once fsynced); an activation that waits for its score stays in the journal (the spool) and
+ * only its position is kept in memory. A checkpoint writes what changed since the last one:
+ * the changed buckets' float64 sums (each a new file: write, fsync, rename), the keys added,
+ * and a manifest naming everything, committed by an atomic rename of CURRENT; then journal
+ * segments nothing refers to are deleted. Opening the store loads the current checkpoint and
+ * replays the journal after it, so after kill -9 at any moment the state is exactly what was
+ * acknowledged, and re-sent messages are recognised as duplicates.
+ */
+export class DurableStore {
+  readonly state = new Accumulators();
+  private readonly journal: Journal;
+  private chain: Promise<unknown> = Promise.resolve();
+  private applied = { segment: 0, offset: 0 };
+  private manifest: Manifest | undefined;
+  private checkpoints = 0;
+
+  constructor(readonly dir: string) {
+    this.journal = new Journal(path.join(dir, 'journal'));
+  }
+
+  async open(): Promise<{ replayed: number }> {
+    await fs.mkdir(this.dir, { recursive: true });
+    this.manifest = await this.readManifest();
+    if (this.manifest) this.load(this.manifest);
+    const from = this.manifest?.journal ?? { segment: 0, offset: 0 };
+    await this.journal.open();
+    let replayed = 0;
+    const pending: { payload: Buffer; ref: RecordRef }[] = [];
+    await this.journal.replay(from, (payload, ref) => pending.push({ payload: Buffer.from(payload), ref }));
+    for (const { payload, ref } of pending) {
+      await this.apply(IngestRequest.decode(payload), ref);
+      replayed++;
+    }
+    return { replayed };
+  }
+
+  /**
+   * Ingests one message: checked against the current state, journaled (durable), then applied,
+   * in journal order. Resolves once the message is durable and counted.
+   */
+  ingest(req: IngestRequest): Promise<IngestOutcome> {
+    const acc = this.state.get(req.run);
+    // Checks first, so that nothing invalid reaches the journal.
+    let decoded: Float32Array | undefined;
+    if (req.payload?.$case === 'activation') {
+      const t = decodeTensor(req.payload.value, 'activation');
+      decoded = t.data;
+      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, t.shape, t.data);
+      if (check === 'duplicate') return Promise.resolve('duplicate');
+    } else if (req.payload?.$case === 'score') {
+      if ((acc ?? new RunAccumulator()).checkScore(req.role, req.itemKey, req.payload.value.score ?? null) === 'duplicate') return Promise.resolve('duplicate');
+    } else {
+      throw new IngestError('payload', 'needs an activation or a score');
+    }
+    const appended = this.journal.append(IngestRequest.encode(req).finish());
+    return this.serialize(async () => this.apply(req, await appended, decoded));
+  }
+
+  /** Runs `task` after everything queued before it: applies happen in journal order. */
+  private serialize<T>(task: () => Promise<T>): Promise<T> {
+    const next = this.chain.then(task, task);
+    this.chain = next.catch(() => undefined);
+    return next;
+  }
+
+  private async apply(req: IngestRequest, ref: RecordRef, decoded?: Float32Array): Promise<IngestOutcome> {
+    const acc = this.state.getOrCreate(req.run);
+    let outcome: IngestOutcome;
+    if (req.payload?.$case === 'activation') {
+      const t = decodeTensor(req.payload.value, 'activation');
+      outcome = acc.addActivation(req.role, req.itemKey, t.shape, decoded ?? t.data, ref);
+    } else {
+      const payload = req.payload;
+      const r = acc.addScore(req.role, req.itemKey, payload?.$case === 'score' ? (payload.value.score ?? null) : null);
+      outcome = r.outcome;
+      if ('spooled' in r) {
+        const spooled = IngestRequest.decode(await this.journal.read(r.spooled));
+        if (spooled.payload?.$case !== 'activation') throw new Error(`journal record at ${r.spooled.segment}:${r.spooled.offset} is not an activation`);
+        acc.foldSpooled(req.role, r.bucket, decodeTensor(spooled.payload.value, 'activation').data);
+      }
+    }
+    this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
+    return outcome;
+  }
+
+  /** Writes a checkpoint of what changed, commits it, and deletes journal segments no longer needed. */
+  checkpoint(): Promise<boolean> {
+    return this.serialize(async () => {
+      const runs = this.state.entries();
+      const changed = runs.some(([, acc]) => acc.dirtyBuckets.size || acc.newActivationKeys.length || acc.newScoreKeys.length);
+      if (!changed && this.manifest && this.manifest.journal.segment === this.applied.segment && this.manifest.journal.offset === this.applied.offset) return false;
+      // Names that sort in checkpoint order, unique within this process and across restarts.
+      const n = Date.now() * 1000 + (++this.checkpoints % 1000);
+      const manifest: Manifest = { version: 1, instanceId: this.state.instanceId, journal: { ...this.applied }, runs: {} };
+      for (const [run, acc] of runs) {
+        const before = this.manifest?.runs[run];
+        const runDir = path.join(this.dir, 'runs', run);
+        await fs.mkdir(runDir, { recursive: true });
+        const buckets: RunSnapshot['buckets'] = {};
+        for (const [role, byBucket] of acc.sums) {
+          buckets[role] = {};
+          for (const [bucket, sum] of byBucket) {
+            const dirty = acc.dirtyBuckets.has(`${role}\u0000${bucket}`);
+            const previous = before?.buckets[role]?.[bucket];
+            if (!dirty && previous) {
+              buckets[role][bucket] = previous;
+              continue;
+            }
+            const file = `${role}.${bucket}.${n}.f64`;
+            await writeFileAtomic(path.join(runDir, file), new Uint8Array(sum.sum.buffer, sum.sum.byteOffset, sum.sum.byteLength));
+            buckets[role][bucket] = { count: sum.count, file };
+          }
+        }
+        const keyFiles = [...(before?.keyFiles ?? [])];
+        if (acc.newActivationKeys.length || acc.newScoreKeys.length) {
+          const file = `keys.${n}.json`;
+          await writeFileAtomic(path.join(runDir, file), JSON.stringify({ activations: acc.newActivationKeys, scores: acc.newScoreKeys }));
+          keyFiles.push(file);
+        }
+        manifest.runs[run] = {
+          numLayers: acc.numLayers,
+          hidden: acc.hidden,
+          folded: acc.folded,
+          rejectedNonFinite: acc.rejectedNonFinite,
+          keyFiles,
+          buckets,
+          waiting: [...acc.waiting.entries()].map(([key, w]) => ({ key, ref: w.ref, score: w.score })),
+        };
+      }
+      await writeFileAtomic(path.join(this.dir, `manifest.${n}.json`), JSON.stringify(manifest));
+      await writeFileAtomic(path.join(this.dir, 'CURRENT'), `manifest.${n}.json\n`);
+      const old = this.manifest;
+      this.manifest = manifest;
+      for (const [, acc] of runs) {
+        acc.dirtyBuckets.clear();
+        acc.newActivationKeys = [];
+        acc.newScoreKeys = [];
+      }
+      await this.collectGarbage(old, manifest);
+      return true;
+    });
+  }
+
+  /** Deletes the previous manifest, bucket files no longer named, and journal segments before the checkpoint that hold no waiting activation. */
+  private async collectGarbage(old: Manifest | undefined, current: Manifest): Promise<void> {
+    const live = new Set<string>();
+    for (const [run, r] of Object.entries(current.runs)) for (const byBucket of Object.values(r.buckets)) for (const b of Object.values(byBucket)) live.add(path.join(run, b.file));
+    if (old) {
+      for (const [run, r] of Object.entries(old.runs)) {
+        for (const byBucket of Object.values(r.buckets)) for (const b of Object.values(byBucket)) if (!live.has(path.join(run, b.file))) await fs.rm(path.join(this.dir, 'runs', run, b.file), { force: true });
+      }
+    }
+    for (const f of await fs.readdir(this.dir)) {
+      if (/^manifest\.\d+\.json$/.test(f) && (await fs.readFile(path.join(this.dir, 'CURRENT'), 'utf8')).trim() !== f) await fs.rm(path.join(this.dir, f), { force: true });
+    }
+    const spooled = new Set<number>();
+    for (const r of Object.values(current.runs)) for (const w of r.waiting) if (w.ref) spooled.add(w.ref.segment);
+    for (const seg of await this.journal.segments()) {
+      if (seg < current.journal.segment && !spooled.has(seg)) await this.journal.remove(seg);
+    }
+  }
+
+  private async readManifest(): Promise<Manifest | undefined> {
+    let name: string;
+    try {
+      name = (await fs.readFile(path.join(this.dir, 'CURRENT'), 'utf8')).trim();
+    } catch {
+      return undefined;
+    }
+    return JSON.parse(await fs.readFile(path.join(this.dir, name), 'utf8')) as Manifest;
+  }
+
+  private load(m: Manifest): void {
+    this.state.instanceId = m.instanceId;
+    const fsSync = require('node:fs') as typeof import('node:fs');
+    for (const [run, r] of Object.entries(m.runs)) {
+      const acc = this.state.getOrCreate(run);
+      acc.numLayers = r.numLayers;
+      acc.hidden = r.hidden;
+      acc.folded = r.folded;
+      acc.rejectedNonFinite = r.rejectedNonFinite;
+      const runDir = path.join(this.dir, 'runs', run);
+      for (const f of r.keyFiles) {
+        const keys = JSON.parse(fsSync.readFileSync(path.join(runDir, f), 'utf8')) as { activations: string[]; scores: string[] };
+        for (const k of keys.activations) acc.activationSeen.add(k);
+        for (const k of keys.scores) acc.scoreSeen.add(k);
+      }
+      for (const [role, byBucket] of Object.entries(r.buckets)) {
+        const map = new Map<Bucket, { sum: Float64Array; count: number }>();
+        for (const [bucket, b] of Object.entries(byBucket)) {
+          const bytes = fsSync.readFileSync(path.join(runDir, b.file));
+          map.set(bucket as Bucket, { sum: new Float64Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)), count: b.count });
+        }
+        acc.sums.set(role, map);
+      }
+      for (const w of r.waiting) acc.waiting.set(w.key, w.ref ? { ref: w.ref } : { score: w.score });
+    }
+    this.applied = { ...m.journal };
+  }
+
+  async close(): Promise<void> {
+    await this.chain;
+    await this.journal.close();
+  }
+}
