@@ -21,6 +21,8 @@ export interface RunSpec {
   maxJudgeCostUsd?: number;
   /** Judge through the Batch API instead of online calls. */
   judgeBatch?: boolean;
+  /** Another axis to compare with in the report (absolute path of a safetensors file). */
+  compareAxis?: string;
 }
 
 /** A batch submitted to the judge's Batch API and the items in it. */
@@ -31,7 +33,7 @@ export interface JudgeBatchRow {
 }
 
 /** Spec fields that may change between StartRun calls of the same run. */
-export const ADJUSTABLE_SPEC_FIELDS: (keyof RunSpec)[] = ['maxJudgeCostUsd'];
+export const ADJUSTABLE_SPEC_FIELDS: (keyof RunSpec)[] = ['maxJudgeCostUsd', 'compareAxis'];
 
 /** What the judge reported for one item, all attempts. */
 export interface JudgeUsage {

@@ -7,7 +7,9 @@ import { writeFileAtomic } from '../shared/files';
 import { Limiter } from '../shared/limit';
 import type { Logger } from '../shared/logger';
 import { isDefaultRole } from '../shared/names';
-import { writeSafetensors } from '../shared/safetensors';
+import { readSafetensors, writeSafetensors } from '../shared/safetensors';
+import { reportHtml } from '../report/html';
+import { buildReport, ReportInput } from '../report/report';
 import { decodeTensor } from '../shared/tensor';
 import { buildConversation } from './conversation';
 import type { DataSet, Role } from './data';
@@ -448,6 +450,31 @@ export class RunExecutor {
     }
   }
 
+  /** report.json and report.html: the notebooks' analysis of the finished run. */
+  private async writeReport(summary: RunSummary, roles: ReportInput['roles'], defaults: ReportInput['defaults'], axis: Float32Array, histograms: Record<string, Record<string, number>>): Promise<void> {
+    let compare: ReportInput['compare'];
+    if (this.spec.compareAxis) {
+      const other = (await readSafetensors(this.spec.compareAxis)).tensors.axis;
+      if (other && other.shape[0] === summary.numLayers && other.shape[1] === summary.hiddenSize) compare = { name: path.basename(this.spec.compareAxis), axis: other.data };
+      else this.log.warn({ file: this.spec.compareAxis, shape: other?.shape }, 'compare_axis has another shape than this run\'s axis: left out of the report');
+    }
+    const report = buildReport({
+      run: this.spec.name,
+      model: this.spec.model,
+      numLayers: summary.numLayers,
+      hidden: summary.hiddenSize,
+      minCount: this.spec.minCount,
+      roles,
+      defaults,
+      leftOut: summary.leftOut,
+      histograms,
+      axis,
+      compare,
+    });
+    await writeFileAtomic(path.join(this.runDir, 'report.json'), JSON.stringify(report, null, 2) + '\n');
+    await writeFileAtomic(path.join(this.runDir, 'report.html'), reportHtml(report));
+  }
+
   private judgeId(item: ItemRow): string {
     return `${this.spec.name}/${item.role}/${item.key}`;
   }
@@ -493,14 +520,21 @@ export class RunExecutor {
     const results = await this.upstreams.aggregation.computeAxis({ run: this.spec.name, minCount: this.spec.minCount, scores: [] });
     const meta = (extra: Record<string, string>) => ({ model: this.spec.model, run: this.spec.name, layers: this.spec.layers.length ? this.spec.layers.join(',') : 'all', ...extra });
     let summary: RunSummary | undefined;
+    const kept: ReportInput['roles'] = [];
+    const defaults: ReportInput['defaults'] = [];
+    let axisTensor: Float32Array | undefined;
+    let histograms: Record<string, Record<string, number>> = {};
     for (const r of results) {
       if (r.result?.$case === 'vector') {
         const v = r.result.value;
         const t = decodeTensor(v.vector, `vector of ${v.role}`);
+        (v.isDefault ? defaults : kept).push({ role: v.role, count: v.count, vector: t.data });
         await writeSafetensors(path.join(this.runDir, 'vectors', `${v.role}.safetensors`), { vector: t }, meta({ role: v.role, count: String(v.count), scores: v.isDefault ? 'all' : '3' }));
       } else if (r.result?.$case === 'axis') {
         const a = r.result.value;
         const t = decodeTensor(a.axis, 'axis');
+        axisTensor = t.data;
+        histograms = Object.fromEntries([...a.kept, ...a.leftOut, ...a.defaults].map((c) => [c.role, c.histogram]));
         summary = {
           kept: a.kept.map((k) => ({ role: k.role, count: k.count })),
           leftOut: a.leftOut.map((k) => ({ role: k.role, count: k.count })),
@@ -516,7 +550,8 @@ export class RunExecutor {
         );
       }
     }
-    if (!summary) throw new RunFailure('aggregation returned no axis');
+    if (!summary || !axisTensor) throw new RunFailure('aggregation returned no axis');
+    await this.writeReport(summary, kept, defaults, axisTensor, histograms);
     await writeFileAtomic(
       path.join(this.runDir, 'manifest.json'),
       JSON.stringify(manifest(this.spec, this.data, this.modelInfo, this.upstreams.judge.info!, summary), null, 2) + '\n',

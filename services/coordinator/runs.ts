@@ -9,6 +9,7 @@ import { failedPrecondition, invalidArgument, notFound, RpcError } from '../shar
 import { DataSet, loadDataSet } from './data';
 import { ADJUSTABLE_SPEC_FIELDS, Ledger, RunRow, RunSpec, RunStateName } from './ledger';
 import { BATCH_PRICE_FACTOR } from '../judge/batch';
+import { readSafetensors } from '../shared/safetensors';
 import { estimateTokens } from '../judge/costs';
 import { judgePrompt } from '../judge/prompt';
 import { emptyProgress, Progress, RunExecutor, RunOutcome, RunSummary } from './run';
@@ -242,6 +243,16 @@ export class RunManager {
     if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
     if (req.maxJudgeCostUsd !== undefined && !(Number.isFinite(req.maxJudgeCostUsd) && req.maxJudgeCostUsd >= 0)) throw invalidArgument(`max_judge_cost_usd: must be a non-negative number of dollars, got ${req.maxJudgeCostUsd}`);
     const dataDir = path.resolve(req.dataDir || this.opts.defaultDataDir);
+    let compareAxis: string | undefined;
+    if (req.compareAxis) {
+      compareAxis = path.resolve(req.compareAxis);
+      try {
+        const { tensors } = await readSafetensors(compareAxis);
+        if (!tensors.axis) throw new Error(`it holds no tensor named "axis" (it has ${Object.keys(tensors).join(', ') || 'none'})`);
+      } catch (err) {
+        throw invalidArgument(`compare_axis: ${compareAxis}: ${(err as Error).message}`);
+      }
+    }
     const data = await loadDataSet(dataDir, req.roles, req.questionCount);
 
     await this.refreshUpstreams().catch((err) => {
@@ -282,6 +293,7 @@ export class RunManager {
       dataHash: data.hash,
       ...(req.maxJudgeCostUsd !== undefined ? { maxJudgeCostUsd: req.maxJudgeCostUsd } : {}),
       ...(req.judgeBatch ? { judgeBatch: true } : {}),
+      ...(compareAxis ? { compareAxis } : {}),
     };
     return { spec, data };
   }

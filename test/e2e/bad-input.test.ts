@@ -49,6 +49,7 @@ describe('StartRun rejects bad input', () => {
     ['top_p above 1', () => ({ name: 'r11', topP: 1.5 }), grpc.status.INVALID_ARGUMENT, /top_p: must be in \(0, 1\]/],
     ['min_count 0', () => ({ name: 'r12', minCount: 0 }), grpc.status.INVALID_ARGUMENT, /min_count: must be at least 1/],
     ['layer the model lacks', () => ({ name: 'r13', layers: [99] }), grpc.status.INVALID_ARGUMENT, /layers: layer 99 does not exist/],
+    ['compare_axis that is not there', () => ({ name: 'r15', compareAxis: path.join(dir, 'missing.safetensors') }), grpc.status.INVALID_ARGUMENT, /compare_axis: .*missing\.safetensors/],
     ['model no replica serves', () => ({ name: 'r14', model: 'google/gemma-2-27b-it' }), grpc.status.FAILED_PRECONDITION, /model: no inference replica serves "google\/gemma-2-27b-it" \(served: synthetic-tiny\)/],
   ];
 

@@ -123,6 +123,23 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     for (const f of fs.readdirSync(stack.opts.logDir)) expect(fs.readFileSync(path.join(stack.opts.logDir, f), 'utf8')).not.toContain('sk-test-secret-key-123');
   });
 
+  it('writes report.json and report.html, and compares with another axis when given one', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    const e2eDir = path.join(stack.opts.outputRoot, 'e2e');
+    const report = JSON.parse(fs.readFileSync(path.join(e2eDir, 'report.json'), 'utf8'));
+    expect(report.num_layers).toBe(L);
+    expect(report.axis_vs_pc1).toHaveLength(L);
+    expect(report.projections.length).toBe(report.roles_kept.length + 1);
+    expect(fs.readFileSync(path.join(e2eDir, 'report.html'), 'utf8')).toContain('<svg');
+    // The same run under another name has the same axis: cosine 1 at every layer.
+    await startRun(client, { name: 'compared', questionCount: QUESTIONS, minCount: MIN_COUNT, seed: 11, maxNewTokens: 48, compareAxis: path.join(e2eDir, 'axis.safetensors') });
+    const done = await watchRun(client, 'compared', () => undefined);
+    const compared = JSON.parse(fs.readFileSync(path.join(done.outputDir, 'report.json'), 'utf8'));
+    expect(compared.compare.name).toBe('axis.safetensors');
+    for (const c of compared.compare.cosine_per_layer) expect(c).toBeCloseTo(1, 6);
+    client.close();
+  });
+
   it('does no work again when the same run is started twice, and says so', async () => {
     const client = coordinatorClient(stack.address('coordinator'));
     const before = judge.requests.length;

@@ -1,0 +1,102 @@
+import { cosine, dot, norm, pca, targetLayer } from './analysis';
+
+export interface ReportInput {
+  run: string;
+  model: string;
+  numLayers: number;
+  hidden: number;
+  minCount: number;
+  /** Kept roles' vectors, float32 [numLayers * hidden]. */
+  roles: { role: string; count: number; vector: Float32Array }[];
+  defaults: { role: string; count: number; vector: Float32Array }[];
+  leftOut: { role: string; count: number }[];
+  histograms: Record<string, Record<string, number>>;
+  axis: Float32Array;
+  compare?: { name: string; axis: Float32Array };
+}
+
+export interface Report {
+  run: string;
+  model: string;
+  num_layers: number;
+  hidden_size: number;
+  target_layer: number;
+  min_count: number;
+  axis_norms: number[];
+  pca: {
+    layer: number;
+    explained: number[];
+    cumulative: number[];
+    roles: { role: string; count: number; pc1: number; pc2: number }[];
+    defaults: { role: string; pc1: number; pc2: number }[];
+  };
+  axis_vs_pc1: number[];
+  projections: { role: string; kind: 'role' | 'default'; projection: number }[];
+  histograms: Record<string, Record<string, number>>;
+  roles_kept: { role: string; count: number }[];
+  roles_left_out: { role: string; count: number }[];
+  compare?: { name: string; cosine_per_layer: number[] };
+}
+
+function layerOf(v: Float32Array, l: number, d: number): Float64Array {
+  return Float64Array.from(v.subarray(l * d, (l + 1) * d));
+}
+
+/**
+ * The report of a finished run: PCA of the role vectors at the target layer (variance
+ * explained, roles and default vectors on PC1-PC2), the cosine between the axis and PC1 at
+ * every layer, roles ranked by their projection on the axis, the axis norm per layer, each
+ * role's score histogram, and, when given, the cosine per layer against another axis.
+ */
+export function buildReport(input: ReportInput, components = 10): Report {
+  const { numLayers: L, hidden: d } = input;
+  const target = targetLayer(input.model, L);
+  const axisNorms = Array.from({ length: L }, (_, l) => norm(layerOf(input.axis, l, d)));
+  const rows = (l: number) => input.roles.map((r) => layerOf(r.vector, l, d));
+  const axisVsPc1: number[] = [];
+  let atTarget: ReturnType<typeof pca> | undefined;
+  for (let l = 0; l < L; l++) {
+    if (input.roles.length < 2) {
+      axisVsPc1.push(0);
+      continue;
+    }
+    const p = pca(rows(l), l === target ? components : 1);
+    if (l === target) atTarget = p;
+    axisVsPc1.push(cosine(layerOf(input.axis, l, d), p.components[0]));
+  }
+  const mean = new Float64Array(d);
+  for (const r of rows(target)) for (let i = 0; i < d; i++) mean[i] += r[i] / input.roles.length;
+  const on = (v: Float32Array, c: number) => (atTarget?.components[c] ? dot(layerOf(v, target, d).map((x, i) => x - mean[i]), atTarget.components[c]) : 0);
+  const axisT = layerOf(input.axis, target, d);
+  const axisNorm = norm(axisT) || 1;
+  const projections = [
+    ...input.roles.map((r) => ({ role: r.role, kind: 'role' as const, projection: dot(layerOf(r.vector, target, d), axisT) / axisNorm })),
+    ...input.defaults.map((r) => ({ role: r.role, kind: 'default' as const, projection: dot(layerOf(r.vector, target, d), axisT) / axisNorm })),
+  ].sort((a, b) => b.projection - a.projection);
+  let cumulative = 0;
+  return {
+    run: input.run,
+    model: input.model,
+    num_layers: L,
+    hidden_size: d,
+    target_layer: target,
+    min_count: input.minCount,
+    axis_norms: axisNorms,
+    pca: {
+      layer: target,
+      explained: atTarget?.explained ?? [],
+      cumulative: (atTarget?.explained ?? []).map((e) => (cumulative += e)),
+      roles: input.roles.map((r, i) => ({ role: r.role, count: r.count, pc1: atTarget?.coordinates[i][0] ?? 0, pc2: atTarget?.coordinates[i][1] ?? 0 })),
+      defaults: input.defaults.map((r) => ({ role: r.role, pc1: on(r.vector, 0), pc2: on(r.vector, 1) })),
+    },
+    axis_vs_pc1: axisVsPc1,
+    projections,
+    histograms: input.histograms,
+    roles_kept: input.roles.map((r) => ({ role: r.role, count: r.count })),
+    roles_left_out: input.leftOut,
+    compare: input.compare && {
+      name: input.compare.name,
+      cosine_per_layer: Array.from({ length: L }, (_, l) => cosine(layerOf(input.axis, l, d), layerOf(input.compare!.axis, l, d))),
+    },
+  };
+}
