@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation
 
 install: $(NODE_MODULES)
 
@@ -41,6 +41,10 @@ bench-build: build
 # Judge service vs the reference's batches of 50, against the test server (about 3 minutes).
 bench-judge: build
 	node dist/bench/judge.js
+
+# Aggregation ingestion against a plain widen+add loop, and the memory of a full run's state.
+bench-aggregation: build
+	node --max-old-space-size=8192 dist/bench/aggregation.js
 
 up: build
 	node dist/services/cli/up.js

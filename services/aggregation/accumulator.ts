@@ -58,17 +58,18 @@ export class RunAccumulator {
   }
 
   /** Checks an activation without changing anything (so nothing invalid is journaled). */
-  checkActivation(role: string, itemKey: string, shape: number[], data: Float32Array): 'duplicate' | 'new' {
+  /** `firstNonFinite`: when the decoder already looked (-1: all finite), the values are not scanned again. */
+  checkActivation(role: string, itemKey: string, shape: number[], data: Float32Array, firstNonFinite?: number): 'duplicate' | 'new' {
     if (this.activationSeen.has(`${role}\u0000${itemKey}`)) return 'duplicate';
     if (shape.length !== 2) throw new IngestError('activation.shape', `must be [layers, hidden], got [${shape}]`);
     if (this.numLayers !== 0 && (shape[0] !== this.numLayers || shape[1] !== this.hidden)) {
       throw new IngestError('activation.shape', `[${shape}] differs from this run's [${this.numLayers}, ${this.hidden}]`);
     }
-    for (let i = 0; i < data.length; i++) {
-      if (!Number.isFinite(data[i])) {
-        this.rejectedNonFinite++;
-        throw new IngestError('activation.data', `holds a non-finite value at index ${i}: rejected, not summed`);
-      }
+    let bad = firstNonFinite ?? -1;
+    if (firstNonFinite === undefined) for (let i = 0; i < data.length && bad < 0; i++) if (!Number.isFinite(data[i])) bad = i;
+    if (bad >= 0) {
+      this.rejectedNonFinite++;
+      throw new IngestError('activation.data', `holds a non-finite value at index ${bad}: rejected, not summed`);
     }
     return 'new';
   }
@@ -79,10 +80,14 @@ export class RunAccumulator {
     return this.scoreSeen.has(`${role}\u0000${itemKey}`) ? 'duplicate' : 'new';
   }
 
-  /** `ref`: where the journal holds this activation; when given, a waiting activation is kept there, not in memory. */
-  addActivation(role: string, itemKey: string, shape: number[], data: Float32Array, ref?: RecordRef): IngestOutcome {
+  /**
+   * `ref`: where the journal holds this activation; when given, a waiting activation is kept
+   * there, not in memory. `data` may be a scratch buffer: it is folded now or copied, never kept
+   * as given. `firstNonFinite`: what the decoder found (see checkActivation).
+   */
+  addActivation(role: string, itemKey: string, shape: number[], data: Float32Array, ref?: RecordRef, firstNonFinite?: number): IngestOutcome {
     const key = `${role}\u0000${itemKey}`;
-    if (this.checkActivation(role, itemKey, shape, data) === 'duplicate') return 'duplicate';
+    if (this.checkActivation(role, itemKey, shape, data, firstNonFinite) === 'duplicate') return 'duplicate';
     if (this.numLayers === 0) {
       this.numLayers = shape[0];
       this.hidden = shape[1];
@@ -99,7 +104,7 @@ export class RunAccumulator {
       this.fold(role, bucketOf(w.score), data);
       return 'folded';
     }
-    this.waiting.set(key, ref ? { ref } : { activation: data });
+    this.waiting.set(key, ref ? { ref } : { activation: data.slice() });
     return 'waiting';
   }
 

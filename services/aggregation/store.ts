@@ -46,6 +46,8 @@ export class DurableStore {
   private applied = { segment: 0, offset: 0 };
   private manifest: Manifest | undefined;
   private checkpoints = 0;
+  /** Decoded activations are folded at once or left in the journal: one buffer serves every message. */
+  private scratch = new Float32Array(0);
 
   constructor(readonly dir: string) {
     this.journal = new Journal(path.join(dir, 'journal'));
@@ -74,11 +76,9 @@ export class DurableStore {
   ingest(req: IngestRequest): Promise<IngestOutcome> {
     const acc = this.state.get(req.run);
     // Checks first, so that nothing invalid reaches the journal.
-    let decoded: Float32Array | undefined;
     if (req.payload?.$case === 'activation') {
       const t = decodeTensor(req.payload.value, 'activation');
-      decoded = t.data;
-      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, t.shape, t.data);
+      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, t.shape, t.data, t.firstNonFinite);
       if (check === 'duplicate') return Promise.resolve('duplicate');
     } else if (req.payload?.$case === 'score') {
       if ((acc ?? new RunAccumulator()).checkScore(req.role, req.itemKey, req.payload.value.score ?? null) === 'duplicate') return Promise.resolve('duplicate');
@@ -86,7 +86,7 @@ export class DurableStore {
       throw new IngestError('payload', 'needs an activation or a score');
     }
     const appended = this.journal.append(IngestRequest.encode(req).finish());
-    return this.serialize(async () => this.apply(req, await appended, decoded));
+    return this.serialize(async () => this.apply(req, await appended));
   }
 
   /** Runs `task` after everything queued before it: applies happen in journal order. */
@@ -96,12 +96,12 @@ export class DurableStore {
     return next;
   }
 
-  private async apply(req: IngestRequest, ref: RecordRef, decoded?: Float32Array): Promise<IngestOutcome> {
+  private async apply(req: IngestRequest, ref: RecordRef): Promise<IngestOutcome> {
     const acc = this.state.getOrCreate(req.run);
     let outcome: IngestOutcome;
     if (req.payload?.$case === 'activation') {
-      const t = decodeTensor(req.payload.value, 'activation');
-      outcome = acc.addActivation(req.role, req.itemKey, t.shape, decoded ?? t.data, ref);
+      const t = decodeTensor(req.payload.value, 'activation', undefined, this.scratchFor(req.payload.value.shape));
+      outcome = acc.addActivation(req.role, req.itemKey, t.shape, t.data, ref, t.firstNonFinite);
     } else {
       const payload = req.payload;
       const r = acc.addScore(req.role, req.itemKey, payload?.$case === 'score' ? (payload.value.score ?? null) : null);
@@ -109,11 +109,17 @@ export class DurableStore {
       if ('spooled' in r) {
         const spooled = IngestRequest.decode(await this.journal.read(r.spooled));
         if (spooled.payload?.$case !== 'activation') throw new Error(`journal record at ${r.spooled.segment}:${r.spooled.offset} is not an activation`);
-        acc.foldSpooled(req.role, r.bucket, decodeTensor(spooled.payload.value, 'activation').data);
+        acc.foldSpooled(req.role, r.bucket, decodeTensor(spooled.payload.value, 'activation', undefined, this.scratchFor(spooled.payload.value.shape)).data);
       }
     }
     this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
     return outcome;
+  }
+
+  private scratchFor(shape: number[]): Float32Array {
+    const n = shape.reduce((a, b) => a * b, 1);
+    if (this.scratch.length < n) this.scratch = new Float32Array(n);
+    return this.scratch;
   }
 
   /** Writes a checkpoint of what changed, commits it, and deletes journal segments no longer needed. */
