@@ -39,7 +39,8 @@ function lineChart(series: { name: string; values: number[]; color: string }[], 
     .join('');
   const legend = series.map((s, i) => `<text x="${W - M.right - 4}" y="${M.top + 12 + i * 14}" font-size="11" text-anchor="end" fill="${s.color}">${esc(s.name)}</text>`).join('');
   const target = mark === undefined ? '' : `<line x1="${x(mark)}" y1="${M.top}" x2="${x(mark)}" y2="${H - M.bottom}" stroke="#bbb" stroke-dasharray="4 3"/><text x="${x(mark) + 3}" y="${M.top + 10}" font-size="10" fill="#888">target layer ${mark}</text>`;
-  return `<svg viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img">${axes(xLabel, yLabel, ticks)}${target}${lines}${legend}</svg>`;
+  const xTicks = [...new Set([0, Math.floor((n - 1) / 2), n - 1])].map((i) => `<text x="${x(i).toFixed(1)}" y="${H - M.bottom + 13}" font-size="10" text-anchor="middle">${i}</text>`).join('');
+  return `<svg viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img">${axes(xLabel, yLabel, ticks)}${xTicks}${target}${lines}${legend}</svg>`;
 }
 
 function scatter(points: { label: string; x: number; y: number; color: string }[], xLabel: string, yLabel: string): string {
