@@ -15,6 +15,7 @@ import { judgePrompt } from '../services/judge/prompt';
 import { StreamPipe } from '../services/shared/pipe';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
 import { freePort, tempDir } from '../test/helpers/stack';
+import { maxInWindow } from '../test/helpers/rates';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const ITEMS = Number(process.env.BENCH_JUDGE_ITEMS ?? 1000);
@@ -27,15 +28,6 @@ function lognormal(median: number, sigma: number): () => number {
   return () => median * Math.exp(sigma * Math.sqrt(-2 * Math.log(1 - Math.random())) * Math.cos(2 * Math.PI * Math.random()));
 }
 
-function maxInWindow(times: number[], windowMs: number): number {
-  const t = [...times].sort((a, b) => a - b);
-  let best = 0;
-  for (let i = 0, j = 0; i < t.length; i++) {
-    while (t[i] - t[j] >= windowMs) j++;
-    best = Math.max(best, i - j + 1);
-  }
-  return best;
-}
 
 async function service(server: FakeOpenAIServer): Promise<{ seconds: number; arrivals: number[] }> {
   const dir = tempDir('bench-judge');

@@ -7,7 +7,7 @@ import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ROLE_VECTOR_SCORES } from '../sha
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
 import { isSafeName, nameProblem } from '../shared/names';
-import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, unary } from '../shared/rpc';
+import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, serveBidi, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { decodeTensor, encodeTensor, TensorError } from '../shared/tensor';
 import { IngestError } from './accumulator';
@@ -96,27 +96,8 @@ async function main(): Promise<void> {
 
   const impl: AggregationServer = {
     exportSums,
-    ingest: (call) => {
-      let pending = 0;
-      let ended = false;
-      const finish = () => {
-        if (ended && pending === 0 && !call.cancelled) call.end();
-      };
-      call.on('data', (req: IngestRequest) => {
-        pending++;
-        // Acknowledged only once the message is in the journal on disk.
-        void ingest(req).then((ack) => {
-          pending--;
-          if (!call.cancelled) call.write(ack);
-          finish();
-        });
-      });
-      call.on('end', () => {
-        ended = true;
-        finish();
-      });
-      call.on('error', () => undefined);
-    },
+    // Each message is acknowledged only once it is in the journal on disk.
+    ingest: (call) => serveBidi(call, ingest),
     getRunState: unary(log, async (req) => {
       if (!isSafeName(req.run)) throw invalidArgument(`run: ${nameProblem(req.run)}`);
       const acc = state.get(req.run);

@@ -8,7 +8,7 @@ import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { Limiter } from '../shared/limit';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
-import { RpcError, unary } from '../shared/rpc';
+import { RpcError, serveBidi, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { encodeTensor } from '../shared/tensor';
 import type { InferenceBackend } from './backend';
@@ -68,53 +68,31 @@ async function main(): Promise<void> {
   const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture'], registers: [registry] });
 
   const limiter = new Limiter(backend.info.capacity);
-  const open = new Set<grpc.ServerDuplexStream<unknown, unknown>>();
 
-  /** Serves one bidi stream: each request runs under the capacity limit; the stream ends after the last result. */
+  /** Serves one bidi stream: each request runs under the capacity limit, with metrics; failures become the item's error. */
   function serveStream<Req extends { itemId: string }, Res>(
     rpc: string,
     call: grpc.ServerDuplexStream<Req, Res>,
     handle: (req: Req) => Promise<Res>,
     failed: (itemId: string, code: grpc.status, message: string) => Res,
   ): void {
-    open.add(call);
-    let pending = 0;
-    let ended = false;
-    const finish = () => {
-      if (ended && pending === 0 && !call.cancelled) call.end();
-    };
-    call.on('data', (req: Req) => {
-      pending++;
+    serveBidi(call, async (req: Req) => {
       inFlight.inc();
       const timer = seconds.startTimer({ rpc });
-      limiter
-        .run(() => handle(req))
-        .then(
-          (res) => {
-            items.inc({ rpc, outcome: 'ok' });
-            return res;
-          },
-          (err) => {
-            const code = typeof err?.code === 'number' ? err.code : grpc.status.INTERNAL;
-            items.inc({ rpc, outcome: grpc.status[code] ?? 'error' });
-            if (code === grpc.status.INTERNAL) log.error({ err, itemId: req.itemId }, `${rpc} failed`);
-            return failed(req.itemId, code, (err as Error).message);
-          },
-        )
-        .then((res) => {
-          timer();
-          inFlight.dec();
-          pending--;
-          if (!call.cancelled) call.write(res);
-          finish();
-        });
+      try {
+        const res = await limiter.run(() => handle(req));
+        items.inc({ rpc, outcome: 'ok' });
+        return res;
+      } catch (err) {
+        const code = typeof (err as { code?: unknown })?.code === 'number' ? ((err as { code: number }).code as grpc.status) : grpc.status.INTERNAL;
+        items.inc({ rpc, outcome: grpc.status[code] ?? 'error' });
+        if (code === grpc.status.INTERNAL) log.error({ err, itemId: req.itemId }, `${rpc} failed`);
+        return failed(req.itemId, code, (err as Error).message);
+      } finally {
+        timer();
+        inFlight.dec();
+      }
     });
-    call.on('end', () => {
-      ended = true;
-      finish();
-    });
-    call.on('close', () => open.delete(call));
-    call.on('error', () => open.delete(call));
   }
 
   /** The model's info once loaded; until then every call says why the model is not there. */

@@ -4,7 +4,7 @@ import { loadConfig, OptionTable } from '../shared/config';
 import { DEFAULT_JUDGE_MODEL, DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
-import { failedPrecondition, invalidArgument, RpcError, unary } from '../shared/rpc';
+import { failedPrecondition, invalidArgument, RpcError, serveBidi, unary } from '../shared/rpc';
 import { BatchJudge } from './batch';
 import { runMain, startService } from '../shared/server';
 import { loadPrices } from './costs';
@@ -167,27 +167,8 @@ async function main(): Promise<void> {
         throw new RpcError(grpc.status.UNAVAILABLE, `batch ${req.batchId}: ${(err as Error).message}`);
       }
     }),
-    score: (call) => {
-      let pending = 0;
-      let ended = false;
-      const finish = () => {
-        if (ended && pending === 0 && !call.cancelled) call.end();
-      };
-      call.on('data', (req: ScoreRequest) => {
-        pending++;
-        // Each request goes straight to the scorer's pool: no batch barrier.
-        scoreOne(req).then((res) => {
-          pending--;
-          if (!call.cancelled) call.write(res);
-          finish();
-        });
-      });
-      call.on('end', () => {
-        ended = true;
-        finish();
-      });
-      call.on('error', () => undefined);
-    },
+    // Each request goes straight to the scorer's pool: no batch barrier.
+    score: (call) => serveBidi(call, scoreOne),
   };
 
   const running = await startService({

@@ -43,3 +43,29 @@ export function statusName(code: number): string {
 export function failStream(call: { emit(event: 'error', err: unknown): boolean }, err: unknown): void {
   call.emit('error', toServiceError(err));
 }
+
+/**
+ * Serves a bidirectional stream of independent requests: each is handled as it arrives, its
+ * result written when ready (in any order), and the stream ended once the client has ended
+ * its side and every result is out. `handle` must not reject: item errors go in its result.
+ */
+export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, handle: (req: Req) => Promise<Res>): void {
+  let pending = 0;
+  let ended = false;
+  const finish = () => {
+    if (ended && pending === 0 && !call.cancelled) call.end();
+  };
+  call.on('data', (req: Req) => {
+    pending++;
+    void handle(req).then((res) => {
+      pending--;
+      if (!call.cancelled) call.write(res);
+      finish();
+    });
+  });
+  call.on('end', () => {
+    ended = true;
+    finish();
+  });
+  call.on('error', () => undefined);
+}

@@ -9,21 +9,12 @@ import { judgePrompt, parseScore } from '../../services/judge/prompt';
 import { backoffMs, retryAfter } from '../../services/judge/retry';
 import { Scorer } from '../../services/judge/scorer';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
+import { maxInWindow } from '../helpers/rates';
 
 const EVAL = 'Does the answer play a sea captain?\nQuestion: {question}\nAnswer: {answer}\nReply 0-3.';
 const item = (i: number) => ({ role: 'captain', evalPrompt: EVAL, question: `Question number ${i}?`, answer: `Answer ${i}: the tide turns at dawn.` });
 const price = { prompt: 0.4, completion: 1.6 };
 
-/** Most requests in any window of `windowMs` (by the server's arrival times). */
-function maxInWindow(times: number[], windowMs: number): number {
-  const t = [...times].sort((a, b) => a - b);
-  let best = 0;
-  for (let i = 0, j = 0; i < t.length; i++) {
-    while (t[i] - t[j] >= windowMs) j++;
-    best = Math.max(best, i - j + 1);
-  }
-  return best;
-}
 
 describe('the judge scorer against an OpenAI-compatible server', () => {
   it('under 30% injected failures scores every item once, or says why not, within the rate limit', async () => {
