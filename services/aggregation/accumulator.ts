@@ -1,7 +1,13 @@
 import { randomUUID } from 'node:crypto';
 import { isDefaultRole } from '../shared/names';
 import { addInto, computeAxis, AxisResult, RoleSums, Sum } from './axis';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { after, ColdBucket, Position } from './coldBucket';
 import type { RecordRef } from './journal';
+
+/** Buckets kept in RAM when cold buckets are on: what the axis reads (score 3) and default items. */
+const HOT: ReadonlySet<string> = new Set(['3', 'all']);
 
 /** Bucket of an item: its score "0".."3", "none" when the judge gave none, "all" for default roles. */
 export type Bucket = '0' | '1' | '2' | '3' | 'none' | 'all';
@@ -35,6 +41,12 @@ export type ScoreOutcome = { outcome: IngestOutcome } | { outcome: 'folded'; spo
 export class RunAccumulator {
   numLayers = 0;
   hidden = 0;
+  /** Buckets other than HOT live in files here (durable mode); unset: everything in RAM. */
+  private readonly cold = new Map<string, Map<Bucket, ColdBucket>>();
+  private coldOpened = false;
+  readonly dirtyCold = new Set<ColdBucket>();
+
+  constructor(readonly coldDir?: string) {}
   readonly sums = new Map<string, Map<Bucket, Sum>>();
   readonly waiting = new Map<string, Waiting>();
   readonly activationSeen = new Set<string>();
@@ -95,13 +107,13 @@ export class RunAccumulator {
     this.activationSeen.add(key);
     this.newActivationKeys.push(key);
     if (isDefaultRole(role)) {
-      this.fold(role, 'all', data);
+      this.fold(role, 'all', data, ref);
       return 'folded';
     }
     const w = this.waiting.get(key);
     if (w && w.score !== undefined) {
       this.waiting.delete(key);
-      this.fold(role, bucketOf(w.score), data);
+      this.fold(role, bucketOf(w.score), data, ref);
       return 'folded';
     }
     this.waiting.set(key, ref ? { ref } : { activation: data.slice() });
@@ -109,7 +121,7 @@ export class RunAccumulator {
   }
 
   /** Joins a score; if its activation waits on disk, returns where, and the caller folds it with `foldSpooled`. */
-  addScore(role: string, itemKey: string, score: number | null): ScoreOutcome {
+  addScore(role: string, itemKey: string, score: number | null, position?: Position): ScoreOutcome {
     if (this.checkScore(role, itemKey, score) === 'duplicate') return { outcome: 'duplicate' };
     const key = `${role}\u0000${itemKey}`;
     this.scoreSeen.add(key);
@@ -117,7 +129,7 @@ export class RunAccumulator {
     const w = this.waiting.get(key);
     if (w?.activation) {
       this.waiting.delete(key);
-      this.fold(role, bucketOf(score), w.activation);
+      this.fold(role, bucketOf(score), w.activation, position);
       return { outcome: 'folded' };
     }
     if (w?.ref) {
@@ -129,19 +141,22 @@ export class RunAccumulator {
   }
 
   /** Folds an activation read back from the spool (see addScore). */
-  foldSpooled(role: string, bucket: Bucket, data: Float32Array): void {
-    this.fold(role, bucket, data);
+  foldSpooled(role: string, bucket: Bucket, data: Float32Array, position?: Position): void {
+    this.fold(role, bucket, data, position);
   }
 
   /** Items per bucket of a role. */
   histogram(role: string): Record<string, number> {
+    this.openCold();
     const out: Record<string, number> = {};
     for (const [bucket, s] of this.sums.get(role) ?? []) out[bucket] = s.count;
+    for (const [bucket, cb] of this.cold.get(role) ?? []) if (cb.count > 0) out[bucket] = cb.count;
     return out;
   }
 
   roles(): string[] {
-    return [...this.sums.keys()].sort();
+    this.openCold();
+    return [...new Set([...this.sums.keys(), ...this.cold.keys()])].sort();
   }
 
   /** Role vectors from the items whose score is in `scores` (the reference: [3]), then the axis. */
@@ -149,21 +164,30 @@ export class RunAccumulator {
     if (this.numLayers === 0) throw new IngestError('run', 'has no activations yet');
     const size = this.numLayers * this.hidden;
     const wanted = new Set(scores.map(String));
-    const roles: RoleSums[] = this.roles().map((role) => {
-      const selected: Sum = { sum: new Float64Array(size), count: 0 };
-      for (const [bucket, s] of this.sums.get(role)!) {
-        if (bucket === 'all' || wanted.has(bucket)) {
-          for (let i = 0; i < size; i++) selected.sum[i] += s.sum[i];
-          selected.count += s.count;
-        }
-      }
-      return { role, isDefault: isDefaultRole(role), selected };
-    });
+    const byRole = new Map<string, Sum>();
+    for (const { role, bucket, sum: s } of this.allSums()) {
+      if (bucket !== 'all' && !wanted.has(bucket)) continue;
+      let selected = byRole.get(role);
+      if (!selected) byRole.set(role, (selected = { sum: new Float64Array(size), count: 0 }));
+      for (let i = 0; i < size; i++) selected.sum[i] += s.sum[i];
+      selected.count += s.count;
+    }
+    const roles: RoleSums[] = this.roles().map((role) => ({ role, isDefault: isDefaultRole(role), selected: byRole.get(role) ?? { sum: new Float64Array(size), count: 0 } }));
     const histograms = Object.fromEntries(this.roles().map((r) => [r, this.histogram(r)]));
     return { ...computeAxis(roles, minCount, this.numLayers, this.hidden), histograms };
   }
 
-  private fold(role: string, bucket: Bucket, data: Float32Array): void {
+  private fold(role: string, bucket: Bucket, data: Float32Array, position?: Position): void {
+    if (this.coldDir && !HOT.has(bucket)) {
+      const cb = this.coldBucket(role, bucket);
+      // On replay after a crash, a cold file may already hold this record's fold.
+      if (!position || after(position, cb.position)) {
+        cb.add(data, position ?? cb.position);
+        this.dirtyCold.add(cb);
+      }
+      this.folded++;
+      return;
+    }
     let byBucket = this.sums.get(role);
     if (!byBucket) this.sums.set(role, (byBucket = new Map()));
     let s = byBucket.get(bucket);
@@ -171,6 +195,50 @@ export class RunAccumulator {
     addInto(s, data);
     this.dirtyBuckets.add(`${role}\u0000${bucket}`);
     this.folded++;
+  }
+
+  /** Opens the cold buckets already on disk (once the run's shape is known). */
+  private openCold(): void {
+    if (!this.coldDir || this.coldOpened || this.numLayers === 0) return;
+    fs.mkdirSync(this.coldDir, { recursive: true });
+    for (const f of fs.readdirSync(this.coldDir)) {
+      const m = /^(.+)\.([0-9]|none)\.sum$/.exec(f);
+      if (m) this.coldMap(m[1]).set(m[2] as Bucket, ColdBucket.open(path.join(this.coldDir, f), this.numLayers * this.hidden));
+    }
+    this.coldOpened = true;
+  }
+
+  private coldMap(role: string): Map<Bucket, ColdBucket> {
+    let m = this.cold.get(role);
+    if (!m) this.cold.set(role, (m = new Map()));
+    return m;
+  }
+
+  private coldBucket(role: string, bucket: Bucket): ColdBucket {
+    this.openCold();
+    let cb = this.cold.get(role)?.get(bucket);
+    if (!cb) {
+      cb = ColdBucket.open(path.join(this.coldDir!, `${role}.${bucket}.sum`), this.numLayers * this.hidden);
+      this.coldMap(role).set(bucket, cb);
+    }
+    return cb;
+  }
+
+  /** Makes the cold buckets written since the last checkpoint durable. */
+  syncCold(): void {
+    for (const cb of this.dirtyCold) cb.sync();
+    this.dirtyCold.clear();
+  }
+
+  /** Every (role, bucket) sum, the cold ones read from their files. */
+  allSums(): { role: string; bucket: Bucket; sum: Sum }[] {
+    this.openCold();
+    const out: { role: string; bucket: Bucket; sum: Sum }[] = [];
+    for (const role of this.roles()) {
+      for (const [bucket, s] of this.sums.get(role) ?? []) out.push({ role, bucket, sum: s });
+      for (const [bucket, cb] of this.cold.get(role) ?? []) if (cb.count > 0) out.push({ role, bucket, sum: { sum: cb.read(), count: cb.count } });
+    }
+    return out;
   }
 
   /** Bytes of activations waiting on disk for their score (the spool). */
@@ -211,9 +279,12 @@ export class Accumulators {
     return [...this.runs.entries()];
   }
 
+  /** `coldDir`: where a run keeps its cold buckets (durable mode); unset: everything in RAM. */
+  constructor(private readonly coldDir?: (run: string) => string) {}
+
   getOrCreate(run: string): RunAccumulator {
     let acc = this.runs.get(run);
-    if (!acc) this.runs.set(run, (acc = new RunAccumulator()));
+    if (!acc) this.runs.set(run, (acc = new RunAccumulator(this.coldDir?.(run))));
     return acc;
   }
 }

@@ -82,11 +82,9 @@ async function main(): Promise<void> {
       if (!isSafeName(call.request.run)) throw invalidArgument(`run: ${nameProblem(call.request.run)}`);
       const acc = state.get(call.request.run);
       if (!acc) throw notFound(`run: no state for run ${JSON.stringify(call.request.run)} here`);
-      for (const role of acc.roles()) {
-        for (const [bucket, s] of acc.sums.get(role)!) {
-          const bytes = Buffer.from(s.sum.buffer, s.sum.byteOffset, s.sum.byteLength);
-          call.write({ role, bucket, count: s.count, sum: { dtype: DType.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } });
-        }
+      for (const { role, bucket, sum: s } of acc.allSums()) {
+        const bytes = Buffer.from(s.sum.buffer, s.sum.byteOffset, s.sum.byteLength);
+        call.write({ role, bucket, count: s.count, sum: { dtype: DType.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } });
       }
       call.end();
     } catch (err) {

@@ -40,7 +40,7 @@ interface Manifest {
  * acknowledged, and re-sent messages are recognised as duplicates.
  */
 export class DurableStore {
-  readonly state = new Accumulators();
+  readonly state: Accumulators;
   private readonly journal: Journal;
   private chain: Promise<unknown> = Promise.resolve();
   private applied = { segment: 0, offset: 0 };
@@ -51,6 +51,8 @@ export class DurableStore {
 
   constructor(readonly dir: string) {
     this.journal = new Journal(path.join(dir, 'journal'));
+    // Buckets other than score 3 and default live in files (see coldBucket.ts): memory stays bounded.
+    this.state = new Accumulators((run) => path.join(dir, 'runs', run, 'cold'));
   }
 
   async open(): Promise<{ replayed: number }> {
@@ -104,12 +106,12 @@ export class DurableStore {
       outcome = acc.addActivation(req.role, req.itemKey, t.shape, t.data, ref, t.firstNonFinite);
     } else {
       const payload = req.payload;
-      const r = acc.addScore(req.role, req.itemKey, payload?.$case === 'score' ? (payload.value.score ?? null) : null);
+      const r = acc.addScore(req.role, req.itemKey, payload?.$case === 'score' ? (payload.value.score ?? null) : null, ref);
       outcome = r.outcome;
       if ('spooled' in r) {
         const spooled = IngestRequest.decode(await this.journal.read(r.spooled));
         if (spooled.payload?.$case !== 'activation') throw new Error(`journal record at ${r.spooled.segment}:${r.spooled.offset} is not an activation`);
-        acc.foldSpooled(req.role, r.bucket, decodeTensor(spooled.payload.value, 'activation', undefined, this.scratchFor(spooled.payload.value.shape)).data);
+        acc.foldSpooled(req.role, r.bucket, decodeTensor(spooled.payload.value, 'activation', undefined, this.scratchFor(spooled.payload.value.shape)).data, ref);
       }
     }
     this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
@@ -132,6 +134,7 @@ export class DurableStore {
       const n = Date.now() * 1000 + (++this.checkpoints % 1000);
       const manifest: Manifest = { version: 1, instanceId: this.state.instanceId, journal: { ...this.applied }, runs: {} };
       for (const [run, acc] of runs) {
+        acc.syncCold();
         const before = this.manifest?.runs[run];
         const runDir = path.join(this.dir, 'runs', run);
         await fs.mkdir(runDir, { recursive: true });
