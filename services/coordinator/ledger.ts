@@ -23,6 +23,8 @@ export interface RunSpec {
   judgeBatch?: boolean;
   /** Another axis to compare with in the report (absolute path of a safetensors file). */
   compareAxis?: string;
+  /** Keep every item's activation (bf16) in activations/<role>.safetensors. */
+  archiveActivations?: boolean;
 }
 
 /** A batch submitted to the judge's Batch API and the items in it. */

@@ -3,14 +3,16 @@ import { createHash } from 'node:crypto';
 import * as path from 'node:path';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
-import { writeFileAtomic } from '../shared/files';
+import { exists, writeFileAtomic } from '../shared/files';
 import { Limiter } from '../shared/limit';
 import type { Logger } from '../shared/logger';
 import { isDefaultRole } from '../shared/names';
-import { readSafetensors, writeSafetensors } from '../shared/safetensors';
+import { promises as fs } from 'node:fs';
+import { DType } from '../../gen/assistant_axis/v1/common';
+import { readSafetensors, writeSafetensors, writeSafetensorsStreaming } from '../shared/safetensors';
 import { reportHtml } from '../report/html';
 import { buildReport, ReportInput } from '../report/report';
-import { decodeTensor } from '../shared/tensor';
+import { decodeTensor, encodeTensor } from '../shared/tensor';
 import { buildConversation } from './conversation';
 import type { DataSet, Role } from './data';
 import type { ScoreResult } from '../../gen/assistant_axis/v1/judge';
@@ -318,7 +320,9 @@ export class RunExecutor {
         this.notify();
       }
       // Checked here, not only in aggregation, so a malformed activation fails loudly at its source.
-      decodeTensor(activation, `activation of item ${id}`);
+      const decoded = decodeTensor(activation, `activation of item ${id}`);
+      // Staged before aggregation acknowledges it, so every acknowledged item has its archive copy.
+      if (this.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decoded, DType.DTYPE_BF16).data);
       await this.ingest(item, { $case: 'activation', value: activation! });
       this.ledger.ackActivation(run, item.role, item.key);
       item.activationAcked = true;
@@ -488,13 +492,46 @@ export class RunExecutor {
     });
   }
 
+  private stagingFile(item: ItemRow): string {
+    return path.join(this.runDir, 'activations', '.staging', item.role, `${item.key}.bf16`);
+  }
+
+  /** activations/<role>.safetensors from the role's staged activations, streamed, in (prompt, question) order. */
+  private async writeArchive(role: string, items: ItemRow[]): Promise<void> {
+    const L = this.spec.layers.length || this.modelInfo.numLayers;
+    const d = this.modelInfo.hiddenSize;
+    const parts = items.map((it) => ({
+      name: it.key,
+      dtype: 'BF16' as const,
+      shape: [L, d],
+      byteLength: L * d * 2,
+      read: async () => {
+        try {
+          return await fs.readFile(this.stagingFile(it));
+        } catch {
+          throw new RunFailure(`archive: the staged activation of ${role}/${it.key} is missing (${this.stagingFile(it)})`);
+        }
+      },
+    }));
+    const file = path.join(this.runDir, 'activations', `${role}.safetensors`);
+    // Written whole by rename: one that exists is complete (a restart between it and the role's mark).
+    if (await exists(file)) return;
+    await writeSafetensorsStreaming(file, parts, { run: this.spec.name, role, model: this.spec.model, layers: this.spec.layers.length ? this.spec.layers.join(',') : 'all' });
+  }
+
   private async writeRole(role: string): Promise<void> {
     const items = this.ledger.roleItems(this.spec.name, role);
+    if (this.spec.archiveActivations) await this.writeArchive(role, items);
     await writeRoleFiles(this.runDir, role, items, (it) => {
       const { systemPrompt, question, messages } = this.conversation(it);
       return responseRecord(systemPrompt, it.promptIndex, it.questionIndex, question, messages, it.text ?? '');
     });
     this.ledger.markRoleWritten(this.spec.name, role);
+    if (this.spec.archiveActivations) {
+      const staging = path.join(this.runDir, 'activations', '.staging');
+      await fs.rm(path.join(staging, role), { recursive: true, force: true });
+      await fs.rmdir(staging).catch(() => undefined); // gone once the last role is written
+    }
     this.written.add(role);
     this.progress.rolesWritten++;
     this.log.info({ role }, 'role complete: files written');

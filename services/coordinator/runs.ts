@@ -294,6 +294,7 @@ export class RunManager {
       ...(req.maxJudgeCostUsd !== undefined ? { maxJudgeCostUsd: req.maxJudgeCostUsd } : {}),
       ...(req.judgeBatch ? { judgeBatch: true } : {}),
       ...(compareAxis ? { compareAxis } : {}),
+      ...(req.archiveActivations ? { archiveActivations: true } : {}),
     };
     return { spec, data };
   }

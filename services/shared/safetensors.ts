@@ -1,4 +1,5 @@
 import { promises as fs } from 'node:fs';
+import * as path from 'node:path';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, littleEndianF32, FloatTensor } from './tensor';
 
 export type SafetensorsDtype = 'F32' | 'F16' | 'BF16';
@@ -74,4 +75,52 @@ function halfBytes(data: Float32Array, convert: (x: number) => number): Uint8Arr
   const view = new DataView(out.buffer);
   for (let i = 0; i < data.length; i++) view.setUint16(i * 2, convert(data[i]), true);
   return out;
+}
+
+/** One tensor of a safetensors file written piece by piece: its bytes come from `read` when their turn comes. */
+export interface TensorPart {
+  name: string;
+  dtype: SafetensorsDtype;
+  shape: number[];
+  byteLength: number;
+  read: () => Promise<Uint8Array>;
+}
+
+/**
+ * Writes a safetensors file from parts without holding them all in memory: the header first
+ * (offsets from the declared lengths), then each part's bytes in turn; temporary file, fsync,
+ * rename, so readers see the whole file or none.
+ */
+export async function writeSafetensorsStreaming(file: string, parts: TensorPart[], metadata: Record<string, string> = {}): Promise<void> {
+  const header: Record<string, unknown> = {};
+  if (Object.keys(metadata).length) header.__metadata__ = metadata;
+  let offset = 0;
+  for (const p of parts) {
+    header[p.name] = { dtype: p.dtype, shape: p.shape, data_offsets: [offset, offset + p.byteLength] };
+    offset += p.byteLength;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const head = Buffer.alloc(8);
+  head.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+  const dir = path.dirname(file);
+  await fs.mkdir(dir, { recursive: true });
+  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.${Date.now()}.tmp`);
+  const handle = await fs.open(tmp, 'w');
+  try {
+    await handle.write(head);
+    await handle.write(json);
+    for (const p of parts) {
+      const bytes = await p.read();
+      if (bytes.byteLength !== p.byteLength) throw new Error(`${p.name}: ${bytes.byteLength} bytes, declared ${p.byteLength}`);
+      await handle.write(bytes);
+    }
+    await handle.sync();
+  } catch (err) {
+    await handle.close();
+    await fs.rm(tmp, { force: true });
+    throw err;
+  }
+  await handle.close();
+  await fs.rename(tmp, file);
 }

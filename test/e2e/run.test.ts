@@ -7,6 +7,8 @@ import { judgePrompt } from '../../services/judge/prompt';
 import type { LocalStack } from '../../services/cli/stack';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, getRun, startRun, watchRun } from '../helpers/grpc';
+import { syntheticActivation } from '../../services/inference/synthetic';
+import { decodeSafetensors } from '../../services/shared/safetensors';
 import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../helpers/runfiles';
 import { ROOT, testStack, UPSTREAM_DATA } from '../helpers/stack';
 
@@ -137,6 +139,31 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     const compared = JSON.parse(fs.readFileSync(path.join(done.outputDir, 'report.json'), 'utf8'));
     expect(compared.compare.name).toBe('axis.safetensors');
     for (const c of compared.compare.cosine_per_layer) expect(c).toBeCloseTo(1, 6);
+    client.close();
+  });
+
+  it('archives every activation in bf16 per role when asked (off by default)', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'archived', roles: ['chef', 'default'], questionCount: 2, minCount: 1, archiveActivations: true });
+    const done = await watchRun(client, 'archived', () => undefined);
+    expect(done.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    const files = readRunFiles(done.outputDir);
+    for (const role of ['chef', 'default']) {
+      const buf = fs.readFileSync(path.join(done.outputDir, 'activations', `${role}.safetensors`));
+      const n = Number(buf.readBigUInt64LE(0));
+      const header = JSON.parse(buf.subarray(8, 8 + n).toString());
+      expect(Object.keys(header).filter((k) => k !== '__metadata__')).toEqual(files.responses[role].map((l) => `pos_p${l.prompt_index}_q${l.question_index}`));
+      const { tensors } = decodeSafetensors(buf);
+      for (const line of files.responses[role]) {
+        const t = tensors[`pos_p${line.prompt_index}_q${line.question_index}`];
+        expect(header[`pos_p${line.prompt_index}_q${line.question_index}`].dtype).toBe('BF16');
+        expect(t.shape).toEqual([L, D]);
+        const exact = syntheticActivation(line.conversation, L, D).data;
+        for (let i = 0; i < exact.length; i++) expect(Math.abs(t.data[i] - exact[i])).toBeLessThanOrEqual(Math.abs(exact[i]) / 128 + 1e-30);
+      }
+    }
+    expect(fs.existsSync(path.join(done.outputDir, 'activations', '.staging'))).toBe(false);
+    expect(fs.existsSync(path.join(stack.opts.outputRoot, 'e2e', 'activations'))).toBe(false);
     client.close();
   });
 
