@@ -8,10 +8,19 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { spawn } from 'node:child_process';
+import { AggregationClient, IngestAck, IngestRequest } from '../gen/assistant_axis/v1/aggregation';
 import { DType } from '../gen/assistant_axis/v1/common';
+import { LocalStack } from '../services/cli/stack';
+import { StreamPipe } from '../services/shared/pipe';
+import { channelOptions } from '../services/shared/server';
+import { freePort } from '../test/helpers/stack';
+import { RAW_SERVICE } from './rawStreamServer';
 import { RunAccumulator } from '../services/aggregation/accumulator';
 import { encodeTensor, decodeTensor } from '../services/shared/tensor';
 
+const ROOT = path.resolve(__dirname, '..', '..');
 const L = 46;
 const D = 4608;
 const N = L * D;
@@ -87,7 +96,73 @@ function fullRunState(coldDir: string): number {
   return after - before + 0;
 }
 
-function main(): void {
+/** Items/s through a gRPC bidi stream with at most `window` messages unacknowledged. */
+async function throughStream(send: (i: number) => Promise<unknown>, count: number, window = 32): Promise<number> {
+  const started = performance.now();
+  let next = 0;
+  const worker = async () => {
+    while (next < count) await send(next++);
+  };
+  await Promise.all(Array.from({ length: window }, worker));
+  return count / ((performance.now() - started) / 1000);
+}
+
+/**
+ * The aggregation service as a process, over gRPC, each observation acknowledged only once it
+ * is in the journal on disk; against the same bytes sent to a server that only acknowledges them.
+ */
+async function grpcPaths(data: Uint8Array[]): Promise<{ durable: number; raw: number }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'axis-bench-agg-'));
+  const stack = new LocalStack({
+    root: ROOT,
+    ports: { aggregation: await freePort() },
+    metricsPorts: { aggregation: await freePort() },
+    logDir: path.join(dir, 'logs'),
+    stateDir: dir,
+    outputRoot: dir,
+    dataDir: dir,
+  });
+  const raw = spawn(process.execPath, [path.join(__dirname, 'rawStreamServer.js')], { stdio: ['ignore', 'pipe', 'inherit'] });
+  try {
+    await stack.start('aggregation');
+    const client = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure(), channelOptions());
+    const pipe = new StreamPipe<IngestRequest, IngestAck>(() => client.ingest(), (a) => `${a.role}/${a.itemKey}/${a.isActivation}`);
+    // Scores first, so every activation folds at once.
+    await throughStream((i) => pipe.send(`pirate/k${i}/false`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'score', value: { score: 3 } } }), data.length);
+    const durable = await throughStream(
+      (i) => pipe.send(`pirate/k${i}/true`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'activation', value: { dtype: DType.DTYPE_BF16, shape: [L, D], data: Buffer.from(data[i]) } } }),
+      data.length,
+    );
+    pipe.close();
+    client.close();
+
+    const port = await new Promise<number>((resolve) => raw.stdout!.once('data', (b: Buffer) => resolve(Number(b.toString().trim()))));
+    const RawClient = grpc.makeGenericClientConstructor(RAW_SERVICE, 'Raw');
+    const rawClient = new RawClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions()) as unknown as { echo: () => grpc.ClientDuplexStream<Buffer, Buffer> };
+    const call = rawClient.echo();
+    let finished = false;
+    call.on('error', (err) => finished || process.stderr.write(`raw stream: ${err.message}\n`));
+    const waiting: (() => void)[] = [];
+    call.on('data', () => waiting.shift()?.());
+    const rawRate = await throughStream(
+      (i) =>
+        new Promise<void>((resolve) => {
+          waiting.push(resolve);
+          call.write(Buffer.from(data[i]));
+        }),
+      data.length,
+    );
+    finished = true;
+    call.end();
+    return { durable, raw: rawRate };
+  } finally {
+    raw.kill();
+    await stack.stopAll();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function main(): Promise<void> {
   const data = observations(ITEMS);
   // Warm both paths up, then measure each twice and keep the best.
   addLoop(data.slice(0, 50));
@@ -108,6 +183,14 @@ function main(): void {
   process.stdout.write(`result: add_loop_items_per_s = ${limit.toFixed(0)} items/s\n`);
   process.stdout.write(`result: aggregation_vs_add_loop = ${(ours / limit).toFixed(2)} x\n`);
   process.stdout.write(`result: fullrun_state_rss = ${stateRss.toFixed(0)} MiB\n`);
+  const g = await grpcPaths(data);
+  process.stdout.write(`gRPC, durable acknowledgements: ${g.durable.toFixed(0)} items/s; raw bytes stream of the same size: ${g.raw.toFixed(0)} items/s\n`);
+  process.stdout.write(`result: grpc_durable_items_per_s = ${g.durable.toFixed(0)} items/s\n`);
+  process.stdout.write(`result: grpc_raw_stream_items_per_s = ${g.raw.toFixed(0)} items/s\n`);
+  process.stdout.write(`result: grpc_durable_vs_raw_stream = ${(g.durable / g.raw).toFixed(2)} x\n`);
 }
 
-main();
+main().catch((err) => {
+  process.stderr.write(`${(err as Error).stack}\n`);
+  process.exit(1);
+});
