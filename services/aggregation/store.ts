@@ -1,3 +1,4 @@
+import * as fsSync from 'node:fs';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
@@ -214,7 +215,6 @@ export class DurableStore {
 
   private load(m: Manifest): void {
     this.state.instanceId = m.instanceId;
-    const fsSync = require('node:fs') as typeof import('node:fs');
     for (const [run, r] of Object.entries(m.runs)) {
       const acc = this.state.getOrCreate(run);
       acc.numLayers = r.numLayers;

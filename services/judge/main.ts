@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import * as fs from 'node:fs';
 import { JudgeInfo, JudgeServer, JudgeService, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
 import { loadConfig, OptionTable } from '../shared/config';
 import { DEFAULT_JUDGE_MODEL, DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
@@ -35,7 +36,7 @@ export function createProvider(cfg: { provider: string; model: string; 'base-url
   let apiKey = env.OPENAI_API_KEY ?? '';
   if (cfg['api-key-file']) {
     try {
-      apiKey = require('node:fs').readFileSync(cfg['api-key-file'], 'utf8').trim();
+      apiKey = fs.readFileSync(cfg['api-key-file'], 'utf8').trim();
     } catch (err) {
       throw new Error(`--api-key-file: cannot read ${cfg['api-key-file']} (${(err as NodeJS.ErrnoException).code})`);
     }
