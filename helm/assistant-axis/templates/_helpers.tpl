@@ -1,0 +1,72 @@
+{{- define "axis.fullname" -}}
+{{- printf "%s" .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "axis.labels" -}}
+app.kubernetes.io/name: assistant-axis
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "axis.selector" -}}
+app.kubernetes.io/name: assistant-axis
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "axis.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{- end -}}
+
+{{/* Pod-level settings every component shares. */}}
+{{- define "axis.podCommon" -}}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Ports, probes on the gRPC health service, and the hardened container settings. */}}
+{{- define "axis.containerCommon" -}}
+image: {{ include "axis.image" .root }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml .root.Values.containerSecurityContext | nindent 2 }}
+ports:
+  - name: grpc
+    containerPort: {{ .values.port }}
+  - name: metrics
+    containerPort: {{ .values.metricsPort }}
+env:
+  - name: AXIS_HOST
+    value: 0.0.0.0
+  - name: AXIS_LOG_LEVEL
+    value: {{ .root.Values.logLevel | quote }}
+readinessProbe:
+  grpc:
+    port: {{ .values.port }}
+  periodSeconds: 5
+livenessProbe:
+  grpc:
+    port: {{ .values.port }}
+  periodSeconds: 20
+  failureThreshold: 6
+resources:
+  {{- toYaml .values.resources | nindent 2 }}
+{{- end -}}
