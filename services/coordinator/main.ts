@@ -42,12 +42,12 @@ async function main(): Promise<void> {
   const registry = createRegistry('coordinator');
   new prom.Gauge({
     name: 'axis_coordinator_run_items',
-    help: 'Items of each active run, by stage (total, generated, judged, aggregated)',
+    help: 'Items of each run this coordinator has run since it started, by stage (total, generated, judged, aggregated)',
     labelNames: ['run', 'stage'],
     registers: [registry],
     collect() {
       this.reset();
-      for (const name of runs.activeRuns()) {
+      for (const name of runs.observedRuns()) {
         const p = runs.progressOf(name);
         if (!p) continue;
         this.set({ run: name, stage: 'total' }, p.itemsTotal);
@@ -59,12 +59,12 @@ async function main(): Promise<void> {
   });
   new prom.Gauge({
     name: 'axis_coordinator_run_eta_seconds',
-    help: 'Estimated seconds left of each active run',
+    help: 'Estimated seconds left of each run (0 once it has ended)',
     labelNames: ['run'],
     registers: [registry],
     collect() {
       this.reset();
-      for (const name of runs.activeRuns()) this.set({ run: name }, runs.progressOf(name)?.etaSeconds ?? 0);
+      for (const name of runs.observedRuns()) this.set({ run: name }, runs.isTerminal(name) ? 0 : (runs.progressOf(name)?.etaSeconds ?? 0));
     },
   });
   const ready = new prom.Gauge({ name: 'axis_coordinator_dependencies_ready', help: 'Whether each dependency answers (1) or not (0)', labelNames: ['dependency'], registers: [registry] });

@@ -49,12 +49,14 @@ export class RunManager {
     private readonly log: Logger,
   ) {}
 
+  /** Progress of a run running here, or of one that ended in this process (its last state). */
   progressOf(name: string): Progress | undefined {
-    return this.executors.get(name)?.progress;
+    return this.executors.get(name)?.progress ?? this.lastProgress.get(name);
   }
 
-  activeRuns(): string[] {
-    return [...this.executors.keys()];
+  /** Runs with progress in this process: running, or ended since it started (for metrics). */
+  observedRuns(): string[] {
+    return [...new Set([...this.executors.keys(), ...this.lastProgress.keys()])];
   }
 
   async start(req: StartRunRequest): Promise<Run> {

@@ -29,6 +29,8 @@ export interface GenerateOutput {
   finishReason: 'stop' | 'length';
   /** [layers.length || num_layers, hidden] */
   activation: FloatTensor;
+  /** From the start of generation to the first token sampled (the prefill). */
+  timeToFirstTokenSeconds?: number;
 }
 
 export interface ExtractOutput {

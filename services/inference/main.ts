@@ -63,8 +63,42 @@ async function main(): Promise<void> {
   const registry = createRegistry('inference');
   const items = new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers: [registry] });
   const tokens = new prom.Counter({ name: 'axis_inference_tokens_total', help: 'Tokens processed, by kind', labelNames: ['kind'], registers: [registry] });
-  const inFlight = new prom.Gauge({ name: 'axis_inference_in_flight', help: 'Items being processed', registers: [registry] });
-  const seconds = new prom.Histogram({ name: 'axis_inference_item_seconds', help: 'Time per item', labelNames: ['rpc'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120], registers: [registry] });
+  let inFlightCount = 0;
+  new prom.Gauge({
+    name: 'axis_inference_in_flight',
+    help: 'Items received and not yet answered (running + waiting)',
+    registers: [registry],
+    collect() {
+      this.set(inFlightCount);
+    },
+  });
+  // The families users know from vLLM: running and waiting requests, latency, time to first token, batch size.
+  new prom.Gauge({
+    name: 'axis_inference_requests_running',
+    help: 'Items being generated or prefilled now',
+    registers: [registry],
+    collect() {
+      this.set(limiter.running);
+    },
+  });
+  new prom.Gauge({
+    name: 'axis_inference_requests_waiting',
+    help: 'Items received and waiting for a free slot',
+    registers: [registry],
+    collect() {
+      this.set(Math.max(0, inFlightCount - limiter.running));
+    },
+  });
+  const seconds = new prom.Histogram({ name: 'axis_inference_e2e_request_latency_seconds', help: 'Time from an item\'s arrival to its answer', labelNames: ['rpc'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers: [registry] });
+  const firstToken = new prom.Histogram({ name: 'axis_inference_time_to_first_token_seconds', help: 'Time from the start of an item\'s generation to its first token', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30], registers: [registry] });
+  new prom.Gauge({
+    name: 'axis_inference_batch_size',
+    help: 'Sequences per forward pass (this engine runs one sequence per pass; capacity sets how many run side by side)',
+    registers: [registry],
+    collect() {
+      this.set(limiter.running > 0 ? 1 : 0);
+    },
+  });
   const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture'], registers: [registry] });
 
   const limiter = new Limiter(backend.info.capacity);
@@ -77,7 +111,7 @@ async function main(): Promise<void> {
     failed: (itemId: string, code: grpc.status, message: string) => Res,
   ): void {
     serveBidi(call, async (req: Req) => {
-      inFlight.inc();
+      inFlightCount++;
       const timer = seconds.startTimer({ rpc });
       try {
         const res = await limiter.run(() => handle(req));
@@ -90,7 +124,7 @@ async function main(): Promise<void> {
         return failed(req.itemId, code, (err as Error).message);
       } finally {
         timer();
-        inFlight.dec();
+        inFlightCount--;
       }
     });
   }
@@ -111,6 +145,7 @@ async function main(): Promise<void> {
         async (req) => {
           const input = validateGenerate(req, loadedInfo());
           const out = await backend.generate(input);
+          if (out.timeToFirstTokenSeconds !== undefined) firstToken.observe(out.timeToFirstTokenSeconds);
           tokens.inc({ kind: 'prompt' }, out.promptTokens);
           tokens.inc({ kind: 'completion' }, out.completionTokens);
           return {

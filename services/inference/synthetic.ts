@@ -58,6 +58,7 @@ export class SyntheticBackend implements InferenceBackend {
       completionTokens,
       finishReason,
       activation: selectLayers(syntheticActivation(conversation, this.opts.numLayers, this.opts.hidden), input.layers),
+      timeToFirstTokenSeconds: this.opts.tokensPerSecond > 0 ? 1 / this.opts.tokensPerSecond : 0,
     };
   }
 

@@ -30,8 +30,10 @@ export async function generateOne(model: LoadedModel, input: GenerateInput): Pro
   const rng = new Rng(digest({ itemSeed: input.seed }));
   const mean = new ResponseMean(L, d);
 
+  const started = performance.now();
   let out = await model.step(promptIds, 0, model.emptyPast());
   let next = sampleToken(out.lastLogits, input.sampling.temperature, input.sampling.topP, rng);
+  const timeToFirstTokenSeconds = (performance.now() - started) / 1000;
   const responseIds: number[] = [];
   let finishReason: 'stop' | 'length' = 'stop';
   for (;;) {
@@ -52,6 +54,7 @@ export async function generateOne(model: LoadedModel, input: GenerateInput): Pro
     completionTokens: responseIds.length,
     finishReason,
     activation: selectLayers({ shape: [L, d], data: mean.mean() }, input.layers),
+    timeToFirstTokenSeconds,
     trace: { promptIds, responseIds },
   };
 }

@@ -1,0 +1,117 @@
+import { ChildProcess, execFileSync, spawn, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { parseAllDocuments, stringify } from 'yaml';
+import { RunState } from '../../gen/assistant_axis/v1/coordinator';
+import type { LocalStack } from '../../services/cli/stack';
+import { FakeOpenAIServer } from '../doubles/openai-server';
+import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
+import { freePort, ROOT, testStack } from '../helpers/stack';
+
+/**
+ * A real Prometheus (Debian's package; .ci/run installs it) scrapes the four services during a
+ * run: every metric the Grafana dashboard and the alert rules name exists, every dashboard query
+ * returns data, and promtool accepts the chart's rules.
+ */
+const PROMETHEUS = '/usr/bin/prometheus';
+const PROMTOOL = '/usr/bin/promtool';
+const HELM = process.env.AXIS_HELM ? path.resolve(ROOT, process.env.AXIS_HELM) : '';
+const available = fs.existsSync(PROMETHEUS) && fs.existsSync(PROMTOOL) && !!HELM;
+if (!available && process.env.AXIS_REQUIRE_PROMETHEUS) throw new Error('prometheus, promtool and AXIS_HELM are required here (AXIS_REQUIRE_PROMETHEUS is set)');
+// Skipped only where Prometheus is not installed (apt-get install prometheus) or outside `make test`.
+const maybe = available ? describe : describe.skip;
+const CHART = path.join(ROOT, 'helm', 'assistant-axis');
+
+function chartRules(): { groups: { name: string; rules: { alert: string; expr: string }[] }[] } {
+  const out = execFileSync(HELM, ['template', 'axis', CHART, '--set', 'inference.model.existingClaim=m', '--set', 'metrics.prometheusRule.enabled=true']).toString();
+  const rule = parseAllDocuments(out).map((d) => d.toJS()).find((d) => d?.kind === 'PrometheusRule');
+  return rule.spec;
+}
+
+function dashboardQueries(): string[] {
+  const dash = JSON.parse(fs.readFileSync(path.join(CHART, 'dashboards', 'assistant-axis.json'), 'utf8'));
+  return dash.panels.flatMap((p: { targets: { expr: string }[] }) => p.targets.map((t) => t.expr.replaceAll('$run', '.*')));
+}
+
+const metricNames = (exprs: string[]) => [...new Set(exprs.flatMap((e) => e.match(/axis_[a-z0-9_]+/g) ?? []))];
+
+maybe('Prometheus and the dashboard', () => {
+  let stack: LocalStack;
+  let prometheus: ChildProcess;
+  let promUrl = '';
+  const judge = new FakeOpenAIServer({ latencyMs: () => 5 });
+
+  beforeAll(async () => {
+    await judge.start();
+    const dir = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-prom-'));
+    const prices = path.join(dir, 'prices.json');
+    fs.writeFileSync(prices, JSON.stringify({ 'judge-prom': { prompt: 1, completion: 2 } }));
+    ({ stack } = await testStack('prom', {
+      args: {
+        // About 15 s of run, so that Prometheus scrapes it while it is active.
+        inference: ['--synthetic-tokens-per-second', '30', '--capacity', '4'],
+        judge: ['--provider', 'openai', '--base-url', judge.baseUrl, '--model', 'judge-prom', '--prices', prices],
+      },
+    }));
+    await stack.startAll();
+    const port = await freePort();
+    promUrl = `http://127.0.0.1:${port}`;
+    const config = {
+      global: { scrape_interval: '1s', evaluation_interval: '1s' },
+      scrape_configs: (['coordinator', 'inference', 'judge', 'aggregation'] as const).map((s) => ({ job_name: `axis-${s}`, static_configs: [{ targets: [`127.0.0.1:${stack.metricsPorts[s]}`] }] })),
+    };
+    fs.writeFileSync(path.join(dir, 'prometheus.yml'), stringify(config));
+    prometheus = spawn(PROMETHEUS, [`--config.file=${path.join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${port}`], { stdio: 'ignore' });
+    await waitFor('Prometheus to be ready', async () => ((await fetch(`${promUrl}/-/ready`).catch(() => undefined))?.ok ? true : undefined), 60_000);
+  }, 120_000);
+
+  afterAll(async () => {
+    prometheus?.kill();
+    await stack?.stopAll();
+    await judge.stop();
+  });
+
+  async function query(expr: string): Promise<unknown[]> {
+    const res = await fetch(`${promUrl}/api/v1/query?query=${encodeURIComponent(expr)}`);
+    const body = (await res.json()) as { status: string; data: { result: unknown[] }; error?: string };
+    if (body.status !== 'success') throw new Error(`${expr}: ${body.error}`);
+    return body.data.result;
+  }
+
+  it('scrapes every metric the dashboard and the alerts use, and every dashboard query returns data during a run', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'watched', roles: ['chef', 'poet', 'default'], questionCount: 4, minCount: 1, maxNewTokens: 16 });
+    const queries = dashboardQueries();
+    const rules = chartRules().groups.flatMap((g) => g.rules.map((r) => r.expr));
+    const names = metricNames([...queries, ...rules]);
+    expect(names.length).toBeGreaterThanOrEqual(8);
+    // While the run is active: every named metric has a series, every panel's query has data.
+    let empty: string[] = [];
+    await waitFor(
+      'every metric and panel to have data',
+      async () => {
+        empty = [];
+        for (const n of names) if ((await query(`count(${n})`)).length === 0) empty.push(n);
+        for (const q of queries) if ((await query(q)).length === 0) empty.push(q);
+        return empty.length === 0 ? true : undefined;
+      },
+      40_000,
+    ).catch(() => undefined);
+    expect(empty).toEqual([]);
+    const done = await watchRun(client, 'watched', () => undefined);
+    expect(done.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    client.close();
+    // The scrape targets are all up.
+    const up = (await query('up')) as { value: [number, string] }[];
+    expect(up.length).toBe(4);
+    expect(up.every((u) => u.value[1] === '1')).toBe(true);
+  }, 120_000);
+
+  it('promtool accepts the chart\'s alert rules', () => {
+    const file = path.join(fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-rules-')), 'rules.yml');
+    fs.writeFileSync(file, stringify(chartRules()));
+    const r = spawnSync(PROMTOOL, ['check', 'rules', file], { encoding: 'utf8' });
+    expect(r.stdout + r.stderr).toMatch(/SUCCESS: 4 rules found/);
+    expect(r.status).toBe(0);
+  });
+});
