@@ -50,6 +50,15 @@ async function main(): Promise<void> {
     },
   });
   const checkpoints = new prom.Counter({ name: 'axis_aggregation_checkpoints_total', help: 'Checkpoints written', registers: [registry] });
+  let lastCheckpoint = Date.now();
+  new prom.Gauge({
+    name: 'axis_aggregation_checkpoint_age_seconds',
+    help: 'Seconds since the last checkpoint: how much journal a restart would replay',
+    registers: [registry],
+    collect() {
+      this.set((Date.now() - lastCheckpoint) / 1000);
+    },
+  });
   const checkpointSeconds = new prom.Histogram({ name: 'axis_aggregation_checkpoint_seconds', help: 'Time to write a checkpoint', buckets: [0.01, 0.05, 0.1, 0.5, 1, 5, 30], registers: [registry] });
 
   /** Checks names, then hands the message to the store: resolves once it is durable and counted. */
@@ -154,6 +163,7 @@ async function main(): Promise<void> {
   const checkpoint = async () => {
     const stop = checkpointSeconds.startTimer();
     if (await store.checkpoint()) checkpoints.inc();
+    lastCheckpoint = Date.now();
     stop();
   };
   const timer = setInterval(() => void checkpoint().catch((err) => log.error({ err }, 'checkpoint failed')), cfg['checkpoint-seconds'] * 1000);
