@@ -1,11 +1,13 @@
 import * as grpc from '@grpc/grpc-js';
+import { timingSafeEqual } from 'node:crypto';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { CoordinatorServer, CoordinatorService, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import { loadConfig, OptionTable } from '../shared/config';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, DRAIN_SECONDS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
-import { failStream, unary } from '../shared/rpc';
+import { failStream, RpcError, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { Ledger } from './ledger';
 import { RunManager } from './runs';
@@ -22,6 +24,8 @@ export const COORDINATOR_OPTIONS = {
   'output-root': { type: 'string', env: 'AXIS_OUTPUT_ROOT', default: 'outputs', help: 'run directories are <output-root>/<run name>' },
   'data-dir': { type: 'string', env: 'AXIS_DATA_DIR', default: 'data', help: 'data set used when a run names none (reference layout)' },
   'judge-concurrency': { type: 'number', env: 'AXIS_COORDINATOR_JUDGE_CONCURRENCY', default: 32, help: 'items at the judge at once' },
+  'auth-token-file': { type: 'string', env: 'AXIS_COORDINATOR_AUTH_TOKEN_FILE', default: '', help: 'file holding a bearer token every Coordinator call must carry (empty: no authentication, for local use)' },
+  'data-roots': { type: 'string', env: 'AXIS_COORDINATOR_DATA_ROOTS', default: '', help: 'comma-separated directories a run\'s data_dir must lie under (empty: any readable directory)' },
   'batch-poll-seconds': { type: 'number', env: 'AXIS_COORDINATOR_BATCH_POLL_SECONDS', default: 30, help: 'batch mode: seconds between polls of an open judge batch' },
 } satisfies OptionTable;
 
@@ -36,8 +40,9 @@ async function main(): Promise<void> {
     aggregation: new AggregationUpstream(cfg.aggregation),
   };
   if (upstreams.inference.length === 0) throw new Error('--inference: at least one replica address is required');
+  const token = cfg['auth-token-file'] ? readToken(cfg['auth-token-file']) : undefined;
   const ledger = new Ledger(path.resolve(cfg['state-dir']));
-  const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'], batchPollSeconds: cfg['batch-poll-seconds'] }, log);
+  const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'], batchPollSeconds: cfg['batch-poll-seconds'], dataRoots: cfg['data-roots'].split(',').map((r) => r.trim()).filter(Boolean).map((r) => path.resolve(r)) }, log);
 
   const registry = createRegistry('coordinator');
   new prom.Gauge({
@@ -69,13 +74,23 @@ async function main(): Promise<void> {
   });
   const ready = new prom.Gauge({ name: 'axis_coordinator_dependencies_ready', help: 'Whether each dependency answers (1) or not (0)', labelNames: ['dependency'], registers: [registry] });
 
+  /** Every Coordinator call carries the bearer token when one is configured (health and reflection stay open for probes). */
+  const authorize = (call: { metadata: grpc.Metadata }) => {
+    if (token && !bearerMatches(call.metadata, token)) throw new RpcError(grpc.status.UNAUTHENTICATED, 'authorization: this coordinator requires "authorization: Bearer <token>" metadata');
+  };
+  const guarded = <Req, Res>(handler: (req: Req) => Promise<Res>) => unary<Req, Res>(log, async (req, call) => {
+    authorize(call);
+    return handler(req);
+  });
+
   const impl: CoordinatorServer = {
-    startRun: unary(log, (req) => runs.start(req)),
-    getRun: unary(log, async (req) => runs.get(req.name)),
-    listRuns: unary(log, async () => ({ runs: runs.list() })),
-    cancelRun: unary(log, async (req) => runs.cancel(req.name)),
+    startRun: guarded((req) => runs.start(req)),
+    getRun: guarded(async (req) => runs.get(req.name)),
+    listRuns: guarded(async () => ({ runs: runs.list() })),
+    cancelRun: guarded(async (req) => runs.cancel(req.name)),
     watchRun: (call) => {
       try {
+        authorize(call);
         runs.get(call.request.name);
       } catch (err) {
         failStream(call, err);
@@ -153,6 +168,26 @@ async function main(): Promise<void> {
     setTimeout(loop, resumed ? 5000 : 500).unref();
   };
   void loop();
+}
+
+function readToken(file: string): string {
+  let token: string;
+  try {
+    token = fs.readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    throw new Error(`--auth-token-file: cannot read ${file} (${(err as NodeJS.ErrnoException).code})`);
+  }
+  if (token.length < 16) throw new Error('--auth-token-file: the token must be at least 16 characters');
+  return token;
+}
+
+/** Constant-time comparison of the call's bearer token with the configured one. */
+function bearerMatches(metadata: grpc.Metadata, token: string): boolean {
+  const header = metadata.get('authorization')[0];
+  if (typeof header !== 'string' || !header.startsWith('Bearer ')) return false;
+  const given = Buffer.from(header.slice('Bearer '.length));
+  const expected = Buffer.from(token);
+  return given.length === expected.length && timingSafeEqual(given, expected);
 }
 
 if (require.main === module) runMain('coordinator', main);

@@ -21,6 +21,8 @@ export interface RunManagerOptions {
   judgeConcurrency: number;
   /** Batch mode: seconds between polls of an open judge batch. */
   batchPollSeconds: number;
+  /** Directories a run's data_dir must lie under; empty: any readable directory. */
+  dataRoots?: string[];
 }
 
 type Listener = () => void;
@@ -245,6 +247,10 @@ export class RunManager {
     if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
     if (req.maxJudgeCostUsd !== undefined && !(Number.isFinite(req.maxJudgeCostUsd) && req.maxJudgeCostUsd >= 0)) throw invalidArgument(`max_judge_cost_usd: must be a non-negative number of dollars, got ${req.maxJudgeCostUsd}`);
     const dataDir = path.resolve(req.dataDir || this.opts.defaultDataDir);
+    const roots = this.opts.dataRoots ?? [];
+    if (req.dataDir && roots.length && !roots.some((root) => isWithin(dataDir, root))) {
+      throw invalidArgument(`data_dir: ${dataDir} is not under the allowed data directories (${roots.join(', ')})`);
+    }
     let compareAxis: string | undefined;
     if (req.compareAxis) {
       compareAxis = path.resolve(req.compareAxis);
@@ -410,6 +416,11 @@ export function judgeLabel(upstreams: Upstreams): string {
   if (!info) return 'unknown';
   if (!info.meaningful) return `${info.provider} (${info.model}: NOT meaningful, for demos only)`;
   return `${info.provider}:${info.model}${info.baseUrl ? ` at ${info.baseUrl}` : ''}`;
+}
+
+function isWithin(dir: string, root: string): boolean {
+  const rel = path.relative(root, dir);
+  return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }
 
 async function nonEmptyDir(dir: string): Promise<boolean> {

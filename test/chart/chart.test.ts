@@ -94,6 +94,13 @@ maybe('the helm chart', () => {
     expect(JSON.stringify(judge.containers[0].env)).not.toMatch(/OPENAI_API_KEY/);
   });
 
+  it('mounts the coordinator token from a Secret and limits data_dir to /data', () => {
+    const docs = render([MODEL, 'coordinator.auth.existingSecret=axis-token']);
+    const spec = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec;
+    expect(spec.volumes.find((v: any) => v.name === 'auth').secret.secretName).toBe('axis-token');
+    expect(spec.containers[0].args).toEqual(expect.arrayContaining(['--auth-token-file=/secrets/auth/token', '--data-roots=/data']));
+  });
+
   it('puts the configured labels on the ServiceMonitor so Prometheus selects it', () => {
     const sm = render(EVERYTHING).find((d) => d.kind === 'ServiceMonitor');
     expect(sm.metadata.labels.release).toBe('kube-prometheus-stack');
