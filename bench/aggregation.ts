@@ -12,15 +12,13 @@ import * as grpc from '@grpc/grpc-js';
 import { spawn } from 'node:child_process';
 import { AggregationClient, IngestAck, IngestRequest } from '../gen/assistant_axis/v1/aggregation';
 import { DType } from '../gen/assistant_axis/v1/common';
-import { LocalStack } from '../services/cli/stack';
 import { StreamPipe } from '../services/shared/pipe';
 import { channelOptions } from '../services/shared/server';
-import { freePort } from '../test/helpers/stack';
+import { testStack } from '../test/helpers/stack';
 import { RAW_SERVICE } from './rawStreamServer';
 import { RunAccumulator } from '../services/aggregation/accumulator';
 import { encodeTensor, decodeTensor } from '../services/shared/tensor';
 
-const ROOT = path.resolve(__dirname, '..', '..');
 const L = 46;
 const D = 4608;
 const N = L * D;
@@ -112,16 +110,7 @@ async function throughStream(send: (i: number) => Promise<unknown>, count: numbe
  * is in the journal on disk; against the same bytes sent to a server that only acknowledges them.
  */
 async function grpcPaths(data: Uint8Array[]): Promise<{ durable: number; raw: number }> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'axis-bench-agg-'));
-  const stack = new LocalStack({
-    root: ROOT,
-    ports: { aggregation: await freePort() },
-    metricsPorts: { aggregation: await freePort() },
-    logDir: path.join(dir, 'logs'),
-    stateDir: dir,
-    outputRoot: dir,
-    dataDir: dir,
-  });
+  const { stack, dir } = await testStack('bench-agg');
   const raw = spawn(process.execPath, [path.join(__dirname, 'rawStreamServer.js')], { stdio: ['ignore', 'pipe', 'inherit'] });
   try {
     await stack.start('aggregation');

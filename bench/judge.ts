@@ -8,16 +8,13 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import OpenAI from 'openai';
-import * as path from 'node:path';
 import { JudgeClient, ScoreRequest, ScoreResult } from '../gen/assistant_axis/v1/judge';
-import { LocalStack } from '../services/cli/stack';
 import { judgePrompt } from '../services/judge/prompt';
 import { StreamPipe } from '../services/shared/pipe';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
-import { freePort, tempDir } from '../test/helpers/stack';
+import { testStack } from '../test/helpers/stack';
 import { maxInWindow } from '../test/helpers/rates';
 
-const ROOT = path.resolve(__dirname, '..', '..');
 const ITEMS = Number(process.env.BENCH_JUDGE_ITEMS ?? 1000);
 const RATE = 100;
 const CONCURRENCY = 200;
@@ -30,15 +27,7 @@ function lognormal(median: number, sigma: number): () => number {
 
 
 async function service(server: FakeOpenAIServer): Promise<{ seconds: number; arrivals: number[] }> {
-  const dir = tempDir('bench-judge');
-  const stack = new LocalStack({
-    root: ROOT,
-    ports: { judge: await freePort() },
-    metricsPorts: { judge: await freePort() },
-    logDir: path.join(dir, 'logs'),
-    stateDir: dir,
-    outputRoot: dir,
-    dataDir: dir,
+  const { stack } = await testStack('bench-judge', {
     args: { judge: ['--provider', 'openai', '--base-url', server.baseUrl, '--model', 'gpt-4.1-mini', '--concurrency', String(CONCURRENCY), '--requests-per-second', String(RATE)] },
     env: { OPENAI_API_KEY: 'sk-bench' },
   });

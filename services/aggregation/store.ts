@@ -3,7 +3,7 @@ import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { writeFileAtomic } from '../shared/files';
-import { decodeTensor } from '../shared/tensor';
+import { decodeTensor, DecodedTensor } from '../shared/tensor';
 import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator } from './accumulator';
 import { Journal, RecordRef } from './journal';
 
@@ -78,10 +78,11 @@ export class DurableStore {
    */
   ingest(req: IngestRequest): Promise<IngestOutcome> {
     const acc = this.state.get(req.run);
-    // Checks first, so that nothing invalid reaches the journal.
+    // Checks first, so that nothing invalid reaches the journal; the decoded values then go on to apply.
+    let decoded: DecodedTensor | undefined;
     if (req.payload?.$case === 'activation') {
-      const t = decodeTensor(req.payload.value, 'activation');
-      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, t.shape, t.data, t.firstNonFinite);
+      decoded = decodeTensor(req.payload.value, 'activation');
+      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, decoded.shape, decoded.data, decoded.firstNonFinite);
       if (check === 'duplicate') return Promise.resolve('duplicate');
     } else if (req.payload?.$case === 'score') {
       if ((acc ?? new RunAccumulator()).checkScore(req.role, req.itemKey, req.payload.value.score ?? null) === 'duplicate') return Promise.resolve('duplicate');
@@ -89,7 +90,7 @@ export class DurableStore {
       throw new IngestError('payload', 'needs an activation or a score');
     }
     const appended = this.journal.append(IngestRequest.encode(req).finish());
-    return this.serialize(async () => this.apply(req, await appended));
+    return this.serialize(async () => this.apply(req, await appended, decoded));
   }
 
   /** Runs `task` after everything queued before it: applies happen in journal order. */
@@ -99,11 +100,12 @@ export class DurableStore {
     return next;
   }
 
-  private async apply(req: IngestRequest, ref: RecordRef): Promise<IngestOutcome> {
+  /** `decoded`: the activation as ingest already decoded it; replay decodes into the scratch buffer. */
+  private async apply(req: IngestRequest, ref: RecordRef, decoded?: DecodedTensor): Promise<IngestOutcome> {
     const acc = this.state.getOrCreate(req.run);
     let outcome: IngestOutcome;
     if (req.payload?.$case === 'activation') {
-      const t = decodeTensor(req.payload.value, 'activation', undefined, this.scratchFor(req.payload.value.shape));
+      const t = decoded ?? decodeTensor(req.payload.value, 'activation', undefined, this.scratchFor(req.payload.value.shape));
       outcome = acc.addActivation(req.role, req.itemKey, t.shape, t.data, ref, t.firstNonFinite);
     } else {
       const payload = req.payload;

@@ -32,5 +32,3 @@ export function stateName(state: RunState): string {
   return RunState[state]?.replace('RUN_STATE_', '') ?? String(state);
 }
 
-export const isTerminalState = (s: RunState) =>
-  s === RunState.RUN_STATE_SUCCEEDED || s === RunState.RUN_STATE_FAILED || s === RunState.RUN_STATE_CANCELLED;

@@ -58,8 +58,6 @@ export interface RunRow {
   backend: string;
   judge: string;
   summary: unknown;
-  /** Aggregation instance that holds this run's sums (to notice when that state was lost). */
-  aggregationInstance: string;
 }
 
 export interface ItemRow {
@@ -97,7 +95,7 @@ export class Ledger {
       CREATE TABLE IF NOT EXISTS runs (
         name TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL,
         finished_at TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '', backend TEXT NOT NULL DEFAULT '',
-        judge TEXT NOT NULL DEFAULT '', summary TEXT, aggregation_instance TEXT NOT NULL DEFAULT '');
+        judge TEXT NOT NULL DEFAULT '', summary TEXT);
       CREATE TABLE IF NOT EXISTS items (
         run TEXT NOT NULL, role TEXT NOT NULL, p INTEGER NOT NULL, q INTEGER NOT NULL, key TEXT NOT NULL,
         text TEXT, prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
@@ -169,10 +167,6 @@ export class Ledger {
         fields.judge ?? run.judge,
         name,
       );
-  }
-
-  setAggregationInstance(name: string, instance: string): void {
-    this.db.prepare('UPDATE runs SET aggregation_instance = ? WHERE name = ?').run(instance, name);
   }
 
   /** Forgets that aggregation acknowledged anything of this run (its state was lost): everything is sent again. */
@@ -261,7 +255,6 @@ function toRunRow(r: Record<string, any>): RunRow {
     backend: r.backend,
     judge: r.judge,
     summary: r.summary ? JSON.parse(r.summary) : undefined,
-    aggregationInstance: r.aggregation_instance,
   };
 }
 

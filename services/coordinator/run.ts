@@ -265,7 +265,6 @@ export class RunExecutor {
       this.log.warn({ aggregationHas: state.activations, ledgerAcked: acked }, 'aggregation lost this run\'s state: re-sending activations (by Extract) and scores');
       this.ledger.resetAcks(this.spec.name);
     }
-    this.ledger.setAggregationInstance(this.spec.name, state.instanceId);
   }
 
   private conversation(item: ItemRow): { systemPrompt: string; question: string; messages: ChatMessage[] } {
@@ -319,10 +318,9 @@ export class RunExecutor {
         this.genInFlight--;
         this.notify();
       }
-      // Checked here, not only in aggregation, so a malformed activation fails loudly at its source.
-      const decoded = decodeTensor(activation, `activation of item ${id}`);
-      // Staged before aggregation acknowledges it, so every acknowledged item has its archive copy.
-      if (this.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decoded, DType.DTYPE_BF16).data);
+      // Aggregation checks the activation (and its refusal fails the run, naming the item); it is
+      // decoded here only for the archive, staged before aggregation acknowledges it.
+      if (this.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decodeTensor(activation, `activation of item ${id}`), DType.DTYPE_BF16).data);
       await this.ingest(item, { $case: 'activation', value: activation! });
       this.ledger.ackActivation(run, item.role, item.key);
       item.activationAcked = true;

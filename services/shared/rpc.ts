@@ -35,10 +35,6 @@ export function unary<Req, Res>(log: Logger, handler: (req: Req, call: grpc.Serv
   };
 }
 
-export function statusName(code: number): string {
-  return grpc.status[code] ?? String(code);
-}
-
 /** Ends a server-streaming call with the error's status (grpc-js sends the status on the stream's 'error' event). */
 export function failStream(call: { emit(event: 'error', err: unknown): boolean }, err: unknown): void {
   call.emit('error', toServiceError(err));

@@ -2,9 +2,11 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { repoRoot } from '../../services/cli/paths';
 import { LocalStack, ServiceName, StackOptions } from '../../services/cli/stack';
 
-export const ROOT = path.resolve(__dirname, '..', '..');
+// From source (test/helpers) or compiled (dist/test/helpers, for the benchmarks).
+export const ROOT = repoRoot();
 export const UPSTREAM_DATA = path.resolve(ROOT, '..', 'shared', 'upstream', 'data');
 
 /** A port nothing listens on right now. */
