@@ -5,11 +5,14 @@ import { codeVersion } from '../coordinator/manifest';
 import { exists } from '../shared/files';
 import { builderFor } from './builders';
 import { CheckpointReader, readConfig } from './checkpoint';
-import { ExternalData, GraphBuilder, WeightDtype } from './graph';
+import { buildDecodeLoop } from './decodeLoop';
+import { ExternalData, GraphBuilder, WeightDtype, WrittenWeights } from './graph';
 
 /** Layout of a model directory, as transformers.js loads it. */
 export const MODEL_FILES = {
   graph: path.join('onnx', 'model.onnx'),
+  /** The decoder inside an ONNX Loop: a whole batch generated in one run (services/model/decodeLoop.ts). */
+  decodeLoop: path.join('onnx', 'generate.onnx'),
   weights: path.join('onnx', 'model.onnx_data'),
   metadata: 'axis_model.json',
 };
@@ -35,6 +38,8 @@ export interface ModelMetadata {
   inputs: string[];
   outputs: string[];
   hidden_state_outputs: string[];
+  /** The generation graph, over the same weights file; absent for a stage of a split model. */
+  decode_loop?: { graph: string; inputs: string[]; outputs: string[]; graph_sha256: string };
   hashes: { graph_sha256: string; weights_sha256: string; config_sha256: string };
   built_with: string;
 }
@@ -45,6 +50,8 @@ export interface BuildModelOptions {
   capture: boolean;
   dtype?: WeightDtype;
   layers?: [number, number];
+  /** Also write the generation graph (whole models only); default true. */
+  decodeLoop?: boolean;
 }
 
 /**
@@ -72,6 +79,16 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
     closed = true;
     const graphBytes = g.encode(`${config.model_type}-decoder`, 'assistant-axis');
     await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
+    let decodeLoop: ModelMetadata['decode_loop'];
+    const whole = signature.layers[0] === 0 && signature.layers[1] === builder.dims.numLayers;
+    if ((opts.decodeLoop ?? true) && whole) {
+      const loop = new GraphBuilder(new WrittenWeights(data), dtype);
+      const loopSignature = await buildDecodeLoop(config, ckpt, loop, opts.capture);
+      const loopBytes = loop.encode(`${config.model_type}-generate`, 'assistant-axis');
+      await fs.writeFile(path.join(tmp, MODEL_FILES.decodeLoop), loopBytes);
+      decodeLoop = { graph: MODEL_FILES.decodeLoop, ...loopSignature, graph_sha256: sha256(loopBytes) };
+      log(`wrote the generation graph ${MODEL_FILES.decodeLoop}`);
+    }
 
     const configRaw = await fs.readFile(path.join(opts.hf, 'config.json'), 'utf8');
     const hfConfig = JSON.parse(configRaw);
@@ -98,6 +115,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       inputs: signature.inputs,
       outputs: signature.outputs,
       hidden_state_outputs: signature.hiddenStateOutputs,
+      ...(decodeLoop ? { decode_loop: decodeLoop } : {}),
       hashes: { graph_sha256: sha256(graphBytes), weights_sha256: weightsSha, config_sha256: sha256(configRaw) },
       built_with: codeVersion(),
     };

@@ -8,10 +8,11 @@ import { writeTinyCheckpoint } from './tiny';
 const USAGE = `usage:
   axis-model tiny --arch llama|qwen2|qwen3|gemma2 --out <checkpoint dir> [--seed N] [--merges N]
       a small random-weight Hugging Face checkpoint with a real byte-level BPE tokenizer and a chat template
-  axis-model build --hf <checkpoint dir> --out <model dir> [--dtype f32|f16|bf16] [--no-capture] [--layers a:b]
+  axis-model build --hf <checkpoint dir> --out <model dir> [--dtype f32|f16|bf16] [--no-capture] [--layers a:b] [--no-decode-loop]
       the ONNX decoder graph (KV cache, per-layer hidden-state outputs, weights as external data),
       tokenizer and generation files, and axis_model.json; --dtype sets how weights are stored
-      (inputs, outputs and arithmetic stay float32); --layers builds one stage of a split model
+      (inputs, outputs and arithmetic stay float32); --layers builds one stage of a split model;
+      whole models also get onnx/generate.onnx, the decoder inside an ONNX Loop (one run per batch)
   axis-model hidden --model <model dir> --ids 1,2,3 --out <file.safetensors>
       one forward pass: tensor hidden_states [num_layers, seq, hidden] (each decoder block's
       output, before the final norm) and logits [seq, vocab], float32`;
@@ -28,7 +29,7 @@ async function main(argv: string[]): Promise<void> {
     await writeTinyCheckpoint({ arch: values.arch, out: values.out, seed, merges });
     process.stdout.write(`wrote a tiny ${values.arch} checkpoint to ${values.out}\n`);
   } else if (command === 'build') {
-    const { values } = parseArgs({ args: rest, options: { hf: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string', default: 'f32' }, layers: { type: 'string' }, 'no-capture': { type: 'boolean', default: false } } });
+    const { values } = parseArgs({ args: rest, options: { hf: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string', default: 'f32' }, layers: { type: 'string' }, 'no-capture': { type: 'boolean', default: false }, 'no-decode-loop': { type: 'boolean', default: false } } });
     if (!values.hf || !values.out) throw new Error(`build needs --hf and --out\n\n${USAGE}`);
     if (!['f32', 'f16', 'bf16'].includes(values.dtype!)) throw new Error(`--dtype must be f32, f16 or bf16, got ${values.dtype}`);
     let layers: [number, number] | undefined;
@@ -38,7 +39,7 @@ async function main(argv: string[]): Promise<void> {
       layers = [Number(m[1]), Number(m[2])];
     }
     const started = Date.now();
-    const meta = await buildModel({ hf: values.hf, out: values.out, capture: !values['no-capture'], dtype: values.dtype as WeightDtype, layers }, (m) => process.stderr.write(m + '\n'));
+    const meta = await buildModel({ hf: values.hf, out: values.out, capture: !values['no-capture'], dtype: values.dtype as WeightDtype, layers, decodeLoop: !values['no-decode-loop'] }, (m) => process.stderr.write(m + '\n'));
     process.stdout.write(`built ${meta.name} (${meta.architecture}, ${meta.num_layers} layers) into ${values.out} in ${((Date.now() - started) / 1000).toFixed(1)} s\n`);
   } else if (command === 'hidden') {
     const { values } = parseArgs({ args: rest, options: { model: { type: 'string' }, ids: { type: 'string' }, out: { type: 'string' } } });

@@ -4,6 +4,7 @@ import { promises as fs } from 'node:fs';
 import {
   AttributeProto_AttributeType,
   AttributeProtoSchema,
+  GraphProto,
   GraphProtoSchema,
   ModelProtoSchema,
   NodeProto,
@@ -23,11 +24,18 @@ const IR_VERSION = 8n;
 /** Weights in the external data file start on this boundary, so they can be memory-mapped aligned. */
 const ALIGN = 64;
 
-type Attr = number | number[] | string | { float: number } | { floats: number[] } | TensorProto;
+type Attr = number | number[] | string | { float: number } | { floats: number[] } | { graph: GraphProto } | TensorProto;
+
+/** Where a graph's weights come from: written now, or written already for another graph of the same directory. */
+export interface WeightStore {
+  tensor(name: string, pieces: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, dims: number[], dataType: TensorProto_DataType): Promise<TensorProto>;
+}
 
 /** Appends weights to the ONNX external data file, computing its sha256 as it goes. */
-export class ExternalData {
+export class ExternalData implements WeightStore {
   private offset = 0;
+  /** Every tensor written, so a second graph can point at the same bytes. */
+  readonly written = new Map<string, TensorProto>();
   private readonly hash: Hash = createHash('sha256');
   private constructor(private readonly handle: fs.FileHandle, readonly location: string) {}
 
@@ -48,6 +56,25 @@ export class ExternalData {
     await this.handle.write(bytes);
     this.hash.update(bytes);
     this.offset += bytes.byteLength;
+  }
+
+  async tensor(name: string, pieces: AsyncIterable<Uint8Array> | Iterable<Uint8Array>, dims: number[], dataType: TensorProto_DataType): Promise<TensorProto> {
+    const { offset, length } = await this.append(pieces);
+    const expected = dims.reduce((a, b) => a * b, 1) * (dataType === DataType.FLOAT ? 4 : 2);
+    if (length !== expected) throw new Error(`${name}: wrote ${length} bytes, expected ${expected} for [${dims}]`);
+    const proto = create(TensorProtoSchema, {
+      name,
+      dims: dims.map(BigInt),
+      dataType,
+      dataLocation: TensorProto_DataLocation.EXTERNAL,
+      externalData: [
+        { key: 'location', value: this.location },
+        { key: 'offset', value: String(offset) },
+        { key: 'length', value: String(length) },
+      ],
+    });
+    this.written.set(name, proto);
+    return proto;
   }
 
   /** Closes the file after a failed build (the caller removes it). */
@@ -71,14 +98,30 @@ export class GraphBuilder {
   readonly initializers: TensorProto[] = [];
   readonly inputs: ValueInfoProto[] = [];
   readonly outputs: ValueInfoProto[] = [];
-  private counter = 0;
+  private readonly counter: { next: number };
   private readonly constCache = new Map<string, string>();
+  private readonly weightCache = new Map<string, string>();
 
   /** `storage`: how weights are stored; f16 and bf16 weights are cast to float32 inside the graph, so inputs, outputs and arithmetic stay float32. */
-  constructor(private readonly weights: ExternalData, readonly storage: WeightDtype = 'f32') {}
+  constructor(private readonly weights: WeightStore, readonly storage: WeightDtype = 'f32', private readonly parent?: GraphBuilder) {
+    this.counter = parent ? parent.counter : { next: 0 };
+  }
+
+  /**
+   * A builder for a subgraph (a Loop or If body). Weights and constants stay in the enclosing
+   * graph, which the body sees; value names are unique across both, as ONNX requires.
+   */
+  child(): GraphBuilder {
+    return new GraphBuilder(this.weights, this.storage, this);
+  }
+
+  /** This builder's nodes as a subgraph, for a `{ graph }` attribute. */
+  subgraph(name: string): GraphProto {
+    return create(GraphProtoSchema, { name, node: this.nodes, initializer: this.initializers, input: this.inputs, output: this.outputs });
+  }
 
   fresh(hint: string): string {
-    return `${hint}/${this.counter++}`;
+    return `${hint}/${this.counter.next++}`;
   }
 
   input(name: string, type: TensorProto_DataType, dims: (number | string)[]): string {
@@ -98,6 +141,19 @@ export class GraphBuilder {
     return out;
   }
 
+  /** Adds a node whose outputs are named by the caller. */
+  nodeNamed(op: string, inputs: string[], outputs: string[], attrs: Record<string, Attr> = {}): void {
+    this.nodes.push(nodeProto(op, inputs, outputs, attrs, `${op}_${this.nodes.length}`));
+  }
+
+  /** A small constant tensor of int64, float or double, for attributes such as ConstantOfShape's value. */
+  static tensor(values: number[], dims: number[], dataType: TensorProto_DataType): TensorProto {
+    const raw =
+      dataType === DataType.INT64 ? new BigInt64Array(values.map((x) => BigInt(x))) : dataType === DataType.DOUBLE ? Float64Array.from(values) : dataType === DataType.FLOAT ? Float32Array.from(values) : undefined;
+    if (!raw) throw new Error(`GraphBuilder.tensor: data type ${dataType} is not supported`);
+    return create(TensorProtoSchema, { dims: dims.map(BigInt), dataType, rawData: new Uint8Array(raw.buffer) });
+  }
+
   /** Adds a node with several outputs. */
   nodeN(op: string, inputs: string[], count: number, attrs: Record<string, Attr> = {}): string[] {
     const outs = Array.from({ length: count }, () => this.fresh(op));
@@ -106,6 +162,7 @@ export class GraphBuilder {
   }
 
   constInt64(values: number[], dims: number[] = [values.length]): string {
+    if (this.parent) return this.parent.constInt64(values, dims);
     const key = `i64:${dims}:${values}`;
     const cached = this.constCache.get(key);
     if (cached) return cached;
@@ -117,6 +174,7 @@ export class GraphBuilder {
   }
 
   constFloat(values: number[] | Float32Array, dims: number[] = [values.length]): string {
+    if (this.parent) return this.parent.constFloat(values, dims);
     const data = Float32Array.from(values);
     const key = data.length <= 16 ? `f32:${dims}:${Array.from(data)}` : undefined;
     if (key && this.constCache.has(key)) return this.constCache.get(key)!;
@@ -131,27 +189,17 @@ export class GraphBuilder {
    * stored as `storage`; returns the name of its float32 value in the graph.
    */
   async weight(name: string, pieces: AsyncIterable<Float32Array> | Iterable<Float32Array>, dims: number[]): Promise<string> {
+    if (this.parent) return this.parent.weight(name, pieces, dims);
+    const cached = this.weightCache.get(name);
+    if (cached) return cached;
     const storage = this.storage;
     async function* encoded() {
       for await (const piece of pieces) yield encodeWeights(piece, storage);
     }
-    const { offset, length } = await this.weights.append(encoded());
-    const expected = dims.reduce((a, b) => a * b, 1) * (storage === 'f32' ? 4 : 2);
-    if (length !== expected) throw new Error(`${name}: wrote ${length} bytes, expected ${expected} for [${dims}]`);
-    this.initializers.push(
-      create(TensorProtoSchema, {
-        name,
-        dims: dims.map(BigInt),
-        dataType: STORAGE_TYPES[storage],
-        dataLocation: TensorProto_DataLocation.EXTERNAL,
-        externalData: [
-          { key: 'location', value: this.weights.location },
-          { key: 'offset', value: String(offset) },
-          { key: 'length', value: String(length) },
-        ],
-      }),
-    );
-    return storage === 'f32' ? name : this.node('Cast', [name], { to: DataType.FLOAT }, `${name}/f32`);
+    this.initializers.push(await this.weights.tensor(name, encoded(), dims, STORAGE_TYPES[storage]));
+    const value = storage === 'f32' ? name : this.node('Cast', [name], { to: DataType.FLOAT }, `${name}/f32`);
+    this.weightCache.set(name, value);
+    return value;
   }
 
   encode(graphName: string, producer: string): Uint8Array {
@@ -205,7 +253,19 @@ function nodeProto(op: string, inputs: string[], outputs: string[], attrs: Recor
       if (Array.isArray(v)) return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.INTS, ints: v.map(BigInt) });
       if ('float' in v) return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.FLOAT, f: v.float });
       if ('floats' in v) return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.FLOATS, floats: v.floats });
+      if ('graph' in v) return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.GRAPH, g: v.graph });
       return create(AttributeProtoSchema, { name: key, type: AttributeProto_AttributeType.TENSOR, t: v });
     }),
   });
+}
+
+/** The weights of a graph already built into the same external data file, for a second graph to point at. */
+export class WrittenWeights implements WeightStore {
+  constructor(private readonly from: ExternalData) {}
+
+  async tensor(name: string): Promise<TensorProto> {
+    const proto = this.from.written.get(name);
+    if (!proto) throw new Error(`${name}: not among the weights written for the decoder graph`);
+    return proto;
+  }
 }

@@ -15,13 +15,14 @@ if (!hasChecker && process.env.AXIS_REQUIRE_ONNX_CHECKER) throw new Error('pytho
 const maybe = hasChecker ? describe : describe.skip;
 
 maybe('onnx.checker (full_check) accepts the graphs', () => {
-  it.each(TINY_ARCHITECTURES.map((a) => [a]))('%s, and a --layers stage', async (arch) => {
+  it.each(TINY_ARCHITECTURES.map((a) => [a]))('%s (decoder and generation graphs), and a --layers stage', async (arch) => {
     const dir = tempDir(`checker-${arch}`);
     await writeTinyCheckpoint({ arch, out: path.join(dir, 'ckpt'), seed: 0, merges: 500 });
     await buildModel({ hf: path.join(dir, 'ckpt'), out: path.join(dir, 'model'), capture: true, dtype: 'bf16' });
     await buildModel({ hf: path.join(dir, 'ckpt'), out: path.join(dir, 'stage'), capture: false, layers: [1, 3] });
-    for (const m of ['model', 'stage']) {
-      const out = execFileSync(PYTHON, ['-c', 'import onnx, sys; onnx.checker.check_model(sys.argv[1], full_check=True); print("ok")', path.join(dir, m, 'onnx', 'model.onnx')]).toString();
+    // The generation graph (a Loop around the decoder, weights shared with model.onnx) too.
+    for (const file of [path.join('model', 'onnx', 'model.onnx'), path.join('model', 'onnx', 'generate.onnx'), path.join('stage', 'onnx', 'model.onnx')]) {
+      const out = execFileSync(PYTHON, ['-c', 'import onnx, sys; onnx.checker.check_model(sys.argv[1], full_check=True); print("ok")', path.join(dir, file)]).toString();
       expect(out.trim()).toBe('ok');
     }
   });

@@ -22,6 +22,7 @@ export interface BuildOptions {
 }
 
 /** Graph input and output names: the convention of other ONNX decoder tools, plus hidden states. */
+export type DecoderNames = typeof NAMES;
 export const NAMES = {
   inputIds: 'input_ids',
   attentionMask: 'attention_mask',
@@ -34,6 +35,29 @@ export const NAMES = {
   /** Output of decoder block l; also the input of a stage that starts at layer l + 1. */
   hiddenState: (l: number) => `hidden_states.${l}`,
 };
+
+/** The same names under a prefix: the decoder inside another graph's subgraph (ONNX names may not shadow). */
+export function prefixedNames(prefix: string): DecoderNames {
+  return {
+    inputIds: `${prefix}${NAMES.inputIds}`,
+    attentionMask: `${prefix}${NAMES.attentionMask}`,
+    positionIds: `${prefix}${NAMES.positionIds}`,
+    pastKey: (l) => `${prefix}${NAMES.pastKey(l)}`,
+    pastValue: (l) => `${prefix}${NAMES.pastValue(l)}`,
+    logits: `${prefix}${NAMES.logits}`,
+    presentKey: (l) => `${prefix}${NAMES.presentKey(l)}`,
+    presentValue: (l) => `${prefix}${NAMES.presentValue(l)}`,
+    hiddenState: (l) => `${prefix}${NAMES.hiddenState(l)}`,
+  };
+}
+
+/** What one pass of the decoder produces, as value names in the graph being built. */
+export interface DecoderValues {
+  /** Output of each block built, [B, S, hidden]. */
+  hidden: string[];
+  /** [B, S, vocab], when the last layer is built. */
+  logits?: string;
+}
 
 export interface GraphSignature {
   inputs: string[];
@@ -72,7 +96,7 @@ export class DecoderBuilder {
   readonly dims: DecoderDims;
   private shared!: Shared;
 
-  constructor(protected readonly config: HfConfig, protected readonly ckpt: CheckpointReader, protected readonly g: GraphBuilder) {
+  constructor(protected readonly config: HfConfig, protected readonly ckpt: CheckpointReader, protected readonly g: GraphBuilder, protected readonly names: DecoderNames = NAMES) {
     const heads = config.num_attention_heads;
     this.dims = {
       numLayers: config.num_hidden_layers,
@@ -223,8 +247,8 @@ export class DecoderBuilder {
     [q, k] = await this.queryKeyNorm(l, q, k);
     q = this.rotary(q);
     k = this.rotary(k);
-    const presentK = g.node('Concat', [NAMES.pastKey(l), k], { axis: 2 }, NAMES.presentKey(l));
-    const presentV = g.node('Concat', [NAMES.pastValue(l), v], { axis: 2 }, NAMES.presentValue(l));
+    const presentK = g.node('Concat', [this.names.pastKey(l), k], { axis: 2 }, this.names.presentKey(l));
+    const presentV = g.node('Concat', [this.names.pastValue(l), v], { axis: 2 }, this.names.presentValue(l));
     const kAll = this.repeatKv(presentK);
     const vAll = this.repeatKv(presentV);
     let scores = g.node('Mul', [g.node('MatMul', [q, g.node('Transpose', [kAll], { perm: [0, 1, 3, 2] })]), g.constFloat([this.attentionScale()], [])]);
@@ -255,23 +279,43 @@ export class DecoderBuilder {
   /** Rotary tables from position_ids; positions and the causal + padding mask from attention_mask. */
   private sharedValues(): Shared {
     const g = this.g;
-    const pos = g.node('Unsqueeze', [g.node('Cast', [NAMES.positionIds], { to: DataType.FLOAT }), g.constInt64([2])]);
+    const pos = g.node('Unsqueeze', [g.node('Cast', [this.names.positionIds], { to: DataType.FLOAT }), g.constInt64([2])]);
     const freqs = g.node('Mul', [pos, g.constFloat(this.inverseFrequencies())]);
     const emb = g.node('Concat', [freqs, freqs], { axis: -1 });
     const cos = g.node('Unsqueeze', [g.node('Cos', [emb]), g.constInt64([1])]);
     const sin = g.node('Unsqueeze', [g.node('Sin', [emb]), g.constInt64([1])]);
 
-    const positionShape = g.node('Shape', [NAMES.positionIds]);
+    const positionShape = g.node('Shape', [this.names.positionIds]);
     const S = g.node('Gather', [positionShape, g.constInt64([1], [])], { axis: 0 });
-    const T = g.node('Gather', [g.node('Shape', [NAMES.attentionMask]), g.constInt64([1], [])], { axis: 0 });
+    const T = g.node('Gather', [g.node('Shape', [this.names.attentionMask]), g.constInt64([1], [])], { axis: 0 });
     const one = g.constInt64([1], []);
     const keyPositions = g.node('Unsqueeze', [g.node('Range', [g.constInt64([0], []), T, one]), g.constInt64([0])]);
     const queryPositions = g.node('Unsqueeze', [g.node('Range', [g.node('Sub', [T, S]), T, one]), g.constInt64([1])]);
     const causal = g.node('LessOrEqual', [keyPositions, queryPositions]);
-    const notPadding = g.node('Unsqueeze', [g.node('Equal', [NAMES.attentionMask, g.constInt64([1], [])]), g.constInt64([1, 2])]);
+    const notPadding = g.node('Unsqueeze', [g.node('Equal', [this.names.attentionMask, g.constInt64([1], [])]), g.constInt64([1, 2])]);
     const allowed = g.node('And', [causal, notPadding]);
     const bias = g.node('Where', [allowed, g.constFloat([0], []), g.constFloat([MASKED], [])]);
     return { cos, sin, bias, queryPositions, keyPositions, allowed, batchAndSequence: positionShape };
+  }
+
+  /**
+   * The blocks [first, end) (and the head, when end is the last layer) over values already in
+   * the graph: token ids (or, for a later stage, the previous stage's hidden state), and the
+   * attention mask, position ids and past keys and values under `this.names`. The present keys
+   * and values are named `this.names.presentKey/Value(l)`.
+   */
+  async forward(inputIds: string | undefined, inputHidden: string | undefined, [first, end]: [number, number]): Promise<DecoderValues> {
+    this.shared = this.sharedValues();
+    let h = inputIds !== undefined ? await this.embed(inputIds) : inputHidden!;
+    const hidden: string[] = [];
+    for (let l = first; l < end; l++) {
+      h = await this.block(l, h);
+      hidden.push(h);
+    }
+    if (end < this.dims.numLayers) return { hidden };
+    const normed = await this.norm(h, 'model.norm.weight');
+    const weight = this.tiedEmbeddings() ? await this.embeddingTable() : await this.param('lm_head.weight', [this.dims.vocab, this.dims.hidden]);
+    return { hidden, logits: this.logitsTransform(this.project(normed, weight, this.dims.vocab, this.dims.hidden)) };
   }
 
   /** Declares the inputs, builds the blocks (and, in the last stage, the head), declares the outputs. */
@@ -282,32 +326,26 @@ export class DecoderBuilder {
     if (!(Number.isInteger(first) && Number.isInteger(end) && first >= 0 && first < end && end <= numLayers)) {
       throw new CheckpointError(`--layers: ${first}:${end} is not a range within the model's ${numLayers} layers`);
     }
-    const h0 = first === 0 ? g.input(NAMES.inputIds, DataType.INT64, ['batch_size', 'sequence_length']) : g.input(NAMES.hiddenState(first - 1), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
-    g.input(NAMES.attentionMask, DataType.INT64, ['batch_size', 'total_sequence_length']);
-    g.input(NAMES.positionIds, DataType.INT64, ['batch_size', 'sequence_length']);
+    const h0 = first === 0 ? g.input(this.names.inputIds, DataType.INT64, ['batch_size', 'sequence_length']) : g.input(this.names.hiddenState(first - 1), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
+    g.input(this.names.attentionMask, DataType.INT64, ['batch_size', 'total_sequence_length']);
+    g.input(this.names.positionIds, DataType.INT64, ['batch_size', 'sequence_length']);
     for (let l = first; l < end; l++) {
-      g.input(NAMES.pastKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
-      g.input(NAMES.pastValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
+      g.input(this.names.pastKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
+      g.input(this.names.pastValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
     }
-    this.shared = this.sharedValues();
-    let h = first === 0 ? await this.embed(h0) : h0;
+    const values = await this.forward(first === 0 ? h0 : undefined, first === 0 ? undefined : h0, [first, end]);
     const hiddenStateOutputs: string[] = [];
     for (let l = first; l < end; l++) {
-      h = await this.block(l, h);
       // A stage that is not the last hands its last hidden state on, capture or not.
       if (opts.capture || (l === end - 1 && end < numLayers)) {
-        g.output(h, NAMES.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
-        if (opts.capture) hiddenStateOutputs.push(NAMES.hiddenState(l));
+        g.output(values.hidden[l - first], this.names.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
+        if (opts.capture) hiddenStateOutputs.push(this.names.hiddenState(l));
       }
     }
-    if (end === numLayers) {
-      const normed = await this.norm(h, 'model.norm.weight');
-      const weight = this.tiedEmbeddings() ? await this.embeddingTable() : await this.param('lm_head.weight', [vocab, hidden]);
-      g.output(this.logitsTransform(this.project(normed, weight, vocab, hidden)), NAMES.logits, DataType.FLOAT, ['batch_size', 'sequence_length', vocab]);
-    }
+    if (values.logits) g.output(values.logits, this.names.logits, DataType.FLOAT, ['batch_size', 'sequence_length', vocab]);
     for (let l = first; l < end; l++) {
-      g.output(NAMES.presentKey(l), NAMES.presentKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
-      g.output(NAMES.presentValue(l), NAMES.presentValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
+      g.output(this.names.presentKey(l), this.names.presentKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
+      g.output(this.names.presentValue(l), this.names.presentValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
     }
     return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end] };
   }
