@@ -115,6 +115,8 @@ export class Ledger {
       judge_completion_tokens: 'INTEGER NOT NULL DEFAULT 0',
       judge_cost_usd: 'REAL NOT NULL DEFAULT 0',
       judge_possibly_billed_tokens: 'INTEGER NOT NULL DEFAULT 0',
+      // The answer's sampled token ids (uint32 little-endian), for an exact Extract after a lost activation.
+      response_ids: 'BLOB',
     });
   }
 
@@ -186,10 +188,19 @@ export class Ledger {
     return (this.db.prepare('SELECT * FROM items WHERE run = ? AND role = ? ORDER BY p, q').all(run, role) as Record<string, any>[]).map(toItemRow);
   }
 
-  saveText(run: string, role: string, key: string, r: { text: string; promptTokens: number; completionTokens: number; finishReason: string }): void {
+  saveText(run: string, role: string, key: string, r: { text: string; promptTokens: number; completionTokens: number; finishReason: string; responseTokenIds?: number[] }): void {
+    const ids = r.responseTokenIds?.length ? Buffer.from(Uint32Array.from(r.responseTokenIds).buffer) : null;
     this.db
-      .prepare('UPDATE items SET text = ?, prompt_tokens = ?, completion_tokens = ?, finish_reason = ? WHERE run = ? AND role = ? AND key = ?')
-      .run(r.text, r.promptTokens, r.completionTokens, r.finishReason, run, role, key);
+      .prepare('UPDATE items SET text = ?, prompt_tokens = ?, completion_tokens = ?, finish_reason = ?, response_ids = ? WHERE run = ? AND role = ? AND key = ?')
+      .run(r.text, r.promptTokens, r.completionTokens, r.finishReason, ids, run, role, key);
+  }
+
+  /** The answer's sampled token ids, when the backend reported them (read only to recover an activation). */
+  responseIds(run: string, role: string, key: string): number[] {
+    const row = this.db.prepare('SELECT response_ids FROM items WHERE run = ? AND role = ? AND key = ?').get(run, role, key) as { response_ids: Buffer | null } | undefined;
+    const blob = row?.response_ids;
+    if (!blob || blob.length % 4) return [];
+    return Array.from(new Uint32Array(blob.buffer.slice(blob.byteOffset, blob.byteOffset + blob.length)));
   }
 
   ackActivation(run: string, role: string, key: string): void {

@@ -308,7 +308,9 @@ export class RunExecutor {
         } else {
           const text = item.text;
           const res = await this.retrying(`extract ${id}`, async () => {
-            const r = await this.pickReplica(replicas).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers });
+            // The sampled ids make the recovered activation exactly the generated one.
+            const responseTokenIds = this.ledger.responseIds(run, item.role, item.key);
+            const r = await this.pickReplica(replicas).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers, responseTokenIds });
             checkItemError(r.error, `activation recovery (Extract) failed for item ${id}`);
             return r;
           });

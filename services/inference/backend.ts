@@ -9,8 +9,11 @@ export interface InferenceBackend {
   load(): Promise<void>;
   /** Generates an answer to `messages` and, in the same pass, the per-layer mean over its content tokens. */
   generate(input: GenerateInput): Promise<GenerateOutput>;
-  /** Prefill of a conversation that ends with the assistant's answer: the same per-layer mean. */
-  extract(messages: ChatMessage[], layers: number[]): Promise<ExtractOutput>;
+  /**
+   * Prefill of a conversation that ends with the assistant's answer: the same per-layer mean.
+   * `answerIds`: the answer's sampled token ids, when the caller kept them.
+   */
+  extract(messages: ChatMessage[], layers: number[], answerIds?: number[]): Promise<ExtractOutput>;
   close(): Promise<void>;
 }
 
@@ -31,6 +34,8 @@ export interface GenerateOutput {
   activation: FloatTensor;
   /** From the start of generation to the first token sampled (the prefill). */
   timeToFirstTokenSeconds?: number;
+  /** The answer's token ids as sampled, where the backend has tokens. */
+  responseIds?: number[];
 }
 
 export interface ExtractOutput {

@@ -13,6 +13,7 @@ import { runMain, startService } from '../shared/server';
 import { encodeTensor } from '../shared/tensor';
 import type { InferenceBackend } from './backend';
 import { OnnxBackend } from './onnx/backend';
+import type { BatchStats } from './onnx/engine';
 import { SyntheticBackend } from './synthetic';
 import { validateExtract, validateGenerate } from './validate';
 
@@ -21,19 +22,24 @@ export const INFERENCE_OPTIONS = {
   port: { type: 'number', env: 'AXIS_INFERENCE_PORT', default: DEFAULT_PORTS.inference, help: 'gRPC port' },
   'metrics-port': { type: 'number', env: 'AXIS_INFERENCE_METRICS_PORT', default: DEFAULT_METRICS_PORTS.inference, help: 'Prometheus metrics port' },
   backend: { type: 'string', env: 'AXIS_INFERENCE_BACKEND', default: 'synthetic', help: 'model backend: onnx (a model directory) or synthetic (no model; for plumbing, load and fault tests)' },
-  'model-dir': { type: 'string', env: 'AXIS_MODEL_DIR', default: '', help: 'onnx backend: model directory made by `axis-model build`' },
+  'model-dir': { type: 'string', env: 'AXIS_MODEL_DIR', default: '', help: 'onnx backend: model directory made by `axis-model build`, or the stages of a split model (`--layers` builds), comma-separated in layer order' },
+  device: { type: 'string', env: 'AXIS_DEVICE', default: 'cpu', help: 'onnx backend: cpu, cuda (GPU 0, or GPU k for stage k), auto (CUDA when it loads, else CPU, with a warning), or one cpu/cuda:N per stage, comma-separated' },
+  decode: { type: 'string', env: 'AXIS_DECODE', default: 'auto', help: 'onnx backend: loop (the generation graph: one run per batch, the KV cache stays on the device), host (one run per token; split models) or auto (loop when the model has it)' },
+  'max-batch': { type: 'number', env: 'AXIS_MAX_BATCH', default: 16, help: 'onnx backend: most sequences in one batch' },
+  'max-batch-tokens': { type: 'number', env: 'AXIS_MAX_BATCH_TOKENS', default: 16384, help: 'onnx backend: most padded prompt tokens in one batch (sequences x longest prompt)' },
+  'batch-gather-ms': { type: 'number', env: 'AXIS_BATCH_GATHER_MS', default: 20, help: 'onnx backend: how long an idle engine waits for a batch to fill' },
   model: { type: 'string', env: 'AXIS_MODEL', default: '', help: 'model name reported to runs (empty: the model directory\'s name; synthetic-tiny for the synthetic backend)' },
   'synthetic-layers': { type: 'number', env: 'AXIS_SYNTHETIC_LAYERS', default: 8, help: 'synthetic backend: layers' },
   'synthetic-hidden': { type: 'number', env: 'AXIS_SYNTHETIC_HIDDEN', default: 64, help: 'synthetic backend: hidden size' },
   'synthetic-tokens-per-second': { type: 'number', env: 'AXIS_SYNTHETIC_TOKENS_PER_SECOND', default: 0, help: 'synthetic backend: words per second per item (0 = no delay)' },
   'synthetic-system-prompt': { type: 'boolean', env: 'AXIS_SYNTHETIC_SYSTEM_PROMPT', default: true, help: 'synthetic backend: whether its chat template renders a system message' },
-  capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items processed at once (0: the backend\'s default, 2 for onnx, 16 for synthetic)' },
+  capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items accepted at once (0: the backend\'s default: twice --max-batch for onnx, so the next batch is ready when one ends; 16 for synthetic)' },
   'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
 } satisfies OptionTable;
 
 const WIRE_DTYPES: Record<string, DType> = { f32: DType.DTYPE_F32, f16: DType.DTYPE_F16, bf16: DType.DTYPE_BF16 };
 
-export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>): InferenceBackend {
+export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; warn?: (msg: string) => void } = {}): InferenceBackend {
   if (cfg.backend === 'synthetic') {
     return new SyntheticBackend({
       model: cfg.model || 'synthetic-tiny',
@@ -46,7 +52,21 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>): InferenceB
   }
   if (cfg.backend === 'onnx') {
     if (!cfg['model-dir']) throw new Error('--model-dir is required with --backend onnx');
-    return new OnnxBackend({ modelDir: cfg['model-dir'], model: cfg.model, capacity: cfg.capacity || 2 });
+    if (!['auto', 'loop', 'host'].includes(cfg.decode)) throw new Error(`--decode must be auto, loop or host, got ${cfg.decode}`);
+    if (!(Number.isInteger(cfg['max-batch']) && cfg['max-batch'] >= 1)) throw new Error(`--max-batch must be a whole number >= 1, got ${cfg['max-batch']}`);
+    if (!(cfg['max-batch-tokens'] >= 1)) throw new Error(`--max-batch-tokens must be >= 1, got ${cfg['max-batch-tokens']}`);
+    if (!(cfg['batch-gather-ms'] >= 0)) throw new Error(`--batch-gather-ms must be >= 0, got ${cfg['batch-gather-ms']}`);
+    return new OnnxBackend({
+      modelDirs: cfg['model-dir'].split(',').map((d) => d.trim()).filter(Boolean),
+      model: cfg.model,
+      capacity: cfg.capacity || 2 * cfg['max-batch'],
+      device: cfg.device,
+      decode: cfg.decode as 'auto' | 'loop' | 'host',
+      maxBatch: cfg['max-batch'],
+      maxBatchTokens: cfg['max-batch-tokens'],
+      gatherMs: cfg['batch-gather-ms'],
+      ...hooks,
+    });
   }
   throw new Error(`--backend: unknown backend ${JSON.stringify(cfg.backend)} (known: onnx, synthetic)`);
 }
@@ -57,10 +77,18 @@ async function main(): Promise<void> {
   const wireDtype = WIRE_DTYPES[cfg['activation-dtype']];
   if (wireDtype === undefined) throw new Error(`--activation-dtype must be f32, f16 or bf16, got ${cfg['activation-dtype']}`);
   if (!(cfg.capacity >= 0)) throw new Error('--capacity must be at least 1 (or 0 for the backend default)');
-  const backend = createBackend(cfg);
+  const registry = createRegistry('inference');
+  const batchSizes = new prom.Histogram({ name: 'axis_inference_batch_sequences', help: 'Sequences per batch run', buckets: [1, 2, 4, 8, 16, 32, 64, 128], registers: [registry] });
+  const batchSeconds = new prom.Histogram({ name: 'axis_inference_batch_seconds', help: 'Time to run one batch to its end', buckets: [0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers: [registry] });
+  const backend = createBackend(cfg, {
+    onBatch: (b) => {
+      batchSizes.observe(b.size);
+      batchSeconds.observe(b.seconds);
+    },
+    warn: (msg) => log.warn(msg),
+  });
   let loadError: string | undefined;
 
-  const registry = createRegistry('inference');
   const items = new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers: [registry] });
   const tokens = new prom.Counter({ name: 'axis_inference_tokens_total', help: 'Tokens processed, by kind', labelNames: ['kind'], registers: [registry] });
   let inFlightCount = 0;
@@ -93,13 +121,14 @@ async function main(): Promise<void> {
   const firstToken = new prom.Histogram({ name: 'axis_inference_time_to_first_token_seconds', help: 'Time from the start of an item\'s generation to its first token', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30], registers: [registry] });
   new prom.Gauge({
     name: 'axis_inference_batch_size',
-    help: 'Sequences per forward pass (this engine runs one sequence per pass; capacity sets how many run side by side)',
+    help: 'Sequences in the batch running now (0 when idle); the synthetic backend runs each item alone',
     registers: [registry],
     collect() {
-      this.set(limiter.running > 0 ? 1 : 0);
+      this.set(backend instanceof OnnxBackend ? (backend.batchEngine?.currentBatch ?? 0) : Math.min(1, limiter.running));
     },
   });
-  const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture'], registers: [registry] });
+  const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture', 'decode'], registers: [registry] });
+  const provider = new prom.Gauge({ name: 'axis_inference_execution_provider', help: 'The onnxruntime execution provider each stage runs on (value 1)', labelNames: ['provider', 'device'], registers: [registry] });
 
   const limiter = new Limiter(backend.info.capacity);
 
@@ -156,17 +185,18 @@ async function main(): Promise<void> {
             finishReason: out.finishReason,
             activation: encodeTensor(out.activation, wireDtype),
             error: undefined,
+            responseTokenIds: out.responseIds ?? [],
           };
         },
-        (itemId, code, message) => ({ itemId, text: '', promptTokens: 0, completionTokens: 0, finishReason: '', activation: undefined, error: { code, message } }),
+        (itemId, code, message) => ({ itemId, text: '', promptTokens: 0, completionTokens: 0, finishReason: '', activation: undefined, error: { code, message }, responseTokenIds: [] }),
       ),
     extract: (call) =>
       serveStream<ExtractRequest, ExtractResult>(
         'Extract',
         call,
         async (req) => {
-          const { messages, layers } = validateExtract(req, loadedInfo());
-          const out = await backend.extract(messages as ChatMessage[], layers);
+          const { messages, layers, answerIds } = validateExtract(req, loadedInfo());
+          const out = await backend.extract(messages as ChatMessage[], layers, answerIds);
           tokens.inc({ kind: 'prefill' }, out.responseTokens);
           return { itemId: req.itemId, responseTokens: out.responseTokens, activation: encodeTensor(out.activation, wireDtype), error: undefined };
         },
@@ -200,8 +230,10 @@ async function main(): Promise<void> {
     return;
   }
   const info = backend.info;
-  modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture }, 1);
-  log.info({ model: info.model, backend: info.backend, device: info.device, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity, systemPrompt: info.supportsSystemPrompt, hashes: info.hashes }, 'model loaded');
+  const decode = backend instanceof OnnxBackend ? backend.runnerKind : 'synthetic';
+  modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture, decode }, 1);
+  for (const d of info.device.split(',')) provider.set({ provider: d.startsWith('cuda') ? 'CUDAExecutionProvider' : d === 'cpu' ? 'CPUExecutionProvider' : 'none', device: d }, 1);
+  log.info({ model: info.model, backend: info.backend, device: info.device, decode, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity, systemPrompt: info.supportsSystemPrompt, hashes: info.hashes }, 'model loaded');
   ready = true;
   running.setReady(true);
 }

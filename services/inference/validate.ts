@@ -36,9 +36,9 @@ export function validateGenerate(req: GenerateRequest, info: ModelInfo): Generat
   return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info) };
 }
 
-export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[] } {
+export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[]; answerIds?: number[] } {
   if (!req.itemId) throw bad('item_id: required');
   checkMessages(req.messages);
   if (req.messages[req.messages.length - 1].role !== 'assistant') throw bad('messages: the last message must be the assistant answer to measure');
-  return { messages: req.messages, layers: checkLayers(req.layers, info) };
+  return { messages: req.messages, layers: checkLayers(req.layers, info), answerIds: req.responseTokenIds.length ? req.responseTokenIds : undefined };
 }

@@ -2,7 +2,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { OnnxBackend } from '../../services/inference/onnx/backend';
-import { extractFromIds, generateOne } from '../../services/inference/onnx/generate';
+import { extractOne, generateOne } from '../../services/inference/onnx/generate';
+import { DecoderSession } from '../../services/inference/onnx/session';
 import { LoadedModel } from '../../services/inference/onnx/model';
 import { NAMES } from '../../services/model/builders/decoder';
 import { tinyLlama, variant } from '../helpers/model';
@@ -17,15 +18,20 @@ const messages = [
 let checkpoint: string;
 let modelDir: string;
 let model: LoadedModel;
+let decoder: DecoderSession;
 
 beforeAll(async () => {
   ({ checkpoint, modelDir } = await tinyLlama());
   model = await LoadedModel.load(modelDir);
+  decoder = await DecoderSession.load(modelDir);
 });
 
 afterAll(async () => {
   await model?.close();
+  await decoder?.close();
 });
+
+const backendOptions = { model: '', capacity: 1, device: 'cpu', decode: 'auto' as const, maxBatch: 4, maxBatchTokens: 4096, gatherMs: 0 };
 
 /** The reference mean over response positions, with the trimming rules applied by hand. */
 function referenceMean(ids: number[], promptLength: number): Float64Array[] {
@@ -64,11 +70,11 @@ describe('axis-model build', () => {
 
   it('hidden states and logits match a float64 forward pass written separately (<= 1e-4)', async () => {
     const ids = model.encode(model.chat.render(messages, true));
-    const out = await model.session.run({
+    const out = await decoder.session.run({
       input_ids: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
       attention_mask: new ort.Tensor('int64', new BigInt64Array(ids.length).fill(1n), [1, ids.length]),
       position_ids: new ort.Tensor('int64', BigInt64Array.from(ids.map((_, i) => BigInt(i))), [1, ids.length]),
-      ...model.emptyPast(),
+      ...decoder.emptyPast(),
     });
     const ref = llamaForward(checkpoint, ids);
     const errors = [0, 1, 2, 3].map((l) => relativeError(out[NAMES.hiddenState(l)].data as Float32Array, ref.hidden[l]));
@@ -81,9 +87,9 @@ describe('axis-model build', () => {
 
   it('the KV cache gives the same hidden states as one pass', async () => {
     const ids = model.encode('The keeper climbs the stairs at dusk.');
-    const whole = await model.step(ids, 0, model.emptyPast());
-    const first = await model.step(ids.slice(0, 5), 0, model.emptyPast());
-    const rest = await model.step(ids.slice(5), 5, first.present);
+    const whole = await decoder.step(ids, 0, decoder.emptyPast());
+    const first = await decoder.step(ids.slice(0, 5), 0, decoder.emptyPast());
+    const rest = await decoder.step(ids.slice(5), 5, first.present);
     const d = model.metadata.hidden_size;
     for (let l = 0; l < 4; l++) expect(relativeError(rest.hidden[l], whole.hidden[l].subarray(5 * d))).toBeLessThanOrEqual(1e-5);
   });
@@ -94,25 +100,25 @@ describe('generation', () => {
     const r = await generateOne(model, { messages, sampling, seed: 42, layers: [] });
     expect(r.finishReason).toBe('length');
     expect(r.completionTokens).toBe(12);
-    const ref = referenceMean([...r.trace.promptIds, ...r.trace.responseIds], r.trace.promptIds.length);
+    const ref = referenceMean([...r.promptIds, ...r.responseIds], r.promptIds.length);
     const d = model.metadata.hidden_size;
     for (let l = 0; l < 4; l++) expect(relativeError(r.activation.data.subarray(l * d, (l + 1) * d), ref[l])).toBeLessThanOrEqual(1e-4);
     // Extract (one prefill over the same tokens) agrees too.
-    const ex = await extractFromIds(model, r.trace.promptIds, r.trace.responseIds, []);
+    const ex = await extractOne(model, [...messages, { role: 'assistant', content: r.text }], [], r.responseIds);
     expect(relativeError(ex.activation.data, r.activation.data)).toBeLessThanOrEqual(1e-4);
   });
 
   it('stops at a stop token from generation_config.json, which is neither fed nor counted', async () => {
     const greedy = { ...sampling, temperature: 0, maxNewTokens: 10 };
     const free = await generateOne(model, { messages, sampling: greedy, seed: 1, layers: [] });
-    const at = free.trace.responseIds.findIndex((id, i) => i >= 3 && free.trace.responseIds.indexOf(id) === i);
-    const stopId = free.trace.responseIds[at];
+    const at = free.responseIds.findIndex((id, i) => i >= 3 && free.responseIds.indexOf(id) === i);
+    const stopId = free.responseIds[at];
     const dir = variant(modelDir, 'model-stop', (f, json) => (f === 'generation_config.json' ? { ...json, eos_token_id: [stopId] } : undefined));
     const stopping = await LoadedModel.load(dir);
     const r = await generateOne(stopping, { messages, sampling: greedy, seed: 1, layers: [] });
     expect(r.finishReason).toBe('stop');
-    expect(r.trace.responseIds).toEqual(free.trace.responseIds.slice(0, at));
-    const ref = referenceMean([...r.trace.promptIds, ...r.trace.responseIds], r.trace.promptIds.length);
+    expect(r.responseIds).toEqual(free.responseIds.slice(0, at));
+    const ref = referenceMean([...r.promptIds, ...r.responseIds], r.promptIds.length);
     const d = model.metadata.hidden_size;
     for (let l = 0; l < 4; l++) expect(relativeError(r.activation.data.subarray(l * d, (l + 1) * d), ref[l])).toBeLessThanOrEqual(1e-4);
     await stopping.close();
@@ -123,7 +129,7 @@ describe('generation', () => {
     const b = await generateOne(model, { messages, sampling, seed: 5, layers: [] });
     const c = await generateOne(model, { messages, sampling, seed: 6, layers: [] });
     expect(b.text).toBe(a.text);
-    expect(c.trace.responseIds).not.toEqual(a.trace.responseIds);
+    expect(c.responseIds).not.toEqual(a.responseIds);
   });
 
   it('refuses a conversation longer than the context, naming it', async () => {
@@ -133,7 +139,7 @@ describe('generation', () => {
 
 describe('chat templates', () => {
   it('renders a system message with the llama template', async () => {
-    const backend = new OnnxBackend({ modelDir, model: '', capacity: 1 });
+    const backend = new OnnxBackend({ ...backendOptions, modelDirs: [modelDir] });
     await backend.load();
     expect(backend.info.supportsSystemPrompt).toBe(true);
     expect(backend.info.model).toBe('tiny-llama');
@@ -147,7 +153,7 @@ describe('chat templates', () => {
       "{%- for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{%- endfor %}" +
       "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
     const dir = variant(modelDir, 'model-nosystem', (f, json) => (f === 'tokenizer_config.json' ? { ...json, chat_template: noSystem } : undefined));
-    const backend = new OnnxBackend({ modelDir: dir, model: '', capacity: 1 });
+    const backend = new OnnxBackend({ ...backendOptions, modelDirs: [dir] });
     await backend.load();
     expect(backend.info.supportsSystemPrompt).toBe(false);
     await expect(backend.generate({ messages, sampling, seed: 1, layers: [] })).rejects.toThrow(/System role not supported/);
@@ -159,10 +165,10 @@ describe('chat templates', () => {
 });
 
 describe('bad model directories get a clear error', () => {
-  it('no graph', async () => {
-    const dir = variant(modelDir, 'model-nograph', () => undefined);
-    fs.rmSync(path.join(dir, 'onnx', 'model.onnx'));
-    await expect(LoadedModel.load(dir)).rejects.toThrow(/model\.onnx: the model directory has no ONNX graph/);
+  it.each([['loop', 'generate.onnx'], ['host', 'model.onnx']] as const)('no graph (%s: %s)', async (decode, file) => {
+    const dir = variant(modelDir, `model-nograph-${decode}`, () => undefined);
+    fs.rmSync(path.join(dir, 'onnx', file));
+    await expect(LoadedModel.load(dir, { decode })).rejects.toThrow(new RegExp(`${file.replace('.', '\\.')}: the model directory has no ONNX graph`));
   });
 
   it('no metadata', async () => {
@@ -173,17 +179,18 @@ describe('bad model directories get a clear error', () => {
 
   it('a graph whose outputs do not match the metadata', async () => {
     const dir = variant(modelDir, 'model-mismatch', (f, json) => (f === 'axis_model.json' ? { ...json, outputs: json.outputs.filter((o: string) => o !== 'hidden_states.2'), hidden_state_outputs: ['hidden_states.0'] } : undefined));
-    await expect(LoadedModel.load(dir)).rejects.toThrow(/does not match axis_model\.json: graph output hidden_states\.2 not in the metadata/);
+    await expect(LoadedModel.load(dir, { decode: 'host' })).rejects.toThrow(/does not match axis_model\.json: graph output hidden_states\.2 not in the metadata/);
   });
 
-  it('a graph built without hidden-state outputs', async () => {
+  it('a model built without hidden-state outputs', async () => {
     const { modelDir: plain } = await tinyLlama({ capture: false });
-    await expect(LoadedModel.load(plain)).rejects.toThrow(/0 hidden-state outputs for 4 layers/);
+    await expect(LoadedModel.load(plain, { decode: 'host' })).rejects.toThrow(/0 hidden-state outputs for 4 layers/);
+    await expect(LoadedModel.load(plain, { decode: 'loop' })).rejects.toThrow(/generation graph was built without capture/);
   });
 
-  it('a graph changed after it was built', async () => {
-    const dir = variant(modelDir, 'model-changed', () => undefined);
-    fs.appendFileSync(path.join(dir, 'onnx', 'model.onnx'), Buffer.from([0]));
-    await expect(LoadedModel.load(dir)).rejects.toThrow(/differs from axis_model\.json/);
+  it.each([['loop', 'generate.onnx'], ['host', 'model.onnx']] as const)('a graph changed after it was built (%s: %s)', async (decode, file) => {
+    const dir = variant(modelDir, `model-changed-${decode}`, () => undefined);
+    fs.appendFileSync(path.join(dir, 'onnx', file), Buffer.from([0]));
+    await expect(LoadedModel.load(dir, { decode })).rejects.toThrow(/differs from axis_model\.json/);
   });
 });

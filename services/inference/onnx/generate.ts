@@ -4,84 +4,79 @@ import { digest, Rng } from '../../shared/random';
 import { RpcError } from '../../shared/rpc';
 import { ExtractOutput, GenerateInput, GenerateOutput, selectLayers } from '../backend';
 import type { LoadedModel } from './model';
-import { ResponseMean } from './responseMean';
-import { sampleToken } from './sampling';
-
-export interface GenerationTrace {
-  promptIds: number[];
-  responseIds: number[];
-}
+import type { SequenceJob, SequenceResult } from './runner';
 
 /**
- * Generates one answer with the KV cache and, in the same pass, the per-layer mean over its
- * content tokens: each generated token's hidden states appear when it is fed back, so every
- * response token is fed exactly once, the last one too when the answer stops at the token limit.
- * A stop token ends the answer and is neither fed nor counted.
+ * Turns a Generate request into a sequence job: the prompt rendered by the chat template, the
+ * token budget under max_context, and the item's own uniforms (one per token it may sample,
+ * from its seed), so its text does not depend on the batch it runs in.
  */
-export async function generateOne(model: LoadedModel, input: GenerateInput): Promise<GenerateOutput & { trace: GenerationTrace }> {
-  const prompt = model.chat.render(input.messages, true);
-  const promptIds = model.encode(prompt);
-  const room = input.sampling.maxContext - promptIds.length;
+export function generationJob(model: LoadedModel, input: GenerateInput): SequenceJob & { promptTokens: number } {
+  const ids = model.encode(model.chat.render(input.messages, true));
+  const room = input.sampling.maxContext - ids.length;
   if (room < 1) {
-    throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${promptIds.length} tokens, which leaves no room for an answer under max_context ${input.sampling.maxContext}`);
+    throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, which leaves no room for an answer under max_context ${input.sampling.maxContext}`);
   }
   const maxNew = Math.min(input.sampling.maxNewTokens, room);
-  const { num_layers: L, hidden_size: d } = model.metadata;
   const rng = new Rng(digest({ itemSeed: input.seed }));
-  const mean = new ResponseMean(L, d);
+  const uniforms = new Float32Array(maxNew);
+  for (let i = 0; i < maxNew; i++) uniforms[i] = rng.next();
+  return { ids, maxNew, temperature: input.sampling.temperature, topP: input.sampling.topP, uniforms, promptTokens: ids.length };
+}
 
-  const started = performance.now();
-  let out = await model.step(promptIds, 0, model.emptyPast());
-  let next = sampleToken(out.lastLogits, input.sampling.temperature, input.sampling.topP, rng);
-  const timeToFirstTokenSeconds = (performance.now() - started) / 1000;
-  const responseIds: number[] = [];
-  let finishReason: 'stop' | 'length' = 'stop';
-  for (;;) {
-    if (model.stopIds.has(next)) break;
-    responseIds.push(next);
-    out = await model.step([next], promptIds.length + responseIds.length - 1, out.present);
-    const hidden = out.hidden;
-    mean.add(model.tokenKind(next), (l) => hidden[l]);
-    if (responseIds.length >= maxNew) {
-      finishReason = 'length';
-      break;
-    }
-    next = sampleToken(out.lastLogits, input.sampling.temperature, input.sampling.topP, rng);
-  }
+export function generationOutput(model: LoadedModel, input: GenerateInput, job: { promptTokens: number }, result: SequenceResult): GenerateOutput & { responseIds: number[] } {
+  const { num_layers: L, hidden_size: d } = model.metadata;
   return {
-    text: model.decode(responseIds),
-    promptTokens: promptIds.length,
-    completionTokens: responseIds.length,
-    finishReason,
-    activation: selectLayers({ shape: [L, d], data: mean.mean() }, input.layers),
-    timeToFirstTokenSeconds,
-    trace: { promptIds, responseIds },
+    text: model.decode(result.responseIds),
+    promptTokens: job.promptTokens,
+    completionTokens: result.responseIds.length,
+    finishReason: result.stopped ? 'stop' : 'length',
+    activation: selectLayers({ shape: [L, d], data: result.mean }, input.layers),
+    responseIds: result.responseIds,
   };
 }
 
 /**
- * The same mean for a conversation that ends with the assistant's answer, by one prefill:
- * the prompt rendered as for generation, then the answer's tokens. Tokenizing the answer text
- * may split it differently from how it was sampled, so this equals the generation-time mean
- * exactly when the tokens agree (they do for answers made by this service in most cases).
+ * An Extract request as a sequence job: the prompt rendered as for generation, then the
+ * answer's tokens, with weight 1 at the answer positions that count (DESIGN.md section 1).
+ * `answerIds`, when the caller kept the sampled ids, are used as they are; otherwise the
+ * answer text is tokenized, which can split it differently from how it was sampled.
  */
-export async function extractOne(model: LoadedModel, messages: ChatMessage[], layers: number[]): Promise<ExtractOutput> {
-  const answer = messages[messages.length - 1].content;
+export function extractionJob(model: LoadedModel, messages: ChatMessage[], answerIds?: number[], maxContext?: number): SequenceJob & { answerTokens: number } {
   const promptIds = model.encode(model.chat.render(messages.slice(0, -1), true));
-  const answerIds = model.encode(answer);
-  return extractFromIds(model, promptIds, answerIds, layers);
+  const answer = answerIds && answerIds.length ? answerIds : model.encode(messages[messages.length - 1].content);
+  const vocab = model.metadata.vocab_size;
+  const bad = answer.find((id) => !(Number.isInteger(id) && id >= 0 && id < vocab));
+  if (bad !== undefined) throw new RpcError(grpc.status.INVALID_ARGUMENT, `response_token_ids: ${bad} is not a token id of this model (vocabulary ${vocab})`);
+  const ids = [...promptIds, ...answer];
+  if (maxContext && ids.length > maxContext) {
+    throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, more than max_context ${maxContext}`);
+  }
+  const weights = new Float32Array(ids.length);
+  responseWeights(answer.map((id) => model.tokenKind(id))).forEach((w, i) => (weights[promptIds.length + i] = w));
+  return { ids, maxNew: 0, temperature: 0, topP: 1, uniforms: new Float32Array(0), weights, answerTokens: answer.length };
 }
 
-/** Mean over the positions of `answerIds` after `promptIds`, from one forward pass. */
-export async function extractFromIds(model: LoadedModel, promptIds: number[], answerIds: number[], layers: number[]): Promise<ExtractOutput> {
+/** Which answer tokens count: content tokens, and whitespace-only ones between two content tokens; never markers. */
+export function responseWeights(kinds: ('content' | 'whitespace' | 'marker')[]): number[] {
+  const first = kinds.indexOf('content');
+  const last = kinds.lastIndexOf('content');
+  return kinds.map((k, i) => (k !== 'marker' && first >= 0 && i >= first && i <= last ? 1 : 0));
+}
+
+export function extractionOutput(model: LoadedModel, layers: number[], result: SequenceResult): ExtractOutput {
   const { num_layers: L, hidden_size: d } = model.metadata;
-  const mean = new ResponseMean(L, d);
-  if (answerIds.length) {
-    const out = await model.step([...promptIds, ...answerIds], 0, model.emptyPast());
-    answerIds.forEach((id, i) => {
-      const pos = promptIds.length + i;
-      mean.add(model.tokenKind(id), (l) => out.hidden[l].subarray(pos * d, (pos + 1) * d));
-    });
-  }
-  return { responseTokens: mean.tokens, activation: selectLayers({ shape: [L, d], data: mean.mean() }, layers) };
+  return { responseTokens: result.counted, activation: selectLayers({ shape: [L, d], data: result.mean }, layers) };
+}
+
+/** One item alone (a batch of one), for tools and tests; the service batches through the engine. */
+export async function generateOne(model: LoadedModel, input: GenerateInput): Promise<GenerateOutput & { responseIds: number[]; promptIds: number[] }> {
+  const job = generationJob(model, input);
+  const [result] = await model.runner.run([job]);
+  return { ...generationOutput(model, input, job, result), promptIds: job.ids };
+}
+
+export async function extractOne(model: LoadedModel, messages: ChatMessage[], layers: number[], answerIds?: number[]): Promise<ExtractOutput> {
+  const [result] = await model.runner.run([extractionJob(model, messages, answerIds)]);
+  return extractionOutput(model, layers, result);
 }

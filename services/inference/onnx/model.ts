@@ -1,20 +1,34 @@
 import { Tokenizer } from '@huggingface/tokenizers';
 import { createHash } from 'node:crypto';
 import * as path from 'node:path';
-import type * as ort from 'onnxruntime-node';
 import type { ModelMetadata } from '../../model/build';
 import { ChatTemplate } from './chat';
 import type { TokenKind } from './responseMean';
-import { DecoderSession, ModelLoadError, readJson, StepOutput } from './session';
+import { BatchRunner, HostRunner, kindTable, LoopRunner, TokenRules } from './runner';
+import { CPU, DecoderSession, ModelLoadError, Placement, readJson, readMetadata } from './session';
 
 export { ModelLoadError };
 
-/** A model directory loaded for generation: the decoder, the tokenizer, the chat template and the stop tokens. */
-export class LoadedModel {
+export interface LoadOptions {
+  /**
+   * `loop`: the generation graph, one run per batch (the default when the directory has one);
+   * `host`: the decoder graph, one run per token (split models, and the baseline).
+   */
+  decode?: 'loop' | 'host';
+  /** One placement per stage (a whole model is one stage); default CPU. */
+  placements?: Placement[];
+}
+
+/**
+ * A model loaded for generation: the tokenizer, the chat template, the stop tokens and a batch
+ * runner. `dirs` is one model directory, or the stages of a split model in layer order (the
+ * tokenizer and template are read from the first).
+ */
+export class LoadedModel implements TokenRules {
   private readonly kindCache = new Map<number, TokenKind>();
 
   private constructor(
-    readonly decoder: DecoderSession,
+    readonly metadata: ModelMetadata,
     readonly tokenizer: Tokenizer,
     readonly chat: ChatTemplate,
     readonly stopIds: Set<number>,
@@ -22,18 +36,35 @@ export class LoadedModel {
     readonly hashes: Record<string, string>,
   ) {}
 
-  static async load(dir: string): Promise<LoadedModel> {
-    const decoder = await DecoderSession.load(dir);
-    try {
-      return await LoadedModel.withDecoder(dir, decoder);
-    } catch (err) {
-      await decoder.close();
-      throw err;
+  runner!: BatchRunner;
+
+  static async load(dirOrStages: string | string[], opts: LoadOptions = {}): Promise<LoadedModel> {
+    const dirs = typeof dirOrStages === 'string' ? [dirOrStages] : dirOrStages;
+    if (dirs.length === 0) throw new ModelLoadError('no model directory given');
+    const placements = opts.placements ?? dirs.map(() => CPU);
+    if (placements.length !== dirs.length) throw new ModelLoadError(`${dirs.length} model directories but ${placements.length} devices: give one device per stage`);
+    const metadata = await readMetadata(dirs[0]);
+    const model = await LoadedModel.tokens(dirs[0], metadata);
+    const decode = opts.decode ?? (dirs.length === 1 && metadata.decode_loop ? 'loop' : 'host');
+    if (decode === 'loop') {
+      if (dirs.length > 1) throw new ModelLoadError('a model split into stages runs with the host loop (--decode host): the generation graph holds a whole model');
+      model.runner = await LoopRunner.load(dirs[0], metadata, placements[0], model);
+      model.hashes.graph = metadata.decode_loop!.graph_sha256;
+    } else {
+      const stages: DecoderSession[] = [];
+      try {
+        for (let k = 0; k < dirs.length; k++) stages.push(await DecoderSession.load(dirs[k], placements[k]));
+        model.runner = HostRunner.fromStages(stages, model);
+      } catch (err) {
+        for (const s of stages) await s.close();
+        throw err;
+      }
+      model.hashes.graph = stages.map((s) => s.graphSha256).join(',');
     }
+    return model;
   }
 
-  private static async withDecoder(dir: string, decoder: DecoderSession): Promise<LoadedModel> {
-    const metadata = decoder.metadata;
+  private static async tokens(dir: string, metadata: ModelMetadata): Promise<LoadedModel> {
     const tokenizerJson = await readJson<Record<string, unknown>>(path.join(dir, 'tokenizer.json'), 'the tokenizer');
     const tokenizerConfig = await readJson<Record<string, any>>(path.join(dir, 'tokenizer_config.json'), 'the tokenizer configuration');
     const tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
@@ -48,28 +79,12 @@ export class LoadedModel {
     if (stopIds.size === 0) throw new ModelLoadError(`${dir}: no eos_token_id in generation_config.json or config.json: generation would never stop before the token limit`);
     const specialIds = new Set<number>([...tokenizer.get_added_tokens_decoder().entries()].filter(([, t]) => t.special).map(([id]) => id));
     const hashes = {
-      graph: decoder.graphSha256,
+      graph: '',
       weights: metadata.hashes.weights_sha256,
       config: metadata.hashes.config_sha256,
       chat_template: createHash('sha256').update(templateSource).digest('hex'),
     };
-    return new LoadedModel(decoder, tokenizer, chat, stopIds, specialIds, hashes);
-  }
-
-  get metadata(): ModelMetadata {
-    return this.decoder.metadata;
-  }
-
-  get session(): ort.InferenceSession {
-    return this.decoder.session;
-  }
-
-  emptyPast(): Record<string, ort.Tensor> {
-    return this.decoder.emptyPast();
-  }
-
-  step(ids: number[], pastLength: number, past: Record<string, ort.Tensor>): Promise<StepOutput> {
-    return this.decoder.step(ids, pastLength, past);
+    return new LoadedModel(metadata, tokenizer, chat, stopIds, specialIds, hashes);
   }
 
   encode(text: string): number[] {
@@ -84,13 +99,26 @@ export class LoadedModel {
   tokenKind(id: number): TokenKind {
     let kind = this.kindCache.get(id);
     if (!kind) {
-      kind = this.specialIds.has(id) ? 'marker' : this.tokenizer.decode([id], { skip_special_tokens: false }).trim() === '' ? 'whitespace' : 'content';
+      kind = this.specialIds.has(id) ? 'marker' : this.decodeOne(id).trim() === '' ? 'whitespace' : 'content';
       this.kindCache.set(id, kind);
     }
     return kind;
   }
 
+  /** One token's text; ids past the tokenizer's vocabulary (padded embedding rows) are never produced, and count as markers. */
+  private decodeOne(id: number): string {
+    try {
+      return this.tokenizer.decode([id], { skip_special_tokens: false });
+    } catch {
+      return '';
+    }
+  }
+
+  kindTable(): BigInt64Array {
+    return kindTable(this.metadata.vocab_size, (id) => this.tokenKind(id));
+  }
+
   async close(): Promise<void> {
-    await this.decoder.close();
+    await this.runner?.close();
   }
 }

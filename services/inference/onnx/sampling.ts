@@ -1,11 +1,11 @@
-import type { Rng } from '../../shared/random';
-
 /**
  * Picks the next token: greedy at temperature 0; otherwise softmax(logits / temperature)
  * restricted to the nucleus (the most probable tokens whose probabilities first reach top_p,
- * as transformers' TopPLogitsWarper keeps them), sampled with the item's own generator.
+ * as transformers' TopPLogitsWarper keeps them), then the first token whose cumulative kept
+ * probability exceeds u times the kept mass. `u` is the item's own uniform for this token, so
+ * the choice depends on nothing else in the batch; the generation graph samples the same way.
  */
-export function sampleToken(logits: ArrayLike<number>, temperature: number, topP: number, rng: Rng): number {
+export function sampleToken(logits: ArrayLike<number>, temperature: number, topP: number, u: number): number {
   const n = logits.length;
   let best = 0;
   for (let i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
@@ -30,7 +30,7 @@ export function sampleToken(logits: ArrayLike<number>, temperature: number, topP
   }
   let mass = 0;
   for (const i of candidates) mass += probs[i];
-  let r = rng.next() * mass;
+  let r = u * mass;
   for (const i of candidates) {
     r -= probs[i];
     if (r < 0) return i;

@@ -17,34 +17,65 @@ export interface StepOutput {
   present: Record<string, ort.Tensor>;
 }
 
+/** Where a session runs: onnxruntime's CPU provider, or CUDA on one GPU. */
+export interface Placement {
+  provider: 'cpu' | 'cuda';
+  deviceId: number;
+}
+
+export const CPU: Placement = { provider: 'cpu', deviceId: 0 };
+
+export function placementName(p: Placement): string {
+  return p.provider === 'cpu' ? 'cpu' : `cuda:${p.deviceId}`;
+}
+
 /**
- * The ONNX decoder of a model directory on onnxruntime (CPU), checked against the metadata it
- * was built with. Needs no tokenizer: it runs token ids.
+ * Creates a session on the placement asked for and nowhere else: onnxruntime-node throws when
+ * CUDA is missing rather than falling back, and the caller decides (and logs) any fallback.
+ */
+export async function createSession(file: string, placement: Placement): Promise<ort.InferenceSession> {
+  const providers = placement.provider === 'cuda' ? [{ name: 'cuda', deviceId: placement.deviceId } as ort.InferenceSession.ExecutionProviderConfig] : ['cpu'];
+  try {
+    return await ort.InferenceSession.create(file, { executionProviders: providers, graphOptimizationLevel: 'all' });
+  } catch (err) {
+    throw new ModelLoadError(`${file}: onnxruntime cannot load it on ${placementName(placement)}: ${(err as Error).message}`);
+  }
+}
+
+/** Reads a graph file and checks it is the one the metadata describes. */
+export async function checkedGraph(dir: string, relative: string, expectedSha: string): Promise<{ file: string; sha256: string }> {
+  const file = path.join(dir, relative);
+  let graph: Buffer;
+  try {
+    graph = await fs.readFile(file);
+  } catch {
+    throw new ModelLoadError(`${file}: the model directory has no ONNX graph (build one with \`axis-model build\`)`);
+  }
+  const sha = createHash('sha256').update(graph).digest('hex');
+  if (sha !== expectedSha) throw new ModelLoadError(`${file}: sha256 ${sha} differs from axis_model.json (${expectedSha}): the graph was changed after it was built`);
+  return { file, sha256: sha };
+}
+
+export async function readMetadata(dir: string): Promise<ModelMetadata> {
+  return readJson<ModelMetadata>(path.join(dir, 'axis_model.json'), 'the model metadata (made by `axis-model build`)');
+}
+
+/**
+ * The ONNX decoder graph of a model directory (a whole model, or one stage of a split one) on
+ * onnxruntime, checked against the metadata it was built with. Needs no tokenizer: it runs
+ * token ids (or, for a later stage, the previous stage's hidden states).
  */
 export class DecoderSession {
-  private constructor(readonly dir: string, readonly metadata: ModelMetadata, readonly session: ort.InferenceSession, readonly graphSha256: string) {}
+  private constructor(readonly dir: string, readonly metadata: ModelMetadata, readonly session: ort.InferenceSession, readonly graphSha256: string, readonly placement: Placement) {}
 
-  static async load(dir: string): Promise<DecoderSession> {
-    const metadata = await readJson<ModelMetadata>(path.join(dir, 'axis_model.json'), 'the model metadata (made by `axis-model build`)');
-    const [first, end] = metadata.layers ?? [0, metadata.num_layers];
-    if (first !== 0 || end !== metadata.num_layers) {
-      throw new ModelLoadError(`${dir}: holds layers ${first}:${end} of ${metadata.num_layers}, one stage of a split model; this service runs whole models`);
-    }
-    const graphFile = path.join(dir, metadata.graph);
-    let graph: Buffer;
-    try {
-      graph = await fs.readFile(graphFile);
-    } catch {
-      throw new ModelLoadError(`${graphFile}: the model directory has no ONNX graph (build one with \`axis-model build\`)`);
-    }
-    const graphSha = createHash('sha256').update(graph).digest('hex');
-    if (graphSha !== metadata.hashes.graph_sha256) throw new ModelLoadError(`${graphFile}: sha256 ${graphSha} differs from axis_model.json (${metadata.hashes.graph_sha256}): the graph was changed after it was built`);
-    let session: ort.InferenceSession;
-    try {
-      session = await ort.InferenceSession.create(graphFile, { executionProviders: ['cpu'], graphOptimizationLevel: 'all' });
-    } catch (err) {
-      throw new ModelLoadError(`${graphFile}: onnxruntime cannot load it: ${(err as Error).message}`);
-    }
+  get layers(): [number, number] {
+    return this.metadata.layers ?? [0, this.metadata.num_layers];
+  }
+
+  static async load(dir: string, placement: Placement = CPU): Promise<DecoderSession> {
+    const metadata = await readMetadata(dir);
+    const { file: graphFile, sha256: graphSha } = await checkedGraph(dir, metadata.graph, metadata.hashes.graph_sha256);
+    const session = await createSession(graphFile, placement);
     const missing = (want: string[], have: readonly string[]) => want.filter((n) => !have.includes(n));
     const mismatch = [
       ...missing(metadata.inputs, session.inputNames).map((n) => `input ${n} missing from the graph`),
@@ -52,12 +83,25 @@ export class DecoderSession {
       ...missing(metadata.outputs, session.outputNames).map((n) => `output ${n} missing from the graph`),
       ...missing([...session.outputNames], metadata.outputs).map((n) => `graph output ${n} not in the metadata`),
     ];
-    if (metadata.hidden_state_outputs.length !== metadata.num_layers) mismatch.push(`${metadata.hidden_state_outputs.length} hidden-state outputs for ${metadata.num_layers} layers (built with --no-capture?)`);
+    const [first, end] = metadata.layers ?? [0, metadata.num_layers];
+    if (metadata.hidden_state_outputs.length !== end - first) mismatch.push(`${metadata.hidden_state_outputs.length} hidden-state outputs for ${end - first} layers (built with --no-capture?)`);
     if (mismatch.length) {
       await session.release();
       throw new ModelLoadError(`${graphFile} does not match axis_model.json: ${mismatch.join('; ')}`);
     }
-    return new DecoderSession(dir, metadata, session, graphSha);
+    return new DecoderSession(dir, metadata, session, graphSha, placement);
+  }
+
+  /** Empty KV cache of this graph's layers for a batch. */
+  emptyBatchPast(batch: number): Record<string, ort.Tensor> {
+    const { num_key_value_heads: kv, head_dim: hd } = this.metadata;
+    const past: Record<string, ort.Tensor> = {};
+    const [first, end] = this.layers;
+    for (let l = first; l < end; l++) {
+      past[`past_key_values.${l}.key`] = new ort.Tensor('float32', new Float32Array(0), [batch, kv, 0, hd]);
+      past[`past_key_values.${l}.value`] = new ort.Tensor('float32', new Float32Array(0), [batch, kv, 0, hd]);
+    }
+    return past;
   }
 
   /** Empty KV cache for a new sequence. */
