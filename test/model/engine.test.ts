@@ -1,0 +1,209 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { OnnxBackend } from '../../services/inference/onnx/backend';
+import { BatchEngine, BatchStats } from '../../services/inference/onnx/engine';
+import { extractionJob, generationJob } from '../../services/inference/onnx/generate';
+import { LoadedModel } from '../../services/inference/onnx/model';
+import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/runner';
+import { buildModel } from '../../services/model/build';
+import { TINY_ARCHITECTURES, TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
+import { relativeError } from '../reference/forward';
+import { ROOT, tempDir } from '../helpers/stack';
+
+const root = tempDir('engine');
+const golden = JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'golden', 'golden.json'), 'utf8')) as Record<string, { prompts: number[][]; max_new_tokens: number; greedy_alone: number[][]; greedy_left_padded_batch_f32: number[][] }>;
+
+/** Tiny checkpoint (seed 3, as the golden files) and its build, once per architecture. */
+const built = new Map<TinyArch, Promise<{ checkpoint: string; modelDir: string }>>();
+function model(arch: TinyArch): Promise<{ checkpoint: string; modelDir: string }> {
+  if (!built.has(arch)) {
+    built.set(
+      arch,
+      (async () => {
+        const checkpoint = path.join(root, `ckpt-${arch}`);
+        const modelDir = path.join(root, `model-${arch}`);
+        await writeTinyCheckpoint({ arch, out: checkpoint, seed: 3, merges: 2000 });
+        await buildModel({ hf: checkpoint, out: modelDir, capture: true });
+        return { checkpoint, modelDir };
+      })(),
+    );
+  }
+  return built.get(arch)!;
+}
+
+async function both(arch: TinyArch): Promise<{ loop: LoadedModel; host: LoadedModel }> {
+  const { modelDir } = await model(arch);
+  return { loop: await LoadedModel.load(modelDir, { decode: 'loop' }), host: await LoadedModel.load(modelDir, { decode: 'host' }) };
+}
+
+const greedyJob = (ids: number[], maxNew: number): SequenceJob => ({ ids, maxNew, temperature: 0, topP: 1, uniforms: new Float32Array(maxNew) });
+
+/** Conversations of different lengths, so a batch has padding. */
+const QUESTIONS = ['Hi.', 'What do you do when the storm comes and the lamp goes out?', 'Name a bird.', 'Tell me about the sea at night, the boats, and the people who wait for them.', 'Why?'];
+function conversation(model: LoadedModel, q: string) {
+  return model.chat.supportsSystemPrompt() ? [{ role: 'system', content: 'You are a lighthouse keeper.' }, { role: 'user', content: q }] : [{ role: 'user', content: `You are a lighthouse keeper.\n\n${q}` }];
+}
+const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 16, maxContext: 2048, seed: 0 };
+function sampledJobs(model: LoadedModel) {
+  return QUESTIONS.map((q, i) => ({ input: { messages: conversation(model, q), sampling, seed: 100 + i, layers: [] }, job: generationJob(model, { messages: conversation(model, q), sampling, seed: 100 + i, layers: [] }) }));
+}
+
+function expectSameResults(got: SequenceResult[], want: SequenceResult[], tolerance: number): void {
+  expect(got.map((r) => r.responseIds)).toEqual(want.map((r) => r.responseIds));
+  expect(got.map((r) => r.stopped)).toEqual(want.map((r) => r.stopped));
+  expect(got.map((r) => r.counted)).toEqual(want.map((r) => r.counted));
+  got.forEach((r, i) => expect(relativeError(r.mean, want[i].mean)).toBeLessThanOrEqual(tolerance));
+}
+
+describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s', (arch) => {
+  it('greedy generation equals transformers\' generate, alone and as one left-padded batch, in both loops', async () => {
+    const { loop, host } = await both(arch);
+    const want = golden[arch];
+    try {
+      for (const m of [loop, host]) {
+        const jobs = want.prompts.map((p) => greedyJob(p, want.max_new_tokens));
+        const alone = [];
+        for (const j of jobs) alone.push((await m.runner.run([j]))[0].responseIds);
+        const batched = (await m.runner.run(jobs)).map((r) => r.responseIds);
+        expect(alone).toEqual(want.greedy_alone);
+        expect(batched).toEqual(want.greedy_left_padded_batch_f32);
+      }
+    } finally {
+      await loop.close();
+      await host.close();
+    }
+  });
+});
+
+describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the engine\'s guarantees', (arch) => {
+  let loop: LoadedModel;
+  let host: LoadedModel;
+  beforeAll(async () => {
+    ({ loop, host } = await both(arch));
+  });
+  afterAll(async () => {
+    await loop?.close();
+    await host?.close();
+  });
+
+  it('the generation graph gives the same tokens and activations as the step-by-step loop (sampled, batch of 5)', async () => {
+    const jobs = sampledJobs(loop).map((x) => x.job);
+    const viaLoop = await loop.runner.run(jobs);
+    const viaHost = await host.runner.run(jobs);
+    expect(viaLoop.some((r) => r.responseIds.length > 3)).toBe(true);
+    expectSameResults(viaLoop, viaHost, 1e-4);
+  });
+
+  it('an item\'s text and activation do not depend on the batch it runs in', async () => {
+    for (const m of [loop, host]) {
+      const jobs = sampledJobs(m).map((x) => x.job);
+      const together = await m.runner.run(jobs);
+      const reordered = await m.runner.run([jobs[3], jobs[1]]);
+      for (let i = 0; i < jobs.length; i++) {
+        const [alone] = await m.runner.run([jobs[i]]);
+        expectSameResults([alone], [together[i]], 1e-4);
+      }
+      expectSameResults(reordered, [together[3], together[1]], 1e-4);
+    }
+  });
+
+  it('the mean accumulated during generation equals the Extract prefill over the same tokens (<= 1e-4)', async () => {
+    for (const m of [loop, host]) {
+      const items = sampledJobs(m);
+      const generated = await m.runner.run(items.map((x) => x.job));
+      const extractJobs = items.map((x, i) => extractionJob(m, [...x.input.messages, { role: 'assistant', content: m.decode(generated[i].responseIds) }], generated[i].responseIds));
+      const extracted = await m.runner.run(extractJobs);
+      extracted.forEach((e, i) => {
+        expect(e.counted).toBe(generated[i].counted);
+        expect(relativeError(e.mean, generated[i].mean)).toBeLessThanOrEqual(1e-4);
+      });
+    }
+  });
+});
+
+describe('a model split into stages', () => {
+  it('two stages (--layers 0:2 and 2:4) give the same tokens and activations as the whole model', async () => {
+    const { checkpoint, modelDir } = await model('llama');
+    const stages = [path.join(root, 'stage-0-2'), path.join(root, 'stage-2-4')];
+    await buildModel({ hf: checkpoint, out: stages[0], capture: true, layers: [0, 2] });
+    await buildModel({ hf: checkpoint, out: stages[1], capture: true, layers: [2, 4] });
+    const split = await LoadedModel.load(stages);
+    const whole = await LoadedModel.load(modelDir, { decode: 'loop' });
+    try {
+      expect(split.runner.kind).toBe('host');
+      const jobs = sampledJobs(whole).map((x) => x.job);
+      expectSameResults(await split.runner.run(jobs), await whole.runner.run(jobs), 1e-5);
+    } finally {
+      await split.close();
+      await whole.close();
+    }
+  });
+
+  it('refuses stages out of order or with a gap, naming the directory', async () => {
+    const stages = [path.join(root, 'stage-0-2'), path.join(root, 'stage-2-4')];
+    await expect(LoadedModel.load([stages[1], stages[0]])).rejects.toThrow(/stage-2-4: holds layers 2:4, but the stages before it end at layer 0/);
+    await expect(LoadedModel.load([stages[0]])).rejects.toThrow(/the stages end at layer 2 of 4: the last stage is missing/);
+    await expect(LoadedModel.load(stages, { decode: 'loop' })).rejects.toThrow(/runs with the host loop/);
+  });
+});
+
+describe('the batch engine and the onnx backend', () => {
+  const options = { model: '', capacity: 8, device: 'cpu', decode: 'auto' as const, maxBatch: 4, maxBatchTokens: 4096, gatherMs: 30 };
+
+  it('batches concurrent items (at most --max-batch), and a bad item fails alone while its batch carries on', async () => {
+    const { modelDir } = await model('llama');
+    const batches: BatchStats[] = [];
+    const backend = new OnnxBackend({ ...options, modelDirs: [modelDir], onBatch: (b) => batches.push(b) });
+    await backend.load();
+    try {
+      expect(backend.info.device).toBe('cpu');
+      expect(backend.runnerKind).toBe('loop');
+      const m = await LoadedModel.load(modelDir);
+      const inputs = sampledJobs(m).map((x) => x.input);
+      await m.close();
+      const tooLong = { ...inputs[0], sampling: { ...sampling, maxContext: 10 } };
+      const settled = await Promise.allSettled([...inputs, tooLong].map((input) => backend.generate(input)));
+      expect(settled.slice(0, 5).every((s) => s.status === 'fulfilled')).toBe(true);
+      expect(settled[5]).toMatchObject({ status: 'rejected', reason: { message: expect.stringMatching(/^messages: the conversation is \d+ tokens, which leaves no room for an answer under max_context 10/) } });
+      expect(batches.reduce((n, b) => n + b.size, 0)).toBe(5);
+      expect(Math.max(...batches.map((b) => b.size))).toBeLessThanOrEqual(4);
+      expect(batches.some((b) => b.size > 1)).toBe(true);
+
+      // The same item alone gives the same text; a layer subset gives those rows.
+      const first = (settled[0] as PromiseFulfilledResult<{ text: string; activation: { data: Float32Array } }>).value;
+      const again = await backend.generate({ ...inputs[0], layers: [1, 3] });
+      expect(again.text).toBe(first.text);
+      const d = 64;
+      expect(Array.from(again.activation.data)).toEqual([...first.activation.data.subarray(d, 2 * d), ...first.activation.data.subarray(3 * d, 4 * d)]);
+
+      // Extract: answer ids outside the vocabulary are refused, naming the field.
+      const answer = [...inputs[0].messages, { role: 'assistant', content: first.text }];
+      await expect(backend.extract(answer, [], [999999])).rejects.toThrow(/response_token_ids: 999999 is not a token id of this model/);
+      const ex = await backend.extract(answer, []);
+      expect(ex.responseTokens).toBeGreaterThan(0);
+    } finally {
+      await backend.close();
+    }
+  });
+
+  it('keeps padded prompt tokens per batch under --max-batch-tokens', async () => {
+    const ran: number[][] = [];
+    const runner = {
+      kind: 'host' as const,
+      placements: [],
+      run: async (jobs: SequenceJob[]) => {
+        ran.push(jobs.map((j) => j.ids.length));
+        return jobs.map(() => ({ responseIds: [], stopped: true, mean: new Float32Array(0), counted: 0 }));
+      },
+      close: async () => undefined,
+    };
+    const engine = new BatchEngine(runner, { maxBatch: 8, maxBatchTokens: 100, gatherMs: 5 });
+    const lengths = [10, 60, 12, 11, 55, 9];
+    await Promise.all(lengths.map((n) => engine.submit(greedyJob(Array.from({ length: n }, () => 1), 1), false)));
+    for (const batch of ran) expect(batch.length * Math.max(...batch)).toBeLessThanOrEqual(100);
+    expect(ran.flat().sort((a, b) => a - b)).toEqual([...lengths].sort((a, b) => a - b));
+    // Similar lengths go together: the two long prompts share a batch, apart from the short ones.
+    expect(ran.find((b) => b.includes(60))).toEqual(expect.arrayContaining([60]));
+    expect(ran.find((b) => b.includes(60))!.every((n) => n >= 55)).toBe(true);
+  });
+});
