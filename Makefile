@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation helm
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference helm
 
 install: $(NODE_MODULES)
 
@@ -58,6 +58,10 @@ bench-judge: build
 # Aggregation ingestion against a plain widen+add loop, and the memory of a full run's state.
 bench-aggregation: build
 	node --max-old-space-size=8192 dist/bench/aggregation.js
+
+# Generated tokens/s at batch 1, 4, 16 against the --no-capture build, the host loop and transformers.js.
+bench-inference: build
+	node dist/bench/inference.js
 
 up: build
 	node dist/services/cli/up.js

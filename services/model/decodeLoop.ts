@@ -161,14 +161,14 @@ export async function buildDecodeLoop(config: HfConfig, ckpt: CheckpointReader, 
   }
 
   if (capture) {
-    // Per-layer hidden states of this iteration as float64 [B, S, L, d] pieces.
-    const per = values.hidden.map((h) => b.node('Cast', [h], { to: DataType.DOUBLE }));
-    // The prefill's weighted positions (Extract): sum_p w[p] h[p] for every layer -> [B, L, d].
-    const w = b.node('Unsqueeze', [b.node('Cast', [v('weights')], { to: DataType.DOUBLE }), b.constInt64([1])]); // [B, 1, S]
-    const weighted = b.node('Concat', per.map((h) => b.node('MatMul', [w, h])), { axis: 1 });
-    const weightTotal = b.node('ReduceSum', [b.node('Cast', [v('weights')], { to: DataType.DOUBLE }), b.constInt64([-1])], { keepdims: 0 });
-    // The fed token (a sampled one from the iteration before) by the trimming rules.
-    const fedRow = b.node('Concat', per.map((h) => last(h)).map((x) => b.node('Unsqueeze', [x, b.constInt64([1])])), { axis: 1 }); // [B, L, d]
+    // Only [B, d] rows per layer become float64: the fed token's row, and the prefill's weighted
+    // sum over its positions (Extract: sum_p w[p] h[p], a float32 MatMul over at most the
+    // conversation's positions), so capture adds little to a step.
+    const w = b.node('Unsqueeze', [v('weights'), b.constInt64([1])]); // [B, 1, S]
+    const toDouble = (x: string) => b.node('Cast', [x], { to: DataType.DOUBLE });
+    const weighted = toDouble(b.node('Concat', values.hidden.map((h) => b.node('MatMul', [w, h])), { axis: 1 })); // [B, L, d]
+    const weightTotal = toDouble(b.node('ReduceSum', [v('weights'), b.constInt64([-1])], { keepdims: 0 }));
+    const fedRow = toDouble(b.node('Concat', values.hidden.map((h) => b.node('Unsqueeze', [last(h), b.constInt64([1])])), { axis: 1 })); // [B, L, d]
     const kind = b.node('Gather', [I.tokenKinds, last(v('input_ids'))], { axis: 0 });
     const isContent = b.node('And', [v('feeding'), b.node('Equal', [kind, b.constInt64([TOKEN_KIND.content], [])])]);
     const isSpace = b.node('And', [b.node('And', [v('feeding'), v('started')]), b.node('Equal', [kind, b.constInt64([TOKEN_KIND.whitespace], [])])]);

@@ -14,6 +14,8 @@ export interface TinyOptions {
   seed: number;
   /** GPT-2 merges kept in the tokenizer (a smaller vocabulary keeps the tiny model fast). */
   merges: number;
+  /** Another size than the tiny default (benchmarks): weights are then scaled by 1/sqrt(hidden). */
+  shape?: Partial<typeof SHAPE>;
 }
 
 const CHATML =
@@ -144,8 +146,9 @@ export async function writeTinyCheckpoint(opts: TinyOptions): Promise<void> {
   const family = FAMILIES[arch];
   const { tokenizer, vocabSize, specialIds } = byteLevelBpe(opts.merges, family.specials);
   const config: Record<string, any> = {
-    _name_or_path: `tiny-${arch}`,
+    _name_or_path: opts.shape ? `random-${arch}` : `tiny-${arch}`,
     ...family.config(vocabSize, specialIds),
+    ...(opts.shape ?? {}),
     vocab_size: vocabSize,
     max_position_embeddings: 2048,
     bos_token_id: family.bos ? specialIds[family.bos] : null,
@@ -159,10 +162,12 @@ export async function writeTinyCheckpoint(opts: TinyOptions): Promise<void> {
     return out;
   };
   const tensors: Record<string, FloatTensor> = {};
-  const t = (name: string, shape: number[], std: number, mean = 0) => {
-    tensors[name] = { shape, data: normal(shape.reduce((a, b) => a * b, 1), std, mean) };
-  };
   const D = config.hidden_size as number;
+  // The tiny default keeps its weights (and the golden files made from them); larger shapes keep activations in range.
+  const scale = opts.shape ? Math.sqrt(SHAPE.hidden_size / D) : 1;
+  const t = (name: string, shape: number[], std: number, mean = 0) => {
+    tensors[name] = { shape, data: normal(shape.reduce((a, b) => a * b, 1), shape.length > 1 ? std * scale : std, mean) };
+  };
   const I = config.intermediate_size as number;
   const H = config.num_attention_heads as number;
   const KV = config.num_key_value_heads as number;

@@ -17,6 +17,8 @@ export interface LoadOptions {
   decode?: 'loop' | 'host';
   /** One placement per stage (a whole model is one stage); default CPU. */
   placements?: Placement[];
+  /** Accept a generation graph built with --no-capture (benchmarks only: no activations). */
+  textOnly?: boolean;
 }
 
 /**
@@ -48,7 +50,7 @@ export class LoadedModel implements TokenRules {
     const decode = opts.decode ?? (dirs.length === 1 && metadata.decode_loop ? 'loop' : 'host');
     if (decode === 'loop') {
       if (dirs.length > 1) throw new ModelLoadError('a model split into stages runs with the host loop (--decode host): the generation graph holds a whole model');
-      model.runner = await LoopRunner.load(dirs[0], metadata, placements[0], model);
+      model.runner = await LoopRunner.load(dirs[0], metadata, placements[0], model, opts.textOnly);
       model.hashes.graph = metadata.decode_loop!.graph_sha256;
     } else {
       const stages: DecoderSession[] = [];

@@ -72,18 +72,20 @@ export class LoopRunner implements BatchRunner {
   private kinds: ort.Tensor | undefined;
   private stops: ort.Tensor;
 
-  private constructor(private readonly session: ort.InferenceSession, private readonly metadata: ModelMetadata, readonly placements: Placement[], private readonly rules: TokenRules) {
+  private constructor(private readonly session: ort.InferenceSession, private readonly metadata: ModelMetadata, readonly placements: Placement[], private readonly rules: TokenRules, private readonly measures: boolean) {
     const stops = [...rules.stopIds];
     this.stops = i64(BigInt64Array.from(stops.map(BigInt)), [stops.length]);
   }
 
-  static async load(dir: string, metadata: ModelMetadata, placement: Placement, rules: TokenRules): Promise<LoopRunner> {
+  /** `textOnly`: accept a graph built with --no-capture (benchmarks); its means are zeros. */
+  static async load(dir: string, metadata: ModelMetadata, placement: Placement, rules: TokenRules, textOnly = false): Promise<LoopRunner> {
     const loop = metadata.decode_loop;
     if (!loop) throw new ModelLoadError(`${dir}: no generation graph in axis_model.json (built with --no-decode-loop, or a stage of a split model): use the host loop`);
-    if (!loop.outputs.includes(LOOP_OUTPUTS.responseMean)) throw new ModelLoadError(`${dir}: the generation graph was built without capture (--no-capture): it cannot measure activations`);
+    const measures = loop.outputs.includes(LOOP_OUTPUTS.responseMean);
+    if (!measures && !textOnly) throw new ModelLoadError(`${dir}: the generation graph was built without capture (--no-capture): it cannot measure activations`);
     const { file } = await checkedGraph(dir, loop.graph, loop.graph_sha256);
     const session = await createSession(file, placement);
-    return new LoopRunner(session, metadata, [placement], rules);
+    return new LoopRunner(session, metadata, [placement], rules, measures);
   }
 
   async run(jobs: SequenceJob[]): Promise<SequenceResult[]> {
@@ -97,27 +99,30 @@ export class LoopRunner implements BatchRunner {
       if (j.weights) weights.set(j.weights, b * width + (width - j.ids.length));
       uniforms.set(j.uniforms.subarray(0, Math.min(N, j.uniforms.length)), b * N);
     });
-    this.kinds ??= i64(this.rules.kindTable(), [this.metadata.vocab_size]);
     const I = LOOP_INPUTS;
-    const out = await this.session.run({
+    const feeds: Record<string, ort.Tensor> = {
       [I.inputIds]: i64(ids, [B, width]),
       [I.attentionMask]: i64(mask, [B, width]),
       [I.positionIds]: i64(positions, [B, width]),
-      [I.promptWeights]: new ort.Tensor('float32', weights, [B, width]),
       [I.maxSteps]: i64(BigInt64Array.of(BigInt(maxNew + 1)), []),
       [I.maxNewTokens]: i64(BigInt64Array.from(jobs.map((j) => BigInt(j.maxNew))), [B]),
       [I.temperature]: new ort.Tensor('float32', Float32Array.from(jobs.map((j) => j.temperature)), [B]),
       [I.topP]: new ort.Tensor('float32', Float32Array.from(jobs.map((j) => j.topP)), [B]),
       [I.uniforms]: new ort.Tensor('float32', uniforms, [B, N]),
       [I.stopTokenIds]: this.stops,
-      [I.tokenKinds]: this.kinds,
-    });
+    };
+    if (this.measures) {
+      this.kinds ??= i64(this.rules.kindTable(), [this.metadata.vocab_size]);
+      feeds[I.promptWeights] = new ort.Tensor('float32', weights, [B, width]);
+      feeds[I.tokenKinds] = this.kinds;
+    }
+    const out = await this.session.run(feeds);
     const tokens = out[LOOP_OUTPUTS.tokens];
     const steps = tokens.dims[0];
     const tokenData = tokens.data as BigInt64Array;
-    const means = out[LOOP_OUTPUTS.responseMean].data as Float32Array;
-    const counts = out[LOOP_OUTPUTS.responseTokens].data as BigInt64Array;
     const size = this.metadata.num_layers * this.metadata.hidden_size;
+    const means = this.measures ? (out[LOOP_OUTPUTS.responseMean].data as Float32Array) : new Float32Array(B * size);
+    const counts = this.measures ? (out[LOOP_OUTPUTS.responseTokens].data as BigInt64Array) : new BigInt64Array(B);
     return jobs.map((_, b) => {
       const sampled: number[] = [];
       for (let i = 0; i < steps; i++) {
