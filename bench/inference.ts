@@ -23,6 +23,9 @@ const NEW_TOKENS = Number(process.env.AXIS_BENCH_NEW_TOKENS ?? 32);
 const BATCHES = (process.env.AXIS_BENCH_BATCHES ?? '1,4,16').split(',').map(Number);
 /** Each figure is the median of this many runs, the contenders taking turns. */
 const REPEATS = Number(process.env.AXIS_BENCH_REPEATS ?? 3);
+/** `cuda` on a GPU machine with onnxruntime-node's CUDA provider (bench/gpu.sh); CPU otherwise. */
+const DEVICE = process.env.AXIS_BENCH_DEVICE === 'cuda' ? 'cuda' : 'cpu';
+const placements = [DEVICE === 'cuda' ? { provider: 'cuda' as const, deviceId: 0 } : { provider: 'cpu' as const, deviceId: 0 }];
 const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: NEW_TOKENS, maxContext: 2048, seed: 0 };
 
 async function prepare(): Promise<{ capture: string; plain: string }> {
@@ -76,7 +79,7 @@ async function transformersJs(dir: string): Promise<(b: number) => Promise<Measu
   const name = path.basename(dir);
   const tokenizer = await tjs.AutoTokenizer.from_pretrained(name);
   tokenizer.padding_side = 'left';
-  const model = await tjs.AutoModelForCausalLM.from_pretrained(name, { dtype: 'fp32', device: 'cpu' });
+  const model = await tjs.AutoModelForCausalLM.from_pretrained(name, { dtype: 'fp32', device: DEVICE });
   return async (b: number) => {
     const texts = questions(b).map((q) => tokenizer.apply_chat_template(conversation(q), { tokenize: false, add_generation_prompt: true }));
     const inputs = tokenizer(texts, { padding: true, add_special_tokens: false });
@@ -92,9 +95,10 @@ const rate = (m: Measure) => m.tokens / m.seconds;
 
 async function main(): Promise<void> {
   const { capture, plain } = await prepare();
-  const engine = await LoadedModel.load(capture, { decode: 'loop' });
-  const engineText = await LoadedModel.load(plain, { decode: 'loop', textOnly: true });
-  const host = await LoadedModel.load(capture, { decode: 'host' });
+  process.stdout.write(`device: ${DEVICE}\n`);
+  const engine = await LoadedModel.load(capture, { decode: 'loop', placements });
+  const engineText = await LoadedModel.load(plain, { decode: 'loop', textOnly: true, placements });
+  const host = await LoadedModel.load(capture, { decode: 'host', placements });
   const peer = await transformersJs(plain);
   const contenders: [string, (b: number) => Promise<Measure>][] = [
     ['engine (generation graph, capture)', (b) => engineRun(engine, b)],

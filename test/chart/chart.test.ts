@@ -75,6 +75,13 @@ maybe('the helm chart', () => {
     expect(c.startupProbe).toMatchObject({ grpc: { port: 50052 }, failureThreshold: 120 });
     expect(c.lifecycle.preStop.sleep.seconds).toBeGreaterThan(0);
     expect(docs.find((d) => d.kind === 'Service' && d.metadata.name === 'axis-inference').spec.clusterIP).toBe('None');
+    // On GPUs: the CUDA image and provider, the batch limits passed on.
+    expect(c.image).toMatch(/:0\.1\.0-cuda$/);
+    expect(c.args).toEqual(expect.arrayContaining(['--device=cuda', '--decode=auto', '--max-batch=16', '--max-batch-tokens=16384']));
+    const cpu = render([MODEL, 'inference.gpu.enabled=false', 'inference.maxBatch=4']).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.containers[0];
+    expect(cpu.image).toMatch(/:0\.1\.0$/);
+    expect(cpu.args).toEqual(expect.arrayContaining(['--device=cpu', '--max-batch=4']));
+    expect(cpu.resources.limits).not.toHaveProperty(['nvidia.com/gpu']);
   });
 
   it('lets only the paths of the design through its network policies', () => {

@@ -186,6 +186,22 @@ describe('the batch engine and the onnx backend', () => {
     }
   });
 
+  it('never falls back silently: --device cuda fails where CUDA is missing, --device auto says it runs on the CPU', async () => {
+    const { modelDir } = await model('llama');
+    const cudaOnly = new OnnxBackend({ ...options, modelDirs: [modelDir], device: 'cuda' });
+    // Installed with ONNXRUNTIME_NODE_INSTALL=skip, onnxruntime-node has no CUDA provider library.
+    const ortBin = path.join(path.dirname(require.resolve('onnxruntime-node/package.json')), 'bin', 'napi-v6', 'linux', 'x64');
+    expect(fs.existsSync(path.join(ortBin, 'libonnxruntime_providers_cuda.so'))).toBe(false);
+    await expect(cudaOnly.load()).rejects.toThrow(/onnxruntime cannot load it on cuda:0/);
+    const warnings: string[] = [];
+    const auto = new OnnxBackend({ ...options, modelDirs: [modelDir], device: 'auto', warn: (m) => warnings.push(m) });
+    await auto.load();
+    expect(auto.info.device).toBe('cpu');
+    expect(warnings).toEqual([expect.stringMatching(/^--device auto: CUDA did not load .*; running on the CPU$/)]);
+    await auto.close();
+    await expect(new OnnxBackend({ ...options, modelDirs: [modelDir], device: 'tpu' }).load()).rejects.toThrow(/--device: "tpu" is not cpu, cuda, auto or cuda:N/);
+  });
+
   it('keeps padded prompt tokens per batch under --max-batch-tokens', async () => {
     const ran: number[][] = [];
     const runner = {

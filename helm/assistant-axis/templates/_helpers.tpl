@@ -20,6 +20,18 @@ app.kubernetes.io/component: {{ .component }}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end -}}
 
+{{/* A component's image: its own when set, else the chart's (inference on GPUs: the chart's tag + "-cuda", deploy/Dockerfile.cuda). */}}
+{{- define "axis.componentImage" -}}
+{{- $img := .values.image | default dict -}}
+{{- if $img.repository -}}
+{{ $img.repository }}:{{ $img.tag | default .root.Values.image.tag }}
+{{- else if and .values.gpu .values.gpu.enabled -}}
+{{ .root.Values.image.repository }}:{{ .root.Values.image.tag }}-cuda
+{{- else -}}
+{{ include "axis.image" .root }}
+{{- end -}}
+{{- end -}}
+
 {{/* Pod-level settings every component shares. */}}
 {{- define "axis.podCommon" -}}
 securityContext:
@@ -44,7 +56,7 @@ affinity:
 
 {{/* Ports, probes on the gRPC health service, and the hardened container settings. */}}
 {{- define "axis.containerCommon" -}}
-image: {{ include "axis.image" .root }}
+image: {{ include "axis.componentImage" . }}
 imagePullPolicy: {{ .root.Values.image.pullPolicy }}
 securityContext:
   {{- toYaml .root.Values.containerSecurityContext | nindent 2 }}
