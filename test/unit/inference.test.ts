@@ -63,6 +63,6 @@ describe('inference request checks name the field', () => {
   });
 
   it('wants Extract conversations to end with the answer', () => {
-    expect(() => validateExtract({ itemId: 'i', messages, layers: [] }, info)).toThrow(/last message must be the assistant answer/);
+    expect(() => validateExtract({ itemId: 'i', messages, layers: [], responseTokenIds: [] }, info)).toThrow(/last message must be the assistant answer/);
   });
 });
