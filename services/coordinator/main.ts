@@ -11,13 +11,15 @@ import { failStream, RpcError, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { Ledger } from './ledger';
 import { RunManager } from './runs';
-import { AggregationUpstream, InferenceReplica, JudgeUpstream, Upstreams } from './upstreams';
+import { discoveryFor, parseTarget } from './discovery';
+import { AggregationUpstream, InferencePool, JudgeUpstream, Upstreams } from './upstreams';
 
 export const COORDINATOR_OPTIONS = {
   host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
   port: { type: 'number', env: 'AXIS_COORDINATOR_PORT', default: DEFAULT_PORTS.coordinator, help: 'gRPC port' },
   'metrics-port': { type: 'number', env: 'AXIS_COORDINATOR_METRICS_PORT', default: DEFAULT_METRICS_PORTS.coordinator, help: 'Prometheus metrics port' },
-  inference: { type: 'string', env: 'AXIS_INFERENCE_ADDRESSES', default: `127.0.0.1:${DEFAULT_PORTS.inference}`, help: 'inference replicas, comma-separated host:port' },
+  inference: { type: 'string', env: 'AXIS_INFERENCE_ADDRESSES', default: `127.0.0.1:${DEFAULT_PORTS.inference}`, help: 'inference replicas: comma-separated host:port, or k8s://<namespace>/<service>:<port name or number> to follow the ready endpoints of a Kubernetes Service (EndpointSlices)' },
+  kubeconfig: { type: 'string', env: 'AXIS_KUBECONFIG', default: '', help: 'with k8s:// discovery: a kubeconfig file (empty: the in-cluster service account in a pod, else the default kubeconfig)' },
   judge: { type: 'string', env: 'AXIS_JUDGE_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.judge}`, help: 'judge service host:port' },
   aggregation: { type: 'string', env: 'AXIS_AGGREGATION_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.aggregation}`, help: 'aggregation service host:port' },
   'state-dir': { type: 'string', env: 'AXIS_COORDINATOR_STATE_DIR', default: '.axis/coordinator', help: 'where the run ledger lives' },
@@ -34,12 +36,12 @@ const WATCH_INTERVAL_MS = 200;
 async function main(): Promise<void> {
   const cfg = loadConfig('coordinator', COORDINATOR_OPTIONS);
   const log = createLogger('coordinator');
+  const discovery = discoveryFor(parseTarget('inference', cfg.inference), { kubeconfig: cfg.kubeconfig, log });
   const upstreams: Upstreams = {
-    inference: cfg.inference.split(',').map((a) => a.trim()).filter(Boolean).map((a) => new InferenceReplica(a)),
+    inference: new InferencePool(log),
     judge: new JudgeUpstream(cfg.judge),
     aggregation: new AggregationUpstream(cfg.aggregation),
   };
-  if (upstreams.inference.length === 0) throw new Error('--inference: at least one replica address is required');
   const token = cfg['auth-token-file'] ? readToken(cfg['auth-token-file']) : undefined;
   const ledger = new Ledger(path.resolve(cfg['state-dir']));
   const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'], batchPollSeconds: cfg['batch-poll-seconds'], dataRoots: cfg['data-roots'].split(',').map((r) => r.trim()).filter(Boolean).map((r) => path.resolve(r)) }, log);
@@ -134,16 +136,20 @@ async function main(): Promise<void> {
     log,
     onDrain: async () => {
       await runs.drain((DRAIN_SECONDS - 2) * 1000);
-      for (const u of [...upstreams.inference, upstreams.judge, upstreams.aggregation]) u.close();
+      discovery.stop();
+      for (const u of [upstreams.inference, upstreams.judge, upstreams.aggregation]) u.close();
       ledger.close();
     },
   });
+
+  await discovery.start((addresses) => upstreams.inference.update(addresses));
+  log.info({ inference: discovery.description }, 'inference discovery started');
 
   /** Ready when every dependency answers; checked at start and every few seconds. */
   let resumed = false;
   const check = async () => {
     const results = await Promise.all([
-      ...upstreams.inference.map((r) => r.refresh().then(() => true, () => false)),
+      ...upstreams.inference.replicas.map((r) => r.refresh().then(() => true, () => false)),
       upstreams.judge.refresh().then(() => true, () => false),
       upstreams.aggregation.runState('probe').then(() => true, () => false),
     ]);

@@ -131,13 +131,22 @@ export class RunExecutor {
     const replicas = this.replicasForModel();
     this.modelInfo = replicas[0].info!;
     await this.reconcileAggregation();
+    // Replicas come and go (discovery): capacity is re-read, and waits woken, whenever they do.
+    const unsubscribe = this.upstreams.inference.onChange(() => this.notify());
+    try {
+      return await this.executeRounds();
+    } finally {
+      unsubscribe();
+    }
+  }
 
+  private async executeRounds(): Promise<RunOutcome> {
     for (let round = 1; ; round++) {
-      await this.processPending(replicas, round === 1);
+      await this.processPending(round === 1);
       if (this.spec.judgeBatch && !this.stopping()) {
         await this.batchPhase();
         this.onlineFallback = true;
-        if (!this.stopping()) await this.processPending(replicas, false);
+        if (!this.stopping()) await this.processPending(false);
       }
       if (this.failure) throw this.failure;
       if (this.paused) return { kind: 'paused', reason: this.paused };
@@ -153,7 +162,7 @@ export class RunExecutor {
   }
 
   /** One pass over every item that is not done yet, in ledger order (role by role). */
-  private async processPending(replicas: InferenceReplica[], firstRound: boolean): Promise<void> {
+  private async processPending(firstRound: boolean): Promise<void> {
     const items = this.ledger.items(this.spec.name);
     const written = (this.written = this.ledger.writtenRoles(this.spec.name));
     const p = this.progress;
@@ -175,14 +184,14 @@ export class RunExecutor {
       if (!this.remaining.has(role) && !written.has(role)) await this.writeRole(role);
     }
 
-    const capacity = replicas.reduce((n, r) => n + Math.max(1, r.info!.capacity), 0);
     const maxJudgeBacklog = this.judgeConcurrency * JUDGE_BACKLOG_PER_SLOT;
     const active = new Set<Promise<void>>();
     for (const item of items) {
       if (this.isDone(item)) continue;
-      while (!this.stopping() && (this.genInFlight >= capacity || this.judgeBacklog >= maxJudgeBacklog)) await this.waitForChange();
+      // The window: what the replicas serving this model can hold now (none while all are gone).
+      while (!this.stopping() && (this.genInFlight >= this.capacity() || this.judgeBacklog >= maxJudgeBacklog)) await this.waitForChange();
       if (this.stopping()) break;
-      const task: Promise<void> = this.processItem(item, replicas).then(
+      const task: Promise<void> = this.processItem(item).then(
         () => undefined,
         (err) => (err instanceof SpendingCapReached ? this.pause(err.message) : this.fail(err)),
       );
@@ -252,9 +261,14 @@ export class RunExecutor {
   }
 
   private replicasForModel(): InferenceReplica[] {
-    const replicas = this.upstreams.inference.filter((r) => r.info && r.info.model === this.spec.model);
+    const replicas = this.upstreams.inference.serving(this.spec.model);
     if (replicas.length === 0) throw new RunFailure(`no inference replica serves model ${JSON.stringify(this.spec.model)}`);
     return replicas;
+  }
+
+  /** Items the replicas serving this run's model accept at once, now. */
+  private capacity(): number {
+    return this.upstreams.inference.serving(this.spec.model).reduce((n, r) => n + Math.max(1, r.info!.capacity), 0);
   }
 
   /** If aggregation holds fewer of this run's activations than the ledger says it acknowledged, its state was lost: send everything again. */
@@ -277,11 +291,21 @@ export class RunExecutor {
     return { systemPrompt, question, messages };
   }
 
-  private pickReplica(replicas: InferenceReplica[]): InferenceReplica {
+  /**
+   * The least loaded replica serving the model. While none does (all restarting, or scaled to
+   * zero), the item waits for discovery to bring one rather than spending its retries.
+   */
+  private async pickReplica(): Promise<InferenceReplica> {
+    let replicas = this.upstreams.inference.serving(this.spec.model);
+    while (replicas.length === 0) {
+      if (this.stopping()) throw new RunFailure('the run is stopping');
+      await this.waitForChange();
+      replicas = this.upstreams.inference.serving(this.spec.model);
+    }
     return replicas.reduce((best, r) => (r.inFlight / Math.max(1, r.info!.capacity) < best.inFlight / Math.max(1, best.info!.capacity) ? r : best));
   }
 
-  private async processItem(item: ItemRow, replicas: InferenceReplica[]): Promise<void> {
+  private async processItem(item: ItemRow): Promise<void> {
     const run = this.spec.name;
     const id = this.judgeId(item);
     const { messages, question } = this.conversation(item);
@@ -291,7 +315,7 @@ export class RunExecutor {
       try {
         if (item.text === null) {
           const res = await this.retrying(`generate ${id}`, async () => {
-            const r = await this.pickReplica(replicas).generate.send(id, {
+            const r = await (await this.pickReplica()).generate.send(id, {
               itemId: id,
               messages,
               sampling: { temperature: this.spec.temperature, topP: this.spec.topP, maxNewTokens: this.spec.maxNewTokens, maxContext: this.spec.maxContext, seed: this.spec.seed },
@@ -310,7 +334,7 @@ export class RunExecutor {
           const res = await this.retrying(`extract ${id}`, async () => {
             // The sampled ids make the recovered activation exactly the generated one.
             const responseTokenIds = this.ledger.responseIds(run, item.role, item.key);
-            const r = await this.pickReplica(replicas).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers, responseTokenIds });
+            const r = await (await this.pickReplica()).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers, responseTokenIds });
             checkItemError(r.error, `activation recovery (Extract) failed for item ${id}`);
             return r;
           });

@@ -173,7 +173,7 @@ export class RunManager {
     const runDir = this.runDir(spec.name);
     const executor = new RunExecutor(spec, data, this.ledger, this.upstreams, runDir, this.log.child({ run: spec.name }), () => this.emit(spec.name), this.opts.judgeConcurrency, this.opts.batchPollSeconds * 1000);
     this.executors.set(spec.name, executor);
-    const replica = this.upstreams.inference.find((r) => r.info?.model === spec.model);
+    const replica = this.upstreams.inference.replicas.find((r) => r.info?.model === spec.model);
     this.ledger.setRunState(spec.name, 'RUNNING', { backend: replica?.info?.backend ?? '', judge: judgeLabel(this.upstreams) });
     this.emit(spec.name);
     const finish = () => {
@@ -225,7 +225,7 @@ export class RunManager {
 
   async refreshUpstreams(): Promise<void> {
     await Promise.all([
-      ...this.upstreams.inference.map((r) => r.refresh().catch(() => {
+      ...this.upstreams.inference.replicas.map((r) => r.refresh().catch(() => {
         this.log.warn({ address: r.address, reason: r.lastError }, 'inference replica not ready');
       })),
       this.upstreams.judge.refresh(),
@@ -266,9 +266,9 @@ export class RunManager {
     await this.refreshUpstreams().catch((err) => {
       throw new RpcError(grpc.status.UNAVAILABLE, `judge unreachable: ${(err as Error).message}`);
     });
-    const served = [...new Set(this.upstreams.inference.filter((r) => r.info).map((r) => r.info!.model))];
+    const served = [...new Set(this.upstreams.inference.replicas.filter((r) => r.info).map((r) => r.info!.model))];
     if (served.length === 0) {
-      const why = this.upstreams.inference.map((r) => `${r.address}: ${r.lastError || 'no answer'}`).join('; ');
+      const why = this.upstreams.inference.replicas.map((r) => `${r.address}: ${r.lastError || 'no answer'}`).join('; ');
       throw new RpcError(grpc.status.UNAVAILABLE, `no inference replica is ready (${why})`);
     }
     let model = req.model;
@@ -278,7 +278,7 @@ export class RunManager {
     } else if (!served.includes(model)) {
       throw failedPrecondition(`model: no inference replica serves ${JSON.stringify(model)} (served: ${served.join(', ')})`);
     }
-    const info = this.upstreams.inference.find((r) => r.info?.model === model)!.info!;
+    const info = this.upstreams.inference.replicas.find((r) => r.info?.model === model)!.info!;
     const seen = new Set<number>();
     for (const l of req.layers) {
       if (l >= info.numLayers) throw invalidArgument(`layers: layer ${l} does not exist (${model} has ${info.numLayers} layers, zero-indexed)`);
@@ -362,7 +362,7 @@ export class RunManager {
       state: RunState.RUN_STATE_UNSPECIFIED,
       progress: { ...emptyProgress(data.roles.length), itemsTotal: items, toJudge: prompts },
       model: spec.model,
-      backend: this.upstreams.inference.find((r) => r.info?.model === spec.model)?.info?.backend ?? '',
+      backend: this.upstreams.inference.replicas.find((r) => r.info?.model === spec.model)?.info?.backend ?? '',
       judge: judgeLabel(this.upstreams),
       outputDir: this.runDir(spec.name),
       error: '',

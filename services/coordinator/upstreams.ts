@@ -54,6 +54,59 @@ export class InferenceReplica {
   }
 }
 
+/**
+ * The inference replicas now known (from a static list or Kubernetes discovery). A replica
+ * that leaves is closed: its streams fail, and the items they held are retried on the others.
+ * A new one is asked for its model at once and used as soon as it answers.
+ */
+export class InferencePool {
+  readonly replicas: InferenceReplica[] = [];
+  private readonly listeners = new Set<() => void>();
+
+  constructor(private readonly log?: { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void }) {}
+
+  update(addresses: string[]): void {
+    for (const r of [...this.replicas]) {
+      if (addresses.includes(r.address)) continue;
+      this.replicas.splice(this.replicas.indexOf(r), 1);
+      this.log?.info({ address: r.address, inFlight: r.inFlight }, 'inference replica gone: its items in flight go to the others');
+      r.close();
+    }
+    for (const a of addresses) {
+      if (this.replicas.some((r) => r.address === a)) continue;
+      const r = new InferenceReplica(a);
+      this.replicas.push(r);
+      r.refresh().then(
+        (info) => {
+          this.log?.info({ address: a, model: info.model, capacity: info.capacity }, 'inference replica joined');
+          this.changed();
+        },
+        // Not ready yet: the coordinator's dependency check asks again every few seconds.
+        () => this.log?.warn({ address: a, reason: r.lastError }, 'inference replica not ready yet'),
+      );
+    }
+    this.changed();
+  }
+
+  /** Replicas that answered GetModelInfo with this model. */
+  serving(model: string): InferenceReplica[] {
+    return this.replicas.filter((r) => r.info && r.info.model === model);
+  }
+
+  onChange(fn: () => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  private changed(): void {
+    for (const fn of this.listeners) fn();
+  }
+
+  close(): void {
+    for (const r of this.replicas) r.close();
+  }
+}
+
 export class JudgeUpstream {
   readonly client: JudgeClient;
   info: JudgeInfo | undefined;
@@ -118,7 +171,7 @@ export class AggregationUpstream {
 }
 
 export interface Upstreams {
-  inference: InferenceReplica[];
+  inference: InferencePool;
   judge: JudgeUpstream;
   aggregation: AggregationUpstream;
 }

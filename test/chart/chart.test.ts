@@ -84,6 +84,23 @@ maybe('the helm chart', () => {
     expect(cpu.resources.limits).not.toHaveProperty(['nvidia.com/gpu']);
   });
 
+  it('lets the coordinator follow the inference pods through EndpointSlices, with a Role that can only read them', () => {
+    const docs = render([MODEL]);
+    const coordinator = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec;
+    expect(coordinator.containers[0].args).toContain('--inference=k8s://research/axis-inference:grpc');
+    expect(coordinator.serviceAccountName).toBe('axis-coordinator');
+    const role = docs.find((d) => d.kind === 'Role');
+    expect(role.rules).toEqual([{ apiGroups: ['discovery.k8s.io'], resources: ['endpointslices'], verbs: ['get', 'list', 'watch'] }]);
+    const binding = docs.find((d) => d.kind === 'RoleBinding');
+    expect(binding.subjects).toEqual([{ kind: 'ServiceAccount', name: 'axis-coordinator', namespace: 'research' }]);
+    const service = docs.find((d) => d.kind === 'Service' && d.metadata.name === 'axis-inference');
+    expect(service.spec.ports.map((p: any) => p.name)).toContain('grpc');
+    // Without discovery: the Service's name, no account, no Role.
+    const plain = render([MODEL, 'coordinator.inferenceDiscovery=service']);
+    expect(plain.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec.containers[0].args).toContain('--inference=axis-inference:50052');
+    expect(plain.some((d) => d.kind === 'Role' || d.kind === 'ServiceAccount')).toBe(false);
+  });
+
   it('lets only the paths of the design through its network policies', () => {
     const docs = render([MODEL]);
     const inference = docs.find((d) => d.kind === 'NetworkPolicy' && d.metadata.name === 'axis-inference');
