@@ -25,6 +25,10 @@ export interface RunSpec {
   compareAxis?: string;
   /** Keep every item's activation (bf16) in activations/<role>.safetensors. */
   archiveActivations?: boolean;
+  /** A reference run imported (absolute path): its answers are measured, not generated. */
+  importDir?: string;
+  /** Generate the text, then measure it by a separate prefill (Extract), as the reference does. */
+  twoPass?: boolean;
 }
 
 /** A batch submitted to the judge's Batch API and the items in it. */
@@ -144,14 +148,18 @@ export class Ledger {
   }
 
   /** Creates the run, its roles and all its items in one transaction. */
-  createRun(spec: RunSpec, items: { role: string; p: number; q: number; key: string }[], createdAt: string): void {
+  /** Items may come with their text (and score) already: an imported run's answers. */
+  createRun(spec: RunSpec, items: { role: string; p: number; q: number; key: string; text?: string; score?: number }[], createdAt: string): void {
     const insertRun = this.db.prepare('INSERT INTO runs (name, spec, state, created_at) VALUES (?, ?, ?, ?)');
     const insertRole = this.db.prepare('INSERT OR IGNORE INTO roles (run, role) VALUES (?, ?)');
-    const insertItem = this.db.prepare('INSERT OR IGNORE INTO items (run, role, p, q, key) VALUES (?, ?, ?, ?, ?)');
+    const insertItem = this.db.prepare('INSERT OR IGNORE INTO items (run, role, p, q, key, text, finish_reason, judged, score, raw_reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)');
     this.db.transaction(() => {
       insertRun.run(spec.name, JSON.stringify(spec), 'PENDING', createdAt);
       for (const role of spec.roles) insertRole.run(spec.name, role);
-      for (const it of items) insertItem.run(spec.name, it.role, it.p, it.q, it.key);
+      for (const it of items) {
+        const scored = it.score !== undefined;
+        insertItem.run(spec.name, it.role, it.p, it.q, it.key, it.text ?? null, it.text !== undefined ? 'imported' : '', scored ? 1 : 0, scored ? it.score : null, scored ? 'imported' : '');
+      }
     })();
   }
 

@@ -320,19 +320,22 @@ export class RunExecutor {
               messages,
               sampling: { temperature: this.spec.temperature, topP: this.spec.topP, maxNewTokens: this.spec.maxNewTokens, maxContext: this.spec.maxContext, seed: this.spec.seed },
               seed: itemSeed(this.spec.seed, item.role, item.key),
-              layers: this.spec.layers,
+              // Two-pass: the text is what counts here; the activation comes from the prefill below.
+              layers: this.spec.twoPass ? [0] : this.spec.layers,
             });
             checkItemError(r.error, `inference failed for item ${id}`);
             return r;
           });
-          this.ledger.saveText(run, item.role, item.key, res);
+          this.ledger.saveText(run, item.role, item.key, this.spec.twoPass ? { ...res, responseTokenIds: [] } : res);
           item.text = res.text;
           this.progress.generated++;
           activation = res.activation;
-        } else {
-          const text = item.text;
+        }
+        if (activation === undefined || this.spec.twoPass) {
+          const text = item.text!;
           const res = await this.retrying(`extract ${id}`, async () => {
-            // The sampled ids make the recovered activation exactly the generated one.
+            // The sampled ids make a recovered activation exactly the generated one; two-pass
+            // runs and imported answers have none, and the answer text is tokenized again.
             const responseTokenIds = this.ledger.responseIds(run, item.role, item.key);
             const r = await (await this.pickReplica()).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers, responseTokenIds });
             checkItemError(r.error, `activation recovery (Extract) failed for item ${id}`);

@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import { ImportedItem, ImportError, importedRoles, readImport } from './importRun';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
@@ -63,7 +64,7 @@ export class RunManager {
 
   async start(req: StartRunRequest): Promise<Run> {
     const { spec, data } = await this.resolveSpec(req);
-    if (req.dryRun) return this.dryRun(spec, data);
+    if (req.dryRun) return this.dryRun(spec, data, spec.importDir ? await this.importItems(spec, data) : undefined);
     const existing = this.ledger.getRun(spec.name);
     if (existing) {
       const keys = new Set([...Object.keys(spec), ...Object.keys(existing.spec)] as (keyof RunSpec)[]);
@@ -91,10 +92,14 @@ export class RunManager {
     if (await nonEmptyDir(runDir)) {
       throw failedPrecondition(`name: output directory ${runDir} already exists and belongs to no run in this coordinator's ledger; move it away or choose another name (results are never overwritten)`);
     }
-    const items: { role: string; p: number; q: number; key: string }[] = [];
-    for (const role of data.roles) {
-      for (let p = 0; p < role.instructions.length; p++) {
-        for (let q = 0; q < data.questions.length; q++) items.push({ role: role.name, p, q, key: itemKey(p, q) });
+    const items: { role: string; p: number; q: number; key: string; text?: string; score?: number }[] = [];
+    if (spec.importDir) {
+      items.push(...(await this.importItems(spec, data)));
+    } else {
+      for (const role of data.roles) {
+        for (let p = 0; p < role.instructions.length; p++) {
+          for (let q = 0; q < data.questions.length; q++) items.push({ role: role.name, p, q, key: itemKey(p, q) });
+        }
       }
     }
     this.ledger.createRun(spec, items, new Date().toISOString());
@@ -261,7 +266,23 @@ export class RunManager {
         throw invalidArgument(`compare_axis: ${compareAxis}: ${(err as Error).message}`);
       }
     }
-    const data = await loadDataSet(dataDir, req.roles, req.questionCount);
+    let importDir: string | undefined;
+    let roleNames = req.roles;
+    if (req.importDir) {
+      if (req.twoPass) throw invalidArgument('two_pass: an imported run generates nothing; leave two_pass out');
+      importDir = path.resolve(req.importDir);
+      if (roots.length && !roots.some((root) => isWithin(importDir!, root))) throw invalidArgument(`import_dir: ${importDir} is not under the allowed data directories (${roots.join(', ')})`);
+      try {
+        const available = await importedRoles(importDir);
+        const missing = req.roles.filter((r) => !available.includes(r));
+        if (missing.length) throw new ImportError(`import_dir: no responses/<role>.jsonl for ${missing.join(', ')} (it has ${available.join(', ')})`);
+        if (roleNames.length === 0) roleNames = available;
+      } catch (err) {
+        if (err instanceof ImportError) throw invalidArgument(err.message);
+        throw err;
+      }
+    }
+    const data = await loadDataSet(dataDir, roleNames, req.questionCount);
 
     await this.refreshUpstreams().catch((err) => {
       throw new RpcError(grpc.status.UNAVAILABLE, `judge unreachable: ${(err as Error).message}`);
@@ -303,6 +324,8 @@ export class RunManager {
       ...(req.judgeBatch ? { judgeBatch: true } : {}),
       ...(compareAxis ? { compareAxis } : {}),
       ...(req.archiveActivations ? { archiveActivations: true } : {}),
+      ...(importDir ? { importDir } : {}),
+      ...(req.twoPass ? { twoPass: true } : {}),
     };
     return { spec, data };
   }
@@ -338,14 +361,40 @@ export class RunManager {
    * What a run would send to the judge and cost, with nothing generated, judged or written.
    * Answers are not known yet: each is counted at max_new_tokens, so the estimate is an upper bound.
    */
-  private dryRun(spec: RunSpec, data: DataSet): Run {
+  /** The answers (and scores) of the reference run a spec imports, checked against its data set and model. */
+  private async importItems(spec: RunSpec, data: DataSet): Promise<ImportedItem[]> {
+    const info = this.upstreams.inference.serving(spec.model)[0]?.info;
+    if (!info) throw new RpcError(grpc.status.UNAVAILABLE, `no inference replica serves ${spec.model} right now`);
+    try {
+      return await readImport(spec.importDir!, data, { shortName: info.modelShortName, supportsSystemPrompt: info.supportsSystemPrompt });
+    } catch (err) {
+      if (err instanceof ImportError) throw invalidArgument(err.message);
+      throw err;
+    }
+  }
+
+  private dryRun(spec: RunSpec, data: DataSet, imported?: ImportedItem[]): Run {
     const info = this.upstreams.judge.info!;
     const priceFactor = spec.judgeBatch ? BATCH_PRICE_FACTOR : 1;
     let items = 0;
     let prompts = 0;
     let promptTokens = 0;
     let sample = '';
-    for (const role of data.roles) {
+    // An import: its items, and judge prompts (with the real answers) only for those without a score.
+    const roles = imported ? [] : data.roles;
+    if (imported) {
+      const byName = new Map(data.roles.map((r) => [r.name, r]));
+      items = imported.length;
+      for (const it of imported) {
+        const evalPrompt = byName.get(it.role)?.evalPrompt;
+        if (!evalPrompt || it.score !== undefined) continue;
+        const filled = judgePrompt(evalPrompt, data.questions[it.q].question, it.text);
+        sample ||= filled;
+        promptTokens += estimateTokens(filled);
+        prompts++;
+      }
+    }
+    for (const role of roles) {
       items += role.instructions.length * data.questions.length;
       if (!role.evalPrompt) continue;
       for (const q of data.questions) {

@@ -1,0 +1,132 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { RunState } from '../../gen/assistant_axis/v1/coordinator';
+import type { LocalStack } from '../../services/cli/stack';
+import { coordinatorClient, startRun, startRunError, watchRun } from '../helpers/grpc';
+import { readAxis, readRunFiles } from '../helpers/runfiles';
+import { testStack } from '../helpers/stack';
+
+/**
+ * Importing a reference run's responses/ (and scores/) and the two-pass mode, on the synthetic
+ * backend (text and activation are pure functions of the conversation and seed) with the
+ * offline judge (a fixed rule): an import of a run, or a two-pass run, must give that run's
+ * scores and axis, with no generation (import) or with the activation from a prefill (two-pass).
+ */
+describe('import of a reference run, and two-pass runs', () => {
+  let stack: LocalStack;
+  let dir: string;
+  const request = { roles: ['chef', 'poet', 'default'], questionCount: 4, minCount: 1, seed: 5 };
+
+  beforeAll(async () => {
+    ({ stack, dir } = await testStack('import', { args: { judge: ['--provider', 'offline'], inference: ['--synthetic-layers', '4', '--synthetic-hidden', '16'] } }));
+    await stack.startAll();
+  });
+
+  afterAll(async () => {
+    await stack?.stopAll();
+  });
+
+  /** Items answered by inference (by RPC) and judged, from the services' own metrics. */
+  async function counts(): Promise<Record<string, number>> {
+    const inference = await (await fetch(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`)).text();
+    const judge = await (await fetch(`http://${stack.host}:${stack.metricsPorts.judge}/metrics`)).text();
+    const out: Record<string, number> = {};
+    for (const rpc of ['Generate', 'Extract']) out[rpc] = Number(new RegExp(`axis_inference_items_total\\{rpc="${rpc}",outcome="ok"[^}]*\\} (\\d+)`).exec(inference)?.[1] ?? 0);
+    out.judged = [...judge.matchAll(/axis_judge_items_total\{[^}]*\} (\d+)/g)].reduce((n, m) => n + Number(m[1]), 0);
+    return out;
+  }
+
+  async function run(name: string, extra: Record<string, unknown> = {}) {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name, ...request, ...extra });
+    const final = await watchRun(client, name, () => undefined);
+    client.close();
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    return final;
+  }
+
+  it('an import measures the answers by Extract, judges only what has no score, generates nothing, and gives the same axis', async () => {
+    const original = await run('original');
+    const source = path.join(dir, 'reference-run');
+    fs.cpSync(path.join(original.outputDir, 'responses'), path.join(source, 'responses'), { recursive: true });
+    fs.cpSync(path.join(original.outputDir, 'scores'), path.join(source, 'scores'), { recursive: true });
+    // Half of chef's scores are missing: those items are judged again.
+    const chefScores = JSON.parse(fs.readFileSync(path.join(source, 'scores', 'chef.json'), 'utf8'));
+    const dropped = Object.keys(chefScores).filter((_, i) => i % 2 === 0);
+    for (const k of dropped) delete chefScores[k];
+    fs.writeFileSync(path.join(source, 'scores', 'chef.json'), JSON.stringify(chefScores));
+
+    const client = coordinatorClient(stack.address('coordinator'));
+    const dry = await startRun(client, { name: 'imported', importDir: source, minCount: 1, questionCount: 4, dryRun: true });
+    expect(dry.dryRun).toMatchObject({ items: 60, judgePrompts: dropped.length });
+    client.close();
+
+    const before = await counts();
+    const imported = await run('imported', { importDir: source, roles: [] });
+    const after = await counts();
+    expect(after.Generate - before.Generate).toBe(0);
+    expect(after.Extract - before.Extract).toBe(60);
+    expect(after.judged - before.judged).toBe(dropped.length);
+    expect(imported.progress!.aggregated).toBe(60);
+    expect(imported.roles.sort()).toEqual(['chef', 'default', 'poet']);
+
+    const a = readRunFiles(original.outputDir);
+    const b = readRunFiles(imported.outputDir);
+    expect(b.responses).toEqual(a.responses);
+    expect(b.scores).toEqual(a.scores);
+    const axisA = (await readAxis(original.outputDir)).tensors.axis.data;
+    const axisB = (await readAxis(imported.outputDir)).tensors.axis.data;
+    expect(Array.from(axisB)).toEqual(Array.from(axisA));
+  });
+
+  it('a two-pass run generates the text, then measures it by Extract: the same files and axis', async () => {
+    const before = await counts();
+    const twoPass = await run('two-pass', { twoPass: true });
+    const after = await counts();
+    expect(after.Generate - before.Generate).toBe(60);
+    expect(after.Extract - before.Extract).toBe(60);
+    const original = readRunFiles(path.join(path.dirname(twoPass.outputDir), 'original'));
+    expect(readRunFiles(twoPass.outputDir)).toEqual(original);
+    const axisA = (await readAxis(path.join(path.dirname(twoPass.outputDir), 'original'))).tensors.axis.data;
+    expect(Array.from((await readAxis(twoPass.outputDir)).tensors.axis.data)).toEqual(Array.from(axisA));
+  });
+
+  it('refuses a bad import before any work, naming the file and line', async () => {
+    const source = path.join(dir, 'reference-run');
+    const bad = path.join(dir, 'bad-run');
+    const client = coordinatorClient(stack.address('coordinator'));
+    const attempt = async (edit: () => void, name: string) => {
+      fs.rmSync(bad, { recursive: true, force: true });
+      fs.cpSync(source, bad, { recursive: true });
+      edit();
+      return startRunError(client, { name, importDir: bad, ...request, roles: [] });
+    };
+    const lines = () => fs.readFileSync(path.join(bad, 'responses', 'poet.jsonl'), 'utf8').trim().split('\n');
+    const writeLine = (i: number, edit: (r: any) => void) => {
+      const all = lines();
+      const r = JSON.parse(all[i]);
+      edit(r);
+      all[i] = JSON.stringify(r);
+      fs.writeFileSync(path.join(bad, 'responses', 'poet.jsonl'), all.join('\n') + '\n');
+    };
+    let err = await attempt(() => writeLine(2, (r) => (r.question_index = 99)), 'bad-1');
+    expect(err.code).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(err.details).toMatch(/^import_dir: responses\/poet\.jsonl line 3: question_index must be 0\.\.3 \(question_count 4\), got 99$/);
+    err = await attempt(() => writeLine(0, (r) => (r.conversation[0].content = 'You are someone else.')), 'bad-2');
+    expect(err.details).toMatch(/^import_dir: responses\/poet\.jsonl line 1: the conversation is not the one data_dir and the model give for prompt 0, question 0/);
+    err = await attempt(() => writeLine(1, (r) => r.conversation.pop()), 'bad-3');
+    expect(err.details).toMatch(/line 2: the conversation's last message must be the assistant's answer/);
+    err = await attempt(() => fs.writeFileSync(path.join(bad, 'scores', 'poet.json'), JSON.stringify({ pos_p0_q0: 7 })), 'bad-4');
+    expect(err.details).toMatch(/^import_dir: scores\/poet\.json: pos_p0_q0 must be a score 0\.\.3, got 7$/);
+    err = await startRunError(client, { name: 'bad-5', importDir: source, ...request, roles: ['chef', 'gardener'] });
+    expect(err.details).toMatch(/^import_dir: no responses\/<role>\.jsonl for gardener \(it has chef, default, poet\)$/);
+    err = await startRunError(client, { name: 'bad-6', importDir: path.join(dir, 'nowhere'), ...request });
+    expect(err.details).toMatch(/has no responses\/ directory/);
+    err = await startRunError(client, { name: 'bad-7', importDir: source, ...request, twoPass: true });
+    expect(err.details).toMatch(/^two_pass: an imported run generates nothing/);
+    client.close();
+    // Nothing was created for the refused runs.
+    for (let i = 1; i <= 7; i++) expect(fs.existsSync(path.join(dir, 'outputs', `bad-${i}`))).toBe(false);
+  });
+});
