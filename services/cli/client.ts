@@ -6,19 +6,34 @@ export function coordinatorClient(address: string): CoordinatorClient {
   return new CoordinatorClient(address, grpc.credentials.createInsecure(), channelOptions());
 }
 
-export function startRun(client: CoordinatorClient, req: Partial<StartRunRequest>): Promise<Run> {
-  return new Promise((resolve, reject) => client.startRun(StartRunRequest.fromPartial(req), (err, res) => (err ? reject(err) : resolve(res))));
+/** Call metadata carrying the coordinator's bearer token, when it requires one. */
+export function authMetadata(token?: string): grpc.Metadata {
+  const m = new grpc.Metadata();
+  if (token) m.set('authorization', `Bearer ${token}`);
+  return m;
 }
 
-export function getRun(client: CoordinatorClient, name: string): Promise<Run> {
-  return new Promise((resolve, reject) => client.getRun({ name }, (err, res) => (err ? reject(err) : resolve(res))));
+export function startRun(client: CoordinatorClient, req: Partial<StartRunRequest>, metadata = new grpc.Metadata()): Promise<Run> {
+  return new Promise((resolve, reject) => client.startRun(StartRunRequest.fromPartial(req), metadata, (err, res) => (err ? reject(err) : resolve(res))));
+}
+
+export function getRun(client: CoordinatorClient, name: string, metadata = new grpc.Metadata()): Promise<Run> {
+  return new Promise((resolve, reject) => client.getRun({ name }, metadata, (err, res) => (err ? reject(err) : resolve(res))));
+}
+
+export function listRuns(client: CoordinatorClient, metadata = new grpc.Metadata()): Promise<Run[]> {
+  return new Promise((resolve, reject) => client.listRuns({}, metadata, (err, res) => (err ? reject(err) : resolve(res.runs))));
+}
+
+export function cancelRun(client: CoordinatorClient, name: string, metadata = new grpc.Metadata()): Promise<Run> {
+  return new Promise((resolve, reject) => client.cancelRun({ name }, metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
 /** Follows WatchRun until the run ends; resolves with the last state seen. */
-export function watchRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void): Promise<Run> {
+export function watchRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void, metadata = new grpc.Metadata()): Promise<Run> {
   return new Promise((resolve, reject) => {
     let last: Run | undefined;
-    const call = client.watchRun({ name });
+    const call = client.watchRun({ name }, metadata);
     call.on('data', (run: Run) => {
       last = run;
       onUpdate(run);

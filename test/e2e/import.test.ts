@@ -1,11 +1,15 @@
+import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
+import { promisify } from 'node:util';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
 import { coordinatorClient, startRun, startRunError, watchRun } from '../helpers/grpc';
 import { readAxis, readRunFiles } from '../helpers/runfiles';
-import { testStack } from '../helpers/stack';
+import { ROOT, testStack } from '../helpers/stack';
+
+const exec = promisify(execFile);
 
 /**
  * Importing a reference run's responses/ (and scores/) and the two-pass mode, on the synthetic
@@ -128,5 +132,29 @@ describe('import of a reference run, and two-pass runs', () => {
     client.close();
     // Nothing was created for the refused runs.
     for (let i = 1; i <= 7; i++) expect(fs.existsSync(path.join(dir, 'outputs', `bad-${i}`))).toBe(false);
+  });
+
+  it('the axis CLI starts a run with a progress bar and its summary, lists it, and says what is wrong', async () => {
+    const cli = (args: string[]) =>
+      exec(process.execPath, [path.join(ROOT, 'dist/services/cli/axis.js'), ...args, '--coordinator', stack.address('coordinator')], { timeout: 60_000 }).then(
+        (r) => ({ code: 0, ...r }),
+        (e) => ({ code: e.code as number, stdout: e.stdout as string, stderr: e.stderr as string }),
+      );
+    const run = await cli(['run', 'from-cli', '--roles', 'chef,default', '--question-count', '2', '--min-count', '1']);
+    expect(run.code).toBe(0);
+    expect(run.stderr).toMatch(/\[#+\] 100% 20\/20 items \| generated 20 judged 10\/10 .* \| SUCCEEDED/);
+    expect(run.stdout).toMatch(/^run from-cli: SUCCEEDED/);
+    expect(run.stdout).toMatch(/roles kept \(score-3 items >= min_count 1\)/);
+    const again = await cli(['run', 'from-cli', '--roles', 'chef,default', '--question-count', '2', '--min-count', '1']);
+    expect(again.stderr).toMatch(/already complete/);
+    expect((await cli(['list'])).stdout).toMatch(/from-cli\s+SUCCEEDED\s+20\/20 items/);
+    const dry = await cli(['run', 'dry', '--roles', 'chef', '--question-count', '2', '--dry-run']);
+    expect(dry.stdout).toMatch(/items: 10\n\s+judge prompts: 10/);
+    const badFlag = await cli(['run', 'x', '--question-count', 'ten']);
+    expect(badFlag.code).toBe(2);
+    expect(badFlag.stderr).toMatch(/--question-count must be a whole number, got "ten"/);
+    const refused = await cli(['run', 'from-cli', '--roles', 'poet']);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/^axis: ALREADY_EXISTS: name: run "from-cli" already exists with other parameters/);
   });
 });

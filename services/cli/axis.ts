@@ -1,0 +1,169 @@
+#!/usr/bin/env node
+import * as grpc from '@grpc/grpc-js';
+import * as fs from 'node:fs';
+import { parseArgs } from 'node:util';
+import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { DEFAULT_PORTS } from '../shared/defaults';
+import { authMetadata, cancelRun, coordinatorClient, getRun, listRuns, startRun, stateName, watchRun } from './client';
+import { formatSummary, ProgressBar } from './progress';
+
+const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coordinator host:port, or AXIS_COORDINATOR)
+
+  axis run NAME [--model M] [--roles a,b] [--question-count N] [--min-count N] [--seed N]
+                [--max-new-tokens N] [--layers 0,1] [--data-dir D] [--import-dir D] [--two-pass]
+                [--judge-batch] [--max-judge-cost-usd X] [--archive-activations] [--dry-run] [--detach]
+      starts (or resumes: the same NAME and parameters) a run, and shows its progress until it ends
+  axis watch NAME      the progress of a run until it ends
+  axis status NAME     a run's state and summary, once
+  axis list            every run the coordinator knows
+  axis cancel NAME     stops a run cleanly (StartRun with the same NAME resumes it)
+
+  --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one`;
+
+const OPTIONS = {
+  coordinator: { type: 'string' },
+  'token-file': { type: 'string' },
+  model: { type: 'string' },
+  roles: { type: 'string' },
+  'question-count': { type: 'string' },
+  'min-count': { type: 'string' },
+  seed: { type: 'string' },
+  'max-new-tokens': { type: 'string' },
+  layers: { type: 'string' },
+  'data-dir': { type: 'string' },
+  'import-dir': { type: 'string' },
+  'two-pass': { type: 'boolean' },
+  'judge-batch': { type: 'boolean' },
+  'max-judge-cost-usd': { type: 'string' },
+  'archive-activations': { type: 'boolean' },
+  'dry-run': { type: 'boolean' },
+  detach: { type: 'boolean' },
+  help: { type: 'boolean' },
+} as const;
+
+class UsageError extends Error {}
+
+function wholeNumber(flag: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  if (!/^\d+$/.test(value)) throw new UsageError(`--${flag} must be a whole number, got ${JSON.stringify(value)}`);
+  return Number(value);
+}
+
+function list(value: string | undefined): string[] {
+  return value ? value.split(',').map((x) => x.trim()).filter(Boolean) : [];
+}
+
+/** The StartRun request the flags describe (the coordinator checks the rest and names what is wrong). */
+export function requestFromFlags(name: string, v: Record<string, string | boolean | undefined>): Partial<StartRunRequest> {
+  const cost = v['max-judge-cost-usd'] as string | undefined;
+  if (cost !== undefined && !(Number(cost) >= 0)) throw new UsageError(`--max-judge-cost-usd must be a number of dollars >= 0, got ${JSON.stringify(cost)}`);
+  return {
+    name,
+    model: (v.model as string) ?? '',
+    roles: list(v.roles as string),
+    questionCount: wholeNumber('question-count', v['question-count'] as string),
+    minCount: wholeNumber('min-count', v['min-count'] as string),
+    seed: wholeNumber('seed', v.seed as string),
+    maxNewTokens: wholeNumber('max-new-tokens', v['max-new-tokens'] as string),
+    layers: list(v.layers as string).map((l) => wholeNumber('layers', l)!),
+    dataDir: (v['data-dir'] as string) ?? '',
+    importDir: (v['import-dir'] as string) ?? '',
+    twoPass: !!v['two-pass'],
+    judgeBatch: !!v['judge-batch'],
+    maxJudgeCostUsd: cost === undefined ? undefined : Number(cost),
+    archiveActivations: !!v['archive-activations'],
+    dryRun: !!v['dry-run'],
+  };
+}
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
+  const [command, name, ...extra] = positionals;
+  if (values.help || !command || command === 'help') {
+    process.stdout.write(USAGE + '\n');
+    return command || values.help ? 0 : 2;
+  }
+  if (extra.length) throw new UsageError(`unexpected arguments: ${extra.join(' ')}`);
+  const address = values.coordinator ?? process.env.AXIS_COORDINATOR ?? `127.0.0.1:${DEFAULT_PORTS.coordinator}`;
+  const tokenFile = values['token-file'] ?? process.env.AXIS_TOKEN_FILE;
+  let token: string | undefined;
+  if (tokenFile) {
+    try {
+      token = fs.readFileSync(tokenFile, 'utf8').trim();
+    } catch (err) {
+      throw new UsageError(`--token-file: cannot read ${tokenFile} (${(err as NodeJS.ErrnoException).code})`);
+    }
+  }
+  const meta = () => authMetadata(token);
+  const client = coordinatorClient(address);
+  const needName = () => {
+    if (!name) throw new UsageError(`axis ${command} needs a run NAME`);
+    return name;
+  };
+  const follow = async (runName: string) => {
+    const bar = new ProgressBar();
+    const final = await watchRun(client, runName, (r) => bar.update(r), meta());
+    bar.done();
+    process.stdout.write(formatSummary(final) + '\n');
+    return final.state;
+  };
+  const ok = (state: number) => (['SUCCEEDED', 'CANCELLED'].includes(stateName(state)) ? 0 : 1);
+  try {
+    switch (command) {
+      case 'run': {
+        const run = await startRun(client, requestFromFlags(needName(), values), meta());
+        if (values['dry-run']) {
+          const d = run.dryRun!;
+          process.stdout.write(`dry run of ${run.name}: ${run.message}\n  items: ${d.items}\n  judge prompts: ${d.judgePrompts}\n  estimated judge tokens: ${d.estimatedPromptTokens} prompt + ${d.estimatedCompletionTokens} completion\n  estimated judge cost: $${d.estimatedCostUsd.toFixed(4)}${d.note ? ` (${d.note})` : ''}\n  sample judge prompt:\n${d.samplePrompt.replace(/^/gm, '    ')}\n`);
+          return 0;
+        }
+        process.stderr.write(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}; output ${run.outputDir}\n`);
+        if (values.detach) return 0;
+        return ok(await follow(run.name));
+      }
+      case 'watch':
+        return ok(await follow(needName()));
+      case 'status': {
+        const run = await getRun(client, needName(), meta());
+        process.stdout.write(formatSummary(run) + '\n');
+        return 0;
+      }
+      case 'list': {
+        for (const r of await listRuns(client, meta())) {
+          const p = r.progress;
+          process.stdout.write(`${r.name.padEnd(24)} ${stateName(r.state).padEnd(10)} ${p ? `${p.aggregated}/${p.itemsTotal} items` : ''}  ${r.model}\n`);
+        }
+        return 0;
+      }
+      case 'cancel': {
+        const run = await cancelRun(client, needName(), meta());
+        process.stdout.write(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}\n`);
+        return 0;
+      }
+      default:
+        throw new UsageError(`unknown command ${JSON.stringify(command)}`);
+    }
+  } finally {
+    client.close();
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    (err) => {
+      if (err instanceof UsageError || (err as { code?: string }).code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') {
+        process.stderr.write(`axis: ${(err as Error).message}\n\n${USAGE}\n`);
+        process.exit(2);
+      }
+      const e = err as grpc.ServiceError;
+      if (typeof e.code === 'number') {
+        const hint = e.code === grpc.status.UNAVAILABLE ? ' (is the coordinator running? --coordinator host:port)' : e.code === grpc.status.UNAUTHENTICATED ? ' (--token-file)' : '';
+        process.stderr.write(`axis: ${grpc.status[e.code]}: ${e.details}${hint}\n`);
+      } else {
+        process.stderr.write(`axis: ${(err as Error).message}\n`);
+      }
+      process.exit(1);
+    },
+  );
+}
