@@ -69,6 +69,9 @@ export interface ItemRow {
   promptIndex: number;
   questionIndex: number;
   key: string;
+  /** Whether the answer's text is saved (generated, or imported). */
+  hasText: boolean;
+  /** The text itself, in rows read with it (a role's files); null in the scheduler's pages, which read it when needed. */
   text: string | null;
   promptTokens: number;
   completionTokens: number;
@@ -188,8 +191,55 @@ export class Ledger {
     return (this.db.prepare('SELECT COUNT(*) AS n FROM items WHERE run = ? AND activation_acked = 1').get(run) as { n: number }).n;
   }
 
-  items(run: string): ItemRow[] {
-    return (this.db.prepare('SELECT * FROM items WHERE run = ? ORDER BY role, p, q').all(run) as Record<string, any>[]).map(toItemRow);
+  /**
+   * The run's items in (role, p, q) order, a page at a time and without their text, so that the
+   * coordinator's memory does not grow with the run: `where` picks them (SQL over the items
+   * table's columns). A page is read when the one before is used up.
+   */
+  *itemPages(run: string, where = '1', pageSize = 1000): Generator<ItemRow> {
+    const page = this.db.prepare(
+      `SELECT ${ITEM_COLUMNS_WITHOUT_TEXT} FROM items WHERE run = ? AND (${where}) AND (role, p, q) > (?, ?, ?) ORDER BY role, p, q LIMIT ?`,
+    );
+    let after: [string, number, number] = ['', -1, -1];
+    for (;;) {
+      const rows = (page.all(run, ...after, pageSize) as Record<string, any>[]).map(toItemRow);
+      yield* rows;
+      if (rows.length < pageSize) return;
+      const last = rows[rows.length - 1];
+      after = [last.role, last.promptIndex, last.questionIndex];
+    }
+  }
+
+  /** One item, without its text. */
+  item(run: string, role: string, key: string): ItemRow | undefined {
+    const row = this.db.prepare(`SELECT ${ITEM_COLUMNS_WITHOUT_TEXT} FROM items WHERE run = ? AND role = ? AND key = ?`).get(run, role, key) as Record<string, any> | undefined;
+    return row ? toItemRow(row) : undefined;
+  }
+
+  itemText(run: string, role: string, key: string): string | null {
+    return (this.db.prepare('SELECT text FROM items WHERE run = ? AND role = ? AND key = ?').get(run, role, key) as { text: string | null } | undefined)?.text ?? null;
+  }
+
+  /** Counts per role (items, generated, judged, unscored, done) and judge usage totals, by SQL. */
+  roleCounts(run: string): RoleCounts[] {
+    return (
+      this.db
+        .prepare(
+          `SELECT role, COUNT(*) AS total, SUM(text IS NOT NULL) AS generated, SUM(judged) AS judged, SUM(judged AND score IS NULL) AS unscored,
+             SUM(${DONE}) AS done, SUM(judge_attempts) AS attempts, SUM(judge_prompt_tokens) AS prompt_tokens,
+             SUM(judge_completion_tokens) AS completion_tokens, SUM(judge_cost_usd) AS cost_usd, SUM(judge_possibly_billed_tokens) AS possibly_billed
+           FROM items WHERE run = ? GROUP BY role ORDER BY role`,
+        )
+        .all(run) as Record<string, number & string>[]
+    ).map((r) => ({
+      role: r.role,
+      total: r.total,
+      generated: r.generated,
+      judged: r.judged,
+      unscored: r.unscored,
+      done: r.done,
+      usage: { attempts: r.attempts, promptTokens: r.prompt_tokens, completionTokens: r.completion_tokens, costUsd: r.cost_usd, possiblyBilledTokens: r.possibly_billed },
+    }));
   }
 
   roleItems(run: string, role: string): ItemRow[] {
@@ -277,12 +327,28 @@ function toRunRow(r: Record<string, any>): RunRow {
   };
 }
 
+/** Done: aggregation acknowledged the activation and, for judged roles, the score (isDefaultRole in SQL). */
+export const DONE = "activation_acked = 1 AND (INSTR(role, 'default') > 0 OR (judged = 1 AND score_acked = 1))";
+const ITEM_COLUMNS_WITHOUT_TEXT =
+  'role, p, q, key, NULL AS text, text IS NOT NULL AS has_text, prompt_tokens, completion_tokens, finish_reason, activation_acked, judged, score, raw_reply, score_acked, judge_attempts, judge_prompt_tokens, judge_completion_tokens, judge_cost_usd, judge_possibly_billed_tokens';
+
+export interface RoleCounts {
+  role: string;
+  total: number;
+  generated: number;
+  judged: number;
+  unscored: number;
+  done: number;
+  usage: JudgeUsage;
+}
+
 function toItemRow(r: Record<string, any>): ItemRow {
   return {
     role: r.role,
     promptIndex: r.p,
     questionIndex: r.q,
     key: r.key,
+    hasText: r.has_text === undefined ? r.text !== null : !!r.has_text,
     text: r.text,
     promptTokens: r.prompt_tokens,
     completionTokens: r.completion_tokens,

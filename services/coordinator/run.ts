@@ -15,11 +15,12 @@ import { buildReport, ReportInput } from '../report/report';
 import { decodeTensor, encodeTensor } from '../shared/tensor';
 import { buildConversation } from './conversation';
 import type { DataSet, Role } from './data';
-import type { ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import type { ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
 import { BATCH_PRICE_FACTOR } from '../judge/batch';
 import { estimateTokens } from '../judge/costs';
 import { judgePrompt } from '../judge/prompt';
 import { JUDGE_MAX_TOKENS } from '../shared/defaults';
+import { DONE } from './ledger';
 import type { ItemRow, JudgeUsage, Ledger, RunSpec } from './ledger';
 import { manifest } from './manifest';
 import { responseRecord, writeRoleFiles } from './runFiles';
@@ -64,6 +65,8 @@ class SpendingCapReached extends Error {}
 
 const RETRY_ATTEMPTS = 8;
 const JUDGE_BACKLOG_PER_SLOT = 4;
+/** Activations generated and not yet acknowledged by aggregation, at most (each holds its bytes). */
+const MAX_INGEST_BACKLOG = 256;
 const MAX_RECOVERY_ROUNDS = 3;
 /** Items per Batch API submission (the API accepts up to 50,000 requests per batch). */
 const BATCH_MAX_ITEMS = 50_000;
@@ -91,6 +94,7 @@ export class RunExecutor {
   private failure: Error | undefined;
   private wake: (() => void)[] = [];
   private genInFlight = 0;
+  private ingestBacklog = 0;
   private judgeBacklog = 0;
   private startedAt = Date.now();
   private doneThisAttempt = 0;
@@ -163,19 +167,20 @@ export class RunExecutor {
 
   /** One pass over every item that is not done yet, in ledger order (role by role). */
   private async processPending(firstRound: boolean): Promise<void> {
-    const items = this.ledger.items(this.spec.name);
     const written = (this.written = this.ledger.writtenRoles(this.spec.name));
     const p = this.progress;
-    Object.assign(p, { ...emptyProgress(p.rolesTotal), skipped: p.skipped, itemsTotal: items.length, rolesWritten: written.size });
+    Object.assign(p, { ...emptyProgress(p.rolesTotal), skipped: p.skipped, rolesWritten: written.size });
     this.remaining.clear();
-    for (const it of items) {
-      if (!isDefaultRole(it.role)) p.toJudge++;
-      if (it.text !== null) p.generated++;
-      if (it.judged) p.judged++;
-      if (it.judged && it.score === null) p.judgeUnscored++;
-      this.addUsage(it.judgeUsage);
-      if (this.isDone(it)) p.aggregated++;
-      else this.remaining.set(it.role, (this.remaining.get(it.role) ?? 0) + 1);
+    // Counted by the database: the coordinator never holds all of a run's items.
+    for (const c of this.ledger.roleCounts(this.spec.name)) {
+      p.itemsTotal += c.total;
+      if (!isDefaultRole(c.role)) p.toJudge += c.total;
+      p.generated += c.generated;
+      p.judged += c.judged;
+      p.judgeUnscored += c.unscored;
+      this.addUsage(c.usage);
+      p.aggregated += c.done;
+      if (c.done < c.total) this.remaining.set(c.role, c.total - c.done);
     }
     if (firstRound) p.skipped = p.aggregated;
     this.onProgress();
@@ -186,10 +191,11 @@ export class RunExecutor {
 
     const maxJudgeBacklog = this.judgeConcurrency * JUDGE_BACKLOG_PER_SLOT;
     const active = new Set<Promise<void>>();
-    for (const item of items) {
+    for (const item of this.ledger.itemPages(this.spec.name, `NOT (${DONE})`)) {
       if (this.isDone(item)) continue;
-      // The window: what the replicas serving this model can hold now (none while all are gone).
-      while (!this.stopping() && (this.genInFlight >= this.capacity() || this.judgeBacklog >= maxJudgeBacklog)) await this.waitForChange();
+      // The window: what the replicas serving this model can hold now (none while all are gone);
+      // a judge or an aggregation that falls behind holds generation back instead of memory growing.
+      while (!this.stopping() && (this.genInFlight >= this.capacity() || this.judgeBacklog >= maxJudgeBacklog || this.ingestBacklog >= MAX_INGEST_BACKLOG)) await this.waitForChange();
       if (this.stopping()) break;
       const task: Promise<void> = this.processItem(item).then(
         () => undefined,
@@ -309,11 +315,11 @@ export class RunExecutor {
     const run = this.spec.name;
     const id = this.judgeId(item);
     const { messages, question } = this.conversation(item);
-    if (item.text === null || !item.activationAcked) {
+    if (!item.hasText || !item.activationAcked) {
       this.genInFlight++;
       let activation;
       try {
-        if (item.text === null) {
+        if (!item.hasText) {
           const res = await this.retrying(`generate ${id}`, async () => {
             const r = await (await this.pickReplica()).generate.send(id, {
               itemId: id,
@@ -327,12 +333,13 @@ export class RunExecutor {
             return r;
           });
           this.ledger.saveText(run, item.role, item.key, this.spec.twoPass ? { ...res, responseTokenIds: [] } : res);
+          item.hasText = true;
           item.text = res.text;
           this.progress.generated++;
           activation = res.activation;
         }
         if (activation === undefined || this.spec.twoPass) {
-          const text = item.text!;
+          const text = item.text ?? this.ledger.itemText(run, item.role, item.key) ?? '';
           const res = await this.retrying(`extract ${id}`, async () => {
             // The sampled ids make a recovered activation exactly the generated one; two-pass
             // runs and imported answers have none, and the answer text is tokenized again.
@@ -349,8 +356,14 @@ export class RunExecutor {
       }
       // Aggregation checks the activation (and its refusal fails the run, naming the item); it is
       // decoded here only for the archive, staged before aggregation acknowledges it.
-      if (this.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decodeTensor(activation, `activation of item ${id}`), DType.DTYPE_BF16).data);
-      await this.ingest(item, { $case: 'activation', value: activation! });
+      this.ingestBacklog++;
+      try {
+        if (this.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decodeTensor(activation, `activation of item ${id}`), DType.DTYPE_BF16).data);
+        await this.ingest(item, { $case: 'activation', value: activation! });
+      } finally {
+        this.ingestBacklog--;
+        this.notify();
+      }
       this.ledger.ackActivation(run, item.role, item.key);
       item.activationAcked = true;
     }
@@ -359,15 +372,17 @@ export class RunExecutor {
       if (!item.judged && this.spec.judgeBatch && !this.onlineFallback) return;
       if (!item.judged) {
         this.judgeBacklog++;
+        // The answer is read from the ledger when it was not generated in this pass (pages carry no text).
+        const answer = item.text ?? this.ledger.itemText(run, item.role, item.key) ?? '';
         let result;
         try {
           result = await this.judgeSlots.run(() =>
             this.retrying(`judge ${id}`, async () => {
               const evalPrompt = this.rolesByName.get(item.role)!.evalPrompt!;
-              const reserved = this.reserveJudgeCost(judgePrompt(evalPrompt, question, item.text!));
+              const reserved = this.reserveJudgeCost(judgePrompt(evalPrompt, question, answer));
               let r: ScoreResult;
               try {
-                r = await this.upstreams.judge.score.send(id, { itemId: id, role: item.role, evalPrompt, question, answer: item.text! });
+                r = await this.upstreams.judge.score.send(id, { itemId: id, role: item.role, evalPrompt, question, answer });
               } finally {
                 this.reservedJudgeCost -= reserved;
               }
@@ -428,15 +443,21 @@ export class RunExecutor {
    */
   private async batchPhase(): Promise<void> {
     const run = this.spec.name;
-    const items = new Map(this.ledger.items(run).map((it) => [this.judgeId(it), it]));
     const inBatches = new Set(this.ledger.openJudgeBatches(run).flatMap((b) => b.itemIds));
-    const toSubmit = [...items.values()].filter((it) => !isDefaultRole(it.role) && it.text !== null && it.activationAcked && !it.judged && !inBatches.has(this.judgeId(it)));
-    for (let i = 0; i < toSubmit.length && !this.stopping(); i += BATCH_MAX_ITEMS) {
-      const chunk = toSubmit.slice(i, i + BATCH_MAX_ITEMS);
-      const requests = chunk.map((it) => {
+    const candidates = this.ledger.itemPages(run, "INSTR(role, 'default') = 0 AND text IS NOT NULL AND activation_acked = 1 AND judged = 0");
+    for (;;) {
+      if (this.stopping()) return;
+      // At most one batch's requests are held at a time (the Batch API takes up to 50,000).
+      const requests: ScoreRequest[] = [];
+      // Not for-of: leaving it would close the generator, and the next batch continues from here.
+      for (let next = candidates.next(); !next.done; next = candidates.next()) {
+        const it = next.value;
+        if (inBatches.has(this.judgeId(it))) continue;
         const { question } = this.conversation(it);
-        return { itemId: this.judgeId(it), role: it.role, evalPrompt: this.rolesByName.get(it.role)!.evalPrompt!, question, answer: it.text! };
-      });
+        requests.push({ itemId: this.judgeId(it), role: it.role, evalPrompt: this.rolesByName.get(it.role)!.evalPrompt!, question, answer: this.ledger.itemText(run, it.role, it.key) ?? '' });
+        if (requests.length >= BATCH_MAX_ITEMS) break;
+      }
+      if (requests.length === 0) break;
       if (this.spec.maxJudgeCostUsd !== undefined) {
         const info = this.upstreams.judge.info;
         const estimate = info?.hasPrice ? requests.reduce((a, r) => a + estimateTokens(judgePrompt(r.evalPrompt, r.question, r.answer)) * info.promptPricePerMtok + JUDGE_MAX_TOKENS * info.completionPricePerMtok, 0) / 1e6 * BATCH_PRICE_FACTOR : 0;
@@ -458,7 +479,7 @@ export class RunExecutor {
         const res = await this.retrying(`poll judge batch ${batch.batchId}`, () => this.upstreams.judge.pollBatch(batch.batchId, batch.itemIds));
         if (!res.done) continue;
         for (const r of res.results) {
-          const item = items.get(r.itemId);
+          const item = this.itemOfJudgeId(r.itemId);
           if (!item || item.judged) continue;
           const usage = judgeUsage(r);
           this.addUsage(usage);
@@ -508,6 +529,15 @@ export class RunExecutor {
 
   private judgeId(item: ItemRow): string {
     return `${this.spec.name}/${item.role}/${item.key}`;
+  }
+
+  /** The ledger's item behind a judge id (`run/role/key`), if it is one of this run's. */
+  private itemOfJudgeId(id: string): ItemRow | undefined {
+    const prefix = `${this.spec.name}/`;
+    if (!id.startsWith(prefix)) return undefined;
+    const rest = id.slice(prefix.length);
+    const slash = rest.lastIndexOf('/');
+    return slash > 0 ? this.ledger.item(this.spec.name, rest.slice(0, slash), rest.slice(slash + 1)) : undefined;
   }
 
   private async ingest(item: ItemRow, payload: { $case: 'activation'; value: any } | { $case: 'score'; value: { score?: number } }): Promise<void> {

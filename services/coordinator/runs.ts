@@ -438,25 +438,24 @@ export class RunManager {
     };
   }
 
+  /** A run's progress from the ledger's counts (a run not running here). */
   private progressFromLedger(row: RunRow): Progress {
-    const items = this.ledger.items(row.name);
-    const toJudge = items.filter((i) => !isDefaultRole(i.role));
-    const sum = (f: (i: (typeof items)[number]) => number) => items.reduce((a, i) => a + f(i), 0);
-    return {
-      ...emptyProgress(row.spec.roles.length),
-      itemsTotal: items.length,
-      generated: items.filter((i) => i.text !== null).length,
-      judged: toJudge.filter((i) => i.judged).length,
-      toJudge: toJudge.length,
-      aggregated: items.filter((i) => i.activationAcked && (isDefaultRole(i.role) || (i.judged && i.scoreAcked))).length,
-      rolesWritten: this.ledger.writtenRoles(row.name).size,
-      judgeCostUsd: sum((i) => i.judgeUsage.costUsd),
-      judgePromptTokens: sum((i) => i.judgeUsage.promptTokens),
-      judgeCompletionTokens: sum((i) => i.judgeUsage.completionTokens),
-      judgePossiblyBilledTokens: sum((i) => i.judgeUsage.possiblyBilledTokens),
-      judgeUnscored: toJudge.filter((i) => i.judged && i.score === null).length,
-      judgeBatchesOpen: this.ledger.openJudgeBatches(row.name).length,
-    };
+    const p: Progress = { ...emptyProgress(row.spec.roles.length), rolesWritten: this.ledger.writtenRoles(row.name).size, judgeBatchesOpen: this.ledger.openJudgeBatches(row.name).length };
+    for (const c of this.ledger.roleCounts(row.name)) {
+      p.itemsTotal += c.total;
+      p.generated += c.generated;
+      if (!isDefaultRole(c.role)) {
+        p.toJudge += c.total;
+        p.judged += c.judged;
+        p.judgeUnscored += c.unscored;
+      }
+      p.aggregated += c.done;
+      p.judgeCostUsd += c.usage.costUsd;
+      p.judgePromptTokens += c.usage.promptTokens;
+      p.judgeCompletionTokens += c.usage.completionTokens;
+      p.judgePossiblyBilledTokens += c.usage.possiblyBilledTokens;
+    }
+    return p;
   }
 }
 

@@ -1,0 +1,55 @@
+import * as path from 'node:path';
+import { DONE, Ledger, RunSpec } from '../../services/coordinator/ledger';
+import { tempDir } from '../helpers/stack';
+
+const spec = (name: string): RunSpec => ({
+  name,
+  model: 'm',
+  dataDir: '/data',
+  roles: ['chef', 'default', 'poet'],
+  questionCount: 40,
+  minCount: 1,
+  temperature: 0.7,
+  topP: 0.9,
+  maxNewTokens: 8,
+  maxContext: 64,
+  seed: 0,
+  layers: [],
+  dataHash: 'h',
+});
+
+describe('the ledger reads a run a page at a time', () => {
+  const ledger = new Ledger(path.join(tempDir('ledger'), 'state'));
+  const items = ['chef', 'default', 'poet'].flatMap((role) => Array.from({ length: 5 * 40 }, (_, i) => ({ role, p: Math.floor(i / 40), q: i % 40, key: `pos_p${Math.floor(i / 40)}_q${i % 40}` })));
+  ledger.createRun(spec('paged'), items, new Date().toISOString());
+
+  it('pages cover every item once, in (role, prompt, question) order, without the text', () => {
+    ledger.saveText('paged', 'chef', 'pos_p0_q1', { text: 'an answer', promptTokens: 1, completionTokens: 2, finishReason: 'stop' });
+    const seen = [...ledger.itemPages('paged', '1', 37)];
+    expect(seen).toHaveLength(600);
+    expect(seen.map((i) => `${i.role}/${i.key}`)).toEqual(items.map((i) => `${i.role}/${i.key}`));
+    const answered = seen.find((i) => i.role === 'chef' && i.key === 'pos_p0_q1')!;
+    expect(answered).toMatchObject({ hasText: true, text: null });
+    expect(ledger.itemText('paged', 'chef', 'pos_p0_q1')).toBe('an answer');
+  });
+
+  it('a filter is applied page by page, also when rows change between pages', () => {
+    // Default items are done once their activation is acknowledged; judged roles need the score too.
+    for (let q = 0; q < 40; q++) ledger.ackActivation('paged', 'default', `pos_p0_q${q}`);
+    ledger.ackActivation('paged', 'chef', 'pos_p0_q0');
+    const pending = ledger.itemPages('paged', `NOT (${DONE})`, 50);
+    const first = pending.next().value!;
+    expect(first).toMatchObject({ role: 'chef', key: 'pos_p0_q0' });
+    // Done while the pages are being read: later pages no longer hold it.
+    ledger.ackActivation('paged', 'default', 'pos_p1_q0');
+    const rest = [first, ...pending];
+    expect(rest).toHaveLength(600 - 40 - 1);
+    expect(rest.some((i) => i.role === 'default' && i.key === 'pos_p1_q0')).toBe(false);
+  });
+
+  it('counts per role by SQL', () => {
+    const counts = Object.fromEntries(ledger.roleCounts('paged').map((c) => [c.role, c]));
+    expect(counts.default).toMatchObject({ total: 200, done: 41, generated: 0 });
+    expect(counts.chef).toMatchObject({ total: 200, done: 0, generated: 1, judged: 0 });
+  });
+});
