@@ -26,12 +26,14 @@ export class Journal {
   private queue: { bytes: Buffer; ref: RecordRef; resolve: () => void; reject: (e: Error) => void }[] = [];
   private writing: Promise<void> | undefined;
 
-  constructor(readonly dir: string) {}
+  /** `segmentBytes`: a segment is closed, and the next started, once it holds this much. */
+  constructor(readonly dir: string, private readonly segmentBytes = SEGMENT_BYTES) {}
 
   async open(): Promise<void> {
     await fs.mkdir(this.dir, { recursive: true });
     const existing = await this.segments();
     this.segment = (existing[existing.length - 1] ?? 0) + 1;
+    this.size = 0;
     await this.openSegment();
   }
 
@@ -73,16 +75,23 @@ export class Journal {
       } catch (err) {
         for (const b of batch) b.reject(err as Error);
       }
-      if (this.size >= SEGMENT_BYTES && this.queue.length === 0) await this.rotate();
+      // Full, and nothing queued for it: what is appended from here on goes to the next segment.
+      if (this.size >= this.segmentBytes && this.queue.length === 0) await this.nextSegment();
     }
     this.writing = undefined;
   }
 
-  /** Starts a new segment (at a checkpoint, or when the current one is full). */
-  async rotate(): Promise<void> {
-    await this.writing;
-    await this.handle?.close();
+  /**
+   * Starts the next segment, from inside the flush loop (so it must not wait for the flush).
+   * The segment number and size change at once, before any await, so that every append
+   * made meanwhile gets a reference into the new segment, where the loop then writes it.
+   */
+  private async nextSegment(): Promise<void> {
+    const full = this.handle;
     this.segment++;
+    this.size = 0;
+    this.handle = undefined;
+    await full?.close();
     await this.openSegment();
   }
 
@@ -129,9 +138,9 @@ export class Journal {
     this.handle = undefined;
   }
 
+  /** Opens the current segment's file; `size` is set by the caller, before any append can see it. */
   private async openSegment(): Promise<void> {
     this.handle = await fs.open(this.file(this.segment), 'a');
-    this.size = 0;
     // The new file's name must survive a crash too.
     const dir = await fs.open(this.dir, 'r');
     await dir.sync();
