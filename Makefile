@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference helm
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference bench-fullscale helm
 
 install: $(NODE_MODULES)
 
@@ -62,6 +62,11 @@ bench-aggregation: build
 # Generated tokens/s at batch 1, 4, 16 against the --no-capture build, the host loop and transformers.js.
 bench-inference: build
 	node dist/bench/inference.js
+
+# The full reference workload (331,200 items, [46, 4608] bf16) through the four processes, and a
+# 20,000-item leg at an 8-GPU node's pace with a realistic judge (about 40 minutes, a few GB of disk).
+bench-fullscale: build
+	node dist/bench/fullscale.js
 
 up: build
 	node dist/services/cli/up.js

@@ -14,6 +14,32 @@ export function after(a: Position, b: Position): boolean {
 const HEADER = 32; // magic, crc32, segment, offset (f64), count (f64), reserved
 const MAGIC = 0x41584353; // "AXCS"
 
+/** Least recently used cold buckets stay in RAM up to a byte budget; the others are written back. */
+export class WriteBackCache {
+  private readonly order = new Set<ColdBucket>();
+  private bytes = 0;
+
+  constructor(public maxBytes: number) {}
+
+  touch(bucket: ColdBucket): void {
+    if (this.order.has(bucket)) this.order.delete(bucket);
+    else this.bytes += bucket.cachedBytes;
+    this.order.add(bucket);
+    while (this.bytes > this.maxBytes && this.order.size > 1) {
+      const oldest = this.order.values().next().value!;
+      oldest.flush();
+    }
+  }
+
+  forget(bucket: ColdBucket): void {
+    if (this.order.delete(bucket)) this.bytes -= bucket.size * 8;
+  }
+
+  get size(): number {
+    return this.order.size;
+  }
+}
+
 /**
  * A float64 running sum kept in a file instead of RAM (the buckets other than score 3 and
  * default: rarely read, so memory stays bounded). The file has two slots, each stamped with
@@ -24,6 +50,11 @@ const MAGIC = 0x41584353; // "AXCS"
  * the version it reads.
  */
 export class ColdBucket {
+  /** The sums of recently used buckets, kept in RAM and written back when evicted or at a checkpoint. */
+  static readonly cache = new WriteBackCache(256 * 1024 * 1024);
+  /** The latest sum when cached; the file then lags behind until `flush`. */
+  private cached: Float64Array | undefined;
+  private dirty = false;
   private slot = -1; // which slot holds the latest valid version (-1: none yet)
   private durable = 1; // the slot made durable at the last checkpoint: writes go to the other
   count = 0;
@@ -54,24 +85,50 @@ export class ColdBucket {
 
   /** The current sum (a fresh array: zeros before the first fold). */
   read(): Float64Array {
+    if (this.cached) return this.cached.slice();
     if (this.slot < 0) return new Float64Array(this.size);
     return this.readSlot(this.slot)!.sum;
   }
 
-  /** Adds one observation, folded in by the journal record at `position`. */
+  /**
+   * Adds one observation, folded in by the journal record at `position`. The sum stays in the
+   * cache (items of a role arrive together), so most folds touch no file; recovery is unchanged,
+   * since the file's version carries the position of the last fold it holds.
+   */
   add(data: Float32Array, position: Position): void {
-    const sum = this.read();
+    if (!this.cached) this.cached = this.read();
+    const sum = this.cached;
     for (let i = 0; i < sum.length; i++) sum[i] += data[i];
-    this.write(sum, this.count + 1, position);
+    this.count += 1;
+    this.position = position;
+    this.dirty = true;
+    ColdBucket.cache.touch(this);
+  }
+
+  /** Writes the cached sum to the working slot (not yet durable) and leaves the cache. */
+  flush(): void {
+    if (this.cached && this.dirty) this.write(this.cached, this.count, this.position);
+    this.dirty = false;
+    this.cached = undefined;
+    ColdBucket.cache.forget(this);
+  }
+
+  get cachedBytes(): number {
+    return this.cached ? this.bytes : 0;
   }
 
   /** Makes the latest version durable (at a checkpoint); the next writes go to the other slot. */
   sync(): void {
+    if (this.cached && this.dirty) {
+      this.write(this.cached, this.count, this.position);
+      this.dirty = false;
+    }
     fs.fsyncSync(this.fd);
     if (this.slot >= 0) this.durable = this.slot;
   }
 
   close(): void {
+    this.flush();
     fs.closeSync(this.fd);
   }
 
@@ -99,3 +156,4 @@ export class ColdBucket {
     return { sum, count: buf.readDoubleLE(20), position: { segment: buf.readUInt32LE(8), offset: buf.readDoubleLE(12) } };
   }
 }
+

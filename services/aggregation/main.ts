@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { AggregationServer, AggregationService, IngestAck, IngestRequest, RoleCount } from '../../gen/assistant_axis/v1/aggregation';
 import { loadConfig, OptionTable } from '../shared/config';
+import { ColdBucket } from './coldBucket';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ROLE_VECTOR_SCORES } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
@@ -20,11 +21,14 @@ export const AGGREGATION_OPTIONS = {
   'metrics-port': { type: 'number', env: 'AXIS_AGGREGATION_METRICS_PORT', default: DEFAULT_METRICS_PORTS.aggregation, help: 'Prometheus metrics port' },
   'state-dir': { type: 'string', env: 'AXIS_AGGREGATION_STATE_DIR', default: '.axis/aggregation', help: 'journal, spool and checkpoints' },
   'checkpoint-seconds': { type: 'number', env: 'AXIS_AGGREGATION_CHECKPOINT_SECONDS', default: 30, help: 'seconds between checkpoints (each writes only what changed)' },
+  'cold-cache-mib': { type: 'number', env: 'AXIS_AGGREGATION_COLD_CACHE_MIB', default: 256, help: 'RAM for the sums of recently used buckets other than score 3 (the rest wait on disk); a role\'s items arrive together, so a few roles\' worth suffices' },
 } satisfies OptionTable;
 
 async function main(): Promise<void> {
   const cfg = loadConfig('aggregation', AGGREGATION_OPTIONS);
   const log = createLogger('aggregation');
+  if (!(cfg['cold-cache-mib'] >= 0)) throw new Error(`--cold-cache-mib must be >= 0, got ${cfg['cold-cache-mib']}`);
+  ColdBucket.cache.maxBytes = cfg['cold-cache-mib'] * 1024 * 1024;
   const store = new DurableStore(path.resolve(cfg['state-dir']));
   const opened = Date.now();
   const { replayed } = await store.open();

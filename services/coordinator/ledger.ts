@@ -97,7 +97,11 @@ export class Ledger {
     fs.mkdirSync(stateDir, { recursive: true });
     this.db = new Database(path.join(stateDir, 'ledger.sqlite'));
     this.db.pragma('journal_mode = WAL');
-    this.db.pragma('synchronous = FULL');
+    // NORMAL in WAL mode: a commit is in the WAL file when it returns, so a killed coordinator
+    // loses nothing; only a power loss can drop the last commits before a checkpoint, and every
+    // step is redone safely (the same seed gives the same text, aggregation drops duplicates).
+    // FULL would fsync the event loop at every item step, which capped a run near 70 items/s.
+    this.db.pragma('synchronous = NORMAL');
     this.db.exec(`
       CREATE TABLE IF NOT EXISTS runs (
         name TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL,

@@ -32,6 +32,7 @@ export const INFERENCE_OPTIONS = {
   'synthetic-layers': { type: 'number', env: 'AXIS_SYNTHETIC_LAYERS', default: 8, help: 'synthetic backend: layers' },
   'synthetic-hidden': { type: 'number', env: 'AXIS_SYNTHETIC_HIDDEN', default: 64, help: 'synthetic backend: hidden size' },
   'synthetic-tokens-per-second': { type: 'number', env: 'AXIS_SYNTHETIC_TOKENS_PER_SECOND', default: 0, help: 'synthetic backend: words per second per item (0 = no delay)' },
+  'synthetic-items-per-second': { type: 'number', env: 'AXIS_SYNTHETIC_ITEMS_PER_SECOND', default: 0, help: 'synthetic backend: items answered per second by the replica, whatever the concurrency (0 = no limit; rehearsals of a GPU node\'s pace)' },
   'synthetic-system-prompt': { type: 'boolean', env: 'AXIS_SYNTHETIC_SYSTEM_PROMPT', default: true, help: 'synthetic backend: whether its chat template renders a system message' },
   capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items accepted at once (0: the backend\'s default: twice --max-batch for onnx, so the next batch is ready when one ends; 16 for synthetic)' },
   'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
@@ -46,6 +47,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
       numLayers: cfg['synthetic-layers'],
       hidden: cfg['synthetic-hidden'],
       tokensPerSecond: cfg['synthetic-tokens-per-second'],
+      itemsPerSecond: cfg['synthetic-items-per-second'],
       capacity: cfg.capacity || 16,
       supportsSystemPrompt: cfg['synthetic-system-prompt'],
     });

@@ -12,6 +12,8 @@ export interface SyntheticOptions {
   hidden: number;
   /** Generated words per second per item; 0 = as fast as possible. */
   tokensPerSecond: number;
+  /** Items answered per second by the whole replica (a GPU node's pace, for rehearsals); 0 = no limit. */
+  itemsPerSecond?: number;
   capacity: number;
   /** Whether the pretend chat template renders a system message. */
   supportsSystemPrompt: boolean;
@@ -48,9 +50,19 @@ export class SyntheticBackend implements InferenceBackend {
   async load(): Promise<void> {}
   async close(): Promise<void> {}
 
+  /** When the next item may be answered under --synthetic-items-per-second (ms, performance clock). */
+  private nextSlot = 0;
+
   async generate(input: GenerateInput): Promise<GenerateOutput> {
     const { text, completionTokens, finishReason } = syntheticAnswer(input);
     if (this.opts.tokensPerSecond > 0) await sleep((completionTokens / this.opts.tokensPerSecond) * 1000);
+    const rate = this.opts.itemsPerSecond ?? 0;
+    if (rate > 0) {
+      // Answers leave at the replica's pace, one every 1/rate seconds, however many wait.
+      const now = performance.now();
+      this.nextSlot = Math.max(now, this.nextSlot + 1000 / rate);
+      if (this.nextSlot > now) await sleep(this.nextSlot - now);
+    }
     const conversation = [...input.messages, { role: 'assistant', content: text }];
     return {
       text,
@@ -99,11 +111,26 @@ export function syntheticAnswer(input: GenerateInput): { text: string; completio
  * that depends on the whole conversation.
  */
 export function syntheticActivation(conversation: ChatMessage[], numLayers: number, hidden: number): FloatTensor {
-  const persona = new Rng(digest(conversation.filter((m) => m.role === 'system').map((m) => m.content)));
+  const persona = personaPart(digest(conversation.filter((m) => m.role === 'system').map((m) => m.content)), numLayers * hidden);
   const whole = new Rng(digest(conversation));
   const data = new Float32Array(numLayers * hidden);
-  for (let i = 0; i < data.length; i++) data[i] = 0.75 * (persona.next() * 2 - 1) + 0.25 * (whole.next() * 2 - 1);
+  for (let i = 0; i < data.length; i++) data[i] = persona[i] + 0.25 * (whole.next() * 2 - 1);
   return { shape: [numLayers, hidden], data };
+}
+
+/** The persona's share of every activation with this system prompt: the same few prompts recur, so the last ones are kept. */
+const personaCache = new Map<string, Float64Array>();
+function personaPart(seed: Buffer, size: number): Float64Array {
+  const key = `${seed.toString("hex")}:${size}`;
+  let part = personaCache.get(key);
+  if (!part) {
+    const rng = new Rng(seed);
+    part = new Float64Array(size);
+    for (let i = 0; i < size; i++) part[i] = 0.75 * (rng.next() * 2 - 1);
+    if (personaCache.size >= 32) personaCache.delete(personaCache.keys().next().value!);
+    personaCache.set(key, part);
+  }
+  return part;
 }
 
 function wordCount(s: string): number {
