@@ -112,9 +112,16 @@ export function syntheticAnswer(input: GenerateInput): { text: string; completio
  */
 export function syntheticActivation(conversation: ChatMessage[], numLayers: number, hidden: number): FloatTensor {
   const persona = personaPart(digest(conversation.filter((m) => m.role === 'system').map((m) => m.content)), numLayers * hidden);
+  // The conversation's own part: one random row, shifted by a random offset per layer (cheap at
+  // [46, 4608], and still different for every conversation and layer).
   const whole = new Rng(digest(conversation));
+  const row = new Float64Array(hidden);
+  for (let i = 0; i < hidden; i++) row[i] = 0.25 * (whole.next() * 2 - 1);
   const data = new Float32Array(numLayers * hidden);
-  for (let i = 0; i < data.length; i++) data[i] = persona[i] + 0.25 * (whole.next() * 2 - 1);
+  for (let l = 0; l < numLayers; l++) {
+    const shift = Math.floor(whole.next() * hidden);
+    for (let i = 0; i < hidden; i++) data[l * hidden + i] = persona[l * hidden + i] + row[(i + shift) % hidden];
+  }
   return { shape: [numLayers, hidden], data };
 }
 
