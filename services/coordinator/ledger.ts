@@ -128,6 +128,8 @@ export class Ledger {
       judge_possibly_billed_tokens: 'INTEGER NOT NULL DEFAULT 0',
       // The answer's sampled token ids (uint32 little-endian), for an exact Extract after a lost activation.
       response_ids: 'BLOB',
+      // Times the activation was recovered by Extract after a restart (the text was kept).
+      recovered: 'INTEGER NOT NULL DEFAULT 0',
     });
   }
 
@@ -231,7 +233,7 @@ export class Ledger {
         .prepare(
           `SELECT role, COUNT(*) AS total, SUM(text IS NOT NULL) AS generated, SUM(judged) AS judged, SUM(judged AND score IS NULL) AS unscored,
              SUM(${DONE}) AS done, SUM(judge_attempts) AS attempts, SUM(judge_prompt_tokens) AS prompt_tokens,
-             SUM(judge_completion_tokens) AS completion_tokens, SUM(judge_cost_usd) AS cost_usd, SUM(judge_possibly_billed_tokens) AS possibly_billed
+             SUM(judge_completion_tokens) AS completion_tokens, SUM(judge_cost_usd) AS cost_usd, SUM(judge_possibly_billed_tokens) AS possibly_billed, SUM(recovered) AS recovered
            FROM items WHERE run = ? GROUP BY role ORDER BY role`,
         )
         .all(run) as Record<string, number & string>[]
@@ -242,6 +244,7 @@ export class Ledger {
       judged: r.judged,
       unscored: r.unscored,
       done: r.done,
+      recovered: r.recovered,
       usage: { attempts: r.attempts, promptTokens: r.prompt_tokens, completionTokens: r.completion_tokens, costUsd: r.cost_usd, possiblyBilledTokens: r.possibly_billed },
     }));
   }
@@ -263,6 +266,10 @@ export class Ledger {
     const blob = row?.response_ids;
     if (!blob || blob.length % 4) return [];
     return Array.from(new Uint32Array(blob.buffer.slice(blob.byteOffset, blob.byteOffset + blob.length)));
+  }
+
+  markRecovered(run: string, role: string, key: string): void {
+    this.db.prepare('UPDATE items SET recovered = recovered + 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
   }
 
   ackActivation(run: string, role: string, key: string): void {
@@ -343,6 +350,7 @@ export interface RoleCounts {
   judged: number;
   unscored: number;
   done: number;
+  recovered: number;
   usage: JudgeUsage;
 }
 

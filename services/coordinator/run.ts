@@ -27,6 +27,8 @@ import { responseRecord, writeRoleFiles } from './runFiles';
 import { ingestId, InferenceReplica, Upstreams } from './upstreams';
 
 export interface Progress {
+  /** Items whose activation was measured again by Extract after a restart lost it. */
+  recovered: number;
   itemsTotal: number;
   generated: number;
   judged: number;
@@ -180,6 +182,7 @@ export class RunExecutor {
       p.judgeUnscored += c.unscored;
       this.addUsage(c.usage);
       p.aggregated += c.done;
+      p.recovered += c.recovered;
       if (c.done < c.total) this.remaining.set(c.role, c.total - c.done);
     }
     if (firstRound) p.skipped = p.aggregated;
@@ -349,6 +352,11 @@ export class RunExecutor {
             return r;
           });
           activation = res.activation;
+          // A generated item whose activation a restart lost: counted (imports and two-pass runs measure by design).
+          if (!this.spec.twoPass && !this.spec.importDir) {
+            this.ledger.markRecovered(run, item.role, item.key);
+            this.progress.recovered++;
+          }
         }
       } finally {
         this.genInFlight--;
@@ -658,6 +666,7 @@ class RetryableError extends Error {}
 
 export function emptyProgress(rolesTotal: number): Progress {
   return {
+    recovered: 0,
     itemsTotal: 0,
     generated: 0,
     judged: 0,

@@ -450,6 +450,7 @@ export class RunManager {
         p.judgeUnscored += c.unscored;
       }
       p.aggregated += c.done;
+      p.recovered += c.recovered;
       p.judgeCostUsd += c.usage.costUsd;
       p.judgePromptTokens += c.usage.promptTokens;
       p.judgeCompletionTokens += c.usage.completionTokens;

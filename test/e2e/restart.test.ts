@@ -9,6 +9,7 @@ import { testStack } from '../helpers/stack';
 const QUESTIONS = 6;
 const REQUEST = { questionCount: QUESTIONS, minCount: 5, seed: 3, maxNewTokens: 48 };
 const TOTAL = 9 * 5 * QUESTIONS;
+const COORDINATOR_KILLS = process.env.AXIS_TEST_LONG ? 10 : 3;
 
 /**
  * kill -9 in the middle of a run, restart, and the finished run holds every item exactly once,
@@ -76,6 +77,51 @@ describe('restarts', () => {
   it('survives kill -9 of the coordinator', async () => {
     await crashDuringRun('coordinator-killed', 'coordinator');
     await expectSameAsClean('coordinator-killed');
+  });
+
+  it(`survives ${COORDINATOR_KILLS} kill -9 of the coordinator at random points of one run, recovering activations by Extract`, async () => {
+    const name = 'coordinator-killed-often';
+    let client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name, ...REQUEST });
+    let kills = 0;
+    for (; kills < COORDINATOR_KILLS; kills++) {
+      // A random point: some items further on, or a random pause once the restarted coordinator is up.
+      const at = (await getRun(client, name)).progress!.aggregated + 1 + Math.floor(Math.random() * (TOTAL / (2 * COORDINATOR_KILLS)));
+      await waitFor('the run to move on', async () => ((await getRun(client, name)).progress!.aggregated >= Math.min(at, TOTAL - 5) ? true : undefined));
+      await new Promise((r) => setTimeout(r, Math.random() * 150));
+      if ((await getRun(client, name)).state !== RunState.RUN_STATE_RUNNING) break;
+      client.close();
+      await stack.kill9('coordinator');
+      await stack.start('coordinator');
+      client = coordinatorClient(stack.address('coordinator'));
+    }
+    const final = await watchRun(client, name, () => undefined);
+    client.close();
+    expect(kills).toBeGreaterThanOrEqual(Math.min(COORDINATOR_KILLS, 2));
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    await expectSameAsClean(name);
+  });
+
+  it('survives the loss of the aggregation\'s whole state: activations are measured again by Extract (counted as recovered), nothing is generated again', async () => {
+    const name = 'aggregation-wiped';
+    const generated = async () => Number(/axis_inference_items_total\{rpc="Generate",outcome="ok"[^}]*\} (\d+)/.exec(await (await fetch(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`)).text())?.[1] ?? 0);
+    const generatedBefore = await generated();
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name, ...REQUEST });
+    const before = await waitFor('a third of the run', async () => {
+      const p = (await getRun(client, name)).progress!;
+      return p.aggregated >= TOTAL / 3 ? p.aggregated : undefined;
+    });
+    await stack.kill9('aggregation');
+    fs.rmSync(path.join(stack.opts.stateDir, 'aggregation'), { recursive: true, force: true });
+    await stack.start('aggregation');
+    const final = await watchRun(client, name, () => undefined);
+    client.close();
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(Number(final.progress!.recovered)).toBeGreaterThanOrEqual(before);
+    expect(Number(final.progress!.recovered)).toBeLessThanOrEqual(TOTAL);
+    expect((await generated()) - generatedBefore).toBe(TOTAL);
+    await expectSameAsClean(name);
   });
 
   it('resumes after a graceful stop (SIGTERM) of the coordinator', async () => {
