@@ -35,6 +35,50 @@ export function unary<Req, Res>(log: Logger, handler: (req: Req, call: grpc.Serv
   };
 }
 
+/**
+ * A request the service's decoder could not read. grpc-js answers an undecodable message with
+ * INTERNAL and, on a bidirectional stream whose earlier messages are still being handled, never
+ * ends the call; so services decode through `tolerantDecoding` and answer INVALID_ARGUMENT.
+ */
+const UNDECODABLE = Symbol('undecodable');
+
+export function undecodableReason(req: unknown): string | undefined {
+  return typeof req === 'object' && req !== null && UNDECODABLE in req ? String((req as Record<symbol, unknown>)[UNDECODABLE]) : undefined;
+}
+
+/**
+ * The service definition with decoders that never throw (an undecodable message becomes a
+ * marked object) and handlers for single requests that answer such a message with
+ * INVALID_ARGUMENT; streams of requests check theirs in `serveBidi`.
+ */
+export function tolerantDecoding<D extends grpc.ServiceDefinition, I extends grpc.UntypedServiceImplementation>(definition: D, implementation: I): { definition: D; implementation: I } {
+  const def: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  const impl: Record<string, unknown> = { ...implementation };
+  for (const [name, method] of Object.entries(definition)) {
+    const type = method.path.split('/').pop();
+    def[name] = {
+      ...method,
+      requestDeserialize: (bytes: Buffer) => {
+        try {
+          return method.requestDeserialize(bytes);
+        } catch (err) {
+          return { [UNDECODABLE]: `the ${type} request could not be decoded (${(err as Error).message})` };
+        }
+      },
+    };
+    const handler = implementation[name] as ((call: { request?: unknown }, cb?: unknown) => void) | undefined;
+    if (!handler || method.requestStream) continue;
+    impl[name] = (call: { request?: unknown; emit(event: 'error', err: unknown): boolean }, callback?: grpc.sendUnaryData<unknown>) => {
+      const reason = undecodableReason(call.request);
+      if (reason === undefined) return handler(call, callback);
+      const err = invalidArgument(reason);
+      if (callback) callback(toServiceError(err));
+      else failStream(call, err);
+    };
+  }
+  return { definition: def as D, implementation: impl as I };
+}
+
 /** Ends a server-streaming call with the error's status (grpc-js sends the status on the stream's 'error' event). */
 export function failStream(call: { emit(event: 'error', err: unknown): boolean }, err: unknown): void {
   call.emit('error', toServiceError(err));
@@ -51,7 +95,15 @@ export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, han
   const finish = () => {
     if (ended && pending === 0 && !call.cancelled) call.end();
   };
+  let received = 0;
   call.on('data', (req: Req) => {
+    received++;
+    const reason = undecodableReason(req);
+    if (reason !== undefined) {
+      // The stream cannot go on from a message it cannot read: it ends with the reason now.
+      if (!call.cancelled) failStream(call, invalidArgument(`message ${received} of the stream: ${reason}`));
+      return;
+    }
     pending++;
     void handle(req).then((res) => {
       pending--;

@@ -7,6 +7,7 @@ import { DRAIN_SECONDS, MAX_MESSAGE_BYTES } from './defaults';
 import type { Logger } from './logger';
 import { reflectionPackageDefinition } from './protos';
 import { startMetricsServer } from './metrics';
+import { tolerantDecoding } from './rpc';
 
 export interface ServiceBinding {
   /** Fully qualified name, e.g. "assistant_axis.v1.Judge": also its name in the health service. */
@@ -58,7 +59,10 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
   health.addToServer(server);
   // Each service describes what it serves, not every service of the package.
   new ReflectionService(reflectionPackageDefinition(), { services: [...opts.bindings.map((b) => b.name), 'grpc.health.v1.Health'] }).addToServer(server);
-  for (const b of opts.bindings) server.addService(b.definition, b.implementation);
+  for (const b of opts.bindings) {
+    const tolerant = tolerantDecoding(b.definition, b.implementation);
+    server.addService(tolerant.definition, tolerant.implementation);
+  }
 
   const port = await new Promise<number>((resolve, reject) => {
     server.bindAsync(`${opts.host}:${opts.port}`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
