@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { AggregationServer, AggregationService, IngestAck, IngestRequest, RoleCount } from '../../gen/assistant_axis/v1/aggregation';
 import { loadConfig, OptionTable } from '../shared/config';
+import { TLS_OPTIONS } from '../shared/tls';
 import { ColdBucket } from './coldBucket';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ROLE_VECTOR_SCORES } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
@@ -22,6 +23,7 @@ export const AGGREGATION_OPTIONS = {
   'state-dir': { type: 'string', env: 'AXIS_AGGREGATION_STATE_DIR', default: '.axis/aggregation', help: 'journal, spool and checkpoints' },
   'checkpoint-seconds': { type: 'number', env: 'AXIS_AGGREGATION_CHECKPOINT_SECONDS', default: 30, help: 'seconds between checkpoints (each writes only what changed)' },
   'cold-cache-mib': { type: 'number', env: 'AXIS_AGGREGATION_COLD_CACHE_MIB', default: 256, help: 'RAM for the sums of recently used buckets other than score 3 (the rest wait on disk); a role\'s items arrive together, so a few roles\' worth suffices' },
+  ...TLS_OPTIONS,
 } satisfies OptionTable;
 
 async function main(): Promise<void> {
@@ -181,6 +183,7 @@ async function main(): Promise<void> {
     bindings: [{ name: 'assistant_axis.v1.Aggregation', definition: AggregationService, implementation: impl }],
     registry,
     log,
+    tls: cfg,
     onDrain: async () => {
       clearInterval(timer);
       await checkpoint();

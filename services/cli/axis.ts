@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
+import { clientCredentials } from '../shared/tls';
 import { authMetadata, cancelRun, coordinatorClient, getRun, listRuns, startRun, stateName, watchRun } from './client';
 import { formatSummary, ProgressBar } from './progress';
 
@@ -18,11 +19,16 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
   axis list            every run the coordinator knows
   axis cancel NAME     stops a run cleanly (StartRun with the same NAME resumes it)
 
-  --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one`;
+  --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one
+  --tls-ca F: the coordinator serves TLS, verified against this CA; --tls-cert F --tls-key F:
+      this client's certificate, when it requires mutual TLS`;
 
 const OPTIONS = {
   coordinator: { type: 'string' },
   'token-file': { type: 'string' },
+  'tls-ca': { type: 'string' },
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
   model: { type: 'string' },
   roles: { type: 'string' },
   'question-count': { type: 'string' },
@@ -95,7 +101,7 @@ async function main(argv: string[]): Promise<number> {
     }
   }
   const meta = () => authMetadata(token);
-  const client = coordinatorClient(address);
+  const client = coordinatorClient(address, clientCredentials({ ca: values['tls-ca'] ?? process.env.AXIS_TLS_CA, cert: values['tls-cert'], key: values['tls-key'] }));
   const needName = () => {
     if (!name) throw new UsageError(`axis ${command} needs a run NAME`);
     return name;

@@ -2,8 +2,8 @@ import * as grpc from '@grpc/grpc-js';
 import { CoordinatorClient, Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { channelOptions } from '../shared/server';
 
-export function coordinatorClient(address: string): CoordinatorClient {
-  return new CoordinatorClient(address, grpc.credentials.createInsecure(), channelOptions());
+export function coordinatorClient(address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()): CoordinatorClient {
+  return new CoordinatorClient(address, credentials, channelOptions());
 }
 
 /** Call metadata carrying the coordinator's bearer token, when it requires one. */

@@ -1,3 +1,4 @@
+import type * as grpc from '@grpc/grpc-js';
 import { ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -24,6 +25,8 @@ export interface StackOptions {
   env?: NodeJS.ProcessEnv;
   /** Detach the processes so they outlive this one (`make up`). */
   detached?: boolean;
+  /** How to reach the services' health checks when they serve TLS. */
+  clientCredentials?: grpc.ChannelCredentials;
 }
 
 export interface StackProcess {
@@ -87,7 +90,7 @@ export class LocalStack {
     let exited = false;
     child.once('exit', () => (exited = true));
     try {
-      await waitServing(proc.address, timeoutMs, () => !exited);
+      await waitServing(proc.address, timeoutMs, () => !exited, this.opts.clientCredentials);
     } catch (err) {
       throw new Error(`${name} did not start: ${(err as Error).message}; see ${logFile}:\n${tail(logFile)}`);
     }

@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { CoordinatorServer, CoordinatorService, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import { loadConfig, OptionTable } from '../shared/config';
+import { channelCredentials, TLS_OPTIONS, TLS_SERVER_NAME_OPTION } from '../shared/tls';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, DRAIN_SECONDS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
@@ -29,6 +30,8 @@ export const COORDINATOR_OPTIONS = {
   'auth-token-file': { type: 'string', env: 'AXIS_COORDINATOR_AUTH_TOKEN_FILE', default: '', help: 'file holding a bearer token every Coordinator call must carry (empty: no authentication, for local use)' },
   'data-roots': { type: 'string', env: 'AXIS_COORDINATOR_DATA_ROOTS', default: '', help: 'comma-separated directories a run\'s data_dir must lie under (empty: any readable directory)' },
   'batch-poll-seconds': { type: 'number', env: 'AXIS_COORDINATOR_BATCH_POLL_SECONDS', default: 30, help: 'batch mode: seconds between polls of an open judge batch' },
+  ...TLS_OPTIONS,
+  ...TLS_SERVER_NAME_OPTION,
 } satisfies OptionTable;
 
 const WATCH_INTERVAL_MS = 200;
@@ -37,10 +40,11 @@ async function main(): Promise<void> {
   const cfg = loadConfig('coordinator', COORDINATOR_OPTIONS);
   const log = createLogger('coordinator');
   const discovery = discoveryFor(parseTarget('inference', cfg.inference), { kubeconfig: cfg.kubeconfig, log });
+  const credentials = channelCredentials(cfg);
   const upstreams: Upstreams = {
-    inference: new InferencePool(log),
-    judge: new JudgeUpstream(cfg.judge),
-    aggregation: new AggregationUpstream(cfg.aggregation),
+    inference: new InferencePool(log, credentials, cfg['tls-inference-server-name']),
+    judge: new JudgeUpstream(cfg.judge, credentials),
+    aggregation: new AggregationUpstream(cfg.aggregation, credentials),
   };
   const token = cfg['auth-token-file'] ? readToken(cfg['auth-token-file']) : undefined;
   const ledger = new Ledger(path.resolve(cfg['state-dir']));
@@ -134,6 +138,7 @@ async function main(): Promise<void> {
     bindings: [{ name: 'assistant_axis.v1.Coordinator', definition: CoordinatorService, implementation: impl }],
     registry,
     log,
+    tls: cfg,
     onDrain: async () => {
       await runs.drain((DRAIN_SECONDS - 2) * 1000);
       discovery.stop();

@@ -25,8 +25,8 @@ export class InferenceReplica {
   readonly generate: StreamPipe<GenerateRequest, GenerateResult>;
   readonly extract: StreamPipe<ExtractRequest, ExtractResult>;
 
-  constructor(readonly address: string) {
-    this.client = new InferenceClient(address, grpc.credentials.createInsecure(), channelOptions());
+  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), serverName = '') {
+    this.client = new InferenceClient(address, credentials, { ...channelOptions(), ...(serverName ? { 'grpc.ssl_target_name_override': serverName, 'grpc.default_authority': serverName } : {}) });
     this.generate = new StreamPipe(() => this.client.generate(), (r) => r.itemId);
     this.extract = new StreamPipe(() => this.client.extract(), (r) => r.itemId);
   }
@@ -63,7 +63,12 @@ export class InferencePool {
   readonly replicas: InferenceReplica[] = [];
   private readonly listeners = new Set<() => void>();
 
-  constructor(private readonly log?: { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void }) {}
+  constructor(
+    private readonly log?: { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void },
+    private readonly credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+    /** The name the replicas' TLS certificates carry, when they are dialled by IP. */
+    private readonly serverName = '',
+  ) {}
 
   update(addresses: string[]): void {
     for (const r of [...this.replicas]) {
@@ -74,7 +79,7 @@ export class InferencePool {
     }
     for (const a of addresses) {
       if (this.replicas.some((r) => r.address === a)) continue;
-      const r = new InferenceReplica(a);
+      const r = new InferenceReplica(a, this.credentials, this.serverName);
       this.replicas.push(r);
       r.refresh().then(
         (info) => {
@@ -112,8 +117,8 @@ export class JudgeUpstream {
   info: JudgeInfo | undefined;
   readonly score: StreamPipe<ScoreRequest, ScoreResult>;
 
-  constructor(readonly address: string) {
-    this.client = new JudgeClient(address, grpc.credentials.createInsecure(), channelOptions());
+  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()) {
+    this.client = new JudgeClient(address, credentials, channelOptions());
     this.score = new StreamPipe(() => this.client.score(), (r) => r.itemId);
   }
 
@@ -144,8 +149,8 @@ export class AggregationUpstream {
   readonly client: AggregationClient;
   readonly ingest: StreamPipe<IngestRequest, IngestAck>;
 
-  constructor(readonly address: string) {
-    this.client = new AggregationClient(address, grpc.credentials.createInsecure(), channelOptions());
+  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()) {
+    this.client = new AggregationClient(address, credentials, channelOptions());
     this.ingest = new StreamPipe(() => this.client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation));
   }
 

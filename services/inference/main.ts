@@ -4,6 +4,7 @@ import {
   ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, InferenceService,
 } from '../../gen/assistant_axis/v1/inference';
 import { Config, loadConfig, OptionTable } from '../shared/config';
+import { TLS_OPTIONS } from '../shared/tls';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { Limiter } from '../shared/limit';
 import { createLogger } from '../shared/logger';
@@ -36,6 +37,7 @@ export const INFERENCE_OPTIONS = {
   'synthetic-system-prompt': { type: 'boolean', env: 'AXIS_SYNTHETIC_SYSTEM_PROMPT', default: true, help: 'synthetic backend: whether its chat template renders a system message' },
   capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items accepted at once (0: the backend\'s default: twice --max-batch for onnx, so the next batch is ready when one ends; 16 for synthetic)' },
   'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
+  ...TLS_OPTIONS,
 } satisfies OptionTable;
 
 const WIRE_DTYPES: Record<string, DType> = { f32: DType.DTYPE_F32, f16: DType.DTYPE_F16, bf16: DType.DTYPE_BF16 };
@@ -214,6 +216,7 @@ async function main(): Promise<void> {
     bindings: [{ name: 'assistant_axis.v1.Inference', definition: InferenceService, implementation: impl }],
     registry,
     log,
+    tls: cfg,
     onDrain: async () => {
       // Let open streams finish what they hold; the server's drain timer bounds the wait.
       await new Promise<void>((resolve) => {

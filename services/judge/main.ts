@@ -2,6 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
 import { JudgeInfo, JudgeServer, JudgeService, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
 import { loadConfig, OptionTable } from '../shared/config';
+import { TLS_OPTIONS } from '../shared/tls';
 import { DEFAULT_JUDGE_MODEL, DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
@@ -29,6 +30,7 @@ export const JUDGE_OPTIONS = {
   'max-backoff-ms': { type: 'number', env: 'AXIS_JUDGE_MAX_BACKOFF_MS', default: 30000, help: 'longest retry delay (a longer Retry-After is still honoured)' },
   'unparsed-retries': { type: 'number', env: 'AXIS_JUDGE_UNPARSED_RETRIES', default: 2, help: 'times an item is asked again when the reply holds no score 0..3' },
   prices: { type: 'string', env: 'AXIS_JUDGE_PRICES', default: '', help: 'JSON file {model: {prompt, completion}} in USD per 1M tokens (default: built-in list prices)' },
+  ...TLS_OPTIONS,
 } satisfies OptionTable;
 
 export function createProvider(cfg: { provider: string; model: string; 'base-url': string; 'timeout-ms': number; 'api-key-file': string }, env = process.env): JudgeProvider {
@@ -180,6 +182,7 @@ async function main(): Promise<void> {
     bindings: [{ name: 'assistant_axis.v1.Judge', definition: JudgeService, implementation: impl }],
     registry,
     log,
+    tls: cfg,
   });
   log.info({ provider: info.provider, model: info.model, baseUrl: info.baseUrl, concurrency: info.concurrency, requestsPerSecond: info.requestsPerSecond, price }, 'judge ready');
   running.setReady(true);

@@ -4,8 +4,8 @@ import { service as healthService } from 'grpc-health-check';
 const HealthClient = grpc.makeGenericClientConstructor(healthService, 'Health');
 
 /** Asks a service's grpc.health.v1 Check; resolves to its status name, or 'UNREACHABLE'. */
-export function checkHealth(address: string, service = '', timeoutMs = 1000): Promise<string> {
-  const client = new HealthClient(address, grpc.credentials.createInsecure());
+export function checkHealth(address: string, service = '', timeoutMs = 1000, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()): Promise<string> {
+  const client = new HealthClient(address, credentials);
   return new Promise((resolve) => {
     client.check({ service }, { deadline: new Date(Date.now() + timeoutMs) }, (err: grpc.ServiceError | null, res: { status: string | number }) => {
       client.close();
@@ -16,11 +16,11 @@ export function checkHealth(address: string, service = '', timeoutMs = 1000): Pr
 }
 
 /** Waits until the service reports SERVING; throws after `timeoutMs` with the last status seen. */
-export async function waitServing(address: string, timeoutMs: number, isAlive: () => boolean = () => true): Promise<void> {
+export async function waitServing(address: string, timeoutMs: number, isAlive: () => boolean = () => true, credentials?: grpc.ChannelCredentials): Promise<void> {
   const until = Date.now() + timeoutMs;
   let last = 'UNREACHABLE';
   while (Date.now() < until) {
-    last = await checkHealth(address);
+    last = await checkHealth(address, '', 1000, credentials);
     if (last === 'SERVING') return;
     if (!isAlive()) throw new Error(`${address}: the process exited before it was ready`);
     await new Promise((r) => setTimeout(r, 100));

@@ -8,6 +8,7 @@ import type { Logger } from './logger';
 import { reflectionPackageDefinition } from './protos';
 import { startMetricsServer } from './metrics';
 import { tolerantDecoding } from './rpc';
+import { serverCredentials, TlsConfig } from './tls';
 
 export interface ServiceBinding {
   /** Fully qualified name, e.g. "assistant_axis.v1.Judge": also its name in the health service. */
@@ -26,6 +27,8 @@ export interface StartOptions {
   log: Logger;
   /** Called on SIGTERM/SIGINT before the server stops taking calls (e.g. cancel streams, flush). */
   onDrain?: () => Promise<void> | void;
+  /** TLS (and mutual TLS) settings; plaintext without them. */
+  tls?: TlsConfig;
 }
 
 export interface RunningService {
@@ -64,9 +67,11 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
     server.addService(tolerant.definition, tolerant.implementation);
   }
 
+  const { credentials, mode } = opts.tls ? serverCredentials(opts.tls) : { credentials: grpc.ServerCredentials.createInsecure(), mode: 'plaintext' };
   const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(`${opts.host}:${opts.port}`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+    server.bindAsync(`${opts.host}:${opts.port}`, credentials, (err, bound) => (err ? reject(err) : resolve(bound)));
   });
+  log.info({ transport: mode }, mode === 'plaintext' ? 'gRPC in plaintext (no --tls-cert)' : mode === 'mtls' ? 'gRPC over mutual TLS' : 'gRPC over TLS');
   let metrics: http.Server | undefined;
   try {
     metrics = await startMetricsServer(opts.registry, opts.metricsPort, opts.host);

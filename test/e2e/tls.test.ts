@@ -1,0 +1,51 @@
+import * as grpc from '@grpc/grpc-js';
+import * as path from 'node:path';
+import { RunState } from '../../gen/assistant_axis/v1/coordinator';
+import type { LocalStack, ServiceName } from '../../services/cli/stack';
+import { checkHealth } from '../../services/shared/health';
+import { clientCredentials } from '../../services/shared/tls';
+import { Certs, makeCerts } from '../helpers/certs';
+import { coordinatorClient, startRun, watchRun } from '../helpers/grpc';
+import { testStack } from '../helpers/stack';
+
+/**
+ * Mutual TLS on every link: each service serves TLS and requires a client certificate signed by
+ * the test CA; the coordinator verifies the others and presents its own. Plaintext clients,
+ * clients without a certificate and clients that trust another CA are all turned away.
+ */
+describe('mutual TLS between the services and with clients', () => {
+  let stack: LocalStack;
+  let certs: Certs;
+  const names: ServiceName[] = ['inference', 'judge', 'aggregation', 'coordinator'];
+
+  beforeAll(async () => {
+    let dir: string;
+    ({ stack, dir } = await testStack('tls'));
+    certs = makeCerts(path.join(dir, 'certs'));
+    const tls = ['--tls-cert', certs.cert, '--tls-key', certs.key, '--tls-client-ca', certs.ca, '--tls-ca', certs.ca];
+    stack.opts.args = { judge: ['--provider', 'offline', ...tls], inference: tls, aggregation: tls, coordinator: tls };
+    stack.opts.clientCredentials = clientCredentials({ ca: certs.ca, cert: certs.clientCert, key: certs.clientKey });
+    await stack.startAll();
+  });
+
+  afterAll(async () => {
+    await stack?.stopAll();
+  });
+
+  it('runs a run end to end over mutual TLS', async () => {
+    const client = coordinatorClient(stack.address('coordinator'), clientCredentials({ ca: certs.ca, cert: certs.clientCert, key: certs.clientKey }));
+    await startRun(client, { name: 'over-tls', roles: ['chef', 'default'], questionCount: 2, minCount: 1 });
+    const final = await watchRun(client, 'over-tls', () => undefined);
+    client.close();
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(final.progress!.aggregated).toBe(20);
+  });
+
+  it.each(names.map((n) => [n]))('%s turns away plaintext, certificate-less and wrongly trusting clients', async (name) => {
+    const address = stack.address(name);
+    expect(await checkHealth(address, '', 3000, clientCredentials({ ca: certs.ca, cert: certs.clientCert, key: certs.clientKey }))).toBe('SERVING');
+    expect(await checkHealth(address, '', 3000, grpc.credentials.createInsecure())).toBe('UNREACHABLE');
+    expect(await checkHealth(address, '', 3000, clientCredentials({ ca: certs.ca }))).toBe('UNREACHABLE');
+    expect(await checkHealth(address, '', 3000, clientCredentials({ ca: certs.otherCa, cert: certs.clientCert, key: certs.clientKey }))).toBe('UNREACHABLE');
+  });
+});
