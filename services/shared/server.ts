@@ -72,6 +72,16 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
     server.bindAsync(`${opts.host}:${opts.port}`, credentials, (err, bound) => (err ? reject(err) : resolve(bound)));
   });
   log.info({ transport: mode }, mode === 'plaintext' ? 'gRPC in plaintext (no --tls-cert)' : mode === 'mtls' ? 'gRPC over mutual TLS' : 'gRPC over TLS');
+  // Probes: the kubelet's gRPC probe speaks plaintext only, so with TLS the health service is also
+  // served alone on its own plaintext port (it tells nothing but "serving or not").
+  let healthServer: grpc.Server | undefined;
+  const healthPort = opts.tls?.['health-port'] ?? 0;
+  if (healthPort > 0) {
+    healthServer = new grpc.Server();
+    health.addToServer(healthServer);
+    await new Promise<number>((resolve, reject) => healthServer!.bindAsync(`${opts.host}:${healthPort}`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))));
+    log.info({ healthPort }, 'health checks in plaintext on their own port');
+  }
   let metrics: http.Server | undefined;
   try {
     metrics = await startMetricsServer(opts.registry, opts.metricsPort, opts.host);
@@ -105,6 +115,7 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
           server.forceShutdown();
           resolve();
         }, DRAIN_SECONDS * 1000);
+        healthServer?.forceShutdown();
         server.tryShutdown(() => {
           clearTimeout(timer);
           resolve();

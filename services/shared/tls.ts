@@ -14,6 +14,7 @@ export const TLS_OPTIONS = {
   'tls-key': { type: 'string', env: 'AXIS_TLS_KEY', default: '', help: 'serve TLS: the certificate\'s private key (PEM)' },
   'tls-client-ca': { type: 'string', env: 'AXIS_TLS_CLIENT_CA', default: '', help: 'mutual TLS: require client certificates signed by this CA (PEM)' },
   'tls-ca': { type: 'string', env: 'AXIS_TLS_CA', default: '', help: 'calls to other services over TLS, verified against this CA (PEM); empty: plaintext' },
+  'health-port': { type: 'number', env: 'AXIS_HEALTH_PORT', default: 0, help: 'a plaintext port serving only grpc.health.v1, for Kubernetes probes, which cannot speak TLS (0: none)' },
 } satisfies OptionTable;
 
 /** The coordinator reaches inference pods by IP (discovery): their certificates name the Service instead. */
@@ -22,6 +23,7 @@ export const TLS_SERVER_NAME_OPTION = {
 } satisfies OptionTable;
 
 export interface TlsConfig {
+  'health-port'?: number;
   'tls-cert': string;
   'tls-key': string;
   'tls-client-ca': string;

@@ -6,7 +6,7 @@ import { checkHealth } from '../../services/shared/health';
 import { clientCredentials } from '../../services/shared/tls';
 import { Certs, makeCerts } from '../helpers/certs';
 import { coordinatorClient, startRun, watchRun } from '../helpers/grpc';
-import { testStack } from '../helpers/stack';
+import { freePort, testStack } from '../helpers/stack';
 
 /**
  * Mutual TLS on every link: each service serves TLS and requires a client certificate signed by
@@ -17,13 +17,15 @@ describe('mutual TLS between the services and with clients', () => {
   let stack: LocalStack;
   let certs: Certs;
   const names: ServiceName[] = ['inference', 'judge', 'aggregation', 'coordinator'];
+  let healthPort: number;
 
   beforeAll(async () => {
     let dir: string;
     ({ stack, dir } = await testStack('tls'));
     certs = makeCerts(path.join(dir, 'certs'));
     const tls = ['--tls-cert', certs.cert, '--tls-key', certs.key, '--tls-client-ca', certs.ca, '--tls-ca', certs.ca];
-    stack.opts.args = { judge: ['--provider', 'offline', ...tls], inference: tls, aggregation: tls, coordinator: tls };
+    healthPort = await freePort();
+    stack.opts.args = { judge: ['--provider', 'offline', ...tls], inference: tls, aggregation: tls, coordinator: [...tls, '--health-port', String(healthPort)] };
     stack.opts.clientCredentials = clientCredentials({ ca: certs.ca, cert: certs.clientCert, key: certs.clientKey });
     await stack.startAll();
   });
@@ -47,5 +49,13 @@ describe('mutual TLS between the services and with clients', () => {
     expect(await checkHealth(address, '', 3000, grpc.credentials.createInsecure())).toBe('UNREACHABLE');
     expect(await checkHealth(address, '', 3000, clientCredentials({ ca: certs.ca }))).toBe('UNREACHABLE');
     expect(await checkHealth(address, '', 3000, clientCredentials({ ca: certs.otherCa, cert: certs.clientCert, key: certs.clientKey }))).toBe('UNREACHABLE');
+  });
+
+  it('answers the kubelet\'s plaintext health probe on --health-port, and nothing else there', async () => {
+    const probe = `127.0.0.1:${healthPort}`;
+    expect(await checkHealth(probe, '', 3000, grpc.credentials.createInsecure())).toBe('SERVING');
+    const plain = coordinatorClient(probe);
+    await expect(startRun(plain, { name: 'through-the-probe-port' })).rejects.toMatchObject({ code: grpc.status.UNIMPLEMENTED });
+    plain.close();
   });
 });
