@@ -27,7 +27,7 @@ function validate(sets: string[]): { count: number; problems: unknown[] } {
 }
 
 const MODEL = 'inference.model.existingClaim=models';
-const EVERYTHING = [MODEL, 'metrics.serviceMonitor.enabled=true', 'metrics.serviceMonitor.labels.release=kube-prometheus-stack', 'metrics.prometheusRule.enabled=true', 'metrics.grafanaDashboards.enabled=true', 'judge.apiKey.existingSecret=judge-key', 'inference.replicas=2', 'inference.model.build.enabled=true'];
+const EVERYTHING = [MODEL, 'metrics.serviceMonitor.enabled=true', 'metrics.serviceMonitor.labels.release=kube-prometheus-stack', 'metrics.prometheusRule.enabled=true', 'metrics.grafanaDashboards.enabled=true', 'judge.apiKey.existingSecret=judge-key', 'inference.replicas=2', 'inference.model.build.enabled=true', 'tls.enabled=true', 'tls.existingSecret=axis-tls'];
 
 maybe('the helm chart', () => {
   it('passes helm lint', () => {
@@ -129,6 +129,30 @@ maybe('the helm chart', () => {
     const sm = render(EVERYTHING).find((d) => d.kind === 'ServiceMonitor');
     expect(sm.metadata.labels.release).toBe('kube-prometheus-stack');
     expect(sm.spec.endpoints[0].port).toBe('metrics');
+  });
+
+  it('wires TLS from one Secret into every pod: certificate, key, CA (mutual by default), probes on the plaintext health port', () => {
+    const docs = render([MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls']);
+    const deployments = docs.filter((d) => d.kind === 'Deployment');
+    expect(deployments).toHaveLength(4);
+    for (const d of deployments) {
+      const spec = d.spec.template.spec;
+      const c = spec.containers[0];
+      const env = Object.fromEntries(c.env.map((e: any) => [e.name, e.value]));
+      expect(env).toMatchObject({ AXIS_TLS_CERT: '/secrets/tls/tls.crt', AXIS_TLS_KEY: '/secrets/tls/tls.key', AXIS_TLS_CA: '/secrets/tls/ca.crt', AXIS_TLS_CLIENT_CA: '/secrets/tls/ca.crt', AXIS_HEALTH_PORT: '8086' });
+      expect(c.volumeMounts).toContainEqual({ name: 'tls', mountPath: '/secrets/tls', readOnly: true });
+      expect(spec.volumes).toContainEqual({ name: 'tls', secret: { secretName: 'axis-tls' } });
+      expect(c.readinessProbe.grpc.port).toBe(8086);
+    }
+    const coordinator = deployments.find((d) => d.metadata.name === 'axis-coordinator').spec.template.spec.containers[0];
+    expect(coordinator.args).toContain('--tls-inference-server-name=axis-inference.research.svc');
+    const oneWay = render([MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls', 'tls.mutual=false']);
+    expect(JSON.stringify(oneWay)).not.toContain('AXIS_TLS_CLIENT_CA');
+    const noSecret = helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'tls.enabled=true']);
+    expect(noSecret.status).not.toBe(0);
+    expect(noSecret.stderr).toContain('tls.existingSecret');
+    // Without TLS: no Secret, probes on the gRPC port.
+    expect(JSON.stringify(render([MODEL]))).not.toContain('/secrets/tls');
   });
 
   it('rejects a typo in values, and a model-less onnx install, with a message naming it', () => {

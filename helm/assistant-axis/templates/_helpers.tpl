@@ -70,15 +70,48 @@ env:
     value: 0.0.0.0
   - name: AXIS_LOG_LEVEL
     value: {{ .root.Values.logLevel | quote }}
+  {{- if .root.Values.tls.enabled }}
+  # TLS from the mounted Secret (tls.crt, tls.key, ca.crt); the probes use the plaintext health port.
+  - { name: AXIS_TLS_CERT, value: /secrets/tls/tls.crt }
+  - { name: AXIS_TLS_KEY, value: /secrets/tls/tls.key }
+  - { name: AXIS_TLS_CA, value: /secrets/tls/ca.crt }
+  {{- if .root.Values.tls.mutual }}
+  - { name: AXIS_TLS_CLIENT_CA, value: /secrets/tls/ca.crt }
+  {{- end }}
+  - { name: AXIS_HEALTH_PORT, value: {{ .root.Values.tls.healthPort | quote }} }
+  {{- end }}
 readinessProbe:
   grpc:
-    port: {{ .values.port }}
+    port: {{ include "axis.probePort" . }}
   periodSeconds: 5
 livenessProbe:
   grpc:
-    port: {{ .values.port }}
+    port: {{ include "axis.probePort" . }}
   periodSeconds: 20
   failureThreshold: 6
 resources:
   {{- toYaml .values.resources | nindent 2 }}
+{{- end -}}
+
+{{/* The port the kubelet probes: the gRPC port, or with TLS the plaintext health port (kubelet probes cannot speak TLS). */}}
+{{- define "axis.probePort" -}}
+{{- if .root.Values.tls.enabled -}}{{ .root.Values.tls.healthPort }}{{- else -}}{{ .values.port }}{{- end -}}
+{{- end -}}
+
+{{/* The TLS Secret's mount and volume, in every pod when TLS is on. */}}
+{{- define "axis.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- { name: tls, mountPath: /secrets/tls, readOnly: true }
+{{- end }}
+{{- end -}}
+
+{{- define "axis.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+{{- if not .Values.tls.existingSecret }}
+{{- fail "tls.existingSecret: name the Secret holding tls.crt, tls.key and ca.crt (e.g. made by cert-manager) when tls.enabled is true" }}
+{{- end }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+{{- end }}
 {{- end -}}
