@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference bench-fullscale helm
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference bench-fullscale soak helm
 
 install: $(NODE_MODULES)
 
@@ -67,6 +67,11 @@ bench-inference: build
 # 20,000-item leg at an 8-GPU node's pace with a realistic judge (about 40 minutes, a few GB of disk).
 bench-fullscale: build
 	node dist/bench/fullscale.js
+
+# Every service killed -9 at least 10 times during a run, a one-minute judge API outage, 429s and
+# the aggregation's disk full (as root): nothing lost, nothing doubled (about 10 minutes).
+soak: build
+	node dist/bench/soak.js
 
 up: build
 	node dist/services/cli/up.js

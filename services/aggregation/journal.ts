@@ -73,6 +73,14 @@ export class Journal {
         await this.handle!.sync();
         for (const b of batch) b.resolve();
       } catch (err) {
+        // A failed write (a full disk) may have left part of the batch in the file: cut it off,
+        // and move the records queued after it back into its place, so that the segment stays a
+        // sequence of whole records and replay never stops at a torn one before acknowledged ones.
+        const start = batch[0].ref.offset - HEADER;
+        const bytes = batch.reduce((n, b) => n + b.bytes.length, 0);
+        await this.handle!.truncate(start).catch(() => undefined);
+        this.size -= bytes;
+        for (const q of this.queue) if (q.ref.segment === batch[0].ref.segment) q.ref.offset -= bytes;
         for (const b of batch) b.reject(err as Error);
       }
       // Full, and nothing queued for it: what is appended from here on goes to the next segment.

@@ -65,7 +65,11 @@ export class RunFailure extends Error {}
 /** The judge spending cap is reached: the run stops taking items and pauses. */
 class SpendingCapReached extends Error {}
 
-const RETRY_ATTEMPTS = 8;
+/**
+ * How long a step keeps being retried while its upstream fails (an API outage, a full disk at
+ * aggregation, a restarting service) before the run fails; the backoff grows to 30 s.
+ */
+const RETRY_PATIENCE_MS = 10 * 60_000;
 const JUDGE_BACKLOG_PER_SLOT = 4;
 /** Activations generated and not yet acknowledged by aggregation, at most (each holds its bytes). */
 const MAX_INGEST_BACKLOG = 256;
@@ -553,7 +557,11 @@ export class RunExecutor {
     const id = ingestId(run, item.role, item.key, payload.$case === 'activation');
     await this.retrying(`aggregate ${item.role}/${item.key}`, async () => {
       const ack = await this.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload });
-      if (ack.error) throw new RunFailure(`aggregation refused the ${payload.$case} of ${item.role}/${item.key}: ${ack.error.message}`);
+      if (ack.error) {
+        // A refusal (the message is wrong) ends the run; anything else (e.g. its disk is full) is retried.
+        const msg = `aggregation ${ack.error.code === grpc.status.INVALID_ARGUMENT ? 'refused' : 'could not store'} the ${payload.$case} of ${item.role}/${item.key}: ${ack.error.message}`;
+        throw ack.error.code === grpc.status.INVALID_ARGUMENT ? new RunFailure(msg) : new RetryableError(msg);
+      }
     });
   }
 
@@ -604,19 +612,21 @@ export class RunExecutor {
 
   /** Stream errors (a replica restarting, a dropped connection) are retried with backoff; item errors are not. */
   private async retrying<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    const started = Date.now();
     for (let attempt = 1; ; attempt++) {
       try {
         return await fn();
       } catch (err) {
-        if (err instanceof RunFailure || err instanceof SpendingCapReached || this.cancelled || attempt >= RETRY_ATTEMPTS) {
-          throw err instanceof RunFailure || err instanceof SpendingCapReached ? err : new RunFailure(`${what}: ${(err as Error).message} (after ${attempt} attempts)`);
+        if (err instanceof RunFailure || err instanceof SpendingCapReached || this.cancelled || Date.now() - started > RETRY_PATIENCE_MS) {
+          throw err instanceof RunFailure || err instanceof SpendingCapReached ? err : new RunFailure(`${what}: ${(err as Error).message} (after ${attempt} attempts in ${Math.round((Date.now() - started) / 1000)} s)`);
         }
-        const delay = Math.min(5000, 100 * 2 ** attempt) * (0.5 + Math.random() / 2);
-        this.log.warn({ what, attempt, err: (err as Error).message }, 'retrying');
+        const delay = Math.min(30_000, 100 * 2 ** Math.min(attempt, 12)) * (0.5 + Math.random() / 2);
+        if (attempt <= 3 || attempt % 10 === 0) this.log.warn({ what, attempt, err: (err as Error).message }, 'retrying');
         await new Promise((r) => setTimeout(r, delay));
       }
     }
   }
+
 
   private async computeAndWrite(): Promise<RunSummary> {
     const results = await this.upstreams.aggregation.computeAxis({ run: this.spec.name, minCount: this.spec.minCount, scores: [] });

@@ -25,6 +25,10 @@ export class FakeOpenAIServer {
   private server: http.Server | undefined;
   requests: { path: string; authorization: string | undefined; body: any; at: number; outcome: 'ok' | Fault | 'injected' }[] = [];
   private faults: number[] = [];
+  /** While set, every request's connection is dropped unanswered: the API is down. */
+  down = false;
+  /** While set, every request gets 429 with Retry-After. */
+  rateLimited = false;
   private readonly hanging = new Set<http.ServerResponse>();
   port = 0;
 
@@ -64,6 +68,12 @@ export class FakeOpenAIServer {
         }
         const record = { path: req.url ?? '', authorization: req.headers.authorization, body, at: performance.now(), outcome: 'ok' as 'ok' | Fault | 'injected' };
         this.requests.push(record);
+        if (this.down) {
+          record.outcome = 'injected';
+          req.socket.destroy();
+          return;
+        }
+        if (this.rateLimited) this.faults.unshift(429);
         const fault = this.faults.shift();
         if (fault) {
           record.outcome = 'injected';
