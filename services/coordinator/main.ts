@@ -154,7 +154,7 @@ async function main(): Promise<void> {
   let resumed = false;
   const check = async () => {
     const results = await Promise.all([
-      ...upstreams.inference.replicas.map((r) => r.refresh().then(() => true, () => false)),
+      ...(await upstreams.inference.refreshAll()),
       upstreams.judge.refresh().then(() => true, () => false),
       upstreams.aggregation.runState('probe').then(() => true, () => false),
     ]);

@@ -202,7 +202,9 @@ export class RunExecutor {
       if (this.isDone(item)) continue;
       // The window: what the replicas serving this model can hold now (none while all are gone);
       // a judge or an aggregation that falls behind holds generation back instead of memory growing.
-      while (!this.stopping() && (this.genInFlight >= this.capacity() || this.judgeBacklog >= maxJudgeBacklog || this.ingestBacklog >= MAX_INGEST_BACKLOG)) await this.waitForChange();
+      while (!this.stopping() && (this.genInFlight >= this.capacity() || this.judgeBacklog >= maxJudgeBacklog || this.ingestBacklog >= MAX_INGEST_BACKLOG)) {
+        await Promise.race([this.waitForChange(), new Promise((r) => setTimeout(r, 1000))]);
+      }
       if (this.stopping()) break;
       const task: Promise<void> = this.processItem(item).then(
         () => undefined,
@@ -312,7 +314,8 @@ export class RunExecutor {
     let replicas = this.upstreams.inference.serving(this.spec.model);
     while (replicas.length === 0) {
       if (this.stopping()) throw new RunFailure('the run is stopping');
-      await this.waitForChange();
+      // Woken by the pool when a replica comes back; looked at again every second regardless.
+      await Promise.race([this.waitForChange(), new Promise((r) => setTimeout(r, 1000))]);
       replicas = this.upstreams.inference.serving(this.spec.model);
     }
     return replicas.reduce((best, r) => (r.inFlight / Math.max(1, r.info!.capacity) < best.inFlight / Math.max(1, best.info!.capacity) ? r : best));

@@ -93,6 +93,18 @@ export class InferencePool {
     this.changed();
   }
 
+  /**
+   * Asks every replica for its model again (the coordinator's periodic check); tells the
+   * listeners when one became ready, went away or changed, so that items waiting for a replica
+   * (one restarting, say) go on at once.
+   */
+  async refreshAll(): Promise<boolean[]> {
+    const before = this.replicas.map((r) => JSON.stringify(r.info ?? null));
+    const results = await Promise.all(this.replicas.map((r) => r.refresh().then(() => true, () => false)));
+    if (this.replicas.some((r, i) => JSON.stringify(r.info ?? null) !== before[i])) this.changed();
+    return results;
+  }
+
   /** Replicas that answered GetModelInfo with this model. */
   serving(model: string): InferenceReplica[] {
     return this.replicas.filter((r) => r.info && r.info.model === model);
