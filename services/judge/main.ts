@@ -13,6 +13,9 @@ import { loadPrices } from './costs';
 import { JudgeProvider, OfflineProvider, OpenAIProvider } from './providers';
 import { Scorer, ScoreOutcome } from './scorer';
 
+/** Requests per Batch API batch, at most (the API's limit). */
+const BATCH_MAX_REQUESTS = 50_000;
+
 export const JUDGE_OPTIONS = {
   host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
   port: { type: 'number', env: 'AXIS_JUDGE_PORT', default: DEFAULT_PORTS.judge, help: 'gRPC port' },
@@ -140,6 +143,8 @@ async function main(): Promise<void> {
     getJudgeInfo: unary(log, async () => info),
     submitBatch: unary(log, async (req) => {
       if (req.items.length === 0) throw invalidArgument('items: at least one item is required');
+      // The Batch API's own limit per batch: more would be refused after the upload anyway.
+      if (req.items.length > BATCH_MAX_REQUESTS) throw invalidArgument(`items: at most ${BATCH_MAX_REQUESTS} per batch (the Batch API's limit), got ${req.items.length}`);
       const bad = req.items.findIndex((it) => !it.itemId || !it.evalPrompt);
       if (bad >= 0) throw invalidArgument(`items[${bad}]: item_id and eval_prompt are required`);
       if (new Set(req.items.map((it) => it.itemId)).size !== req.items.length) throw invalidArgument('items: item ids must be unique within a batch');

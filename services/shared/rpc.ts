@@ -89,8 +89,15 @@ export function failStream(call: { emit(event: 'error', err: unknown): boolean }
  * result written when ready (in any order), and the stream ended once the client has ended
  * its side and every result is out. `handle` must not reject: item errors go in its result.
  */
+/**
+ * Requests of one stream being handled at once, at most: beyond it the stream is not read, so
+ * HTTP/2 flow control holds the client back instead of the service queueing without bound.
+ */
+export const MAX_PENDING_PER_STREAM = 1024;
+
 export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, handle: (req: Req) => Promise<Res>): void {
   let pending = 0;
+  let paused = false;
   let ended = false;
   const finish = () => {
     if (ended && pending === 0 && !call.cancelled) call.end();
@@ -105,9 +112,17 @@ export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, han
       return;
     }
     pending++;
+    if (pending >= MAX_PENDING_PER_STREAM && !paused) {
+      paused = true;
+      call.pause();
+    }
     void handle(req).then((res) => {
       pending--;
       if (!call.cancelled) call.write(res);
+      if (paused && pending <= MAX_PENDING_PER_STREAM / 2) {
+        paused = false;
+        call.resume();
+      }
       finish();
     });
   });
