@@ -24,6 +24,8 @@ export interface SoakOptions {
   outageMs: number;
   rateLimitMs: number;
   diskFullMs: number;
+  /** The services killed (default all four). */
+  killServices?: ServiceName[];
   log: (s: string) => void;
 }
 
@@ -88,10 +90,11 @@ export async function soak(opts: SoakOptions): Promise<SoakReport> {
         return undefined; // the coordinator is down
       }
     };
-    const kills = SERVICES.flatMap((s) => Array.from({ length: opts.killsPerService }, () => s)).sort(() => Math.random() - 0.5);
+    const kills = (opts.killServices ?? SERVICES).flatMap((s) => Array.from({ length: opts.killsPerService }, () => s)).sort(() => Math.random() - 0.5);
     // Fault points spread over the run: kills, then the API outage, 429s and the full disk in between.
     const events: { at: number; run: () => Promise<void> }[] = kills.map((s, i) => ({
-      at: (i + 1) / (kills.length + 1),
+      // Spread over the first 80% of the run, so that the last ones still find it running.
+      at: 0.05 + (0.75 * (i + 1)) / (kills.length + 1),
       run: async () => {
         if (s === 'coordinator') client.close();
         await stack.kill9(s);
@@ -163,7 +166,8 @@ export async function soak(opts: SoakOptions): Promise<SoakReport> {
     await stack.stopAll();
     await api.stop();
     if (tmpfs) execFileSync('umount', ['-l', aggregationState], { stdio: 'pipe' });
-    fs.rmSync(dir, { recursive: true, force: true });
+    if (!process.env.AXIS_SOAK_KEEP) fs.rmSync(dir, { recursive: true, force: true });
+    else opts.log(`kept ${dir}`);
   }
 }
 

@@ -141,7 +141,9 @@ export class ColdBucket {
     buf.writeDoubleLE(count, 20);
     Buffer.from(sum.buffer, sum.byteOffset, sum.byteLength).copy(buf, HEADER);
     buf.writeUInt32LE(crc32(buf.subarray(8)), 4);
-    fs.writeSync(this.fd, buf, 0, buf.length, slot * (HEADER + this.bytes));
+    const written = fs.writeSync(this.fd, buf, 0, buf.length, slot * (HEADER + this.bytes));
+    // Short on a full disk: the slot is torn (its crc says so); the other still holds the durable version.
+    if (written !== buf.length) throw new Error(`${this.file}: wrote ${written} of ${buf.length} bytes (is the disk full?)`);
     this.slot = slot;
     this.count = count;
     this.position = position;

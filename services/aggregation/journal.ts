@@ -69,7 +69,11 @@ export class Journal {
       const batch = this.queue;
       this.queue = [];
       try {
-        await this.handle!.writev(batch.map((b) => b.bytes));
+        const total = batch.reduce((n, b) => n + b.bytes.length, 0);
+        // A full disk can end a write short without an error: that is a failure too, or every
+        // later record would lie at another offset than its reference says.
+        const { bytesWritten } = await this.handle!.writev(batch.map((b) => b.bytes));
+        if (bytesWritten !== total) throw new Error(`journal: wrote ${bytesWritten} of ${total} bytes (is the disk full?)`);
         await this.handle!.sync();
         for (const b of batch) b.resolve();
       } catch (err) {

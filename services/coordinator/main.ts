@@ -165,10 +165,7 @@ async function main(): Promise<void> {
     ready.set({ dependency: 'aggregation' }, aggOk ? 1 : 0);
     const ok = infOk && judgeOk && aggOk;
     running.setReady(ok);
-    if (ok && !resumed) {
-      resumed = true;
-      await runs.resumeUnfinished();
-    }
+    if (ok && !resumed) resumed = await runs.resumeUnfinished();
   };
   const loop = async () => {
     try {

@@ -138,8 +138,9 @@ export class RunExecutor {
 
   /** Runs to the end, a cancel or the spending cap; throws RunFailure (or a gRPC error from aggregation) when the run fails. */
   async execute(): Promise<RunOutcome> {
-    const replicas = this.replicasForModel();
-    this.modelInfo = replicas[0].info!;
+    // A replica of the run's model may be restarting (a resume after a crash): wait for one.
+    if (this.upstreams.inference.serving(this.spec.model).length === 0) this.log.warn({ model: this.spec.model }, 'no inference replica serves the run\'s model right now: waiting for one');
+    this.modelInfo = (await this.pickReplica()).info!;
     await this.reconcileAggregation();
     // Replicas come and go (discovery): capacity is re-read, and waits woken, whenever they do.
     const unsubscribe = this.upstreams.inference.onChange(() => this.notify());
@@ -273,12 +274,6 @@ export class RunExecutor {
 
   private waitForChange(): Promise<void> {
     return new Promise((resolve) => this.wake.push(resolve));
-  }
-
-  private replicasForModel(): InferenceReplica[] {
-    const replicas = this.upstreams.inference.serving(this.spec.model);
-    if (replicas.length === 0) throw new RunFailure(`no inference replica serves model ${JSON.stringify(this.spec.model)}`);
-    return replicas;
   }
 
   /** Items the replicas serving this run's model accept at once, now. */

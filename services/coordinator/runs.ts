@@ -108,8 +108,12 @@ export class RunManager {
     return this.view(spec.name);
   }
 
-  /** Picks up every run a previous coordinator left unfinished. */
-  async resumeUnfinished(): Promise<void> {
+  /**
+   * Picks up every run a previous coordinator left unfinished. Returns false when a run could
+   * not start for a passing reason (a service unreachable right now): the caller tries again.
+   */
+  async resumeUnfinished(): Promise<boolean> {
+    let all = true;
     for (const run of this.ledger.listRuns()) {
       if (TERMINAL.includes(run.state) || this.executors.has(run.name)) continue;
       this.log.info({ run: run.name, state: run.state }, 'resuming run after restart');
@@ -117,9 +121,16 @@ export class RunManager {
       try {
         await this.launch(run.spec);
       } catch (err) {
+        const code = (err as { code?: number }).code;
+        if (code === grpc.status.UNAVAILABLE || code === grpc.status.DEADLINE_EXCEEDED) {
+          this.log.warn({ run: run.name, err: (err as Error).message }, 'cannot resume yet: a service is unreachable; trying again');
+          all = false;
+          continue;
+        }
         this.ledger.setRunState(run.name, 'FAILED', { error: `cannot resume: ${(err as Error).message}`, finishedAt: new Date().toISOString() });
       }
     }
+    return all;
   }
 
   get(name: string): Run {
