@@ -12,7 +12,7 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { RunState } from '../gen/assistant_axis/v1/coordinator';
-import type { LocalStack, ServiceName } from '../services/cli/stack';
+import type { ServiceName } from '../services/cli/stack';
 import { coordinatorClient, getRun, startRun, watchRun } from '../services/cli/client';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
 import { readAxis, readRunFiles, ulpDistance } from '../test/helpers/runfiles';

@@ -23,7 +23,7 @@ export class WriteBackCache {
 
   touch(bucket: ColdBucket): void {
     if (this.order.has(bucket)) this.order.delete(bucket);
-    else this.bytes += bucket.cachedBytes;
+    else this.bytes += bucket.size * 8;
     this.order.add(bucket);
     while (this.bytes > this.maxBytes && this.order.size > 1) {
       const oldest = this.order.values().next().value!;
@@ -111,10 +111,6 @@ export class ColdBucket {
     this.dirty = false;
     this.cached = undefined;
     ColdBucket.cache.forget(this);
-  }
-
-  get cachedBytes(): number {
-    return this.cached ? this.bytes : 0;
   }
 
   /** Makes the latest version durable (at a checkpoint); the next writes go to the other slot. */

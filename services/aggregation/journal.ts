@@ -68,8 +68,8 @@ export class Journal {
     while (this.queue.length) {
       const batch = this.queue;
       this.queue = [];
+      const total = batch.reduce((n, b) => n + b.bytes.length, 0);
       try {
-        const total = batch.reduce((n, b) => n + b.bytes.length, 0);
         // A full disk can end a write short without an error: that is a failure too, or every
         // later record would lie at another offset than its reference says.
         const { bytesWritten } = await this.handle!.writev(batch.map((b) => b.bytes));
@@ -81,10 +81,9 @@ export class Journal {
         // and move the records queued after it back into its place, so that the segment stays a
         // sequence of whole records and replay never stops at a torn one before acknowledged ones.
         const start = batch[0].ref.offset - HEADER;
-        const bytes = batch.reduce((n, b) => n + b.bytes.length, 0);
         await this.handle!.truncate(start).catch(() => undefined);
-        this.size -= bytes;
-        for (const q of this.queue) if (q.ref.segment === batch[0].ref.segment) q.ref.offset -= bytes;
+        this.size -= total;
+        for (const q of this.queue) if (q.ref.segment === batch[0].ref.segment) q.ref.offset -= total;
         for (const b of batch) b.reject(err as Error);
       }
       // Full, and nothing queued for it: what is appended from here on goes to the next segment.

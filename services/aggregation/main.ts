@@ -11,7 +11,7 @@ import { createRegistry, prom } from '../shared/metrics';
 import { isSafeName, nameProblem } from '../shared/names';
 import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, serveBidi, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
-import { decodeTensor, encodeTensor, TensorError } from '../shared/tensor';
+import { encodeTensor, TensorError } from '../shared/tensor';
 import { IngestError } from './accumulator';
 import { DurableStore } from './store';
 import { NoAxisError, toFloat32 } from './axis';

@@ -21,7 +21,7 @@ import { estimateTokens } from '../judge/costs';
 import { judgePrompt } from '../judge/prompt';
 import { JUDGE_MAX_TOKENS } from '../shared/defaults';
 import { DONE } from './ledger';
-import type { ItemRow, JudgeUsage, Ledger, RunSpec } from './ledger';
+import type { ItemRow, JudgeUsage, Ledger, RoleCounts, RunSpec } from './ledger';
 import { manifest } from './manifest';
 import { responseRecord, writeRoleFiles } from './runFiles';
 import { ingestId, InferenceReplica, Upstreams } from './upstreams';
@@ -178,16 +178,9 @@ export class RunExecutor {
     const p = this.progress;
     Object.assign(p, { ...emptyProgress(p.rolesTotal), skipped: p.skipped, rolesWritten: written.size });
     this.remaining.clear();
-    // Counted by the database: the coordinator never holds all of a run's items.
-    for (const c of this.ledger.roleCounts(this.spec.name)) {
-      p.itemsTotal += c.total;
-      if (!isDefaultRole(c.role)) p.toJudge += c.total;
-      p.generated += c.generated;
-      p.judged += c.judged;
-      p.judgeUnscored += c.unscored;
-      this.addUsage(c.usage);
-      p.aggregated += c.done;
-      p.recovered += c.recovered;
+    const counts = this.ledger.roleCounts(this.spec.name);
+    addCounts(p, counts);
+    for (const c of counts) {
       if (c.done < c.total) this.remaining.set(c.role, c.total - c.done);
     }
     if (firstRound) p.skipped = p.aggregated;
@@ -203,9 +196,7 @@ export class RunExecutor {
       if (this.isDone(item)) continue;
       // The window: what the replicas serving this model can hold now (none while all are gone);
       // a judge or an aggregation that falls behind holds generation back instead of memory growing.
-      while (!this.stopping() && (this.genInFlight >= this.capacity() || this.judgeBacklog >= maxJudgeBacklog || this.ingestBacklog >= MAX_INGEST_BACKLOG)) {
-        await Promise.race([this.waitForChange(), new Promise((r) => setTimeout(r, 1000))]);
-      }
+      while (!this.stopping() && (this.genInFlight >= this.capacity() || this.judgeBacklog >= maxJudgeBacklog || this.ingestBacklog >= MAX_INGEST_BACKLOG)) await this.waitForChange(1000);
       if (this.stopping()) break;
       const task: Promise<void> = this.processItem(item).then(
         () => undefined,
@@ -230,11 +221,7 @@ export class RunExecutor {
   }
 
   private addUsage(u: JudgeUsage): void {
-    const p = this.progress;
-    p.judgeCostUsd += u.costUsd;
-    p.judgePromptTokens += u.promptTokens;
-    p.judgeCompletionTokens += u.completionTokens;
-    p.judgePossiblyBilledTokens += u.possiblyBilledTokens;
+    addUsage(this.progress, u);
   }
 
   /**
@@ -272,8 +259,17 @@ export class RunExecutor {
     for (const f of w) f();
   }
 
-  private waitForChange(): Promise<void> {
-    return new Promise((resolve) => this.wake.push(resolve));
+  /** Until something changes (or, given `maxMs`, at most that long: for what nothing announces). */
+  private waitForChange(maxMs?: number): Promise<void> {
+    return new Promise((resolve) => {
+      this.wake.push(resolve);
+      if (maxMs !== undefined) {
+        setTimeout(() => {
+          this.wake = this.wake.filter((w) => w !== resolve);
+          resolve();
+        }, maxMs);
+      }
+    });
   }
 
   /** Items the replicas serving this run's model accept at once, now. */
@@ -310,7 +306,7 @@ export class RunExecutor {
     while (replicas.length === 0) {
       if (this.stopping()) throw new RunFailure('the run is stopping');
       // Woken by the pool when a replica comes back; looked at again every second regardless.
-      await Promise.race([this.waitForChange(), new Promise((r) => setTimeout(r, 1000))]);
+      await this.waitForChange(1000);
       replicas = this.upstreams.inference.serving(this.spec.model);
     }
     return replicas.reduce((best, r) => (r.inFlight / Math.max(1, r.info!.capacity) < best.inFlight / Math.max(1, best.info!.capacity) ? r : best));
@@ -671,6 +667,29 @@ export class RunExecutor {
 }
 
 class RetryableError extends Error {}
+
+function addUsage(p: Progress, u: JudgeUsage): void {
+  p.judgeCostUsd += u.costUsd;
+  p.judgePromptTokens += u.promptTokens;
+  p.judgeCompletionTokens += u.completionTokens;
+  p.judgePossiblyBilledTokens += u.possiblyBilledTokens;
+}
+
+/** Adds the ledger's per-role counts to a progress: counted by SQL, so no run's items are held. */
+export function addCounts(p: Progress, counts: RoleCounts[]): void {
+  for (const c of counts) {
+    p.itemsTotal += c.total;
+    p.generated += c.generated;
+    if (!isDefaultRole(c.role)) {
+      p.toJudge += c.total;
+      p.judged += c.judged;
+      p.judgeUnscored += c.unscored;
+    }
+    p.aggregated += c.done;
+    p.recovered += c.recovered;
+    addUsage(p, c.usage);
+  }
+}
 
 export function emptyProgress(rolesTotal: number): Progress {
   return {

@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING, JUDGE_MAX_TOKENS } from '../shared/defaults';
 import type { Logger } from '../shared/logger';
-import { isDefaultRole, itemKey, nameProblem } from '../shared/names';
+import { itemKey, nameProblem } from '../shared/names';
 import { failedPrecondition, invalidArgument, notFound, RpcError } from '../shared/rpc';
 import { DataSet, loadDataSet } from './data';
 import { ADJUSTABLE_SPEC_FIELDS, Ledger, RunRow, RunSpec, RunStateName } from './ledger';
@@ -13,7 +13,7 @@ import { BATCH_PRICE_FACTOR } from '../judge/batch';
 import { readSafetensors } from '../shared/safetensors';
 import { estimateTokens } from '../judge/costs';
 import { judgePrompt } from '../judge/prompt';
-import { emptyProgress, Progress, RunExecutor, RunOutcome, RunSummary } from './run';
+import { addCounts, emptyProgress, Progress, RunExecutor, RunOutcome, RunSummary } from './run';
 import type { Upstreams } from './upstreams';
 
 export interface RunManagerOptions {
@@ -452,21 +452,7 @@ export class RunManager {
   /** A run's progress from the ledger's counts (a run not running here). */
   private progressFromLedger(row: RunRow): Progress {
     const p: Progress = { ...emptyProgress(row.spec.roles.length), rolesWritten: this.ledger.writtenRoles(row.name).size, judgeBatchesOpen: this.ledger.openJudgeBatches(row.name).length };
-    for (const c of this.ledger.roleCounts(row.name)) {
-      p.itemsTotal += c.total;
-      p.generated += c.generated;
-      if (!isDefaultRole(c.role)) {
-        p.toJudge += c.total;
-        p.judged += c.judged;
-        p.judgeUnscored += c.unscored;
-      }
-      p.aggregated += c.done;
-      p.recovered += c.recovered;
-      p.judgeCostUsd += c.usage.costUsd;
-      p.judgePromptTokens += c.usage.promptTokens;
-      p.judgeCompletionTokens += c.usage.completionTokens;
-      p.judgePossiblyBilledTokens += c.usage.possiblyBilledTokens;
-    }
+    addCounts(p, this.ledger.roleCounts(row.name));
     return p;
   }
 }

@@ -9,6 +9,7 @@ import { FakeKubeApiServer } from '../doubles/kube-apiserver';
 import { coordinatorClient, getRun, startRun, watchRun, waitFor } from '../helpers/grpc';
 import { readRunFiles } from '../helpers/runfiles';
 import { freePort, ROOT, testStack } from '../helpers/stack';
+import { metricValue } from '../helpers/metrics';
 
 describe('discovery targets', () => {
   it('reads host:port lists and k8s:// targets, and names what is wrong', () => {
@@ -63,10 +64,8 @@ describe('a run over replicas that come and go (Kubernetes EndpointSlice discove
     await waitServing(`${ip}:${port}`, 30_000);
   }
 
-  async function itemsServed(ip: string): Promise<number> {
-    const text = await fetch(`http://${ip}:${replicas.get(ip)!.metricsPort}/metrics`).then((r) => r.text(), () => '');
-    const m = /axis_inference_items_total\{rpc="Generate",outcome="ok"[^}]*\} (\d+)/.exec(text);
-    return m ? Number(m[1]) : 0;
+  function itemsServed(ip: string): Promise<number> {
+    return metricValue(`http://${ip}:${replicas.get(ip)!.metricsPort}/metrics`, 'axis_inference_items_total', { rpc: 'Generate', outcome: 'ok' });
   }
 
   beforeAll(async () => {

@@ -8,6 +8,7 @@ import type { LocalStack } from '../../services/cli/stack';
 import { coordinatorClient, startRun, startRunError, watchRun } from '../helpers/grpc';
 import { readAxis, readRunFiles } from '../helpers/runfiles';
 import { ROOT, testStack } from '../helpers/stack';
+import { metricValue } from '../helpers/metrics';
 
 const exec = promisify(execFile);
 
@@ -33,12 +34,12 @@ describe('import of a reference run, and two-pass runs', () => {
 
   /** Items answered by inference (by RPC) and judged, from the services' own metrics. */
   async function counts(): Promise<Record<string, number>> {
-    const inference = await (await fetch(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`)).text();
-    const judge = await (await fetch(`http://${stack.host}:${stack.metricsPorts.judge}/metrics`)).text();
-    const out: Record<string, number> = {};
-    for (const rpc of ['Generate', 'Extract']) out[rpc] = Number(new RegExp(`axis_inference_items_total\\{rpc="${rpc}",outcome="ok"[^}]*\\} (\\d+)`).exec(inference)?.[1] ?? 0);
-    out.judged = [...judge.matchAll(/axis_judge_items_total\{[^}]*\} (\d+)/g)].reduce((n, m) => n + Number(m[1]), 0);
-    return out;
+    const inference = `http://${stack.host}:${stack.metricsPorts.inference}/metrics`;
+    return {
+      Generate: await metricValue(inference, 'axis_inference_items_total', { rpc: 'Generate', outcome: 'ok' }),
+      Extract: await metricValue(inference, 'axis_inference_items_total', { rpc: 'Extract', outcome: 'ok' }),
+      judged: await metricValue(`http://${stack.host}:${stack.metricsPorts.judge}/metrics`, 'axis_judge_items_total'),
+    };
   }
 
   async function run(name: string, extra: Record<string, unknown> = {}) {

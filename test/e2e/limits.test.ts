@@ -4,6 +4,7 @@ import type { LocalStack } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
 import { MAX_PENDING_PER_STREAM } from '../../services/shared/rpc';
 import { testStack } from '../helpers/stack';
+import { metricValue } from '../helpers/metrics';
 
 /**
  * A client cannot make a service queue without bound: one stream that sends requests far
@@ -30,7 +31,7 @@ describe('limits', () => {
     call.on('error', () => undefined);
     const req = (i: number): GenerateRequest => ({ itemId: `flood-${i}`, messages: [{ role: 'user', content: `question ${i}` }], sampling: { temperature: 0.7, topP: 0.9, maxNewTokens: 64, maxContext: 2048, seed: 0 }, seed: i, layers: [] });
     for (let i = 0; i < 20 * MAX_PENDING_PER_STREAM; i++) call.write(req(i));
-    const inFlight = async () => Number(/^axis_inference_in_flight\{[^}]*\} (\d+)/m.exec(await (await fetch(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`)).text())?.[1] ?? -1);
+    const inFlight = () => metricValue(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`, 'axis_inference_in_flight');
     await new Promise((r) => setTimeout(r, 3000));
     const held = await inFlight();
     expect(held).toBeGreaterThan(MAX_PENDING_PER_STREAM / 2);

@@ -5,6 +5,7 @@ import type { LocalStack, ServiceName } from '../../services/cli/stack';
 import { coordinatorClient, getRun, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { readAxis, readRunFiles, ulpDistance } from '../helpers/runfiles';
 import { testStack } from '../helpers/stack';
+import { metricValue } from '../helpers/metrics';
 
 const QUESTIONS = 6;
 const REQUEST = { questionCount: QUESTIONS, minCount: 5, seed: 3, maxNewTokens: 48 };
@@ -104,7 +105,7 @@ describe('restarts', () => {
 
   it('survives the loss of the aggregation\'s whole state: activations are measured again by Extract (counted as recovered), nothing is generated again', async () => {
     const name = 'aggregation-wiped';
-    const generated = async () => Number(/axis_inference_items_total\{rpc="Generate",outcome="ok"[^}]*\} (\d+)/.exec(await (await fetch(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`)).text())?.[1] ?? 0);
+    const generated = () => metricValue(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`, 'axis_inference_items_total', { rpc: 'Generate', outcome: 'ok' });
     const generatedBefore = await generated();
     const client = coordinatorClient(stack.address('coordinator'));
     await startRun(client, { name, ...REQUEST });

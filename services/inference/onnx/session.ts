@@ -106,13 +106,7 @@ export class DecoderSession {
 
   /** Empty KV cache for a new sequence. */
   emptyPast(): Record<string, ort.Tensor> {
-    const { num_layers: L, num_key_value_heads: kv, head_dim: hd } = this.metadata;
-    const past: Record<string, ort.Tensor> = {};
-    for (let l = 0; l < L; l++) {
-      past[`past_key_values.${l}.key`] = new ort.Tensor('float32', new Float32Array(0), [1, kv, 0, hd]);
-      past[`past_key_values.${l}.value`] = new ort.Tensor('float32', new Float32Array(0), [1, kv, 0, hd]);
-    }
-    return past;
+    return this.emptyBatchPast(1);
   }
 
   /** Feeds `ids` at positions pastLength.. after the cached `past` (one sequence, no padding). */
