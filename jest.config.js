@@ -3,6 +3,7 @@ module.exports = {
   // The host's typed-array constructors, which onnxruntime-node requires (see the file).
   testEnvironment: '<rootDir>/test/helpers/ort-environment.js',
   roots: ['<rootDir>/test'],
+  globalSetup: '<rootDir>/test/helpers/global-setup.js',
   testMatch: ['**/*.test.ts'],
   transform: {
     '^.+\\.ts$': ['ts-jest', { tsconfig: 'tsconfig.test.json' }],

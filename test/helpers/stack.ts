@@ -7,7 +7,8 @@ import { LocalStack, ServiceName, StackOptions } from '../../services/cli/stack'
 
 // From source (test/helpers) or compiled (dist/test/helpers, for the benchmarks).
 export const ROOT = repoRoot();
-export const UPSTREAM_DATA = path.resolve(ROOT, '..', 'shared', 'upstream', 'data');
+/** The reference pipeline's public data set: `../shared/upstream/data` beside the checkout, or AXIS_UPSTREAM_DATA. */
+export const UPSTREAM_DATA = process.env.AXIS_UPSTREAM_DATA ? path.resolve(process.env.AXIS_UPSTREAM_DATA) : path.resolve(ROOT, '..', 'shared', 'upstream', 'data');
 
 /** A port nothing listens on right now. */
 export function freePort(): Promise<number> {
