@@ -10,16 +10,30 @@ export const ROOT = repoRoot();
 /** The reference pipeline's public data set: `../shared/upstream/data` beside the checkout, or AXIS_UPSTREAM_DATA. */
 export const UPSTREAM_DATA = process.env.AXIS_UPSTREAM_DATA ? path.resolve(process.env.AXIS_UPSTREAM_DATA) : path.resolve(ROOT, '..', 'shared', 'upstream', 'data');
 
-/** A port nothing listens on right now. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+// Ports for test services come from below the kernel's ephemeral range (32768+ on Linux), one slice per jest
+// worker: a port taken from the ephemeral range and released can be taken again, before the service binds it,
+// by any outgoing connection or by another worker (CI once failed on exactly that: EADDRINUSE).
+const PORT_BASE = 20_000;
+const PORT_SLICE = 500;
+const PORT_SLICES = 24;
+const workerSlice = Number(process.env.JEST_WORKER_ID ?? 0) % PORT_SLICES;
+let nextOffset = Math.floor(Math.random() * PORT_SLICE);
+
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
   });
+}
+
+/** A port nothing listens on right now, outside the ephemeral range and not handed out before in this process. */
+export async function freePort(): Promise<number> {
+  for (let tries = 0; tries < PORT_SLICE; tries++) {
+    const port = PORT_BASE + workerSlice * PORT_SLICE + (nextOffset++ % PORT_SLICE);
+    if (await canListen(port)) return port;
+  }
+  throw new Error(`no free port in ${PORT_BASE + workerSlice * PORT_SLICE}..${PORT_BASE + (workerSlice + 1) * PORT_SLICE - 1}`);
 }
 
 export function tempDir(prefix: string): string {
