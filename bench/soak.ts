@@ -24,6 +24,8 @@ export interface SoakOptions {
   outageMs: number;
   rateLimitMs: number;
   diskFullMs: number;
+  /** Also kill -9 the aggregation while its disk is full, and restart it as a supervisor would (again and again until it serves). */
+  killDuringDiskFull?: boolean;
   /** The services killed (default all four). */
   killServices?: ServiceName[];
   log: (s: string) => void;
@@ -120,8 +122,15 @@ export async function soak(opts: SoakOptions): Promise<SoakReport> {
           }
           fs.closeSync(fd);
           faults.disk_full++;
+          let restarted: Promise<void> = Promise.resolve();
+          if (opts.killDuringDiskFull) {
+            await stack.kill9('aggregation');
+            faults.kill9_aggregation_disk_full = (faults.kill9_aggregation_disk_full ?? 0) + 1;
+            restarted = restartUntilServing(stack, 'aggregation', opts.log);
+          }
           await sleep(opts.diskFullMs);
           fs.rmSync(ballast);
+          await restarted;
         },
       });
     }
@@ -171,6 +180,20 @@ export async function soak(opts: SoakOptions): Promise<SoakReport> {
   }
 }
 
+/** Starts a service again and again (as Kubernetes restarts a crashing container) until it serves. */
+async function restartUntilServing(stack: Awaited<ReturnType<typeof testStack>>['stack'], name: ServiceName, log: (s: string) => void): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await stack.start(name, 10_000);
+      return;
+    } catch (err) {
+      log(`${name} restart ${attempt} failed: ${(err as Error).message.split('\n')[0]}`);
+      await stack.kill9(name);
+      await sleep(1000);
+    }
+  }
+}
+
 export function printReport(r: SoakReport, out: (s: string) => void): void {
   out(`soak: ${r.items} items in ${r.seconds.toFixed(0)} s`);
   out(`faults injected and survived: ${Object.entries(r.faults).map(([k, v]) => `${k} ${v}`).join(', ')}`);
@@ -182,7 +205,7 @@ export function printReport(r: SoakReport, out: (s: string) => void): void {
 
 if (require.main === module) {
   const log = (s: string) => process.stdout.write(s + '\n');
-  soak({ questionCount: Number(process.env.AXIS_SOAK_QUESTIONS ?? 20), killsPerService: Number(process.env.AXIS_SOAK_KILLS ?? 10), outageMs: 60_000, rateLimitMs: 20_000, diskFullMs: 15_000, log })
+  soak({ questionCount: Number(process.env.AXIS_SOAK_QUESTIONS ?? 20), killsPerService: Number(process.env.AXIS_SOAK_KILLS ?? 10), outageMs: Number(process.env.AXIS_SOAK_OUTAGE_MS ?? 60_000), rateLimitMs: Number(process.env.AXIS_SOAK_429_MS ?? 20_000), diskFullMs: 15_000, killDuringDiskFull: process.env.AXIS_SOAK_KILL_DISK_FULL !== '0', log })
     .then((r) => {
       printReport(r, log);
       process.exit(r.lost || r.doubled || r.scoresDiffer || r.axisUlp > 1 ? 1 : 0);

@@ -182,8 +182,8 @@ export class RunAccumulator {
       const cb = this.coldBucket(role, bucket);
       // On replay after a crash, a cold file may already hold this record's fold.
       if (!position || after(position, cb.position)) {
-        cb.add(data, position ?? cb.position);
         this.dirtyCold.add(cb);
+        cb.add(data, position ?? cb.position);
       }
       this.folded++;
       return;

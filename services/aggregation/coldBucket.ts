@@ -27,7 +27,12 @@ export class WriteBackCache {
     this.order.add(bucket);
     while (this.bytes > this.maxBytes && this.order.size > 1) {
       const oldest = this.order.values().next().value!;
-      oldest.flush();
+      try {
+        oldest.flush();
+      } catch {
+        // The disk is full: the sums stay in RAM, over budget, until a later eviction or checkpoint can write them.
+        return;
+      }
     }
   }
 
@@ -139,7 +144,7 @@ export class ColdBucket {
     buf.writeUInt32LE(crc32(buf.subarray(8)), 4);
     const written = fs.writeSync(this.fd, buf, 0, buf.length, slot * (HEADER + this.bytes));
     // Short on a full disk: the slot is torn (its crc says so); the other still holds the durable version.
-    if (written !== buf.length) throw new Error(`${this.file}: wrote ${written} of ${buf.length} bytes (is the disk full?)`);
+    if (written !== buf.length) throw Object.assign(new Error(`${this.file}: wrote ${written} of ${buf.length} bytes: the disk is full`), { code: 'ENOSPC' });
     this.slot = slot;
     this.count = count;
     this.position = position;

@@ -73,7 +73,7 @@ export class Journal {
         // A full disk can end a write short without an error: that is a failure too, or every
         // later record would lie at another offset than its reference says.
         const { bytesWritten } = await this.handle!.writev(batch.map((b) => b.bytes));
-        if (bytesWritten !== total) throw new Error(`journal: wrote ${bytesWritten} of ${total} bytes (is the disk full?)`);
+        if (bytesWritten !== total) throw Object.assign(new Error(`journal: wrote ${bytesWritten} of ${total} bytes: the disk is full`), { code: 'ENOSPC' });
         await this.handle!.sync();
         for (const b of batch) b.resolve();
       } catch (err) {

@@ -81,9 +81,13 @@ async function main(): Promise<void> {
       messages.inc({ kind, outcome });
     } catch (err) {
       if (!(err instanceof IngestError || err instanceof TensorError)) {
-        log.error({ err }, 'ingest failed');
+        // A full disk fails every message until space is freed: one line each, without the stack.
+        if ((err as NodeJS.ErrnoException).code === 'ENOSPC') log.warn({ reason: (err as Error).message }, 'ingest not stored: the disk is full');
+        else log.error({ err }, 'ingest failed');
         messages.inc({ kind, outcome: 'error' });
-        ack.error = { code: grpc.status.INTERNAL, message: `not stored: ${(err as Error).message}` };
+        // Not stored, so the sender keeps it and tries again: a full disk is a resource to wait for.
+        const diskFull = (err as NodeJS.ErrnoException).code === 'ENOSPC';
+        ack.error = { code: diskFull ? grpc.status.RESOURCE_EXHAUSTED : grpc.status.INTERNAL, message: `not stored${diskFull ? ' (the state directory\'s disk is full)' : ''}: ${(err as Error).message}` };
         return ack;
       }
       messages.inc({ kind, outcome: 'invalid' });

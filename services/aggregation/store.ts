@@ -90,6 +90,9 @@ export class DurableStore {
       throw new IngestError('payload', 'needs an activation or a score');
     }
     const appended = this.journal.append(IngestRequest.encode(req).finish());
+    // A failed write (a full disk) can reject this before the queued apply below awaits it: marked
+    // handled here, or Node would end the process for an unhandled rejection. The apply still sees it.
+    appended.catch(() => undefined);
     return this.serialize(async () => this.apply(req, await appended, decoded));
   }
 
@@ -174,29 +177,34 @@ export class DurableStore {
       }
       await writeFileAtomic(path.join(this.dir, `manifest.${n}.json`), JSON.stringify(manifest));
       await writeFileAtomic(path.join(this.dir, 'CURRENT'), `manifest.${n}.json\n`);
-      const old = this.manifest;
       this.manifest = manifest;
       for (const [, acc] of runs) {
         acc.dirtyBuckets.clear();
         acc.newActivationKeys = [];
         acc.newScoreKeys = [];
       }
-      await this.collectGarbage(old, manifest);
+      await this.collectGarbage(manifest);
       return true;
     });
   }
 
-  /** Deletes the previous manifest, bucket files no longer named, and journal segments before the checkpoint that hold no waiting activation. */
-  private async collectGarbage(old: Manifest | undefined, current: Manifest): Promise<void> {
-    const live = new Set<string>();
-    for (const [run, r] of Object.entries(current.runs)) for (const byBucket of Object.values(r.buckets)) for (const b of Object.values(byBucket)) live.add(path.join(run, b.file));
-    if (old) {
-      for (const [run, r] of Object.entries(old.runs)) {
-        for (const byBucket of Object.values(r.buckets)) for (const b of Object.values(byBucket)) if (!live.has(path.join(run, b.file))) await fs.rm(path.join(this.dir, 'runs', run, b.file), { force: true });
-      }
-    }
+  /**
+   * Deletes what the committed checkpoint does not name: older manifests, bucket and key files
+   * (replaced ones, and those of checkpoints that failed before their commit, e.g. on a full
+   * disk), temporary files of writes cut short, and journal segments before the checkpoint
+   * that hold no waiting activation.
+   */
+  private async collectGarbage(current: Manifest): Promise<void> {
+    const currentName = (await fs.readFile(path.join(this.dir, 'CURRENT'), 'utf8')).trim();
     for (const f of await fs.readdir(this.dir)) {
-      if (/^manifest\.\d+\.json$/.test(f) && (await fs.readFile(path.join(this.dir, 'CURRENT'), 'utf8')).trim() !== f) await fs.rm(path.join(this.dir, f), { force: true });
+      if ((/^manifest\.\d+\.json$/.test(f) && f !== currentName) || /^\..*\.tmp$/.test(f)) await fs.rm(path.join(this.dir, f), { force: true });
+    }
+    for (const [run, r] of Object.entries(current.runs)) {
+      const named = new Set<string>([...r.keyFiles, ...Object.values(r.buckets).flatMap((byBucket) => Object.values(byBucket).map((b) => b.file))]);
+      const runDir = path.join(this.dir, 'runs', run);
+      for (const f of await fs.readdir(runDir).catch(() => [] as string[])) {
+        if (/\.f64$|^keys\.\d+\.json$|^\..*\.tmp$/.test(f) && !named.has(f)) await fs.rm(path.join(runDir, f), { force: true });
+      }
     }
     const spooled = new Set<number>();
     for (const r of Object.values(current.runs)) for (const w of r.waiting) if (w.ref) spooled.add(w.ref.segment);

@@ -5,21 +5,40 @@ import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { CoordinatorClient, Run, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
+import { RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { authMetadata, watchRun } from '../../services/cli/client';
+import { SERVICE_NAMES } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
+import { FakeOpenAIServer } from '../doubles/openai-server';
 import { ROOT, testStack, UPSTREAM_DATA } from '../helpers/stack';
 
 const TOKEN = 'test-token-0123456789abcdef';
+const API_KEY = 'sk-test-secret-fedcba9876543210';
 
-/** A coordinator that requires a bearer token, and allows data only under its data roots. */
-describe('coordinator authentication and data roots', () => {
+/**
+ * A coordinator that requires a bearer token, and allows data only under its data roots; and
+ * the secrets (that token, the judge's API key from a file) nowhere they should not be.
+ */
+describe('coordinator authentication, data roots and secrets', () => {
   let stack: LocalStack;
   let client: CoordinatorClient;
+  let dir: string;
+  const api = new FakeOpenAIServer({ latencyMs: () => 2 });
 
   beforeAll(async () => {
-    const dir = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-auth-'));
-    const tokenFile = path.join(dir, 'token');
+    await api.start();
+    const secrets = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-auth-secrets-'));
+    const tokenFile = path.join(secrets, 'token');
     fs.writeFileSync(tokenFile, TOKEN + '\n');
-    ({ stack } = await testStack('auth', { args: { coordinator: ['--auth-token-file', tokenFile, '--data-roots', path.join(ROOT, 'data')] } }));
+    const keyFile = path.join(secrets, 'api-key');
+    fs.writeFileSync(keyFile, API_KEY + '\n');
+    ({ stack, dir } = await testStack('auth', {
+      args: {
+        coordinator: ['--auth-token-file', tokenFile, '--data-roots', path.join(ROOT, 'data')],
+        judge: ['--provider', 'openai', '--base-url', api.baseUrl, '--api-key-file', keyFile, '--model', 'judge-auth', '--backoff-ms', '20'],
+      },
+      env: { AXIS_LOG_LEVEL: 'debug' },
+    }));
     await stack.startAll();
     client = new CoordinatorClient(stack.address('coordinator'), grpc.credentials.createInsecure());
   });
@@ -27,6 +46,7 @@ describe('coordinator authentication and data roots', () => {
   afterAll(async () => {
     client?.close();
     await stack?.stopAll();
+    await api.stop();
   });
 
   const start = (req: Partial<StartRunRequest>, token?: string) =>
@@ -65,7 +85,39 @@ describe('coordinator authentication and data roots', () => {
     expect(err?.details).toMatch(/^data_dir: .* is not under the allowed data directories/);
   });
 
-  it('keeps the token out of the logs', () => {
-    for (const f of fs.readdirSync(stack.opts.logDir)) expect(fs.readFileSync(path.join(stack.opts.logDir, f), 'utf8')).not.toContain(TOKEN);
+  it('keeps the token and the API key out of logs, metrics, errors, state and run files, through a run with judge API errors', async () => {
+    // Errors from the judge API too: the client library's error paths must not carry the key either.
+    // A 401 (a bad key) is not retried: that run fails, naming the cause.
+    api.failNext(1, 401);
+    expect((await start({ name: 'audit-401', roles: ['chef', 'default'], questionCount: 1, minCount: 1 }, TOKEN)).err).toBeUndefined();
+    const refused = await watchRun(client, 'audit-401', () => undefined, authMetadata(TOKEN));
+    expect(refused.error).toMatch(/HTTP 401/);
+    // 500s are retried: this run succeeds.
+    api.failNext(3, 500);
+    expect((await start({ name: 'audit', roles: ['chef', 'default'], questionCount: 2, minCount: 1 }, TOKEN)).err).toBeUndefined();
+    const done = await watchRun(client, 'audit', () => undefined, authMetadata(TOKEN));
+    expect({ state: RunState[done.state], error: done.error }).toEqual({ state: 'RUN_STATE_SUCCEEDED', error: '' });
+    // The key was in use: every request to the API carried it.
+    expect(api.requests.length).toBeGreaterThan(5);
+    for (const r of api.requests) expect(r.authorization).toBe(`Bearer ${API_KEY}`);
+
+    const leaks: string[] = [];
+    const look = (where: string, text: string) => {
+      for (const secret of [TOKEN, API_KEY]) if (text.includes(secret)) leaks.push(`${where} holds ${secret === TOKEN ? 'the token' : 'the API key'}`);
+    };
+    const walk = (p: string): void => {
+      for (const e of fs.readdirSync(p, { withFileTypes: true })) {
+        const f = path.join(p, e.name);
+        if (e.isDirectory()) walk(f);
+        else if (e.isFile()) look(f, fs.readFileSync(f).toString('latin1')); // binary files too: the ledger, the journal
+      }
+    };
+    walk(dir); // logs, the coordinator's ledger, the aggregation's journal and checkpoints, the run's files
+    look('the failed run\'s error', refused.error);
+    for (const name of SERVICE_NAMES) look(`${name} /metrics`, await (await fetch(`http://127.0.0.1:${stack.metricsPorts[name]}/metrics`)).text());
+    expect(leaks).toEqual([]);
+    // The walk saw what it should have: a log per service, and the run's files.
+    expect(fs.readdirSync(stack.opts.logDir).sort()).toEqual([...SERVICE_NAMES].sort().map((n) => `${n}.log`));
+    expect(fs.readdirSync(done.outputDir)).toEqual(expect.arrayContaining(['responses', 'scores']));
   });
 });
