@@ -3,6 +3,7 @@ import { AggregationClient, AggregationRunState, ComputeAxisRequest, ComputeAxis
 import { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceClient, ModelInfo } from '../../gen/assistant_axis/v1/inference';
 import { JudgeClient, JudgeInfo, PollBatchResponse, ScoreRequest, ScoreResult, SubmitBatchResponse } from '../../gen/assistant_axis/v1/judge';
 import { StreamPipe } from '../shared/pipe';
+import { STREAM_REPLY_TIMEOUT_MS } from '../shared/defaults';
 import { channelOptions } from '../shared/server';
 
 /** Deadline of unary calls to the other services. */
@@ -27,8 +28,8 @@ export class InferenceReplica {
 
   constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), serverName = '') {
     this.client = new InferenceClient(address, credentials, { ...channelOptions(), ...(serverName ? { 'grpc.ssl_target_name_override': serverName, 'grpc.default_authority': serverName } : {}) });
-    this.generate = new StreamPipe(() => this.client.generate(), (r) => r.itemId);
-    this.extract = new StreamPipe(() => this.client.extract(), (r) => r.itemId);
+    this.generate = new StreamPipe(() => this.client.generate(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
+    this.extract = new StreamPipe(() => this.client.extract(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
   }
 
   get inFlight(): number {
@@ -131,7 +132,7 @@ export class JudgeUpstream {
 
   constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()) {
     this.client = new JudgeClient(address, credentials, channelOptions());
-    this.score = new StreamPipe(() => this.client.score(), (r) => r.itemId);
+    this.score = new StreamPipe(() => this.client.score(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.judge);
   }
 
   async refresh(): Promise<JudgeInfo> {
@@ -163,7 +164,7 @@ export class AggregationUpstream {
 
   constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()) {
     this.client = new AggregationClient(address, credentials, channelOptions());
-    this.ingest = new StreamPipe(() => this.client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation));
+    this.ingest = new StreamPipe(() => this.client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), STREAM_REPLY_TIMEOUT_MS.aggregation);
   }
 
   runState(run: string): Promise<AggregationRunState> {

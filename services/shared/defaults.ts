@@ -38,3 +38,19 @@ export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
 /** Seconds a service waits for in-flight calls on SIGTERM before it forces its server down. */
 export const DRAIN_SECONDS = 10;
+
+/**
+ * HTTP/2 keepalive on every channel and server: a peer that vanished without closing its
+ * connection (a node lost, a partition) is noticed within about 40 s instead of the kernel's
+ * TCP timeout (about 15 minutes), so its streams fail and their items are retried elsewhere.
+ */
+export const KEEPALIVE_TIME_MS = 30_000;
+export const KEEPALIVE_TIMEOUT_MS = 10_000;
+
+/**
+ * The longest a request on one of the coordinator's long-lived streams may wait for its reply
+ * before the stream is taken for hung: cancelled, and everything in flight on it retried. A
+ * generation waits behind at most a window of others; a judgement may sit in the judge's own
+ * retries through an API outage; an ingest waits only for an fsync.
+ */
+export const STREAM_REPLY_TIMEOUT_MS = { inference: 15 * 60_000, judge: 15 * 60_000, aggregation: 2 * 60_000 } as const;

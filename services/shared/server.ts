@@ -3,7 +3,7 @@ import type * as http from 'node:http';
 import { HealthImplementation, ServingStatus } from 'grpc-health-check';
 import { ReflectionService } from '@grpc/reflection';
 import type { Registry } from 'prom-client';
-import { DRAIN_SECONDS, MAX_MESSAGE_BYTES } from './defaults';
+import { DRAIN_SECONDS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES } from './defaults';
 import type { Logger } from './logger';
 import { reflectionPackageDefinition } from './protos';
 import { startMetricsServer } from './metrics';
@@ -45,6 +45,9 @@ export function serverOptions(): grpc.ServerOptions {
   return {
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+    // A client that vanished without closing its connection: its streams are cancelled, and what it held is freed.
+    'grpc.keepalive_time_ms': KEEPALIVE_TIME_MS,
+    'grpc.keepalive_timeout_ms': KEEPALIVE_TIMEOUT_MS,
   };
 }
 
@@ -135,11 +138,14 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
   return { server, health, port, metricsPort, setReady, stop };
 }
 
-/** A client channel with the same deliberate message-size bound as the servers. */
+/** A client channel with the same deliberate message-size bound as the servers, and keepalive (see defaults.ts). */
 export function channelOptions(): grpc.ChannelOptions {
   return {
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+    'grpc.keepalive_time_ms': KEEPALIVE_TIME_MS,
+    'grpc.keepalive_timeout_ms': KEEPALIVE_TIMEOUT_MS,
+    'grpc.keepalive_permit_without_calls': 1,
   };
 }
 
