@@ -14,6 +14,8 @@
  *
  * AXIS_FULLSCALE_ROLES (leg 1's judged roles, default 275) and AXIS_FULLSCALE_LEG2_ITEMS
  * (default 20000) make it smaller; test/e2e/fullscale.test.ts runs a small version.
+ * AXIS_FULLSCALE_NODE_OPTIONS is given to the services as NODE_OPTIONS (e.g. `--cpu-prof
+ * --cpu-prof-dir=/tmp/prof` for a CPU profile of each).
  * Ends with `result:` lines; numbers go to docs/PERFORMANCE.md.
  */
 import * as fs from 'node:fs';
@@ -76,7 +78,7 @@ export async function runLeg(name: string, opts: { roles: string[]; itemsPerSeco
         judge: ['--provider', 'openai', '--base-url', server.baseUrl, '--model', 'gpt-4.1-mini', '--concurrency', '200'],
         coordinator: ['--judge-concurrency', '200'],
       },
-      env: { OPENAI_API_KEY: 'sk-fullscale', AXIS_LOG_LEVEL: 'warn', ...(process.env.AXIS_FULLSCALE_PROFILE ? { NODE_OPTIONS: `--require ${process.env.AXIS_FULLSCALE_PROFILE}` } : {}) },
+      env: { OPENAI_API_KEY: 'sk-fullscale', AXIS_LOG_LEVEL: 'warn', ...(process.env.AXIS_FULLSCALE_NODE_OPTIONS ? { NODE_OPTIONS: process.env.AXIS_FULLSCALE_NODE_OPTIONS } : {}) },
     }));
     await stack.startAll(60_000);
     const pids = Object.fromEntries(SERVICES.map((s) => [s, stack!.processes.get(s)!.child.pid!])) as Record<ServiceName, number>;

@@ -118,6 +118,11 @@ export class Ledger {
       CREATE TABLE IF NOT EXISTS judge_batches (
         run TEXT NOT NULL, batch_id TEXT NOT NULL, item_ids TEXT NOT NULL, open INTEGER NOT NULL DEFAULT 1,
         created_at TEXT NOT NULL, PRIMARY KEY (run, batch_id));
+      -- A batch about to be submitted: kept until its batch id is in judge_batches, so a submission
+      -- whose reply was lost is sent again with the same key (the judge returns the batch it made).
+      CREATE TABLE IF NOT EXISTS judge_submissions (
+        run TEXT NOT NULL, submission_key TEXT NOT NULL, item_ids TEXT NOT NULL, created_at TEXT NOT NULL,
+        PRIMARY KEY (run, submission_key));
     `);
     // Columns added after the first version: added in place to ledgers written before them.
     this.ensureColumns('items', {
@@ -300,8 +305,23 @@ export class Ledger {
     this.db.prepare('UPDATE items SET score_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
   }
 
-  addJudgeBatch(run: string, batchId: string, itemIds: string[]): void {
-    this.db.prepare('INSERT INTO judge_batches (run, batch_id, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, batchId, JSON.stringify(itemIds), new Date().toISOString());
+  /** Records a submission before it is sent (see judge_submissions). */
+  addJudgeSubmission(run: string, key: string, itemIds: string[]): void {
+    this.db.prepare('INSERT INTO judge_submissions (run, submission_key, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, key, JSON.stringify(itemIds), new Date().toISOString());
+  }
+
+  /** Submissions sent without their batch id recorded: a crash or a lost reply. */
+  pendingJudgeSubmissions(run: string): { key: string; itemIds: string[] }[] {
+    return (this.db.prepare('SELECT submission_key, item_ids FROM judge_submissions WHERE run = ? ORDER BY created_at').all(run) as { submission_key: string; item_ids: string }[]).map((r) => ({ key: r.submission_key, itemIds: JSON.parse(r.item_ids) }));
+  }
+
+  /** The batch id of a submission, in one transaction with the end of the submission. */
+  addJudgeBatch(run: string, batchId: string, itemIds: string[], submissionKey = ''): void {
+    this.db.transaction(() => {
+      // Already there: the judge returned the batch of an earlier try of the same submission.
+      if (batchId) this.db.prepare('INSERT OR IGNORE INTO judge_batches (run, batch_id, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, batchId, JSON.stringify(itemIds), new Date().toISOString());
+      if (submissionKey) this.db.prepare('DELETE FROM judge_submissions WHERE run = ? AND submission_key = ?').run(run, submissionKey);
+    })();
   }
 
   openJudgeBatches(run: string): JudgeBatchRow[] {

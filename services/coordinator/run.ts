@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
@@ -449,6 +449,14 @@ export class RunExecutor {
    */
   private async batchPhase(): Promise<void> {
     const run = this.spec.name;
+    // Submissions whose batch id never reached the ledger (this process or the judge died, or the
+    // reply was lost): sent again with the same key, the judge returns the batch already made.
+    for (const pending of this.ledger.pendingJudgeSubmissions(run)) {
+      if (this.stopping()) return;
+      const requests = pending.itemIds.map((id) => this.itemOfJudgeId(id)).filter((it): it is ItemRow => !!it && !it.judged).map((it) => this.scoreRequest(it));
+      if (requests.length) await this.submitBatch(pending.key, requests);
+      else this.ledger.addJudgeBatch(run, '', [], pending.key); // nothing left to judge: only the submission ends
+    }
     const inBatches = new Set(this.ledger.openJudgeBatches(run).flatMap((b) => b.itemIds));
     const candidates = this.ledger.itemPages(run, "INSTR(role, 'default') = 0 AND text IS NOT NULL AND activation_acked = 1 AND judged = 0");
     for (;;) {
@@ -459,8 +467,7 @@ export class RunExecutor {
       for (let next = candidates.next(); !next.done; next = candidates.next()) {
         const it = next.value;
         if (inBatches.has(this.judgeId(it))) continue;
-        const { question } = this.conversation(it);
-        requests.push({ itemId: this.judgeId(it), role: it.role, evalPrompt: this.rolesByName.get(it.role)!.evalPrompt!, question, answer: this.ledger.itemText(run, it.role, it.key) ?? '' });
+        requests.push(this.scoreRequest(it));
         if (requests.length >= BATCH_MAX_ITEMS) break;
       }
       if (requests.length === 0) break;
@@ -472,9 +479,9 @@ export class RunExecutor {
           return;
         }
       }
-      const submitted = await this.retrying('submit judge batch', () => this.upstreams.judge.submitBatch(requests));
-      this.ledger.addJudgeBatch(run, submitted.batchId, requests.map((r) => r.itemId));
-      this.log.info({ batchId: submitted.batchId, items: requests.length }, 'judge batch submitted');
+      const key = randomUUID().replace(/-/g, '');
+      this.ledger.addJudgeSubmission(run, key, requests.map((r) => r.itemId));
+      await this.submitBatch(key, requests);
     }
     for (;;) {
       const open = this.ledger.openJudgeBatches(run);
@@ -506,6 +513,18 @@ export class RunExecutor {
       }
       if (this.ledger.openJudgeBatches(run).length) await Promise.race([new Promise((r) => setTimeout(r, this.batchPollMs)), this.waitForChange()]);
     }
+  }
+
+  private scoreRequest(it: ItemRow): ScoreRequest {
+    const { question } = this.conversation(it);
+    return { itemId: this.judgeId(it), role: it.role, evalPrompt: this.rolesByName.get(it.role)!.evalPrompt!, question, answer: this.ledger.itemText(this.spec.name, it.role, it.key) ?? '' };
+  }
+
+  /** Submits a recorded submission (retried with the same key) and records its batch id. */
+  private async submitBatch(key: string, requests: ScoreRequest[]): Promise<void> {
+    const submitted = await this.retrying('submit judge batch', () => this.upstreams.judge.submitBatch(requests, key));
+    this.ledger.addJudgeBatch(this.spec.name, submitted.batchId, requests.map((r) => r.itemId), key);
+    this.log.info({ batchId: submitted.batchId, items: requests.length }, 'judge batch submitted');
   }
 
   /** report.json and report.html: the notebooks' analysis of the finished run. */

@@ -140,8 +140,8 @@ export class JudgeUpstream {
     return this.info;
   }
 
-  submitBatch(items: ScoreRequest[]): Promise<SubmitBatchResponse> {
-    return unaryCall(this.client.submitBatch.bind(this.client), { items }, 300_000);
+  submitBatch(items: ScoreRequest[], submissionKey: string): Promise<SubmitBatchResponse> {
+    return unaryCall(this.client.submitBatch.bind(this.client), { items, submissionKey }, 300_000);
   }
 
   pollBatch(batchId: string, itemIds: string[]): Promise<PollBatchResponse> {

@@ -8,6 +8,10 @@ import { judgePrompt, parseScore } from './prompt';
 /** The Batch API bills at about half the online price. */
 export const BATCH_PRICE_FACTOR = 0.5;
 const ENDED = new Set(['completed', 'failed', 'expired', 'cancelled']);
+/** The batch metadata field that holds the caller's submission key. */
+const SUBMISSION_KEY = 'axis_submission_key';
+/** How many of the most recent batches are searched for a submission key: a retry comes soon after its first try. */
+const SUBMISSION_LOOKBACK = 1000;
 
 /**
  * Batch mode over the OpenAI Batch API: the items become one JSONL file of chat-completion
@@ -18,7 +22,15 @@ const ENDED = new Set(['completed', 'failed', 'expired', 'cancelled']);
 export class BatchJudge {
   constructor(private readonly client: OpenAI, private readonly model: string, private readonly price: Price | undefined) {}
 
-  async submit(items: ScoreRequest[]): Promise<{ batchId: string; inputFileId: string }> {
+  /**
+   * `key`: when given, a batch already made with it (the API keeps it in the batch's metadata)
+   * is returned instead of a new one; the same submission sent again after a lost reply costs nothing.
+   */
+  async submit(items: ScoreRequest[], key = ''): Promise<{ batchId: string; inputFileId: string; existing: boolean }> {
+    if (key) {
+      const made = await this.findSubmission(key);
+      if (made) return { ...made, existing: true };
+    }
     const lines = items.map((it) =>
       JSON.stringify({
         custom_id: it.itemId,
@@ -28,8 +40,18 @@ export class BatchJudge {
       }),
     );
     const file = await this.client.files.create({ file: await toFile(Buffer.from(lines.join('\n') + '\n'), 'judge-batch.jsonl'), purpose: 'batch' });
-    const batch = await this.client.batches.create({ input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h' });
-    return { batchId: batch.id, inputFileId: file.id };
+    const batch = await this.client.batches.create({ input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h', ...(key ? { metadata: { [SUBMISSION_KEY]: key } } : {}) });
+    return { batchId: batch.id, inputFileId: file.id, existing: false };
+  }
+
+  /** The batch made with this submission key, among the most recent (the list is newest first). */
+  private async findSubmission(key: string): Promise<{ batchId: string; inputFileId: string } | undefined> {
+    let seen = 0;
+    for await (const b of this.client.batches.list({ limit: 100 })) {
+      if (b.metadata?.[SUBMISSION_KEY] === key) return { batchId: b.id, inputFileId: b.input_file_id };
+      if (++seen >= SUBMISSION_LOOKBACK) return undefined;
+    }
+    return undefined;
   }
 
   /** `expected`: the item ids submitted, so that items the API never answered get an error result. */

@@ -148,10 +148,11 @@ async function main(): Promise<void> {
       const bad = req.items.findIndex((it) => !it.itemId || !it.evalPrompt);
       if (bad >= 0) throw invalidArgument(`items[${bad}]: item_id and eval_prompt are required`);
       if (new Set(req.items.map((it) => it.itemId)).size !== req.items.length) throw invalidArgument('items: item ids must be unique within a batch');
+      if (req.submissionKey && !/^[A-Za-z0-9_-]{1,64}$/.test(req.submissionKey)) throw invalidArgument('submission_key: letters, digits, "-" and "_" only, at most 64');
       const b = needBatches();
       try {
-        const { batchId, inputFileId } = await b.submit(req.items);
-        log.info({ batchId, items: req.items.length }, 'batch submitted');
+        const { batchId, inputFileId, existing } = await b.submit(req.items, req.submissionKey);
+        log.info({ batchId, items: req.items.length, existing }, existing ? 'batch submitted before with this key: not submitted again' : 'batch submitted');
         return { batchId, inputFileId, items: req.items.length };
       } catch (err) {
         throw new RpcError(grpc.status.UNAVAILABLE, `batch submission failed: ${(err as Error).message}`);

@@ -144,7 +144,9 @@ export class FakeOpenAIServer {
   }
 
   readonly files = new Map<string, string>();
-  readonly batches = new Map<string, { id: string; inputFileId: string; created: number; outputFileId?: string; total: number }>();
+  readonly batches = new Map<string, { id: string; inputFileId: string; created: number; outputFileId?: string; total: number; metadata: Record<string, string> | null }>();
+  /** While set, a batch is created but the reply to its creation is lost (the connection dropped): once. */
+  dropNextBatchCreateReply = false;
 
   /** Minimal Files and Batches APIs: a batch completes `batchDelayMs` after it is created. */
   private async batchApi(req: http.IncomingMessage, res: http.ServerResponse, raw: Buffer): Promise<void> {
@@ -171,8 +173,22 @@ export class FakeOpenAIServer {
       const input = this.files.get(body.input_file_id);
       if (input === undefined) return send(400, { error: { message: `no file ${body.input_file_id}` } });
       const id = `batch_${this.batches.size + 1}`;
-      this.batches.set(id, { id, inputFileId: body.input_file_id, created: Date.now(), total: input.trim().split('\n').length });
+      this.batches.set(id, { id, inputFileId: body.input_file_id, created: Date.now(), total: input.trim().split('\n').length, metadata: body.metadata ?? null });
+      if (this.dropNextBatchCreateReply) {
+        this.dropNextBatchCreateReply = false;
+        req.socket.destroy();
+        return;
+      }
       return send(200, this.batchObject(id));
+    }
+    // The list, newest first, in pages (`limit`, `after` a batch id), as the API serves it.
+    const list = /^\/v1\/batches(\?.*)?$/.exec(url);
+    if (req.method === 'GET' && list) {
+      const params = new URLSearchParams(list[1] ?? '');
+      const all = [...this.batches.keys()].reverse();
+      const start = params.get('after') ? all.indexOf(params.get('after')!) + 1 : 0;
+      const page = all.slice(start, start + Number(params.get('limit') ?? 20));
+      return send(200, { object: 'list', data: page.map((id) => this.batchObject(id)), first_id: page[0] ?? null, last_id: page[page.length - 1] ?? null, has_more: start + page.length < all.length });
     }
     const batch = /^\/v1\/batches\/([^/]+)$/.exec(url);
     if (req.method === 'GET' && batch) {
@@ -205,6 +221,7 @@ export class FakeOpenAIServer {
       error_file_id: null,
       created_at: Math.floor(b.created / 1000),
       request_counts: { total: b.total, completed: done ? b.total : 0, failed: 0 },
+      metadata: b.metadata,
     };
   }
 

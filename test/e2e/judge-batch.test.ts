@@ -75,6 +75,21 @@ describe('judge batch mode', () => {
     await runThroughRestart('batch-coordinator-restart', 'coordinator');
   });
 
+  it('a lost reply to the batch creation: the submission goes again with its key, and the batch already made is found, not paid for twice', async () => {
+    const before = server.batches.size;
+    server.dropNextBatchCreateReply = true;
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'batch-lost-reply', roles: ['chef', 'poet', 'default'], questionCount: 4, minCount: 1, judgeBatch: true, seed: 3 });
+    const final = await watchRun(client, 'batch-lost-reply', () => undefined);
+    client.close();
+    expect(server.dropNextBatchCreateReply).toBe(false); // the fault was injected
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(server.batches.size).toBe(before + 1);
+    expect(final.progress!.judged).toBe(40);
+    // The second try looked the key up in the batch list.
+    expect(server.requests.some((r) => r.path.startsWith('/v1/batches?'))).toBe(true);
+  });
+
   it('sends no online chat completions in batch mode, and never logs the key', () => {
     expect(server.requests.filter((r) => r.path.endsWith('/chat/completions'))).toHaveLength(0);
     for (const f of fs.readdirSync(stack.opts.logDir)) expect(fs.readFileSync(path.join(stack.opts.logDir, f), 'utf8')).not.toContain('sk-batch-secret');
