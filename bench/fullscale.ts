@@ -14,8 +14,8 @@
  *
  * AXIS_FULLSCALE_ROLES (leg 1's judged roles, default 275) and AXIS_FULLSCALE_LEG2_ITEMS
  * (default 20000) make it smaller; test/e2e/fullscale.test.ts runs a small version.
- * AXIS_FULLSCALE_NODE_OPTIONS is given to the services as NODE_OPTIONS (e.g. `--cpu-prof
- * --cpu-prof-dir=/tmp/prof` for a CPU profile of each).
+ * AXIS_FULLSCALE_NODE_OPTIONS is given to the services as NODE_OPTIONS (e.g. `--require` of a
+ * script that starts the inspector's CPU profiler and writes the profile on exit).
  * Ends with `result:` lines; numbers go to docs/PERFORMANCE.md.
  */
 import * as fs from 'node:fs';

@@ -23,7 +23,7 @@ export class Journal {
   private handle: fs.FileHandle | undefined;
   private segment = 0;
   private size = 0;
-  private queue: { bytes: Buffer; ref: RecordRef; resolve: () => void; reject: (e: Error) => void }[] = [];
+  private queue: { header: Buffer; payload: Uint8Array; ref: RecordRef; resolve: () => void; reject: (e: Error) => void }[] = [];
   private writing: Promise<void> | undefined;
 
   /** `segmentBytes`: a segment is closed, and the next started, once it holds this much. */
@@ -52,14 +52,14 @@ export class Journal {
   }
 
   append(payload: Uint8Array): Promise<RecordRef> {
-    const bytes = Buffer.alloc(HEADER + payload.byteLength);
-    bytes.writeUInt32LE(payload.byteLength, 0);
-    bytes.writeUInt32LE(crc32(payload), 4);
-    bytes.set(payload, HEADER);
+    // The payload is written as it is (no copy into a record buffer): the caller must not change it.
+    const header = Buffer.alloc(HEADER);
+    header.writeUInt32LE(payload.byteLength, 0);
+    header.writeUInt32LE(crc32(payload), 4);
     const ref = { segment: this.segment, offset: this.size + HEADER, length: payload.byteLength };
-    this.size += bytes.length;
+    this.size += HEADER + payload.byteLength;
     return new Promise((resolve, reject) => {
-      this.queue.push({ bytes, ref, resolve: () => resolve(ref), reject });
+      this.queue.push({ header, payload, ref, resolve: () => resolve(ref), reject });
       this.writing ??= this.flush();
     });
   }
@@ -68,11 +68,11 @@ export class Journal {
     while (this.queue.length) {
       const batch = this.queue;
       this.queue = [];
-      const total = batch.reduce((n, b) => n + b.bytes.length, 0);
+      const total = batch.reduce((n, b) => n + HEADER + b.payload.byteLength, 0);
       try {
         // A full disk can end a write short without an error: that is a failure too, or every
         // later record would lie at another offset than its reference says.
-        const { bytesWritten } = await this.handle!.writev(batch.map((b) => b.bytes));
+        const { bytesWritten } = await this.handle!.writev(batch.flatMap((b) => [b.header, b.payload]));
         if (bytesWritten !== total) throw Object.assign(new Error(`journal: wrote ${bytesWritten} of ${total} bytes: the disk is full`), { code: 'ENOSPC' });
         await this.handle!.sync();
         for (const b of batch) b.resolve();

@@ -1,7 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import * as path from 'node:path';
 import { DType } from '../../gen/assistant_axis/v1/common';
-import { AggregationServer, AggregationService, IngestAck, IngestRequest, RoleCount } from '../../gen/assistant_axis/v1/aggregation';
+import { AggregationServer, IngestAck, IngestRequest, RoleCount } from '../../gen/assistant_axis/v1/aggregation';
+import { AggregationServiceKeepingBytes } from '../shared/bulkWire';
 import { loadConfig, OptionTable } from '../shared/config';
 import { TLS_OPTIONS } from '../shared/tls';
 import { ColdBucket } from './coldBucket';
@@ -184,7 +185,7 @@ async function main(): Promise<void> {
     host: cfg.host,
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
-    bindings: [{ name: 'assistant_axis.v1.Aggregation', definition: AggregationService, implementation: impl }],
+    bindings: [{ name: 'assistant_axis.v1.Aggregation', definition: AggregationServiceKeepingBytes, implementation: impl }],
     registry,
     log,
     tls: cfg,

@@ -2,6 +2,7 @@ import * as fsSync from 'node:fs';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
+import { receivedBytes } from '../shared/bulkWire';
 import { writeFileAtomic } from '../shared/files';
 import { decodeTensor, DecodedTensor } from '../shared/tensor';
 import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator } from './accumulator';
@@ -89,7 +90,8 @@ export class DurableStore {
     } else {
       throw new IngestError('payload', 'needs an activation or a score');
     }
-    const appended = this.journal.append(IngestRequest.encode(req).finish());
+    // The bytes as they arrived when the service kept them (bulkWire.ts), else encoded again.
+    const appended = this.journal.append(receivedBytes.get(req) ?? IngestRequest.encode(req).finish());
     // A failed write (a full disk) can reject this before the queued apply below awaits it: marked
     // handled here, or Node would end the process for an unhandled rejection. The apply still sees it.
     appended.catch(() => undefined);

@@ -2,7 +2,7 @@ import type * as grpc from '@grpc/grpc-js';
 import { ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, NODE_FLAGS } from '../shared/defaults';
 import { waitServing } from '../shared/health';
 
 export type ServiceName = 'inference' | 'judge' | 'aggregation' | 'coordinator';
@@ -77,7 +77,7 @@ export class LocalStack {
     const fd = fs.openSync(logFile, 'a');
     const entry = path.join(this.opts.root, 'dist', 'services', name, 'main.js');
     if (!fs.existsSync(entry)) throw new Error(`${entry} is missing: run \`make build\` first`);
-    const child = spawn(process.execPath, [entry, ...this.flags(name)], {
+    const child = spawn(process.execPath, [...NODE_FLAGS, entry, ...this.flags(name)], {
       cwd: this.opts.root,
       env: { ...process.env, ...this.opts.env },
       stdio: ['ignore', fd, fd],

@@ -3,6 +3,7 @@ import { AggregationClient, AggregationRunState, ComputeAxisRequest, ComputeAxis
 import { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceClient, ModelInfo } from '../../gen/assistant_axis/v1/inference';
 import { JudgeClient, JudgeInfo, PollBatchResponse, ScoreRequest, ScoreResult, SubmitBatchResponse } from '../../gen/assistant_axis/v1/judge';
 import { StreamPipe } from '../shared/pipe';
+import { AggregationClientBulk } from '../shared/bulkWire';
 import { STREAM_REPLY_TIMEOUT_MS } from '../shared/defaults';
 import { channelOptions } from '../shared/server';
 
@@ -163,7 +164,7 @@ export class AggregationUpstream {
   readonly ingest: StreamPipe<IngestRequest, IngestAck>;
 
   constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()) {
-    this.client = new AggregationClient(address, credentials, channelOptions());
+    this.client = new AggregationClientBulk(address, credentials, channelOptions());
     this.ingest = new StreamPipe(() => this.client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), STREAM_REPLY_TIMEOUT_MS.aggregation);
   }
 

@@ -1,9 +1,10 @@
 import * as grpc from '@grpc/grpc-js';
 import { ChatMessage, DType } from '../../gen/assistant_axis/v1/common';
 import {
-  ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, InferenceService,
+  ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer,
 } from '../../gen/assistant_axis/v1/inference';
 import { Config, loadConfig, OptionTable } from '../shared/config';
+import { InferenceServiceBulk } from '../shared/bulkWire';
 import { TLS_OPTIONS } from '../shared/tls';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { Limiter } from '../shared/limit';
@@ -213,7 +214,7 @@ async function main(): Promise<void> {
     host: cfg.host,
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
-    bindings: [{ name: 'assistant_axis.v1.Inference', definition: InferenceService, implementation: impl }],
+    bindings: [{ name: 'assistant_axis.v1.Inference', definition: InferenceServiceBulk, implementation: impl }],
     registry,
     log,
     tls: cfg,

@@ -1,6 +1,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import { parseAllDocuments } from 'yaml';
+import { NODE_FLAGS } from '../../services/shared/defaults';
 import { ROOT } from '../helpers/stack';
 
 /** The Helm chart, rendered by a real helm (`make helm` fetches it; `make test` sets AXIS_HELM) and validated against the Kubernetes API schemas. */
@@ -62,6 +63,20 @@ maybe('the helm chart', () => {
         if (!name.endsWith('build-model')) expect(c.readinessProbe.grpc.port).toBeGreaterThan(0);
       }
     }
+  });
+
+  it('starts every service with the node flags the local stack uses (NODE_FLAGS), and takes others from values', () => {
+    const commands = (sets: string[]) =>
+      render(sets)
+        .filter((d) => d.kind === 'Deployment')
+        .map((d) => d.spec.template.spec.containers[0].command as string[]);
+    const defaults = commands([MODEL]);
+    expect(defaults).toHaveLength(4);
+    for (const c of defaults) expect(c.slice(0, -1)).toEqual(['node', ...NODE_FLAGS]);
+    expect(defaults.map((c) => c[c.length - 1]).sort()).toEqual(['aggregation', 'coordinator', 'inference', 'judge'].map((s) => `dist/services/${s}/main.js`));
+    for (const c of commands([MODEL, 'nodeFlags={--max-old-space-size=4096}'])) expect(c.slice(0, -1)).toEqual(['node', '--max-old-space-size=4096']);
+    // A value that is not a flag is refused by the chart's schema.
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'nodeFlags={-e process.exit()}']).stderr).toMatch(/nodeFlags/);
   });
 
   it('gives inference its GPUs, a large /dev/shm, a startup budget and a drain before stop', () => {

@@ -115,3 +115,10 @@ resources:
     secretName: {{ .Values.tls.existingSecret }}
 {{- end }}
 {{- end -}}
+
+{{/* node with the chart's nodeFlags (see values.yaml), then the service's entry point. */}}
+{{- define "axis.nodeCommand" -}}
+{{- $cmd := list "node" -}}
+{{- range .root.Values.nodeFlags }}{{ $cmd = append $cmd . }}{{ end -}}
+{{- append $cmd .entry | toJson -}}
+{{- end -}}
