@@ -109,7 +109,7 @@ export class KubernetesDiscovery implements Discovery {
       const key = addresses.join(',');
       if (key === last) return;
       last = key;
-      log.info({ service: this.description, addresses }, 'inference replicas changed');
+      log.info({ service: this.description, addresses }, 'replicas changed');
       onChange(addresses);
     };
     for (const event of ['add', 'update', 'delete'] as const) informer.on(event, publish);

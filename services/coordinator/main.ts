@@ -13,7 +13,7 @@ import { runMain, startService } from '../shared/server';
 import { Ledger } from './ledger';
 import { RunManager } from './runs';
 import { discoveryFor, parseTarget } from './discovery';
-import { AggregationUpstream, InferencePool, JudgeUpstream, Upstreams } from './upstreams';
+import { AggregationUpstream, InferencePool, JudgePool, Upstreams } from './upstreams';
 
 export const COORDINATOR_OPTIONS = {
   host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
@@ -21,8 +21,8 @@ export const COORDINATOR_OPTIONS = {
   'metrics-port': { type: 'number', env: 'AXIS_COORDINATOR_METRICS_PORT', default: DEFAULT_METRICS_PORTS.coordinator, help: 'Prometheus metrics port' },
   inference: { type: 'string', env: 'AXIS_INFERENCE_ADDRESSES', default: `127.0.0.1:${DEFAULT_PORTS.inference}`, help: 'inference replicas: comma-separated host:port, or k8s://<namespace>/<service>:<port name or number> to follow the ready endpoints of a Kubernetes Service (EndpointSlices)' },
   kubeconfig: { type: 'string', env: 'AXIS_KUBECONFIG', default: '', help: 'with k8s:// discovery: a kubeconfig file (empty: the in-cluster service account in a pod, else the default kubeconfig)' },
-  judge: { type: 'string', env: 'AXIS_JUDGE_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.judge}`, help: 'judge service host:port' },
-  aggregation: { type: 'string', env: 'AXIS_AGGREGATION_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.aggregation}`, help: 'aggregation service host:port' },
+  judge: { type: 'string', env: 'AXIS_JUDGE_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.judge}`, help: 'judge replicas (stateless; each item goes to the least busy): comma-separated host:port, or k8s://<namespace>/<service>:<port>' },
+  aggregation: { type: 'string', env: 'AXIS_AGGREGATION_ADDRESS', default: `127.0.0.1:${DEFAULT_PORTS.aggregation}`, help: 'the aggregation service (one stateful replica): host:port, or k8s://<namespace>/<service>:<port> to follow its pod' },
   'state-dir': { type: 'string', env: 'AXIS_COORDINATOR_STATE_DIR', default: '.axis/coordinator', help: 'where the run ledger lives' },
   'output-root': { type: 'string', env: 'AXIS_OUTPUT_ROOT', default: 'outputs', help: 'run directories are <output-root>/<run name>' },
   'data-dir': { type: 'string', env: 'AXIS_DATA_DIR', default: 'data', help: 'data set used when a run names none (reference layout)' },
@@ -39,12 +39,18 @@ const WATCH_INTERVAL_MS = 200;
 async function main(): Promise<void> {
   const cfg = loadConfig('coordinator', COORDINATOR_OPTIONS);
   const log = createLogger('coordinator');
-  const discovery = discoveryFor(parseTarget('inference', cfg.inference), { kubeconfig: cfg.kubeconfig, log });
+  // Each upstream is found the same way: a static list, or a Kubernetes Service's EndpointSlices.
+  const discovery = {
+    inference: discoveryFor(parseTarget('inference', cfg.inference), { kubeconfig: cfg.kubeconfig, log }),
+    judge: discoveryFor(parseTarget('judge', cfg.judge), { kubeconfig: cfg.kubeconfig, log }),
+    aggregation: discoveryFor(parseTarget('aggregation', cfg.aggregation), { kubeconfig: cfg.kubeconfig, log }),
+  };
   const credentials = channelCredentials(cfg);
+  const serverName = cfg['tls-server-name'];
   const upstreams: Upstreams = {
-    inference: new InferencePool(log, credentials, cfg['tls-inference-server-name']),
-    judge: new JudgeUpstream(cfg.judge, credentials),
-    aggregation: new AggregationUpstream(cfg.aggregation, credentials),
+    inference: new InferencePool(log, credentials, serverName),
+    judge: new JudgePool(credentials, serverName, log),
+    aggregation: new AggregationUpstream('', credentials, serverName, log),
   };
   const token = cfg['auth-token-file'] ? readToken(cfg['auth-token-file']) : undefined;
   const ledger = new Ledger(path.resolve(cfg['state-dir']));
@@ -141,14 +147,16 @@ async function main(): Promise<void> {
     tls: cfg,
     onDrain: async () => {
       await runs.drain((DRAIN_SECONDS - 2) * 1000);
-      discovery.stop();
+      for (const d of Object.values(discovery)) d.stop();
       for (const u of [upstreams.inference, upstreams.judge, upstreams.aggregation]) u.close();
       ledger.close();
     },
   });
 
-  await discovery.start((addresses) => upstreams.inference.update(addresses));
-  log.info({ inference: discovery.description }, 'inference discovery started');
+  await discovery.inference.start((addresses) => upstreams.inference.update(addresses));
+  await discovery.judge.start((addresses) => upstreams.judge.update(addresses));
+  await discovery.aggregation.start((addresses) => upstreams.aggregation.update(addresses));
+  log.info({ inference: discovery.inference.description, judge: discovery.judge.description, aggregation: discovery.aggregation.description }, 'discovery started');
 
   /** Ready when every dependency answers; checked at start and every few seconds. */
   let resumed = false;

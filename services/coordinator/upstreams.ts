@@ -28,7 +28,7 @@ export class InferenceReplica {
   readonly extract: StreamPipe<ExtractRequest, ExtractResult>;
 
   constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), serverName = '') {
-    this.client = new InferenceClient(address, credentials, { ...channelOptions(), ...(serverName ? { 'grpc.ssl_target_name_override': serverName, 'grpc.default_authority': serverName } : {}) });
+    this.client = new InferenceClient(address, credentials, replicaOptions(serverName));
     this.generate = new StreamPipe(() => this.client.generate(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
     this.extract = new StreamPipe(() => this.client.extract(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
   }
@@ -126,13 +126,19 @@ export class InferencePool {
   }
 }
 
+/** gRPC channel options for a replica dialled by address, whose certificate carries `serverName`. */
+function replicaOptions(serverName: string): grpc.ChannelOptions {
+  return { ...channelOptions(), ...(serverName ? { 'grpc.ssl_target_name_override': serverName, 'grpc.default_authority': serverName } : {}) };
+}
+
+/** One judge replica, and one Score stream to it. */
 export class JudgeUpstream {
   readonly client: JudgeClient;
   info: JudgeInfo | undefined;
   readonly score: StreamPipe<ScoreRequest, ScoreResult>;
 
-  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()) {
-    this.client = new JudgeClient(address, credentials, channelOptions());
+  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), serverName = '') {
+    this.client = new JudgeClient(address, credentials, replicaOptions(serverName));
     this.score = new StreamPipe(() => this.client.score(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.judge);
   }
 
@@ -155,28 +161,141 @@ export class JudgeUpstream {
   }
 }
 
+/**
+ * The judge replicas (a static list, or a Kubernetes Service's ready endpoints). They keep no
+ * state, so any replica serves any call: each item goes to the one with the fewest items in
+ * flight, and a replica that leaves fails only what it held (retried on the others). One
+ * connection to a Service address would pin every item to one pod (HTTP/2 keeps it open).
+ */
+export class JudgePool {
+  private readonly replicas: JudgeUpstream[] = [];
+  /** The judge's description (model, provider, prices), from the first replica that answered. */
+  info: JudgeInfo | undefined;
+  readonly score = { send: (id: string, req: ScoreRequest): Promise<ScoreResult> => this.pick().score.send(id, req) };
+
+  constructor(
+    private readonly credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+    private readonly serverName = '',
+    private readonly log?: { info: (obj: object, msg: string) => void },
+  ) {}
+
+  update(addresses: string[]): void {
+    for (const r of [...this.replicas]) {
+      if (addresses.includes(r.address)) continue;
+      this.replicas.splice(this.replicas.indexOf(r), 1);
+      this.log?.info({ address: r.address, inFlight: r.score.inFlight }, 'judge replica gone: its items in flight go to the others');
+      r.close();
+    }
+    for (const a of addresses) {
+      if (this.replicas.some((r) => r.address === a)) continue;
+      const r = new JudgeUpstream(a, this.credentials, this.serverName);
+      this.replicas.push(r);
+      // Used once it answers (the coordinator's periodic check asks again if it is not up yet).
+      r.refresh().then(
+        (info) => {
+          this.info ??= info;
+          this.log?.info({ address: a }, 'judge replica joined');
+        },
+        () => undefined,
+      );
+    }
+  }
+
+  /** Asks every replica for its info; resolves with the first answer, rejects if none answers. */
+  async refresh(): Promise<JudgeInfo> {
+    if (this.replicas.length === 0) throw new Error('no judge replica is known (yet)');
+    const answers = await Promise.allSettled(this.replicas.map((r) => r.refresh()));
+    const ok = answers.find((a): a is PromiseFulfilledResult<JudgeInfo> => a.status === 'fulfilled');
+    if (!ok) throw (answers[0] as PromiseRejectedResult).reason;
+    this.info = ok.value;
+    return this.info;
+  }
+
+  submitBatch(items: ScoreRequest[], submissionKey: string): Promise<SubmitBatchResponse> {
+    return this.pick().submitBatch(items, submissionKey);
+  }
+
+  pollBatch(batchId: string, itemIds: string[]): Promise<PollBatchResponse> {
+    return this.pick().pollBatch(batchId, itemIds);
+  }
+
+  /**
+   * The replica with the fewest items in flight, among those that answered last time (all, if
+   * none did); ties taken in turn, so that quick answers (nothing in flight) still spread.
+   */
+  private pick(): JudgeUpstream {
+    const answered = this.replicas.filter((r) => r.info);
+    const candidates = answered.length ? answered : this.replicas;
+    if (candidates.length === 0) throw new Error('no judge replica is known (yet)');
+    this.turn = (this.turn + 1) % candidates.length;
+    let best = candidates[this.turn];
+    for (let i = 1; i < candidates.length; i++) {
+      const r = candidates[(this.turn + i) % candidates.length];
+      if (r.score.inFlight < best.score.inFlight) best = r;
+    }
+    return best;
+  }
+  private turn = 0;
+
+  close(): void {
+    for (const r of this.replicas) r.close();
+  }
+}
+
 export function ingestId(run: string, role: string, itemKey: string, isActivation: boolean): string {
   return `${run}\u0000${role}\u0000${itemKey}\u0000${isActivation ? 'activation' : 'score'}`;
 }
 
+/**
+ * The aggregation service: one stateful replica. Found through a static address or a Service's
+ * ready endpoints; when its address changes (a new pod), the connection moves to it, and what
+ * was in flight on the old one fails and is retried (the service drops duplicates).
+ */
 export class AggregationUpstream {
-  readonly client: AggregationClient;
+  private client: AggregationClient | undefined;
   readonly ingest: StreamPipe<IngestRequest, IngestAck>;
+  address = '';
 
-  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()) {
-    this.client = new AggregationClientBulk(address, credentials, channelOptions());
-    this.ingest = new StreamPipe(() => this.client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), STREAM_REPLY_TIMEOUT_MS.aggregation);
+  /** `address`: empty until discovery finds the replica (calls fail meanwhile, and are retried). */
+  constructor(
+    address: string,
+    private readonly credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+    private readonly serverName = '',
+    private readonly log?: { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void },
+  ) {
+    this.ingest = new StreamPipe(() => this.need().ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), STREAM_REPLY_TIMEOUT_MS.aggregation);
+    if (address) this.update([address]);
+  }
+
+  private need(): AggregationClient {
+    if (!this.client) throw new Error('no aggregation replica is known (yet)');
+    return this.client;
+  }
+
+  /** The addresses discovery found: the first is used; none keeps the last one (calls fail and are retried until one is back). */
+  update(addresses: string[]): void {
+    if (addresses.length > 1) this.log?.warn({ addresses }, 'more than one aggregation replica: the state lives in one, so only the first is used');
+    const next = addresses[0];
+    if (!next || next === this.address) return;
+    const old = this.client;
+    if (old) this.log?.info({ from: this.address, to: next }, 'aggregation moved: what was in flight is sent again');
+    this.address = next;
+    this.client = new AggregationClientBulk(next, this.credentials, replicaOptions(this.serverName));
+    // The stream on the old connection fails what it held; the next send opens one on the new.
+    this.ingest.cancel();
+    old?.close();
   }
 
   runState(run: string): Promise<AggregationRunState> {
-    return unaryCall(this.client.getRunState.bind(this.client), { run });
+    const client = this.need();
+    return unaryCall(client.getRunState.bind(client), { run });
   }
 
   /** Collects the whole ComputeAxis stream (vectors then the axis). */
   computeAxis(req: ComputeAxisRequest): Promise<ComputeAxisResult[]> {
     return new Promise((resolve, reject) => {
       const out: ComputeAxisResult[] = [];
-      const call = this.client.computeAxis(req, deadline(300_000));
+      const call = this.need().computeAxis(req, deadline(300_000));
       call.on('data', (r: ComputeAxisResult) => out.push(r));
       call.on('error', reject);
       call.on('end', () => resolve(out));
@@ -185,12 +304,12 @@ export class AggregationUpstream {
 
   close(): void {
     this.ingest.cancel();
-    this.client.close();
+    this.client?.close();
   }
 }
 
 export interface Upstreams {
   inference: InferencePool;
-  judge: JudgeUpstream;
+  judge: JudgePool;
   aggregation: AggregationUpstream;
 }

@@ -17,9 +17,9 @@ export const TLS_OPTIONS = {
   'health-port': { type: 'number', env: 'AXIS_HEALTH_PORT', default: 0, help: 'a plaintext port serving only grpc.health.v1, for Kubernetes probes, which cannot speak TLS (0: none)' },
 } satisfies OptionTable;
 
-/** The coordinator reaches inference pods by IP (discovery): their certificates name the Service instead. */
+/** The coordinator reaches pods found by k8s:// discovery by IP: their certificates name a Service instead. */
 export const TLS_SERVER_NAME_OPTION = {
-  'tls-inference-server-name': { type: 'string', env: 'AXIS_TLS_INFERENCE_SERVER_NAME', default: '', help: 'with --tls-ca: the name the inference replicas\' certificates carry (e.g. the inference Service\'s DNS name), checked instead of the address dialled' },
+  'tls-server-name': { type: 'string', env: 'AXIS_TLS_SERVER_NAME', default: '', help: 'with --tls-ca: the name the certificates of replicas found through k8s:// carry (e.g. a Service\'s DNS name in the shared certificate), checked instead of the pod address dialled' },
 } satisfies OptionTable;
 
 export interface TlsConfig {

@@ -99,10 +99,10 @@ maybe('the helm chart', () => {
     expect(cpu.resources.limits).not.toHaveProperty(['nvidia.com/gpu']);
   });
 
-  it('lets the coordinator follow the inference pods through EndpointSlices, with a Role that can only read them', () => {
+  it('lets the coordinator follow the inference, judge and aggregation pods through EndpointSlices, with a Role that can only read them', () => {
     const docs = render([MODEL]);
     const coordinator = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec;
-    expect(coordinator.containers[0].args).toContain('--inference=k8s://research/axis-inference:grpc');
+    for (const s of ['inference', 'judge', 'aggregation']) expect(coordinator.containers[0].args).toContain(`--${s}=k8s://research/axis-${s}:grpc`);
     expect(coordinator.serviceAccountName).toBe('axis-coordinator');
     const role = docs.find((d) => d.kind === 'Role');
     expect(role.rules).toEqual([{ apiGroups: ['discovery.k8s.io'], resources: ['endpointslices'], verbs: ['get', 'list', 'watch'] }]);
@@ -111,8 +111,10 @@ maybe('the helm chart', () => {
     const service = docs.find((d) => d.kind === 'Service' && d.metadata.name === 'axis-inference');
     expect(service.spec.ports.map((p: any) => p.name)).toContain('grpc');
     // Without discovery: the Service's name, no account, no Role.
-    const plain = render([MODEL, 'coordinator.inferenceDiscovery=service']);
-    expect(plain.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec.containers[0].args).toContain('--inference=axis-inference:50052');
+    const plain = render([MODEL, 'coordinator.discovery=service']);
+    const plainArgs = plain.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec.containers[0].args;
+    expect(plainArgs).toContain('--inference=axis-inference:50052');
+    expect(plainArgs.filter((a: string) => a.includes('k8s://'))).toEqual([]);
     expect(plain.some((d) => d.kind === 'Role' || d.kind === 'ServiceAccount')).toBe(false);
   });
 
@@ -160,7 +162,7 @@ maybe('the helm chart', () => {
       expect(c.readinessProbe.grpc.port).toBe(8086);
     }
     const coordinator = deployments.find((d) => d.metadata.name === 'axis-coordinator').spec.template.spec.containers[0];
-    expect(coordinator.args).toContain('--tls-inference-server-name=axis-inference.research.svc');
+    expect(coordinator.args).toContain('--tls-server-name=axis-inference.research.svc');
     const oneWay = render([MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls', 'tls.mutual=false']);
     expect(JSON.stringify(oneWay)).not.toContain('AXIS_TLS_CLIENT_CA');
     const noSecret = helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'tls.enabled=true']);

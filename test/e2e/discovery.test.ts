@@ -126,3 +126,86 @@ describe('a run over replicas that come and go (Kubernetes EndpointSlice discove
     expect(coordinatorLog).toMatch(/inference replica gone: its items in flight go to the others/);
   });
 });
+
+/**
+ * The judge and the aggregation found the same way: two judge pods share the items and one
+ * of them goes away mid-run; the aggregation's pod is rescheduled (killed, and started at
+ * another address on the same volume) and the coordinator follows it.
+ */
+describe('judge and aggregation found through EndpointSlices', () => {
+  const api = new FakeKubeApiServer();
+  let stack: LocalStack;
+  let dir: string;
+  const extra: ChildProcess[] = [];
+
+  /** Starts one of the stack's services at another loopback address, as a pod of the same Service. */
+  async function startAt(name: 'judge' | 'aggregation', ip: string): Promise<{ child: ChildProcess; metricsPort: number }> {
+    const metricsPort = await freePort();
+    const flags = stack.flags(name).map((f, i, all) => (all[i - 1] === '--host' ? ip : all[i - 1] === '--metrics-port' ? String(metricsPort) : f));
+    const log = fs.openSync(path.join(dir, `${name}-${ip}.log`), 'a');
+    const child = spawn(process.execPath, [path.join(ROOT, `dist/services/${name}/main.js`), ...flags], { stdio: ['ignore', log, log], env: { ...process.env, AXIS_LOG_LEVEL: 'info', OPENAI_API_KEY: '' } });
+    fs.closeSync(log);
+    extra.push(child);
+    await waitServing(`${ip}:${stack.ports[name]}`, 30_000);
+    return { child, metricsPort };
+  }
+
+  const judged = (ip: string, metricsPort: number) => metricValue(`http://${ip}:${metricsPort}/metrics`, 'axis_judge_items_total', { result: 'scored' });
+
+  beforeAll(async () => {
+    await api.start();
+    ({ stack, dir } = await testStack('discovery-judge-agg', {
+      // Slow enough that the changes land mid-run.
+      args: { judge: ['--provider', 'offline'], inference: ['--synthetic-tokens-per-second', '150', '--capacity', '8'] },
+    }));
+    stack.opts.args!.coordinator = ['--judge', 'k8s://axis/axis-judge:grpc', '--aggregation', 'k8s://axis/axis-aggregation:grpc', '--kubeconfig', api.writeKubeconfig(dir)];
+    await Promise.all(['inference', 'judge', 'aggregation'].map((n) => stack.start(n as 'inference')));
+    api.setEndpoints('axis', 'axis-aggregation', 'grpc', stack.ports.aggregation, [{ ip: '127.0.0.1', ready: true }]);
+  });
+
+  afterAll(async () => {
+    await stack?.stopAll();
+    for (const c of extra) c.kill('SIGKILL');
+    await api.stop();
+  });
+
+  it('spreads items over the judge pods, survives one leaving, and follows the aggregation to its new pod: every item once', async () => {
+    const second = await startAt('judge', '127.0.0.2');
+    api.setEndpoints('axis', 'axis-judge', 'grpc', stack.ports.judge, [
+      { ip: '127.0.0.1', ready: true },
+      { ip: '127.0.0.2', ready: true },
+    ]);
+    await stack.start('coordinator');
+    const client = coordinatorClient(stack.address('coordinator'));
+    const roles = ['chef', 'poet', 'default'];
+    await startRun(client, { name: 'moving-services', roles, questionCount: 8, minCount: 1 });
+    await waitFor('a third of the items aggregated', async () => ((await getRun(client, 'moving-services')).progress!.aggregated >= 40 ? true : undefined), 60_000);
+    // Both judge pods have had work.
+    const firstJudged = await judged('127.0.0.1', stack.metricsPorts.judge);
+    const secondJudged = await judged('127.0.0.2', second.metricsPort);
+    expect({ firstJudged: firstJudged > 0, secondJudged: secondJudged > 0, firstJudgedN: firstJudged, secondJudgedN: secondJudged }).toMatchObject({ firstJudged: true, secondJudged: true });
+
+    // The second judge pod goes away; the aggregation pod is rescheduled to another address, same volume.
+    second.child.kill('SIGKILL');
+    api.setEndpoints('axis', 'axis-judge', 'grpc', stack.ports.judge, [{ ip: '127.0.0.1', ready: true }]);
+    await stack.kill9('aggregation');
+    api.setEndpoints('axis', 'axis-aggregation', 'grpc', stack.ports.aggregation, []);
+    await startAt('aggregation', '127.0.0.3');
+    api.setEndpoints('axis', 'axis-aggregation', 'grpc', stack.ports.aggregation, [{ ip: '127.0.0.3', ready: true }]);
+
+    const final = await watchRun(client, 'moving-services', () => undefined);
+    client.close();
+    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    const files = readRunFiles(final.outputDir);
+    for (const role of roles) {
+      const keys = files.responses[role].map((l) => `pos_p${l.prompt_index}_q${l.question_index}`);
+      expect(new Set(keys).size).toBe(40);
+      expect(keys).toHaveLength(40);
+      if (role !== 'default') expect(Object.keys(files.scores[role]).sort()).toEqual([...keys].sort());
+    }
+    expect(final.progress!.aggregated).toBe(120);
+    const coordinatorLog = fs.readFileSync(stack.processes.get('coordinator')!.logFile, 'utf8');
+    expect(coordinatorLog).toMatch(/judge replica gone: its items in flight go to the others/);
+    expect(coordinatorLog).toMatch(/aggregation moved: what was in flight is sent again/);
+  });
+});
