@@ -71,14 +71,17 @@ export class RunAccumulator {
 
   /** Checks an activation without changing anything (so nothing invalid is journaled). */
   /** `firstNonFinite`: when the decoder already looked (-1: all finite), the values are not scanned again. */
-  checkActivation(role: string, itemKey: string, shape: number[], data: Float32Array, firstNonFinite?: number): 'duplicate' | 'new' {
+  checkActivation(role: string, itemKey: string, shape: number[], data: Float32Array | undefined, firstNonFinite?: number): 'duplicate' | 'new' {
     if (this.activationSeen.has(`${role}\u0000${itemKey}`)) return 'duplicate';
     if (shape.length !== 2) throw new IngestError('activation.shape', `must be [layers, hidden], got [${shape}]`);
     if (this.numLayers !== 0 && (shape[0] !== this.numLayers || shape[1] !== this.hidden)) {
       throw new IngestError('activation.shape', `[${shape}] differs from this run's [${this.numLayers}, ${this.hidden}]`);
     }
     let bad = firstNonFinite ?? -1;
-    if (firstNonFinite === undefined) for (let i = 0; i < data.length && bad < 0; i++) if (!Number.isFinite(data[i])) bad = i;
+    if (firstNonFinite === undefined) {
+      if (!data) throw new Error('checkActivation: neither the values nor their first non-finite index');
+      for (let i = 0; i < data.length && bad < 0; i++) if (!Number.isFinite(data[i])) bad = i;
+    }
     if (bad >= 0) {
       this.rejectedNonFinite++;
       throw new IngestError('activation.data', `holds a non-finite value at index ${bad}: rejected, not summed`);
@@ -95,11 +98,14 @@ export class RunAccumulator {
   /**
    * `ref`: where the journal holds this activation; when given, a waiting activation is kept
    * there, not in memory. `data` may be a scratch buffer: it is folded now or copied, never kept
-   * as given. `firstNonFinite`: what the decoder found (see checkActivation).
+   * as given; or a function that decodes it, called only if the values are needed now (an
+   * activation that waits for its score in the journal is never decoded here). `firstNonFinite`:
+   * what the decoder or inspectTensor found (see checkActivation); required with a function.
    */
-  addActivation(role: string, itemKey: string, shape: number[], data: Float32Array, ref?: RecordRef, firstNonFinite?: number): IngestOutcome {
+  addActivation(role: string, itemKey: string, shape: number[], data: Float32Array | (() => Float32Array), ref?: RecordRef, firstNonFinite?: number): IngestOutcome {
     const key = `${role}\u0000${itemKey}`;
-    if (this.checkActivation(role, itemKey, shape, data, firstNonFinite) === 'duplicate') return 'duplicate';
+    const values = typeof data === 'function' ? data : () => data;
+    if (this.checkActivation(role, itemKey, shape, typeof data === 'function' ? undefined : data, firstNonFinite) === 'duplicate') return 'duplicate';
     if (this.numLayers === 0) {
       this.numLayers = shape[0];
       this.hidden = shape[1];
@@ -107,16 +113,16 @@ export class RunAccumulator {
     this.activationSeen.add(key);
     this.newActivationKeys.push(key);
     if (isDefaultRole(role)) {
-      this.fold(role, 'all', data, ref);
+      this.fold(role, 'all', values(), ref);
       return 'folded';
     }
     const w = this.waiting.get(key);
     if (w && w.score !== undefined) {
       this.waiting.delete(key);
-      this.fold(role, bucketOf(w.score), data, ref);
+      this.fold(role, bucketOf(w.score), values(), ref);
       return 'folded';
     }
-    this.waiting.set(key, ref ? { ref } : { activation: data.slice() });
+    this.waiting.set(key, ref ? { ref } : { activation: values().slice() });
     return 'waiting';
   }
 

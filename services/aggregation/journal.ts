@@ -106,16 +106,31 @@ export class Journal {
     await this.openSegment();
   }
 
-  async read(ref: RecordRef): Promise<Buffer> {
-    const handle = await fs.open(this.file(ref.segment), 'r');
-    try {
-      const buf = Buffer.alloc(ref.length);
-      const { bytesRead } = await handle.read(buf, 0, ref.length, ref.offset);
-      if (bytesRead !== ref.length) throw new Error(`journal segment ${ref.segment} is shorter than a record it should hold`);
-      return buf;
-    } finally {
-      await handle.close();
+  /** Reads a record's payload, into `into` when given (it must hold `ref.length` bytes). */
+  async read(ref: RecordRef, into?: Buffer): Promise<Buffer> {
+    const handle = await this.reader(ref.segment);
+    const buf = into ?? Buffer.allocUnsafe(ref.length);
+    const { bytesRead } = await handle.read(buf, 0, ref.length, ref.offset);
+    if (bytesRead !== ref.length) throw new Error(`journal segment ${ref.segment} is shorter than a record it should hold`);
+    return buf;
+  }
+
+  /** A read handle per segment, kept open (spooled records of a segment are read back one by one). */
+  private reader(segment: number): Promise<fs.FileHandle> {
+    let h = this.readers.get(segment);
+    if (!h) {
+      h = fs.open(this.file(segment), 'r');
+      h.catch(() => this.readers.delete(segment));
+      this.readers.set(segment, h);
     }
+    return h;
+  }
+  private readonly readers = new Map<number, Promise<fs.FileHandle>>();
+
+  private async closeReader(segment: number): Promise<void> {
+    const h = this.readers.get(segment);
+    this.readers.delete(segment);
+    await (await h?.catch(() => undefined))?.close();
   }
 
   /** Calls `apply` for every intact record from `from` on, in order. */
@@ -140,6 +155,7 @@ export class Journal {
   }
 
   async remove(segment: number): Promise<void> {
+    await this.closeReader(segment);
     await fs.rm(this.file(segment), { force: true });
   }
 
@@ -147,6 +163,7 @@ export class Journal {
     await this.writing;
     await this.handle?.close();
     this.handle = undefined;
+    for (const segment of [...this.readers.keys()]) await this.closeReader(segment);
   }
 
   /** Opens the current segment's file; `size` is set by the caller, before any append can see it. */

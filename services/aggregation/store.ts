@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { receivedBytes } from '../shared/bulkWire';
 import { writeFileAtomic } from '../shared/files';
-import { decodeTensor, DecodedTensor } from '../shared/tensor';
+import { decodeTensor, inspectTensor } from '../shared/tensor';
 import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator } from './accumulator';
 import { Journal, RecordRef } from './journal';
 
@@ -79,11 +79,11 @@ export class DurableStore {
    */
   ingest(req: IngestRequest): Promise<IngestOutcome> {
     const acc = this.state.get(req.run);
-    // Checks first, so that nothing invalid reaches the journal; the decoded values then go on to apply.
-    let decoded: DecodedTensor | undefined;
+    // Checks first, so that nothing invalid reaches the journal. Nothing is decoded here: an
+    // activation is decoded (into one scratch buffer) only when it is folded.
     if (req.payload?.$case === 'activation') {
-      decoded = decodeTensor(req.payload.value, 'activation');
-      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, decoded.shape, decoded.data, decoded.firstNonFinite);
+      const { shape, firstNonFinite } = inspectTensor(req.payload.value, 'activation');
+      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, shape, undefined, firstNonFinite);
       if (check === 'duplicate') return Promise.resolve('duplicate');
     } else if (req.payload?.$case === 'score') {
       if ((acc ?? new RunAccumulator()).checkScore(req.role, req.itemKey, req.payload.value.score ?? null) === 'duplicate') return Promise.resolve('duplicate');
@@ -95,7 +95,7 @@ export class DurableStore {
     // A failed write (a full disk) can reject this before the queued apply below awaits it: marked
     // handled here, or Node would end the process for an unhandled rejection. The apply still sees it.
     appended.catch(() => undefined);
-    return this.serialize(async () => this.apply(req, await appended, decoded));
+    return this.serialize(async () => this.apply(req, await appended));
   }
 
   /** Runs `task` after everything queued before it: applies happen in journal order. */
@@ -105,19 +105,23 @@ export class DurableStore {
     return next;
   }
 
-  /** `decoded`: the activation as ingest already decoded it; replay decodes into the scratch buffer. */
-  private async apply(req: IngestRequest, ref: RecordRef, decoded?: DecodedTensor): Promise<IngestOutcome> {
+  /**
+   * Applies a journaled message. Every journaled activation passed the checks when it arrived
+   * (ingest, or the ingest before a restart, for replay), so it holds no NaN or infinity.
+   */
+  private async apply(req: IngestRequest, ref: RecordRef): Promise<IngestOutcome> {
     const acc = this.state.getOrCreate(req.run);
     let outcome: IngestOutcome;
     if (req.payload?.$case === 'activation') {
-      const t = decoded ?? decodeTensor(req.payload.value, 'activation', undefined, this.scratchFor(req.payload.value.shape));
-      outcome = acc.addActivation(req.role, req.itemKey, t.shape, t.data, ref, t.firstNonFinite);
+      const tensor = req.payload.value;
+      const decode = () => decodeTensor(tensor, 'activation', undefined, this.scratchFor(tensor.shape)).data;
+      outcome = acc.addActivation(req.role, req.itemKey, [...tensor.shape], decode, ref, -1);
     } else {
       const payload = req.payload;
       const r = acc.addScore(req.role, req.itemKey, payload?.$case === 'score' ? (payload.value.score ?? null) : null, ref);
       outcome = r.outcome;
       if ('spooled' in r) {
-        const spooled = IngestRequest.decode(await this.journal.read(r.spooled));
+        const spooled = IngestRequest.decode(await this.journal.read(r.spooled, this.readBuffer(r.spooled.length)));
         if (spooled.payload?.$case !== 'activation') throw new Error(`journal record at ${r.spooled.segment}:${r.spooled.offset} is not an activation`);
         acc.foldSpooled(req.role, r.bucket, decodeTensor(spooled.payload.value, 'activation', undefined, this.scratchFor(spooled.payload.value.shape)).data, ref);
       }
@@ -125,6 +129,13 @@ export class DurableStore {
     this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
     return outcome;
   }
+
+  /** One buffer for spooled records read back: applies run one at a time, and each is decoded at once. */
+  private readBuffer(length: number): Buffer {
+    if (this.spoolRead.length < length) this.spoolRead = Buffer.allocUnsafe(length);
+    return this.spoolRead.subarray(0, length);
+  }
+  private spoolRead = Buffer.alloc(0);
 
   private scratchFor(shape: number[]): Float32Array {
     const n = shape.reduce((a, b) => a * b, 1);

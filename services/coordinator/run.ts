@@ -535,7 +535,7 @@ export class RunExecutor {
       if (other && other.shape[0] === summary.numLayers && other.shape[1] === summary.hiddenSize) compare = { name: path.basename(this.spec.compareAxis), axis: other.data };
       else this.log.warn({ file: this.spec.compareAxis, shape: other?.shape }, 'compare_axis has another shape than this run\'s axis: left out of the report');
     }
-    const report = buildReport({
+    const report = await buildReport({
       run: this.spec.name,
       model: this.spec.model,
       numLayers: summary.numLayers,

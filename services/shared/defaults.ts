@@ -41,11 +41,14 @@ export const DRAIN_SECONDS = 10;
 
 /**
  * HTTP/2 keepalive on every channel and server: a peer that vanished without closing its
- * connection (a node lost, a partition) is noticed within about 40 s instead of the kernel's
- * TCP timeout (about 15 minutes), so its streams fail and their items are retried elsewhere.
+ * connection (a node lost, a partition) is noticed within about a minute instead of the
+ * kernel's TCP timeout (about 15 minutes), so its streams fail and their items are retried
+ * elsewhere. The answer may take 30 s: a timeout shorter than a stall of the peer's event
+ * loop drops a healthy connection (a 10 s one dropped a run's watchers while its report was
+ * computed).
  */
 export const KEEPALIVE_TIME_MS = 30_000;
-export const KEEPALIVE_TIMEOUT_MS = 10_000;
+export const KEEPALIVE_TIMEOUT_MS = 30_000;
 
 /**
  * The longest a request on one of the coordinator's long-lived streams may wait for its reply

@@ -50,7 +50,32 @@ export function encodeTensor(t: FloatTensor, dtype: DType = DType.DTYPE_F32): Te
  * and, when given, the expected shape. `field` names the message field in errors. `into`, when
  * large enough, receives the values (a scratch buffer on hot paths: no allocation per message).
  */
-export function decodeTensor(t: Tensor | undefined, field: string, expectShape?: readonly number[], into?: Float32Array): DecodedTensor {
+/**
+ * Checks a tensor as decodeTensor does (dtype, shape, byte length, naming the field) and finds
+ * its first NaN or infinity, without decoding it: nothing is allocated, whatever its size.
+ */
+export function inspectTensor(t: Tensor | undefined, field: string, expectShape?: readonly number[]): { shape: number[]; firstNonFinite: number } {
+  const n = checkLayout(t, field, expectShape);
+  const data = t!.data;
+  if (t!.dtype === DType.DTYPE_F32) {
+    const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+    for (let i = 0; i < n; i++) {
+      const v = view.getFloat32(i * 4, true);
+      if (v - v !== 0) return { shape: [...t!.shape], firstNonFinite: i };
+    }
+    return { shape: [...t!.shape], firstNonFinite: -1 };
+  }
+  // Half precision: an all-ones exponent is NaN or infinity; only the high byte holds it (little-endian).
+  const mask = t!.dtype === DType.DTYPE_BF16 ? 0x7f80 : 0x7c00;
+  const high = mask >> 8;
+  for (let i = 0; i < n; i++) {
+    if ((data[2 * i + 1] & high) === high && (((data[2 * i + 1] << 8) | data[2 * i]) & mask) === mask) return { shape: [...t!.shape], firstNonFinite: i };
+  }
+  return { shape: [...t!.shape], firstNonFinite: -1 };
+}
+
+/** The element count of a tensor whose dtype, shape and byte length are valid; else a TensorError naming the field. */
+function checkLayout(t: Tensor | undefined, field: string, expectShape?: readonly number[]): number {
   if (!t) throw new TensorError(`${field}: missing tensor`);
   const size = BYTES[t.dtype];
   if (!size) throw new TensorError(`${field}.dtype: unsupported dtype ${dtypeName(t.dtype)}`);
@@ -64,12 +89,42 @@ export function decodeTensor(t: Tensor | undefined, field: string, expectShape?:
   if (t.data.byteLength !== n * size) {
     throw new TensorError(`${field}.data: ${t.data.byteLength} bytes, expected ${n * size} for ${dtypeName(t.dtype)} [${t.shape}]`);
   }
-  // Read the bytes as typed arrays (copied to an aligned buffer when the field starts at an odd
-  // offset): far faster than per-element DataView calls. Little-endian hosts (x86-64, arm64).
-  const bytes = t.data.byteOffset % size === 0 ? t.data : Uint8Array.from(t.data);
+  return n;
+}
+
+export function decodeTensor(t: Tensor | undefined, field: string, expectShape?: readonly number[], into?: Float32Array): DecodedTensor {
+  const n = checkLayout(t, field, expectShape);
+  const tensor = t!;
   const out = into && into.length >= n ? into.subarray(0, n) : new Float32Array(n);
   let firstNonFinite = -1;
-  if (t.dtype === DType.DTYPE_F32) {
+  if (tensor.dtype === DType.DTYPE_BF16) {
+    // bf16 is the top half of a float32: widen by shifting; all-ones exponent = NaN or infinity.
+    // Bytes at an odd offset (where the field fell in its message) are read pairwise, not copied.
+    const bits = new Uint32Array(out.buffer, out.byteOffset, n);
+    const b = tensor.data;
+    let special = 0;
+    if (b.byteOffset % 2 === 0) {
+      const half = new Uint16Array(b.buffer, b.byteOffset, n);
+      for (let i = 0; i < n; i++) {
+        const h = half[i];
+        bits[i] = h << 16;
+        special |= (h & 0x7f80) === 0x7f80 ? 1 : 0;
+      }
+    } else {
+      for (let i = 0; i < n; i++) {
+        const h = b[2 * i] | (b[2 * i + 1] << 8);
+        bits[i] = h << 16;
+        special |= (h & 0x7f80) === 0x7f80 ? 1 : 0;
+      }
+    }
+    if (special) firstNonFinite = inspectTensor(tensor, field).firstNonFinite;
+    return { shape: [...tensor.shape], data: out, firstNonFinite };
+  }
+  // Read the bytes as typed arrays (copied to an aligned buffer when the field starts at an
+  // unaligned offset): far faster than per-element DataView calls. Little-endian hosts.
+  const size = BYTES[tensor.dtype];
+  const bytes = tensor.data.byteOffset % size === 0 ? tensor.data : Uint8Array.from(tensor.data);
+  if (tensor.dtype === DType.DTYPE_F32) {
     out.set(new Float32Array(bytes.buffer, bytes.byteOffset, n));
     for (let i = 0; i < n; i++) {
       if (out[i] - out[i] !== 0) {
@@ -77,17 +132,6 @@ export function decodeTensor(t: Tensor | undefined, field: string, expectShape?:
         break;
       }
     }
-  } else if (t.dtype === DType.DTYPE_BF16) {
-    // bf16 is the top half of a float32: widen by shifting; all-ones exponent = NaN or infinity.
-    const half = new Uint16Array(bytes.buffer, bytes.byteOffset, n);
-    const bits = new Uint32Array(out.buffer, out.byteOffset, n);
-    let special = 0;
-    for (let i = 0; i < n; i++) {
-      const h = half[i];
-      bits[i] = h << 16;
-      special |= (h & 0x7f80) === 0x7f80 ? 1 : 0;
-    }
-    if (special) for (let i = 0; i < n && firstNonFinite < 0; i++) if ((half[i] & 0x7f80) === 0x7f80) firstNonFinite = i;
   } else {
     const half = new Uint16Array(bytes.buffer, bytes.byteOffset, n);
     for (let i = 0; i < n; i++) {
@@ -95,7 +139,7 @@ export function decodeTensor(t: Tensor | undefined, field: string, expectShape?:
       if (firstNonFinite < 0 && (half[i] & 0x7c00) === 0x7c00) firstNonFinite = i;
     }
   }
-  return { shape: [...t.shape], data: out, firstNonFinite };
+  return { shape: [...tensor.shape], data: out, firstNonFinite };
 }
 
 export function littleEndianF32(data: Float32Array): Uint8Array {

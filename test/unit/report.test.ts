@@ -1,5 +1,5 @@
 import { reportHtml } from '../../services/report/html';
-import { buildReport } from '../../services/report/report';
+import { buildReport, Report } from '../../services/report/report';
 import { digest, Rng } from '../../services/shared/random';
 
 /**
@@ -40,17 +40,20 @@ const defaults = [{ role: 'default', count: 100, vector: vec(0.5) }];
 const axis = Float32Array.from({ length: L * D }, (_, i) => defaults[0].vector[i] - roles.reduce((s, r) => s + r.vector[i], 0) / roles.length);
 
 describe('the run report', () => {
-  const report = buildReport({
-    run: 'r',
-    model: 'tiny-llama',
-    numLayers: L,
-    hidden: D,
-    minCount: 50,
-    roles,
-    defaults,
-    leftOut: [{ role: 'ghost', count: 12 }],
-    histograms: { pirate: { '3': 50, '1': 4 }, ghost: { '3': 12, none: 3 } },
-    axis,
+  let report: Report;
+  beforeAll(async () => {
+    report = await buildReport({
+      run: 'r',
+      model: 'tiny-llama',
+      numLayers: L,
+      hidden: D,
+      minCount: 50,
+      roles,
+      defaults,
+      leftOut: [{ role: 'ghost', count: 12 }],
+      histograms: { pirate: { '3': 50, '1': 4 }, ghost: { '3': 12, none: 3 } },
+      axis,
+    });
   });
 
   it('PCA matches an eigen-decomposition of the covariance computed independently', () => {

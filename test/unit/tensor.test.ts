@@ -1,6 +1,6 @@
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { decodeSafetensors, encodeSafetensors } from '../../services/shared/safetensors';
-import { bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16 } from '../../services/shared/tensor';
+import { bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16, inspectTensor } from '../../services/shared/tensor';
 
 describe('tensor encoding', () => {
   it('round-trips f32 exactly as little-endian bytes', () => {
@@ -29,6 +29,44 @@ describe('tensor encoding', () => {
     expect(() => decodeTensor({ dtype: DType.DTYPE_UNSPECIFIED, shape: [1], data: Buffer.alloc(4) }, 'activation')).toThrow(/activation.dtype/);
     expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [0, 2], data: Buffer.alloc(0) }, 'activation')).toThrow(/activation.shape/);
     expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [1, 1], data: Buffer.alloc(4) }, 'activation', [2, 2])).toThrow(/expected \[2,2\]/);
+  });
+});
+
+describe('tensors at any offset of their message, and inspected without decoding', () => {
+  // The tensor's bytes placed at an even and at an odd offset of a larger buffer, as a field falls in a received message.
+  const at = (bytes: Uint8Array, offset: number) => {
+    const host = Buffer.alloc(bytes.byteLength + offset + 3, 0xee);
+    host.set(bytes, offset);
+    return host.subarray(offset, offset + bytes.byteLength);
+  };
+  const values = new Float32Array([0.5, -4, 3.25, 1e-3, -0, 7]);
+
+  it('decodes the same values at odd and even offsets, for every dtype', () => {
+    for (const dtype of [DType.DTYPE_F32, DType.DTYPE_F16, DType.DTYPE_BF16]) {
+      const wire = encodeTensor({ shape: [2, 3], data: values }, dtype);
+      const aligned = [...decodeTensor(wire, 'x').data];
+      for (const offset of [0, 1, 2, 3]) expect([...decodeTensor({ ...wire, data: at(wire.data, offset) }, 'x').data]).toEqual(aligned);
+    }
+  });
+
+  it('finds the first NaN or infinity as decoding does, without decoding, and checks the same things', () => {
+    for (const dtype of [DType.DTYPE_F32, DType.DTYPE_F16, DType.DTYPE_BF16]) {
+      for (const [bad, index] of [[NaN, 4], [Infinity, 2], [-Infinity, 0], [0, -1]] as const) {
+        const data = values.slice();
+        if (index >= 0) data[index] = bad;
+        const wire = encodeTensor({ shape: [2, 3], data }, dtype);
+        for (const offset of [0, 1]) {
+          const t = { ...wire, data: at(wire.data, offset) };
+          expect(inspectTensor(t, 'x')).toEqual({ shape: [2, 3], firstNonFinite: index });
+          expect(decodeTensor(t, 'x').firstNonFinite).toBe(index);
+        }
+      }
+    }
+    // Large finite values are not taken for infinities (bf16 0x7f7f, f16 65504).
+    expect(inspectTensor(encodeTensor({ shape: [2], data: new Float32Array([3.3e38, -3.3e38]) }, DType.DTYPE_BF16), 'x').firstNonFinite).toBe(-1);
+    expect(inspectTensor(encodeTensor({ shape: [1], data: new Float32Array([65504]) }, DType.DTYPE_F16), 'x').firstNonFinite).toBe(-1);
+    expect(() => inspectTensor({ dtype: DType.DTYPE_BF16, shape: [2, 2], data: Buffer.alloc(6) }, 'activation')).toThrow(/activation.data: 6 bytes, expected 8/);
+    expect(() => inspectTensor(undefined, 'activation')).toThrow(/activation: missing tensor/);
   });
 });
 
