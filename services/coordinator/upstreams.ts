@@ -57,6 +57,20 @@ export class InferenceReplica {
 }
 
 /**
+ * Brings a replica list to the addresses now known: a replica whose address is gone is
+ * removed and closed (after `gone`, which sees it still open); a new address gets a replica.
+ */
+function reconcileReplicas<R extends { readonly address: string; close(): void }>(replicas: R[], addresses: string[], on: { create: (address: string) => R; gone: (r: R) => void }): void {
+  for (const r of [...replicas]) {
+    if (addresses.includes(r.address)) continue;
+    replicas.splice(replicas.indexOf(r), 1);
+    on.gone(r);
+    r.close();
+  }
+  for (const a of addresses) if (!replicas.some((r) => r.address === a)) replicas.push(on.create(a));
+}
+
+/**
  * The inference replicas now known (from a static list or Kubernetes discovery). A replica
  * that leaves is closed: its streams fail, and the items they held are retried on the others.
  * A new one is asked for its model at once and used as soon as it answers.
@@ -73,25 +87,21 @@ export class InferencePool {
   ) {}
 
   update(addresses: string[]): void {
-    for (const r of [...this.replicas]) {
-      if (addresses.includes(r.address)) continue;
-      this.replicas.splice(this.replicas.indexOf(r), 1);
-      this.log?.info({ address: r.address, inFlight: r.inFlight }, 'inference replica gone: its items in flight go to the others');
-      r.close();
-    }
-    for (const a of addresses) {
-      if (this.replicas.some((r) => r.address === a)) continue;
-      const r = new InferenceReplica(a, this.credentials, this.serverName);
-      this.replicas.push(r);
-      r.refresh().then(
-        (info) => {
-          this.log?.info({ address: a, model: info.model, capacity: info.capacity }, 'inference replica joined');
-          this.changed();
-        },
-        // Not ready yet: the coordinator's dependency check asks again every few seconds.
-        () => this.log?.warn({ address: a, reason: r.lastError }, 'inference replica not ready yet'),
-      );
-    }
+    reconcileReplicas(this.replicas, addresses, {
+      create: (a) => {
+        const r = new InferenceReplica(a, this.credentials, this.serverName);
+        r.refresh().then(
+          (info) => {
+            this.log?.info({ address: a, model: info.model, capacity: info.capacity }, 'inference replica joined');
+            this.changed();
+          },
+          // Not ready yet: the coordinator's dependency check asks again every few seconds.
+          () => this.log?.warn({ address: a, reason: r.lastError }, 'inference replica not ready yet'),
+        );
+        return r;
+      },
+      gone: (r) => this.log?.info({ address: r.address, inFlight: r.inFlight }, 'inference replica gone: its items in flight go to the others'),
+    });
     this.changed();
   }
 
@@ -180,25 +190,21 @@ export class JudgePool {
   ) {}
 
   update(addresses: string[]): void {
-    for (const r of [...this.replicas]) {
-      if (addresses.includes(r.address)) continue;
-      this.replicas.splice(this.replicas.indexOf(r), 1);
-      this.log?.info({ address: r.address, inFlight: r.score.inFlight }, 'judge replica gone: its items in flight go to the others');
-      r.close();
-    }
-    for (const a of addresses) {
-      if (this.replicas.some((r) => r.address === a)) continue;
-      const r = new JudgeUpstream(a, this.credentials, this.serverName);
-      this.replicas.push(r);
-      // Used once it answers (the coordinator's periodic check asks again if it is not up yet).
-      r.refresh().then(
-        (info) => {
-          this.info ??= info;
-          this.log?.info({ address: a }, 'judge replica joined');
-        },
-        () => undefined,
-      );
-    }
+    reconcileReplicas(this.replicas, addresses, {
+      create: (a) => {
+        const r = new JudgeUpstream(a, this.credentials, this.serverName);
+        // Used once it answers (the coordinator's periodic check asks again if it is not up yet).
+        r.refresh().then(
+          (info) => {
+            this.info ??= info;
+            this.log?.info({ address: a }, 'judge replica joined');
+          },
+          () => undefined,
+        );
+        return r;
+      },
+      gone: (r) => this.log?.info({ address: r.address, inFlight: r.score.inFlight }, 'judge replica gone: its items in flight go to the others'),
+    });
   }
 
   /** Asks every replica for its info; resolves with the first answer, rejects if none answers. */
