@@ -23,7 +23,7 @@ const fs = require('fs'), os = require('os'), path = require('path');
   const cpu = await LoadedModel.load(dir + '/model');
   const gpu = await LoadedModel.load(dir + '/model', { placements: [{ provider: 'cuda', deviceId: 0 }] });
   const messages = [{ role: 'user', content: 'What grows in spring?' }];
-  const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 32, maxContext: 2048, seed: 0 };
+  const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 32, maxContext: 2048, seed: 0, enableThinking: false };
   const jobs = [1, 2, 3, 4].map((seed) => generationJob(cpu, { messages, sampling, seed, layers: [] }));
   const a = await cpu.runner.run(jobs), b = await gpu.runner.run(jobs);
   let worst = 0;

@@ -26,7 +26,7 @@ const REPEATS = Number(process.env.AXIS_BENCH_REPEATS ?? 3);
 /** `cuda` on a GPU machine with onnxruntime-node's CUDA provider (bench/gpu.sh); CPU otherwise. */
 const DEVICE = process.env.AXIS_BENCH_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 const placements = [DEVICE === 'cuda' ? { provider: 'cuda' as const, deviceId: 0 } : { provider: 'cpu' as const, deviceId: 0 }];
-const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: NEW_TOKENS, maxContext: 2048, seed: 0 };
+const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: NEW_TOKENS, maxContext: 2048, seed: 0, enableThinking: false };
 
 async function prepare(): Promise<{ capture: string; plain: string }> {
   const checkpoint = path.join(WORK, 'checkpoint');

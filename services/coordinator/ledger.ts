@@ -29,6 +29,8 @@ export interface RunSpec {
   importDir?: string;
   /** Generate the text, then measure it by a separate prefill (Extract), as the reference does. */
   twoPass?: boolean;
+  /** The chat template's thinking switch (Qwen 3): the model thinks before it answers. */
+  enableThinking?: boolean;
 }
 
 /** A batch submitted to the judge's Batch API and the items in it. */

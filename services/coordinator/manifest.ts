@@ -45,7 +45,7 @@ export function manifest(spec: RunSpec, data: DataSet, model: ModelInfo, judge: 
       system_prompt_supported: model.supportsSystemPrompt,
       hashes: model.hashes,
     },
-    sampling: { temperature: spec.temperature, top_p: spec.topP, max_new_tokens: spec.maxNewTokens, max_context: spec.maxContext },
+    sampling: { temperature: spec.temperature, top_p: spec.topP, max_new_tokens: spec.maxNewTokens, max_context: spec.maxContext, enable_thinking: !!spec.enableThinking },
     seed: spec.seed,
     layers: spec.layers.length ? spec.layers : 'all',
     judge: { provider: judge.provider, model: judge.model, base_url: judge.baseUrl, meaningful: judge.meaningful },

@@ -325,7 +325,7 @@ export class RunExecutor {
             const r = await (await this.pickReplica()).generate.send(id, {
               itemId: id,
               messages,
-              sampling: { temperature: this.spec.temperature, topP: this.spec.topP, maxNewTokens: this.spec.maxNewTokens, maxContext: this.spec.maxContext, seed: this.spec.seed },
+              sampling: { temperature: this.spec.temperature, topP: this.spec.topP, maxNewTokens: this.spec.maxNewTokens, maxContext: this.spec.maxContext, seed: this.spec.seed, enableThinking: !!this.spec.enableThinking },
               seed: itemSeed(this.spec.seed, item.role, item.key),
               // Two-pass: the text is what counts here; the activation comes from the prefill below.
               layers: this.spec.twoPass ? [0] : this.spec.layers,
@@ -345,7 +345,7 @@ export class RunExecutor {
             // The sampled ids make a recovered activation exactly the generated one; two-pass
             // runs and imported answers have none, and the answer text is tokenized again.
             const responseTokenIds = this.ledger.responseIds(run, item.role, item.key);
-            const r = await (await this.pickReplica()).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers, responseTokenIds });
+            const r = await (await this.pickReplica()).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: this.spec.layers, responseTokenIds, enableThinking: !!this.spec.enableThinking });
             checkItemError(r.error, `activation recovery (Extract) failed for item ${id}`);
             return r;
           });

@@ -337,6 +337,7 @@ export class RunManager {
       ...(req.archiveActivations ? { archiveActivations: true } : {}),
       ...(importDir ? { importDir } : {}),
       ...(req.twoPass ? { twoPass: true } : {}),
+      ...(req.enableThinking ? { enableThinking: true } : {}),
     };
     return { spec, data };
   }
@@ -362,7 +363,7 @@ export class RunManager {
       minCount: row.spec.minCount,
       questionCount: row.spec.questionCount,
       roles: row.spec.roles,
-      sampling: { temperature: row.spec.temperature, topP: row.spec.topP, maxNewTokens: row.spec.maxNewTokens, maxContext: row.spec.maxContext, seed: row.spec.seed },
+      sampling: { temperature: row.spec.temperature, topP: row.spec.topP, maxNewTokens: row.spec.maxNewTokens, maxContext: row.spec.maxContext, seed: row.spec.seed, enableThinking: !!row.spec.enableThinking },
       dryRun: undefined,
       maxJudgeCostUsd: row.spec.maxJudgeCostUsd,
     };
@@ -433,7 +434,7 @@ export class RunManager {
       minCount: spec.minCount,
       questionCount: spec.questionCount,
       roles: spec.roles,
-      sampling: { temperature: spec.temperature, topP: spec.topP, maxNewTokens: spec.maxNewTokens, maxContext: spec.maxContext, seed: spec.seed },
+      sampling: { temperature: spec.temperature, topP: spec.topP, maxNewTokens: spec.maxNewTokens, maxContext: spec.maxContext, seed: spec.seed, enableThinking: !!spec.enableThinking },
       dryRun: {
         items,
         judgePrompts: prompts,

@@ -9,11 +9,8 @@ export interface InferenceBackend {
   load(): Promise<void>;
   /** Generates an answer to `messages` and, in the same pass, the per-layer mean over its content tokens. */
   generate(input: GenerateInput): Promise<GenerateOutput>;
-  /**
-   * Prefill of a conversation that ends with the assistant's answer: the same per-layer mean.
-   * `answerIds`: the answer's sampled token ids, when the caller kept them.
-   */
-  extract(messages: ChatMessage[], layers: number[], answerIds?: number[]): Promise<ExtractOutput>;
+  /** Prefill of a conversation that ends with the assistant's answer: the same per-layer mean. */
+  extract(messages: ChatMessage[], layers: number[], opts?: ExtractOptions): Promise<ExtractOutput>;
   close(): Promise<void>;
 }
 
@@ -36,6 +33,13 @@ export interface GenerateOutput {
   timeToFirstTokenSeconds?: number;
   /** The answer's token ids as sampled, where the backend has tokens. */
   responseIds?: number[];
+}
+
+export interface ExtractOptions {
+  /** The answer's sampled token ids, when the caller kept them (else its text is tokenized). */
+  answerIds?: number[];
+  /** Render the prompt with the thinking switch on, as the answer was generated. */
+  enableThinking?: boolean;
 }
 
 export interface ExtractOutput {

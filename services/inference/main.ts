@@ -200,8 +200,8 @@ async function main(): Promise<void> {
         'Extract',
         call,
         async (req) => {
-          const { messages, layers, answerIds } = validateExtract(req, loadedInfo());
-          const out = await backend.extract(messages as ChatMessage[], layers, answerIds);
+          const { messages, layers, opts } = validateExtract(req, loadedInfo());
+          const out = await backend.extract(messages as ChatMessage[], layers, opts);
           tokens.inc({ kind: 'prefill' }, out.responseTokens);
           return { itemId: req.itemId, responseTokens: out.responseTokens, activation: encodeTensor(out.activation, wireDtype), error: undefined };
         },

@@ -88,7 +88,9 @@ export class SyntheticBackend implements InferenceBackend {
  * five starts by calling itself an AI assistant and one in twenty refuses, so judges see all scores.
  */
 export function syntheticAnswer(input: GenerateInput): { text: string; completionTokens: number; finishReason: 'stop' | 'length' } {
-  const rng = new Rng(digest({ messages: input.messages, sampling: input.sampling, seed: input.seed }));
+  // The synthetic model does not think: the switch is left out, so its answers stay what they were.
+  const { enableThinking: _thinking, ...sampling } = input.sampling;
+  const rng = new Rng(digest({ messages: input.messages, sampling, seed: input.seed }));
   const promptWords = input.messages.flatMap((m) => m.content.toLowerCase().match(/[a-z]{4,}/g) ?? []);
   const kind = rng.next();
   const words: string[] = [];

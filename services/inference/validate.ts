@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
 import type { ExtractRequest, GenerateRequest, ModelInfo } from '../../gen/assistant_axis/v1/inference';
 import { RpcError } from '../shared/rpc';
-import type { GenerateInput } from './backend';
+import type { ExtractOptions, GenerateInput } from './backend';
 
 const ROLES = new Set(['system', 'user', 'assistant']);
 const bad = (message: string) => new RpcError(grpc.status.INVALID_ARGUMENT, message);
@@ -36,9 +36,9 @@ export function validateGenerate(req: GenerateRequest, info: ModelInfo): Generat
   return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info) };
 }
 
-export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[]; answerIds?: number[] } {
+export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[]; opts: ExtractOptions } {
   if (!req.itemId) throw bad('item_id: required');
   checkMessages(req.messages);
   if (req.messages[req.messages.length - 1].role !== 'assistant') throw bad('messages: the last message must be the assistant answer to measure');
-  return { messages: req.messages, layers: checkLayers(req.layers, info), answerIds: req.responseTokenIds.length ? req.responseTokenIds : undefined };
+  return { messages: req.messages, layers: checkLayers(req.layers, info), opts: { answerIds: req.responseTokenIds.length ? req.responseTokenIds : undefined, enableThinking: req.enableThinking } };
 }

@@ -76,6 +76,16 @@ describe('end to end through the ONNX backend on a tiny llama', () => {
     await startRun(client, { name: 'onnx-b', ...REQUEST });
     const b = await watchRun(client, 'onnx-b', () => undefined);
     expect(readRunFiles(b.outputDir).responses).toEqual(files.responses);
+
+    // Thinking asked for: recorded in the manifest and part of the run's identity; the llama
+    // template has no switch, so the answers are the same.
+    await startRun(client, { name: 'onnx-think', ...REQUEST, enableThinking: true });
+    const t = await watchRun(client, 'onnx-think', () => undefined);
+    expect(t.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(JSON.parse(fs.readFileSync(path.join(t.outputDir, 'manifest.json'), 'utf8')).sampling).toMatchObject({ enable_thinking: true });
+    expect(manifest.sampling).toMatchObject({ enable_thinking: false });
+    expect(readRunFiles(t.outputDir).responses).toEqual(files.responses);
+    await expect(startRun(client, { name: 'onnx-think', ...REQUEST })).rejects.toThrow(/already exists with other parameters \(enableThinking\)/);
     client.close();
   });
 });

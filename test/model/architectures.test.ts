@@ -101,7 +101,7 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s', (arch) => {
     const messages = system
       ? [{ role: 'system', content: 'You are a gardener.' }, { role: 'user', content: 'What grows in spring?' }]
       : [{ role: 'user', content: 'You are a gardener.\n\nWhat grows in spring?' }];
-    const r = await generateOne(model, { messages, sampling: { temperature: 0.7, topP: 0.9, maxNewTokens: 8, maxContext: 2048, seed: 0 }, seed: 1, layers: [] });
+    const r = await generateOne(model, { messages, sampling: { temperature: 0.7, topP: 0.9, maxNewTokens: 8, maxContext: 2048, seed: 0, enableThinking: false }, seed: 1, layers: [] });
     expect(r.completionTokens).toBeGreaterThan(0);
     if (arch === 'qwen3') expect(model.chat.render(messages, true)).toMatch(/<think>\n\n<\/think>\n\n$/);
     await model.close();

@@ -2,12 +2,12 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { OnnxBackend } from '../../services/inference/onnx/backend';
 import { BatchEngine, BatchStats } from '../../services/inference/onnx/engine';
-import { extractionJob, generationJob } from '../../services/inference/onnx/generate';
+import { extractionJob, extractOne, generateOne, generationJob } from '../../services/inference/onnx/generate';
 import { LoadedModel } from '../../services/inference/onnx/model';
 import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/runner';
 import { buildModel } from '../../services/model/build';
 import { TINY_ARCHITECTURES, TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
-import { relativeError } from '../reference/forward';
+import { referenceForward, relativeError } from '../reference/forward';
 import { ROOT, tempDir } from '../helpers/stack';
 
 const root = tempDir('engine');
@@ -43,7 +43,7 @@ const QUESTIONS = ['Hi.', 'What do you do when the storm comes and the lamp goes
 function conversation(model: LoadedModel, q: string) {
   return model.chat.supportsSystemPrompt() ? [{ role: 'system', content: 'You are a lighthouse keeper.' }, { role: 'user', content: q }] : [{ role: 'user', content: `You are a lighthouse keeper.\n\n${q}` }];
 }
-const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 16, maxContext: 2048, seed: 0 };
+const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 16, maxContext: 2048, seed: 0, enableThinking: false };
 function sampledJobs(model: LoadedModel) {
   return QUESTIONS.map((q, i) => ({ input: { messages: conversation(model, q), sampling, seed: 100 + i, layers: [] }, job: generationJob(model, { messages: conversation(model, q), sampling, seed: 100 + i, layers: [] }) }));
 }
@@ -111,7 +111,7 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the engine\'s guaran
     for (const m of [loop, host]) {
       const items = sampledJobs(m);
       const generated = await m.runner.run(items.map((x) => x.job));
-      const extractJobs = items.map((x, i) => extractionJob(m, [...x.input.messages, { role: 'assistant', content: m.decode(generated[i].responseIds) }], generated[i].responseIds));
+      const extractJobs = items.map((x, i) => extractionJob(m, [...x.input.messages, { role: 'assistant', content: m.decode(generated[i].responseIds) }], { answerIds: generated[i].responseIds }));
       const extracted = await m.runner.run(extractJobs);
       extracted.forEach((e, i) => {
         expect(e.counted).toBe(generated[i].counted);
@@ -178,7 +178,7 @@ describe('the batch engine and the onnx backend', () => {
 
       // Extract: answer ids outside the vocabulary are refused, naming the field.
       const answer = [...inputs[0].messages, { role: 'assistant', content: first.text }];
-      await expect(backend.extract(answer, [], [999999])).rejects.toThrow(/response_token_ids: 999999 is not a token id of this model/);
+      await expect(backend.extract(answer, [], { answerIds: [999999] })).rejects.toThrow(/response_token_ids: 999999 is not a token id of this model/);
       const ex = await backend.extract(answer, []);
       expect(ex.responseTokens).toBeGreaterThan(0);
     } finally {
@@ -221,5 +221,84 @@ describe('the batch engine and the onnx backend', () => {
     // Similar lengths go together: the two long prompts share a batch, apart from the short ones.
     expect(ran.find((b) => b.includes(60))).toEqual(expect.arrayContaining([60]));
     expect(ran.find((b) => b.includes(60))!.every((n) => n >= 55)).toBe(true);
+  });
+});
+
+describe('thinking (Qwen 3)', () => {
+  const ask = (thinking: boolean) => ({ messages: [{ role: 'user', content: 'Name a bird.' }], sampling: { ...sampling, enableThinking: thinking }, seed: 1, layers: [] });
+
+  it('is off unless asked for: the switch changes the prompt of a template that has it, and of no other', async () => {
+    const qwen3 = await LoadedModel.load((await model('qwen3')).modelDir);
+    const llama = await LoadedModel.load((await model('llama')).modelDir);
+    try {
+      const off = qwen3.decode(generationJob(qwen3, ask(false)).ids);
+      const on = generationJob(qwen3, ask(true)).ids;
+      const think = qwen3.thinking!;
+      expect(generationJob(qwen3, ask(false)).ids.filter((id) => id === think.start || id === think.end)).toHaveLength(2);
+      expect(on.filter((id) => id === think.start || id === think.end)).toHaveLength(0);
+      expect(off).toBe(qwen3.decode(on) + '\n\n\n\n'); // the empty block: markers (not text) and its whitespace
+      expect(generationJob(llama, ask(true)).ids).toEqual(generationJob(llama, ask(false)).ids);
+      expect(llama.thinking).toBeUndefined();
+    } finally {
+      await qwen3.close();
+      await llama.close();
+    }
+  });
+
+  it('leaves the thinking block out of the activation: Extract equals a float64 forward pass averaged over the answer after it (<= 1e-4)', async () => {
+    const { checkpoint, modelDir } = await model('qwen3');
+    const m = await LoadedModel.load(modelDir);
+    try {
+      const { start, end } = m.thinking!;
+      const answer = [start, ...m.encode(' a bird, then '), end, ...m.encode('\n\nA heron.')];
+      // Which tokens count, by construction: those of "A heron." (the whitespace before it is trimmed).
+      const tail = m.encode('A heron.').length;
+      const messages = [...ask(true).messages, { role: 'assistant', content: '' }];
+      const job = extractionJob(m, messages, { answerIds: answer, enableThinking: true });
+      const counted = Array.from(job.weights!.subarray(job.ids.length - answer.length));
+      expect(counted).toEqual([...answer.slice(0, -tail).map(() => 0), ...Array(tail).fill(1)]);
+      const got = await extractOne(m, messages, [], { answerIds: answer, enableThinking: true });
+      expect(got.responseTokens).toBe(tail);
+      const ref = referenceForward(checkpoint, job.ids);
+      const { num_layers: L, hidden_size: d } = m.metadata;
+      const want = new Float64Array(L * d);
+      for (let l = 0; l < L; l++)
+        for (let p = job.ids.length - tail; p < job.ids.length; p++) for (let x = 0; x < d; x++) want[l * d + x] += ref.hidden[l][p * d + x] / tail;
+      expect(relativeError(got.activation.data, want)).toBeLessThanOrEqual(1e-4);
+
+      // A block the template opened (no <think> in the answer) and one never closed are left out too.
+      const opened = extractionJob(m, messages, { answerIds: [...m.encode('plan'), end, ...m.encode('Hi')], enableThinking: true });
+      expect(Array.from(opened.weights!.subarray(opened.ids.length - m.encode('plan').length - 1 - m.encode('Hi').length)).filter(Boolean)).toHaveLength(m.encode('Hi').length);
+      const unclosed = [...m.encode('Hi'), start, ...m.encode('plan')];
+      const cut = extractionJob(m, messages, { answerIds: unclosed, enableThinking: true });
+      expect(Array.from(cut.weights!.subarray(cut.ids.length - unclosed.length))).toEqual(unclosed.map((_, i) => (i < m.encode('Hi').length ? 1 : 0)));
+    } finally {
+      await m.close();
+    }
+  });
+
+  it('measures a generated answer that thinks again, without its block, and one that does not think as generated', async () => {
+    const m = await LoadedModel.load((await model('qwen3')).modelDir);
+    try {
+      const { start, end } = m.thinking!;
+      const plain = await generateOne(m, ask(true));
+      // The random model never closes a thinking block by itself: its runner is made to answer
+      // with one, so that the backend's handling of a thinking answer is what is checked.
+      const scripted = [start, ...m.encode('hm'), end, ...m.encode('A heron.')];
+      const real = m.runner;
+      m.runner = { ...real, kind: real.kind, placements: real.placements, run: async (jobs) => (await real.run(jobs)).map((r, i) => (jobs[i].maxNew > 0 ? { ...r, responseIds: scripted } : r)), close: () => real.close() };
+      const thought = await generateOne(m, ask(true));
+      m.runner = real;
+      const measured = await extractOne(m, [...ask(true).messages, { role: 'assistant', content: '' }], [], { answerIds: scripted, enableThinking: true });
+      expect(Array.from(thought.activation.data)).toEqual(Array.from(measured.activation.data));
+      expect(thought.text).toBe('hmA heron.'); // markers are not text; the block's words stay in the answer
+      // Without a block, the activation is the one accumulated during generation, as before.
+      const again = await generateOne(m, ask(true));
+      expect(Array.from(again.activation.data)).toEqual(Array.from(plain.activation.data));
+      const ex = await extractOne(m, [...ask(true).messages, { role: 'assistant', content: plain.text }], [], { answerIds: plain.responseIds, enableThinking: true });
+      expect(relativeError(ex.activation.data, plain.activation.data)).toBeLessThanOrEqual(1e-4);
+    } finally {
+      await m.close();
+    }
   });
 });

@@ -9,7 +9,7 @@ import { NAMES } from '../../services/model/builders/decoder';
 import { tinyLlama, variant } from '../helpers/model';
 import { referenceForward as llamaForward, relativeError } from '../reference/forward';
 
-const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 12, maxContext: 2048, seed: 0 };
+const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 12, maxContext: 2048, seed: 0, enableThinking: false };
 const messages = [
   { role: 'system', content: 'You are a lighthouse keeper on a windy island.' },
   { role: 'user', content: 'What do you do when the storm comes?' },
@@ -104,7 +104,7 @@ describe('generation', () => {
     const d = model.metadata.hidden_size;
     for (let l = 0; l < 4; l++) expect(relativeError(r.activation.data.subarray(l * d, (l + 1) * d), ref[l])).toBeLessThanOrEqual(1e-4);
     // Extract (one prefill over the same tokens) agrees too.
-    const ex = await extractOne(model, [...messages, { role: 'assistant', content: r.text }], [], r.responseIds);
+    const ex = await extractOne(model, [...messages, { role: 'assistant', content: r.text }], [], { answerIds: r.responseIds });
     expect(relativeError(ex.activation.data, r.activation.data)).toBeLessThanOrEqual(1e-4);
   });
 

@@ -7,7 +7,7 @@ const messages = [
   { role: 'system', content: 'You are a lighthouse keeper.' },
   { role: 'user', content: 'What do you do at night?' },
 ];
-const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 512, maxContext: 2048, seed: 0 };
+const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: 512, maxContext: 2048, seed: 0, enableThinking: false };
 
 describe('synthetic backend', () => {
   it('gives the same text for the same seed and another for another seed', async () => {
@@ -63,6 +63,6 @@ describe('inference request checks name the field', () => {
   });
 
   it('wants Extract conversations to end with the answer', () => {
-    expect(() => validateExtract({ itemId: 'i', messages, layers: [], responseTokenIds: [] }, info)).toThrow(/last message must be the assistant answer/);
+    expect(() => validateExtract({ itemId: 'i', messages, layers: [], responseTokenIds: [], enableThinking: false }, info)).toThrow(/last message must be the assistant answer/);
   });
 });

@@ -2,9 +2,9 @@ import { DType } from '../../../gen/assistant_axis/v1/common';
 import type { ChatMessage } from '../../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../../gen/assistant_axis/v1/inference';
 import { modelShortName } from '../../shared/names';
-import type { ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend } from '../backend';
+import type { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend } from '../backend';
 import { BatchEngine, BatchStats, EngineOptions } from './engine';
-import { extractionJob, extractionOutput, generationJob, generationOutput } from './generate';
+import { extractionJob, extractionOutput, generationJob, generationOutput, rethinkJob } from './generate';
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
 import { CPU, ModelLoadError, Placement } from './session';
@@ -107,12 +107,18 @@ export class OnnxBackend implements InferenceBackend {
   async generate(input: GenerateInput): Promise<GenerateOutput> {
     const { model, engine } = this.loaded();
     const job = generationJob(model, input);
-    return generationOutput(model, input, job, await engine.submit(job, false));
+    let result = await engine.submit(job, false);
+    const again = rethinkJob(model, input, result);
+    if (again) {
+      const measured = await engine.submit(again, true);
+      result = { ...result, mean: measured.mean, counted: measured.counted };
+    }
+    return generationOutput(model, input, job, result);
   }
 
-  async extract(messages: ChatMessage[], layers: number[], answerIds?: number[]): Promise<ExtractOutput> {
+  async extract(messages: ChatMessage[], layers: number[], opts: ExtractOptions = {}): Promise<ExtractOutput> {
     const { model, engine } = this.loaded();
-    return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, answerIds), true));
+    return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, opts), true));
   }
 
   async close(): Promise<void> {

@@ -11,14 +11,14 @@ export class ChatTemplate {
     this.template = new Template(source);
   }
 
-  render(messages: ChatMessage[], addGenerationPrompt: boolean): string {
+  /** `enableThinking`: Qwen 3's switch, off unless asked for (DESIGN.md section 1); templates without it ignore it. */
+  render(messages: ChatMessage[], addGenerationPrompt: boolean, enableThinking = false): string {
     return this.template.render({
       messages: messages.map((m) => ({ role: m.role, content: m.content })),
       add_generation_prompt: addGenerationPrompt,
       bos_token: this.specials.bos_token ?? '',
       eos_token: this.specials.eos_token ?? '',
-      // Qwen 3 thinks only when asked (DESIGN.md section 1); templates without the switch ignore it.
-      enable_thinking: false,
+      enable_thinking: enableThinking,
       // raise_exception is built into @huggingface/jinja and throws, as transformers' does.
     });
   }

@@ -12,7 +12,7 @@ import type { SequenceJob, SequenceResult } from './runner';
  * from its seed), so its text does not depend on the batch it runs in.
  */
 export function generationJob(model: LoadedModel, input: GenerateInput): SequenceJob & { promptTokens: number } {
-  const ids = model.encode(model.chat.render(input.messages, true));
+  const ids = model.encode(model.chat.render(input.messages, true, input.sampling.enableThinking));
   const room = input.sampling.maxContext - ids.length;
   if (room < 1) {
     throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, which leaves no room for an answer under max_context ${input.sampling.maxContext}`);
@@ -42,18 +42,18 @@ export function generationOutput(model: LoadedModel, input: GenerateInput, job: 
  * `answerIds`, when the caller kept the sampled ids, are used as they are; otherwise the
  * answer text is tokenized, which can split it differently from how it was sampled.
  */
-export function extractionJob(model: LoadedModel, messages: ChatMessage[], answerIds?: number[], maxContext?: number): SequenceJob & { answerTokens: number } {
-  const promptIds = model.encode(model.chat.render(messages.slice(0, -1), true));
-  const answer = answerIds && answerIds.length ? answerIds : model.encode(messages[messages.length - 1].content);
+export function extractionJob(model: LoadedModel, messages: ChatMessage[], opts: { answerIds?: number[]; maxContext?: number; enableThinking?: boolean } = {}): SequenceJob & { answerTokens: number } {
+  const promptIds = model.encode(model.chat.render(messages.slice(0, -1), true, opts.enableThinking));
+  const answer = opts.answerIds && opts.answerIds.length ? opts.answerIds : model.encode(messages[messages.length - 1].content);
   const vocab = model.metadata.vocab_size;
   const bad = answer.find((id) => !(Number.isInteger(id) && id >= 0 && id < vocab));
   if (bad !== undefined) throw new RpcError(grpc.status.INVALID_ARGUMENT, `response_token_ids: ${bad} is not a token id of this model (vocabulary ${vocab})`);
   const ids = [...promptIds, ...answer];
-  if (maxContext && ids.length > maxContext) {
-    throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, more than max_context ${maxContext}`);
+  if (opts.maxContext && ids.length > opts.maxContext) {
+    throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, more than max_context ${opts.maxContext}`);
   }
   const weights = new Float32Array(ids.length);
-  responseWeights(answer.map((id) => model.tokenKind(id))).forEach((w, i) => (weights[promptIds.length + i] = w));
+  answerWeights(model, answer).forEach((w, i) => (weights[promptIds.length + i] = w));
   return { ids, maxNew: 0, temperature: 0, topP: 1, uniforms: new Float32Array(0), weights, answerTokens: answer.length };
 }
 
@@ -64,6 +64,39 @@ export function responseWeights(kinds: ('content' | 'whitespace' | 'marker')[]):
   return kinds.map((k, i) => (k !== 'marker' && first >= 0 && i >= first && i <= last ? 1 : 0));
 }
 
+/**
+ * The answer's weights with its thinking blocks left out (DESIGN.md section 1): each block from
+ * `<think>` through `</think>` counts as markers, as does everything before a `</think>` with no
+ * opener (the template opened it) and after a `<think>` never closed (the answer ran out).
+ */
+export function answerWeights(model: LoadedModel, answer: number[]): number[] {
+  const kinds = answer.map((id) => model.tokenKind(id));
+  const t = model.thinking;
+  if (t && answer.some((id) => id === t.start || id === t.end)) {
+    let from = answer.indexOf(t.end) >= 0 && (answer.indexOf(t.start) < 0 || answer.indexOf(t.end) < answer.indexOf(t.start)) ? 0 : -1;
+    answer.forEach((id, i) => {
+      if (id === t.start && from < 0) from = i;
+      if (id === t.end && from >= 0) {
+        kinds.fill('marker', from, i + 1);
+        from = -1;
+      }
+    });
+    if (from >= 0) kinds.fill('marker', from);
+  }
+  return responseWeights(kinds);
+}
+
+/**
+ * A generated answer that holds a thinking block: the in-graph sums counted every answer token,
+ * so the answer is measured again, without the block, by a prefill of the item's own tokens
+ * (a second pass for that item only). Undefined when there is nothing to leave out.
+ */
+export function rethinkJob(model: LoadedModel, input: GenerateInput, result: SequenceResult): SequenceJob | undefined {
+  const t = model.thinking;
+  if (!t || !result.responseIds.some((id) => id === t.start || id === t.end)) return undefined;
+  return extractionJob(model, [...input.messages, { role: 'assistant', content: '' }], { answerIds: result.responseIds, enableThinking: input.sampling.enableThinking });
+}
+
 export function extractionOutput(model: LoadedModel, layers: number[], result: SequenceResult): ExtractOutput {
   const { num_layers: L, hidden_size: d } = model.metadata;
   return { responseTokens: result.counted, activation: selectLayers({ shape: [L, d], data: result.mean }, layers) };
@@ -72,11 +105,16 @@ export function extractionOutput(model: LoadedModel, layers: number[], result: S
 /** One item alone (a batch of one), for tools and tests; the service batches through the engine. */
 export async function generateOne(model: LoadedModel, input: GenerateInput): Promise<GenerateOutput & { responseIds: number[]; promptIds: number[] }> {
   const job = generationJob(model, input);
-  const [result] = await model.runner.run([job]);
+  let [result] = await model.runner.run([job]);
+  const again = rethinkJob(model, input, result);
+  if (again) {
+    const [measured] = await model.runner.run([again]);
+    result = { ...result, mean: measured.mean, counted: measured.counted };
+  }
   return { ...generationOutput(model, input, job, result), promptIds: job.ids };
 }
 
-export async function extractOne(model: LoadedModel, messages: ChatMessage[], layers: number[], answerIds?: number[]): Promise<ExtractOutput> {
-  const [result] = await model.runner.run([extractionJob(model, messages, answerIds)]);
+export async function extractOne(model: LoadedModel, messages: ChatMessage[], layers: number[], opts: { answerIds?: number[]; enableThinking?: boolean } = {}): Promise<ExtractOutput> {
+  const [result] = await model.runner.run([extractionJob(model, messages, opts)]);
   return extractionOutput(model, layers, result);
 }

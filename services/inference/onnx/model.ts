@@ -36,6 +36,8 @@ export class LoadedModel implements TokenRules {
     readonly stopIds: Set<number>,
     readonly specialIds: Set<number>,
     readonly hashes: Record<string, string>,
+    /** The thinking block's delimiters (`<think>`, `</think>`), when the tokenizer has them as added tokens. */
+    readonly thinking: { start: number; end: number } | undefined,
   ) {}
 
   runner!: BatchRunner;
@@ -79,14 +81,18 @@ export class LoadedModel implements TokenRules {
     const eos = generation.eos_token_id ?? (await readJson<Record<string, unknown>>(path.join(dir, 'config.json'), 'config.json')).eos_token_id;
     const stopIds = new Set<number>((Array.isArray(eos) ? eos : eos === undefined ? [] : [eos]).map(Number));
     if (stopIds.size === 0) throw new ModelLoadError(`${dir}: no eos_token_id in generation_config.json or config.json: generation would never stop before the token limit`);
-    const specialIds = new Set<number>([...tokenizer.get_added_tokens_decoder().entries()].filter(([, t]) => t.special).map(([id]) => id));
+    const added = [...tokenizer.get_added_tokens_decoder().entries()];
+    const specialIds = new Set<number>(added.filter(([, t]) => t.special).map(([id]) => id));
+    const addedId = (content: string) => added.find(([, t]) => t.content === content)?.[0];
+    const [thinkStart, thinkEnd] = [addedId('<think>'), addedId('</think>')];
+    const thinking = thinkStart !== undefined && thinkEnd !== undefined ? { start: thinkStart, end: thinkEnd } : undefined;
     const hashes = {
       graph: '',
       weights: metadata.hashes.weights_sha256,
       config: metadata.hashes.config_sha256,
       chat_template: createHash('sha256').update(templateSource).digest('hex'),
     };
-    return new LoadedModel(metadata, tokenizer, chat, stopIds, specialIds, hashes);
+    return new LoadedModel(metadata, tokenizer, chat, stopIds, specialIds, hashes, thinking);
   }
 
   encode(text: string): number[] {
