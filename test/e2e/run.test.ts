@@ -117,7 +117,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     const manifest = JSON.parse(fs.readFileSync(path.join(runDir, 'manifest.json'), 'utf8'));
     expect(manifest.model.backend).toBe('synthetic');
     expect(manifest.judge).toMatchObject({ provider: 'openai', model: 'judge-test', meaningful: true });
-    expect(manifest.sampling).toEqual({ temperature: 0.7, top_p: 0.9, max_new_tokens: 48, max_context: 2048 });
+    expect(manifest.sampling).toEqual({ temperature: 0.7, top_p: 0.9, max_new_tokens: 48, max_context: 2048, enable_thinking: false });
     expect(manifest.seed).toBe(11);
     expect(manifest.data.sha256).toMatch(/^[0-9a-f]{64}$/);
 
