@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { isDefaultRole } from '../shared/names';
-import { addInto, computeAxis, AxisResult, RoleSums, Sum } from './axis';
+import { addInto, axisParts, AxisPart, AxisPlan, planAxis, Sum } from './axis';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { after, ColdBucket, Position } from './coldBucket';
@@ -165,22 +165,23 @@ export class RunAccumulator {
     return [...new Set([...this.sums.keys(), ...this.cold.keys()])].sort();
   }
 
-  /** Role vectors from the items whose score is in `scores` (the reference: [3]), then the axis. */
-  compute(minCount: number, scores: readonly number[]): AxisResult & { histograms: Record<string, Record<string, number>> } {
+  /**
+   * Role vectors from the items whose score is in `scores` (the reference: [3]), then the axis
+   * (axisParts). Who is kept is decided from the bucket counts; a role's sums, cold ones read
+   * from disk, are added up only when its vector's turn comes.
+   */
+  computeParts(minCount: number, scores: readonly number[]): { plan: AxisPlan; parts: Generator<AxisPart>; histograms: Record<string, Record<string, number>> } {
     if (this.numLayers === 0) throw new IngestError('run', 'has no activations yet');
-    const size = this.numLayers * this.hidden;
-    const wanted = new Set(scores.map(String));
-    const byRole = new Map<string, Sum>();
-    for (const { role, bucket, sum: s } of this.allSums()) {
-      if (bucket !== 'all' && !wanted.has(bucket)) continue;
-      let selected = byRole.get(role);
-      if (!selected) byRole.set(role, (selected = { sum: new Float64Array(size), count: 0 }));
-      for (let i = 0; i < size; i++) selected.sum[i] += s.sum[i];
-      selected.count += s.count;
-    }
-    const roles: RoleSums[] = this.roles().map((role) => ({ role, isDefault: isDefaultRole(role), selected: byRole.get(role) ?? { sum: new Float64Array(size), count: 0 } }));
+    const wanted = (bucket: string) => bucket === 'all' || scores.map(String).includes(bucket);
     const histograms = Object.fromEntries(this.roles().map((r) => [r, this.histogram(r)]));
-    return { ...computeAxis(roles, minCount, this.numLayers, this.hidden), histograms };
+    const counts = Object.entries(histograms).map(([role, h]) => ({ role, isDefault: isDefaultRole(role), count: Object.entries(h).reduce((n, [bucket, c]) => n + (wanted(bucket) ? c : 0), 0) }));
+    const plan = planAxis(counts, minCount);
+    const selectedSum = (role: string) => {
+      const sum = new Float64Array(this.numLayers * this.hidden);
+      for (const { bucket, sum: s } of this.sumsOf(role)) if (wanted(bucket)) for (let i = 0; i < sum.length; i++) sum[i] += s.sum[i];
+      return sum;
+    };
+    return { plan, parts: axisParts(plan, selectedSum, this.numLayers, this.hidden), histograms };
   }
 
   private fold(role: string, bucket: Bucket, data: Float32Array, position?: Position): void {
@@ -237,14 +238,16 @@ export class RunAccumulator {
   }
 
   /** Every (role, bucket) sum, the cold ones read from their files. */
-  allSums(): { role: string; bucket: Bucket; sum: Sum }[] {
+  /** Every bucket's sums, role by role; a cold bucket's are read from its file only when reached. */
+  *allSums(): Generator<{ role: string; bucket: Bucket; sum: Sum }> {
+    for (const role of this.roles()) for (const s of this.sumsOf(role)) yield { role, ...s };
+  }
+
+  /** A role's bucket sums, hot ones first; a cold bucket's are read from its file only when reached. */
+  *sumsOf(role: string): Generator<{ bucket: Bucket; sum: Sum }> {
     this.openCold();
-    const out: { role: string; bucket: Bucket; sum: Sum }[] = [];
-    for (const role of this.roles()) {
-      for (const [bucket, s] of this.sums.get(role) ?? []) out.push({ role, bucket, sum: s });
-      for (const [bucket, cb] of this.cold.get(role) ?? []) if (cb.count > 0) out.push({ role, bucket, sum: { sum: cb.read(), count: cb.count } });
-    }
-    return out;
+    for (const [bucket, s] of this.sums.get(role) ?? []) yield { bucket, sum: s };
+    for (const [bucket, cb] of this.cold.get(role) ?? []) if (cb.count > 0) yield { bucket, sum: { sum: cb.read(), count: cb.count } };
   }
 
   /** Bytes of activations waiting on disk for their score (the spool). */

@@ -36,34 +36,77 @@ export function mean(s: Sum): Float64Array {
   return out;
 }
 
+/** A role and how many of its items make its vector. */
+export interface RoleCount {
+  role: string;
+  isDefault: boolean;
+  count: number;
+}
+
+/** Which roles make the axis: decided from the counts alone, before any sum is read. */
+export interface AxisPlan {
+  kept: RoleCount[];
+  leftOut: RoleCount[];
+  defaults: RoleCount[];
+}
+
 /**
- * axis = mean over default vectors - unweighted mean over role vectors (DESIGN.md section 1).
  * A role is kept only with at least `minCount` selected items; with no role kept (or no
  * default items) there is no axis, and the error lists every role's count instead of NaN.
  */
-export function computeAxis(roles: RoleSums[], minCount: number, numLayers: number, hidden: number): AxisResult {
-  const size = numLayers * hidden;
-  const kept: AxisResult['kept'] = [];
-  const leftOut: AxisResult['leftOut'] = [];
-  const defaults: AxisResult['defaults'] = [];
+export function planAxis(roles: RoleCount[], minCount: number): AxisPlan {
+  const plan: AxisPlan = { kept: [], leftOut: [], defaults: [] };
   for (const r of roles) {
     if (r.isDefault) {
-      if (r.selected.count > 0) defaults.push({ role: r.role, count: r.selected.count, vector: mean(r.selected) });
-    } else if (r.selected.count >= minCount && r.selected.count > 0) {
-      kept.push({ role: r.role, count: r.selected.count, vector: mean(r.selected) });
+      if (r.count > 0) plan.defaults.push(r);
+    } else if (r.count >= minCount && r.count > 0) {
+      plan.kept.push(r);
     } else {
-      leftOut.push({ role: r.role, count: r.selected.count });
+      plan.leftOut.push(r);
     }
   }
-  const counts = () => roles.filter((r) => !r.isDefault).map((r) => `${r.role}=${r.selected.count}`).join(', ');
-  if (kept.length === 0) throw new NoAxisError(`no role reached min_count=${minCount} items with the selected scores; counts: ${counts() || '(no roles)'}`);
-  if (defaults.length === 0) throw new NoAxisError('no default items: the axis needs at least one default role (a role whose name contains "default") with items');
-  const axis = new Float64Array(size);
-  for (const d of defaults) for (let i = 0; i < size; i++) axis[i] += d.vector[i] / defaults.length;
+  const counts = () => roles.filter((r) => !r.isDefault).map((r) => `${r.role}=${r.count}`).join(', ');
+  if (plan.kept.length === 0) throw new NoAxisError(`no role reached min_count=${minCount} items with the selected scores; counts: ${counts() || '(no roles)'}`);
+  if (plan.defaults.length === 0) throw new NoAxisError('no default items: the axis needs at least one default role (a role whose name contains "default") with items');
+  return plan;
+}
+
+export type AxisPart = { vector: RoleCount & { vector: Float64Array } } | { axis: Float64Array; norms: number[] };
+
+/**
+ * axis = mean over default vectors - unweighted mean over role vectors (DESIGN.md section 1).
+ * The vectors come one at a time, kept roles then defaults, each from its role's selected sum
+ * read when its turn comes, and the axis last: a run with many roles never holds more than a
+ * few sums at once.
+ */
+export function* axisParts(plan: AxisPlan, selectedSum: (role: string) => Float64Array, numLayers: number, hidden: number): Generator<AxisPart> {
+  const size = numLayers * hidden;
   const roleMean = new Float64Array(size);
-  for (const k of kept) for (let i = 0; i < size; i++) roleMean[i] += k.vector[i];
-  for (let i = 0; i < size; i++) axis[i] -= roleMean[i] / kept.length;
-  return { kept, leftOut, defaults, axis, norms: layerNorms(axis, numLayers, hidden) };
+  for (const k of plan.kept) {
+    const vector = mean({ sum: selectedSum(k.role), count: k.count });
+    for (let i = 0; i < size; i++) roleMean[i] += vector[i];
+    yield { vector: { ...k, vector } };
+  }
+  const axis = new Float64Array(size);
+  for (const d of plan.defaults) {
+    const vector = mean({ sum: selectedSum(d.role), count: d.count });
+    for (let i = 0; i < size; i++) axis[i] += vector[i] / plan.defaults.length;
+    yield { vector: { ...d, vector } };
+  }
+  for (let i = 0; i < size; i++) axis[i] -= roleMean[i] / plan.kept.length;
+  yield { axis, norms: layerNorms(axis, numLayers, hidden) };
+}
+
+/** The whole result at once, from sums in memory (tests and small runs). */
+export function computeAxis(roles: RoleSums[], minCount: number, numLayers: number, hidden: number): AxisResult {
+  const plan = planAxis(roles.map((r) => ({ role: r.role, isDefault: r.isDefault, count: r.selected.count })), minCount);
+  const sums = new Map(roles.map((r) => [r.role, r.selected.sum]));
+  const result: AxisResult = { kept: [], leftOut: plan.leftOut.map(({ role, count }) => ({ role, count })), defaults: [], axis: new Float64Array(0), norms: [] };
+  for (const part of axisParts(plan, (role) => sums.get(role)!, numLayers, hidden)) {
+    if ('vector' in part) (part.vector.isDefault ? result.defaults : result.kept).push({ role: part.vector.role, count: part.vector.count, vector: part.vector.vector });
+    else Object.assign(result, part);
+  }
+  return result;
 }
 
 export function layerNorms(x: ArrayLike<number>, numLayers: number, hidden: number): number[] {

@@ -10,7 +10,7 @@ import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ROLE_VECTOR_SCORES } from '../sha
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
 import { isSafeName, nameProblem } from '../shared/names';
-import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, serveBidi, unary } from '../shared/rpc';
+import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, serveBidi, unary, writeWhenReady } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { encodeTensor, TensorError } from '../shared/tensor';
 import { IngestError } from './accumulator';
@@ -97,14 +97,15 @@ async function main(): Promise<void> {
     return ack;
   }
 
-  const exportSums: AggregationServer['exportSums'] = (call) => {
+  const exportSums: AggregationServer['exportSums'] = async (call) => {
     try {
       if (!isSafeName(call.request.run)) throw invalidArgument(`run: ${nameProblem(call.request.run)}`);
       const acc = state.get(call.request.run);
       if (!acc) throw notFound(`run: no state for run ${JSON.stringify(call.request.run)} here`);
+      // One bucket at a time (cold ones read from disk as they come), at the pace the client reads.
       for (const { role, bucket, sum: s } of acc.allSums()) {
         const bytes = Buffer.from(s.sum.buffer, s.sum.byteOffset, s.sum.byteLength);
-        call.write({ role, bucket, count: s.count, sum: { dtype: DType.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } });
+        if (!(await writeWhenReady(call, { role, bucket, count: s.count, sum: { dtype: DType.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } }))) return;
       }
       call.end();
     } catch (err) {
@@ -132,7 +133,7 @@ async function main(): Promise<void> {
         rejectedNonFinite: acc?.rejectedNonFinite ?? 0,
       };
     }),
-    computeAxis: (call) => {
+    computeAxis: async (call) => {
       try {
         const req = call.request;
         if (!isSafeName(req.run)) throw invalidArgument(`run: ${nameProblem(req.run)}`);
@@ -140,29 +141,32 @@ async function main(): Promise<void> {
         if (req.scores.some((s) => !(s >= 0 && s <= 3))) throw invalidArgument(`scores: each must be 0..3, got [${req.scores}]`);
         const acc = state.get(req.run);
         if (!acc || acc.numLayers === 0) throw notFound(`run: no activations of run ${JSON.stringify(req.run)} here`);
-        let result;
+        let computed;
         try {
-          result = acc.compute(req.minCount, req.scores.length ? req.scores : ROLE_VECTOR_SCORES);
+          computed = acc.computeParts(req.minCount, req.scores.length ? req.scores : ROLE_VECTOR_SCORES);
         } catch (err) {
           if (err instanceof NoAxisError) throw failedPrecondition(err.message);
           throw err;
         }
+        const { plan, parts, histograms } = computed;
         const { numLayers: L, hidden: d } = acc;
-        const count = (role: string, n: number): RoleCount => ({ role, count: n, histogram: acc.histogram(role) });
-        for (const k of result.kept) call.write({ result: { $case: 'vector', value: { role: k.role, isDefault: false, count: k.count, vector: encodeTensor(toFloat32(k.vector, L, d)) } } });
-        for (const k of result.defaults) call.write({ result: { $case: 'vector', value: { role: k.role, isDefault: true, count: k.count, vector: encodeTensor(toFloat32(k.vector, L, d)) } } });
-        call.write({
-          result: {
-            $case: 'axis',
-            value: {
-              axis: encodeTensor(toFloat32(result.axis, L, d)),
-              kept: result.kept.map((k) => count(k.role, k.count)),
-              leftOut: result.leftOut.map((k) => count(k.role, k.count)),
-              defaults: result.defaults.map((k) => count(k.role, k.count)),
-              norms: result.norms,
-            },
-          },
-        });
+        const count = (r: { role: string; count: number }): RoleCount => ({ role: r.role, count: r.count, histogram: histograms[r.role] ?? {} });
+        // A vector leaves as soon as it is computed, and the next waits for the client to take it
+        // (and gives the event loop a turn): a run with many roles holds a few sums, not all.
+        for (const part of parts) {
+          if ('vector' in part) {
+            const v = part.vector;
+            if (!(await writeWhenReady(call, { result: { $case: 'vector', value: { role: v.role, isDefault: v.isDefault, count: v.count, vector: encodeTensor(toFloat32(v.vector, L, d)) } } }))) return;
+            await new Promise((resolve) => setImmediate(resolve));
+          } else {
+            call.write({
+              result: {
+                $case: 'axis',
+                value: { axis: encodeTensor(toFloat32(part.axis, L, d)), kept: plan.kept.map(count), leftOut: plan.leftOut.map(count), defaults: plan.defaults.map(count), norms: part.norms },
+              },
+            });
+          }
+        }
         call.end();
       } catch (err) {
         if (!(err instanceof RpcError)) log.error({ err }, 'computeAxis failed');

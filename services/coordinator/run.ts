@@ -9,7 +9,7 @@ import type { Logger } from '../shared/logger';
 import { isDefaultRole } from '../shared/names';
 import { promises as fs } from 'node:fs';
 import { DType } from '../../gen/assistant_axis/v1/common';
-import { readSafetensors, writeSafetensors, writeSafetensorsStreaming } from '../shared/safetensors';
+import { readSafetensors, SafetensorsSlices, writeSafetensors, writeSafetensorsStreaming } from '../shared/safetensors';
 import { reportHtml } from '../report/html';
 import { buildReport, ReportInput } from '../report/report';
 import { decodeTensor, encodeTensor } from '../shared/tensor';
@@ -529,6 +529,16 @@ export class RunExecutor {
 
   /** report.json and report.html: the notebooks' analysis of the finished run. */
   private async writeReport(summary: RunSummary, roles: ReportInput['roles'], defaults: ReportInput['defaults'], axis: Float32Array, histograms: Record<string, Record<string, number>>): Promise<void> {
+    // The vectors are read back from their files a layer at a time: 276 roles of [46, 4608] are
+    // 234 MB, which the coordinator need not hold.
+    const vectorFile = (role: string) => SafetensorsSlices.open(path.join(this.runDir, 'vectors', `${role}.safetensors`), 'vector');
+    const roleFiles = await Promise.all(roles.map((r) => vectorFile(r.role)));
+    const defaultFiles = await Promise.all(defaults.map((r) => vectorFile(r.role)));
+    const d = summary.hiddenSize;
+    const layer = async (l: number) => ({
+      roles: await Promise.all(roleFiles.map((f) => f.read(l * d, d))),
+      defaults: await Promise.all(defaultFiles.map((f) => f.read(l * d, d))),
+    });
     let compare: ReportInput['compare'];
     if (this.spec.compareAxis) {
       const other = (await readSafetensors(this.spec.compareAxis)).tensors.axis;
@@ -543,6 +553,7 @@ export class RunExecutor {
       minCount: this.spec.minCount,
       roles,
       defaults,
+      layer,
       leftOut: summary.leftOut,
       histograms,
       axis,
@@ -642,18 +653,18 @@ export class RunExecutor {
 
 
   private async computeAndWrite(): Promise<RunSummary> {
-    const results = await this.upstreams.aggregation.computeAxis({ run: this.spec.name, minCount: this.spec.minCount, scores: [] });
     const meta = (extra: Record<string, string>) => ({ model: this.spec.model, run: this.spec.name, layers: this.spec.layers.length ? this.spec.layers.join(',') : 'all', ...extra });
     let summary: RunSummary | undefined;
     const kept: ReportInput['roles'] = [];
     const defaults: ReportInput['defaults'] = [];
     let axisTensor: Float32Array | undefined;
     let histograms: Record<string, Record<string, number>> = {};
-    for (const r of results) {
+    // Each vector is written to its file as it arrives and not kept (the report reads them back).
+    for await (const r of this.upstreams.aggregation.computeAxis({ run: this.spec.name, minCount: this.spec.minCount, scores: [] })) {
       if (r.result?.$case === 'vector') {
         const v = r.result.value;
         const t = decodeTensor(v.vector, `vector of ${v.role}`);
-        (v.isDefault ? defaults : kept).push({ role: v.role, count: v.count, vector: t.data });
+        (v.isDefault ? defaults : kept).push({ role: v.role, count: v.count });
         await writeSafetensors(path.join(this.runDir, 'vectors', `${v.role}.safetensors`), { vector: t }, meta({ role: v.role, count: String(v.count), scores: v.isDefault ? 'all' : '3' }));
       } else if (r.result?.$case === 'axis') {
         const a = r.result.value;

@@ -297,15 +297,14 @@ export class AggregationUpstream {
     return unaryCall(client.getRunState.bind(client), { run });
   }
 
-  /** Collects the whole ComputeAxis stream (vectors then the axis). */
-  computeAxis(req: ComputeAxisRequest): Promise<ComputeAxisResult[]> {
-    return new Promise((resolve, reject) => {
-      const out: ComputeAxisResult[] = [];
-      const call = this.need().computeAxis(req, deadline(300_000));
-      call.on('data', (r: ComputeAxisResult) => out.push(r));
-      call.on('error', reject);
-      call.on('end', () => resolve(out));
-    });
+  /** The ComputeAxis stream (vectors, then the axis), read as the caller takes each message. */
+  async *computeAxis(req: ComputeAxisRequest): AsyncGenerator<ComputeAxisResult> {
+    const call = this.need().computeAxis(req, deadline(300_000));
+    try {
+      for await (const r of call) yield r as ComputeAxisResult;
+    } finally {
+      call.cancel(); // the caller stopped early (an error): the service stops computing
+    }
   }
 
   close(): void {

@@ -6,13 +6,29 @@ export interface ReportInput {
   numLayers: number;
   hidden: number;
   minCount: number;
-  /** Kept roles' vectors, float32 [numLayers * hidden]. */
-  roles: { role: string; count: number; vector: Float32Array }[];
-  defaults: { role: string; count: number; vector: Float32Array }[];
+  /** The kept roles and the default roles, in the order `layer` gives their vectors' rows. */
+  roles: { role: string; count: number }[];
+  defaults: { role: string; count: number }[];
+  /**
+   * Row l of every kept role's vector and of every default vector (float32 [hidden] each): asked
+   * for one layer at a time, so that the vectors of a run with many roles are never held whole.
+   */
+  layer: (l: number) => Promise<LayerRows>;
   leftOut: { role: string; count: number }[];
   histograms: Record<string, Record<string, number>>;
   axis: Float32Array;
   compare?: { name: string; axis: Float32Array };
+}
+
+export interface LayerRows {
+  roles: Float32Array[];
+  defaults: Float32Array[];
+}
+
+/** `ReportInput.layer` over vectors held in memory ([numLayers * hidden] each). */
+export function layersInMemory(roles: Float32Array[], defaults: Float32Array[], hidden: number): (l: number) => Promise<LayerRows> {
+  const row = (v: Float32Array, l: number) => v.subarray(l * hidden, (l + 1) * hidden);
+  return async (l) => ({ roles: roles.map((v) => row(v, l)), defaults: defaults.map((v) => row(v, l)) });
 }
 
 export interface Report {
@@ -56,27 +72,37 @@ export async function buildReport(input: ReportInput, components = 10): Promise<
   const { numLayers: L, hidden: d } = input;
   const target = targetLayer(input.model, L);
   const axisNorms = Array.from({ length: L }, (_, l) => norm(layerOf(input.axis, l, d)));
-  const rows = (l: number) => input.roles.map((r) => layerOf(r.vector, l, d));
+  const wide = (rows: Float32Array[]) => rows.map((r) => Float64Array.from(r));
   const axisVsPc1: number[] = [];
   let atTarget: ReturnType<typeof pca> | undefined;
+  let targetRows: { roles: Float64Array[]; defaults: Float64Array[] } | undefined;
+  const withPca = input.roles.length >= 2;
   for (let l = 0; l < L; l++) {
-    if (input.roles.length < 2) {
+    if (!withPca && l !== target) {
       axisVsPc1.push(0);
       continue;
     }
-    const p = pca(rows(l), l === target ? components : 1);
+    const rows = await input.layer(l);
+    const roleRows = wide(rows.roles);
+    if (l === target) targetRows = { roles: roleRows, defaults: wide(rows.defaults) };
+    if (!withPca) {
+      axisVsPc1.push(0);
+      continue;
+    }
+    const p = pca(roleRows, l === target ? components : 1);
     await new Promise((resolve) => setImmediate(resolve));
     if (l === target) atTarget = p;
     axisVsPc1.push(cosine(layerOf(input.axis, l, d), p.components[0]));
   }
+  const { roles: roleRows, defaults: defaultRows } = targetRows!;
   const mean = new Float64Array(d);
-  for (const r of rows(target)) for (let i = 0; i < d; i++) mean[i] += r[i] / input.roles.length;
-  const on = (v: Float32Array, c: number) => (atTarget?.components[c] ? dot(layerOf(v, target, d).map((x, i) => x - mean[i]), atTarget.components[c]) : 0);
+  for (const r of roleRows) for (let i = 0; i < d; i++) mean[i] += r[i] / input.roles.length;
+  const on = (row: Float64Array, c: number) => (atTarget?.components[c] ? dot(row.map((x, i) => x - mean[i]), atTarget.components[c]) : 0);
   const axisT = layerOf(input.axis, target, d);
   const axisNorm = norm(axisT) || 1;
   const projections = [
-    ...input.roles.map((r) => ({ role: r.role, kind: 'role' as const, projection: dot(layerOf(r.vector, target, d), axisT) / axisNorm })),
-    ...input.defaults.map((r) => ({ role: r.role, kind: 'default' as const, projection: dot(layerOf(r.vector, target, d), axisT) / axisNorm })),
+    ...input.roles.map((r, i) => ({ role: r.role, kind: 'role' as const, projection: dot(roleRows[i], axisT) / axisNorm })),
+    ...input.defaults.map((r, i) => ({ role: r.role, kind: 'default' as const, projection: dot(defaultRows[i], axisT) / axisNorm })),
   ].sort((a, b) => b.projection - a.projection);
   let cumulative = 0;
   return {
@@ -92,7 +118,7 @@ export async function buildReport(input: ReportInput, components = 10): Promise<
       explained: atTarget?.explained ?? [],
       cumulative: (atTarget?.explained ?? []).map((e) => (cumulative += e)),
       roles: input.roles.map((r, i) => ({ role: r.role, count: r.count, pc1: atTarget?.coordinates[i][0] ?? 0, pc2: atTarget?.coordinates[i][1] ?? 0 })),
-      defaults: input.defaults.map((r) => ({ role: r.role, pc1: on(r.vector, 0), pc2: on(r.vector, 1) })),
+      defaults: input.defaults.map((r, i) => ({ role: r.role, pc1: on(defaultRows[i], 0), pc2: on(defaultRows[i], 1) })),
     },
     axis_vs_pc1: axisVsPc1,
     projections,

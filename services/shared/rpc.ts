@@ -85,6 +85,24 @@ export function failStream(call: { emit(event: 'error', err: unknown): boolean }
 }
 
 /**
+ * Writes one message of a server stream, waiting while its send buffer is full, so that a
+ * long stream (a run's role vectors) is held by the network instead of piling up in memory.
+ * False once the call is over (cancelled or closed): stop writing.
+ */
+export async function writeWhenReady<T>(call: grpc.ServerWritableStream<unknown, T> | grpc.ServerDuplexStream<unknown, T>, msg: T): Promise<boolean> {
+  if (call.cancelled || call.destroyed) return false;
+  if (call.write(msg)) return true;
+  await new Promise<void>((resolve) => {
+    const done = () => {
+      for (const event of ['drain', 'cancelled', 'close']) call.off(event, done);
+      resolve();
+    };
+    for (const event of ['drain', 'cancelled', 'close']) call.once(event, done);
+  });
+  return !(call.cancelled || call.destroyed);
+}
+
+/**
  * Serves a bidirectional stream of independent requests: each is handled as it arrives, its
  * result written when ready (in any order), and the stream ended once the client has ended
  * its side and every result is out. `handle` must not reject: item errors go in its result.

@@ -70,6 +70,47 @@ export async function readSafetensors(path: string): Promise<SafetensorsFile> {
   return decodeSafetensors(await fs.readFile(path), path);
 }
 
+/**
+ * One F32 tensor of a safetensors file, read a slice at a time (a layer of a role vector), so
+ * that many files can be used together without holding them: the header is read once, and
+ * each slice opens the file, reads its bytes and closes it again.
+ */
+export class SafetensorsSlices {
+  private constructor(readonly file: string, private readonly dataStart: number, readonly shape: number[]) {}
+
+  static async open(file: string, name: string): Promise<SafetensorsSlices> {
+    const fh = await fs.open(file, 'r');
+    try {
+      const head = Buffer.alloc(8);
+      await fh.read(head, 0, 8, 0);
+      const n = Number(head.readBigUInt64LE(0));
+      const json = Buffer.alloc(n);
+      const { bytesRead } = await fh.read(json, 0, n, 8);
+      if (bytesRead !== n) throw new Error(`${file}: header length ${n} exceeds the file`);
+      const info = (JSON.parse(json.toString('utf8')) as Record<string, any>)[name];
+      if (!info) throw new Error(`${file}: no tensor named ${JSON.stringify(name)}`);
+      if (info.dtype !== 'F32') throw new Error(`${file}: tensor ${name} has dtype ${info.dtype}; slices are read from F32 tensors`);
+      return new SafetensorsSlices(file, 8 + n + (info.data_offsets as number[])[0], info.shape);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** `count` elements from element `start`. */
+  async read(start: number, count: number): Promise<Float32Array> {
+    const out = new Float32Array(count);
+    const fh = await fs.open(this.file, 'r');
+    try {
+      const { bytesRead } = await fh.read(new Uint8Array(out.buffer), 0, count * 4, this.dataStart + start * 4);
+      if (bytesRead !== count * 4) throw new Error(`${this.file}: ends before element ${start + count} of its tensor`);
+    } finally {
+      await fh.close();
+    }
+    // Safetensors is little-endian, as every platform Node runs this service on.
+    return out;
+  }
+}
+
 function halfBytes(data: Float32Array, convert: (x: number) => number): Uint8Array {
   const out = new Uint8Array(data.length * 2);
   const view = new DataView(out.buffer);

@@ -1,4 +1,4 @@
-import { computeAxis, NoAxisError, RoleSums } from '../../services/aggregation/axis';
+import { axisParts, computeAxis, NoAxisError, planAxis, RoleSums } from '../../services/aggregation/axis';
 import { IngestError, RunAccumulator } from '../../services/aggregation/accumulator';
 
 /** A role's sums from a list of [L=2, d=2] activations given as flat arrays. */
@@ -52,6 +52,32 @@ describe('computeAxis (hand-computed)', () => {
   });
 });
 
+function axisOf(acc: RunAccumulator, minCount: number, scores: number[]): Float64Array {
+  for (const part of acc.computeParts(minCount, scores).parts) if ('axis' in part) return part.axis;
+  throw new Error('no axis');
+}
+
+describe('the axis, one role at a time', () => {
+  it('decides from the counts before reading any sum, reads each role\'s sum at its turn, and equals the whole computation', () => {
+    const roles = [sums('pirate', [[1, 2, 3, 4], [3, 2, 1, 0]]), sums('poet', [[0, 0, 0, 8]]), sums('ghost', []), sums('default', [[4, 4, 4, 4], [6, 6, 6, 6]], true)];
+    const whole = computeAxis(roles, 1, 2, 2);
+    const read: string[] = [];
+    const plan = planAxis(roles.map((r) => ({ role: r.role, isDefault: r.isDefault, count: r.selected.count })), 1);
+    expect(plan.leftOut.map((r) => r.role)).toEqual(['ghost']);
+    const parts = axisParts(plan, (role) => (read.push(role), roles.find((r) => r.role === role)!.selected.sum), 2, 2);
+    expect(read).toEqual([]);
+    const first = parts.next().value!;
+    expect('vector' in first && first.vector.role).toBe('pirate');
+    expect(read).toEqual(['pirate']);
+    const rest = [...parts];
+    expect(read).toEqual(['pirate', 'poet', 'default']);
+    const last = rest[rest.length - 1];
+    expect('axis' in last && Array.from(last.axis)).toEqual(Array.from(whole.axis));
+    // No role kept: the error comes from the counts, before any sum is read.
+    expect(() => planAxis([{ role: 'a', isDefault: false, count: 2 }, { role: 'default', isDefault: true, count: 5 }], 3)).toThrow(/no role reached min_count=3 .*a=2/);
+  });
+});
+
 describe('RunAccumulator (the activation/score join)', () => {
   const act = (v: number) => new Float32Array([v, v, v, v]);
 
@@ -67,9 +93,8 @@ describe('RunAccumulator (the activation/score join)', () => {
     expect(acc.addScore('pirate', 'pos_p0_q2', null).outcome).toBe('folded');
     expect(acc.addActivation('default', 'pos_p0_q0', [2, 2], act(10))).toBe('folded');
     expect(acc.histogram('pirate')).toEqual({ '3': 2, none: 1 });
-    const r = acc.compute(1, [3]);
     // default 10 - pirate mean(1, 3) = 8
-    expect([...r.axis]).toEqual([8, 8, 8, 8]);
+    expect([...axisOf(acc, 1, [3])]).toEqual([8, 8, 8, 8]);
     expect(acc.folded).toBe(4);
     expect(acc.waitingCount).toBe(0);
   });
@@ -81,8 +106,8 @@ describe('RunAccumulator (the activation/score join)', () => {
     acc.addActivation('a', 'k2', [2, 2], act(4));
     acc.addScore('a', 'k2', 3);
     acc.addActivation('default', 'k1', [2, 2], act(0));
-    expect([...acc.compute(1, [2, 3]).axis]).toEqual([-3, -3, -3, -3]);
-    expect([...acc.compute(1, [3]).axis]).toEqual([-4, -4, -4, -4]);
+    expect([...axisOf(acc, 1, [2, 3])]).toEqual([-3, -3, -3, -3]);
+    expect([...axisOf(acc, 1, [3])]).toEqual([-4, -4, -4, -4]);
   });
 
   it('rejects a shape that differs from the run, non-finite values and scores outside 0..3', () => {

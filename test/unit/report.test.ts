@@ -1,5 +1,5 @@
 import { reportHtml } from '../../services/report/html';
-import { buildReport, Report } from '../../services/report/report';
+import { buildReport, layersInMemory, Report } from '../../services/report/report';
 import { digest, Rng } from '../../services/shared/random';
 
 /**
@@ -48,8 +48,9 @@ describe('the run report', () => {
       numLayers: L,
       hidden: D,
       minCount: 50,
-      roles,
-      defaults,
+      roles: roles.map(({ role, count }) => ({ role, count })),
+      defaults: defaults.map(({ role, count }) => ({ role, count })),
+      layer: layersInMemory(roles.map((r) => r.vector), defaults.map((r) => r.vector), D),
       leftOut: [{ role: 'ghost', count: 12 }],
       histograms: { pirate: { '3': 50, '1': 4 }, ghost: { '3': 12, none: 3 } },
       axis,
