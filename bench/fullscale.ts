@@ -12,8 +12,9 @@
  * server at the judge benchmark's latency (lognormal, median 700 ms, sigma 1.0; judge
  * concurrency 200, no rate limit): the wall time against generation alone (items / 80 per s).
  *
- * AXIS_FULLSCALE_ROLES (leg 1's judged roles, default 275) and AXIS_FULLSCALE_LEG2_ITEMS
- * (default 20000) make it smaller; test/e2e/fullscale.test.ts runs a small version.
+ * AXIS_FULLSCALE_ROLES (leg 1's judged roles, default 275), AXIS_FULLSCALE_QUESTIONS (per role,
+ * default 240) and AXIS_FULLSCALE_LEG2_ITEMS (default 20000) make it smaller;
+ * test/e2e/fullscale.test.ts runs a small version.
  * AXIS_FULLSCALE_NODE_OPTIONS is given to the services as NODE_OPTIONS (e.g. `--require` of a
  * script that starts the inspector's CPU profiler and writes the profile on exit).
  * Ends with `result:` lines; numbers go to docs/PERFORMANCE.md.
@@ -29,8 +30,11 @@ import { testStack, UPSTREAM_DATA } from '../test/helpers/stack';
 
 const LAYERS = 46;
 const HIDDEN = 4608;
-const QUESTIONS = 240;
+/** Questions per role: 240 in the reference; fewer make a run with every role short (its end is what it shows). */
+const QUESTIONS = Number(process.env.AXIS_FULLSCALE_QUESTIONS ?? 240);
 const PER_ROLE = 5 * QUESTIONS;
+/** The reference's min_count (50 of 1,200 items), scaled with the questions. */
+const MIN_COUNT = Math.max(1, Math.round((50 * QUESTIONS) / 240));
 const SERVICES: ServiceName[] = ['coordinator', 'inference', 'judge', 'aggregation'];
 
 function lognormal(median: number, sigma: number): () => number {
@@ -86,7 +90,7 @@ export async function runLeg(name: string, opts: { roles: string[]; itemsPerSeco
     const items = (opts.roles.length + 1) * PER_ROLE;
     opts.log(`${name}: ${items} items (${opts.roles.length} roles + default), generation ${opts.itemsPerSecond ? `${opts.itemsPerSecond} items/s` : 'unlimited'}`);
     const started = performance.now();
-    await startRun(client, { name, roles: [...opts.roles, 'default'], questionCount: QUESTIONS, minCount: 50 });
+    await startRun(client, { name, roles: [...opts.roles, 'default'], questionCount: QUESTIONS, minCount: MIN_COUNT });
     const rss: number[] = [];
     let lastLog = 0;
     const sampler = setInterval(() => {
