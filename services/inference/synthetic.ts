@@ -122,7 +122,11 @@ export function syntheticActivation(conversation: ChatMessage[], numLayers: numb
   const data = new Float32Array(numLayers * hidden);
   for (let l = 0; l < numLayers; l++) {
     const shift = Math.floor(whole.next() * hidden);
-    for (let i = 0; i < hidden; i++) data[l * hidden + i] = persona[l * hidden + i] + row[(i + shift) % hidden];
+    // row[(i + shift) % hidden], in two runs instead of a division per element.
+    const base = l * hidden;
+    const wrap = hidden - shift;
+    for (let i = 0; i < wrap; i++) data[base + i] = persona[base + i] + row[i + shift];
+    for (let i = wrap; i < hidden; i++) data[base + i] = persona[base + i] + row[i - wrap];
   }
   return { shape: [numLayers, hidden], data };
 }

@@ -34,10 +34,11 @@ export function encodeTensor(t: FloatTensor, dtype: DType = DType.DTYPE_F32): Te
   let bytes: Uint8Array;
   if (dtype === DType.DTYPE_F32) {
     bytes = littleEndianF32(t.data);
-  } else if (dtype === DType.DTYPE_F16 || dtype === DType.DTYPE_BF16) {
+  } else if (dtype === DType.DTYPE_BF16) {
+    bytes = new Uint8Array(bf16Array(t.data).buffer);
+  } else if (dtype === DType.DTYPE_F16) {
     const half = new Uint16Array(t.data.length);
-    const convert = dtype === DType.DTYPE_F16 ? f32ToF16 : f32ToBf16;
-    for (let i = 0; i < t.data.length; i++) half[i] = convert(t.data[i]);
+    for (let i = 0; i < t.data.length; i++) half[i] = f32ToF16(t.data[i]);
     bytes = new Uint8Array(half.buffer);
   } else {
     throw new TensorError(`cannot encode dtype ${dtypeName(dtype)}`);
@@ -65,8 +66,16 @@ export function inspectTensor(t: Tensor | undefined, field: string, expectShape?
     }
     return { shape: [...t!.shape], firstNonFinite: -1 };
   }
-  // Half precision: an all-ones exponent is NaN or infinity; only the high byte holds it (little-endian).
+  // Half precision: an all-ones exponent is NaN or infinity.
   const mask = t!.dtype === DType.DTYPE_BF16 ? 0x7f80 : 0x7c00;
+  if (data.byteOffset % 2 === 0) {
+    const half = new Uint16Array(data.buffer, data.byteOffset, n);
+    let special = 0;
+    for (let i = 0; i < n; i++) special |= (half[i] & mask) === mask ? 1 : 0;
+    if (!special) return { shape: [...t!.shape], firstNonFinite: -1 };
+    for (let i = 0; i < n; i++) if ((half[i] & mask) === mask) return { shape: [...t!.shape], firstNonFinite: i };
+  }
+  // At an odd offset (where the field fell in its message): only the high byte holds the exponent's top bits.
   const high = mask >> 8;
   for (let i = 0; i < n; i++) {
     if ((data[2 * i + 1] & high) === high && (((data[2 * i + 1] << 8) | data[2 * i]) & mask) === mask) return { shape: [...t!.shape], firstNonFinite: i };
@@ -155,6 +164,20 @@ const u32 = new Uint32Array(f32.buffer);
 export function bf16ToF32(h: number): number {
   u32[0] = h << 16;
   return f32[0];
+}
+
+/**
+ * A whole array rounded to bf16 (as f32ToBf16, element for element), read through a uint32 view
+ * of the floats' bits instead of one scratch float per element: the hot path of every answer.
+ */
+export function bf16Array(data: Float32Array): Uint16Array {
+  const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
+  const out = new Uint16Array(data.length);
+  for (let i = 0; i < bits.length; i++) {
+    const b = bits[i];
+    out[i] = (b & 0x7fffffff) > 0x7f800000 ? 0x7fc0 : ((b + 0x7fff + ((b >>> 16) & 1)) >>> 16) & 0xffff;
+  }
+  return out;
 }
 
 /** Round to nearest even, as PyTorch does; NaN stays NaN. */

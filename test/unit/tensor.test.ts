@@ -1,6 +1,6 @@
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { decodeSafetensors, encodeSafetensors } from '../../services/shared/safetensors';
-import { bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16, inspectTensor } from '../../services/shared/tensor';
+import { bf16Array, bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16, inspectTensor } from '../../services/shared/tensor';
 
 describe('tensor encoding', () => {
   it('round-trips f32 exactly as little-endian bytes', () => {
@@ -9,6 +9,15 @@ describe('tensor encoding', () => {
     expect(wire.data.byteLength).toBe(24);
     expect(Buffer.from(wire.data).readFloatLE(4)).toBe(-2.25);
     expect([...decodeTensor(wire, 't').data]).toEqual([...data]);
+  });
+
+  it('rounds a whole array to bf16 exactly as element by element', () => {
+    const bits = new Uint32Array(4096);
+    for (let i = 0; i < bits.length; i++) bits[i] = (Math.imul(i, 2654435761) ^ (i << 7)) >>> 0; // every exponent, both signs
+    const specials = [NaN, Infinity, -Infinity, -0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 3.4e38, 1e-40];
+    const data = Float32Array.from([...new Float32Array(bits.buffer), ...specials]);
+    const whole = bf16Array(data.subarray(3)); // not at the start of its buffer
+    expect(Array.from(whole)).toEqual(Array.from(data.subarray(3), (x) => f32ToBf16(x)));
   });
 
   it('converts f16 and bf16 with round-to-nearest-even', () => {
