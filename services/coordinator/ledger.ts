@@ -94,6 +94,14 @@ export interface ItemRow {
  */
 export class Ledger {
   private readonly db: Database.Database;
+  /** Prepared once each: preparing (parsing the SQL) at every item step cost more than running it. */
+  private readonly statements = new Map<string, Database.Statement>();
+
+  private sql(text: string): Database.Statement {
+    let statement = this.statements.get(text);
+    if (!statement) this.statements.set(text, (statement = this.db.prepare(text)));
+    return statement;
+  }
 
   constructor(stateDir: string) {
     fs.mkdirSync(stateDir, { recursive: true });
@@ -141,13 +149,13 @@ export class Ledger {
   }
 
   private ensureColumns(table: string, columns: Record<string, string>): void {
-    const have = new Set((this.db.prepare(`PRAGMA table_info(${table})`).all() as { name: string }[]).map((c) => c.name));
+    const have = new Set((this.sql(`PRAGMA table_info(${table})`).all() as { name: string }[]).map((c) => c.name));
     for (const [name, type] of Object.entries(columns)) if (!have.has(name)) this.db.exec(`ALTER TABLE ${table} ADD COLUMN ${name} ${type}`);
   }
 
   /** Replaces the stored spec (only ADJUSTABLE_SPEC_FIELDS may differ; the caller checks). */
   updateSpec(spec: RunSpec): void {
-    this.db.prepare('UPDATE runs SET spec = ? WHERE name = ?').run(JSON.stringify(spec), spec.name);
+    this.sql('UPDATE runs SET spec = ? WHERE name = ?').run(JSON.stringify(spec), spec.name);
   }
 
   close(): void {
@@ -155,20 +163,20 @@ export class Ledger {
   }
 
   getRun(name: string): RunRow | undefined {
-    const r = this.db.prepare('SELECT * FROM runs WHERE name = ?').get(name) as Record<string, any> | undefined;
+    const r = this.sql('SELECT * FROM runs WHERE name = ?').get(name) as Record<string, any> | undefined;
     return r && toRunRow(r);
   }
 
   listRuns(): RunRow[] {
-    return (this.db.prepare('SELECT * FROM runs ORDER BY created_at').all() as Record<string, any>[]).map(toRunRow);
+    return (this.sql('SELECT * FROM runs ORDER BY created_at').all() as Record<string, any>[]).map(toRunRow);
   }
 
   /** Creates the run, its roles and all its items in one transaction. */
   /** Items may come with their text (and score) already: an imported run's answers. */
   createRun(spec: RunSpec, items: { role: string; p: number; q: number; key: string; text?: string; score?: number }[], createdAt: string): void {
-    const insertRun = this.db.prepare('INSERT INTO runs (name, spec, state, created_at) VALUES (?, ?, ?, ?)');
-    const insertRole = this.db.prepare('INSERT OR IGNORE INTO roles (run, role) VALUES (?, ?)');
-    const insertItem = this.db.prepare('INSERT OR IGNORE INTO items (run, role, p, q, key, text, finish_reason, judged, score, raw_reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)');
+    const insertRun = this.sql('INSERT INTO runs (name, spec, state, created_at) VALUES (?, ?, ?, ?)');
+    const insertRole = this.sql('INSERT OR IGNORE INTO roles (run, role) VALUES (?, ?)');
+    const insertItem = this.sql('INSERT OR IGNORE INTO items (run, role, p, q, key, text, finish_reason, judged, score, raw_reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)');
     this.db.transaction(() => {
       insertRun.run(spec.name, JSON.stringify(spec), 'PENDING', createdAt);
       for (const role of spec.roles) insertRole.run(spec.name, role);
@@ -182,8 +190,8 @@ export class Ledger {
   setRunState(name: string, state: RunStateName, fields: { error?: string; finishedAt?: string; summary?: unknown; backend?: string; judge?: string } = {}): void {
     const run = this.getRun(name);
     if (!run) return;
-    this.db
-      .prepare('UPDATE runs SET state = ?, error = ?, finished_at = ?, summary = ?, backend = ?, judge = ? WHERE name = ?')
+    this
+      .sql('UPDATE runs SET state = ?, error = ?, finished_at = ?, summary = ?, backend = ?, judge = ? WHERE name = ?')
       .run(
         state,
         fields.error ?? (state === 'FAILED' ? run.error : ''),
@@ -197,11 +205,11 @@ export class Ledger {
 
   /** Forgets that aggregation acknowledged anything of this run (its state was lost): everything is sent again. */
   resetAcks(name: string): void {
-    this.db.prepare('UPDATE items SET activation_acked = 0, score_acked = 0 WHERE run = ?').run(name);
+    this.sql('UPDATE items SET activation_acked = 0, score_acked = 0 WHERE run = ?').run(name);
   }
 
   countActivationsAcked(run: string): number {
-    return (this.db.prepare('SELECT COUNT(*) AS n FROM items WHERE run = ? AND activation_acked = 1').get(run) as { n: number }).n;
+    return (this.sql('SELECT COUNT(*) AS n FROM items WHERE run = ? AND activation_acked = 1').get(run) as { n: number }).n;
   }
 
   /**
@@ -210,7 +218,7 @@ export class Ledger {
    * table's columns). A page is read when the one before is used up.
    */
   *itemPages(run: string, where = '1', pageSize = 1000): Generator<ItemRow> {
-    const page = this.db.prepare(
+    const page = this.sql(
       `SELECT ${ITEM_COLUMNS_WITHOUT_TEXT} FROM items WHERE run = ? AND (${where}) AND (role, p, q) > (?, ?, ?) ORDER BY role, p, q LIMIT ?`,
     );
     let after: [string, number, number] = ['', -1, -1];
@@ -225,19 +233,19 @@ export class Ledger {
 
   /** One item, without its text. */
   item(run: string, role: string, key: string): ItemRow | undefined {
-    const row = this.db.prepare(`SELECT ${ITEM_COLUMNS_WITHOUT_TEXT} FROM items WHERE run = ? AND role = ? AND key = ?`).get(run, role, key) as Record<string, any> | undefined;
+    const row = this.sql(`SELECT ${ITEM_COLUMNS_WITHOUT_TEXT} FROM items WHERE run = ? AND role = ? AND key = ?`).get(run, role, key) as Record<string, any> | undefined;
     return row ? toItemRow(row) : undefined;
   }
 
   itemText(run: string, role: string, key: string): string | null {
-    return (this.db.prepare('SELECT text FROM items WHERE run = ? AND role = ? AND key = ?').get(run, role, key) as { text: string | null } | undefined)?.text ?? null;
+    return (this.sql('SELECT text FROM items WHERE run = ? AND role = ? AND key = ?').get(run, role, key) as { text: string | null } | undefined)?.text ?? null;
   }
 
   /** Counts per role (items, generated, judged, unscored, done) and judge usage totals, by SQL. */
   roleCounts(run: string): RoleCounts[] {
     return (
-      this.db
-        .prepare(
+      this
+        .sql(
           `SELECT role, COUNT(*) AS total, SUM(text IS NOT NULL) AS generated, SUM(judged) AS judged, SUM(judged AND score IS NULL) AS unscored,
              SUM(${DONE}) AS done, SUM(judge_attempts) AS attempts, SUM(judge_prompt_tokens) AS prompt_tokens,
              SUM(judge_completion_tokens) AS completion_tokens, SUM(judge_cost_usd) AS cost_usd, SUM(judge_possibly_billed_tokens) AS possibly_billed, SUM(recovered) AS recovered
@@ -257,35 +265,35 @@ export class Ledger {
   }
 
   roleItems(run: string, role: string): ItemRow[] {
-    return (this.db.prepare('SELECT * FROM items WHERE run = ? AND role = ? ORDER BY p, q').all(run, role) as Record<string, any>[]).map(toItemRow);
+    return (this.sql('SELECT * FROM items WHERE run = ? AND role = ? ORDER BY p, q').all(run, role) as Record<string, any>[]).map(toItemRow);
   }
 
   saveText(run: string, role: string, key: string, r: { text: string; promptTokens: number; completionTokens: number; finishReason: string; responseTokenIds?: number[] }): void {
     const ids = r.responseTokenIds?.length ? Buffer.from(Uint32Array.from(r.responseTokenIds).buffer) : null;
-    this.db
-      .prepare('UPDATE items SET text = ?, prompt_tokens = ?, completion_tokens = ?, finish_reason = ?, response_ids = ? WHERE run = ? AND role = ? AND key = ?')
+    this
+      .sql('UPDATE items SET text = ?, prompt_tokens = ?, completion_tokens = ?, finish_reason = ?, response_ids = ? WHERE run = ? AND role = ? AND key = ?')
       .run(r.text, r.promptTokens, r.completionTokens, r.finishReason, ids, run, role, key);
   }
 
   /** The answer's sampled token ids, when the backend reported them (read only to recover an activation). */
   responseIds(run: string, role: string, key: string): number[] {
-    const row = this.db.prepare('SELECT response_ids FROM items WHERE run = ? AND role = ? AND key = ?').get(run, role, key) as { response_ids: Buffer | null } | undefined;
+    const row = this.sql('SELECT response_ids FROM items WHERE run = ? AND role = ? AND key = ?').get(run, role, key) as { response_ids: Buffer | null } | undefined;
     const blob = row?.response_ids;
     if (!blob || blob.length % 4) return [];
     return Array.from(new Uint32Array(blob.buffer.slice(blob.byteOffset, blob.byteOffset + blob.length)));
   }
 
   markRecovered(run: string, role: string, key: string): void {
-    this.db.prepare('UPDATE items SET recovered = recovered + 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    this.sql('UPDATE items SET recovered = recovered + 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
   }
 
   ackActivation(run: string, role: string, key: string): void {
-    this.db.prepare('UPDATE items SET activation_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    this.sql('UPDATE items SET activation_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
   }
 
   saveScore(run: string, role: string, key: string, score: number | null, rawReply: string, usage: JudgeUsage): void {
-    this.db
-      .prepare(
+    this
+      .sql(
         `UPDATE items SET judged = 1, score = ?, raw_reply = ?, judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?,
          judge_completion_tokens = judge_completion_tokens + ?, judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ?
          WHERE run = ? AND role = ? AND key = ?`,
@@ -295,8 +303,8 @@ export class Ledger {
 
   /** Judge spending on an item whose scoring failed (the calls were still made and may be billed). */
   addJudgeUsage(run: string, role: string, key: string, usage: JudgeUsage): void {
-    this.db
-      .prepare(
+    this
+      .sql(
         `UPDATE items SET judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?, judge_completion_tokens = judge_completion_tokens + ?,
          judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ? WHERE run = ? AND role = ? AND key = ?`,
       )
@@ -304,45 +312,45 @@ export class Ledger {
   }
 
   ackScore(run: string, role: string, key: string): void {
-    this.db.prepare('UPDATE items SET score_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    this.sql('UPDATE items SET score_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
   }
 
   /** Records a submission before it is sent (see judge_submissions). */
   addJudgeSubmission(run: string, key: string, itemIds: string[]): void {
-    this.db.prepare('INSERT INTO judge_submissions (run, submission_key, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, key, JSON.stringify(itemIds), new Date().toISOString());
+    this.sql('INSERT INTO judge_submissions (run, submission_key, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, key, JSON.stringify(itemIds), new Date().toISOString());
   }
 
   /** Submissions sent without their batch id recorded: a crash or a lost reply. */
   pendingJudgeSubmissions(run: string): { key: string; itemIds: string[] }[] {
-    return (this.db.prepare('SELECT submission_key, item_ids FROM judge_submissions WHERE run = ? ORDER BY created_at').all(run) as { submission_key: string; item_ids: string }[]).map((r) => ({ key: r.submission_key, itemIds: JSON.parse(r.item_ids) }));
+    return (this.sql('SELECT submission_key, item_ids FROM judge_submissions WHERE run = ? ORDER BY created_at').all(run) as { submission_key: string; item_ids: string }[]).map((r) => ({ key: r.submission_key, itemIds: JSON.parse(r.item_ids) }));
   }
 
   /** The batch id of a submission, in one transaction with the end of the submission. */
   addJudgeBatch(run: string, batchId: string, itemIds: string[], submissionKey = ''): void {
     this.db.transaction(() => {
       // Already there: the judge returned the batch of an earlier try of the same submission.
-      if (batchId) this.db.prepare('INSERT OR IGNORE INTO judge_batches (run, batch_id, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, batchId, JSON.stringify(itemIds), new Date().toISOString());
-      if (submissionKey) this.db.prepare('DELETE FROM judge_submissions WHERE run = ? AND submission_key = ?').run(run, submissionKey);
+      if (batchId) this.sql('INSERT OR IGNORE INTO judge_batches (run, batch_id, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, batchId, JSON.stringify(itemIds), new Date().toISOString());
+      if (submissionKey) this.sql('DELETE FROM judge_submissions WHERE run = ? AND submission_key = ?').run(run, submissionKey);
     })();
   }
 
   openJudgeBatches(run: string): JudgeBatchRow[] {
-    return (this.db.prepare('SELECT batch_id, item_ids FROM judge_batches WHERE run = ? AND open = 1 ORDER BY created_at').all(run) as { batch_id: string; item_ids: string }[]).map((r) => ({
+    return (this.sql('SELECT batch_id, item_ids FROM judge_batches WHERE run = ? AND open = 1 ORDER BY created_at').all(run) as { batch_id: string; item_ids: string }[]).map((r) => ({
       batchId: r.batch_id,
       itemIds: JSON.parse(r.item_ids),
     }));
   }
 
   closeJudgeBatch(run: string, batchId: string): void {
-    this.db.prepare('UPDATE judge_batches SET open = 0 WHERE run = ? AND batch_id = ?').run(run, batchId);
+    this.sql('UPDATE judge_batches SET open = 0 WHERE run = ? AND batch_id = ?').run(run, batchId);
   }
 
   writtenRoles(run: string): Set<string> {
-    return new Set((this.db.prepare('SELECT role FROM roles WHERE run = ? AND written = 1').all(run) as { role: string }[]).map((r) => r.role));
+    return new Set((this.sql('SELECT role FROM roles WHERE run = ? AND written = 1').all(run) as { role: string }[]).map((r) => r.role));
   }
 
   markRoleWritten(run: string, role: string): void {
-    this.db.prepare('UPDATE roles SET written = 1 WHERE run = ? AND role = ?').run(run, role);
+    this.sql('UPDATE roles SET written = 1 WHERE run = ? AND role = ?').run(run, role);
   }
 }
 
