@@ -103,6 +103,65 @@ export class Ledger {
     return statement;
   }
 
+  /** The open transaction of this turn's item steps, committed when the turn ends (see itemStep). */
+  private turn: { done: Promise<void>; resolve: () => void; reject: (err: unknown) => void } | undefined;
+  /** A commit that failed: every later write fails with it (the steps it held were rolled back). */
+  private failed: Error | undefined;
+
+  /**
+   * The per-item steps (text, score, judge usage, acknowledgements) written in one turn of the
+   * event loop share one commit, made when the turn ends: at a couple of hundred items a second,
+   * one commit per step was most of the ledger's cost. A message that depends on a step (an
+   * activation after its text, a score after it is saved) is sent only once `committed()`
+   * resolves, so a crash never leaves aggregation holding what the ledger lost; steps lost with a
+   * crash are done again. Every other write commits the pending steps first, then itself.
+   */
+  private itemStep(write: () => void): void {
+    if (this.failed) throw this.failed;
+    if (!this.turn) {
+      this.db.exec('BEGIN');
+      let resolve!: () => void;
+      let reject!: (err: unknown) => void;
+      const done = new Promise<void>((res, rej) => ((resolve = res), (reject = rej)));
+      done.catch(() => undefined); // seen by whoever awaits committed(); the next write throws it
+      this.turn = { done, resolve, reject };
+      setImmediate(() => this.commitSteps());
+    }
+    write();
+  }
+
+  /** Commits the item steps written so far (now, or at the end of the turn when they were written). */
+  private commitSteps(): void {
+    const turn = this.turn;
+    if (!turn) return;
+    this.turn = undefined;
+    try {
+      this.db.exec('COMMIT');
+      turn.resolve();
+    } catch (err) {
+      this.failed = new Error(`the ledger could not commit: ${(err as Error).message}`);
+      try {
+        this.db.exec('ROLLBACK');
+      } catch {
+        // Already rolled back by SQLite.
+      }
+      turn.reject(this.failed);
+    }
+  }
+
+  /** Resolves once every item step written so far is committed. */
+  committed(): Promise<void> {
+    if (this.failed) return Promise.reject(this.failed);
+    return this.turn?.done ?? Promise.resolve();
+  }
+
+  /** A write that must not wait: the pending steps are committed first, then it commits alone. */
+  private now<T>(write: () => T): T {
+    this.commitSteps();
+    if (this.failed) throw this.failed;
+    return write();
+  }
+
   constructor(stateDir: string) {
     fs.mkdirSync(stateDir, { recursive: true });
     this.db = new Database(path.join(stateDir, 'ledger.sqlite'));
@@ -155,10 +214,13 @@ export class Ledger {
 
   /** Replaces the stored spec (only ADJUSTABLE_SPEC_FIELDS may differ; the caller checks). */
   updateSpec(spec: RunSpec): void {
-    this.sql('UPDATE runs SET spec = ? WHERE name = ?').run(JSON.stringify(spec), spec.name);
+    this.now(() => {
+      this.sql('UPDATE runs SET spec = ? WHERE name = ?').run(JSON.stringify(spec), spec.name);
+    });
   }
 
   close(): void {
+    this.commitSteps();
     this.db.close();
   }
 
@@ -174,38 +236,44 @@ export class Ledger {
   /** Creates the run, its roles and all its items in one transaction. */
   /** Items may come with their text (and score) already: an imported run's answers. */
   createRun(spec: RunSpec, items: { role: string; p: number; q: number; key: string; text?: string; score?: number }[], createdAt: string): void {
-    const insertRun = this.sql('INSERT INTO runs (name, spec, state, created_at) VALUES (?, ?, ?, ?)');
-    const insertRole = this.sql('INSERT OR IGNORE INTO roles (run, role) VALUES (?, ?)');
-    const insertItem = this.sql('INSERT OR IGNORE INTO items (run, role, p, q, key, text, finish_reason, judged, score, raw_reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)');
-    this.db.transaction(() => {
-      insertRun.run(spec.name, JSON.stringify(spec), 'PENDING', createdAt);
-      for (const role of spec.roles) insertRole.run(spec.name, role);
-      for (const it of items) {
-        const scored = it.score !== undefined;
-        insertItem.run(spec.name, it.role, it.p, it.q, it.key, it.text ?? null, it.text !== undefined ? 'imported' : '', scored ? 1 : 0, scored ? it.score : null, scored ? 'imported' : '');
-      }
-    })();
+    this.now(() => {
+      const insertRun = this.sql('INSERT INTO runs (name, spec, state, created_at) VALUES (?, ?, ?, ?)');
+      const insertRole = this.sql('INSERT OR IGNORE INTO roles (run, role) VALUES (?, ?)');
+      const insertItem = this.sql('INSERT OR IGNORE INTO items (run, role, p, q, key, text, finish_reason, judged, score, raw_reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)');
+      this.db.transaction(() => {
+        insertRun.run(spec.name, JSON.stringify(spec), 'PENDING', createdAt);
+        for (const role of spec.roles) insertRole.run(spec.name, role);
+        for (const it of items) {
+          const scored = it.score !== undefined;
+          insertItem.run(spec.name, it.role, it.p, it.q, it.key, it.text ?? null, it.text !== undefined ? 'imported' : '', scored ? 1 : 0, scored ? it.score : null, scored ? 'imported' : '');
+        }
+      })();
+    });
   }
 
   setRunState(name: string, state: RunStateName, fields: { error?: string; finishedAt?: string; summary?: unknown; backend?: string; judge?: string } = {}): void {
-    const run = this.getRun(name);
-    if (!run) return;
-    this
-      .sql('UPDATE runs SET state = ?, error = ?, finished_at = ?, summary = ?, backend = ?, judge = ? WHERE name = ?')
-      .run(
-        state,
-        fields.error ?? (state === 'FAILED' ? run.error : ''),
-        fields.finishedAt ?? (state === 'SUCCEEDED' || state === 'FAILED' || state === 'CANCELLED' || state === 'PAUSED' ? run.finishedAt : ''),
-        fields.summary !== undefined ? JSON.stringify(fields.summary) : run.summary === undefined ? null : JSON.stringify(run.summary),
-        fields.backend ?? run.backend,
-        fields.judge ?? run.judge,
-        name,
-      );
+    this.now(() => {
+      const run = this.getRun(name);
+      if (!run) return;
+      this
+        .sql('UPDATE runs SET state = ?, error = ?, finished_at = ?, summary = ?, backend = ?, judge = ? WHERE name = ?')
+        .run(
+          state,
+          fields.error ?? (state === 'FAILED' ? run.error : ''),
+          fields.finishedAt ?? (state === 'SUCCEEDED' || state === 'FAILED' || state === 'CANCELLED' || state === 'PAUSED' ? run.finishedAt : ''),
+          fields.summary !== undefined ? JSON.stringify(fields.summary) : run.summary === undefined ? null : JSON.stringify(run.summary),
+          fields.backend ?? run.backend,
+          fields.judge ?? run.judge,
+          name,
+        );
+    });
   }
 
   /** Forgets that aggregation acknowledged anything of this run (its state was lost): everything is sent again. */
   resetAcks(name: string): void {
-    this.sql('UPDATE items SET activation_acked = 0, score_acked = 0 WHERE run = ?').run(name);
+    this.now(() => {
+      this.sql('UPDATE items SET activation_acked = 0, score_acked = 0 WHERE run = ?').run(name);
+    });
   }
 
   countActivationsAcked(run: string): number {
@@ -264,15 +332,19 @@ export class Ledger {
     }));
   }
 
+  /** A role's items in order, for its files: what is written from them is committed first. */
   roleItems(run: string, role: string): ItemRow[] {
+    this.commitSteps();
     return (this.sql('SELECT * FROM items WHERE run = ? AND role = ? ORDER BY p, q').all(run, role) as Record<string, any>[]).map(toItemRow);
   }
 
   saveText(run: string, role: string, key: string, r: { text: string; promptTokens: number; completionTokens: number; finishReason: string; responseTokenIds?: number[] }): void {
-    const ids = r.responseTokenIds?.length ? Buffer.from(Uint32Array.from(r.responseTokenIds).buffer) : null;
-    this
-      .sql('UPDATE items SET text = ?, prompt_tokens = ?, completion_tokens = ?, finish_reason = ?, response_ids = ? WHERE run = ? AND role = ? AND key = ?')
-      .run(r.text, r.promptTokens, r.completionTokens, r.finishReason, ids, run, role, key);
+    this.itemStep(() => {
+      const ids = r.responseTokenIds?.length ? Buffer.from(Uint32Array.from(r.responseTokenIds).buffer) : null;
+      this
+        .sql('UPDATE items SET text = ?, prompt_tokens = ?, completion_tokens = ?, finish_reason = ?, response_ids = ? WHERE run = ? AND role = ? AND key = ?')
+        .run(r.text, r.promptTokens, r.completionTokens, r.finishReason, ids, run, role, key);
+    });
   }
 
   /** The answer's sampled token ids, when the backend reported them (read only to recover an activation). */
@@ -284,40 +356,52 @@ export class Ledger {
   }
 
   markRecovered(run: string, role: string, key: string): void {
-    this.sql('UPDATE items SET recovered = recovered + 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    this.itemStep(() => {
+      this.sql('UPDATE items SET recovered = recovered + 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    });
   }
 
   ackActivation(run: string, role: string, key: string): void {
-    this.sql('UPDATE items SET activation_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    this.itemStep(() => {
+      this.sql('UPDATE items SET activation_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    });
   }
 
   saveScore(run: string, role: string, key: string, score: number | null, rawReply: string, usage: JudgeUsage): void {
-    this
-      .sql(
-        `UPDATE items SET judged = 1, score = ?, raw_reply = ?, judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?,
-         judge_completion_tokens = judge_completion_tokens + ?, judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ?
-         WHERE run = ? AND role = ? AND key = ?`,
-      )
-      .run(score, rawReply, usage.attempts, usage.promptTokens, usage.completionTokens, usage.costUsd, usage.possiblyBilledTokens, run, role, key);
+    this.itemStep(() => {
+      this
+        .sql(
+          `UPDATE items SET judged = 1, score = ?, raw_reply = ?, judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?,
+           judge_completion_tokens = judge_completion_tokens + ?, judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ?
+           WHERE run = ? AND role = ? AND key = ?`,
+        )
+        .run(score, rawReply, usage.attempts, usage.promptTokens, usage.completionTokens, usage.costUsd, usage.possiblyBilledTokens, run, role, key);
+    });
   }
 
   /** Judge spending on an item whose scoring failed (the calls were still made and may be billed). */
   addJudgeUsage(run: string, role: string, key: string, usage: JudgeUsage): void {
-    this
-      .sql(
-        `UPDATE items SET judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?, judge_completion_tokens = judge_completion_tokens + ?,
-         judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ? WHERE run = ? AND role = ? AND key = ?`,
-      )
-      .run(usage.attempts, usage.promptTokens, usage.completionTokens, usage.costUsd, usage.possiblyBilledTokens, run, role, key);
+    this.itemStep(() => {
+      this
+        .sql(
+          `UPDATE items SET judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?, judge_completion_tokens = judge_completion_tokens + ?,
+           judge_cost_usd = judge_cost_usd + ?, judge_possibly_billed_tokens = judge_possibly_billed_tokens + ? WHERE run = ? AND role = ? AND key = ?`,
+        )
+        .run(usage.attempts, usage.promptTokens, usage.completionTokens, usage.costUsd, usage.possiblyBilledTokens, run, role, key);
+    });
   }
 
   ackScore(run: string, role: string, key: string): void {
-    this.sql('UPDATE items SET score_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    this.itemStep(() => {
+      this.sql('UPDATE items SET score_acked = 1 WHERE run = ? AND role = ? AND key = ?').run(run, role, key);
+    });
   }
 
   /** Records a submission before it is sent (see judge_submissions). */
   addJudgeSubmission(run: string, key: string, itemIds: string[]): void {
-    this.sql('INSERT INTO judge_submissions (run, submission_key, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, key, JSON.stringify(itemIds), new Date().toISOString());
+    this.now(() => {
+      this.sql('INSERT INTO judge_submissions (run, submission_key, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, key, JSON.stringify(itemIds), new Date().toISOString());
+    });
   }
 
   /** Submissions sent without their batch id recorded: a crash or a lost reply. */
@@ -327,11 +411,13 @@ export class Ledger {
 
   /** The batch id of a submission, in one transaction with the end of the submission. */
   addJudgeBatch(run: string, batchId: string, itemIds: string[], submissionKey = ''): void {
-    this.db.transaction(() => {
-      // Already there: the judge returned the batch of an earlier try of the same submission.
-      if (batchId) this.sql('INSERT OR IGNORE INTO judge_batches (run, batch_id, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, batchId, JSON.stringify(itemIds), new Date().toISOString());
-      if (submissionKey) this.sql('DELETE FROM judge_submissions WHERE run = ? AND submission_key = ?').run(run, submissionKey);
-    })();
+    this.now(() => {
+      this.db.transaction(() => {
+        // Already there: the judge returned the batch of an earlier try of the same submission.
+        if (batchId) this.sql('INSERT OR IGNORE INTO judge_batches (run, batch_id, item_ids, created_at) VALUES (?, ?, ?, ?)').run(run, batchId, JSON.stringify(itemIds), new Date().toISOString());
+        if (submissionKey) this.sql('DELETE FROM judge_submissions WHERE run = ? AND submission_key = ?').run(run, submissionKey);
+      })();
+    });
   }
 
   openJudgeBatches(run: string): JudgeBatchRow[] {
@@ -342,7 +428,9 @@ export class Ledger {
   }
 
   closeJudgeBatch(run: string, batchId: string): void {
-    this.sql('UPDATE judge_batches SET open = 0 WHERE run = ? AND batch_id = ?').run(run, batchId);
+    this.now(() => {
+      this.sql('UPDATE judge_batches SET open = 0 WHERE run = ? AND batch_id = ?').run(run, batchId);
+    });
   }
 
   writtenRoles(run: string): Set<string> {
@@ -350,7 +438,9 @@ export class Ledger {
   }
 
   markRoleWritten(run: string, role: string): void {
-    this.sql('UPDATE roles SET written = 1 WHERE run = ? AND role = ?').run(run, role);
+    this.now(() => {
+      this.sql('UPDATE roles SET written = 1 WHERE run = ? AND role = ?').run(run, role);
+    });
   }
 }
 

@@ -579,6 +579,9 @@ export class RunExecutor {
   private async ingest(item: ItemRow, payload: { $case: 'activation'; value: any } | { $case: 'score'; value: { score?: number } }): Promise<void> {
     const run = this.spec.name;
     const id = ingestId(run, item.role, item.key, payload.$case === 'activation');
+    // What aggregation is sent follows from ledger steps (the text, the score): they are
+    // committed first, so that a crash cannot leave aggregation holding what the ledger lost.
+    await this.ledger.committed();
     await this.retrying(`aggregate ${item.role}/${item.key}`, async () => {
       const ack = await this.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload });
       if (ack.error) {

@@ -1,4 +1,5 @@
 import * as path from 'node:path';
+import Database from 'better-sqlite3';
 import { DONE, Ledger, RunSpec } from '../../services/coordinator/ledger';
 import { tempDir } from '../helpers/stack';
 
@@ -51,5 +52,44 @@ describe('the ledger reads a run a page at a time', () => {
     const counts = Object.fromEntries(ledger.roleCounts('paged').map((c) => [c.role, c]));
     expect(counts.default).toMatchObject({ total: 200, done: 41, generated: 0 });
     expect(counts.chef).toMatchObject({ total: 200, done: 0, generated: 1, judged: 0 });
+  });
+});
+
+describe('the ledger commits the item steps of one turn of the event loop together', () => {
+  const dir = path.join(tempDir('ledger-turns'), 'state');
+  const ledger = new Ledger(dir);
+  ledger.createRun(spec('turns'), [0, 1, 2].map((q) => ({ role: 'chef', p: 0, q, key: `pos_p0_q${q}` })), new Date().toISOString());
+  // A second connection sees only what is committed, as a restarted coordinator would.
+  const outside = () => new Database(path.join(dir, 'ledger.sqlite'), { readonly: true });
+  const texts = () => {
+    const db = outside();
+    try {
+      return (db.prepare("SELECT COUNT(*) AS n FROM items WHERE run = 'turns' AND text IS NOT NULL").get() as { n: number }).n;
+    } finally {
+      db.close();
+    }
+  };
+  const answer = { text: 'a', promptTokens: 1, completionTokens: 1, finishReason: 'stop' };
+
+  it('holds the steps until the turn ends; committed() resolves once they are durable', async () => {
+    ledger.saveText('turns', 'chef', 'pos_p0_q0', answer);
+    ledger.saveText('turns', 'chef', 'pos_p0_q1', answer);
+    expect(ledger.itemText('turns', 'chef', 'pos_p0_q0')).toBe('a'); // its own reads see them at once
+    expect(texts()).toBe(0);
+    await ledger.committed();
+    expect(texts()).toBe(2);
+  });
+
+  it('commits the pending steps before a write that must not wait, and before a role\'s items are read for its files', async () => {
+    ledger.saveText('turns', 'chef', 'pos_p0_q2', answer);
+    expect(texts()).toBe(2);
+    ledger.addJudgeSubmission('turns', 'k1', ['turns/chef/pos_p0_q2']);
+    expect(texts()).toBe(3);
+    ledger.ackActivation('turns', 'chef', 'pos_p0_q2');
+    ledger.roleItems('turns', 'chef');
+    const db = outside();
+    expect((db.prepare("SELECT activation_acked FROM items WHERE key = 'pos_p0_q2'").get() as { activation_acked: number }).activation_acked).toBe(1);
+    db.close();
+    ledger.close();
   });
 });
