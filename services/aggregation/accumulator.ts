@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { isDefaultRole } from '../shared/names';
-import { addInto, axisParts, AxisPart, AxisPlan, planAxis, Sum } from './axis';
+import { ActivationValues, addInto, axisParts, AxisPart, AxisPlan, planAxis, Sum } from './axis';
+import { decodeTensor } from '../shared/tensor';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { after, ColdBucket, Position } from './coldBucket';
@@ -97,15 +98,14 @@ export class RunAccumulator {
 
   /**
    * `ref`: where the journal holds this activation; when given, a waiting activation is kept
-   * there, not in memory. `data` may be a scratch buffer: it is folded now or copied, never kept
-   * as given; or a function that decodes it, called only if the values are needed now (an
-   * activation that waits for its score in the journal is never decoded here). `firstNonFinite`:
-   * what the decoder or inspectTensor found (see checkActivation); required with a function.
+   * there, not in memory. `data`: the values (a scratch buffer is fine: they are folded now or
+   * copied, never kept as given), or the checked wire tensor, added to the sums straight from
+   * its bytes (and never decoded while it waits in the journal). `firstNonFinite`: what the
+   * decoder or inspectTensor found (see checkActivation); required with a wire tensor.
    */
-  addActivation(role: string, itemKey: string, shape: number[], data: Float32Array | (() => Float32Array), ref?: RecordRef, firstNonFinite?: number): IngestOutcome {
+  addActivation(role: string, itemKey: string, shape: number[], data: ActivationValues, ref?: RecordRef, firstNonFinite?: number): IngestOutcome {
     const key = `${role}\u0000${itemKey}`;
-    const values = typeof data === 'function' ? data : () => data;
-    if (this.checkActivation(role, itemKey, shape, typeof data === 'function' ? undefined : data, firstNonFinite) === 'duplicate') return 'duplicate';
+    if (this.checkActivation(role, itemKey, shape, data instanceof Float32Array ? data : undefined, firstNonFinite) === 'duplicate') return 'duplicate';
     if (this.numLayers === 0) {
       this.numLayers = shape[0];
       this.hidden = shape[1];
@@ -113,16 +113,16 @@ export class RunAccumulator {
     this.activationSeen.add(key);
     this.newActivationKeys.push(key);
     if (isDefaultRole(role)) {
-      this.fold(role, 'all', values(), ref);
+      this.fold(role, 'all', data, ref);
       return 'folded';
     }
     const w = this.waiting.get(key);
     if (w && w.score !== undefined) {
       this.waiting.delete(key);
-      this.fold(role, bucketOf(w.score), values(), ref);
+      this.fold(role, bucketOf(w.score), data, ref);
       return 'folded';
     }
-    this.waiting.set(key, ref ? { ref } : { activation: values().slice() });
+    this.waiting.set(key, ref ? { ref } : { activation: data instanceof Float32Array ? data.slice() : decodeTensor(data, 'activation').data });
     return 'waiting';
   }
 
@@ -147,7 +147,7 @@ export class RunAccumulator {
   }
 
   /** Folds an activation read back from the spool (see addScore). */
-  foldSpooled(role: string, bucket: Bucket, data: Float32Array, position?: Position): void {
+  foldSpooled(role: string, bucket: Bucket, data: ActivationValues, position?: Position): void {
     this.fold(role, bucket, data, position);
   }
 
@@ -184,7 +184,7 @@ export class RunAccumulator {
     return { plan, parts: axisParts(plan, selectedSum, this.numLayers, this.hidden), histograms };
   }
 
-  private fold(role: string, bucket: Bucket, data: Float32Array, position?: Position): void {
+  private fold(role: string, bucket: Bucket, data: ActivationValues, position?: Position): void {
     if (this.coldDir && !HOT.has(bucket)) {
       const cb = this.coldBucket(role, bucket);
       // On replay after a crash, a cold file may already hold this record's fold.

@@ -1,4 +1,5 @@
-import type { FloatTensor } from '../shared/tensor';
+import type { Tensor } from '../../gen/assistant_axis/v1/common';
+import { addTensorInto, FloatTensor } from '../shared/tensor';
 
 /** Running float64 sums of one bucket of items, shape [layers * hidden]. */
 export interface Sum {
@@ -24,9 +25,16 @@ export interface AxisResult {
 
 export class NoAxisError extends Error {}
 
-export function addInto(target: Sum, activation: Float32Array): void {
-  const s = target.sum;
-  for (let i = 0; i < s.length; i++) s[i] += activation[i];
+/** An activation's values: decoded, or the checked wire tensor itself (added without decoding). */
+export type ActivationValues = Float32Array | Tensor;
+
+export function addValues(sum: Float64Array, values: ActivationValues): void {
+  if (values instanceof Float32Array) for (let i = 0; i < sum.length; i++) sum[i] += values[i];
+  else addTensorInto(sum, values);
+}
+
+export function addInto(target: Sum, activation: ActivationValues): void {
+  addValues(target.sum, activation);
   target.count++;
 }
 

@@ -1,3 +1,4 @@
+import { ActivationValues, addValues } from './axis';
 import * as fs from 'node:fs';
 import { crc32 } from 'node:zlib';
 
@@ -100,10 +101,9 @@ export class ColdBucket {
    * cache (items of a role arrive together), so most folds touch no file; recovery is unchanged,
    * since the file's version carries the position of the last fold it holds.
    */
-  add(data: Float32Array, position: Position): void {
+  add(data: ActivationValues, position: Position): void {
     if (!this.cached) this.cached = this.read();
-    const sum = this.cached;
-    for (let i = 0; i < sum.length; i++) sum[i] += data[i];
+    addValues(this.cached, data);
     this.count += 1;
     this.position = position;
     this.dirty = true;

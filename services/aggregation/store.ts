@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { receivedBytes } from '../shared/bulkWire';
 import { writeFileAtomic } from '../shared/files';
-import { decodeTensor, inspectTensor } from '../shared/tensor';
+import { inspectTensor } from '../shared/tensor';
 import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator } from './accumulator';
 import { Journal, RecordRef } from './journal';
 
@@ -49,7 +49,6 @@ export class DurableStore {
   private manifest: Manifest | undefined;
   private checkpoints = 0;
   /** Decoded activations are folded at once or left in the journal: one buffer serves every message. */
-  private scratch = new Float32Array(0);
 
   constructor(readonly dir: string) {
     this.journal = new Journal(path.join(dir, 'journal'));
@@ -79,8 +78,8 @@ export class DurableStore {
    */
   ingest(req: IngestRequest): Promise<IngestOutcome> {
     const acc = this.state.get(req.run);
-    // Checks first, so that nothing invalid reaches the journal. Nothing is decoded here: an
-    // activation is decoded (into one scratch buffer) only when it is folded.
+    // Checks first, so that nothing invalid reaches the journal. Nothing is decoded: an
+    // activation's values are added to its bucket's sums straight from its bytes when it is folded.
     if (req.payload?.$case === 'activation') {
       const { shape, firstNonFinite } = inspectTensor(req.payload.value, 'activation');
       const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, shape, undefined, firstNonFinite);
@@ -114,8 +113,8 @@ export class DurableStore {
     let outcome: IngestOutcome;
     if (req.payload?.$case === 'activation') {
       const tensor = req.payload.value;
-      const decode = () => decodeTensor(tensor, 'activation', undefined, this.scratchFor(tensor.shape)).data;
-      outcome = acc.addActivation(req.role, req.itemKey, [...tensor.shape], decode, ref, -1);
+      // Checked when it arrived; folded straight from its wire bytes (never decoded when it waits).
+      outcome = acc.addActivation(req.role, req.itemKey, [...tensor.shape], tensor, ref, -1);
     } else {
       const payload = req.payload;
       const r = acc.addScore(req.role, req.itemKey, payload?.$case === 'score' ? (payload.value.score ?? null) : null, ref);
@@ -123,7 +122,7 @@ export class DurableStore {
       if ('spooled' in r) {
         const spooled = IngestRequest.decode(await this.journal.read(r.spooled, this.readBuffer(r.spooled.length)));
         if (spooled.payload?.$case !== 'activation') throw new Error(`journal record at ${r.spooled.segment}:${r.spooled.offset} is not an activation`);
-        acc.foldSpooled(req.role, r.bucket, decodeTensor(spooled.payload.value, 'activation', undefined, this.scratchFor(spooled.payload.value.shape)).data, ref);
+        acc.foldSpooled(req.role, r.bucket, spooled.payload.value, ref);
       }
     }
     this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
@@ -136,12 +135,6 @@ export class DurableStore {
     return this.spoolRead.subarray(0, length);
   }
   private spoolRead = Buffer.alloc(0);
-
-  private scratchFor(shape: number[]): Float32Array {
-    const n = shape.reduce((a, b) => a * b, 1);
-    if (this.scratch.length < n) this.scratch = new Float32Array(n);
-    return this.scratch;
-  }
 
   /** Writes a checkpoint of what changed, commits it, and deletes journal segments no longer needed. */
   checkpoint(): Promise<boolean> {

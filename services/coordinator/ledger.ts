@@ -109,12 +109,13 @@ export class Ledger {
   private failed: Error | undefined;
 
   /**
-   * The per-item steps (text, score, judge usage, acknowledgements) written in one turn of the
-   * event loop share one commit, made when the turn ends: at a couple of hundred items a second,
-   * one commit per step was most of the ledger's cost. A message that depends on a step (an
-   * activation after its text, a score after it is saved) is sent only once `committed()`
-   * resolves, so a crash never leaves aggregation holding what the ledger lost; steps lost with a
-   * crash are done again. Every other write commits the pending steps first, then itself.
+   * The per-item steps (a text saved, acknowledgements) written in one turn of the event loop
+   * share one commit, made when the turn ends: at a couple of hundred items a second, one commit
+   * per step was most of the ledger's cost. A message that depends on a step (an activation
+   * after its text) is sent only once `committed()` resolves, so a crash never leaves
+   * aggregation holding what the ledger lost; steps lost with a crash are done again (the same
+   * seed gives the same text). Every other write, a judge's answer included (it is paid for),
+   * commits the pending steps first, then itself.
    */
   private itemStep(write: () => void): void {
     if (this.failed) throw this.failed;
@@ -368,7 +369,7 @@ export class Ledger {
   }
 
   saveScore(run: string, role: string, key: string, score: number | null, rawReply: string, usage: JudgeUsage): void {
-    this.itemStep(() => {
+    this.now(() => {
       this
         .sql(
           `UPDATE items SET judged = 1, score = ?, raw_reply = ?, judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?,
@@ -381,7 +382,7 @@ export class Ledger {
 
   /** Judge spending on an item whose scoring failed (the calls were still made and may be billed). */
   addJudgeUsage(run: string, role: string, key: string, usage: JudgeUsage): void {
-    this.itemStep(() => {
+    this.now(() => {
       this
         .sql(
           `UPDATE items SET judge_attempts = judge_attempts + ?, judge_prompt_tokens = judge_prompt_tokens + ?, judge_completion_tokens = judge_completion_tokens + ?,

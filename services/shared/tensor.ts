@@ -151,6 +151,42 @@ export function decodeTensor(t: Tensor | undefined, field: string, expectShape?:
   return { shape: [...tensor.shape], data: out, firstNonFinite };
 }
 
+/**
+ * Adds a checked wire tensor's values into float64 sums, element by element: the same sums as
+ * decoding it and adding the floats, without writing the floats anywhere first (the
+ * aggregation's hot path). Its layout must have passed decodeTensor's or inspectTensor's checks.
+ */
+export function addTensorInto(sum: Float64Array, t: Tensor): void {
+  const n = elementCount(t.shape);
+  if (sum.length !== n) throw new TensorError(`a sum of ${sum.length} values cannot take a tensor of ${n}`);
+  const b = t.data;
+  if (t.dtype === DType.DTYPE_BF16) {
+    // One float reinterpreted from its bits per element: bf16 is the top half of a float32.
+    const bits = new Uint32Array(1);
+    const float = new Float32Array(bits.buffer);
+    if (b.byteOffset % 2 === 0) {
+      const half = new Uint16Array(b.buffer, b.byteOffset, n);
+      for (let i = 0; i < n; i++) {
+        bits[0] = half[i] << 16;
+        sum[i] += float[0];
+      }
+    } else {
+      for (let i = 0; i < n; i++) {
+        bits[0] = (b[2 * i] | (b[2 * i + 1] << 8)) << 16;
+        sum[i] += float[0];
+      }
+    }
+    return;
+  }
+  if (t.dtype === DType.DTYPE_F32 && b.byteOffset % 4 === 0) {
+    const values = new Float32Array(b.buffer, b.byteOffset, n);
+    for (let i = 0; i < n; i++) sum[i] += values[i];
+    return;
+  }
+  const values = decodeTensor(t, 'activation').data;
+  for (let i = 0; i < n; i++) sum[i] += values[i];
+}
+
 export function littleEndianF32(data: Float32Array): Uint8Array {
   const out = new Uint8Array(data.length * 4);
   const view = new DataView(out.buffer);

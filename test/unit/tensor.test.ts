@@ -1,6 +1,6 @@
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { decodeSafetensors, encodeSafetensors } from '../../services/shared/safetensors';
-import { bf16Array, bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16, inspectTensor } from '../../services/shared/tensor';
+import { addTensorInto, bf16Array, bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16, inspectTensor } from '../../services/shared/tensor';
 
 describe('tensor encoding', () => {
   it('round-trips f32 exactly as little-endian bytes', () => {
@@ -56,6 +56,21 @@ describe('tensors at any offset of their message, and inspected without decoding
       const aligned = [...decodeTensor(wire, 'x').data];
       for (const offset of [0, 1, 2, 3]) expect([...decodeTensor({ ...wire, data: at(wire.data, offset) }, 'x').data]).toEqual(aligned);
     }
+  });
+
+  it('adds a wire tensor into float64 sums exactly as decoding it and adding the floats, at any offset', () => {
+    for (const dtype of [DType.DTYPE_F32, DType.DTYPE_F16, DType.DTYPE_BF16]) {
+      const wire = encodeTensor({ shape: [2, 3], data: values }, dtype);
+      const decoded = decodeTensor(wire, 'x').data;
+      for (const offset of [0, 1, 2, 3]) {
+        const start = Float64Array.from([0.1, -2, 3e-9, 7, 0, 1e6]);
+        const want = start.map((v, i) => v + decoded[i]);
+        const got = start.slice();
+        addTensorInto(got, { ...wire, data: at(wire.data, offset) });
+        expect(Array.from(got)).toEqual(Array.from(want));
+      }
+    }
+    expect(() => addTensorInto(new Float64Array(5), encodeTensor({ shape: [2, 3], data: values }))).toThrow(/a sum of 5 values cannot take a tensor of 6/);
   });
 
   it('finds the first NaN or infinity as decoding does, without decoding, and checks the same things', () => {
