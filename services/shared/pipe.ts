@@ -52,7 +52,8 @@ export class StreamPipe<Req, Res> {
       const call = this.call;
       this.call = undefined;
       call?.cancel();
-      this.failAll(new Error(`no reply to ${id} within ${this.replyTimeoutMs < 10_000 ? `${this.replyTimeoutMs} ms` : `${Math.round(this.replyTimeoutMs / 1000)} s`}: the stream was cancelled as hung`));
+      // Ids may join their parts with NUL (ingestId): shown with slashes.
+      this.failAll(new Error(`no reply to ${id.replace(/\u0000/g, '/')} within ${this.replyTimeoutMs < 10_000 ? `${this.replyTimeoutMs} ms` : `${Math.round(this.replyTimeoutMs / 1000)} s`}: the stream was cancelled as hung`));
     }, Math.max(10, Math.min(5000, this.replyTimeoutMs / 4)));
     this.watchdog.unref();
   }
