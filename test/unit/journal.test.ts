@@ -14,7 +14,9 @@ describe('the aggregation journal', () => {
     for (let burst = 0; burst < 10; burst++) {
       const appends = Array.from({ length: 7 }, (_, k) => journal.append(payload(burst * 7 + k)));
       await new Promise((r) => setImmediate(r));
-      refs.push(...(await Promise.race([Promise.all(appends), new Promise<never>((_, reject) => setTimeout(() => reject(new Error('appends never resolved: the flush is stuck')), 5000))])));
+      let timer: NodeJS.Timeout | undefined;
+      const stuck = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error('appends never resolved: the flush is stuck')), 5000)));
+      refs.push(...(await Promise.race([Promise.all(appends), stuck]).finally(() => clearTimeout(timer))));
     }
     const segments = new Set(refs.map((r) => r.segment));
     expect(segments.size).toBeGreaterThan(3);
