@@ -9,7 +9,9 @@ import { printReport, soak } from '../../bench/soak';
 describe('soak, short', () => {
   it('kills every service twice, takes the judge API down, rate-limits it, fills the aggregation\'s disk and kills it then: nothing lost, nothing doubled, the clean scores and axis', async () => {
     const lines: string[] = [];
-    const report = await soak({ questionCount: 10, killsPerService: 2, outageMs: 5000, rateLimitMs: 3000, diskFullMs: 4000, killDuringDiskFull: true, log: (s) => lines.push(s) });
+    // 16 questions (720 items, about 30 s at the pace the soak sets): long enough for every fault
+    // to land before the run ends, now that the services catch up quickly after each one.
+    const report = await soak({ questionCount: 16, killsPerService: 2, outageMs: 5000, rateLimitMs: 3000, diskFullMs: 4000, killDuringDiskFull: true, log: (s) => lines.push(s) });
     printReport(report, (s) => lines.push(s));
     expect({ lost: report.lost, doubled: report.doubled, scoresDiffer: report.scoresDiffer }).toEqual({ lost: 0, doubled: 0, scoresDiffer: 0 });
     expect(report.axisUlp).toBeLessThanOrEqual(1);
