@@ -172,7 +172,8 @@ export class RunAccumulator {
    */
   computeParts(minCount: number, scores: readonly number[]): { plan: AxisPlan; parts: Generator<AxisPart>; histograms: Record<string, Record<string, number>> } {
     if (this.numLayers === 0) throw new IngestError('run', 'has no activations yet');
-    const wanted = (bucket: string) => bucket === 'all' || scores.map(String).includes(bucket);
+    const selected = new Set(['all', ...scores.map(String)]);
+    const wanted = (bucket: string) => selected.has(bucket);
     const histograms = Object.fromEntries(this.roles().map((r) => [r, this.histogram(r)]));
     const counts = Object.entries(histograms).map(([role, h]) => ({ role, isDefault: isDefaultRole(role), count: Object.entries(h).reduce((n, [bucket, c]) => n + (wanted(bucket) ? c : 0), 0) }));
     const plan = planAxis(counts, minCount);

@@ -4,7 +4,7 @@ import type { ModelInfo } from '../../../gen/assistant_axis/v1/inference';
 import { modelShortName } from '../../shared/names';
 import type { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend } from '../backend';
 import { BatchEngine, BatchStats, EngineOptions } from './engine';
-import { extractionJob, extractionOutput, generationJob, generationOutput, rethinkJob } from './generate';
+import { extractionJob, extractionOutput, generationJob, generationOutput, withoutThinking } from './generate';
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
 import { CPU, ModelLoadError, Placement } from './session';
@@ -107,12 +107,7 @@ export class OnnxBackend implements InferenceBackend {
   async generate(input: GenerateInput): Promise<GenerateOutput> {
     const { model, engine } = this.loaded();
     const job = generationJob(model, input);
-    let result = await engine.submit(job, false);
-    const again = rethinkJob(model, input, result);
-    if (again) {
-      const measured = await engine.submit(again, true);
-      result = { ...result, mean: measured.mean, counted: measured.counted };
-    }
+    const result = await withoutThinking(model, input, await engine.submit(job, false), (again) => engine.submit(again, true));
     return generationOutput(model, input, job, result);
   }
 

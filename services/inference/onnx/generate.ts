@@ -73,7 +73,8 @@ export function answerWeights(model: LoadedModel, answer: number[]): number[] {
   const kinds = answer.map((id) => model.tokenKind(id));
   const t = model.thinking;
   if (t && answer.some((id) => id === t.start || id === t.end)) {
-    let from = answer.indexOf(t.end) >= 0 && (answer.indexOf(t.start) < 0 || answer.indexOf(t.end) < answer.indexOf(t.start)) ? 0 : -1;
+    // A block is open from the start when the first delimiter is a `</think>`.
+    let from = answer[answer.findIndex((id) => id === t.start || id === t.end)] === t.end ? 0 : -1;
     answer.forEach((id, i) => {
       if (id === t.start && from < 0) from = i;
       if (id === t.end && from >= 0) {
@@ -89,12 +90,13 @@ export function answerWeights(model: LoadedModel, answer: number[]): number[] {
 /**
  * A generated answer that holds a thinking block: the in-graph sums counted every answer token,
  * so the answer is measured again, without the block, by a prefill of the item's own tokens
- * (a second pass for that item only). Undefined when there is nothing to leave out.
+ * (a second pass for that item only, through `run`). Returned as it is when there is nothing to leave out.
  */
-export function rethinkJob(model: LoadedModel, input: GenerateInput, result: SequenceResult): SequenceJob | undefined {
+export async function withoutThinking(model: LoadedModel, input: GenerateInput, result: SequenceResult, run: (job: SequenceJob) => Promise<SequenceResult>): Promise<SequenceResult> {
   const t = model.thinking;
-  if (!t || !result.responseIds.some((id) => id === t.start || id === t.end)) return undefined;
-  return extractionJob(model, [...input.messages, { role: 'assistant', content: '' }], { answerIds: result.responseIds, enableThinking: input.sampling.enableThinking });
+  if (!t || !result.responseIds.some((id) => id === t.start || id === t.end)) return result;
+  const measured = await run(extractionJob(model, [...input.messages, { role: 'assistant', content: '' }], { answerIds: result.responseIds, enableThinking: input.sampling.enableThinking }));
+  return { ...result, mean: measured.mean, counted: measured.counted };
 }
 
 export function extractionOutput(model: LoadedModel, layers: number[], result: SequenceResult): ExtractOutput {
@@ -105,12 +107,8 @@ export function extractionOutput(model: LoadedModel, layers: number[], result: S
 /** One item alone (a batch of one), for tools and tests; the service batches through the engine. */
 export async function generateOne(model: LoadedModel, input: GenerateInput): Promise<GenerateOutput & { responseIds: number[]; promptIds: number[] }> {
   const job = generationJob(model, input);
-  let [result] = await model.runner.run([job]);
-  const again = rethinkJob(model, input, result);
-  if (again) {
-    const [measured] = await model.runner.run([again]);
-    result = { ...result, mean: measured.mean, counted: measured.counted };
-  }
+  const runOne = async (j: SequenceJob) => (await model.runner.run([j]))[0];
+  const result = await withoutThinking(model, input, await runOne(job), runOne);
   return { ...generationOutput(model, input, job, result), promptIds: job.ids };
 }
 
