@@ -21,7 +21,7 @@ $(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services bench -name '*.proto
 	npx buf build -o gen/descriptors.binpb
 	npx buf build node_modules/grpc-health-check/proto -o gen/health.binpb
 	npx tsc -p tsconfig.json
-	chmod +x dist/services/model/cli.js dist/services/cli/axis.js
+	chmod +x dist/services/cli/axisModel.js dist/services/cli/axis.js
 	@touch $@
 
 demo: build

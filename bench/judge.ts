@@ -9,7 +9,7 @@
 import * as grpc from '@grpc/grpc-js';
 import OpenAI from 'openai';
 import { JudgeClient, ScoreRequest, ScoreResult } from '../gen/assistant_axis/v1/judge';
-import { judgePrompt } from '../services/judge/prompt';
+import { judgePrompt } from '../services/contracts/judge';
 import { StreamPipe } from '../services/shared/pipe';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
 import { testStack } from '../test/helpers/stack';

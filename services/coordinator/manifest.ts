@@ -1,33 +1,17 @@
-import { execFileSync } from 'node:child_process';
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
 import type { JudgeInfo } from '../../gen/assistant_axis/v1/judge';
+import { codeVersion } from '../shared/codeVersion';
 import type { DataSet } from './data';
 import type { RunSpec } from './ledger';
-import type { RunSummary } from './run';
 
-let codeVersionCache: string | undefined;
-
-/** Package version plus the git commit when the code runs from a checkout. */
-export function codeVersion(): string {
-  if (codeVersionCache) return codeVersionCache;
-  let dir = __dirname;
-  let version = 'unknown';
-  for (let i = 0; i < 5; i++) {
-    const pkg = path.join(dir, 'package.json');
-    if (fs.existsSync(pkg)) {
-      version = JSON.parse(fs.readFileSync(pkg, 'utf8')).version ?? version;
-      try {
-        version += `+${execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: dir, stdio: ['ignore', 'pipe', 'ignore'] }).toString().trim()}`;
-      } catch {
-        // not a git checkout (e.g. a container image): the package version alone
-      }
-      break;
-    }
-    dir = path.dirname(dir);
-  }
-  return (codeVersionCache = process.env.AXIS_CODE_VERSION || version);
+/** What a finished run kept and computed: saved in the ledger, returned by GetRun, written to the manifest. */
+export interface RunSummary {
+  kept: { role: string; count: number }[];
+  leftOut: { role: string; count: number }[];
+  defaults: { role: string; count: number }[];
+  axisNorms: number[];
+  numLayers: number;
+  hiddenSize: number;
 }
 
 /** What a run was and what it used, so a result can be traced and repeated (DESIGN.md section 1). */

@@ -10,19 +10,16 @@ import { isDefaultRole } from '../shared/names';
 import { promises as fs } from 'node:fs';
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { readSafetensors, SafetensorsSlices, writeSafetensors, writeSafetensorsStreaming } from '../shared/safetensors';
-import { reportHtml } from '../report/html';
-import { buildReport, ReportInput } from '../report/report';
+import { reportHtml } from './report/html';
+import { buildReport, ReportInput } from './report/report';
 import { decodeTensor, encodeTensor } from '../shared/tensor';
 import { buildConversation } from './conversation';
 import type { DataSet, Role } from './data';
 import type { ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
-import { BATCH_PRICE_FACTOR } from '../judge/batch';
-import { estimateTokens } from '../judge/costs';
-import { judgePrompt } from '../judge/prompt';
-import { JUDGE_MAX_TOKENS } from '../shared/defaults';
+import { BATCH_API_MAX_REQUESTS, estimateJudgeCost, estimateTokens, judgePrompt } from '../contracts/judge';
 import { DONE } from './ledger';
 import type { ItemRow, JudgeUsage, Ledger, RoleCounts, RunSpec } from './ledger';
-import { manifest } from './manifest';
+import { manifest, RunSummary } from './manifest';
 import { responseRecord, writeRoleFiles } from './runFiles';
 import { ingestId, InferenceReplica, Upstreams } from './upstreams';
 
@@ -50,15 +47,6 @@ export interface Progress {
 /** How an execution ended, when it did not fail. */
 export type RunOutcome = { kind: 'succeeded'; summary: RunSummary } | { kind: 'cancelled' } | { kind: 'paused'; reason: string };
 
-export interface RunSummary {
-  kept: { role: string; count: number }[];
-  leftOut: { role: string; count: number }[];
-  defaults: { role: string; count: number }[];
-  axisNorms: number[];
-  numLayers: number;
-  hiddenSize: number;
-}
-
 /** A failure of the whole run (as opposed to a stream hiccup that is retried). */
 export class RunFailure extends Error {}
 
@@ -74,8 +62,6 @@ const JUDGE_BACKLOG_PER_SLOT = 4;
 /** Activations generated and not yet acknowledged by aggregation, at most (each holds its bytes). */
 const MAX_INGEST_BACKLOG = 256;
 const MAX_RECOVERY_ROUNDS = 3;
-/** Items per Batch API submission (the API accepts up to 50,000 requests per batch). */
-const BATCH_MAX_ITEMS = 50_000;
 
 /** Seed of one item: a pure function of the run's seed and the item, so a retry samples the same text. */
 export function itemSeed(runSeed: number, role: string, key: string): number {
@@ -232,8 +218,7 @@ export class RunExecutor {
   private reserveJudgeCost(prompt: string): number {
     const cap = this.spec.maxJudgeCostUsd;
     if (cap === undefined) return 0;
-    const info = this.upstreams.judge.info;
-    const estimate = info?.hasPrice ? (estimateTokens(prompt) * info.promptPricePerMtok + JUDGE_MAX_TOKENS * info.completionPricePerMtok) / 1e6 : 0;
+    const estimate = estimateJudgeCost(this.upstreams.judge.info, estimateTokens(prompt), 1);
     if (this.progress.judgeCostUsd + this.reservedJudgeCost + estimate > cap) {
       throw new SpendingCapReached(`judge spending cap reached: $${this.progress.judgeCostUsd.toFixed(4)} spent of $${cap.toFixed(4)}; StartRun with the same request and a higher maxJudgeCostUsd resumes the run`);
     }
@@ -468,12 +453,12 @@ export class RunExecutor {
         const it = next.value;
         if (inBatches.has(this.judgeId(it))) continue;
         requests.push(this.scoreRequest(it));
-        if (requests.length >= BATCH_MAX_ITEMS) break;
+        if (requests.length >= BATCH_API_MAX_REQUESTS) break;
       }
       if (requests.length === 0) break;
       if (this.spec.maxJudgeCostUsd !== undefined) {
-        const info = this.upstreams.judge.info;
-        const estimate = info?.hasPrice ? requests.reduce((a, r) => a + estimateTokens(judgePrompt(r.evalPrompt, r.question, r.answer)) * info.promptPricePerMtok + JUDGE_MAX_TOKENS * info.completionPricePerMtok, 0) / 1e6 * BATCH_PRICE_FACTOR : 0;
+        const promptTokens = requests.reduce((a, r) => a + estimateTokens(judgePrompt(r.evalPrompt, r.question, r.answer)), 0);
+        const estimate = estimateJudgeCost(this.upstreams.judge.info, promptTokens, requests.length, true);
         if (this.progress.judgeCostUsd + estimate > this.spec.maxJudgeCostUsd) {
           this.pause(`judge spending cap: a batch of ${requests.length} items would cost about $${estimate.toFixed(4)}, and $${this.progress.judgeCostUsd.toFixed(4)} of $${this.spec.maxJudgeCostUsd.toFixed(4)} is spent; StartRun with the same request and a higher maxJudgeCostUsd resumes the run`);
           return;

@@ -9,11 +9,10 @@ import { itemKey, nameProblem } from '../shared/names';
 import { failedPrecondition, invalidArgument, notFound, RpcError } from '../shared/rpc';
 import { DataSet, loadDataSet } from './data';
 import { ADJUSTABLE_SPEC_FIELDS, Ledger, RunRow, RunSpec, RunStateName } from './ledger';
-import { BATCH_PRICE_FACTOR } from '../judge/batch';
 import { readSafetensors } from '../shared/safetensors';
-import { estimateTokens } from '../judge/costs';
-import { judgePrompt } from '../judge/prompt';
-import { addCounts, emptyProgress, Progress, RunExecutor, RunOutcome, RunSummary } from './run';
+import { estimateJudgeCost, estimateTokens, judgePrompt } from '../contracts/judge';
+import type { RunSummary } from './manifest';
+import { addCounts, emptyProgress, Progress, RunExecutor, RunOutcome } from './run';
 import type { Upstreams } from './upstreams';
 
 export interface RunManagerOptions {
@@ -387,7 +386,6 @@ export class RunManager {
 
   private dryRun(spec: RunSpec, data: DataSet, imported?: ImportedItem[]): Run {
     const info = this.upstreams.judge.info!;
-    const priceFactor = spec.judgeBatch ? BATCH_PRICE_FACTOR : 1;
     let items = 0;
     let prompts = 0;
     let promptTokens = 0;
@@ -417,7 +415,7 @@ export class RunManager {
       }
     }
     const completionTokens = prompts * JUDGE_MAX_TOKENS;
-    const cost = info.hasPrice ? ((promptTokens * info.promptPricePerMtok + completionTokens * info.completionPricePerMtok) / 1e6) * priceFactor : 0;
+    const cost = estimateJudgeCost(info, promptTokens, prompts, !!spec.judgeBatch);
     return {
       name: spec.name,
       state: RunState.RUN_STATE_UNSPECIFIED,

@@ -2,11 +2,10 @@ import * as grpc from '@grpc/grpc-js';
 import OpenAI, { toFile } from 'openai';
 import type { PollBatchResponse, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
 import { JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE } from '../shared/defaults';
+import { BATCH_PRICE_FACTOR, judgePrompt } from '../contracts/judge';
 import { costUsd, Price } from './costs';
-import { judgePrompt, parseScore } from './prompt';
+import { parseScore } from './prompt';
 
-/** The Batch API bills at about half the online price. */
-export const BATCH_PRICE_FACTOR = 0.5;
 const ENDED = new Set(['completed', 'failed', 'expired', 'cancelled']);
 /** The batch metadata field that holds the caller's submission key. */
 const SUBMISSION_KEY = 'axis_submission_key';

@@ -40,8 +40,3 @@ export function costUsd(price: Price | undefined, promptTokens: number, completi
   if (!price) return 0;
   return (promptTokens * price.prompt + completionTokens * price.completion) / 1e6;
 }
-
-/** A rough token count for text we have not sent (dry runs, calls that timed out): 4 characters a token. */
-export function estimateTokens(text: string): number {
-  return Math.ceil(text.length / 4);
-}

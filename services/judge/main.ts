@@ -7,14 +7,12 @@ import { DEFAULT_JUDGE_MODEL, DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../sh
 import { createLogger } from '../shared/logger';
 import { createRegistry, prom } from '../shared/metrics';
 import { failedPrecondition, invalidArgument, RpcError, serveBidi, unary } from '../shared/rpc';
+import { BATCH_API_MAX_REQUESTS } from '../contracts/judge';
 import { BatchJudge } from './batch';
 import { runMain, startService } from '../shared/server';
 import { loadPrices } from './costs';
 import { JudgeProvider, OfflineProvider, OpenAIProvider } from './providers';
 import { Scorer, ScoreOutcome } from './scorer';
-
-/** Requests per Batch API batch, at most (the API's limit). */
-const BATCH_MAX_REQUESTS = 50_000;
 
 export const JUDGE_OPTIONS = {
   host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
@@ -144,7 +142,7 @@ async function main(): Promise<void> {
     submitBatch: unary(log, async (req) => {
       if (req.items.length === 0) throw invalidArgument('items: at least one item is required');
       // The Batch API's own limit per batch: more would be refused after the upload anyway.
-      if (req.items.length > BATCH_MAX_REQUESTS) throw invalidArgument(`items: at most ${BATCH_MAX_REQUESTS} per batch (the Batch API's limit), got ${req.items.length}`);
+      if (req.items.length > BATCH_API_MAX_REQUESTS) throw invalidArgument(`items: at most ${BATCH_API_MAX_REQUESTS} per batch (the Batch API's limit), got ${req.items.length}`);
       const bad = req.items.findIndex((it) => !it.itemId || !it.evalPrompt);
       if (bad >= 0) throw invalidArgument(`items[${bad}]: item_id and eval_prompt are required`);
       if (new Set(req.items.map((it) => it.itemId)).size !== req.items.length) throw invalidArgument('items: item ids must be unique within a batch');

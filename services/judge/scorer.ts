@@ -1,7 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import { Limiter } from '../shared/limit';
-import { costUsd, estimateTokens, Price } from './costs';
-import { judgePrompt, parseScore } from './prompt';
+import { estimateTokens, judgePrompt } from '../contracts/judge';
+import { costUsd, Price } from './costs';
+import { parseScore } from './prompt';
 import type { JudgeProvider } from './providers';
 import { TokenBucket } from './rateLimiter';
 import { backoffMs, classify, Failure, RetryPolicy } from './retry';

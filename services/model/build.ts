@@ -1,48 +1,15 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
-import { codeVersion } from '../coordinator/manifest';
+import { MODEL_FILES, ModelMetadata, WeightDtype } from '../contracts/modelDirectory';
+import { codeVersion } from '../shared/codeVersion';
 import { exists } from '../shared/files';
 import { builderFor } from './builders';
 import { CheckpointReader, readConfig } from './checkpoint';
 import { buildDecodeLoop } from './decodeLoop';
-import { ExternalData, GraphBuilder, WeightDtype, WrittenWeights } from './graph';
+import { ExternalData, GraphBuilder, WrittenWeights } from './graph';
 
-/** Layout of a model directory, as transformers.js loads it. */
-export const MODEL_FILES = {
-  graph: path.join('onnx', 'model.onnx'),
-  /** The decoder inside an ONNX Loop: a whole batch generated in one run (services/model/decodeLoop.ts). */
-  decodeLoop: path.join('onnx', 'generate.onnx'),
-  weights: path.join('onnx', 'model.onnx_data'),
-  metadata: 'axis_model.json',
-};
 const COPIED = ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'special_tokens_map.json', 'chat_template.jinja'];
-
-/** What `axis_model.json` says of a built model; the inference service checks the graph against it. */
-export interface ModelMetadata {
-  format: 'assistant-axis-model/1';
-  name: string;
-  architecture: string;
-  num_layers: number;
-  hidden_size: number;
-  num_attention_heads: number;
-  num_key_value_heads: number;
-  head_dim: number;
-  vocab_size: number;
-  /** How weights are stored; graph inputs, outputs and arithmetic are float32 whatever it is. */
-  dtype: WeightDtype;
-  /** Layers this graph holds, [first, end): all of them unless it is one stage of a split model. */
-  layers: [number, number];
-  graph: string;
-  weights: string;
-  inputs: string[];
-  outputs: string[];
-  hidden_state_outputs: string[];
-  /** The generation graph, over the same weights file; absent for a stage of a split model. */
-  decode_loop?: { graph: string; inputs: string[]; outputs: string[]; graph_sha256: string };
-  hashes: { graph_sha256: string; weights_sha256: string; config_sha256: string };
-  built_with: string;
-}
 
 export interface BuildModelOptions {
   hf: string;

@@ -1,3 +1,4 @@
+import { LOOP_INPUTS, LOOP_OUTPUTS, NO_TOKEN, TOKEN_KIND } from '../contracts/modelDirectory';
 import type { CheckpointReader, HfConfig } from './checkpoint';
 import { builderFor } from './builders';
 import { prefixedNames } from './builders/decoder';
@@ -17,36 +18,6 @@ import { DataType, GraphBuilder } from './graph';
  * the graph. Extract is the same graph with no token to sample and `prompt_weights` marking
  * the response positions of the prefill.
  */
-export const LOOP_INPUTS = {
-  inputIds: 'input_ids',
-  attentionMask: 'attention_mask',
-  positionIds: 'position_ids',
-  /** [B, P] float: weight of each prompt position in the response mean (Extract); zeros to generate. */
-  promptWeights: 'prompt_weights',
-  /** Scalar int64: the most iterations to run (the prefill counts as one). */
-  maxSteps: 'max_steps',
-  /** [B] int64: tokens each item may sample (0 for Extract). */
-  maxNewTokens: 'max_new_tokens',
-  temperature: 'temperature',
-  topP: 'top_p',
-  /** [B, N] float in [0, 1): the item's n-th uniform decides its n-th sampled token. */
-  uniforms: 'uniforms',
-  stopTokenIds: 'stop_token_ids',
-  /** [vocab] int64: 0 content, 1 whitespace only, 2 marker (a special token). */
-  tokenKinds: 'token_kinds',
-} as const;
-
-export const LOOP_OUTPUTS = {
-  /** [iterations, B] int64: the token each item sampled at each iteration, -1 where it sampled none. */
-  tokens: 'generated_tokens',
-  /** [B, L, hidden] float: the per-layer mean over the response's counted tokens (with capture). */
-  responseMean: 'response_mean',
-  /** [B] int64: how many tokens the mean is over. */
-  responseTokens: 'response_tokens',
-} as const;
-
-export const TOKEN_KIND = { content: 0, whitespace: 1, marker: 2 } as const;
-
 const BODY = 'loop.';
 
 export interface DecodeLoopSignature {
@@ -148,7 +119,7 @@ export async function buildDecodeLoop(config: HfConfig, ckpt: CheckpointReader, 
   const feedNext = b.node('And', [wantSample, b.node('Not', [isStop])]);
   const sampledNow = b.node('Add', [sampledBefore, b.node('Cast', [feedNext], { to: DataType.INT64 })]);
   const activeNext = b.node('And', [feedNext, b.node('Less', [sampledNow, I.maxNewTokens])]);
-  const tokenOut = b.node('Where', [wantSample, token, b.constInt64([-1], [])]);
+  const tokenOut = b.node('Where', [wantSample, token, b.constInt64([NO_TOKEN], [])]);
   const nextIds = b.node('Unsqueeze', [b.node('Where', [feedNext, token, b.constInt64([0], [])]), b.constInt64([1])]);
   const nextMask = b.node('Concat', [v('attention_mask'), b.node('Unsqueeze', [b.node('Cast', [feedNext], { to: DataType.INT64 }), b.constInt64([1])])], { axis: 1 });
   const nextPositions = b.node('Add', [b.node('Slice', [v('position_ids'), b.constInt64([-1]), b.constInt64([Number.MAX_SAFE_INTEGER]), b.constInt64([1])]), b.constInt64([1], [])]);

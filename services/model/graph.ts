@@ -17,6 +17,7 @@ import {
   ValueInfoProtoSchema,
 } from 'onnx-buf';
 import { f32ToBf16, f32ToF16 } from '../shared/tensor';
+import type { WeightDtype } from '../contracts/modelDirectory';
 
 export const DataType = TensorProto_DataType;
 export const OPSET = 17;
@@ -213,7 +214,6 @@ export class GraphBuilder {
   }
 }
 
-export type WeightDtype = 'f32' | 'f16' | 'bf16';
 const STORAGE_TYPES: Record<WeightDtype, TensorProto_DataType> = { f32: DataType.FLOAT, f16: DataType.FLOAT16, bf16: DataType.BFLOAT16 };
 
 function encodeWeights(data: Float32Array, storage: WeightDtype): Uint8Array {

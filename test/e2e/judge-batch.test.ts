@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack, ServiceName } from '../../services/cli/stack';
-import { judgePrompt } from '../../services/judge/prompt';
+import { judgePrompt } from '../../services/contracts/judge';
 import { expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { readRunFiles } from '../helpers/runfiles';

@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
-import { judgePrompt } from '../../services/judge/prompt';
+import { judgePrompt } from '../../services/contracts/judge';
 import type { LocalStack } from '../../services/cli/stack';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, getRun, startRun, watchRun } from '../helpers/grpc';

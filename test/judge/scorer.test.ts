@@ -5,7 +5,8 @@ import { JudgeClient, ScoreRequest, ScoreResult } from '../../gen/assistant_axis
 import { OpenAIProvider } from '../../services/judge/providers';
 import { StreamPipe } from '../../services/shared/pipe';
 import { testStack } from '../helpers/stack';
-import { judgePrompt, parseScore } from '../../services/judge/prompt';
+import { judgePrompt } from '../../services/contracts/judge';
+import { parseScore } from '../../services/judge/prompt';
 import { backoffMs, retryAfter } from '../../services/judge/retry';
 import { Scorer } from '../../services/judge/scorer';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';

@@ -190,7 +190,7 @@ describe('checkpoint formats and build options', () => {
     const ckpt = await tiny('qwen2');
     const model = await build(ckpt);
     const out = path.join(root, 'hidden.safetensors');
-    await promisify(execFile)(process.execPath, [path.join(ROOT, 'dist/services/model/cli.js'), 'hidden', '--model', model, '--ids', IDS.join(','), '--out', out]);
+    await promisify(execFile)(process.execPath, [path.join(ROOT, 'dist/services/cli/axisModel.js'), 'hidden', '--model', model, '--ids', IDS.join(','), '--out', out]);
     const { tensors } = await readSafetensors(out);
     expect(tensors.hidden_states.shape).toEqual([4, IDS.length, 64]);
     const ref = referenceForward(ckpt, IDS);

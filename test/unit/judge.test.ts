@@ -1,4 +1,5 @@
-import { judgePrompt, parseScore } from '../../services/judge/prompt';
+import { judgePrompt } from '../../services/contracts/judge';
+import { parseScore } from '../../services/judge/prompt';
 import { offlineScore } from '../../services/judge/providers';
 
 describe('judge prompt and score rules', () => {

@@ -1,5 +1,5 @@
-import { reportHtml } from '../../services/report/html';
-import { buildReport, layersInMemory, Report } from '../../services/report/report';
+import { reportHtml } from '../../services/coordinator/report/html';
+import { buildReport, layersInMemory, Report } from '../../services/coordinator/report/report';
 import { digest, Rng } from '../../services/shared/random';
 
 /**

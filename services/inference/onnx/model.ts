@@ -1,7 +1,7 @@
 import { Tokenizer } from '@huggingface/tokenizers';
 import { createHash } from 'node:crypto';
 import * as path from 'node:path';
-import type { ModelMetadata } from '../../model/build';
+import type { ModelMetadata } from '../../contracts/modelDirectory';
 import { ChatTemplate } from './chat';
 import type { TokenKind } from './responseMean';
 import { BatchRunner, HostRunner, kindTable, LoopRunner, TokenRules } from './runner';

@@ -1,6 +1,6 @@
 import * as ort from 'onnxruntime-node';
-import type { ModelMetadata } from '../../model/build';
-import { LOOP_INPUTS, LOOP_OUTPUTS, TOKEN_KIND } from '../../model/decodeLoop';
+import type { ModelMetadata } from '../../contracts/modelDirectory';
+import { LOOP_INPUTS, LOOP_OUTPUTS, NO_TOKEN, TOKEN_KIND } from '../../contracts/modelDirectory';
 import { ResponseMean, TokenKind } from './responseMean';
 import { sampleToken } from './sampling';
 import { checkedGraph, createSession, DecoderSession, ModelLoadError, Placement, placementName } from './session';
@@ -127,7 +127,7 @@ export class LoopRunner implements BatchRunner {
       const sampled: number[] = [];
       for (let i = 0; i < steps; i++) {
         const t = Number(tokenData[i * B + b]);
-        if (t >= 0) sampled.push(t);
+        if (t !== NO_TOKEN) sampled.push(t);
       }
       const stopped = sampled.length > 0 && this.rules.stopIds.has(sampled[sampled.length - 1]);
       return { responseIds: stopped ? sampled.slice(0, -1) : sampled, stopped, mean: means.slice(b * size, (b + 1) * size), counted: Number(counts[b]) };

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import * as ort from 'onnxruntime-node';
-import type { ModelMetadata } from '../../model/build';
+import { MODEL_FILES, ModelMetadata } from '../../contracts/modelDirectory';
 
 export class ModelLoadError extends Error {}
 
@@ -57,7 +57,7 @@ export async function checkedGraph(dir: string, relative: string, expectedSha: s
 }
 
 export async function readMetadata(dir: string): Promise<ModelMetadata> {
-  return readJson<ModelMetadata>(path.join(dir, 'axis_model.json'), 'the model metadata (made by `axis-model build`)');
+  return readJson<ModelMetadata>(path.join(dir, MODEL_FILES.metadata), 'the model metadata (made by `axis-model build`)');
 }
 
 /**

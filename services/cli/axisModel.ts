@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 import { parseArgs } from 'node:util';
-import { buildModel } from './build';
-import type { WeightDtype } from './graph';
+import type { WeightDtype } from '../contracts/modelDirectory';
+import { buildModel } from '../model/build';
+import { writeTinyCheckpoint } from '../model/tiny';
 import { writeHiddenStates } from './hidden';
-import { writeTinyCheckpoint } from './tiny';
 
 const USAGE = `usage:
   axis-model tiny --arch llama|qwen2|qwen3|gemma2 --out <checkpoint dir> [--seed N] [--merges N]

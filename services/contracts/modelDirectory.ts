@@ -1,0 +1,82 @@
+import * as path from 'node:path';
+
+/**
+ * The contract between the model builder (`services/model/`, which writes a model directory)
+ * and the inference service (which loads one): the directory's layout, what `axis_model.json`
+ * says, and the names of the generation graph's inputs and outputs. Both import this file;
+ * neither imports the other.
+ */
+
+/** How weights are stored in the external data file. */
+export type WeightDtype = 'f32' | 'f16' | 'bf16';
+
+/** Layout of a model directory, as transformers.js loads it. */
+export const MODEL_FILES = {
+  graph: path.join('onnx', 'model.onnx'),
+  /** The decoder inside an ONNX Loop: a whole batch generated in one run (services/model/decodeLoop.ts). */
+  decodeLoop: path.join('onnx', 'generate.onnx'),
+  weights: path.join('onnx', 'model.onnx_data'),
+  metadata: 'axis_model.json',
+};
+
+/** What `axis_model.json` says of a built model; the inference service checks the graph against it. */
+export interface ModelMetadata {
+  format: 'assistant-axis-model/1';
+  name: string;
+  architecture: string;
+  num_layers: number;
+  hidden_size: number;
+  num_attention_heads: number;
+  num_key_value_heads: number;
+  head_dim: number;
+  vocab_size: number;
+  /** How weights are stored; graph inputs, outputs and arithmetic are float32 whatever it is. */
+  dtype: WeightDtype;
+  /** Layers this graph holds, [first, end): all of them unless it is one stage of a split model. */
+  layers: [number, number];
+  graph: string;
+  weights: string;
+  inputs: string[];
+  outputs: string[];
+  hidden_state_outputs: string[];
+  /** The generation graph, over the same weights file; absent for a stage of a split model. */
+  decode_loop?: { graph: string; inputs: string[]; outputs: string[]; graph_sha256: string };
+  hashes: { graph_sha256: string; weights_sha256: string; config_sha256: string };
+  built_with: string;
+}
+
+/** Inputs of the generation graph (`onnx/generate.onnx`). */
+export const LOOP_INPUTS = {
+  inputIds: 'input_ids',
+  attentionMask: 'attention_mask',
+  positionIds: 'position_ids',
+  /** [B, P] float: weight of each prompt position in the response mean (Extract); zeros to generate. */
+  promptWeights: 'prompt_weights',
+  /** Scalar int64: the most iterations to run (the prefill counts as one). */
+  maxSteps: 'max_steps',
+  /** [B] int64: tokens each item may sample (0 for Extract). */
+  maxNewTokens: 'max_new_tokens',
+  temperature: 'temperature',
+  topP: 'top_p',
+  /** [B, N] float in [0, 1): the item's n-th uniform decides its n-th sampled token. */
+  uniforms: 'uniforms',
+  stopTokenIds: 'stop_token_ids',
+  /** [vocab] int64: 0 content, 1 whitespace only, 2 marker (a special token). */
+  tokenKinds: 'token_kinds',
+} as const;
+
+/** Outputs of the generation graph. */
+export const LOOP_OUTPUTS = {
+  /** [iterations, B] int64: the token each item sampled at each iteration, -1 where it sampled none. */
+  tokens: 'generated_tokens',
+  /** [B, L, hidden] float: the per-layer mean over the response's counted tokens (with capture). */
+  responseMean: 'response_mean',
+  /** [B] int64: how many tokens the mean is over. */
+  responseTokens: 'response_tokens',
+} as const;
+
+/** Values of the `token_kinds` input (docs/CONCEPTS.md, "Activation": which tokens a mean counts). */
+export const TOKEN_KIND = { content: 0, whitespace: 1, marker: 2 } as const;
+
+/** Written in `generated_tokens` where an item sampled no token at that iteration. */
+export const NO_TOKEN = -1;
