@@ -1,94 +1,12 @@
 import Database from 'better-sqlite3';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-
-/** What a run was asked to do, fully resolved (defaults filled in), as stored in the ledger. */
-export interface RunSpec {
-  name: string;
-  model: string;
-  dataDir: string;
-  roles: string[];
-  questionCount: number;
-  minCount: number;
-  temperature: number;
-  topP: number;
-  maxNewTokens: number;
-  maxContext: number;
-  seed: number;
-  layers: number[];
-  dataHash: string;
-  /** Judge spending cap in USD (not part of a run's identity: raising it resumes a paused run). */
-  maxJudgeCostUsd?: number;
-  /** Judge through the Batch API instead of online calls. */
-  judgeBatch?: boolean;
-  /** Another axis to compare with in the report (absolute path of a safetensors file). */
-  compareAxis?: string;
-  /** Keep every item's activation (bf16) in activations/<role>.safetensors. */
-  archiveActivations?: boolean;
-  /** A reference run imported (absolute path): its answers are measured, not generated. */
-  importDir?: string;
-  /** Generate the text, then measure it by a separate prefill (Extract), as the reference does. */
-  twoPass?: boolean;
-  /** The chat template's thinking switch (Qwen 3): the model thinks before it answers. */
-  enableThinking?: boolean;
-}
-
-/** A batch submitted to the judge's Batch API and the items in it. */
-export interface JudgeBatchRow {
-  batchId: string;
-  /** Item ids as sent to the judge (`run/role/key`). */
-  itemIds: string[];
-}
-
-/** Spec fields that may change between StartRun calls of the same run. */
-export const ADJUSTABLE_SPEC_FIELDS: (keyof RunSpec)[] = ['maxJudgeCostUsd', 'compareAxis'];
-
-/** What the judge reported for one item, all attempts. */
-export interface JudgeUsage {
-  attempts: number;
-  promptTokens: number;
-  completionTokens: number;
-  costUsd: number;
-  possiblyBilledTokens: number;
-}
-
-export type RunStateName = 'PENDING' | 'RUNNING' | 'COMPUTING' | 'SUCCEEDED' | 'FAILED' | 'CANCELLED' | 'PAUSED';
-
-export interface RunRow {
-  name: string;
-  spec: RunSpec;
-  state: RunStateName;
-  createdAt: string;
-  finishedAt: string;
-  error: string;
-  backend: string;
-  judge: string;
-  summary: unknown;
-}
-
-export interface ItemRow {
-  role: string;
-  promptIndex: number;
-  questionIndex: number;
-  key: string;
-  /** Whether the answer's text is saved (generated, or imported). */
-  hasText: boolean;
-  /** The text itself, in rows read with it (a role's files); null in the scheduler's pages, which read it when needed. */
-  text: string | null;
-  promptTokens: number;
-  completionTokens: number;
-  finishReason: string;
-  activationAcked: boolean;
-  judged: boolean;
-  score: number | null;
-  rawReply: string;
-  scoreAcked: boolean;
-  judgeUsage: JudgeUsage;
-}
+import { ADDED_ITEM_COLUMNS, LEDGER_SCHEMA } from './ledgerSchema';
+import { DONE, ITEM_COLUMNS_WITHOUT_TEXT, JudgeBatchRow, JudgeUsage, RoleCounts, RunRow, RunSpec, RunStateName, ItemRow, toItemRow, toRunRow } from './ledgerRows';
 
 /**
- * The coordinator's durable record of every run and item (SQLite, WAL, synchronous=FULL so a
- * committed step survives kill -9 and power loss). An item moves: text saved -> activation
+ * The coordinator's durable record of every run and item (SQLite, WAL, synchronous=NORMAL: a
+ * committed step survives kill -9; a power loss may drop the last commits, which are redone safely). An item moves: text saved -> activation
  * acknowledged by aggregation -> judged -> score acknowledged; a restart resumes each item
  * at its first missing step.
  */
@@ -172,40 +90,8 @@ export class Ledger {
     // step is redone safely (the same seed gives the same text, aggregation drops duplicates).
     // FULL would fsync the event loop at every item step, which capped a run near 70 items/s.
     this.db.pragma('synchronous = NORMAL');
-    this.db.exec(`
-      CREATE TABLE IF NOT EXISTS runs (
-        name TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL,
-        finished_at TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '', backend TEXT NOT NULL DEFAULT '',
-        judge TEXT NOT NULL DEFAULT '', summary TEXT);
-      CREATE TABLE IF NOT EXISTS items (
-        run TEXT NOT NULL, role TEXT NOT NULL, p INTEGER NOT NULL, q INTEGER NOT NULL, key TEXT NOT NULL,
-        text TEXT, prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
-        finish_reason TEXT NOT NULL DEFAULT '', activation_acked INTEGER NOT NULL DEFAULT 0,
-        judged INTEGER NOT NULL DEFAULT 0, score INTEGER, raw_reply TEXT NOT NULL DEFAULT '',
-        score_acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role, key));
-      CREATE TABLE IF NOT EXISTS roles (
-        run TEXT NOT NULL, role TEXT NOT NULL, written INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role));
-      CREATE TABLE IF NOT EXISTS judge_batches (
-        run TEXT NOT NULL, batch_id TEXT NOT NULL, item_ids TEXT NOT NULL, open INTEGER NOT NULL DEFAULT 1,
-        created_at TEXT NOT NULL, PRIMARY KEY (run, batch_id));
-      -- A batch about to be submitted: kept until its batch id is in judge_batches, so a submission
-      -- whose reply was lost is sent again with the same key (the judge returns the batch it made).
-      CREATE TABLE IF NOT EXISTS judge_submissions (
-        run TEXT NOT NULL, submission_key TEXT NOT NULL, item_ids TEXT NOT NULL, created_at TEXT NOT NULL,
-        PRIMARY KEY (run, submission_key));
-    `);
-    // Columns added after the first version: added in place to ledgers written before them.
-    this.ensureColumns('items', {
-      judge_attempts: 'INTEGER NOT NULL DEFAULT 0',
-      judge_prompt_tokens: 'INTEGER NOT NULL DEFAULT 0',
-      judge_completion_tokens: 'INTEGER NOT NULL DEFAULT 0',
-      judge_cost_usd: 'REAL NOT NULL DEFAULT 0',
-      judge_possibly_billed_tokens: 'INTEGER NOT NULL DEFAULT 0',
-      // The answer's sampled token ids (uint32 little-endian), for an exact Extract after a lost activation.
-      response_ids: 'BLOB',
-      // Times the activation was recovered by Extract after a restart (the text was kept).
-      recovered: 'INTEGER NOT NULL DEFAULT 0',
-    });
+    this.db.exec(LEDGER_SCHEMA);
+    this.ensureColumns('items', ADDED_ITEM_COLUMNS);
   }
 
   private ensureColumns(table: string, columns: Record<string, string>): void {
@@ -443,60 +329,4 @@ export class Ledger {
       this.sql('UPDATE roles SET written = 1 WHERE run = ? AND role = ?').run(run, role);
     });
   }
-}
-
-function toRunRow(r: Record<string, any>): RunRow {
-  return {
-    name: r.name,
-    spec: JSON.parse(r.spec),
-    state: r.state,
-    createdAt: r.created_at,
-    finishedAt: r.finished_at,
-    error: r.error,
-    backend: r.backend,
-    judge: r.judge,
-    summary: r.summary ? JSON.parse(r.summary) : undefined,
-  };
-}
-
-/** Done: aggregation acknowledged the activation and, for judged roles, the score (isDefaultRole in SQL). */
-export const DONE = "activation_acked = 1 AND (INSTR(role, 'default') > 0 OR (judged = 1 AND score_acked = 1))";
-const ITEM_COLUMNS_WITHOUT_TEXT =
-  'role, p, q, key, NULL AS text, text IS NOT NULL AS has_text, prompt_tokens, completion_tokens, finish_reason, activation_acked, judged, score, raw_reply, score_acked, judge_attempts, judge_prompt_tokens, judge_completion_tokens, judge_cost_usd, judge_possibly_billed_tokens';
-
-export interface RoleCounts {
-  role: string;
-  total: number;
-  generated: number;
-  judged: number;
-  unscored: number;
-  done: number;
-  recovered: number;
-  usage: JudgeUsage;
-}
-
-function toItemRow(r: Record<string, any>): ItemRow {
-  return {
-    role: r.role,
-    promptIndex: r.p,
-    questionIndex: r.q,
-    key: r.key,
-    hasText: r.has_text === undefined ? r.text !== null : !!r.has_text,
-    text: r.text,
-    promptTokens: r.prompt_tokens,
-    completionTokens: r.completion_tokens,
-    finishReason: r.finish_reason,
-    activationAcked: !!r.activation_acked,
-    judged: !!r.judged,
-    score: r.score,
-    rawReply: r.raw_reply,
-    scoreAcked: !!r.score_acked,
-    judgeUsage: {
-      attempts: r.judge_attempts ?? 0,
-      promptTokens: r.judge_prompt_tokens ?? 0,
-      completionTokens: r.judge_completion_tokens ?? 0,
-      costUsd: r.judge_cost_usd ?? 0,
-      possiblyBilledTokens: r.judge_possibly_billed_tokens ?? 0,
-    },
-  };
 }

@@ -11,7 +11,7 @@ import { createRegistry, prom } from '../shared/metrics';
 import { failStream, RpcError, unary } from '../shared/rpc';
 import { runMain, startService } from '../shared/server';
 import { Ledger } from './ledger';
-import { RunManager } from './runs';
+import { RunManager } from './runManager';
 import { discoveryFor, parseTarget } from './discovery';
 import { AggregationUpstream, InferencePool, JudgePool, Upstreams } from './upstreams';
 

@@ -2,7 +2,7 @@ import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
 import type { JudgeInfo } from '../../gen/assistant_axis/v1/judge';
 import { codeVersion } from '../shared/codeVersion';
 import type { DataSet } from './data';
-import type { RunSpec } from './ledger';
+import type { RunSpec } from './ledgerRows';
 
 /** What a finished run kept and computed: saved in the ledger, returned by GetRun, written to the manifest. */
 export interface RunSummary {

@@ -318,3 +318,11 @@ export interface Upstreams {
   judge: JudgePool;
   aggregation: AggregationUpstream;
 }
+
+/** How the judge is named in a run's view and manifest (an offline judge says it is not meaningful). */
+export function judgeLabel(upstreams: Upstreams): string {
+  const info = upstreams.judge.info;
+  if (!info) return 'unknown';
+  if (!info.meaningful) return `${info.provider} (${info.model}: NOT meaningful, for demos only)`;
+  return `${info.provider}:${info.model}${info.baseUrl ? ` at ${info.baseUrl}` : ''}`;
+}

@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import Database from 'better-sqlite3';
-import { DONE, Ledger, RunSpec } from '../../services/coordinator/ledger';
+import { Ledger } from '../../services/coordinator/ledger';
+import { DONE, RunSpec } from '../../services/coordinator/ledgerRows';
 import { tempDir } from '../helpers/stack';
 
 const spec = (name: string): RunSpec => ({

@@ -1,28 +1,25 @@
 import * as grpc from '@grpc/grpc-js';
-import { ImportedItem, ImportError, importedRoles, readImport } from './importRun';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
-import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING, JUDGE_MAX_TOKENS } from '../shared/defaults';
 import type { Logger } from '../shared/logger';
-import { itemKey, nameProblem } from '../shared/names';
-import { failedPrecondition, invalidArgument, notFound, RpcError } from '../shared/rpc';
+import { itemKey } from '../shared/names';
+import { failedPrecondition, notFound, RpcError } from '../shared/rpc';
 import { DataSet, loadDataSet } from './data';
-import { ADJUSTABLE_SPEC_FIELDS, Ledger, RunRow, RunSpec, RunStateName } from './ledger';
-import { readSafetensors } from '../shared/safetensors';
-import { estimateJudgeCost, estimateTokens, judgePrompt } from '../contracts/judge';
+import { dryRunView } from './dryRun';
+import type { Ledger } from './ledger';
+import { ADJUSTABLE_SPEC_FIELDS, RunRow, RunSpec, RunStateName } from './ledgerRows';
 import type { RunSummary } from './manifest';
-import { addCounts, emptyProgress, Progress, RunExecutor, RunOutcome } from './run';
-import type { Upstreams } from './upstreams';
+import { addCounts, emptyProgress, Progress } from './progress';
+import { RunExecutor, RunOutcome } from './runExecutor';
+import { checkRunName, importedItems, resolveRunSpec, RunSpecOptions } from './runSpec';
+import { judgeLabel, Upstreams } from './upstreams';
 
-export interface RunManagerOptions {
+export interface RunManagerOptions extends RunSpecOptions {
   outputRoot: string;
-  defaultDataDir: string;
   judgeConcurrency: number;
   /** Batch mode: seconds between polls of an open judge batch. */
   batchPollSeconds: number;
-  /** Directories a run's data_dir must lie under; empty: any readable directory. */
-  dataRoots?: string[];
 }
 
 type Listener = () => void;
@@ -62,8 +59,8 @@ export class RunManager {
   }
 
   async start(req: StartRunRequest): Promise<Run> {
-    const { spec, data } = await this.resolveSpec(req);
-    if (req.dryRun) return this.dryRun(spec, data, spec.importDir ? await this.importItems(spec, data) : undefined);
+    const { spec, data } = await resolveRunSpec(req, this.opts, this.upstreams, () => this.refreshUpstreams());
+    if (req.dryRun) return dryRunView(spec, data, this.upstreams, this.runDir(spec.name), spec.importDir ? await importedItems(spec, data, this.upstreams) : undefined);
     const existing = this.ledger.getRun(spec.name);
     if (existing) {
       const keys = new Set([...Object.keys(spec), ...Object.keys(existing.spec)] as (keyof RunSpec)[]);
@@ -93,7 +90,7 @@ export class RunManager {
     }
     const items: { role: string; p: number; q: number; key: string; text?: string; score?: number }[] = [];
     if (spec.importDir) {
-      items.push(...(await this.importItems(spec, data)));
+      items.push(...(await importedItems(spec, data, this.upstreams)));
     } else {
       for (const role of data.roles) {
         for (let p = 0; p < role.instructions.length; p++) {
@@ -169,8 +166,7 @@ export class RunManager {
   }
 
   checkName(name: string): void {
-    const problem = nameProblem(name);
-    if (problem) throw invalidArgument(`name: ${problem}`);
+    checkRunName(name);
   }
 
   runDir(name: string): string {
@@ -186,7 +182,7 @@ export class RunManager {
     if (data.hash !== spec.dataHash) throw failedPrecondition(`data_dir: the data set in ${spec.dataDir} changed since run ${spec.name} started (sha256 ${data.hash} != ${spec.dataHash})`);
     await this.refreshUpstreams();
     const runDir = this.runDir(spec.name);
-    const executor = new RunExecutor(spec, data, this.ledger, this.upstreams, runDir, this.log.child({ run: spec.name }), () => this.emit(spec.name), this.opts.judgeConcurrency, this.opts.batchPollSeconds * 1000);
+    const executor = new RunExecutor(spec, data, this.ledger, this.upstreams, runDir, this.log.child({ run: spec.name }), () => this.emit(spec.name), { judgeConcurrency: this.opts.judgeConcurrency, batchPollMs: this.opts.batchPollSeconds * 1000 });
     this.executors.set(spec.name, executor);
     const replica = this.upstreams.inference.replicas.find((r) => r.info?.model === spec.model);
     this.ledger.setRunState(spec.name, 'RUNNING', { backend: replica?.info?.backend ?? '', judge: judgeLabel(this.upstreams) });
@@ -247,100 +243,6 @@ export class RunManager {
     ]);
   }
 
-  /** Resolves a StartRun request into a complete spec, or throws INVALID_ARGUMENT / FAILED_PRECONDITION naming the field. */
-  private async resolveSpec(req: StartRunRequest): Promise<{ spec: RunSpec; data: DataSet }> {
-    this.checkName(req.name);
-    const temperature = req.temperature ?? DEFAULT_SAMPLING.temperature;
-    const topP = req.topP ?? DEFAULT_SAMPLING.topP;
-    const maxNewTokens = req.maxNewTokens ?? DEFAULT_SAMPLING.maxNewTokens;
-    const maxContext = req.maxContext ?? DEFAULT_SAMPLING.maxContext;
-    if (!(Number.isFinite(temperature) && temperature >= 0)) throw invalidArgument(`temperature: must be >= 0, got ${temperature}`);
-    if (!(topP > 0 && topP <= 1)) throw invalidArgument(`top_p: must be in (0, 1], got ${topP}`);
-    if (maxNewTokens < 1) throw invalidArgument('max_new_tokens: must be at least 1');
-    if (maxContext <= maxNewTokens) throw invalidArgument(`max_context: must exceed max_new_tokens (${maxNewTokens}), got ${maxContext}`);
-    if (req.minCount !== undefined && req.minCount < 1) throw invalidArgument('min_count: must be at least 1');
-    if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
-    if (req.maxJudgeCostUsd !== undefined && !(Number.isFinite(req.maxJudgeCostUsd) && req.maxJudgeCostUsd >= 0)) throw invalidArgument(`max_judge_cost_usd: must be a non-negative number of dollars, got ${req.maxJudgeCostUsd}`);
-    const dataDir = path.resolve(req.dataDir || this.opts.defaultDataDir);
-    const roots = this.opts.dataRoots ?? [];
-    if (req.dataDir && roots.length && !roots.some((root) => isWithin(dataDir, root))) {
-      throw invalidArgument(`data_dir: ${dataDir} is not under the allowed data directories (${roots.join(', ')})`);
-    }
-    let compareAxis: string | undefined;
-    if (req.compareAxis) {
-      compareAxis = path.resolve(req.compareAxis);
-      try {
-        const { tensors } = await readSafetensors(compareAxis);
-        if (!tensors.axis) throw new Error(`it holds no tensor named "axis" (it has ${Object.keys(tensors).join(', ') || 'none'})`);
-      } catch (err) {
-        throw invalidArgument(`compare_axis: ${compareAxis}: ${(err as Error).message}`);
-      }
-    }
-    let importDir: string | undefined;
-    let roleNames = req.roles;
-    if (req.importDir) {
-      if (req.twoPass) throw invalidArgument('two_pass: an imported run generates nothing; leave two_pass out');
-      importDir = path.resolve(req.importDir);
-      if (roots.length && !roots.some((root) => isWithin(importDir!, root))) throw invalidArgument(`import_dir: ${importDir} is not under the allowed data directories (${roots.join(', ')})`);
-      try {
-        const available = await importedRoles(importDir);
-        const missing = req.roles.filter((r) => !available.includes(r));
-        if (missing.length) throw new ImportError(`import_dir: no responses/<role>.jsonl for ${missing.join(', ')} (it has ${available.join(', ')})`);
-        if (roleNames.length === 0) roleNames = available;
-      } catch (err) {
-        if (err instanceof ImportError) throw invalidArgument(err.message);
-        throw err;
-      }
-    }
-    const data = await loadDataSet(dataDir, roleNames, req.questionCount);
-
-    await this.refreshUpstreams().catch((err) => {
-      throw new RpcError(grpc.status.UNAVAILABLE, `judge unreachable: ${(err as Error).message}`);
-    });
-    const served = [...new Set(this.upstreams.inference.replicas.filter((r) => r.info).map((r) => r.info!.model))];
-    if (served.length === 0) {
-      const why = this.upstreams.inference.replicas.map((r) => `${r.address}: ${r.lastError || 'no answer'}`).join('; ');
-      throw new RpcError(grpc.status.UNAVAILABLE, `no inference replica is ready (${why})`);
-    }
-    let model = req.model;
-    if (!model) {
-      if (served.length > 1) throw invalidArgument(`model: required, because the inference replicas serve several models (${served.join(', ')})`);
-      model = served[0];
-    } else if (!served.includes(model)) {
-      throw failedPrecondition(`model: no inference replica serves ${JSON.stringify(model)} (served: ${served.join(', ')})`);
-    }
-    const info = this.upstreams.inference.replicas.find((r) => r.info?.model === model)!.info!;
-    const seen = new Set<number>();
-    for (const l of req.layers) {
-      if (l >= info.numLayers) throw invalidArgument(`layers: layer ${l} does not exist (${model} has ${info.numLayers} layers, zero-indexed)`);
-      if (seen.has(l)) throw invalidArgument(`layers: layer ${l} is listed twice`);
-      seen.add(l);
-    }
-    const spec: RunSpec = {
-      name: req.name,
-      model,
-      dataDir,
-      roles: data.roles.map((r) => r.name),
-      questionCount: data.questions.length,
-      minCount: req.minCount ?? DEFAULT_MIN_COUNT,
-      temperature,
-      topP,
-      maxNewTokens,
-      maxContext,
-      seed: req.seed ?? DEFAULT_SAMPLING.seed,
-      layers: [...req.layers],
-      dataHash: data.hash,
-      ...(req.maxJudgeCostUsd !== undefined ? { maxJudgeCostUsd: req.maxJudgeCostUsd } : {}),
-      ...(req.judgeBatch ? { judgeBatch: true } : {}),
-      ...(compareAxis ? { compareAxis } : {}),
-      ...(req.archiveActivations ? { archiveActivations: true } : {}),
-      ...(importDir ? { importDir } : {}),
-      ...(req.twoPass ? { twoPass: true } : {}),
-      ...(req.enableThinking ? { enableThinking: true } : {}),
-    };
-    return { spec, data };
-  }
-
   private view(name: string): Run {
     const row = this.ledger.getRun(name) as RunRow;
     const ex = this.executors.get(name);
@@ -368,104 +270,12 @@ export class RunManager {
     };
   }
 
-  /**
-   * What a run would send to the judge and cost, with nothing generated, judged or written.
-   * Answers are not known yet: each is counted at max_new_tokens, so the estimate is an upper bound.
-   */
-  /** The answers (and scores) of the reference run a spec imports, checked against its data set and model. */
-  private async importItems(spec: RunSpec, data: DataSet): Promise<ImportedItem[]> {
-    const info = this.upstreams.inference.serving(spec.model)[0]?.info;
-    if (!info) throw new RpcError(grpc.status.UNAVAILABLE, `no inference replica serves ${spec.model} right now`);
-    try {
-      return await readImport(spec.importDir!, data, { shortName: info.modelShortName, supportsSystemPrompt: info.supportsSystemPrompt });
-    } catch (err) {
-      if (err instanceof ImportError) throw invalidArgument(err.message);
-      throw err;
-    }
-  }
-
-  private dryRun(spec: RunSpec, data: DataSet, imported?: ImportedItem[]): Run {
-    const info = this.upstreams.judge.info!;
-    let items = 0;
-    let prompts = 0;
-    let promptTokens = 0;
-    let sample = '';
-    // An import: its items, and judge prompts (with the real answers) only for those without a score.
-    const roles = imported ? [] : data.roles;
-    if (imported) {
-      const byName = new Map(data.roles.map((r) => [r.name, r]));
-      items = imported.length;
-      for (const it of imported) {
-        const evalPrompt = byName.get(it.role)?.evalPrompt;
-        if (!evalPrompt || it.score !== undefined) continue;
-        const filled = judgePrompt(evalPrompt, data.questions[it.q].question, it.text);
-        sample ||= filled;
-        promptTokens += estimateTokens(filled);
-        prompts++;
-      }
-    }
-    for (const role of roles) {
-      items += role.instructions.length * data.questions.length;
-      if (!role.evalPrompt) continue;
-      for (const q of data.questions) {
-        const filled = judgePrompt(role.evalPrompt, q.question, '');
-        sample ||= judgePrompt(role.evalPrompt, q.question, `<the model's answer, up to ${spec.maxNewTokens} tokens>`);
-        promptTokens += role.instructions.length * (estimateTokens(filled) + spec.maxNewTokens);
-        prompts += role.instructions.length;
-      }
-    }
-    const completionTokens = prompts * JUDGE_MAX_TOKENS;
-    const cost = estimateJudgeCost(info, promptTokens, prompts, !!spec.judgeBatch);
-    return {
-      name: spec.name,
-      state: RunState.RUN_STATE_UNSPECIFIED,
-      progress: { ...emptyProgress(data.roles.length), itemsTotal: items, toJudge: prompts },
-      model: spec.model,
-      backend: this.upstreams.inference.replicas.find((r) => r.info?.model === spec.model)?.info?.backend ?? '',
-      judge: judgeLabel(this.upstreams),
-      outputDir: this.runDir(spec.name),
-      error: '',
-      message: 'dry run: nothing was generated, judged or written',
-      summary: undefined,
-      createdAt: '',
-      finishedAt: '',
-      minCount: spec.minCount,
-      questionCount: spec.questionCount,
-      roles: spec.roles,
-      sampling: { temperature: spec.temperature, topP: spec.topP, maxNewTokens: spec.maxNewTokens, maxContext: spec.maxContext, seed: spec.seed, enableThinking: !!spec.enableThinking },
-      dryRun: {
-        items,
-        judgePrompts: prompts,
-        samplePrompt: sample,
-        estimatedPromptTokens: promptTokens,
-        estimatedCompletionTokens: completionTokens,
-        estimatedCostUsd: cost,
-        judgeModel: info.model,
-        judgeHasPrice: info.hasPrice,
-        note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens estimated at 4 characters each, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
-      },
-      maxJudgeCostUsd: spec.maxJudgeCostUsd,
-    };
-  }
-
   /** A run's progress from the ledger's counts (a run not running here). */
   private progressFromLedger(row: RunRow): Progress {
     const p: Progress = { ...emptyProgress(row.spec.roles.length), rolesWritten: this.ledger.writtenRoles(row.name).size, judgeBatchesOpen: this.ledger.openJudgeBatches(row.name).length };
     addCounts(p, this.ledger.roleCounts(row.name));
     return p;
   }
-}
-
-export function judgeLabel(upstreams: Upstreams): string {
-  const info = upstreams.judge.info;
-  if (!info) return 'unknown';
-  if (!info.meaningful) return `${info.provider} (${info.model}: NOT meaningful, for demos only)`;
-  return `${info.provider}:${info.model}${info.baseUrl ? ` at ${info.baseUrl}` : ''}`;
-}
-
-function isWithin(dir: string, root: string): boolean {
-  const rel = path.relative(root, dir);
-  return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }
 
 async function nonEmptyDir(dir: string): Promise<boolean> {

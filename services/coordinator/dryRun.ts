@@ -1,0 +1,77 @@
+import { Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { estimateJudgeCost, estimateTokens, judgePrompt } from '../contracts/judge';
+import { JUDGE_MAX_TOKENS } from '../shared/defaults';
+import type { DataSet } from './data';
+import type { RunSpec } from './ledgerRows';
+import { emptyProgress } from './progress';
+import type { ImportedItem } from './referenceImport';
+import { judgeLabel, Upstreams } from './upstreams';
+
+/**
+ * What a run would send to the judge and cost, with nothing generated, judged or written.
+ * Answers are not known yet: each is counted at max_new_tokens, so the estimate is an upper bound.
+ * An import counts its real answers, and judge prompts only for items without a score.
+ */
+export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, outputDir: string, imported?: ImportedItem[]): Run {
+  const info = upstreams.judge.info!;
+  let items = 0;
+  let prompts = 0;
+  let promptTokens = 0;
+  let sample = '';
+  // An import: its items, and judge prompts (with the real answers) only for those without a score.
+  const roles = imported ? [] : data.roles;
+  if (imported) {
+    const byName = new Map(data.roles.map((r) => [r.name, r]));
+    items = imported.length;
+    for (const it of imported) {
+      const evalPrompt = byName.get(it.role)?.evalPrompt;
+      if (!evalPrompt || it.score !== undefined) continue;
+      const filled = judgePrompt(evalPrompt, data.questions[it.q].question, it.text);
+      sample ||= filled;
+      promptTokens += estimateTokens(filled);
+      prompts++;
+    }
+  }
+  for (const role of roles) {
+    items += role.instructions.length * data.questions.length;
+    if (!role.evalPrompt) continue;
+    for (const q of data.questions) {
+      const filled = judgePrompt(role.evalPrompt, q.question, '');
+      sample ||= judgePrompt(role.evalPrompt, q.question, `<the model's answer, up to ${spec.maxNewTokens} tokens>`);
+      promptTokens += role.instructions.length * (estimateTokens(filled) + spec.maxNewTokens);
+      prompts += role.instructions.length;
+    }
+  }
+  const completionTokens = prompts * JUDGE_MAX_TOKENS;
+  const cost = estimateJudgeCost(info, promptTokens, prompts, !!spec.judgeBatch);
+  return {
+    name: spec.name,
+    state: RunState.RUN_STATE_UNSPECIFIED,
+    progress: { ...emptyProgress(data.roles.length), itemsTotal: items, toJudge: prompts },
+    model: spec.model,
+    backend: upstreams.inference.replicas.find((r) => r.info?.model === spec.model)?.info?.backend ?? '',
+    judge: judgeLabel(upstreams),
+    outputDir,
+    error: '',
+    message: 'dry run: nothing was generated, judged or written',
+    summary: undefined,
+    createdAt: '',
+    finishedAt: '',
+    minCount: spec.minCount,
+    questionCount: spec.questionCount,
+    roles: spec.roles,
+    sampling: { temperature: spec.temperature, topP: spec.topP, maxNewTokens: spec.maxNewTokens, maxContext: spec.maxContext, seed: spec.seed, enableThinking: !!spec.enableThinking },
+    dryRun: {
+      items,
+      judgePrompts: prompts,
+      samplePrompt: sample,
+      estimatedPromptTokens: promptTokens,
+      estimatedCompletionTokens: completionTokens,
+      estimatedCostUsd: cost,
+      judgeModel: info.model,
+      judgeHasPrice: info.hasPrice,
+      note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens estimated at 4 characters each, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
+    },
+    maxJudgeCostUsd: spec.maxJudgeCostUsd,
+  };
+}

@@ -1,0 +1,91 @@
+import * as path from 'node:path';
+import { writeFileAtomic } from '../shared/files';
+import { readSafetensors, SafetensorsSlices, writeSafetensors } from '../shared/safetensors';
+import { decodeTensor } from '../shared/tensor';
+import { manifest, RunSummary } from './manifest';
+import { reportHtml } from './report/html';
+import { buildReport, ReportInput } from './report/report';
+import { RunFailure } from './retry';
+import type { RunContext } from './runContext';
+
+/**
+ * The end of a run, once aggregation holds every item: the role vectors and the axis as
+ * aggregation streams them (each vector written to its file as it arrives and not kept),
+ * then the report (which reads the vectors back a layer at a time) and the manifest.
+ */
+export async function writeRunResults(ctx: RunContext): Promise<RunSummary> {
+  const { spec, runDir } = ctx;
+  const meta = (extra: Record<string, string>) => ({ model: spec.model, run: spec.name, layers: spec.layers.length ? spec.layers.join(',') : 'all', ...extra });
+  let summary: RunSummary | undefined;
+  const kept: ReportInput['roles'] = [];
+  const defaults: ReportInput['defaults'] = [];
+  let axisTensor: Float32Array | undefined;
+  let histograms: Record<string, Record<string, number>> = {};
+  for await (const r of ctx.upstreams.aggregation.computeAxis({ run: spec.name, minCount: spec.minCount, scores: [] })) {
+    if (r.result?.$case === 'vector') {
+      const v = r.result.value;
+      const t = decodeTensor(v.vector, `vector of ${v.role}`);
+      (v.isDefault ? defaults : kept).push({ role: v.role, count: v.count });
+      await writeSafetensors(path.join(runDir, 'vectors', `${v.role}.safetensors`), { vector: t }, meta({ role: v.role, count: String(v.count), scores: v.isDefault ? 'all' : '3' }));
+    } else if (r.result?.$case === 'axis') {
+      const a = r.result.value;
+      const t = decodeTensor(a.axis, 'axis');
+      axisTensor = t.data;
+      histograms = Object.fromEntries([...a.kept, ...a.leftOut, ...a.defaults].map((c) => [c.role, c.histogram]));
+      summary = {
+        kept: a.kept.map((k) => ({ role: k.role, count: k.count })),
+        leftOut: a.leftOut.map((k) => ({ role: k.role, count: k.count })),
+        defaults: a.defaults.map((k) => ({ role: k.role, count: k.count })),
+        axisNorms: a.norms,
+        numLayers: t.shape[0],
+        hiddenSize: t.shape[1],
+      };
+      await writeSafetensors(
+        path.join(runDir, 'axis.safetensors'),
+        { axis: t },
+        meta({ min_count: String(spec.minCount), roles_kept: String(a.kept.length), roles_left_out: String(a.leftOut.length), counts: JSON.stringify(Object.fromEntries(a.kept.map((k) => [k.role, k.count]))) }),
+      );
+    }
+  }
+  if (!summary || !axisTensor) throw new RunFailure('aggregation returned no axis');
+  await writeReport(ctx, summary, kept, defaults, axisTensor, histograms);
+  await writeFileAtomic(path.join(runDir, 'manifest.json'), JSON.stringify(manifest(spec, ctx.data, ctx.items.modelInfo, ctx.upstreams.judge.info!, summary), null, 2) + '\n');
+  return summary;
+}
+
+/** report.json and report.html: the notebooks' analysis of the finished run. */
+async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportInput['roles'], defaults: ReportInput['defaults'], axis: Float32Array, histograms: Record<string, Record<string, number>>): Promise<void> {
+  const { spec, runDir } = ctx;
+  // The vectors are read back from their files a layer at a time: 276 roles of [46, 4608] are
+  // 234 MB, which the coordinator need not hold.
+  const vectorFile = (role: string) => SafetensorsSlices.open(path.join(runDir, 'vectors', `${role}.safetensors`), 'vector');
+  const roleFiles = await Promise.all(roles.map((r) => vectorFile(r.role)));
+  const defaultFiles = await Promise.all(defaults.map((r) => vectorFile(r.role)));
+  const d = summary.hiddenSize;
+  const layer = async (l: number) => ({
+    roles: await Promise.all(roleFiles.map((f) => f.read(l * d, d))),
+    defaults: await Promise.all(defaultFiles.map((f) => f.read(l * d, d))),
+  });
+  let compare: ReportInput['compare'];
+  if (spec.compareAxis) {
+    const other = (await readSafetensors(spec.compareAxis)).tensors.axis;
+    if (other && other.shape[0] === summary.numLayers && other.shape[1] === summary.hiddenSize) compare = { name: path.basename(spec.compareAxis), axis: other.data };
+    else ctx.log.warn({ file: spec.compareAxis, shape: other?.shape }, 'compare_axis has another shape than this run\'s axis: left out of the report');
+  }
+  const report = await buildReport({
+    run: spec.name,
+    model: spec.model,
+    numLayers: summary.numLayers,
+    hidden: summary.hiddenSize,
+    minCount: spec.minCount,
+    roles,
+    defaults,
+    layer,
+    leftOut: summary.leftOut,
+    histograms,
+    axis,
+    compare,
+  });
+  await writeFileAtomic(path.join(runDir, 'report.json'), JSON.stringify(report, null, 2) + '\n');
+  await writeFileAtomic(path.join(runDir, 'report.html'), reportHtml(report));
+}

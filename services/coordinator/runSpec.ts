@@ -1,0 +1,134 @@
+import * as grpc from '@grpc/grpc-js';
+import * as path from 'node:path';
+import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING } from '../shared/defaults';
+import { nameProblem } from '../shared/names';
+import { failedPrecondition, invalidArgument, RpcError } from '../shared/rpc';
+import { readSafetensors } from '../shared/safetensors';
+import { DataSet, loadDataSet } from './data';
+import type { RunSpec } from './ledgerRows';
+import { ImportedItem, ImportError, importedRoles, readImport } from './referenceImport';
+import type { Upstreams } from './upstreams';
+
+export interface RunSpecOptions {
+  defaultDataDir: string;
+  /** Directories a run's data_dir must lie under; empty: any readable directory. */
+  dataRoots?: string[];
+}
+
+/** A run's name must be safe as a directory name: INVALID_ARGUMENT naming the field otherwise. */
+export function checkRunName(name: string): void {
+  const problem = nameProblem(name);
+  if (problem) throw invalidArgument(`name: ${problem}`);
+}
+
+/** Resolves a StartRun request into a complete spec, or throws INVALID_ARGUMENT / FAILED_PRECONDITION naming the field. */
+export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions, upstreams: Upstreams, refreshUpstreams: () => Promise<void>): Promise<{ spec: RunSpec; data: DataSet }> {
+  checkRunName(req.name);
+  const temperature = req.temperature ?? DEFAULT_SAMPLING.temperature;
+  const topP = req.topP ?? DEFAULT_SAMPLING.topP;
+  const maxNewTokens = req.maxNewTokens ?? DEFAULT_SAMPLING.maxNewTokens;
+  const maxContext = req.maxContext ?? DEFAULT_SAMPLING.maxContext;
+  if (!(Number.isFinite(temperature) && temperature >= 0)) throw invalidArgument(`temperature: must be >= 0, got ${temperature}`);
+  if (!(topP > 0 && topP <= 1)) throw invalidArgument(`top_p: must be in (0, 1], got ${topP}`);
+  if (maxNewTokens < 1) throw invalidArgument('max_new_tokens: must be at least 1');
+  if (maxContext <= maxNewTokens) throw invalidArgument(`max_context: must exceed max_new_tokens (${maxNewTokens}), got ${maxContext}`);
+  if (req.minCount !== undefined && req.minCount < 1) throw invalidArgument('min_count: must be at least 1');
+  if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
+  if (req.maxJudgeCostUsd !== undefined && !(Number.isFinite(req.maxJudgeCostUsd) && req.maxJudgeCostUsd >= 0)) throw invalidArgument(`max_judge_cost_usd: must be a non-negative number of dollars, got ${req.maxJudgeCostUsd}`);
+  const dataDir = path.resolve(req.dataDir || opts.defaultDataDir);
+  const roots = opts.dataRoots ?? [];
+  if (req.dataDir && roots.length && !roots.some((root) => isWithin(dataDir, root))) {
+    throw invalidArgument(`data_dir: ${dataDir} is not under the allowed data directories (${roots.join(', ')})`);
+  }
+  let compareAxis: string | undefined;
+  if (req.compareAxis) {
+    compareAxis = path.resolve(req.compareAxis);
+    try {
+      const { tensors } = await readSafetensors(compareAxis);
+      if (!tensors.axis) throw new Error(`it holds no tensor named "axis" (it has ${Object.keys(tensors).join(', ') || 'none'})`);
+    } catch (err) {
+      throw invalidArgument(`compare_axis: ${compareAxis}: ${(err as Error).message}`);
+    }
+  }
+  let importDir: string | undefined;
+  let roleNames = req.roles;
+  if (req.importDir) {
+    if (req.twoPass) throw invalidArgument('two_pass: an imported run generates nothing; leave two_pass out');
+    importDir = path.resolve(req.importDir);
+    if (roots.length && !roots.some((root) => isWithin(importDir!, root))) throw invalidArgument(`import_dir: ${importDir} is not under the allowed data directories (${roots.join(', ')})`);
+    try {
+      const available = await importedRoles(importDir);
+      const missing = req.roles.filter((r) => !available.includes(r));
+      if (missing.length) throw new ImportError(`import_dir: no responses/<role>.jsonl for ${missing.join(', ')} (it has ${available.join(', ')})`);
+      if (roleNames.length === 0) roleNames = available;
+    } catch (err) {
+      if (err instanceof ImportError) throw invalidArgument(err.message);
+      throw err;
+    }
+  }
+  const data = await loadDataSet(dataDir, roleNames, req.questionCount);
+
+  await refreshUpstreams().catch((err) => {
+    throw new RpcError(grpc.status.UNAVAILABLE, `judge unreachable: ${(err as Error).message}`);
+  });
+  const served = [...new Set(upstreams.inference.replicas.filter((r) => r.info).map((r) => r.info!.model))];
+  if (served.length === 0) {
+    const why = upstreams.inference.replicas.map((r) => `${r.address}: ${r.lastError || 'no answer'}`).join('; ');
+    throw new RpcError(grpc.status.UNAVAILABLE, `no inference replica is ready (${why})`);
+  }
+  let model = req.model;
+  if (!model) {
+    if (served.length > 1) throw invalidArgument(`model: required, because the inference replicas serve several models (${served.join(', ')})`);
+    model = served[0];
+  } else if (!served.includes(model)) {
+    throw failedPrecondition(`model: no inference replica serves ${JSON.stringify(model)} (served: ${served.join(', ')})`);
+  }
+  const info = upstreams.inference.replicas.find((r) => r.info?.model === model)!.info!;
+  const seen = new Set<number>();
+  for (const l of req.layers) {
+    if (l >= info.numLayers) throw invalidArgument(`layers: layer ${l} does not exist (${model} has ${info.numLayers} layers, zero-indexed)`);
+    if (seen.has(l)) throw invalidArgument(`layers: layer ${l} is listed twice`);
+    seen.add(l);
+  }
+  const spec: RunSpec = {
+    name: req.name,
+    model,
+    dataDir,
+    roles: data.roles.map((r) => r.name),
+    questionCount: data.questions.length,
+    minCount: req.minCount ?? DEFAULT_MIN_COUNT,
+    temperature,
+    topP,
+    maxNewTokens,
+    maxContext,
+    seed: req.seed ?? DEFAULT_SAMPLING.seed,
+    layers: [...req.layers],
+    dataHash: data.hash,
+    ...(req.maxJudgeCostUsd !== undefined ? { maxJudgeCostUsd: req.maxJudgeCostUsd } : {}),
+    ...(req.judgeBatch ? { judgeBatch: true } : {}),
+    ...(compareAxis ? { compareAxis } : {}),
+    ...(req.archiveActivations ? { archiveActivations: true } : {}),
+    ...(importDir ? { importDir } : {}),
+    ...(req.twoPass ? { twoPass: true } : {}),
+    ...(req.enableThinking ? { enableThinking: true } : {}),
+  };
+  return { spec, data };
+}
+
+/** The answers (and scores) of the reference run a spec imports, checked against its data set and model. */
+export async function importedItems(spec: RunSpec, data: DataSet, upstreams: Upstreams): Promise<ImportedItem[]> {
+  const info = upstreams.inference.serving(spec.model)[0]?.info;
+  if (!info) throw new RpcError(grpc.status.UNAVAILABLE, `no inference replica serves ${spec.model} right now`);
+  try {
+    return await readImport(spec.importDir!, data, { shortName: info.modelShortName, supportsSystemPrompt: info.supportsSystemPrompt });
+  } catch (err) {
+    if (err instanceof ImportError) throw invalidArgument(err.message);
+    throw err;
+  }
+}
+
+function isWithin(dir: string, root: string): boolean {
+  const rel = path.relative(root, dir);
+  return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
+}
