@@ -1,8 +1,8 @@
 import type { OptionTable } from '../shared/config';
-import { AGGREGATION_OPTIONS } from '../aggregation/main';
-import { COORDINATOR_OPTIONS } from '../coordinator/main';
-import { INFERENCE_OPTIONS } from '../inference/main';
-import { JUDGE_OPTIONS } from '../judge/main';
+import { AGGREGATION_OPTIONS } from '../aggregation/options';
+import { COORDINATOR_OPTIONS } from '../coordinator/options';
+import { INFERENCE_OPTIONS } from '../inference/options';
+import { JUDGE_OPTIONS } from '../judge/options';
 
 /** docs/CONFIGURATION.md, made from the option tables themselves (`make docs`; a test keeps it current). */
 export function configurationMarkdown(): string {

@@ -47,6 +47,12 @@ export class SyntheticBackend implements InferenceBackend {
     };
   }
 
+  readonly decodeKind = 'synthetic';
+
+  currentBatchSize(): undefined {
+    return undefined;
+  }
+
   async load(): Promise<void> {}
   async close(): Promise<void> {}
 

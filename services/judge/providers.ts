@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import OpenAI from 'openai';
 import type { JudgeInfo } from '../../gen/assistant_axis/v1/judge';
 import { JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE } from '../shared/defaults';
@@ -80,4 +81,23 @@ export function offlineScore(prompt: string, answer: string): number {
     return shared.size >= 3 ? 2 : 1;
   }
   return 3;
+}
+
+/** The provider the options name (auto: openai when a key or a base URL is set, else offline). */
+export function createProvider(cfg: { provider: string; model: string; 'base-url': string; 'timeout-ms': number; 'api-key-file': string }, env = process.env): JudgeProvider {
+  // The key is read here and handed to the client only: it never reaches logs, metrics or errors.
+  let apiKey = env.OPENAI_API_KEY ?? '';
+  if (cfg['api-key-file']) {
+    try {
+      apiKey = fs.readFileSync(cfg['api-key-file'], 'utf8').trim();
+    } catch (err) {
+      throw new Error(`--api-key-file: cannot read ${cfg['api-key-file']} (${(err as NodeJS.ErrnoException).code})`);
+    }
+  }
+  let provider = cfg.provider;
+  if (provider === 'auto') provider = apiKey || cfg['base-url'] ? 'openai' : 'offline';
+  if (provider === 'offline') return new OfflineProvider();
+  if (provider !== 'openai') throw new Error(`--provider must be openai, offline or auto, got ${JSON.stringify(cfg.provider)}`);
+  if (!apiKey && !cfg['base-url']) throw new Error('the openai provider needs OPENAI_API_KEY or --api-key-file (or --base-url for a local OpenAI-compatible server)');
+  return new OpenAIProvider({ apiKey: apiKey || 'unused', baseUrl: cfg['base-url'] || 'https://api.openai.com/v1', model: cfg.model, timeoutMs: cfg['timeout-ms'] });
 }

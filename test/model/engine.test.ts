@@ -157,7 +157,7 @@ describe('the batch engine and the onnx backend', () => {
     await backend.load();
     try {
       expect(backend.info.device).toBe('cpu');
-      expect(backend.runnerKind).toBe('loop');
+      expect(backend.decodeKind).toBe('loop');
       const m = await LoadedModel.load(modelDir);
       const inputs = sampledJobs(m).map((x) => x.input);
       await m.close();

@@ -60,11 +60,11 @@ export class OnnxBackend implements InferenceBackend {
     };
   }
 
-  get batchEngine(): BatchEngine | undefined {
-    return this.engine;
+  currentBatchSize(): number {
+    return this.engine?.currentBatch ?? 0;
   }
 
-  get runnerKind(): string {
+  get decodeKind(): string {
     return this.model?.runner.kind ?? '';
   }
 

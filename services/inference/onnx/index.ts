@@ -7,6 +7,7 @@ import { DecoderSession } from './session';
  */
 export { OnnxBackend, parsePlacements } from './backend';
 export type { OnnxOptions } from './backend';
+export type { BatchStats } from './engine';
 export { ModelLoadError } from './session';
 
 /** One forward pass over token ids on the CPU: each decoder block's output and the logits at every position. */

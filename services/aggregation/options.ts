@@ -1,0 +1,14 @@
+import type { OptionTable } from '../shared/config';
+import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { TLS_OPTIONS } from '../shared/tls';
+
+/** The aggregation service's flags and environment variables, with their defaults (docs/CONFIGURATION.md is made from it). */
+export const AGGREGATION_OPTIONS = {
+  host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
+  port: { type: 'number', env: 'AXIS_AGGREGATION_PORT', default: DEFAULT_PORTS.aggregation, help: 'gRPC port' },
+  'metrics-port': { type: 'number', env: 'AXIS_AGGREGATION_METRICS_PORT', default: DEFAULT_METRICS_PORTS.aggregation, help: 'Prometheus metrics port' },
+  'state-dir': { type: 'string', env: 'AXIS_AGGREGATION_STATE_DIR', default: '.axis/aggregation', help: 'journal, spool and checkpoints' },
+  'checkpoint-seconds': { type: 'number', env: 'AXIS_AGGREGATION_CHECKPOINT_SECONDS', default: 30, help: 'seconds between checkpoints (each writes only what changed)' },
+  'cold-cache-mib': { type: 'number', env: 'AXIS_AGGREGATION_COLD_CACHE_MIB', default: 256, help: 'RAM for the sums of recently used buckets other than score 3 (the rest wait on disk); a role\'s items arrive together, so a few roles\' worth suffices' },
+  ...TLS_OPTIONS,
+} satisfies OptionTable;

@@ -1,0 +1,39 @@
+import type { Config } from '../shared/config';
+import type { InferenceBackend } from './backend';
+import { BatchStats, OnnxBackend } from './onnx';
+import type { INFERENCE_OPTIONS } from './options';
+import { SyntheticBackend } from './synthetic';
+
+/** The backend the options name, with its options checked (a clear error naming the flag otherwise). */
+export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; warn?: (msg: string) => void } = {}): InferenceBackend {
+  if (cfg.backend === 'synthetic') {
+    return new SyntheticBackend({
+      model: cfg.model || 'synthetic-tiny',
+      numLayers: cfg['synthetic-layers'],
+      hidden: cfg['synthetic-hidden'],
+      tokensPerSecond: cfg['synthetic-tokens-per-second'],
+      itemsPerSecond: cfg['synthetic-items-per-second'],
+      capacity: cfg.capacity || 16,
+      supportsSystemPrompt: cfg['synthetic-system-prompt'],
+    });
+  }
+  if (cfg.backend === 'onnx') {
+    if (!cfg['model-dir']) throw new Error('--model-dir is required with --backend onnx');
+    if (!['auto', 'loop', 'host'].includes(cfg.decode)) throw new Error(`--decode must be auto, loop or host, got ${cfg.decode}`);
+    if (!(Number.isInteger(cfg['max-batch']) && cfg['max-batch'] >= 1)) throw new Error(`--max-batch must be a whole number >= 1, got ${cfg['max-batch']}`);
+    if (!(cfg['max-batch-tokens'] >= 1)) throw new Error(`--max-batch-tokens must be >= 1, got ${cfg['max-batch-tokens']}`);
+    if (!(cfg['batch-gather-ms'] >= 0)) throw new Error(`--batch-gather-ms must be >= 0, got ${cfg['batch-gather-ms']}`);
+    return new OnnxBackend({
+      modelDirs: cfg['model-dir'].split(',').map((d) => d.trim()).filter(Boolean),
+      model: cfg.model,
+      capacity: cfg.capacity || 2 * cfg['max-batch'],
+      device: cfg.device,
+      decode: cfg.decode as 'auto' | 'loop' | 'host',
+      maxBatch: cfg['max-batch'],
+      maxBatchTokens: cfg['max-batch-tokens'],
+      gatherMs: cfg['batch-gather-ms'],
+      ...hooks,
+    });
+  }
+  throw new Error(`--backend: unknown backend ${JSON.stringify(cfg.backend)} (known: onnx, synthetic)`);
+}

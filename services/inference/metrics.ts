@@ -1,0 +1,48 @@
+import type { Registry } from 'prom-client';
+import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { prom } from '../shared/metrics';
+
+/** What the gauges read when scraped. */
+export interface InferenceLoad {
+  /** Items received and not yet answered (running + waiting). */
+  inFlight(): number;
+  /** Items being generated or prefilled now. */
+  running(): number;
+  /** Sequences in the batch running now. */
+  batchSize(): number;
+}
+
+/** The inference service's Prometheus metrics; the families users know from vLLM: running and waiting requests, latency, time to first token, batch size. */
+export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
+  const registers = [registry];
+  const gauge = (name: string, help: string, read: () => number) =>
+    new prom.Gauge({
+      name,
+      help,
+      registers,
+      collect() {
+        this.set(read());
+      },
+    });
+  gauge('axis_inference_in_flight', 'Items received and not yet answered (running + waiting)', () => load.inFlight());
+  gauge('axis_inference_requests_running', 'Items being generated or prefilled now', () => load.running());
+  gauge('axis_inference_requests_waiting', 'Items received and waiting for a free slot', () => Math.max(0, load.inFlight() - load.running()));
+  gauge('axis_inference_batch_size', 'Sequences in the batch running now (0 when idle); the synthetic backend runs each item alone', () => load.batchSize());
+  const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture', 'decode'], registers });
+  const provider = new prom.Gauge({ name: 'axis_inference_execution_provider', help: 'The onnxruntime execution provider each stage runs on (value 1)', labelNames: ['provider', 'device'], registers });
+  return {
+    batchSizes: new prom.Histogram({ name: 'axis_inference_batch_sequences', help: 'Sequences per batch run', buckets: [1, 2, 4, 8, 16, 32, 64, 128], registers }),
+    batchSeconds: new prom.Histogram({ name: 'axis_inference_batch_seconds', help: 'Time to run one batch to its end', buckets: [0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers }),
+    items: new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers }),
+    tokens: new prom.Counter({ name: 'axis_inference_tokens_total', help: 'Tokens processed, by kind', labelNames: ['kind'], registers }),
+    seconds: new prom.Histogram({ name: 'axis_inference_e2e_request_latency_seconds', help: 'Time from an item\'s arrival to its answer', labelNames: ['rpc'], buckets: [0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers }),
+    firstToken: new prom.Histogram({ name: 'axis_inference_time_to_first_token_seconds', help: 'Time from the start of an item\'s generation to its first token', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30], registers }),
+    /** The loaded model and where each stage runs (value 1). */
+    loaded(info: ModelInfo, decode: string): void {
+      modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture, decode }, 1);
+      for (const d of info.device.split(',')) provider.set({ provider: d.startsWith('cuda') ? 'CUDAExecutionProvider' : d === 'cpu' ? 'CPUExecutionProvider' : 'none', device: d }, 1);
+    },
+  };
+}
+
+export type InferenceMetrics = ReturnType<typeof inferenceMetrics>;

@@ -1,0 +1,26 @@
+import type { OptionTable } from '../shared/config';
+import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { TLS_OPTIONS } from '../shared/tls';
+
+/** The inference service's flags and environment variables, with their defaults (docs/CONFIGURATION.md is made from it). */
+export const INFERENCE_OPTIONS = {
+  host: { type: 'string', env: 'AXIS_HOST', default: '127.0.0.1', help: 'address to listen on' },
+  port: { type: 'number', env: 'AXIS_INFERENCE_PORT', default: DEFAULT_PORTS.inference, help: 'gRPC port' },
+  'metrics-port': { type: 'number', env: 'AXIS_INFERENCE_METRICS_PORT', default: DEFAULT_METRICS_PORTS.inference, help: 'Prometheus metrics port' },
+  backend: { type: 'string', env: 'AXIS_INFERENCE_BACKEND', default: 'synthetic', help: 'model backend: onnx (a model directory) or synthetic (no model; for plumbing, load and fault tests)' },
+  'model-dir': { type: 'string', env: 'AXIS_MODEL_DIR', default: '', help: 'onnx backend: model directory made by `axis-model build`, or the stages of a split model (`--layers` builds), comma-separated in layer order' },
+  device: { type: 'string', env: 'AXIS_DEVICE', default: 'cpu', help: 'onnx backend: cpu, cuda (GPU 0, or GPU k for stage k), auto (CUDA when it loads, else CPU, with a warning), or one cpu/cuda:N per stage, comma-separated' },
+  decode: { type: 'string', env: 'AXIS_DECODE', default: 'auto', help: 'onnx backend: loop (the generation graph: one run per batch, the KV cache stays on the device), host (one run per token; split models) or auto (loop when the model has it)' },
+  'max-batch': { type: 'number', env: 'AXIS_MAX_BATCH', default: 16, help: 'onnx backend: most sequences in one batch' },
+  'max-batch-tokens': { type: 'number', env: 'AXIS_MAX_BATCH_TOKENS', default: 16384, help: 'onnx backend: most padded prompt tokens in one batch (sequences x longest prompt)' },
+  'batch-gather-ms': { type: 'number', env: 'AXIS_BATCH_GATHER_MS', default: 20, help: 'onnx backend: how long an idle engine waits for a batch to fill' },
+  model: { type: 'string', env: 'AXIS_MODEL', default: '', help: 'model name reported to runs (empty: the model directory\'s name; synthetic-tiny for the synthetic backend)' },
+  'synthetic-layers': { type: 'number', env: 'AXIS_SYNTHETIC_LAYERS', default: 8, help: 'synthetic backend: layers' },
+  'synthetic-hidden': { type: 'number', env: 'AXIS_SYNTHETIC_HIDDEN', default: 64, help: 'synthetic backend: hidden size' },
+  'synthetic-tokens-per-second': { type: 'number', env: 'AXIS_SYNTHETIC_TOKENS_PER_SECOND', default: 0, help: 'synthetic backend: words per second per item (0 = no delay)' },
+  'synthetic-items-per-second': { type: 'number', env: 'AXIS_SYNTHETIC_ITEMS_PER_SECOND', default: 0, help: 'synthetic backend: items answered per second by the replica, whatever the concurrency (0 = no limit; rehearsals of a GPU node\'s pace)' },
+  'synthetic-system-prompt': { type: 'boolean', env: 'AXIS_SYNTHETIC_SYSTEM_PROMPT', default: true, help: 'synthetic backend: whether its chat template renders a system message' },
+  capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items accepted at once (0: the backend\'s default: twice --max-batch for onnx, so the next batch is ready when one ends; 16 for synthetic)' },
+  'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
+  ...TLS_OPTIONS,
+} satisfies OptionTable;

@@ -1,0 +1,117 @@
+import * as grpc from '@grpc/grpc-js';
+import type { ChatMessage, DType } from '../../gen/assistant_axis/v1/common';
+import type { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { Limiter } from '../shared/limit';
+import type { Logger } from '../shared/logger';
+import { RpcError, serveBidi, unary } from '../shared/rpc';
+import { encodeTensor } from '../shared/tensor';
+import type { InferenceBackend } from './backend';
+import type { InferenceMetrics } from './metrics';
+import { validateExtract, validateGenerate } from './validate';
+
+/** The inference service's RPCs as plain functions: what the gRPC adapter serves and what tests call without a network. */
+export interface InferenceService {
+  /** The model's info once loaded; until then FAILED_PRECONDITION saying why the model is not there. */
+  modelInfo(): ModelInfo;
+  /** One item, under the capacity limit; a failure becomes the item's error (the stream goes on). */
+  generate(req: GenerateRequest): Promise<GenerateResult>;
+  extract(req: ExtractRequest): Promise<ExtractResult>;
+  /** Loads the model; false (and every call says why) when it cannot. */
+  load(): Promise<boolean>;
+  /** Items received and not yet answered. */
+  readonly inFlight: number;
+  /** Items being run now. */
+  readonly running: number;
+}
+
+export function createInferenceService(deps: { backend: InferenceBackend; wireDtype: DType; metrics: InferenceMetrics; log: Logger }): InferenceService {
+  const { backend, wireDtype, metrics, log } = deps;
+  const limiter = new Limiter(backend.info.capacity);
+  let inFlight = 0;
+  let ready = false;
+  let loadError: string | undefined;
+
+  const modelInfo = () => {
+    if (!ready) throw new RpcError(grpc.status.FAILED_PRECONDITION, loadError ? `model not loaded: ${loadError}` : 'model still loading');
+    return backend.info;
+  };
+
+  /** Runs one request under the capacity limit, with metrics; failures become the item's error. */
+  async function serveItem<Req extends { itemId: string }, Res>(rpc: string, req: Req, handle: (req: Req) => Promise<Res>, failed: (itemId: string, code: grpc.status, message: string) => Res): Promise<Res> {
+    inFlight++;
+    const timer = metrics.seconds.startTimer({ rpc });
+    try {
+      const res = await limiter.run(() => handle(req));
+      metrics.items.inc({ rpc, outcome: 'ok' });
+      return res;
+    } catch (err) {
+      const code = typeof (err as { code?: unknown })?.code === 'number' ? ((err as { code: number }).code as grpc.status) : grpc.status.INTERNAL;
+      metrics.items.inc({ rpc, outcome: grpc.status[code] ?? 'error' });
+      if (code === grpc.status.INTERNAL) log.error({ err, itemId: req.itemId }, `${rpc} failed`);
+      return failed(req.itemId, code, (err as Error).message);
+    } finally {
+      timer();
+      inFlight--;
+    }
+  }
+
+  return {
+    modelInfo,
+    get inFlight() {
+      return inFlight;
+    },
+    get running() {
+      return limiter.running;
+    },
+    generate: (req) =>
+      serveItem<GenerateRequest, GenerateResult>(
+        'Generate',
+        req,
+        async (r) => {
+          const input = validateGenerate(r, modelInfo());
+          const out = await backend.generate(input);
+          if (out.timeToFirstTokenSeconds !== undefined) metrics.firstToken.observe(out.timeToFirstTokenSeconds);
+          metrics.tokens.inc({ kind: 'prompt' }, out.promptTokens);
+          metrics.tokens.inc({ kind: 'completion' }, out.completionTokens);
+          return { itemId: r.itemId, text: out.text, promptTokens: out.promptTokens, completionTokens: out.completionTokens, finishReason: out.finishReason, activation: encodeTensor(out.activation, wireDtype), error: undefined, responseTokenIds: out.responseIds ?? [] };
+        },
+        (itemId, code, message) => ({ itemId, text: '', promptTokens: 0, completionTokens: 0, finishReason: '', activation: undefined, error: { code, message }, responseTokenIds: [] }),
+      ),
+    extract: (req) =>
+      serveItem<ExtractRequest, ExtractResult>(
+        'Extract',
+        req,
+        async (r) => {
+          const { messages, layers, opts } = validateExtract(r, modelInfo());
+          const out = await backend.extract(messages as ChatMessage[], layers, opts);
+          metrics.tokens.inc({ kind: 'prefill' }, out.responseTokens);
+          return { itemId: r.itemId, responseTokens: out.responseTokens, activation: encodeTensor(out.activation, wireDtype), error: undefined };
+        },
+        (itemId, code, message) => ({ itemId, responseTokens: 0, activation: undefined, error: { code, message } }),
+      ),
+    async load() {
+      try {
+        await backend.load();
+      } catch (err) {
+        // Stay up and not ready: the health check says NOT_SERVING, GetModelInfo and the logs say why.
+        loadError = (err as Error).message;
+        log.error({ reason: loadError }, 'model failed to load; the service stays not ready');
+        return false;
+      }
+      const info = backend.info;
+      metrics.loaded(info, backend.decodeKind);
+      log.info({ model: info.model, backend: info.backend, device: info.device, decode: backend.decodeKind, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity, systemPrompt: info.supportsSystemPrompt, hashes: info.hashes }, 'model loaded');
+      ready = true;
+      return true;
+    },
+  };
+}
+
+/** The gRPC adapter: each bidi stream's requests run concurrently, each answered when done. */
+export function inferenceGrpcHandlers(service: InferenceService, log: Logger): InferenceServer {
+  return {
+    getModelInfo: unary(log, async () => service.modelInfo()),
+    generate: (call) => serveBidi(call, (req: GenerateRequest) => service.generate(req)),
+    extract: (call) => serveBidi(call, (req: ExtractRequest) => service.extract(req)),
+  };
+}
