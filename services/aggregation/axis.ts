@@ -82,7 +82,7 @@ export function planAxis(roles: RoleCount[], minCount: number): AxisPlan {
 export type AxisPart = { vector: RoleCount & { vector: Float64Array } } | { axis: Float64Array; norms: number[] };
 
 /**
- * axis = mean over default vectors - unweighted mean over role vectors (DESIGN.md section 1).
+ * axis = mean over default vectors - unweighted mean over role vectors (docs/CONCEPTS.md).
  * The vectors come one at a time, kept roles then defaults, each from its role's selected sum
  * read when its turn comes, and the axis last: a run with many roles never holds more than a
  * few sums at once.

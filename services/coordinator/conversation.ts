@@ -1,7 +1,7 @@
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
 
 /**
- * The conversation of one item (DESIGN.md section 1): `{model_name}` filled in; the instruction
+ * The conversation of one item (docs/CONCEPTS.md): `{model_name}` filled in; the instruction
  * as a system message when the chat template renders one (omitted when empty), otherwise
  * folded into the user turn as instruction + blank line + question.
  */

@@ -14,7 +14,7 @@ export interface RunSummary {
   hiddenSize: number;
 }
 
-/** What a run was and what it used, so a result can be traced and repeated (DESIGN.md section 1). */
+/** What a run was and what it used, so a result can be traced and repeated (docs/CONCEPTS.md). */
 export function manifest(spec: RunSpec, data: DataSet, model: ModelInfo, judge: JudgeInfo, summary: RunSummary) {
   return {
     run: spec.name,

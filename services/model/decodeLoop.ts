@@ -13,8 +13,8 @@ import { DataType, GraphBuilder } from './graph';
  *
  * Iteration 0 is the prefill of the left-padded prompts; each later iteration feeds the tokens
  * sampled by the one before. Sampling (greedy at temperature 0, else temperature and nucleus
- * with one uniform per token from the caller) and the per-layer response sums (DESIGN.md
- * section 1: content tokens, markers never, whitespace only between content tokens) happen in
+ * with one uniform per token from the caller) and the per-layer response sums (docs/CONCEPTS.md,
+ * "Activation": content tokens, markers never, whitespace only between content tokens) happen in
  * the graph. Extract is the same graph with no token to sample and `prompt_weights` marking
  * the response positions of the prefill.
  */

@@ -1,4 +1,4 @@
-// Every default of the system, stated once. DESIGN.md section 1 gives the sampling and judge values.
+// Every default of the system, stated once. docs/CONCEPTS.md says what they are for.
 
 export const DEFAULT_PORTS = {
   coordinator: 50051,

@@ -109,7 +109,7 @@ export function symmetricEigen(M: Float64Array[]): { values: number[]; vectors: 
   return { values: order.map((i) => a[i][i]), vectors: order.map((i) => Float64Array.from(v, (row) => row[i])) };
 }
 
-/** The layer where projections are usually read (DESIGN.md section 1). */
+/** The layer where projections are usually read (docs/CONCEPTS.md). */
 export function targetLayer(model: string, numLayers: number): number {
   const m = model.toLowerCase();
   if (m.includes('gemma-2-27b') && numLayers === 46) return 22;

@@ -11,7 +11,7 @@ export class ChatTemplate {
     this.template = new Template(source);
   }
 
-  /** `enableThinking`: Qwen 3's switch, off unless asked for (DESIGN.md section 1); templates without it ignore it. */
+  /** `enableThinking`: Qwen 3's switch, off unless asked for (docs/CONCEPTS.md); templates without it ignore it. */
   render(messages: ChatMessage[], addGenerationPrompt: boolean, enableThinking = false): string {
     return this.template.render({
       messages: messages.map((m) => ({ role: m.role, content: m.content })),
@@ -25,7 +25,7 @@ export class ChatTemplate {
 
   /**
    * Whether the template renders a system message: render one holding a marker and look for
-   * the marker (DESIGN.md section 1). A template that raises on a system message renders none.
+   * the marker (docs/CONCEPTS.md). A template that raises on a system message renders none.
    */
   supportsSystemPrompt(): boolean {
     try {

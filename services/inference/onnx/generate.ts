@@ -38,7 +38,7 @@ export function generationOutput(model: LoadedModel, input: GenerateInput, job: 
 
 /**
  * An Extract request as a sequence job: the prompt rendered as for generation, then the
- * answer's tokens, with weight 1 at the answer positions that count (DESIGN.md section 1).
+ * answer's tokens, with weight 1 at the answer positions that count (docs/CONCEPTS.md).
  * `answerIds`, when the caller kept the sampled ids, are used as they are; otherwise the
  * answer text is tokenized, which can split it differently from how it was sampled.
  */
@@ -65,7 +65,7 @@ export function responseWeights(kinds: ('content' | 'whitespace' | 'marker')[]):
 }
 
 /**
- * The answer's weights with its thinking blocks left out (DESIGN.md section 1): each block from
+ * The answer's weights with its thinking blocks left out (docs/CONCEPTS.md): each block from
  * `<think>` through `</think>` counts as markers, as does everything before a `</think>` with no
  * opener (the template opened it) and after a `<think>` never closed (the answer ran out).
  */

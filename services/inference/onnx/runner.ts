@@ -16,7 +16,7 @@ export interface SequenceJob {
   topP: number;
   /** The n-th uniform in [0, 1) decides the n-th sampled token (length >= maxNew). */
   uniforms: Float32Array;
-  /** Extract: 1 at the answer positions that count (DESIGN.md section 1), 0 elsewhere. */
+  /** Extract: 1 at the answer positions that count (docs/CONCEPTS.md), 0 elsewhere. */
   weights?: Float32Array;
 }
 
