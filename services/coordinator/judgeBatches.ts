@@ -3,7 +3,7 @@ import type { ScoreRequest } from '../../gen/assistant_axis/v1/judge';
 import { BATCH_API_MAX_REQUESTS } from '../contracts/judge';
 import type { AggregationSteps } from './aggregationSteps';
 import type { JudgeSpending } from './judgeSpending';
-import { judgeUsage, saveScore } from './judgeSteps';
+import { recordFailedCalls, saveScore } from './judgeSteps';
 import type { ItemRow } from './ledgerRows';
 import type { RunContext } from './runContext';
 
@@ -75,9 +75,7 @@ export class JudgeBatchPhase {
           const item = ctx.items.byId(r.itemId);
           if (!item || item.judged) continue;
           if (r.error) {
-            const usage = judgeUsage(r);
-            ctx.progress.addUsage(usage);
-            ctx.ledger.addJudgeUsage(run, item.role, item.key, usage);
+            recordFailedCalls(ctx, item, r);
             continue;
           }
           saveScore(ctx, item, r);

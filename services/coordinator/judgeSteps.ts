@@ -28,7 +28,6 @@ export class OnlineJudging {
 
   async judge(item: ItemRow, question: string): Promise<void> {
     const { ctx } = this;
-    const run = ctx.spec.name;
     const id = ctx.items.id(item);
     const answer = ctx.items.text(item);
     const evalPrompt = ctx.items.evalPrompt(item.role)!;
@@ -37,10 +36,7 @@ export class OnlineJudging {
         ctx.retrying(`judge ${id}`, async () => {
           const r = await this.spending.withReservation(judgePrompt(evalPrompt, question, answer), () => ctx.upstreams.judge.score.send(id, { itemId: id, role: item.role, evalPrompt, question, answer }));
           if (r.error) {
-            // The calls were made (and may be billed) even though they failed.
-            const usage = judgeUsage(r);
-            ctx.ledger.addJudgeUsage(run, item.role, item.key, usage);
-            ctx.progress.addUsage(usage);
+            recordFailedCalls(ctx, item, r);
             checkItemError(r.error, `judge failed for item ${id}`);
           }
           return r;
@@ -49,6 +45,13 @@ export class OnlineJudging {
     );
     saveScore(ctx, item, result);
   }
+}
+
+/** The usage of calls that scored nothing: recorded and counted all the same (they were made, and may be billed). */
+export function recordFailedCalls(ctx: RunContext, item: ItemRow, result: ScoreResult): void {
+  const usage = judgeUsage(result);
+  ctx.ledger.addJudgeUsage(ctx.spec.name, item.role, item.key, usage);
+  ctx.progress.addUsage(usage);
 }
 
 /** A judge's answer for an item: saved in the ledger (it is paid for) and counted. */

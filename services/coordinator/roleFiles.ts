@@ -85,8 +85,8 @@ export class RoleCompletion {
   }
 
   /** Stages an item's activation for its role's archive (before aggregation acknowledges it). */
-  async stage(item: ItemRow, activation: Tensor, id: string): Promise<void> {
-    if (this.ctx.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decodeTensor(activation, `activation of item ${id}`), DType.DTYPE_BF16).data);
+  async stage(item: ItemRow, activation: Tensor): Promise<void> {
+    if (this.ctx.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decodeTensor(activation, `activation of item ${this.ctx.items.id(item)}`), DType.DTYPE_BF16).data);
   }
 
   private stagingFile(item: ItemRow): string {

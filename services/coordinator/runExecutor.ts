@@ -1,4 +1,4 @@
-import type { Tensor } from '../../gen/assistant_axis/v1/common';
+import type { ChatMessage, Tensor } from '../../gen/assistant_axis/v1/common';
 import type { Logger } from '../shared/logger';
 import { isDefaultRole } from '../shared/names';
 import { AggregationSteps } from './aggregationSteps';
@@ -210,13 +210,13 @@ export class RunExecutor {
 
   private async processItem(item: ItemRow): Promise<void> {
     const { spec } = this.ctx;
-    const { question } = this.items.conversation(item);
+    const { question, messages } = this.items.conversation(item);
     if (!item.hasText || !item.activationAcked) {
-      const activation = await this.generating.around(() => this.measure(item));
+      const activation = await this.generating.around(() => this.measure(item, messages));
       // Aggregation checks the activation (and its refusal fails the run, naming the item); it is
       // decoded here only for the archive, staged before aggregation acknowledges it.
       await this.ingesting.around(async () => {
-        await this.roles.stage(item, activation, this.items.id(item));
+        await this.roles.stage(item, activation);
         await this.aggregation.sendActivation(item, activation);
       });
     }
@@ -233,11 +233,10 @@ export class RunExecutor {
    * The item's text and activation: generated (the text saved in the ledger), or, when the text
    * is saved and its activation is not (a restart lost it, an import, a two-pass run), by Extract.
    */
-  private async measure(item: ItemRow): Promise<Tensor> {
+  private async measure(item: ItemRow, messages: ChatMessage[]): Promise<Tensor> {
     const { spec, ledger, progress } = this.ctx;
     const run = spec.name;
     const id = this.items.id(item);
-    const { messages } = this.items.conversation(item);
     let activation: Tensor | undefined;
     if (!item.hasText) {
       const res = await this.ctx.retrying(`generate ${id}`, async () => {
