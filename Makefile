@@ -15,7 +15,7 @@ $(NODE_MODULES): package.json package-lock.json
 
 build: $(BUILD_STAMP)
 
-$(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services bench -name '*.proto' -o -name '*.ts' 2>/dev/null) buf.gen.yaml tsconfig.json
+$(BUILD_STAMP): $(NODE_MODULES) $(shell find proto services bench test/kit test/doubles -name '*.proto' -o -name '*.ts' 2>/dev/null) buf.gen.yaml tsconfig.json
 	rm -rf gen
 	npx buf generate
 	npx buf build -o gen/descriptors.binpb

@@ -14,7 +14,7 @@ import { AggregationClient, IngestAck, IngestRequest } from '../gen/assistant_ax
 import { DType } from '../gen/assistant_axis/v1/common';
 import { StreamPipe } from '../services/shared/pipe';
 import { channelOptions } from '../services/shared/server';
-import { testStack } from '../test/helpers/stack';
+import { testStack } from '../test/kit/stack';
 import { RAW_SERVICE } from './rawStreamServer';
 import { RunAccumulator } from '../services/aggregation/accumulator';
 import { encodeTensor, decodeTensor } from '../services/shared/tensor';

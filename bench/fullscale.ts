@@ -26,7 +26,7 @@ import { RunState } from '../gen/assistant_axis/v1/coordinator';
 import type { LocalStack, ServiceName } from '../services/cli/stack';
 import { coordinatorClient, getRun, startRun, watchRun } from '../services/cli/client';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
-import { testStack, UPSTREAM_DATA } from '../test/helpers/stack';
+import { testStack, UPSTREAM_DATA } from '../test/kit/stack';
 
 const LAYERS = 46;
 const HIDDEN = 4608;

@@ -12,8 +12,8 @@ import { JudgeClient, ScoreRequest, ScoreResult } from '../gen/assistant_axis/v1
 import { judgePrompt } from '../services/contracts/judge';
 import { StreamPipe } from '../services/shared/pipe';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
-import { testStack } from '../test/helpers/stack';
-import { maxInWindow } from '../test/helpers/rates';
+import { testStack } from '../test/kit/stack';
+import { maxInWindow } from '../test/kit/rates';
 
 const ITEMS = Number(process.env.BENCH_JUDGE_ITEMS ?? 1000);
 const RATE = 100;

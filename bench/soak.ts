@@ -15,8 +15,8 @@ import { RunState } from '../gen/assistant_axis/v1/coordinator';
 import type { ServiceName } from '../services/cli/stack';
 import { coordinatorClient, getRun, startRun, watchRun } from '../services/cli/client';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
-import { readAxis, readRunFiles, ulpDistance } from '../test/helpers/runfiles';
-import { testStack } from '../test/helpers/stack';
+import { readAxis, readRunFiles, ulpDistance } from '../test/kit/runfiles';
+import { testStack } from '../test/kit/stack';
 
 export interface SoakOptions {
   questionCount: number;

@@ -5,7 +5,7 @@ import { aggregationMetrics } from '../../services/aggregation/metrics';
 import { createAggregationService } from '../../services/aggregation/service';
 import { DurableStore } from '../../services/aggregation/store';
 import { decodeTensor, encodeTensor } from '../../services/shared/tensor';
-import { tempDir } from '../helpers/stack';
+import { tempDir } from '../kit/files';
 
 // The aggregation's handlers called as plain functions over a store in a temporary directory.
 describe('the aggregation service without a network', () => {

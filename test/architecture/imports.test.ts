@@ -126,6 +126,16 @@ describe('the import rules (docs/ARCHITECTURE.md, "Layout")', () => {
     expect(importLoops(graph)).toEqual([]);
   });
 
+  it('bench/ takes from test/ only the kit and the doubles, and those two import nothing else of test/', () => {
+    const testDir = path.join(ROOT, 'test');
+    const shared = [path.join(testDir, 'kit'), path.join(testDir, 'doubles')];
+    const isShared = (f: string) => shared.some((dir) => f.startsWith(dir + path.sep));
+    const users = [...sourceFiles(path.join(ROOT, 'bench')), ...shared.flatMap(sourceFiles)];
+    expect(users.filter(isShared).length).toBeGreaterThanOrEqual(5);
+    const broken = users.flatMap((file) => importsOf(file).filter((d) => d.startsWith(testDir + path.sep) && !isShared(d)).map((d) => `${path.relative(ROOT, file)} -> ${path.relative(ROOT, d)}`));
+    expect(broken).toEqual([]);
+  });
+
   it('the checks see what they look for (so an empty answer above means something)', () => {
     const f = (...p: string[]) => path.join(ROOT, 'services', ...p);
     // The import this layout removed: the coordinator reading a constant from the judge's folder.

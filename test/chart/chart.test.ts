@@ -2,7 +2,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import { parseAllDocuments } from 'yaml';
 import { NODE_FLAGS } from '../../services/shared/defaults';
-import { ROOT } from '../helpers/stack';
+import { ROOT } from '../kit/stack';
 
 /** The Helm chart, rendered by a real helm (`make helm` fetches it; `make test` sets AXIS_HELM) and validated against the Kubernetes API schemas. */
 const HELM = process.env.AXIS_HELM ? path.resolve(ROOT, process.env.AXIS_HELM) : '';

@@ -6,7 +6,7 @@ import { bucketOf } from '../../services/aggregation/accumulator';
 import { StreamPipe } from '../../services/shared/pipe';
 import { digest, Rng } from '../../services/shared/random';
 import { encodeTensor } from '../../services/shared/tensor';
-import { testStack } from '../helpers/stack';
+import { testStack } from '../kit/stack';
 
 const L = 8;
 const D = 64;

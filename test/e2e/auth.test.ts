@@ -10,7 +10,8 @@ import { authMetadata, watchRun } from '../../services/cli/client';
 import { SERVICE_NAMES } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
 import { FakeOpenAIServer } from '../doubles/openai-server';
-import { ROOT, testStack, UPSTREAM_DATA } from '../helpers/stack';
+import { ROOT, testStack, UPSTREAM_DATA } from '../kit/stack';
+import { tempDir } from '../kit/files';
 
 const TOKEN = 'test-token-0123456789abcdef';
 const API_KEY = 'sk-test-secret-fedcba9876543210';
@@ -27,7 +28,7 @@ describe('coordinator authentication, data roots and secrets', () => {
 
   beforeAll(async () => {
     await api.start();
-    const secrets = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-auth-secrets-'));
+    const secrets = tempDir('auth-secrets');
     const tokenFile = path.join(secrets, 'token');
     fs.writeFileSync(tokenFile, TOKEN + '\n');
     const keyFile = path.join(secrets, 'api-key');

@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
 import { coordinatorClient, startRun, startRunError } from '../helpers/grpc';
-import { testStack } from '../helpers/stack';
+import { testStack } from '../kit/stack';
 
 /** Every bad StartRun gets a clear status naming the field or file, and nothing is written. */
 describe('StartRun rejects bad input', () => {

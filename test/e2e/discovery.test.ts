@@ -7,8 +7,8 @@ import { parseTarget, readyAddresses } from '../../services/coordinator/discover
 import { waitServing } from '../../services/shared/health';
 import { FakeKubeApiServer } from '../doubles/kube-apiserver';
 import { coordinatorClient, getRun, startRun, watchRun, waitFor } from '../helpers/grpc';
-import { readRunFiles } from '../helpers/runfiles';
-import { freePort, ROOT, testStack } from '../helpers/stack';
+import { readRunFiles } from '../kit/runfiles';
+import { freePort, ROOT, testStack } from '../kit/stack';
 import { metricValue } from '../helpers/metrics';
 
 describe('discovery targets', () => {

@@ -6,8 +6,8 @@ import * as grpc from '@grpc/grpc-js';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
 import { coordinatorClient, startRun, startRunError, watchRun } from '../helpers/grpc';
-import { readAxis, readRunFiles } from '../helpers/runfiles';
-import { ROOT, testStack } from '../helpers/stack';
+import { readAxis, readRunFiles } from '../kit/runfiles';
+import { ROOT, testStack } from '../kit/stack';
 import { metricValue } from '../helpers/metrics';
 
 const exec = promisify(execFile);

@@ -1,13 +1,13 @@
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack, ServiceName } from '../../services/cli/stack';
 import { judgePrompt } from '../../services/contracts/judge';
 import { expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
-import { readRunFiles } from '../helpers/runfiles';
-import { ROOT, testStack } from '../helpers/stack';
+import { readRunFiles } from '../kit/runfiles';
+import { ROOT, testStack } from '../kit/stack';
+import { priceFile } from '../kit/files';
 
 /** Batch mode: the judge goes through the Files and Batches APIs; the batch id lives in the coordinator's ledger. */
 describe('judge batch mode', () => {
@@ -16,8 +16,7 @@ describe('judge batch mode', () => {
 
   beforeAll(async () => {
     await server.start();
-    const prices = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'axis-prices-')), 'prices.json');
-    fs.writeFileSync(prices, JSON.stringify({ 'judge-batch': { prompt: 2, completion: 8 } }));
+    const prices = priceFile({ 'judge-batch': { prompt: 2, completion: 8 } });
     ({ stack } = await testStack('batch', {
       args: {
         judge: ['--provider', 'openai', '--base-url', server.baseUrl, '--model', 'judge-batch', '--prices', prices],

@@ -3,7 +3,7 @@ import { GenerateRequest, InferenceClient } from '../../gen/assistant_axis/v1/in
 import type { LocalStack } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
 import { MAX_PENDING_PER_STREAM } from '../../services/shared/rpc';
-import { testStack } from '../helpers/stack';
+import { testStack } from '../kit/stack';
 import { metricValue } from '../helpers/metrics';
 
 /**

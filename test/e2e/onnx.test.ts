@@ -10,8 +10,9 @@ import { readSafetensors } from '../../services/shared/safetensors';
 import { FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { tinyLlama } from '../helpers/model';
-import { readAxis, readRunFiles } from '../helpers/runfiles';
-import { freePort, ROOT, testStack } from '../helpers/stack';
+import { readAxis, readRunFiles } from '../kit/runfiles';
+import { freePort, ROOT, testStack } from '../kit/stack';
+import { tempDir } from '../kit/files';
 
 const REQUEST = { roles: ['chef', 'poet', 'default'], questionCount: 3, minCount: 1, maxNewTokens: 16, seed: 3 };
 
@@ -92,7 +93,7 @@ describe('end to end through the ONNX backend on a tiny llama', () => {
 
 describe('an inference service whose model cannot load', () => {
   it('stays up and not ready, and says why in GetModelInfo and its log', async () => {
-    const dir = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-nomodel-'));
+    const dir = tempDir('nomodel');
     const port = await freePort();
     const log = path.join(dir, 'inference.log');
     const fd = fs.openSync(log, 'w');

@@ -3,8 +3,8 @@ import * as path from 'node:path';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack, ServiceName } from '../../services/cli/stack';
 import { coordinatorClient, getRun, startRun, waitFor, watchRun } from '../helpers/grpc';
-import { readAxis, readRunFiles, ulpDistance } from '../helpers/runfiles';
-import { testStack } from '../helpers/stack';
+import { readAxis, readRunFiles, ulpDistance } from '../kit/runfiles';
+import { testStack } from '../kit/stack';
 import { metricValue } from '../helpers/metrics';
 
 const QUESTIONS = 6;

@@ -9,8 +9,9 @@ import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/opena
 import { coordinatorClient, getRun, startRun, watchRun } from '../helpers/grpc';
 import { syntheticActivation } from '../../services/inference/synthetic';
 import { decodeSafetensors } from '../../services/shared/safetensors';
-import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../helpers/runfiles';
-import { ROOT, testStack, UPSTREAM_DATA } from '../helpers/stack';
+import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../kit/runfiles';
+import { ROOT, testStack, UPSTREAM_DATA } from '../kit/stack';
+import { priceFile } from '../kit/files';
 
 const run = promisify(execFile);
 const L = 6;
@@ -30,8 +31,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
 
   beforeAll(async () => {
     await judge.start();
-    const prices = path.join(fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-prices-')), 'prices.json');
-    fs.writeFileSync(prices, JSON.stringify({ 'judge-test': { prompt: 1, completion: 4 } }));
+    const prices = priceFile({ 'judge-test': { prompt: 1, completion: 4 } });
     ({ stack } = await testStack('e2e', {
       args: {
         inference: ['--synthetic-layers', String(L), '--synthetic-hidden', String(D), '--capacity', '8'],

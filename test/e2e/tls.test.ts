@@ -6,7 +6,7 @@ import { checkHealth } from '../../services/shared/health';
 import { clientCredentials } from '../../services/shared/tls';
 import { Certs, makeCerts } from '../helpers/certs';
 import { coordinatorClient, startRun, watchRun } from '../helpers/grpc';
-import { freePort, testStack } from '../helpers/stack';
+import { freePort, testStack } from '../kit/stack';
 
 /**
  * Mutual TLS on every link: each service serves TLS and requires a client certificate signed by

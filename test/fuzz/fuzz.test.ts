@@ -6,7 +6,7 @@ import { InferenceService } from '../../gen/assistant_axis/v1/inference';
 import { JudgeService } from '../../gen/assistant_axis/v1/judge';
 import type { LocalStack, ServiceName } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
-import { testStack } from '../helpers/stack';
+import { testStack } from '../kit/stack';
 
 /**
  * Every RPC of every service gets malformed and adversarial messages over a real socket:

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { buildModel } from '../../services/model/build';
 import { writeTinyCheckpoint } from '../../services/model/tiny';
-import { tempDir } from './stack';
+import { tempDir } from '../kit/files';
 
 /** A tiny random-weight llama checkpoint and its ONNX build, in a temporary directory. */
 export async function tinyLlama(opts: { capture?: boolean; seed?: number } = {}): Promise<{ checkpoint: string; modelDir: string; dir: string }> {

@@ -4,13 +4,13 @@ import * as path from 'node:path';
 import { JudgeClient, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
 import { OpenAIProvider } from '../../services/judge/providers';
 import { StreamPipe } from '../../services/shared/pipe';
-import { testStack } from '../helpers/stack';
+import { testStack } from '../kit/stack';
 import { judgePrompt } from '../../services/contracts/judge';
 import { parseScore } from '../../services/judge/prompt';
 import { backoffMs, retryAfter } from '../../services/judge/retry';
 import { Scorer } from '../../services/judge/scorer';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
-import { maxInWindow } from '../helpers/rates';
+import { maxInWindow } from '../kit/rates';
 
 const EVAL = 'Does the answer play a sea captain?\nQuestion: {question}\nAnswer: {answer}\nReply 0-3.';
 const item = (i: number) => ({ role: 'captain', evalPrompt: EVAL, question: `Question number ${i}?`, answer: `Answer ${i}: the tide turns at dawn.` });

@@ -11,7 +11,8 @@ import { writeTinyCheckpoint, TINY_ARCHITECTURES, TinyArch } from '../../service
 import { decodeSafetensors, encodeSafetensors, readSafetensors, SafetensorsDtype } from '../../services/shared/safetensors';
 import type { FloatTensor } from '../../services/shared/tensor';
 import { referenceForward, relativeError } from '../reference/forward';
-import { ROOT, tempDir } from '../helpers/stack';
+import { ROOT } from '../kit/stack';
+import { tempDir } from '../kit/files';
 
 // 12 tokens: longer than Gemma 2's 4-token sliding window.
 const IDS = [5, 300, 17, 901, 44, 1500, 2, 77, 640, 1200, 9, 333];

@@ -6,7 +6,8 @@ import { buildModel } from '../../services/model/build';
 import { TINY_ARCHITECTURES, writeTinyCheckpoint } from '../../services/model/tiny';
 import { readSafetensors } from '../../services/shared/safetensors';
 import { relativeError } from '../reference/forward';
-import { ROOT, tempDir } from '../helpers/stack';
+import { ROOT } from '../kit/stack';
+import { tempDir } from '../kit/files';
 
 /**
  * The outside check of the graphs: hidden states and logits from Hugging Face transformers' own

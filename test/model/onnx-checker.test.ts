@@ -2,7 +2,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import { buildModel } from '../../services/model/build';
 import { TINY_ARCHITECTURES, writeTinyCheckpoint } from '../../services/model/tiny';
-import { tempDir } from '../helpers/stack';
+import { tempDir } from '../kit/files';
 
 /**
  * An outside check of the graphs' validity: the ONNX project's own checker (Debian's

@@ -6,7 +6,8 @@ import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
 import { FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
-import { freePort, ROOT, testStack } from '../helpers/stack';
+import { freePort, ROOT, testStack } from '../kit/stack';
+import { priceFile, tempDir } from '../kit/files';
 
 /**
  * A real Prometheus (Debian's package; .ci/run installs it) scrapes the four services during a
@@ -43,9 +44,8 @@ maybe('Prometheus and the dashboard', () => {
 
   beforeAll(async () => {
     await judge.start();
-    const dir = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-prom-'));
-    const prices = path.join(dir, 'prices.json');
-    fs.writeFileSync(prices, JSON.stringify({ 'judge-prom': { prompt: 1, completion: 2 } }));
+    const dir = tempDir('prom');
+    const prices = priceFile({ 'judge-prom': { prompt: 1, completion: 2 } });
     ({ stack } = await testStack('prom', {
       args: {
         // About 15 s of run, so that Prometheus scrapes it while it is active.
@@ -108,7 +108,7 @@ maybe('Prometheus and the dashboard', () => {
   }, 120_000);
 
   it('promtool accepts the chart\'s alert rules', () => {
-    const file = path.join(fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'axis-rules-')), 'rules.yml');
+    const file = path.join(tempDir('rules'), 'rules.yml');
     fs.writeFileSync(file, stringify(chartRules()));
     const r = spawnSync(PROMTOOL, ['check', 'rules', file], { encoding: 'utf8' });
     expect(r.stdout + r.stderr).toMatch(/SUCCESS: 4 rules found/);

@@ -1,6 +1,6 @@
 import * as path from 'node:path';
 import { ColdBucket } from '../../services/aggregation/coldBucket';
-import { tempDir } from '../helpers/stack';
+import { tempDir } from '../kit/files';
 
 describe('cold buckets: sums on disk behind a write-back cache', () => {
   const size = 1000;

@@ -3,7 +3,8 @@ import * as path from 'node:path';
 import { buildConversation } from '../../services/coordinator/conversation';
 import { loadDataSet, parseRole } from '../../services/coordinator/data';
 import { isDefaultRole, modelShortName, nameProblem } from '../../services/shared/names';
-import { ROOT, tempDir, UPSTREAM_DATA } from '../helpers/stack';
+import { ROOT, UPSTREAM_DATA } from '../kit/stack';
+import { tempDir } from '../kit/files';
 
 describe('the reference data set in ../shared/upstream', () => {
   const dir = path.join(UPSTREAM_DATA, 'roles', 'instructions');

@@ -8,7 +8,8 @@ import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/
 import { buildModel } from '../../services/model/build';
 import { TINY_ARCHITECTURES, TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
 import { referenceForward, relativeError } from '../reference/forward';
-import { ROOT, tempDir } from '../helpers/stack';
+import { ROOT } from '../kit/stack';
+import { tempDir } from '../kit/files';
 
 const root = tempDir('engine');
 const golden = JSON.parse(fs.readFileSync(path.join(ROOT, 'test', 'golden', 'golden.json'), 'utf8')) as Record<string, { prompts: number[][]; max_new_tokens: number; greedy_alone: number[][]; greedy_left_padded_batch_f32: number[][] }>;

@@ -5,7 +5,7 @@ import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { ColdBucket } from '../../services/aggregation/coldBucket';
 import { DurableStore } from '../../services/aggregation/store';
 import { encodeTensor } from '../../services/shared/tensor';
-import { tempDir } from '../helpers/stack';
+import { tempDir } from '../kit/files';
 
 /**
  * The aggregation's store on a disk that fills up: every message it cannot write is refused

@@ -1,6 +1,6 @@
 import * as path from 'node:path';
 import { Journal, RecordRef } from '../../services/aggregation/journal';
-import { tempDir } from '../helpers/stack';
+import { tempDir } from '../kit/files';
 
 describe('the aggregation journal', () => {
   it('moves on to a new segment when one is full, with appends arriving meanwhile, and every record reads back', async () => {

@@ -1,11 +1,10 @@
-import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { repoRoot } from '../../services/cli/paths';
 import { LocalStack, ServiceName, StackOptions } from '../../services/cli/stack';
+import { tempDir } from './files';
 
-// From source (test/helpers) or compiled (dist/test/helpers, for the benchmarks).
+// From source (test/kit) or compiled (dist/test/kit, for the benchmarks).
 export const ROOT = repoRoot();
 /** The reference pipeline's public data set: `../shared/upstream/data` beside the checkout, or AXIS_UPSTREAM_DATA. */
 export const UPSTREAM_DATA = process.env.AXIS_UPSTREAM_DATA ? path.resolve(process.env.AXIS_UPSTREAM_DATA) : path.resolve(ROOT, '..', 'shared', 'upstream', 'data');
@@ -34,10 +33,6 @@ export async function freePort(): Promise<number> {
     if (await canListen(port)) return port;
   }
   throw new Error(`no free port in ${PORT_BASE + workerSlice * PORT_SLICE}..${PORT_BASE + (workerSlice + 1) * PORT_SLICE - 1}`);
-}
-
-export function tempDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `axis-${prefix}-`));
 }
 
 /** A LocalStack on free ports with its own temporary state, output and log directories. */

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { configurationMarkdown } from '../../services/cli/configDoc';
-import { ROOT } from '../helpers/stack';
+import { ROOT } from '../kit/stack';
 
 describe('documentation', () => {
   it('docs/CONFIGURATION.md lists exactly the options the services take (regenerate with `make docs`)', () => {

@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { Ledger } from '../../services/coordinator/ledger';
 import { DONE, RunSpec } from '../../services/coordinator/ledgerRows';
-import { tempDir } from '../helpers/stack';
+import { tempDir } from '../kit/files';
 
 const spec = (name: string): RunSpec => ({
   name,
