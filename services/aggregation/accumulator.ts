@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { isDefaultRole } from '../shared/names';
 import { ActivationValues, addInto, axisParts, AxisPart, AxisPlan, planAxis, Sum } from './axis';
-import { decodeTensor } from '../shared/tensor';
+import { ALL_FINITE, decodeTensor } from '../shared/tensor';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { after, ColdBucket, Position } from './coldBucket';
@@ -32,34 +32,126 @@ export interface Waiting {
 /** What addScore found: done, or an activation spooled on disk that the caller must read and fold. */
 export type ScoreOutcome = { outcome: IngestOutcome } | { outcome: 'folded'; spooled: RecordRef; bucket: Bucket };
 
+/** The key that joins an item's activation and its score within a run. */
+export function joinKey(role: string, itemKey: string): string {
+  return `${role}\u0000${itemKey}`;
+}
+
+/** An item waiting for its other half, as a checkpoint keeps it (a waiting activation is always spooled there). */
+export interface WaitingEntry {
+  key: string;
+  ref?: RecordRef;
+  score?: number | null;
+}
+
+/** A run's counters and shape ([0, 0] until its first activation). */
+export interface RunCounters {
+  numLayers: number;
+  hidden: number;
+  folded: number;
+  rejectedNonFinite: number;
+}
+
+/** What a checkpoint takes from a run (cold buckets are in their own files; see syncCold). */
+export interface RunSnapshot {
+  counters: RunCounters;
+  /** Every in-memory bucket; `changed`: since the last markCheckpointed. */
+  buckets: { role: string; bucket: Bucket; sum: Sum; changed: boolean }[];
+  /** Keys first seen since the last markCheckpointed. */
+  newKeys: { activations: string[]; scores: string[] };
+  waiting: WaitingEntry[];
+}
+
+/** A run as a checkpoint gives it back. */
+export interface RestoredRun {
+  counters: RunCounters;
+  /** The keys seen, in the batches in which they were checkpointed. */
+  keys: Iterable<{ activations: string[]; scores: string[] }>;
+  buckets: Iterable<{ role: string; bucket: Bucket; sum: Sum }>;
+  waiting: Iterable<WaitingEntry>;
+}
+
 /**
  * The join of one run: an item's activation and its score arrive in either order; once both
  * are here (or the activation alone, for default roles) the activation is added to the running
  * float64 sum of its (role, bucket) and forgotten. Keys already seen are acknowledged as
  * duplicates and never counted twice. Memory: the sums (roles x buckets x L x d x 8 bytes),
- * the item keys, and the activations waiting for their score.
+ * the item keys, and the activations waiting for their score. The durable store checkpoints a
+ * run through toSnapshot/markCheckpointed and restores it with fromSnapshot.
  */
 export class RunAccumulator {
-  numLayers = 0;
-  hidden = 0;
+  private readonly counters: RunCounters = { numLayers: 0, hidden: 0, folded: 0, rejectedNonFinite: 0 };
   /** Buckets other than HOT live in files here (durable mode); unset: everything in RAM. */
   private readonly cold = new Map<string, Map<Bucket, ColdBucket>>();
   private coldOpened = false;
-  readonly dirtyCold = new Set<ColdBucket>();
+  private readonly dirtyCold = new Set<ColdBucket>();
+  private readonly sums = new Map<string, Map<Bucket, Sum>>();
+  private readonly waiting = new Map<string, Waiting>();
+  private readonly activationSeen = new Set<string>();
+  private readonly scoreSeen = new Set<string>();
+  /** In-memory buckets changed, and keys added, since the last checkpoint. */
+  private readonly dirtyBuckets = new Map<Bucket, Set<string>>();
+  private newActivationKeys: string[] = [];
+  private newScoreKeys: string[] = [];
 
   constructor(readonly coldDir?: string) {}
-  readonly sums = new Map<string, Map<Bucket, Sum>>();
-  readonly waiting = new Map<string, Waiting>();
-  readonly activationSeen = new Set<string>();
-  readonly scoreSeen = new Set<string>();
-  folded = 0;
-  /** Buckets changed and keys added since the last checkpoint (see store.ts). */
-  readonly dirtyBuckets = new Set<string>();
-  newActivationKeys: string[] = [];
-  newScoreKeys: string[] = [];
-  /** Observations rejected for NaN or Inf values. */
-  rejectedNonFinite = 0;
 
+  static fromSnapshot(restored: RestoredRun, coldDir?: string): RunAccumulator {
+    const acc = new RunAccumulator(coldDir);
+    Object.assign(acc.counters, restored.counters);
+    for (const batch of restored.keys) {
+      for (const k of batch.activations) acc.activationSeen.add(k);
+      for (const k of batch.scores) acc.scoreSeen.add(k);
+    }
+    for (const { role, bucket, sum } of restored.buckets) acc.hotBuckets(role).set(bucket, sum);
+    for (const w of restored.waiting) acc.waiting.set(w.key, w.ref ? { ref: w.ref } : { score: w.score });
+    return acc;
+  }
+
+  /** The run's state for a checkpoint; call syncCold first, and markCheckpointed once it is committed. */
+  toSnapshot(): RunSnapshot {
+    const buckets: RunSnapshot['buckets'] = [];
+    for (const [role, byBucket] of this.sums) {
+      for (const [bucket, sum] of byBucket) buckets.push({ role, bucket, sum, changed: this.dirtyBuckets.get(bucket)?.has(role) ?? false });
+    }
+    return {
+      counters: { ...this.counters },
+      buckets,
+      newKeys: { activations: this.newActivationKeys, scores: this.newScoreKeys },
+      waiting: [...this.waiting.entries()].map(([key, w]) => {
+        // A checkpoint keeps only where a waiting activation lies in the journal, never its values.
+        if (w.activation) throw new Error(`toSnapshot: the activation of ${JSON.stringify(key.replace('\u0000', '/'))} waits in memory, not in a journal: only a durable store's runs are checkpointed`);
+        return { key, ref: w.ref, score: w.score };
+      }),
+    };
+  }
+
+  /** Whether anything a checkpoint writes changed since the last markCheckpointed. */
+  changedSinceCheckpoint(): boolean {
+    return this.dirtyBuckets.size > 0 || this.newActivationKeys.length > 0 || this.newScoreKeys.length > 0;
+  }
+
+  /** The snapshot last taken is committed: what changed before it need not be written again. */
+  markCheckpointed(): void {
+    this.dirtyBuckets.clear();
+    this.newActivationKeys = [];
+    this.newScoreKeys = [];
+  }
+
+  get numLayers(): number {
+    return this.counters.numLayers;
+  }
+  get hidden(): number {
+    return this.counters.hidden;
+  }
+  /** Activations added to a bucket's sums. */
+  get folded(): number {
+    return this.counters.folded;
+  }
+  /** Observations rejected for NaN or Inf values. */
+  get rejectedNonFinite(): number {
+    return this.counters.rejectedNonFinite;
+  }
   get activations(): number {
     return this.activationSeen.size;
   }
@@ -70,21 +162,23 @@ export class RunAccumulator {
     return this.waiting.size;
   }
 
-  /** Checks an activation without changing anything (so nothing invalid is journaled). */
-  /** `firstNonFinite`: when the decoder already looked (-1: all finite), the values are not scanned again. */
+  /**
+   * Checks an activation without changing anything (so nothing invalid is journaled).
+   * `firstNonFinite`: when the decoder already looked (ALL_FINITE: none), the values are not scanned again.
+   */
   checkActivation(role: string, itemKey: string, shape: number[], data: Float32Array | undefined, firstNonFinite?: number): 'duplicate' | 'new' {
-    if (this.activationSeen.has(`${role}\u0000${itemKey}`)) return 'duplicate';
+    if (this.activationSeen.has(joinKey(role, itemKey))) return 'duplicate';
     if (shape.length !== 2) throw new IngestError('activation.shape', `must be [layers, hidden], got [${shape}]`);
     if (this.numLayers !== 0 && (shape[0] !== this.numLayers || shape[1] !== this.hidden)) {
       throw new IngestError('activation.shape', `[${shape}] differs from this run's [${this.numLayers}, ${this.hidden}]`);
     }
-    let bad = firstNonFinite ?? -1;
+    let bad = firstNonFinite ?? ALL_FINITE;
     if (firstNonFinite === undefined) {
       if (!data) throw new Error('checkActivation: neither the values nor their first non-finite index');
       for (let i = 0; i < data.length && bad < 0; i++) if (!Number.isFinite(data[i])) bad = i;
     }
     if (bad >= 0) {
-      this.rejectedNonFinite++;
+      this.counters.rejectedNonFinite++;
       throw new IngestError('activation.data', `holds a non-finite value at index ${bad}: rejected, not summed`);
     }
     return 'new';
@@ -93,7 +187,7 @@ export class RunAccumulator {
   checkScore(role: string, itemKey: string, score: number | null): 'duplicate' | 'new' {
     if (isDefaultRole(role)) throw new IngestError('role', `${JSON.stringify(role)} is a default role, whose items are not judged`);
     if (score !== null && !(Number.isInteger(score) && score >= 0 && score <= 3)) throw new IngestError('score.score', `must be 0..3 or absent, got ${score}`);
-    return this.scoreSeen.has(`${role}\u0000${itemKey}`) ? 'duplicate' : 'new';
+    return this.scoreSeen.has(joinKey(role, itemKey)) ? 'duplicate' : 'new';
   }
 
   /**
@@ -104,11 +198,11 @@ export class RunAccumulator {
    * decoder or inspectTensor found (see checkActivation); required with a wire tensor.
    */
   addActivation(role: string, itemKey: string, shape: number[], data: ActivationValues, ref?: RecordRef, firstNonFinite?: number): IngestOutcome {
-    const key = `${role}\u0000${itemKey}`;
+    const key = joinKey(role, itemKey);
     if (this.checkActivation(role, itemKey, shape, data instanceof Float32Array ? data : undefined, firstNonFinite) === 'duplicate') return 'duplicate';
     if (this.numLayers === 0) {
-      this.numLayers = shape[0];
-      this.hidden = shape[1];
+      this.counters.numLayers = shape[0];
+      this.counters.hidden = shape[1];
     }
     this.activationSeen.add(key);
     this.newActivationKeys.push(key);
@@ -129,7 +223,7 @@ export class RunAccumulator {
   /** Joins a score; if its activation waits on disk, returns where, and the caller folds it with `foldSpooled`. */
   addScore(role: string, itemKey: string, score: number | null, position?: Position): ScoreOutcome {
     if (this.checkScore(role, itemKey, score) === 'duplicate') return { outcome: 'duplicate' };
-    const key = `${role}\u0000${itemKey}`;
+    const key = joinKey(role, itemKey);
     this.scoreSeen.add(key);
     this.newScoreKeys.push(key);
     const w = this.waiting.get(key);
@@ -193,16 +287,23 @@ export class RunAccumulator {
         this.dirtyCold.add(cb);
         cb.add(data, position ?? cb.position);
       }
-      this.folded++;
+      this.counters.folded++;
       return;
     }
-    let byBucket = this.sums.get(role);
-    if (!byBucket) this.sums.set(role, (byBucket = new Map()));
+    const byBucket = this.hotBuckets(role);
     let s = byBucket.get(bucket);
     if (!s) byBucket.set(bucket, (s = { sum: new Float64Array(this.numLayers * this.hidden), count: 0 }));
     addInto(s, data);
-    this.dirtyBuckets.add(`${role}\u0000${bucket}`);
-    this.folded++;
+    let dirty = this.dirtyBuckets.get(bucket);
+    if (!dirty) this.dirtyBuckets.set(bucket, (dirty = new Set()));
+    dirty.add(role);
+    this.counters.folded++;
+  }
+
+  private hotBuckets(role: string): Map<Bucket, Sum> {
+    let byBucket = this.sums.get(role);
+    if (!byBucket) this.sums.set(role, (byBucket = new Map()));
+    return byBucket;
   }
 
   /** Opens the cold buckets already on disk (once the run's shape is known). */
@@ -238,7 +339,6 @@ export class RunAccumulator {
     this.dirtyCold.clear();
   }
 
-  /** Every (role, bucket) sum, the cold ones read from their files. */
   /** Every bucket's sums, role by role; a cold bucket's are read from its file only when reached. */
   *allSums(): Generator<{ role: string; bucket: Bucket; sum: Sum }> {
     for (const role of this.roles()) for (const s of this.sumsOf(role)) yield { role, ...s };
@@ -263,9 +363,8 @@ export function bucketOf(score: number | null | undefined): Bucket {
   return score === null || score === undefined ? 'none' : (String(score) as Bucket);
 }
 
-/** All runs of this aggregation process. State is in memory for now; `instanceId` tells clients when it was lost. */
+/** All runs of this aggregation process; `instanceId` tells clients when the state was lost (kept across restarts when it is durable). */
 export class Accumulators {
-  /** Identifies this state: kept across restarts when the state is durable (see store.ts). */
   instanceId: string = randomUUID();
   private readonly runs = new Map<string, RunAccumulator>();
 
@@ -295,6 +394,13 @@ export class Accumulators {
   getOrCreate(run: string): RunAccumulator {
     let acc = this.runs.get(run);
     if (!acc) this.runs.set(run, (acc = new RunAccumulator(this.coldDir?.(run))));
+    return acc;
+  }
+
+  /** Puts back a run read from a checkpoint (see store.ts). */
+  restore(run: string, restored: RestoredRun): RunAccumulator {
+    const acc = RunAccumulator.fromSnapshot(restored, this.coldDir?.(run));
+    this.runs.set(run, acc);
     return acc;
   }
 }

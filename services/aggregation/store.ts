@@ -4,8 +4,8 @@ import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { receivedBytes } from '../shared/bulkWire';
 import { writeFileAtomic } from '../shared/files';
-import { inspectTensor } from '../shared/tensor';
-import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator } from './accumulator';
+import { ALL_FINITE, inspectTensor } from '../shared/tensor';
+import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator, RunCounters, WaitingEntry } from './accumulator';
 import { Journal, RecordRef } from './journal';
 
 interface BucketEntry {
@@ -13,14 +13,11 @@ interface BucketEntry {
   file: string;
 }
 
-interface RunSnapshot {
-  numLayers: number;
-  hidden: number;
-  folded: number;
-  rejectedNonFinite: number;
+/** A run in a manifest: its counters, the files holding its keys and in-memory sums, what waits. */
+interface RunEntry extends RunCounters {
   keyFiles: string[];
   buckets: Record<string, Record<string, BucketEntry>>;
-  waiting: { key: string; ref?: RecordRef; score?: number | null }[];
+  waiting: WaitingEntry[];
 }
 
 interface Manifest {
@@ -28,7 +25,7 @@ interface Manifest {
   instanceId: string;
   /** Every journal record before this position is in the snapshot. */
   journal: { segment: number; offset: number };
-  runs: Record<string, RunSnapshot>;
+  runs: Record<string, RunEntry>;
 }
 
 /**
@@ -48,7 +45,6 @@ export class DurableStore {
   private applied = { segment: 0, offset: 0 };
   private manifest: Manifest | undefined;
   private checkpoints = 0;
-  /** Decoded activations are folded at once or left in the journal: one buffer serves every message. */
 
   constructor(readonly dir: string) {
     this.journal = new Journal(path.join(dir, 'journal'));
@@ -114,7 +110,7 @@ export class DurableStore {
     if (req.payload?.$case === 'activation') {
       const tensor = req.payload.value;
       // Checked when it arrived; folded straight from its wire bytes (never decoded when it waits).
-      outcome = acc.addActivation(req.role, req.itemKey, [...tensor.shape], tensor, ref, -1);
+      outcome = acc.addActivation(req.role, req.itemKey, [...tensor.shape], tensor, ref, ALL_FINITE);
     } else {
       const payload = req.payload;
       const r = acc.addScore(req.role, req.itemKey, payload?.$case === 'score' ? (payload.value.score ?? null) : null, ref);
@@ -140,55 +136,41 @@ export class DurableStore {
   checkpoint(): Promise<boolean> {
     return this.serialize(async () => {
       const runs = this.state.entries();
-      const changed = runs.some(([, acc]) => acc.dirtyBuckets.size || acc.newActivationKeys.length || acc.newScoreKeys.length);
+      const changed = runs.some(([, acc]) => acc.changedSinceCheckpoint());
       if (!changed && this.manifest && this.manifest.journal.segment === this.applied.segment && this.manifest.journal.offset === this.applied.offset) return false;
       // Names that sort in checkpoint order, unique within this process and across restarts.
       const n = Date.now() * 1000 + (++this.checkpoints % 1000);
       const manifest: Manifest = { version: 1, instanceId: this.state.instanceId, journal: { ...this.applied }, runs: {} };
       for (const [run, acc] of runs) {
         acc.syncCold();
+        const snapshot = acc.toSnapshot();
         const before = this.manifest?.runs[run];
         const runDir = path.join(this.dir, 'runs', run);
         await fs.mkdir(runDir, { recursive: true });
-        const buckets: RunSnapshot['buckets'] = {};
-        for (const [role, byBucket] of acc.sums) {
-          buckets[role] = {};
-          for (const [bucket, sum] of byBucket) {
-            const dirty = acc.dirtyBuckets.has(`${role}\u0000${bucket}`);
-            const previous = before?.buckets[role]?.[bucket];
-            if (!dirty && previous) {
-              buckets[role][bucket] = previous;
-              continue;
-            }
-            const file = `${role}.${bucket}.${n}.f64`;
-            await writeFileAtomic(path.join(runDir, file), new Uint8Array(sum.sum.buffer, sum.sum.byteOffset, sum.sum.byteLength));
-            buckets[role][bucket] = { count: sum.count, file };
+        const buckets: RunEntry['buckets'] = {};
+        for (const { role, bucket, sum, changed: bucketChanged } of snapshot.buckets) {
+          const previous = before?.buckets[role]?.[bucket];
+          let entry: BucketEntry;
+          if (!bucketChanged && previous) {
+            entry = previous;
+          } else {
+            entry = { count: sum.count, file: `${role}.${bucket}.${n}.f64` };
+            await writeFileAtomic(path.join(runDir, entry.file), new Uint8Array(sum.sum.buffer, sum.sum.byteOffset, sum.sum.byteLength));
           }
+          (buckets[role] ??= {})[bucket] = entry;
         }
         const keyFiles = [...(before?.keyFiles ?? [])];
-        if (acc.newActivationKeys.length || acc.newScoreKeys.length) {
+        if (snapshot.newKeys.activations.length || snapshot.newKeys.scores.length) {
           const file = `keys.${n}.json`;
-          await writeFileAtomic(path.join(runDir, file), JSON.stringify({ activations: acc.newActivationKeys, scores: acc.newScoreKeys }));
+          await writeFileAtomic(path.join(runDir, file), JSON.stringify(snapshot.newKeys));
           keyFiles.push(file);
         }
-        manifest.runs[run] = {
-          numLayers: acc.numLayers,
-          hidden: acc.hidden,
-          folded: acc.folded,
-          rejectedNonFinite: acc.rejectedNonFinite,
-          keyFiles,
-          buckets,
-          waiting: [...acc.waiting.entries()].map(([key, w]) => ({ key, ref: w.ref, score: w.score })),
-        };
+        manifest.runs[run] = { ...snapshot.counters, keyFiles, buckets, waiting: snapshot.waiting };
       }
       await writeFileAtomic(path.join(this.dir, `manifest.${n}.json`), JSON.stringify(manifest));
       await writeFileAtomic(path.join(this.dir, 'CURRENT'), `manifest.${n}.json\n`);
       this.manifest = manifest;
-      for (const [, acc] of runs) {
-        acc.dirtyBuckets.clear();
-        acc.newActivationKeys = [];
-        acc.newScoreKeys = [];
-      }
+      for (const [, acc] of runs) acc.markCheckpointed();
       await this.collectGarbage(manifest);
       return true;
     });
@@ -219,12 +201,14 @@ export class DurableStore {
     }
   }
 
+  /** The committed checkpoint; none only when there is no CURRENT (a CURRENT that cannot be read is an error). */
   private async readManifest(): Promise<Manifest | undefined> {
     let name: string;
     try {
       name = (await fs.readFile(path.join(this.dir, 'CURRENT'), 'utf8')).trim();
-    } catch {
-      return undefined;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
     }
     return JSON.parse(await fs.readFile(path.join(this.dir, name), 'utf8')) as Manifest;
   }
@@ -232,26 +216,26 @@ export class DurableStore {
   private load(m: Manifest): void {
     this.state.instanceId = m.instanceId;
     for (const [run, r] of Object.entries(m.runs)) {
-      const acc = this.state.getOrCreate(run);
-      acc.numLayers = r.numLayers;
-      acc.hidden = r.hidden;
-      acc.folded = r.folded;
-      acc.rejectedNonFinite = r.rejectedNonFinite;
       const runDir = path.join(this.dir, 'runs', run);
-      for (const f of r.keyFiles) {
-        const keys = JSON.parse(fsSync.readFileSync(path.join(runDir, f), 'utf8')) as { activations: string[]; scores: string[] };
-        for (const k of keys.activations) acc.activationSeen.add(k);
-        for (const k of keys.scores) acc.scoreSeen.add(k);
-      }
-      for (const [role, byBucket] of Object.entries(r.buckets)) {
-        const map = new Map<Bucket, { sum: Float64Array; count: number }>();
-        for (const [bucket, b] of Object.entries(byBucket)) {
-          const bytes = fsSync.readFileSync(path.join(runDir, b.file));
-          map.set(bucket as Bucket, { sum: new Float64Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)), count: b.count });
+      const read = (file: string) => fsSync.readFileSync(path.join(runDir, file));
+      // Read file by file as the run takes them, so one key file's JSON is in memory at a time.
+      const keys = function* () {
+        for (const f of r.keyFiles) yield JSON.parse(read(f).toString('utf8')) as { activations: string[]; scores: string[] };
+      };
+      const buckets = function* () {
+        for (const [role, byBucket] of Object.entries(r.buckets)) {
+          for (const [bucket, b] of Object.entries(byBucket)) {
+            const bytes = read(b.file);
+            yield { role, bucket: bucket as Bucket, sum: { sum: new Float64Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)), count: b.count } };
+          }
         }
-        acc.sums.set(role, map);
-      }
-      for (const w of r.waiting) acc.waiting.set(w.key, w.ref ? { ref: w.ref } : { score: w.score });
+      };
+      this.state.restore(run, {
+        counters: { numLayers: r.numLayers, hidden: r.hidden, folded: r.folded, rejectedNonFinite: r.rejectedNonFinite },
+        keys: keys(),
+        buckets: buckets(),
+        waiting: r.waiting,
+      });
     }
     this.applied = { ...m.journal };
   }

@@ -6,7 +6,10 @@ export interface FloatTensor {
   data: Float32Array;
 }
 
-/** A decoded wire tensor, with the index of its first NaN or infinity (-1: none), found while decoding. */
+/** The `firstNonFinite` of a tensor that holds no NaN or infinity. */
+export const ALL_FINITE = -1;
+
+/** A decoded wire tensor, with the index of its first NaN or infinity (ALL_FINITE: none), found while decoding. */
 export interface DecodedTensor extends FloatTensor {
   firstNonFinite: number;
 }
@@ -64,7 +67,7 @@ export function inspectTensor(t: Tensor | undefined, field: string, expectShape?
       const v = view.getFloat32(i * 4, true);
       if (v - v !== 0) return { shape: [...t!.shape], firstNonFinite: i };
     }
-    return { shape: [...t!.shape], firstNonFinite: -1 };
+    return { shape: [...t!.shape], firstNonFinite: ALL_FINITE };
   }
   // Half precision: an all-ones exponent is NaN or infinity.
   const mask = t!.dtype === DType.DTYPE_BF16 ? 0x7f80 : 0x7c00;
@@ -72,7 +75,7 @@ export function inspectTensor(t: Tensor | undefined, field: string, expectShape?
     const half = new Uint16Array(data.buffer, data.byteOffset, n);
     let special = 0;
     for (let i = 0; i < n; i++) special |= (half[i] & mask) === mask ? 1 : 0;
-    if (!special) return { shape: [...t!.shape], firstNonFinite: -1 };
+    if (!special) return { shape: [...t!.shape], firstNonFinite: ALL_FINITE };
     for (let i = 0; i < n; i++) if ((half[i] & mask) === mask) return { shape: [...t!.shape], firstNonFinite: i };
   }
   // At an odd offset (where the field fell in its message): only the high byte holds the exponent's top bits.
@@ -80,7 +83,7 @@ export function inspectTensor(t: Tensor | undefined, field: string, expectShape?
   for (let i = 0; i < n; i++) {
     if ((data[2 * i + 1] & high) === high && (((data[2 * i + 1] << 8) | data[2 * i]) & mask) === mask) return { shape: [...t!.shape], firstNonFinite: i };
   }
-  return { shape: [...t!.shape], firstNonFinite: -1 };
+  return { shape: [...t!.shape], firstNonFinite: ALL_FINITE };
 }
 
 /** The element count of a tensor whose dtype, shape and byte length are valid; else a TensorError naming the field. */
@@ -105,7 +108,7 @@ export function decodeTensor(t: Tensor | undefined, field: string, expectShape?:
   const n = checkLayout(t, field, expectShape);
   const tensor = t!;
   const out = into && into.length >= n ? into.subarray(0, n) : new Float32Array(n);
-  let firstNonFinite = -1;
+  let firstNonFinite = ALL_FINITE;
   if (tensor.dtype === DType.DTYPE_BF16) {
     // bf16 is the top half of a float32: widen by shifting; all-ones exponent = NaN or infinity.
     // Bytes at an odd offset (where the field fell in its message) are read pairwise, not copied.
