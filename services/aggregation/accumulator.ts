@@ -2,9 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { isDefaultRole } from '../shared/names';
 import { ActivationValues, addInto, axisParts, AxisPart, AxisPlan, planAxis, Sum } from './axis';
 import { ALL_FINITE, decodeTensor } from '../shared/tensor';
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-import { after, ColdBucket, Position } from './coldBucket';
+import { Position, RunColdBuckets } from './coldBucket';
 import type { RecordRef } from './journal';
 
 /** Buckets kept in RAM when cold buckets are on: what the axis reads (score 3) and default items. */
@@ -81,10 +79,8 @@ export interface RestoredRun {
  */
 export class RunAccumulator {
   private readonly counters: RunCounters = { numLayers: 0, hidden: 0, folded: 0, rejectedNonFinite: 0 };
-  /** Buckets other than HOT live in files here (durable mode); unset: everything in RAM. */
-  private readonly cold = new Map<string, Map<Bucket, ColdBucket>>();
-  private coldOpened = false;
-  private readonly dirtyCold = new Set<ColdBucket>();
+  /** Buckets other than HOT, in files (durable mode); unset: everything in RAM. */
+  private readonly cold: RunColdBuckets | undefined;
   private readonly sums = new Map<string, Map<Bucket, Sum>>();
   private readonly waiting = new Map<string, Waiting>();
   private readonly activationSeen = new Set<string>();
@@ -94,7 +90,9 @@ export class RunAccumulator {
   private newActivationKeys: string[] = [];
   private newScoreKeys: string[] = [];
 
-  constructor(readonly coldDir?: string) {}
+  constructor(coldDir?: string) {
+    this.cold = coldDir ? new RunColdBuckets(coldDir, () => this.numLayers * this.hidden) : undefined;
+  }
 
   static fromSnapshot(restored: RestoredRun, coldDir?: string): RunAccumulator {
     const acc = new RunAccumulator(coldDir);
@@ -247,16 +245,14 @@ export class RunAccumulator {
 
   /** Items per bucket of a role. */
   histogram(role: string): Record<string, number> {
-    this.openCold();
     const out: Record<string, number> = {};
     for (const [bucket, s] of this.sums.get(role) ?? []) out[bucket] = s.count;
-    for (const [bucket, cb] of this.cold.get(role) ?? []) if (cb.count > 0) out[bucket] = cb.count;
+    for (const { bucket, count } of this.cold?.of(role) ?? []) out[bucket] = count;
     return out;
   }
 
   roles(): string[] {
-    this.openCold();
-    return [...new Set([...this.sums.keys(), ...this.cold.keys()])].sort();
+    return [...new Set([...this.sums.keys(), ...(this.cold?.roles() ?? [])])].sort();
   }
 
   /**
@@ -280,13 +276,8 @@ export class RunAccumulator {
   }
 
   private fold(role: string, bucket: Bucket, data: ActivationValues, position?: Position): void {
-    if (this.coldDir && !HOT.has(bucket)) {
-      const cb = this.coldBucket(role, bucket);
-      // On replay after a crash, a cold file may already hold this record's fold.
-      if (!position || after(position, cb.position)) {
-        this.dirtyCold.add(cb);
-        cb.add(data, position ?? cb.position);
-      }
+    if (this.cold && !HOT.has(bucket)) {
+      this.cold.add(role, bucket, data, position);
       this.counters.folded++;
       return;
     }
@@ -306,37 +297,9 @@ export class RunAccumulator {
     return byBucket;
   }
 
-  /** Opens the cold buckets already on disk (once the run's shape is known). */
-  private openCold(): void {
-    if (!this.coldDir || this.coldOpened || this.numLayers === 0) return;
-    fs.mkdirSync(this.coldDir, { recursive: true });
-    for (const f of fs.readdirSync(this.coldDir)) {
-      const m = /^(.+)\.([0-9]|none)\.sum$/.exec(f);
-      if (m) this.coldMap(m[1]).set(m[2] as Bucket, ColdBucket.open(path.join(this.coldDir, f), this.numLayers * this.hidden));
-    }
-    this.coldOpened = true;
-  }
-
-  private coldMap(role: string): Map<Bucket, ColdBucket> {
-    let m = this.cold.get(role);
-    if (!m) this.cold.set(role, (m = new Map()));
-    return m;
-  }
-
-  private coldBucket(role: string, bucket: Bucket): ColdBucket {
-    this.openCold();
-    let cb = this.cold.get(role)?.get(bucket);
-    if (!cb) {
-      cb = ColdBucket.open(path.join(this.coldDir!, `${role}.${bucket}.sum`), this.numLayers * this.hidden);
-      this.coldMap(role).set(bucket, cb);
-    }
-    return cb;
-  }
-
   /** Makes the cold buckets written since the last checkpoint durable. */
   syncCold(): void {
-    for (const cb of this.dirtyCold) cb.sync();
-    this.dirtyCold.clear();
+    this.cold?.sync();
   }
 
   /** Every bucket's sums, role by role; a cold bucket's are read from its file only when reached. */
@@ -346,9 +309,8 @@ export class RunAccumulator {
 
   /** A role's bucket sums, hot ones first; a cold bucket's are read from its file only when reached. */
   *sumsOf(role: string): Generator<{ bucket: Bucket; sum: Sum }> {
-    this.openCold();
     for (const [bucket, s] of this.sums.get(role) ?? []) yield { bucket, sum: s };
-    for (const [bucket, cb] of this.cold.get(role) ?? []) if (cb.count > 0) yield { bucket, sum: { sum: cb.read(), count: cb.count } };
+    for (const { bucket, count, sum } of this.cold?.of(role) ?? []) yield { bucket: bucket as Bucket, sum: { sum: sum(), count } };
   }
 
   /** Bytes of activations waiting on disk for their score (the spool). */

@@ -1,5 +1,6 @@
 import { ActivationValues, addValues } from './axis';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
 
 /** A journal position: records are applied in this order. */
@@ -160,3 +161,63 @@ export class ColdBucket {
   }
 }
 
+
+/**
+ * The cold buckets of one run: a file `<role>.<bucket>.sum` per (role, bucket) in `dir`, opened
+ * once the run's size (layers x hidden) is known, and the ones written since the last checkpoint.
+ */
+export class RunColdBuckets {
+  private readonly byRole = new Map<string, Map<string, ColdBucket>>();
+  private opened = false;
+  private readonly dirty = new Set<ColdBucket>();
+
+  /** `size`: elements of one sum (0 until the run's first activation). */
+  constructor(readonly dir: string, private readonly size: () => number) {}
+
+  roles(): string[] {
+    this.open();
+    return [...this.byRole.keys()];
+  }
+
+  /** A role's non-empty buckets; a sum is read from its file only when `sum()` is called. */
+  *of(role: string): Generator<{ bucket: string; count: number; sum: () => Float64Array }> {
+    this.open();
+    for (const [bucket, cb] of this.byRole.get(role) ?? []) if (cb.count > 0) yield { bucket, count: cb.count, sum: () => cb.read() };
+  }
+
+  /** Adds one observation, unless the file already holds the fold of the record at `position` (replay after a crash). */
+  add(role: string, bucket: string, data: ActivationValues, position?: Position): void {
+    this.open();
+    let cb = this.byRole.get(role)?.get(bucket);
+    if (!cb) {
+      cb = ColdBucket.open(path.join(this.dir, `${role}.${bucket}.sum`), this.size());
+      this.roleMap(role).set(bucket, cb);
+    }
+    if (!position || after(position, cb.position)) {
+      this.dirty.add(cb);
+      cb.add(data, position ?? cb.position);
+    }
+  }
+
+  /** Makes the buckets written since the last checkpoint durable. */
+  sync(): void {
+    for (const cb of this.dirty) cb.sync();
+    this.dirty.clear();
+  }
+
+  private open(): void {
+    if (this.opened || this.size() === 0) return;
+    fs.mkdirSync(this.dir, { recursive: true });
+    for (const f of fs.readdirSync(this.dir)) {
+      const m = /^(.+)\.([0-9]|none)\.sum$/.exec(f);
+      if (m) this.roleMap(m[1]).set(m[2], ColdBucket.open(path.join(this.dir, f), this.size()));
+    }
+    this.opened = true;
+  }
+
+  private roleMap(role: string): Map<string, ColdBucket> {
+    let m = this.byRole.get(role);
+    if (!m) this.byRole.set(role, (m = new Map()));
+    return m;
+  }
+}

@@ -18,7 +18,7 @@ const model = {
   model: 'tiny-llama', architecture: 'llama', numLayers: 4, hiddenSize: 8, device: 'cpu', capacity: 4, backend: 'onnx',
   activationDtype: DType.DTYPE_F32, supportsSystemPrompt: true, modelShortName: 'Tiny', hashes: { weights: 'w1', graph: 'g1' },
 };
-const judge = { provider: 'openai', model: 'gpt-4.1-mini', baseUrl: 'http://judge/v1', meaningful: true };
+const judge = { provider: 'openai', model: 'gpt-4.1-mini', baseUrl: 'http://judge/v1', meaningful: true, hasPrice: true, promptPricePerMtok: 0.4, completionPricePerMtok: 1.6, requestsPerSecond: 10, concurrency: 8 };
 const summary: RunSummary = {
   kept: [{ role: 'pirate', count: 3 }], leftOut: [{ role: 'sage', count: 1 }], defaults: [{ role: 'default', count: 5 }],
   axisNorms: [1.5, 2.5, 3.5, 4.5], numLayers: 4, hiddenSize: 8,
