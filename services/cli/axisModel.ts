@@ -9,13 +9,19 @@ const USAGE = `usage:
   axis-model tiny --arch llama|qwen2|qwen3|gemma2 --out <checkpoint dir> [--seed N] [--merges N]
       a small random-weight Hugging Face checkpoint with a real byte-level BPE tokenizer and a chat template
   axis-model build --hf <checkpoint dir> --out <model dir> [--dtype f32|f16|bf16] [--no-capture] [--layers a:b] [--no-decode-loop]
-      the ONNX decoder graph (KV cache, per-layer hidden-state outputs, weights as external data),
-      tokenizer and generation files, and axis_model.json; --dtype sets how weights are stored
-      (inputs, outputs and arithmetic stay float32); --layers builds one stage of a split model;
-      whole models also get onnx/generate.onnx, the decoder inside an ONNX Loop (one run per batch)
+      onnx/step.onnx, the engine's step graph (GroupQueryAttention over fixed KV buffers, computing
+      in --dtype: bf16 or f16 for GPUs, f32 for the CPU), onnx/model.onnx, the portable graph
+      (transformers.js's layout, float32 arithmetic), the weights as external data, tokenizer and
+      generation files, and axis_model.json; --layers builds one stage of a split model; whole
+      models also get onnx/generate.onnx, the decoder inside an ONNX Loop (one run per batch)
+  axis-model plan --hf <checkpoint dir or config.json> --dtype bf16|f16|f32 --gpu-memory 80GiB [--max-length 2560] [--gpus N]
+      the memory plan without a GPU: weights, KV bytes per token, working memory, and how many
+      sequences (slots) of --max-length tokens fit; exits 1 when the model does not fit, saying
+      how many GPUs of that size a split into stages needs (GiB = 2^30 bytes, GB = 10^9)
   axis-model hidden --model <model dir> --ids 1,2,3 --out <file.safetensors>
-      one forward pass: tensor hidden_states [num_layers, seq, hidden] (each decoder block's
-      output, before the final norm) and logits [seq, vocab], float32`;
+      one forward pass by the step graph (the portable one for a half-precision build, which the
+      CPU cannot run): hidden_states [num_layers, seq, hidden] (each decoder block's output,
+      before the final norm) and logits [seq, vocab], float32`;
 
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
@@ -46,8 +52,8 @@ async function main(argv: string[]): Promise<void> {
     if (!values.model || !values.ids || !values.out) throw new Error(`hidden needs --model, --ids and --out\n\n${USAGE}`);
     const ids = values.ids.split(',').map((t) => Number(t.trim()));
     if (ids.length === 0 || ids.some((n) => !Number.isInteger(n) || n < 0)) throw new Error(`--ids must be comma-separated token ids, got ${values.ids}`);
-    await writeHiddenStates(values.model, ids, values.out);
-    process.stdout.write(`wrote hidden_states and logits for ${ids.length} tokens to ${values.out}\n`);
+    const graph = await writeHiddenStates(values.model, ids, values.out);
+    process.stdout.write(`wrote hidden_states and logits for ${ids.length} tokens to ${values.out} (${graph === 'step' ? 'the step graph, as generation computes them' : 'the portable graph: the step graph of this build does not run on the CPU'})\n`);
   } else {
     process.stdout.write(USAGE + '\n');
     if (command !== 'help' && command !== '--help') process.exitCode = 2;

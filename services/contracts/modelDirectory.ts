@@ -15,6 +15,8 @@ export const MODEL_FILES = {
   graph: path.join('onnx', 'model.onnx'),
   /** The decoder inside an ONNX Loop: a whole batch generated in one run (services/model/decodeLoop.ts). */
   decodeLoop: path.join('onnx', 'generate.onnx'),
+  /** The engine's step graph: one step of prefill or decoding over fixed KV buffers, in the build's precision. */
+  step: path.join('onnx', 'step.onnx'),
   weights: path.join('onnx', 'model.onnx_data'),
   metadata: 'axis_model.json',
 };
@@ -30,7 +32,10 @@ export interface ModelMetadata {
   num_key_value_heads: number;
   head_dim: number;
   vocab_size: number;
-  /** How weights are stored; graph inputs, outputs and arithmetic are float32 whatever it is. */
+  /**
+   * How weights are stored. The portable graph (`graph`) and the generation graph compute in
+   * float32 whatever it is; the step graph computes in it.
+   */
   dtype: WeightDtype;
   /** Layers this graph holds, [first, end): all of them unless it is one stage of a split model. */
   layers: [number, number];
@@ -41,9 +46,53 @@ export interface ModelMetadata {
   hidden_state_outputs: string[];
   /** The generation graph, over the same weights file; absent for a stage of a split model. */
   decode_loop?: { graph: string; inputs: string[]; outputs: string[]; graph_sha256: string };
+  /** The engine's step graph, over the same weights file (absent in models built before it existed). */
+  step?: StepGraphMetadata;
   hashes: { graph_sha256: string; weights_sha256: string; config_sha256: string };
   built_with: string;
 }
+
+/**
+ * The step graph (`onnx/step.onnx`): one run is either a prefill of one sequence (batch 1,
+ * any length, also in chunks) or one decoding step of every slot (length 1). Each layer's keys
+ * and values live in one buffer [slots, kv_heads, max_length, head_dim] of `compute_dtype`,
+ * bound as both past and present: the step's keys and values are written at each row's
+ * filled length. Other inputs and outputs are int or float32.
+ */
+export interface StepGraphMetadata {
+  graph: string;
+  inputs: string[];
+  outputs: string[];
+  hidden_state_outputs: string[];
+  /** Element type of the arithmetic and of the KV buffers. */
+  compute_dtype: WeightDtype;
+  graph_sha256: string;
+}
+
+export const STEP_INPUTS = {
+  /** [B, S] int64 (the first stage) or `hidden_states.{first-1}` [B, S, hidden] float32 (a later one). */
+  inputIds: 'input_ids',
+  /** [B, S] int64: each token's position in its sequence. */
+  positionIds: 'position_ids',
+  /** [B] int32: each row's filled length after this step, minus one. */
+  seqlensK: 'seqlens_k',
+  /** int32 scalar: the largest filled length after this step. */
+  totalSequenceLength: 'total_sequence_length',
+  /** [K] int64: the positions of this step whose logits are wanted (the last stage only). */
+  logitsPositions: 'logits_positions',
+  pastKey: (l: number) => `past_key_values.${l}.key`,
+  pastValue: (l: number) => `past_key_values.${l}.value`,
+} as const;
+
+export const STEP_OUTPUTS = {
+  /** [B, K, vocab] float32. */
+  logits: 'logits',
+  /** [B, S, hidden] float32: the output of decoder block l. */
+  hiddenState: (l: number) => `hidden_states.${l}`,
+  /** Bound to the same buffer as past_key_values.{l}.key. */
+  presentKey: (l: number) => `present.${l}.key`,
+  presentValue: (l: number) => `present.${l}.value`,
+} as const;
 
 /** Inputs of the generation graph (`onnx/generate.onnx`). */
 export const LOOP_INPUTS = {

@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
-import { MODEL_FILES, ModelMetadata, WeightDtype } from '../contracts/modelDirectory';
+import { MODEL_FILES, ModelMetadata, StepGraphMetadata, WeightDtype } from '../contracts/modelDirectory';
 import { codeVersion } from '../shared/codeVersion';
 import { exists } from '../shared/files';
 import { builderFor } from './builders';
@@ -30,6 +30,8 @@ export interface BuildModelOptions {
 export async function buildModel(opts: BuildModelOptions, log: (msg: string) => void = () => undefined): Promise<ModelMetadata> {
   if (await exists(opts.out)) throw new Error(`--out: ${opts.out} already exists; remove it or choose another directory`);
   const config = await readConfig(opts.hf);
+  // Gemma 2's activations exceed float16's range (Hugging Face runs it in bf16 or float32).
+  if (config.model_type === 'gemma2' && opts.dtype === 'f16') throw new Error('--dtype f16: Gemma 2 overflows in float16; build it with --dtype bf16');
   const ckpt = await CheckpointReader.open(opts.hf);
   const tmp = `${opts.out.replace(/\/+$/, '')}.building-${randomBytes(4).toString('hex')}`;
   await fs.mkdir(path.join(tmp, 'onnx'), { recursive: true });
@@ -46,6 +48,20 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
     closed = true;
     const graphBytes = g.encode(`${config.model_type}-decoder`, 'assistant-axis');
     await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
+    // The step graph: the same weights, used as stored (no cast), GroupQueryAttention over fixed KV buffers.
+    const stepGraph = new GraphBuilder(new WrittenWeights(data), dtype, undefined, false);
+    const stepSignature = await builderFor(config, ckpt, stepGraph, { kind: 'step' }).build({ capture: opts.capture, layers: opts.layers });
+    const stepBytes = stepGraph.encode(`${config.model_type}-step`, 'assistant-axis');
+    await fs.writeFile(path.join(tmp, MODEL_FILES.step), stepBytes);
+    const step: StepGraphMetadata = {
+      graph: MODEL_FILES.step,
+      inputs: stepSignature.inputs,
+      outputs: stepSignature.outputs,
+      hidden_state_outputs: stepSignature.hiddenStateOutputs,
+      compute_dtype: dtype,
+      graph_sha256: sha256(stepBytes),
+    };
+    log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];
     const whole = signature.layers[0] === 0 && signature.layers[1] === builder.dims.numLayers;
     if ((opts.decodeLoop ?? true) && whole) {
@@ -83,6 +99,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       outputs: signature.outputs,
       hidden_state_outputs: signature.hiddenStateOutputs,
       ...(decodeLoop ? { decode_loop: decodeLoop } : {}),
+      step,
       hashes: { graph_sha256: sha256(graphBytes), weights_sha256: weightsSha, config_sha256: sha256(configRaw) },
       built_with: codeVersion(),
     };

@@ -81,7 +81,7 @@ export async function buildDecodeLoop(config: HfConfig, ckpt: CheckpointReader, 
   b.input(v('iteration'), DataType.INT64, []);
   b.input(v('condition'), DataType.BOOL, []);
   for (const [name, , type, dims] of carried) b.input(v(name), type, dims);
-  const decoder = builderFor(config, ckpt, b, prefixedNames(BODY));
+  const decoder = builderFor(config, ckpt, b, { names: prefixedNames(BODY) });
   const values = await decoder.forward(v('input_ids'), undefined, [0, L]);
 
   const last = (x: string) => b.node('Gather', [x, b.constInt64([-1], [])], { axis: 1 });

@@ -21,6 +21,8 @@ import type { WeightDtype } from '../contracts/modelDirectory';
 
 export const DataType = TensorProto_DataType;
 export const OPSET = 17;
+/** onnxruntime's contrib operators (GroupQueryAttention), opset 1. */
+export const MS_DOMAIN = 'com.microsoft';
 const IR_VERSION = 8n;
 /** Weights in the external data file start on this boundary, so they can be memory-mapped aligned. */
 const ALIGN = 64;
@@ -102,9 +104,14 @@ export class GraphBuilder {
   private readonly counter: { next: number };
   private readonly constCache = new Map<string, string>();
   private readonly weightCache = new Map<string, string>();
+  private readonly domains = new Set<string>();
 
-  /** `storage`: how weights are stored; f16 and bf16 weights are cast to float32 inside the graph, so inputs, outputs and arithmetic stay float32. */
-  constructor(private readonly weights: WeightStore, readonly storage: WeightDtype = 'f32', private readonly parent?: GraphBuilder) {
+  /**
+   * `storage`: how weights are stored. `castWeights`: f16 and bf16 weights are cast to float32
+   * inside the graph, so that inputs, outputs and arithmetic stay float32 (the portable graphs);
+   * without it, a weight is used as stored (the step graph computes in the storage precision).
+   */
+  constructor(private readonly weights: WeightStore, readonly storage: WeightDtype = 'f32', private readonly parent?: GraphBuilder, readonly castWeights = true) {
     this.counter = parent ? parent.counter : { next: 0 };
   }
 
@@ -113,7 +120,7 @@ export class GraphBuilder {
    * graph, which the body sees; value names are unique across both, as ONNX requires.
    */
   child(): GraphBuilder {
-    return new GraphBuilder(this.weights, this.storage, this);
+    return new GraphBuilder(this.weights, this.storage, this, this.castWeights);
   }
 
   /** This builder's nodes as a subgraph, for a `{ graph }` attribute. */
@@ -142,17 +149,19 @@ export class GraphBuilder {
     return out;
   }
 
-  /** Adds a node whose outputs are named by the caller. */
-  nodeNamed(op: string, inputs: string[], outputs: string[], attrs: Record<string, Attr> = {}): void {
-    this.nodes.push(nodeProto(op, inputs, outputs, attrs, `${op}_${this.nodes.length}`));
+  /** Adds a node whose outputs are named by the caller; `domain`: an operator set other than ONNX's (e.g. MS_DOMAIN). */
+  nodeNamed(op: string, inputs: string[], outputs: string[], attrs: Record<string, Attr> = {}, domain = ''): void {
+    const node = nodeProto(op, inputs, outputs, attrs, `${op}_${this.nodes.length}`);
+    if (domain) {
+      node.domain = domain;
+      (this.parent ?? this).domains.add(domain);
+    }
+    this.nodes.push(node);
   }
 
   /** A small constant tensor of int64, float or double, for attributes such as ConstantOfShape's value. */
   static tensor(values: number[], dims: number[], dataType: TensorProto_DataType): TensorProto {
-    const raw =
-      dataType === DataType.INT64 ? new BigInt64Array(values.map((x) => BigInt(x))) : dataType === DataType.DOUBLE ? Float64Array.from(values) : dataType === DataType.FLOAT ? Float32Array.from(values) : undefined;
-    if (!raw) throw new Error(`GraphBuilder.tensor: data type ${dataType} is not supported`);
-    return create(TensorProtoSchema, { dims: dims.map(BigInt), dataType, rawData: new Uint8Array(raw.buffer) });
+    return create(TensorProtoSchema, { dims: dims.map(BigInt), dataType, rawData: rawBytes(values, dataType) });
   }
 
   /** Adds a node with several outputs. */
@@ -175,30 +184,36 @@ export class GraphBuilder {
   }
 
   constFloat(values: number[] | Float32Array, dims: number[] = [values.length]): string {
-    if (this.parent) return this.parent.constFloat(values, dims);
-    const data = Float32Array.from(values);
-    const key = data.length <= 16 ? `f32:${dims}:${Array.from(data)}` : undefined;
+    return this.constOf(values, dims, DataType.FLOAT);
+  }
+
+  /** A constant of a floating-point type (float, double, float16, bfloat16; rounded to it) or int64. */
+  constOf(values: number[] | Float32Array, dims: number[], dataType: TensorProto_DataType): string {
+    if (this.parent) return this.parent.constOf(values, dims, dataType);
+    const list = Array.from(values);
+    const key = list.length <= 16 ? `${dataType}:${dims}:${list}` : undefined;
     if (key && this.constCache.has(key)) return this.constCache.get(key)!;
-    const name = this.fresh('const_f32');
-    this.initializers.push(create(TensorProtoSchema, { name, dims: dims.map(BigInt), dataType: DataType.FLOAT, rawData: littleEndianBytes(data) }));
+    const name = this.fresh(`const_${DataType[dataType].toLowerCase()}`);
+    this.initializers.push(create(TensorProtoSchema, { name, dims: dims.map(BigInt), dataType, rawData: rawBytes(list, dataType) }));
     if (key) this.constCache.set(key, name);
     return name;
   }
 
   /**
    * A weight in the external data file, from float32 pieces (streamed from the checkpoint),
-   * stored as `storage`; returns the name of its float32 value in the graph.
+   * stored as `storage` (the builder's unless given); returns the name of its value in the
+   * graph: float32 when weights are cast, else the weight as stored.
    */
-  async weight(name: string, pieces: AsyncIterable<Float32Array> | Iterable<Float32Array>, dims: number[]): Promise<string> {
-    if (this.parent) return this.parent.weight(name, pieces, dims);
+  async weight(name: string, pieces: AsyncIterable<Float32Array> | Iterable<Float32Array>, dims: number[], storage: WeightDtype = this.storage): Promise<string> {
+    if (this.parent) return this.parent.weight(name, pieces, dims, storage);
     const cached = this.weightCache.get(name);
     if (cached) return cached;
-    const storage = this.storage;
     async function* encoded() {
       for await (const piece of pieces) yield encodeWeights(piece, storage);
     }
-    this.initializers.push(await this.weights.tensor(name, encoded(), dims, STORAGE_TYPES[storage]));
-    const value = storage === 'f32' ? name : this.node('Cast', [name], { to: DataType.FLOAT }, `${name}/f32`);
+    const tensor = await this.weights.tensor(name, encoded(), dims, STORAGE_TYPES[storage]);
+    this.initializers.push(tensor);
+    const value = !this.castWeights || tensor.dataType === DataType.FLOAT ? name : this.node('Cast', [name], { to: DataType.FLOAT }, `${name}/f32`);
     this.weightCache.set(name, value);
     return value;
   }
@@ -207,16 +222,33 @@ export class GraphBuilder {
     const model = create(ModelProtoSchema, {
       irVersion: IR_VERSION,
       producerName: producer,
-      opsetImport: [{ domain: '', version: BigInt(OPSET) }],
+      opsetImport: [{ domain: '', version: BigInt(OPSET) }, ...[...this.domains].map((domain) => ({ domain, version: 1n }))],
       graph: create(GraphProtoSchema, { name: graphName, node: this.nodes, initializer: this.initializers, input: this.inputs, output: this.outputs }),
     });
     return toBinary(ModelProtoSchema, model);
   }
 }
 
-const STORAGE_TYPES: Record<WeightDtype, TensorProto_DataType> = { f32: DataType.FLOAT, f16: DataType.FLOAT16, bf16: DataType.BFLOAT16 };
+/** The ONNX element type of each storage (and compute) precision. */
+export const STORAGE_TYPES: Record<WeightDtype, TensorProto_DataType> = { f32: DataType.FLOAT, f16: DataType.FLOAT16, bf16: DataType.BFLOAT16 };
 
-function encodeWeights(data: Float32Array, storage: WeightDtype): Uint8Array {
+function rawBytes(values: number[], dataType: TensorProto_DataType): Uint8Array<ArrayBuffer> {
+  switch (dataType) {
+    case DataType.INT64:
+      return new Uint8Array(new BigInt64Array(values.map((x) => BigInt(x))).buffer);
+    case DataType.DOUBLE:
+      return new Uint8Array(Float64Array.from(values).buffer);
+    case DataType.FLOAT:
+      return littleEndianBytes(Float32Array.from(values));
+    case DataType.FLOAT16:
+      return encodeWeights(Float32Array.from(values), 'f16');
+    case DataType.BFLOAT16:
+      return encodeWeights(Float32Array.from(values), 'bf16');
+  }
+  throw new Error(`GraphBuilder: constants of data type ${dataType} are not supported`);
+}
+
+function encodeWeights(data: Float32Array, storage: WeightDtype): Uint8Array<ArrayBuffer> {
   if (storage === 'f32') return littleEndianBytes(data);
   const convert = storage === 'f16' ? f32ToF16 : f32ToBf16;
   const half = new Uint16Array(data.length);

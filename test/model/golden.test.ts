@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DecoderSession } from '../../services/inference/onnx/session';
+import { StepSession } from '../../services/inference/onnx/stepSession';
 import { buildModel } from '../../services/model/build';
 import { TINY_ARCHITECTURES, writeTinyCheckpoint } from '../../services/model/tiny';
 import { readSafetensors } from '../../services/shared/safetensors';
@@ -19,7 +20,7 @@ const golden = JSON.parse(fs.readFileSync(path.join(GOLDEN, 'golden.json'), 'utf
 const root = tempDir('golden');
 
 describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s against transformers', (arch) => {
-  it('hidden states and logits equal transformers\' (<= 1e-4 per tensor)', async () => {
+  it('hidden states and logits of the portable graph and of the step graph equal transformers\' (<= 1e-4 per tensor)', async () => {
     const want = golden[arch];
     const ckpt = path.join(root, `ckpt-${arch}`);
     await writeTinyCheckpoint({ arch, out: ckpt, seed: 3, merges: 2000 });
@@ -28,19 +29,24 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s against transformers', (ar
     expect({ arch, sha }).toEqual({ arch, sha: want.checkpoint_sha256 });
     const modelDir = path.join(root, `model-${arch}`);
     await buildModel({ hf: ckpt, out: modelDir, capture: true });
+    const ref = await readSafetensors(path.join(GOLDEN, `${arch}.safetensors`));
     const decoder = await DecoderSession.load(modelDir);
+    const step = await StepSession.load(modelDir, { slots: 1, slotLength: want.ids.length });
     try {
-      const { hidden, allLogits } = await decoder.forward(want.ids);
-      const ref = await readSafetensors(path.join(GOLDEN, `${arch}.safetensors`));
       const { num_layers: L, hidden_size: d } = decoder.metadata;
       const n = want.ids.length;
       expect(ref.tensors.hidden_states.shape).toEqual([L, n, d]);
-      for (let l = 0; l < L; l++) {
-        expect(relativeError(hidden[l], ref.tensors.hidden_states.data.subarray(l * n * d, (l + 1) * n * d))).toBeLessThanOrEqual(1e-4);
+      const portable = await decoder.forward(want.ids);
+      const stepped = await step.prefill(0, want.ids, { logits: 'all' });
+      for (const { hidden, logits } of [{ hidden: portable.hidden, logits: portable.allLogits }, stepped]) {
+        for (let l = 0; l < L; l++) {
+          expect(relativeError(hidden[l], ref.tensors.hidden_states.data.subarray(l * n * d, (l + 1) * n * d))).toBeLessThanOrEqual(1e-4);
+        }
+        expect(relativeError(logits, ref.tensors.logits.data)).toBeLessThanOrEqual(1e-4);
       }
-      expect(relativeError(allLogits, ref.tensors.logits.data)).toBeLessThanOrEqual(1e-4);
     } finally {
       await decoder.close();
+      await step.close();
     }
   });
 });

@@ -1,5 +1,6 @@
 import type { ModelMetadata } from '../../contracts/modelDirectory';
-import { DecoderSession } from './session';
+import { DecoderSession, readMetadata } from './session';
+import { StepSession } from './stepSession';
 
 /**
  * The ONNX engine's public entry point: what code outside the inference service (the tools
@@ -10,15 +11,30 @@ export type { OnnxOptions } from './backend';
 export type { BatchStats } from './engine';
 export { ModelLoadError } from './session';
 
-/** One forward pass over token ids on the CPU: each decoder block's output and the logits at every position. */
-export async function forwardPass(modelDir: string, ids: number[]): Promise<{ metadata: ModelMetadata; hidden: Float32Array[]; logits: Float32Array }> {
+/**
+ * One forward pass over token ids on the CPU: each decoder block's output and the logits at
+ * every position. It runs the engine's step graph (what generation computes) when the build's
+ * is float32, else the portable graph (float32 arithmetic over the half-precision weights: the
+ * CPU has no bf16 arithmetic); `graph` says which.
+ */
+export async function forwardPass(modelDir: string, ids: number[]): Promise<{ metadata: ModelMetadata; hidden: Float32Array[]; logits: Float32Array; graph: 'step' | 'portable' }> {
+  const metadata = await readMetadata(modelDir);
+  const vocab = metadata.vocab_size;
+  const bad = ids.find((id) => id >= vocab);
+  if (bad !== undefined) throw new Error(`--ids: token id ${bad} is outside the vocabulary (size ${vocab})`);
+  if (metadata.step?.compute_dtype === 'f32' && (metadata.layers?.[0] ?? 0) === 0) {
+    const step = await StepSession.load(modelDir, { slots: 1, slotLength: ids.length });
+    try {
+      const { hidden, logits } = await step.prefill(0, ids, { logits: 'all' });
+      return { metadata, hidden, logits, graph: 'step' };
+    } finally {
+      await step.close();
+    }
+  }
   const decoder = await DecoderSession.load(modelDir);
   try {
-    const vocab = decoder.metadata.vocab_size;
-    const bad = ids.find((id) => id >= vocab);
-    if (bad !== undefined) throw new Error(`--ids: token id ${bad} is outside the vocabulary (size ${vocab})`);
     const { hidden, allLogits } = await decoder.forward(ids);
-    return { metadata: decoder.metadata, hidden, logits: allLogits };
+    return { metadata, hidden, logits: allLogits, graph: 'portable' };
   } finally {
     await decoder.close();
   }

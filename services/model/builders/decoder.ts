@@ -1,6 +1,6 @@
 import type { CheckpointReader, HfConfig } from '../checkpoint';
 import { CheckpointError } from '../checkpoint';
-import { DataType, GraphBuilder } from '../graph';
+import { DataType, GraphBuilder, MS_DOMAIN, STORAGE_TYPES } from '../graph';
 
 export interface DecoderDims {
   numLayers: number;
@@ -21,12 +21,27 @@ export interface BuildOptions {
   layers?: [number, number];
 }
 
+/**
+ * Which graph a builder writes. `portable`: the layout transformers.js and other ONNX decoder
+ * tools run (attention from plain operators, a KV cache that grows by Concat, float32
+ * arithmetic whatever the weights' storage). `step`: the engine's graph (onnxruntime's
+ * GroupQueryAttention reading and writing one fixed-size KV buffer per layer in place;
+ * arithmetic in the weights' precision, float32 only where Hugging Face uses it).
+ */
+export type GraphKind = 'portable' | 'step';
+
 /** Graph input and output names: the convention of other ONNX decoder tools, plus hidden states. */
 export type DecoderNames = typeof NAMES;
 export const NAMES = {
   inputIds: 'input_ids',
   attentionMask: 'attention_mask',
   positionIds: 'position_ids',
+  /** Step graph: [B] int32, each row's filled length after this step, minus one. */
+  seqlensK: 'seqlens_k',
+  /** Step graph: int32 scalar, the largest filled length after this step. */
+  totalSequenceLength: 'total_sequence_length',
+  /** Step graph: [K] int64, the positions of this step whose logits are computed. */
+  logitsPositions: 'logits_positions',
   pastKey: (l: number) => `past_key_values.${l}.key`,
   pastValue: (l: number) => `past_key_values.${l}.value`,
   logits: 'logits',
@@ -42,6 +57,9 @@ export function prefixedNames(prefix: string): DecoderNames {
     inputIds: `${prefix}${NAMES.inputIds}`,
     attentionMask: `${prefix}${NAMES.attentionMask}`,
     positionIds: `${prefix}${NAMES.positionIds}`,
+    seqlensK: `${prefix}${NAMES.seqlensK}`,
+    totalSequenceLength: `${prefix}${NAMES.totalSequenceLength}`,
+    logitsPositions: `${prefix}${NAMES.logitsPositions}`,
     pastKey: (l) => `${prefix}${NAMES.pastKey(l)}`,
     pastValue: (l) => `${prefix}${NAMES.pastValue(l)}`,
     logits: `${prefix}${NAMES.logits}`,
@@ -68,18 +86,26 @@ export interface GraphSignature {
 
 /** Values built once per graph and used by every layer. */
 export interface Shared {
-  /** Rotary tables [B, 1, S, headDim]. */
+  /** Rotary tables in the activations' type: [B, 1, S, headDim] (portable, heads first) or [B, S, 1, headDim] (step). */
   cos: string;
   sin: string;
-  /** Additive attention bias [B, 1, S, T]: causal and padding. */
-  bias: string;
-  /** Query and key positions, for masks an architecture adds ([S, 1] and [1, T], int64). */
-  queryPositions: string;
-  keyPositions: string;
-  /** Boolean [B, 1, S, T]: causal and not padding. */
-  allowed: string;
   /** [B, S] as a 1-D int64 shape, for reshaping [B*S, n] back to [B, S, n]. */
   batchAndSequence: string;
+  /** Portable graph only: the masks (step attention masks inside GroupQueryAttention). */
+  masks?: {
+    /** Additive attention bias [B, 1, S, T]: causal and padding. */
+    bias: string;
+    /** Query and key positions ([S, 1] and [1, T], int64). */
+    queryPositions: string;
+    keyPositions: string;
+    /** Boolean [B, 1, S, T]: causal and not padding. */
+    allowed: string;
+  };
+}
+
+export interface BuilderOptions {
+  names?: DecoderNames;
+  kind?: GraphKind;
 }
 
 /** The most negative float32, as Hugging Face masks with: a fully masked row (a padding query) stays finite. */
@@ -94,9 +120,18 @@ export const MASKED = -3.4028234663852886e38;
  */
 export class DecoderBuilder {
   readonly dims: DecoderDims;
+  readonly kind: GraphKind;
+  /** The activations' element type: float32 in the portable graph, the weights' precision in the step graph. */
+  protected readonly act: (typeof DataType)[keyof typeof DataType];
+  protected readonly names: DecoderNames;
   private shared!: Shared;
+  private readonly slidingBiases = new Map<number, string>();
 
-  constructor(protected readonly config: HfConfig, protected readonly ckpt: CheckpointReader, protected readonly g: GraphBuilder, protected readonly names: DecoderNames = NAMES) {
+  constructor(protected readonly config: HfConfig, protected readonly ckpt: CheckpointReader, protected readonly g: GraphBuilder, opts: BuilderOptions = {}) {
+    this.names = opts.names ?? NAMES;
+    this.kind = opts.kind ?? 'portable';
+    this.act = this.kind === 'step' ? STORAGE_TYPES[g.storage] : DataType.FLOAT;
+    if (this.kind === 'step' && g.castWeights) throw new Error('a step graph uses its weights as stored: build it with a GraphBuilder that does not cast them');
     const heads = config.num_attention_heads;
     this.dims = {
       numLayers: config.num_hidden_layers,
@@ -133,9 +168,13 @@ export class DecoderBuilder {
     return this.g.node('Gather', [await this.embeddingTable(), inputIds], { axis: 0 });
   }
 
-  /** RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w. */
+  /**
+   * RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * w, in float32 (as Hugging Face
+   * computes the statistics; the weight, stored in float32, is applied before the result is
+   * rounded to the activations' type).
+   */
   protected async norm(x: string, weightName: string, size = this.dims.hidden): Promise<string> {
-    return this.g.node('Mul', [this.normalize(x), await this.param(weightName, [size])]);
+    return this.toAct(this.g.node('Mul', [this.normalize(this.toFloat(x)), await this.normWeight(weightName, size)]));
   }
 
   protected hasQkvBias(): boolean {
@@ -151,14 +190,14 @@ export class DecoderBuilder {
     return 1 / Math.sqrt(this.dims.headDim);
   }
 
-  /** Extra terms on the scaled attention scores before the mask: none for Llama. */
-  protected scoreTransform(_l: number, scores: string): string {
-    return scores;
+  /** Soft cap of the scaled attention scores (tanh(s / cap) * cap), or none: none for Llama. */
+  protected attentionSoftcap(): number | undefined {
+    return undefined;
   }
 
-  /** The additive mask of layer l: the causal + padding mask for Llama. */
-  protected maskFor(_l: number, shared: Shared): string {
-    return shared.bias;
+  /** Layer l attends only to the `window` latest positions (itself included), or to all: all for Llama. */
+  protected slidingWindow(_l: number): number | undefined {
+    return undefined;
   }
 
   /** The MLP's activation: SiLU for Llama. */
@@ -180,22 +219,42 @@ export class DecoderBuilder {
 
   // ---------- helpers for subclasses ----------
 
-  /** x / sqrt(mean(x^2) + eps) over the last axis. */
+  /** x / sqrt(mean(x^2) + eps) over the last axis (float32 in, float32 out). */
   protected normalize(x: string): string {
     const g = this.g;
     const ms = g.node('ReduceMean', [g.node('Mul', [x, x])], { axes: [-1], keepdims: 1 });
     return g.node('Div', [x, g.node('Sqrt', [g.node('Add', [ms, g.constFloat([this.dims.eps], [])])])]);
   }
 
-  /** A checkpoint tensor as a graph weight, streamed. */
+  /** A checkpoint tensor as a graph weight, streamed (in the activations' type). */
   protected param(name: string, shape: number[]): Promise<string> {
     return this.g.weight(name, this.ckpt.chunks(name, shape), shape);
+  }
+
+  /** A norm's weight [size], stored in float32 (the norms compute in float32; a fraction of a percent of the bytes). */
+  protected normWeight(name: string, size: number): Promise<string> {
+    return this.g.weight(name, this.ckpt.chunks(name, [size]), [size], 'f32');
+  }
+
+  /** A scalar constant in the activations' type. */
+  protected scalar(value: number): string {
+    return this.g.constOf([value], [], this.act);
+  }
+
+  /** x in float32 (a Cast when the activations are half precision). */
+  protected toFloat(x: string): string {
+    return this.act === DataType.FLOAT ? x : this.g.node('Cast', [x], { to: DataType.FLOAT });
+  }
+
+  /** A float32 x in the activations' type. */
+  protected toAct(x: string): string {
+    return this.act === DataType.FLOAT ? x : this.g.node('Cast', [x], { to: this.act });
   }
 
   /** tanh(x / cap) * cap. */
   protected softcap(x: string, cap: number): string {
     const g = this.g;
-    return g.node('Mul', [g.node('Tanh', [g.node('Div', [x, g.constFloat([cap], [])])]), g.constFloat([cap], [])]);
+    return g.node('Mul', [g.node('Tanh', [g.node('Div', [x, this.scalar(cap)])]), this.scalar(cap)]);
   }
 
   /** x [B, S, in] times a Hugging Face Linear `name` ([out, in], optional bias) -> [B, S, out]. */
@@ -234,9 +293,13 @@ export class DecoderBuilder {
     return this.linear(this.g.node('Mul', [this.activation(gate), up]), `${p}.down_proj`, hidden, intermediate);
   }
 
-  protected async attention(l: number, x: string): Promise<string> {
+  protected attention(l: number, x: string): Promise<string> {
+    return this.kind === 'step' ? this.attentionStep(l, x) : this.attentionPortable(l, x);
+  }
+
+  /** Attention from plain operators: the cache grows by Concat; scores, soft cap and masks in the graph. */
+  private async attentionPortable(l: number, x: string): Promise<string> {
     const g = this.g;
-    const shared = this.shared;
     const p = `${this.layerPrefix(l)}.self_attn`;
     const { hidden, heads, kvHeads, headDim } = this.dims;
     const bias = this.hasQkvBias();
@@ -251,11 +314,66 @@ export class DecoderBuilder {
     const presentV = g.node('Concat', [this.names.pastValue(l), v], { axis: 2 }, this.names.presentValue(l));
     const kAll = this.repeatKv(presentK);
     const vAll = this.repeatKv(presentV);
-    let scores = g.node('Mul', [g.node('MatMul', [q, g.node('Transpose', [kAll], { perm: [0, 1, 3, 2] })]), g.constFloat([this.attentionScale()], [])]);
-    scores = this.scoreTransform(l, scores);
-    const probs = g.node('Softmax', [g.node('Add', [scores, this.maskFor(l, shared)])], { axis: -1 });
+    let scores = g.node('Mul', [g.node('MatMul', [q, g.node('Transpose', [kAll], { perm: [0, 1, 3, 2] })]), this.scalar(this.attentionScale())]);
+    const cap = this.attentionSoftcap();
+    if (cap) scores = this.softcap(scores, cap);
+    const probs = g.node('Softmax', [g.node('Add', [scores, this.maskOf(l)])], { axis: -1 });
     const ctx = g.node('Transpose', [g.node('MatMul', [probs, vAll])], { perm: [0, 2, 1, 3] });
     return this.linear(g.node('Reshape', [ctx, g.constInt64([0, 0, heads * headDim])]), `${p}.o_proj`, hidden, heads * headDim);
+  }
+
+  /**
+   * Attention by onnxruntime's GroupQueryAttention over this layer's KV buffer [B, kvHeads,
+   * max_length, headDim]: past and present are bound to the same buffer, the step's keys and
+   * values are written at each row's filled length (seqlens_k), and the kernel applies the
+   * causal mask, the soft cap and the sliding window. Rotary (and Qwen 3's q/k norms before it)
+   * is applied here, so the kernel's own rotary is off.
+   */
+  private async attentionStep(l: number, x: string): Promise<string> {
+    const g = this.g;
+    const p = `${this.layerPrefix(l)}.self_attn`;
+    const { hidden, heads, kvHeads, headDim } = this.dims;
+    const bias = this.hasQkvBias();
+    const toHeads = (v: string, n: number) => g.node('Reshape', [v, g.constInt64([0, 0, n, headDim])]);
+    const fromHeads = (v: string, n: number) => g.node('Reshape', [v, g.constInt64([0, 0, n * headDim])]);
+    let q = toHeads(await this.linear(x, `${p}.q_proj`, heads * headDim, hidden, bias), heads);
+    let k = toHeads(await this.linear(x, `${p}.k_proj`, kvHeads * headDim, hidden, bias), kvHeads);
+    const v = await this.linear(x, `${p}.v_proj`, kvHeads * headDim, hidden, bias);
+    [q, k] = await this.queryKeyNorm(l, q, k);
+    q = fromHeads(this.rotary(q), heads);
+    k = fromHeads(this.rotary(k), kvHeads);
+    const out = g.fresh('attention');
+    const attrs: Record<string, number | { float: number }> = { num_heads: heads, kv_num_heads: kvHeads, scale: { float: this.attentionScale() } };
+    const cap = this.attentionSoftcap();
+    if (cap) attrs.softcap = { float: cap };
+    const window = this.slidingWindow(l);
+    // local_window_size = the window itself (itself included), as onnxruntime-genai's builder
+    // sets it; the step-graph tests check it against the reference's Hugging Face semantics.
+    if (window) attrs.local_window_size = window;
+    g.nodeNamed(
+      'GroupQueryAttention',
+      [q, k, v, this.names.pastKey(l), this.names.pastValue(l), this.names.seqlensK, this.names.totalSequenceLength],
+      [out, this.names.presentKey(l), this.names.presentValue(l)],
+      attrs,
+      MS_DOMAIN,
+    );
+    return this.linear(out, `${p}.o_proj`, hidden, heads * headDim);
+  }
+
+  /** The additive mask of layer l (portable graph): causal and padding, and the sliding window where the layer has one. */
+  private maskOf(l: number): string {
+    const masks = this.shared.masks!;
+    const window = this.slidingWindow(l);
+    if (!window) return masks.bias;
+    let bias = this.slidingBiases.get(window);
+    if (!bias) {
+      // A key is visible when it is fewer than `window` positions behind the query.
+      const g = this.g;
+      const near = g.node('Less', [g.node('Sub', [masks.queryPositions, masks.keyPositions]), g.constInt64([window], [])]);
+      bias = g.node('Where', [g.node('And', [masks.allowed, near]), g.constFloat([0], []), g.constFloat([MASKED], [])]);
+      this.slidingBiases.set(window, bias);
+    }
+    return bias;
   }
 
   /** Grouped-query attention: each KV head serves heads / kvHeads query heads. */
@@ -276,16 +394,23 @@ export class DecoderBuilder {
     return g.node('Add', [g.node('Mul', [x, this.shared.cos]), g.node('Mul', [rotated, this.shared.sin])]);
   }
 
-  /** Rotary tables from position_ids; positions and the causal + padding mask from attention_mask. */
+  /**
+   * Rotary tables from position_ids (computed in float32, then rounded to the activations'
+   * type, as Hugging Face does); in the portable graph also the causal + padding mask from
+   * attention_mask.
+   */
   private sharedValues(): Shared {
     const g = this.g;
     const pos = g.node('Unsqueeze', [g.node('Cast', [this.names.positionIds], { to: DataType.FLOAT }), g.constInt64([2])]);
     const freqs = g.node('Mul', [pos, g.constFloat(this.inverseFrequencies())]);
     const emb = g.node('Concat', [freqs, freqs], { axis: -1 });
-    const cos = g.node('Unsqueeze', [g.node('Cos', [emb]), g.constInt64([1])]);
-    const sin = g.node('Unsqueeze', [g.node('Sin', [emb]), g.constInt64([1])]);
-
+    // [B, S, headDim] -> heads first [B, 1, S, headDim] (portable) or [B, S, 1, headDim] (step).
+    const headAxis = this.kind === 'step' ? 2 : 1;
+    const cos = this.toAct(g.node('Unsqueeze', [g.node('Cos', [emb]), g.constInt64([headAxis])]));
+    const sin = this.toAct(g.node('Unsqueeze', [g.node('Sin', [emb]), g.constInt64([headAxis])]));
     const positionShape = g.node('Shape', [this.names.positionIds]);
+    if (this.kind === 'step') return { cos, sin, batchAndSequence: positionShape };
+
     const S = g.node('Gather', [positionShape, g.constInt64([1], [])], { axis: 0 });
     const T = g.node('Gather', [g.node('Shape', [this.names.attentionMask]), g.constInt64([1], [])], { axis: 0 });
     const one = g.constInt64([1], []);
@@ -295,14 +420,15 @@ export class DecoderBuilder {
     const notPadding = g.node('Unsqueeze', [g.node('Equal', [this.names.attentionMask, g.constInt64([1], [])]), g.constInt64([1, 2])]);
     const allowed = g.node('And', [causal, notPadding]);
     const bias = g.node('Where', [allowed, g.constFloat([0], []), g.constFloat([MASKED], [])]);
-    return { cos, sin, bias, queryPositions, keyPositions, allowed, batchAndSequence: positionShape };
+    return { cos, sin, batchAndSequence: positionShape, masks: { bias, queryPositions, keyPositions, allowed } };
   }
 
   /**
    * The blocks [first, end) (and the head, when end is the last layer) over values already in
    * the graph: token ids (or, for a later stage, the previous stage's hidden state), and the
-   * attention mask, position ids and past keys and values under `this.names`. The present keys
-   * and values are named `this.names.presentKey/Value(l)`.
+   * attention mask (portable), position ids and past keys and values under `this.names`. The
+   * present keys and values are named `this.names.presentKey/Value(l)`. The step graph's head
+   * reads only the positions `logitsPositions` names ([B, K, vocab] instead of [B, S, vocab]).
    */
   async forward(inputIds: string | undefined, inputHidden: string | undefined, [first, end]: [number, number]): Promise<DecoderValues> {
     this.shared = this.sharedValues();
@@ -313,7 +439,13 @@ export class DecoderBuilder {
       hidden.push(h);
     }
     if (end < this.dims.numLayers) return { hidden };
-    const normed = await this.norm(h, 'model.norm.weight');
+    const g = this.g;
+    let last = h;
+    if (this.kind === 'step') {
+      last = g.node('Gather', [h, this.names.logitsPositions], { axis: 1 });
+      this.shared.batchAndSequence = g.node('Shape', [last], { end: 2 });
+    }
+    const normed = await this.norm(last, 'model.norm.weight');
     const weight = this.tiedEmbeddings() ? await this.embeddingTable() : await this.param('lm_head.weight', [this.dims.vocab, this.dims.hidden]);
     return { hidden, logits: this.logitsTransform(this.project(normed, weight, this.dims.vocab, this.dims.hidden)) };
   }
@@ -326,26 +458,36 @@ export class DecoderBuilder {
     if (!(Number.isInteger(first) && Number.isInteger(end) && first >= 0 && first < end && end <= numLayers)) {
       throw new CheckpointError(`--layers: ${first}:${end} is not a range within the model's ${numLayers} layers`);
     }
+    const step = this.kind === 'step';
+    // Inputs and outputs other than the KV buffers are float32 (what onnxruntime-node can pass); arithmetic is in `act`.
     const h0 = first === 0 ? g.input(this.names.inputIds, DataType.INT64, ['batch_size', 'sequence_length']) : g.input(this.names.hiddenState(first - 1), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
-    g.input(this.names.attentionMask, DataType.INT64, ['batch_size', 'total_sequence_length']);
+    if (!step) g.input(this.names.attentionMask, DataType.INT64, ['batch_size', 'total_sequence_length']);
     g.input(this.names.positionIds, DataType.INT64, ['batch_size', 'sequence_length']);
-    for (let l = first; l < end; l++) {
-      g.input(this.names.pastKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
-      g.input(this.names.pastValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'past_sequence_length', headDim]);
+    if (step) {
+      g.input(this.names.seqlensK, DataType.INT32, ['batch_size']);
+      g.input(this.names.totalSequenceLength, DataType.INT32, []);
+      if (end === numLayers) g.input(this.names.logitsPositions, DataType.INT64, ['logits_count']);
     }
-    const values = await this.forward(first === 0 ? h0 : undefined, first === 0 ? undefined : h0, [first, end]);
+    const kvType = step ? this.act : DataType.FLOAT;
+    const pastLength = step ? 'max_length' : 'past_sequence_length';
+    for (let l = first; l < end; l++) {
+      g.input(this.names.pastKey(l), kvType, ['batch_size', kvHeads, pastLength, headDim]);
+      g.input(this.names.pastValue(l), kvType, ['batch_size', kvHeads, pastLength, headDim]);
+    }
+    const values = await this.forward(first === 0 ? h0 : undefined, first === 0 ? undefined : this.toAct(h0), [first, end]);
     const hiddenStateOutputs: string[] = [];
     for (let l = first; l < end; l++) {
       // A stage that is not the last hands its last hidden state on, capture or not.
       if (opts.capture || (l === end - 1 && end < numLayers)) {
-        g.output(values.hidden[l - first], this.names.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
+        g.output(this.toFloat(values.hidden[l - first]), this.names.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
         if (opts.capture) hiddenStateOutputs.push(this.names.hiddenState(l));
       }
     }
-    if (values.logits) g.output(values.logits, this.names.logits, DataType.FLOAT, ['batch_size', 'sequence_length', vocab]);
+    if (values.logits) g.output(this.toFloat(values.logits), this.names.logits, DataType.FLOAT, ['batch_size', step ? 'logits_count' : 'sequence_length', vocab]);
+    const presentLength = step ? 'max_length' : 'total_sequence_length';
     for (let l = first; l < end; l++) {
-      g.output(this.names.presentKey(l), this.names.presentKey(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
-      g.output(this.names.presentValue(l), this.names.presentValue(l), DataType.FLOAT, ['batch_size', kvHeads, 'total_sequence_length', headDim]);
+      g.output(this.names.presentKey(l), this.names.presentKey(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
+      g.output(this.names.presentValue(l), this.names.presentValue(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
     }
     return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end] };
   }

@@ -1,4 +1,4 @@
-import { DecoderBuilder, MASKED, Shared } from './decoder';
+import { DecoderBuilder } from './decoder';
 
 /**
  * Gemma 2: embeddings scaled by sqrt(hidden); RMSNorm as x * (1 + w); norms before and after
@@ -6,16 +6,15 @@ import { DecoderBuilder, MASKED, Shared } from './decoder';
  * sliding-window attention on alternate layers; tanh-approximated GELU; soft-capped logits.
  */
 export class Gemma2Builder extends DecoderBuilder {
-  private slidingBias: string | undefined;
-
   protected override async embed(inputIds: string): Promise<string> {
-    // transformers multiplies by sqrt(hidden) rounded to the activations' dtype (float32 here).
-    return this.g.node('Mul', [await super.embed(inputIds), this.g.constFloat([Math.sqrt(this.dims.hidden)], [])]);
+    // transformers multiplies by sqrt(hidden) rounded to the activations' dtype.
+    return this.g.node('Mul', [await super.embed(inputIds), this.scalar(Math.sqrt(this.dims.hidden))]);
   }
 
+  /** x * (1 + w), in float32 as Hugging Face computes it, then rounded to the activations' type. */
   protected override async norm(x: string, weightName: string, size = this.dims.hidden): Promise<string> {
     const g = this.g;
-    return g.node('Mul', [this.normalize(x), g.node('Add', [await this.param(weightName, [size]), g.constFloat([1], [])])]);
+    return this.toAct(g.node('Mul', [this.normalize(this.toFloat(x)), g.node('Add', [await this.normWeight(weightName, size), g.constFloat([1], [])])]));
   }
 
   protected override async block(l: number, h: string): Promise<string> {
@@ -32,21 +31,13 @@ export class Gemma2Builder extends DecoderBuilder {
     return 1 / Math.sqrt(scalar ?? this.dims.headDim);
   }
 
-  protected override scoreTransform(_l: number, scores: string): string {
-    const cap = this.config.attn_logit_softcapping as number | null | undefined;
-    return cap ? this.softcap(scores, cap) : scores;
+  protected override attentionSoftcap(): number | undefined {
+    return (this.config.attn_logit_softcapping as number | null | undefined) ?? undefined;
   }
 
-  protected override maskFor(l: number, shared: Shared): string {
+  protected override slidingWindow(l: number): number | undefined {
     const window = this.config.sliding_window as number | null | undefined;
-    if (!window || !this.isSliding(l)) return shared.bias;
-    if (!this.slidingBias) {
-      // A key is visible when it is fewer than `window` positions behind the query.
-      const g = this.g;
-      const near = g.node('Less', [g.node('Sub', [shared.queryPositions, shared.keyPositions]), g.constInt64([window], [])]);
-      this.slidingBias = g.node('Where', [g.node('And', [shared.allowed, near]), g.constFloat([0], []), g.constFloat([MASKED], [])]);
-    }
-    return this.slidingBias;
+    return window && this.isSliding(l) ? window : undefined;
   }
 
   /** `layer_types` when the config lists them; otherwise even layers slide, as in transformers. */
@@ -59,8 +50,8 @@ export class Gemma2Builder extends DecoderBuilder {
     // gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     const g = this.g;
     const cube = g.node('Mul', [g.node('Mul', [x, x]), x]);
-    const inner = g.node('Mul', [g.node('Add', [x, g.node('Mul', [cube, g.constFloat([0.044715], [])])]), g.constFloat([Math.sqrt(2 / Math.PI)], [])]);
-    return g.node('Mul', [g.node('Mul', [x, g.constFloat([0.5], [])]), g.node('Add', [g.node('Tanh', [inner]), g.constFloat([1], [])])]);
+    const inner = g.node('Mul', [g.node('Add', [x, g.node('Mul', [cube, this.scalar(0.044715)])]), this.scalar(Math.sqrt(2 / Math.PI))]);
+    return g.node('Mul', [g.node('Mul', [x, this.scalar(0.5)]), g.node('Add', [g.node('Tanh', [inner]), this.scalar(1)])]);
   }
 
   protected override logitsTransform(logits: string): string {

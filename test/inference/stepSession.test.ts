@@ -1,0 +1,82 @@
+import * as path from 'node:path';
+import { StepSession } from '../../services/inference/onnx/stepSession';
+import { buildModel } from '../../services/model/build';
+import { TINY_ARCHITECTURES, TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
+import { tempDir } from '../kit/files';
+import { referenceForward, relativeError } from '../reference/forward';
+
+/**
+ * The step graph (f32) and its fixed KV buffers against the float64 forward pass of
+ * test/reference, for every architecture: a prefill at once, a prefill in chunks, and
+ * token-by-token decoding into the shared buffer give the reference's hidden states and
+ * logits; two slots decoding side by side each give their own sequence's.
+ */
+const idsA = [5, 17, 301, 45, 1022, 8, 77, 9, 640, 12, 33];
+const idsB = [91, 12, 5, 700, 3, 64, 18];
+
+/** Rows [from, to) of a [positions * width] tensor. */
+const rows = (t: ArrayLike<number>, width: number, from: number, to: number) => Array.from(t).slice(from * width, to * width);
+
+describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
+  let checkpoint: string;
+  let modelDir: string;
+  let refA: ReturnType<typeof referenceForward>;
+  let refB: ReturnType<typeof referenceForward>;
+  let L: number;
+  let d: number;
+  let V: number;
+
+  beforeAll(async () => {
+    const dir = tempDir(`step-${arch}`);
+    checkpoint = path.join(dir, 'checkpoint');
+    modelDir = path.join(dir, 'model');
+    await writeTinyCheckpoint({ arch: arch as TinyArch, out: checkpoint, seed: 3, merges: 2000 });
+    await buildModel({ hf: checkpoint, out: modelDir, capture: true, decodeLoop: false });
+    refA = referenceForward(checkpoint, idsA);
+    refB = referenceForward(checkpoint, idsB);
+    L = refA.hidden.length;
+    d = refA.hidden[0].length / idsA.length;
+    V = refA.logits.length / idsA.length;
+  });
+
+  function expectClose(hidden: Float32Array[], logits: Float32Array | undefined, ref: ReturnType<typeof referenceForward>, from: number, to: number) {
+    for (let l = 0; l < L; l++) expect(relativeError(hidden[l], rows(ref.hidden[l], d, from, to))).toBeLessThanOrEqual(1e-4);
+    if (logits) expect(relativeError(logits, rows(ref.logits, V, from, to))).toBeLessThanOrEqual(1e-4);
+  }
+
+  it('prefills at once and in chunks as the reference computes', async () => {
+    const session = await StepSession.load(modelDir, { slots: 1, slotLength: 16 });
+    const whole = await session.prefill(0, idsA, { logits: 'all' });
+    expectClose(whole.hidden, whole.logits, refA, 0, idsA.length);
+    session.reset(0);
+    const chunked = await session.prefill(0, idsA, { chunk: 3, logits: 'all' });
+    expectClose(chunked.hidden, chunked.logits, refA, 0, idsA.length);
+    expect(session.lengths[0]).toBe(idsA.length);
+    // 'last': the last position's logits only.
+    session.reset(0);
+    const last = await session.prefill(0, idsA, { chunk: 4 });
+    expect(relativeError(last.logits, rows(refA.logits, V, idsA.length - 1, idsA.length))).toBeLessThanOrEqual(1e-4);
+    await session.close();
+  });
+
+  it('decodes token by token into the shared buffer, two slots side by side', async () => {
+    const session = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
+    await session.prefill(0, idsA.slice(0, 4));
+    await session.prefill(1, idsB.slice(0, 2));
+    // Slot 0 feeds idsA[4..], slot 1 idsB[2..] while it has tokens left, then idles.
+    for (let t = 0; t < idsA.length - 4; t++) {
+      const b = idsB[2 + t];
+      const out = await session.decode([idsA[4 + t], b]);
+      const p = 4 + t;
+      for (let l = 0; l < L; l++) expect(relativeError(out.hidden[l].subarray(0, d), rows(refA.hidden[l], d, p, p + 1))).toBeLessThanOrEqual(1e-4);
+      expect(relativeError(out.logits.subarray(0, V), rows(refA.logits, V, p, p + 1))).toBeLessThanOrEqual(1e-4);
+      if (b !== undefined) {
+        const q = 2 + t;
+        for (let l = 0; l < L; l++) expect(relativeError(out.hidden[l].subarray(d, 2 * d), rows(refB.hidden[l], d, q, q + 1))).toBeLessThanOrEqual(1e-4);
+        expect(relativeError(out.logits.subarray(V, 2 * V), rows(refB.logits, V, q, q + 1))).toBeLessThanOrEqual(1e-4);
+      }
+    }
+    expect([...session.lengths]).toEqual([idsA.length, idsB.length]);
+    await session.close();
+  });
+});
