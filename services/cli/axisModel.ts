@@ -4,6 +4,7 @@ import type { WeightDtype } from '../contracts/modelDirectory';
 import { buildModel } from '../model/build';
 import { writeTinyCheckpoint } from '../model/tiny';
 import { writeHiddenStates } from './hidden';
+import { printPlan } from './plan';
 
 const USAGE = `usage:
   axis-model tiny --arch llama|qwen2|qwen3|gemma2 --out <checkpoint dir> [--seed N] [--merges N]
@@ -47,6 +48,11 @@ async function main(argv: string[]): Promise<void> {
     const started = Date.now();
     const meta = await buildModel({ hf: values.hf, out: values.out, capture: !values['no-capture'], dtype: values.dtype as WeightDtype, layers, decodeLoop: !values['no-decode-loop'] }, (m) => process.stderr.write(m + '\n'));
     process.stdout.write(`built ${meta.name} (${meta.architecture}, ${meta.num_layers} layers) into ${values.out} in ${((Date.now() - started) / 1000).toFixed(1)} s\n`);
+  } else if (command === 'plan') {
+    const { values } = parseArgs({ args: rest, options: { hf: { type: 'string' }, dtype: { type: 'string' }, 'gpu-memory': { type: 'string' }, 'max-length': { type: 'string' }, gpus: { type: 'string', default: '1' } } });
+    if (!values.hf || !values.dtype || !values['gpu-memory']) throw new Error(`plan needs --hf, --dtype and --gpu-memory\n\n${USAGE}`);
+    const fits = await printPlan({ hf: values.hf, dtype: values.dtype, gpuMemory: values['gpu-memory'], maxLength: values['max-length'], gpus: values.gpus! }, (line) => process.stdout.write(line + '\n'));
+    if (!fits) process.exitCode = 1;
   } else if (command === 'hidden') {
     const { values } = parseArgs({ args: rest, options: { model: { type: 'string' }, ids: { type: 'string' }, out: { type: 'string' } } });
     if (!values.model || !values.ids || !values.out) throw new Error(`hidden needs --model, --ids and --out\n\n${USAGE}`);

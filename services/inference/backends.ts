@@ -5,7 +5,7 @@ import type { INFERENCE_OPTIONS } from './options';
 import { SyntheticBackend } from './synthetic';
 
 /** The backend the options name, with its options checked (a clear error naming the flag otherwise). */
-export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; warn?: (msg: string) => void } = {}): InferenceBackend {
+export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; warn?: (msg: string) => void; info?: (msg: string) => void } = {}): InferenceBackend {
   if (cfg.backend === 'synthetic') {
     return new SyntheticBackend({
       model: cfg.model || 'synthetic-tiny',
@@ -32,6 +32,8 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
       maxBatch: cfg['max-batch'],
       maxBatchTokens: cfg['max-batch-tokens'],
       gatherMs: cfg['batch-gather-ms'],
+      deviceMemory: cfg['device-memory'],
+      slotLength: cfg['slot-length'],
       ...hooks,
     });
   }

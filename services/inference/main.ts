@@ -30,6 +30,7 @@ async function main(): Promise<void> {
       metrics.batchSeconds.observe(b.seconds);
     },
     warn: (msg) => log.warn(msg),
+    info: (msg) => log.info(msg),
   });
   service = createInferenceService({ backend, wireDtype, metrics, log });
   const running = await startService({

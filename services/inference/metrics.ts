@@ -29,6 +29,8 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
   gauge('axis_inference_requests_waiting', 'Items received and waiting for a free slot', () => Math.max(0, load.inFlight() - load.running()));
   gauge('axis_inference_batch_size', 'Sequences in the batch running now (0 when idle); the synthetic backend runs each item alone', () => load.batchSize());
   const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture', 'decode'], registers });
+  const slots = new prom.Gauge({ name: 'axis_inference_slots', help: 'Sequences the memory plan lets this replica hold at once (0: no plan)', registers });
+  const slotLength = new prom.Gauge({ name: 'axis_inference_slot_length_tokens', help: 'Tokens one sequence may hold, prompt and answer (the memory plan\'s slot length)', registers });
   const provider = new prom.Gauge({ name: 'axis_inference_execution_provider', help: 'The onnxruntime execution provider each stage runs on (value 1)', labelNames: ['provider', 'device'], registers });
   return {
     batchSizes: new prom.Histogram({ name: 'axis_inference_batch_sequences', help: 'Sequences per batch run', buckets: [1, 2, 4, 8, 16, 32, 64, 128], registers }),
@@ -40,6 +42,8 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
     /** The loaded model and where each stage runs (value 1). */
     loaded(info: ModelInfo, decode: string): void {
       modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture, decode }, 1);
+      slots.set(info.slots);
+      slotLength.set(info.slotLength);
       for (const d of info.device.split(',')) provider.set({ provider: d.startsWith('cuda') ? 'CUDAExecutionProvider' : d === 'cpu' ? 'CPUExecutionProvider' : 'none', device: d }, 1);
     },
   };

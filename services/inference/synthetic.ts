@@ -44,6 +44,9 @@ export class SyntheticBackend implements InferenceBackend {
       supportsSystemPrompt: opts.supportsSystemPrompt,
       modelShortName: modelShortName(opts.model),
       hashes: {},
+      // No memory plan: the synthetic backend holds no KV cache.
+      slots: 0,
+      slotLength: 0,
     };
   }
 

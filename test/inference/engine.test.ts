@@ -203,6 +203,39 @@ describe('the batch engine and the onnx backend', () => {
     await expect(new OnnxBackend({ ...options, modelDirs: [modelDir], device: 'tpu' }).load()).rejects.toThrow(/--device: "tpu" is not cpu, cuda, auto or cuda:N/);
   });
 
+  it('plans its memory: reports slots and slot length, batches at most as many sequences as there are slots, refuses what does not fit', async () => {
+    const { modelDir } = await model('llama');
+    const infos: string[] = [];
+    const roomy = new OnnxBackend({ ...options, modelDirs: [modelDir], slotLength: 128, deviceMemory: '64GiB', info: (m) => infos.push(m) });
+    await roomy.load();
+    const p = roomy.plan!.devices[0];
+    expect(roomy.info).toMatchObject({ slots: 256, slotLength: 128 });
+    expect(infos.some((m) => /^memory plan: cpu: 64\.00 GiB; weights .* 256 slots$/.test(m))).toBe(true);
+    await roomy.close();
+    // Room for two slots and a half: two; four items run in batches of at most two.
+    const batches: BatchStats[] = [];
+    const tight = new OnnxBackend({ ...options, modelDirs: [modelDir], slotLength: 128, deviceMemory: String(Math.floor(p.weightBytes + p.workingBytes + 2.5 * p.bytesPerSlot)), onBatch: (b) => batches.push(b) });
+    await tight.load();
+    try {
+      expect(tight.info.slots).toBe(2);
+      const m = await LoadedModel.load(modelDir);
+      const inputs = sampledJobs(m).map((x) => x.input).slice(0, 4);
+      await m.close();
+      await Promise.all(inputs.map((input) => tight.generate(input)));
+      expect(batches.reduce((n, b) => n + b.size, 0)).toBe(4);
+      expect(Math.max(...batches.map((b) => b.size))).toBeLessThanOrEqual(2);
+      // A conversation longer than a slot is refused, naming both numbers.
+      const long = { ...inputs[0], messages: [{ role: 'user', content: 'lighthouse '.repeat(200) }] };
+      await expect(tight.generate(long)).rejects.toThrow(/^messages: the conversation is \d+ tokens, which leaves no room for an answer in a slot of 128 tokens \(--slot-length\)/);
+      await expect(tight.extract([...long.messages, { role: 'assistant', content: 'yes' }], [])).rejects.toThrow(/more than a slot holds \(128, --slot-length\)/);
+    } finally {
+      await tight.close();
+    }
+    const none = new OnnxBackend({ ...options, modelDirs: [modelDir], slotLength: 128, deviceMemory: String(Math.floor(p.weightBytes + p.workingBytes)) });
+    await expect(none.load()).rejects.toThrow(/^the model does not fit the device's memory: cpu: .* weights .* 0 slots; does not fit$/);
+    await expect(new OnnxBackend({ ...options, modelDirs: [modelDir], deviceMemory: 'lots' }).load()).rejects.toThrow('--device-memory: "lots" is not a size');
+  });
+
   it('keeps padded prompt tokens per batch under --max-batch-tokens', async () => {
     const ran: number[][] = [];
     const runner = {

@@ -8,6 +8,8 @@ import { extractionJob, extractionOutput, generationJob, generationOutput, witho
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
 import { CPU, ModelLoadError, Placement } from './session';
+import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan } from '../memoryPlan';
+import { planLoaded } from './plan';
 
 export interface OnnxOptions extends EngineOptions {
   /** A model directory, or the stages of a split model in layer order. */
@@ -18,9 +20,15 @@ export interface OnnxOptions extends EngineOptions {
   /** `cpu`, `cuda` (GPU 0, or one GPU per stage), `auto` (CUDA when it loads, else CPU, logged), or `cuda:N` per stage, comma-separated. */
   device: string;
   decode: 'auto' | 'loop' | 'host';
+  /** Memory of each device for the memory plan ("80GiB"); empty: the machine's RAM on the CPU, no plan on CUDA. */
+  deviceMemory?: string;
+  /** Tokens one sequence may hold (prompt and answer); default DEFAULT_SLOT_LENGTH. */
+  slotLength?: number;
   onBatch?: (s: BatchStats) => void;
   /** Where a fallback is reported: the service's log. */
   warn?: (msg: string) => void;
+  /** Where the memory plan is reported: the service's log. */
+  info?: (msg: string) => void;
 }
 
 /** The device list a --device value asks for, one placement per stage. */
@@ -57,8 +65,13 @@ export class OnnxBackend implements InferenceBackend {
       supportsSystemPrompt: false,
       modelShortName: '',
       hashes: {},
+      slots: 0,
+      slotLength: 0,
     };
   }
+
+  /** The memory plan of the loaded model (undefined: none was made). */
+  plan: ModelPlan | undefined;
 
   currentBatchSize(): number {
     return this.engine?.currentBatch ?? 0;
@@ -84,8 +97,23 @@ export class OnnxBackend implements InferenceBackend {
       model = await LoadedModel.load(this.opts.modelDirs, { decode, placements: wanted });
     }
     const name = this.opts.model || model.metadata.name;
+    const slotLength = this.opts.slotLength ?? DEFAULT_SLOT_LENGTH;
+    try {
+      this.plan = await planLoaded(this.opts.modelDirs, model, slotLength, this.opts.deviceMemory ?? '');
+    } catch (err) {
+      await model.close();
+      throw err;
+    }
+    if (this.plan && !this.plan.fits) {
+      await model.close();
+      throw new ModelLoadError(`the model does not fit the device's memory: ${describePlan(this.plan, describePlacements(model.runner.placements)).join('; ')}`);
+    }
+    if (!this.plan) this.opts.warn?.('no memory plan: on CUDA, give --device-memory (e.g. 80GiB) to have one');
+    else for (const line of describePlan(this.plan, describePlacements(model.runner.placements))) this.opts.info?.(`memory plan: ${line}`);
     this.model = model;
-    this.engine = new BatchEngine(model.runner, this.opts, this.opts.onBatch);
+    this.slotLength = slotLength;
+    // A batch holds at most as many sequences as the plan has slots.
+    this.engine = new BatchEngine(model.runner, { ...this.opts, maxBatch: Math.min(this.opts.maxBatch, this.plan?.slots ?? this.opts.maxBatch) }, this.opts.onBatch);
     this.info = {
       ...this.info,
       model: name,
@@ -96,8 +124,12 @@ export class OnnxBackend implements InferenceBackend {
       supportsSystemPrompt: model.chat.supportsSystemPrompt(),
       modelShortName: modelShortName(name),
       hashes: model.hashes,
+      slots: this.plan?.slots ?? 0,
+      slotLength,
     };
   }
+
+  private slotLength = DEFAULT_SLOT_LENGTH;
 
   private loaded(): { model: LoadedModel; engine: BatchEngine } {
     if (!this.model || !this.engine) throw new Error('the model is not loaded');
@@ -106,14 +138,14 @@ export class OnnxBackend implements InferenceBackend {
 
   async generate(input: GenerateInput): Promise<GenerateOutput> {
     const { model, engine } = this.loaded();
-    const job = generationJob(model, input);
+    const job = generationJob(model, input, this.slotLength);
     const result = await withoutThinking(model, input, await engine.submit(job, false), (again) => engine.submit(again, true));
     return generationOutput(model, input, job, result);
   }
 
   async extract(messages: ChatMessage[], layers: number[], opts: ExtractOptions = {}): Promise<ExtractOutput> {
     const { model, engine } = this.loaded();
-    return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, opts), true));
+    return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, { ...opts, slotLength: this.slotLength }), true));
   }
 
   async close(): Promise<void> {

@@ -11,9 +11,12 @@ import type { SequenceJob, SequenceResult } from './runner';
  * token budget under max_context, and the item's own uniforms (one per token it may sample,
  * from its seed), so its text does not depend on the batch it runs in.
  */
-export function generationJob(model: LoadedModel, input: GenerateInput): SequenceJob & { promptTokens: number } {
+export function generationJob(model: LoadedModel, input: GenerateInput, slotLength = Infinity): SequenceJob & { promptTokens: number } {
   const ids = model.encode(model.chat.render(input.messages, true, input.sampling.enableThinking));
-  const room = input.sampling.maxContext - ids.length;
+  if (ids.length >= slotLength) {
+    throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, which leaves no room for an answer in a slot of ${slotLength} tokens (--slot-length)`);
+  }
+  const room = Math.min(input.sampling.maxContext, slotLength) - ids.length;
   if (room < 1) {
     throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, which leaves no room for an answer under max_context ${input.sampling.maxContext}`);
   }
@@ -42,7 +45,7 @@ export function generationOutput(model: LoadedModel, input: GenerateInput, job: 
  * `answerIds`, when the caller kept the sampled ids, are used as they are; otherwise the
  * answer text is tokenized, which can split it differently from how it was sampled.
  */
-export function extractionJob(model: LoadedModel, messages: ChatMessage[], opts: { answerIds?: number[]; maxContext?: number; enableThinking?: boolean } = {}): SequenceJob & { answerTokens: number } {
+export function extractionJob(model: LoadedModel, messages: ChatMessage[], opts: { answerIds?: number[]; maxContext?: number; enableThinking?: boolean; slotLength?: number } = {}): SequenceJob & { answerTokens: number } {
   const promptIds = model.encode(model.chat.render(messages.slice(0, -1), true, opts.enableThinking));
   const answer = opts.answerIds && opts.answerIds.length ? opts.answerIds : model.encode(messages[messages.length - 1].content);
   const vocab = model.metadata.vocab_size;
@@ -51,6 +54,9 @@ export function extractionJob(model: LoadedModel, messages: ChatMessage[], opts:
   const ids = [...promptIds, ...answer];
   if (opts.maxContext && ids.length > opts.maxContext) {
     throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, more than max_context ${opts.maxContext}`);
+  }
+  if (opts.slotLength && ids.length > opts.slotLength) {
+    throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${ids.length} tokens, more than a slot holds (${opts.slotLength}, --slot-length)`);
   }
   const weights = new Float32Array(ids.length);
   answerWeights(model, answer).forEach((w, i) => (weights[promptIds.length + i] = w));
