@@ -20,8 +20,8 @@ const USAGE = `usage:
       sequences (slots) of --max-length tokens fit; exits 1 when the model does not fit, saying
       how many GPUs of that size a split into stages needs (GiB = 2^30 bytes, GB = 10^9)
   axis-model hidden --model <model dir> --ids 1,2,3 --out <file.safetensors>
-      one forward pass by the step graph (the portable one for a half-precision build, which the
-      CPU cannot run): hidden_states [num_layers, seq, hidden] (each decoder block's output,
+      one forward pass by the step graph (the portable one for a bf16 build, which the CPU
+      cannot run): hidden_states [num_layers, seq, hidden] (each decoder block's output,
       before the final norm) and logits [seq, vocab], float32`;
 
 async function main(argv: string[]): Promise<void> {
@@ -59,7 +59,7 @@ async function main(argv: string[]): Promise<void> {
     const ids = values.ids.split(',').map((t) => Number(t.trim()));
     if (ids.length === 0 || ids.some((n) => !Number.isInteger(n) || n < 0)) throw new Error(`--ids must be comma-separated token ids, got ${values.ids}`);
     const graph = await writeHiddenStates(values.model, ids, values.out);
-    process.stdout.write(`wrote hidden_states and logits for ${ids.length} tokens to ${values.out} (${graph === 'step' ? 'the step graph, as generation computes them' : 'the portable graph: the step graph of this build does not run on the CPU'})\n`);
+    process.stdout.write(`wrote hidden_states and logits for ${ids.length} tokens to ${values.out} (${graph === 'step' ? 'the step graph, as generation computes them' : 'the portable graph: a bf16 step graph does not run on the CPU'})\n`);
   } else {
     process.stdout.write(USAGE + '\n');
     if (command !== 'help' && command !== '--help') process.exitCode = 2;

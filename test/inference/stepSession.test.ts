@@ -44,6 +44,17 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
     if (logits) expect(relativeError(logits, rows(ref.logits, V, from, to))).toBeLessThanOrEqual(1e-4);
   }
 
+  it('refuses a float32 step graph on CUDA, and slots it does not have or cannot hold, naming the numbers', async () => {
+    // Refused before onnxruntime is asked: its CUDA GroupQueryAttention is fp16/bf16 only (this machine has no CUDA at all).
+    await expect(StepSession.load(modelDir, { slots: 1, slotLength: 16, placement: { provider: 'cuda', deviceId: 0 } })).rejects.toThrow(/computes in float32, which onnxruntime's CUDA GroupQueryAttention does not .*--dtype bf16 \(Gemma 2\) or f16/);
+    const session = await StepSession.load(modelDir, { slots: 2, slotLength: 8 });
+    await expect(session.prefill(0, idsA)).rejects.toThrow('11 tokens do not fit a slot of 8 (0 held, 11 new)');
+    await expect(session.prefill(2, idsB)).rejects.toThrow('slot 2 does not exist (0..1)');
+    await expect(session.decode([1])).rejects.toThrow('a decoding step feeds every slot: 1 tokens for 2 slots');
+    expect([...session.lengths]).toEqual([0, 0]);
+    await session.close();
+  });
+
   it('prefills at once and in chunks as the reference computes', async () => {
     const session = await StepSession.load(modelDir, { slots: 1, slotLength: 16 });
     const whole = await session.prefill(0, idsA, { logits: 'all' });
@@ -78,5 +89,24 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
     }
     expect([...session.lengths]).toEqual([idsA.length, idsB.length]);
     await session.close();
+  });
+
+  // Half precision on the CPU: f16 runs (slowly); bf16 cannot pass through onnxruntime-node. Gemma 2 is built in bf16 only.
+  if (arch !== 'gemma2') it('in f16, stays near the reference and computes in half precision (not float32 in disguise)', async () => {
+    const dir = tempDir(`step-${arch}-f16`);
+    await buildModel({ hf: checkpoint, out: path.join(dir, 'model'), capture: true, dtype: 'f16', decodeLoop: false });
+    const session = await StepSession.load(path.join(dir, 'model'), { slots: 2, slotLength: 16 });
+    const whole = await session.prefill(1, idsA, { logits: 'all' });
+    const errors = [...whole.hidden.map((h, l) => relativeError(h, refA.hidden[l])), relativeError(whole.logits, refA.logits)];
+    for (const e of errors) expect(e).toBeLessThanOrEqual(2e-2);
+    expect(Math.max(...errors)).toBeGreaterThan(1e-5);
+    // Decoding into the float16 buffer from a chunked prefill agrees with the whole prefill.
+    await session.prefill(0, idsA.slice(0, 6), { chunk: 4 });
+    const out = await session.decode([idsA[6], undefined]);
+    expect(relativeError(out.logits.subarray(0, V), rows(whole.logits, V, 6, 7))).toBeLessThanOrEqual(1e-2);
+    await session.close();
+    const bf16 = tempDir(`step-${arch}-bf16`);
+    await buildModel({ hf: checkpoint, out: path.join(bf16, 'model'), capture: true, dtype: 'bf16', decodeLoop: false });
+    await expect(StepSession.load(path.join(bf16, 'model'), { slots: 1, slotLength: 16 })).rejects.toThrow(/computes in bf16, whose KV buffers onnxruntime-node cannot pass \(on cpu\)/);
   });
 });

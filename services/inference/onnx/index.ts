@@ -13,16 +13,17 @@ export { ModelLoadError } from './session';
 
 /**
  * One forward pass over token ids on the CPU: each decoder block's output and the logits at
- * every position. It runs the engine's step graph (what generation computes) when the build's
- * is float32, else the portable graph (float32 arithmetic over the half-precision weights: the
- * CPU has no bf16 arithmetic); `graph` says which.
+ * every position. It runs the engine's step graph (what generation computes, in f32 or f16),
+ * or for a bf16 build the portable graph (float32 arithmetic over the bf16 weights: bf16
+ * tensors cannot pass through onnxruntime-node, and the CPU has no bf16 arithmetic); `graph`
+ * says which.
  */
 export async function forwardPass(modelDir: string, ids: number[]): Promise<{ metadata: ModelMetadata; hidden: Float32Array[]; logits: Float32Array; graph: 'step' | 'portable' }> {
   const metadata = await readMetadata(modelDir);
   const vocab = metadata.vocab_size;
   const bad = ids.find((id) => id >= vocab);
   if (bad !== undefined) throw new Error(`--ids: token id ${bad} is outside the vocabulary (size ${vocab})`);
-  if (metadata.step?.compute_dtype === 'f32' && (metadata.layers?.[0] ?? 0) === 0) {
+  if (metadata.step && metadata.step.compute_dtype !== 'bf16' && (metadata.layers?.[0] ?? 0) === 0) {
     const step = await StepSession.load(modelDir, { slots: 1, slotLength: ids.length });
     try {
       const { hidden, logits } = await step.prefill(0, ids, { logits: 'all' });

@@ -33,9 +33,10 @@ export class SlotError extends Error {}
 export class StepSession {
   /** Tokens each slot holds now. */
   readonly lengths: Int32Array;
-  private readonly keys: Float32Array[];
-  private readonly values: Float32Array[];
+  private readonly keys: KvBuffer[];
+  private readonly values: KvBuffer[];
   private readonly slotElements: number;
+  private readonly kvType: 'float32' | 'float16';
 
   private constructor(
     readonly metadata: ModelMetadata,
@@ -47,8 +48,11 @@ export class StepSession {
     const { num_key_value_heads: kv, head_dim: hd } = metadata;
     this.slotElements = kv * slotLength * hd;
     const [first, end] = this.layers;
-    this.keys = Array.from({ length: end - first }, () => new Float32Array(slots * this.slotElements));
-    this.values = Array.from({ length: end - first }, () => new Float32Array(slots * this.slotElements));
+    // float16 elements travel as their bits (onnxruntime-node's 'float16' tensors are Uint16Array).
+    this.kvType = step.compute_dtype === 'f16' ? 'float16' : 'float32';
+    const buffer = (): KvBuffer => (this.kvType === 'float16' ? new Uint16Array(slots * this.slotElements) : new Float32Array(slots * this.slotElements));
+    this.keys = Array.from({ length: end - first }, buffer);
+    this.values = Array.from({ length: end - first }, buffer);
     this.lengths = new Int32Array(slots);
   }
 
@@ -64,10 +68,11 @@ export class StepSession {
     if ((metadata.layers?.[0] ?? 0) !== 0) throw new ModelLoadError(`${dir}: a later stage of a split model (layers ${metadata.layers}): its step graph takes the previous stage's hidden states, which this session does not feed`);
     if (!(Number.isInteger(opts.slots) && opts.slots >= 1)) throw new SlotError(`slots must be a positive integer, got ${opts.slots}`);
     if (!(Number.isInteger(opts.slotLength) && opts.slotLength >= 1)) throw new SlotError(`the slot length must be a positive integer, got ${opts.slotLength}`);
-    // onnxruntime-node passes float32 KV buffers only (bf16 is not a JavaScript tensor type); half
-    // precision steps need the device binding. The CPU provider has no bf16 arithmetic anyway.
-    if (step.compute_dtype !== 'f32') throw new ModelLoadError(`${dir}: its step graph computes in ${step.compute_dtype}, which this engine runs only on a GPU; on ${placementName(placement)} use a build with --dtype f32`);
-    if (placement.provider === 'cuda') throw new ModelLoadError(`${dir}: its step graph computes in float32, which onnxruntime's CUDA GroupQueryAttention does not (it would run on the CPU): build the model with --dtype bf16 (Gemma 2) or f16`);
+    // bf16 is not a tensor type of onnxruntime-node, so its KV buffers cannot be passed from
+    // JavaScript: bf16 steps need the device binding (and the CPU has no bf16 arithmetic).
+    if (step.compute_dtype === 'bf16') throw new ModelLoadError(`${dir}: its step graph computes in bf16, whose KV buffers onnxruntime-node cannot pass (on ${placementName(placement)}); build with --dtype f16 or f32 for this session`);
+    // onnxruntime's CUDA GroupQueryAttention has fp16/bf16 kernels only: a float32 one would run on the CPU.
+    if (placement.provider === 'cuda' && step.compute_dtype === 'f32') throw new ModelLoadError(`${dir}: its step graph computes in float32, which onnxruntime's CUDA GroupQueryAttention does not (it would run on the CPU): build the model with --dtype bf16 (Gemma 2) or f16`);
     const { file } = await checkedGraph(dir, step.graph, step.graph_sha256);
     const session = await createSession(file, placement);
     const missing = [...step.inputs.filter((n) => !session.inputNames.includes(n)), ...step.outputs.filter((n) => !session.outputNames.includes(n))];
@@ -148,7 +153,7 @@ export class StepSession {
     const { num_key_value_heads: kv, head_dim: hd } = this.metadata;
     for (let l = first; l < end; l++) {
       // One slot: a view of its part of the buffers; every slot: the whole buffers.
-      const view = (buffer: Float32Array) => new ort.Tensor('float32', batch === this.slots ? buffer : buffer.subarray(rows[0] * this.slotElements, (rows[0] + 1) * this.slotElements), [batch, kv, this.slotLength, hd]);
+      const view = (buffer: KvBuffer) => new ort.Tensor(this.kvType, batch === this.slots ? buffer : buffer.subarray(rows[0] * this.slotElements, (rows[0] + 1) * this.slotElements), [batch, kv, this.slotLength, hd]);
       const k = view(this.keys[l - first]);
       const v = view(this.values[l - first]);
       feeds[STEP_INPUTS.pastKey(l)] = k;
@@ -174,6 +179,9 @@ export class StepSession {
     if (!(Number.isInteger(slot) && slot >= 0 && slot < this.slots)) throw new SlotError(`slot ${slot} does not exist (0..${this.slots - 1})`);
   }
 }
+
+/** One layer's keys or values for every slot: float32, or float16 as bits. */
+type KvBuffer = Float32Array | Uint16Array;
 
 function concat(parts: Float32Array[]): Float32Array {
   if (parts.length === 1) return parts[0];
