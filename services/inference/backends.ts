@@ -1,11 +1,11 @@
 import type { Config } from '../shared/config';
 import type { InferenceBackend } from './backend';
-import { BatchStats, OnnxBackend } from './onnx';
+import { BatchStats, OnnxBackend, StepStats } from './onnx';
 import type { INFERENCE_OPTIONS } from './options';
 import { SyntheticBackend } from './synthetic';
 
 /** The backend the options name, with its options checked (a clear error naming the flag otherwise). */
-export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; warn?: (msg: string) => void; info?: (msg: string) => void } = {}): InferenceBackend {
+export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; onStep?: (s: StepStats) => void; warn?: (msg: string) => void; info?: (msg: string) => void } = {}): InferenceBackend {
   if (cfg.backend === 'synthetic') {
     return new SyntheticBackend({
       model: cfg.model || 'synthetic-tiny',
@@ -19,7 +19,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
   }
   if (cfg.backend === 'onnx') {
     if (!cfg['model-dir']) throw new Error('--model-dir is required with --backend onnx');
-    if (!['auto', 'loop', 'host'].includes(cfg.decode)) throw new Error(`--decode must be auto, loop or host, got ${cfg.decode}`);
+    if (!['auto', 'slots', 'loop', 'host'].includes(cfg.decode)) throw new Error(`--decode must be auto, slots, loop or host, got ${cfg.decode}`);
     if (!(Number.isInteger(cfg['max-batch']) && cfg['max-batch'] >= 1)) throw new Error(`--max-batch must be a whole number >= 1, got ${cfg['max-batch']}`);
     if (!(cfg['max-batch-tokens'] >= 1)) throw new Error(`--max-batch-tokens must be >= 1, got ${cfg['max-batch-tokens']}`);
     if (!(cfg['batch-gather-ms'] >= 0)) throw new Error(`--batch-gather-ms must be >= 0, got ${cfg['batch-gather-ms']}`);
@@ -28,7 +28,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
       model: cfg.model,
       capacity: cfg.capacity || 2 * cfg['max-batch'],
       device: cfg.device,
-      decode: cfg.decode as 'auto' | 'loop' | 'host',
+      decode: cfg.decode as 'auto' | 'slots' | 'loop' | 'host',
       maxBatch: cfg['max-batch'],
       maxBatchTokens: cfg['max-batch-tokens'],
       gatherMs: cfg['batch-gather-ms'],

@@ -29,6 +29,10 @@ async function main(): Promise<void> {
       metrics.batchSizes.observe(b.size);
       metrics.batchSeconds.observe(b.seconds);
     },
+    onStep: (s) => {
+      metrics.stepTokens.observe(s.active);
+      metrics.stepSeconds.observe(s.seconds);
+    },
     warn: (msg) => log.warn(msg),
     info: (msg) => log.info(msg),
   });

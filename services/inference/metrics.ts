@@ -30,10 +30,14 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
   gauge('axis_inference_batch_size', 'Sequences in the batch running now (0 when idle); the synthetic backend runs each item alone', () => load.batchSize());
   const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture', 'decode'], registers });
   const slots = new prom.Gauge({ name: 'axis_inference_slots', help: 'Sequences the memory plan lets this replica hold at once (0: no plan)', registers });
+  gauge('axis_inference_slot_occupancy', 'Busy slots over slots (the slots engine; 0 without a plan)', () => (slotCount ? load.batchSize() / slotCount : 0));
+  let slotCount = 0;
   const slotLength = new prom.Gauge({ name: 'axis_inference_slot_length_tokens', help: 'Tokens one sequence may hold, prompt and answer (the memory plan\'s slot length)', registers });
   const provider = new prom.Gauge({ name: 'axis_inference_execution_provider', help: 'The onnxruntime execution provider each stage runs on (value 1)', labelNames: ['provider', 'device'], registers });
   return {
     batchSizes: new prom.Histogram({ name: 'axis_inference_batch_sequences', help: 'Sequences per batch run', buckets: [1, 2, 4, 8, 16, 32, 64, 128], registers }),
+    stepTokens: new prom.Histogram({ name: 'axis_inference_step_tokens', help: 'Tokens decoded per step of the slots engine (its busy slots)', buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256], registers }),
+    stepSeconds: new prom.Histogram({ name: 'axis_inference_step_seconds', help: 'Time of one decoding step of the slots engine', buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5], registers }),
     batchSeconds: new prom.Histogram({ name: 'axis_inference_batch_seconds', help: 'Time to run one batch to its end', buckets: [0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers }),
     items: new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers }),
     tokens: new prom.Counter({ name: 'axis_inference_tokens_total', help: 'Tokens processed, by kind', labelNames: ['kind'], registers }),
@@ -43,6 +47,7 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
     loaded(info: ModelInfo, decode: string): void {
       modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture, decode }, 1);
       slots.set(info.slots);
+      slotCount = info.slots;
       slotLength.set(info.slotLength);
       for (const d of info.device.split(',')) provider.set({ provider: d.startsWith('cuda') ? 'CUDAExecutionProvider' : d === 'cpu' ? 'CPUExecutionProvider' : 'none', device: d }, 1);
     },

@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { OnnxBackend } from '../../services/inference/onnx/backend';
 import { BatchEngine, BatchStats } from '../../services/inference/onnx/engine';
+import type { StepStats } from '../../services/inference/onnx/slotEngine';
 import { extractionJob, extractOne, generateOne, generationJob } from '../../services/inference/onnx/generate';
 import { LoadedModel } from '../../services/inference/onnx/model';
 import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/runner';
@@ -154,7 +155,7 @@ describe('the batch engine and the onnx backend', () => {
   it('batches concurrent items (at most --max-batch), and a bad item fails alone while its batch carries on', async () => {
     const { modelDir } = await model('llama');
     const batches: BatchStats[] = [];
-    const backend = new OnnxBackend({ ...options, modelDirs: [modelDir], onBatch: (b) => batches.push(b) });
+    const backend = new OnnxBackend({ ...options, modelDirs: [modelDir], decode: 'loop', onBatch: (b) => batches.push(b) });
     await backend.load();
     try {
       expect(backend.info.device).toBe('cpu');
@@ -203,18 +204,20 @@ describe('the batch engine and the onnx backend', () => {
     await expect(new OnnxBackend({ ...options, modelDirs: [modelDir], device: 'tpu' }).load()).rejects.toThrow(/--device: "tpu" is not cpu, cuda, auto or cuda:N/);
   });
 
-  it('plans its memory: reports slots and slot length, batches at most as many sequences as there are slots, refuses what does not fit', async () => {
+  it('plans its memory: reports slots and slot length, runs at most as many sequences as there are slots, refuses what does not fit', async () => {
     const { modelDir } = await model('llama');
     const infos: string[] = [];
     const roomy = new OnnxBackend({ ...options, modelDirs: [modelDir], slotLength: 128, deviceMemory: '64GiB', info: (m) => infos.push(m) });
     await roomy.load();
     const p = roomy.plan!.devices[0];
-    expect(roomy.info).toMatchObject({ slots: 256, slotLength: 128 });
+    // The plan has room for 256; the engine holds --max-batch (4) of them.
+    expect(roomy.decodeKind).toBe('slots');
+    expect(roomy.info).toMatchObject({ slots: 4, slotLength: 128 });
     expect(infos.some((m) => /^memory plan: cpu: 64\.00 GiB; weights .* 256 slots$/.test(m))).toBe(true);
     await roomy.close();
-    // Room for two slots and a half: two; four items run in batches of at most two.
-    const batches: BatchStats[] = [];
-    const tight = new OnnxBackend({ ...options, modelDirs: [modelDir], slotLength: 128, deviceMemory: String(Math.floor(p.weightBytes + p.workingBytes + 2.5 * p.bytesPerSlot)), onBatch: (b) => batches.push(b) });
+    // Room for two slots and a half: two; four items run at most two at a time.
+    const steps: StepStats[] = [];
+    const tight = new OnnxBackend({ ...options, modelDirs: [modelDir], slotLength: 128, deviceMemory: String(Math.floor(p.weightBytes + p.workingBytes + 2.5 * p.bytesPerSlot)), onStep: (s) => steps.push(s) });
     await tight.load();
     try {
       expect(tight.info.slots).toBe(2);
@@ -222,8 +225,7 @@ describe('the batch engine and the onnx backend', () => {
       const inputs = sampledJobs(m).map((x) => x.input).slice(0, 4);
       await m.close();
       await Promise.all(inputs.map((input) => tight.generate(input)));
-      expect(batches.reduce((n, b) => n + b.size, 0)).toBe(4);
-      expect(Math.max(...batches.map((b) => b.size))).toBeLessThanOrEqual(2);
+      expect(Math.max(...steps.map((s) => s.active))).toBe(2);
       // A conversation longer than a slot is refused, naming both numbers.
       const long = { ...inputs[0], messages: [{ role: 'user', content: 'lighthouse '.repeat(200) }] };
       await expect(tight.generate(long)).rejects.toThrow(/^messages: the conversation is \d+ tokens, which leaves no room for an answer in a slot of 128 tokens \(--slot-length\)/);

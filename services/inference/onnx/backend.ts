@@ -3,13 +3,30 @@ import type { ChatMessage } from '../../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../../gen/assistant_axis/v1/inference';
 import { modelShortName } from '../../shared/names';
 import type { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend } from '../backend';
-import { BatchEngine, BatchStats, EngineOptions } from './engine';
+import { BatchEngine, BatchStats, EngineOptions, SequenceEngine } from './engine';
 import { extractionJob, extractionOutput, generationJob, generationOutput, withoutThinking } from './generate';
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
-import { CPU, ModelLoadError, Placement } from './session';
-import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan } from '../memoryPlan';
-import { planLoaded } from './plan';
+import { CPU, ModelLoadError, Placement, readMetadata } from './session';
+import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, PREFILL_CHUNK } from '../memoryPlan';
+import { planModelDirs } from './plan';
+import { SlotRunner, StepStats } from './slotEngine';
+import type { ModelMetadata } from '../../contracts/modelDirectory';
+
+/** A model the memory plan refuses: no fallback to another device changes that. */
+class PlanRefusal extends ModelLoadError {}
+
+/**
+ * `--decode auto`: the slots engine when the model has a step graph this device runs (f32 on
+ * the CPU, f16 anywhere; bf16 needs the device binding) and is one stage; else the generation
+ * graph when there is one; else the host loop.
+ */
+export function autoDecode(dirs: string[], metadata: ModelMetadata, placements: Placement[]): 'slots' | 'loop' | 'host' {
+  const step = metadata.step?.compute_dtype;
+  const runs = step === 'f16' || (step === 'f32' && placements[0].provider === 'cpu');
+  if (dirs.length === 1 && runs) return 'slots';
+  return dirs.length === 1 && metadata.decode_loop ? 'loop' : 'host';
+}
 
 export interface OnnxOptions extends EngineOptions {
   /** A model directory, or the stages of a split model in layer order. */
@@ -19,12 +36,14 @@ export interface OnnxOptions extends EngineOptions {
   capacity: number;
   /** `cpu`, `cuda` (GPU 0, or one GPU per stage), `auto` (CUDA when it loads, else CPU, logged), or `cuda:N` per stage, comma-separated. */
   device: string;
-  decode: 'auto' | 'loop' | 'host';
+  decode: 'auto' | 'slots' | 'loop' | 'host';
   /** Memory of each device for the memory plan ("80GiB"); empty: the machine's RAM on the CPU, no plan on CUDA. */
   deviceMemory?: string;
   /** Tokens one sequence may hold (prompt and answer); default DEFAULT_SLOT_LENGTH. */
   slotLength?: number;
   onBatch?: (s: BatchStats) => void;
+  /** Each decoding step of the slots engine. */
+  onStep?: (s: StepStats) => void;
   /** Where a fallback is reported: the service's log. */
   warn?: (msg: string) => void;
   /** Where the memory plan is reported: the service's log. */
@@ -49,7 +68,12 @@ export function parsePlacements(device: string, stages: number): Placement[] | '
 /** The `onnx` backend: model directories built by `axis-model build`, run by onnxruntime-node, batched. */
 export class OnnxBackend implements InferenceBackend {
   private model: LoadedModel | undefined;
-  private engine: BatchEngine | undefined;
+  private engine: SequenceEngine | undefined;
+
+  /** Tokens one sequence may hold (--slot-length). */
+  private get slotLength(): number {
+    return this.opts.slotLength ?? DEFAULT_SLOT_LENGTH;
+  }
   info: ModelInfo;
 
   constructor(private readonly opts: OnnxOptions) {
@@ -83,55 +107,66 @@ export class OnnxBackend implements InferenceBackend {
 
   async load(): Promise<void> {
     const wanted = parsePlacements(this.opts.device, this.opts.modelDirs.length);
-    const decode = this.opts.decode === 'auto' ? undefined : this.opts.decode;
     let model: LoadedModel;
     if (wanted === 'auto') {
       const cuda = this.opts.modelDirs.map((_, k) => ({ provider: 'cuda' as const, deviceId: k }));
       try {
-        model = await LoadedModel.load(this.opts.modelDirs, { decode, placements: cuda });
+        model = await this.loadOn(cuda);
       } catch (err) {
+        if (err instanceof PlanRefusal) throw err;
         this.opts.warn?.(`--device auto: CUDA did not load (${(err as Error).message}); running on the CPU`);
-        model = await LoadedModel.load(this.opts.modelDirs, { decode, placements: this.opts.modelDirs.map(() => CPU) });
+        model = await this.loadOn(this.opts.modelDirs.map(() => CPU));
       }
     } else {
-      model = await LoadedModel.load(this.opts.modelDirs, { decode, placements: wanted });
+      model = await this.loadOn(wanted);
     }
     const name = this.opts.model || model.metadata.name;
-    const slotLength = this.opts.slotLength ?? DEFAULT_SLOT_LENGTH;
-    try {
-      this.plan = await planLoaded(this.opts.modelDirs, model, slotLength, this.opts.deviceMemory ?? '');
-    } catch (err) {
-      await model.close();
-      throw err;
-    }
-    if (this.plan && !this.plan.fits) {
-      await model.close();
-      throw new ModelLoadError(`the model does not fit the device's memory: ${describePlan(this.plan, describePlacements(model.runner.placements)).join('; ')}`);
-    }
-    if (!this.plan) this.opts.warn?.('no memory plan: on CUDA, give --device-memory (e.g. 80GiB) to have one');
-    else for (const line of describePlan(this.plan, describePlacements(model.runner.placements))) this.opts.info?.(`memory plan: ${line}`);
+    const runner = model.runner;
     this.model = model;
-    this.slotLength = slotLength;
-    // A batch holds at most as many sequences as the plan has slots.
-    this.engine = new BatchEngine(model.runner, { ...this.opts, maxBatch: Math.min(this.opts.maxBatch, this.plan?.slots ?? this.opts.maxBatch) }, this.opts.onBatch);
+    // Slots: the engine is the step graph's; otherwise a batch holds at most as many sequences as the plan has slots.
+    this.engine = runner instanceof SlotRunner ? runner.engine : new BatchEngine(runner, { ...this.opts, maxBatch: Math.min(this.opts.maxBatch, this.plan?.slots ?? this.opts.maxBatch) }, this.opts.onBatch);
     this.info = {
       ...this.info,
       model: name,
       architecture: model.metadata.architecture,
       numLayers: model.metadata.num_layers,
       hiddenSize: model.metadata.hidden_size,
-      device: describePlacements(model.runner.placements),
+      device: describePlacements(runner.placements),
       supportsSystemPrompt: model.chat.supportsSystemPrompt(),
       modelShortName: modelShortName(name),
       hashes: model.hashes,
-      slots: this.plan?.slots ?? 0,
-      slotLength,
+      slots: runner instanceof SlotRunner ? runner.step.slots : (this.plan?.slots ?? 0),
+      slotLength: this.slotLength,
     };
   }
 
-  private slotLength = DEFAULT_SLOT_LENGTH;
+  /**
+   * Chooses how to decode on these placements, makes the memory plan (refusing a model that
+   * does not fit before loading it), and loads the model.
+   */
+  private async loadOn(placements: Placement[]): Promise<LoadedModel> {
+    const dirs = this.opts.modelDirs;
+    const metadata = await readMetadata(dirs[0]);
+    const decode = this.opts.decode === 'auto' ? autoDecode(dirs, metadata, placements) : this.opts.decode;
+    const plan = await planModelDirs(dirs, placements, { slotLength: this.slotLength, deviceMemory: this.opts.deviceMemory ?? '', engine: decode === 'slots' ? 'slots' : 'portable' });
+    const where = describePlacements(placements);
+    if (plan && !plan.fits) throw new PlanRefusal(`the model does not fit the device's memory: ${describePlan(plan, where).join('; ')}`);
+    if (decode === 'slots' && !plan) throw new PlanRefusal('--decode slots needs a memory plan: give --device-memory (e.g. 80GiB)');
+    // The step engine holds at most --max-batch sequences, and no more than fit.
+    const slots = plan ? Math.min(this.opts.maxBatch, plan.slots) : 0;
+    const model = await LoadedModel.load(dirs, {
+      decode,
+      placements,
+      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: 'fifo' as const, onStep: this.opts.onStep } } : {}),
+    });
+    // Said once the model is loaded here (a failed CUDA attempt under --device auto says nothing).
+    if (!plan) this.opts.warn?.('no memory plan: on CUDA, give --device-memory (e.g. 80GiB) to have one');
+    else for (const line of describePlan(plan, where)) this.opts.info?.(`memory plan: ${line}`);
+    this.plan = plan;
+    return model;
+  }
 
-  private loaded(): { model: LoadedModel; engine: BatchEngine } {
+  private loaded(): { model: LoadedModel; engine: SequenceEngine } {
     if (!this.model || !this.engine) throw new Error('the model is not loaded');
     return { model: this.model, engine: this.engine };
   }

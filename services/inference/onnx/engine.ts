@@ -9,6 +9,16 @@ export interface EngineOptions {
   gatherMs: number;
 }
 
+/** What the backend submits items to: batches (BatchEngine) or slots (SlotEngine). */
+export interface SequenceEngine {
+  submit(job: SequenceJob, extract: boolean): Promise<SequenceResult>;
+  /** Sequences running now (0 when idle), for the batch-size gauge. */
+  readonly currentBatch: number;
+  /** Items waiting to start. */
+  readonly waiting: number;
+  close(): void;
+}
+
 export interface BatchStats {
   size: number;
   paddedTokens: number;
@@ -30,7 +40,7 @@ interface Waiting {
  * length, so padding stays small and nothing waits behind newer work for long. The generation
  * graph runs a batch to its end, so new sequences join the next batch, not a running one.
  */
-export class BatchEngine {
+export class BatchEngine implements SequenceEngine {
   private readonly queue: Waiting[] = [];
   private running = false;
   private closed = false;

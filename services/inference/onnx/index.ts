@@ -9,6 +9,7 @@ import { StepSession } from './stepSession';
 export { OnnxBackend, parsePlacements } from './backend';
 export type { OnnxOptions } from './backend';
 export type { BatchStats } from './engine';
+export type { StepStats } from './slotEngine';
 export { ModelLoadError } from './session';
 
 /**

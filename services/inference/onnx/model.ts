@@ -6,15 +6,21 @@ import { ChatTemplate } from './chat';
 import type { TokenKind } from './responseMean';
 import { BatchRunner, HostRunner, kindTable, LoopRunner, TokenRules } from './runner';
 import { CPU, DecoderSession, ModelLoadError, Placement, readJson, readMetadata } from './session';
+import { SlotEngine, SlotPolicy, SlotRunner, StepStats } from './slotEngine';
+import { StepSession } from './stepSession';
 
 export { ModelLoadError };
 
 export interface LoadOptions {
   /**
-   * `loop`: the generation graph, one run per batch (the default when the directory has one);
-   * `host`: the decoder graph, one run per token (split models, and the baseline).
+   * `slots`: continuous batching over the step graph (needs `slots`); `loop`: the generation
+   * graph, one run per batch; `host`: the portable graph, one run per token (split models, and
+   * the baseline). Default: `slots` when `slots` is given, else `loop` when the directory has
+   * the generation graph, else `host`.
    */
-  decode?: 'loop' | 'host';
+  decode?: 'slots' | 'loop' | 'host';
+  /** The slots of the `slots` engine (from the memory plan). */
+  slots?: { slots: number; slotLength: number; prefillChunk: number; policy: SlotPolicy; staticBatches?: boolean; onStep?: (s: StepStats) => void };
   /** One placement per stage (a whole model is one stage); default CPU. */
   placements?: Placement[];
   /** Accept a generation graph built with --no-capture (benchmarks only: no activations). */
@@ -49,8 +55,15 @@ export class LoadedModel implements TokenRules {
     if (placements.length !== dirs.length) throw new ModelLoadError(`${dirs.length} model directories but ${placements.length} devices: give one device per stage`);
     const metadata = await readMetadata(dirs[0]);
     const model = await LoadedModel.tokens(dirs[0], metadata);
-    const decode = opts.decode ?? (dirs.length === 1 && metadata.decode_loop ? 'loop' : 'host');
-    if (decode === 'loop') {
+    const decode = opts.decode ?? (opts.slots ? 'slots' : dirs.length === 1 && metadata.decode_loop ? 'loop' : 'host');
+    if (decode === 'slots') {
+      if (dirs.length > 1) throw new ModelLoadError('a model split into stages runs with the host loop (--decode host): the step engine runs a whole model');
+      const s = opts.slots;
+      if (!s) throw new ModelLoadError('--decode slots needs the memory plan\'s slots');
+      const step = await StepSession.load(dirs[0], { slots: s.slots, slotLength: s.slotLength, placement: placements[0] });
+      model.runner = new SlotRunner(step, new SlotEngine(step, model, s, s.onStep), [placements[0]]);
+      model.hashes.graph = metadata.step!.graph_sha256;
+    } else if (decode === 'loop') {
       if (dirs.length > 1) throw new ModelLoadError('a model split into stages runs with the host loop (--decode host): the generation graph holds a whole model');
       model.runner = await LoopRunner.load(dirs[0], metadata, placements[0], model, opts.textOnly);
       model.hashes.graph = metadata.decode_loop!.graph_sha256;

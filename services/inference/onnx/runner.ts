@@ -39,8 +39,8 @@ export interface TokenRules {
 
 /** Runs batches of sequences; one batch at a time. */
 export interface BatchRunner {
-  /** `loop` (one run per batch, the cache never leaves the device) or `host` (one run per token). */
-  readonly kind: 'loop' | 'host';
+  /** `slots` (continuous batching over the step graph), `loop` (one run per batch of the generation graph) or `host` (one run per token). */
+  readonly kind: 'slots' | 'loop' | 'host';
   readonly placements: Placement[];
   run(jobs: SequenceJob[]): Promise<SequenceResult[]>;
   close(): Promise<void>;

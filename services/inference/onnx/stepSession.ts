@@ -117,12 +117,14 @@ export class StepSession {
   }
 
   /**
-   * One decoding step of every slot: `tokens[s]` is fed to slot s (undefined: the slot is idle
-   * and its row is computed but neither kept nor counted). Returns each row's logits and hidden states.
+   * One decoding step of slots 0..tokens.length-1 (a view of the buffers' first rows, so a
+   * step costs what the busy slots need when they are the lowest ones): `tokens[s]` is fed to
+   * slot s (undefined: the slot is idle, and its row is computed but neither kept nor counted).
+   * Returns each row's logits and hidden states.
    */
   async decode(tokens: (number | undefined)[]): Promise<StepResult> {
-    if (tokens.length !== this.slots) throw new SlotError(`a decoding step feeds every slot: ${tokens.length} tokens for ${this.slots} slots`);
-    const slots = [...Array(this.slots).keys()];
+    if (tokens.length < 1 || tokens.length > this.slots) throw new SlotError(`a decoding step feeds slots 0..k-1 of ${this.slots}: got ${tokens.length} tokens`);
+    const slots = [...Array(tokens.length).keys()];
     for (const s of slots) {
       if (tokens[s] !== undefined && this.lengths[s] + 1 > this.slotLength) throw new SlotError(`slot ${s} is full (${this.slotLength} tokens)`);
     }
@@ -152,8 +154,8 @@ export class StepSession {
     const fetches: Record<string, ort.Tensor | null> = {};
     const { num_key_value_heads: kv, head_dim: hd } = this.metadata;
     for (let l = first; l < end; l++) {
-      // One slot: a view of its part of the buffers; every slot: the whole buffers.
-      const view = (buffer: KvBuffer) => new ort.Tensor(this.kvType, batch === this.slots ? buffer : buffer.subarray(rows[0] * this.slotElements, (rows[0] + 1) * this.slotElements), [batch, kv, this.slotLength, hd]);
+      // Consecutive slots rows[0].. as a view of their part of the buffers (past and present alike).
+      const view = (buffer: KvBuffer) => new ort.Tensor(this.kvType, buffer.subarray(rows[0] * this.slotElements, (rows[0] + batch) * this.slotElements), [batch, kv, this.slotLength, hd]);
       const k = view(this.keys[l - first]);
       const v = view(this.values[l - first]);
       feeds[STEP_INPUTS.pastKey(l)] = k;

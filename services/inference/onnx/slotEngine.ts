@@ -1,0 +1,257 @@
+import { ResponseMean } from './responseMean';
+import type { BatchRunner, SequenceJob, SequenceResult, TokenRules } from './runner';
+import type { Placement } from './session';
+import { sampleToken } from './sampling';
+import { SlotError, StepSession } from './stepSession';
+
+/** Which waiting item takes a free slot: `fifo`, the oldest first (the only policy so far). */
+export type SlotPolicy = 'fifo';
+
+export interface SlotEngineOptions {
+  /** Prompt tokens per prefill run (longer prompts go in chunks). */
+  prefillChunk: number;
+  policy: SlotPolicy;
+  /** Admit new items only once every slot is free: static batching, the benchmark's baseline. */
+  staticBatches?: boolean;
+}
+
+/** One decoding step, for the metrics. */
+export interface StepStats {
+  /** Slots decoding in this step. */
+  active: number;
+  /** Rows the step ran (the busy slots and any idle ones below the highest busy one). */
+  rows: number;
+  seconds: number;
+}
+
+export class CancelledError extends Error {
+  readonly code = 1; // grpc.status.CANCELLED
+}
+
+interface Item {
+  job: SequenceJob;
+  extract: boolean;
+  arrived: number;
+  resolve: (r: SequenceResult) => void;
+  reject: (e: unknown) => void;
+  signal?: AbortSignal;
+}
+
+/** A generating item in its slot: what it sampled, the token it feeds next, its running mean. */
+interface Busy {
+  item: Item;
+  responseIds: number[];
+  next: number;
+  mean: ResponseMean;
+}
+
+/**
+ * Continuous batching over the step graph's slots. An item is prefilled into a free slot (a
+ * batch-1 run, in chunks) and from the next step decodes with the others, one token per step;
+ * when it ends (a stop token, its token budget, cancellation) its slot is free at once for
+ * the next waiting item. Each slot keeps its item's own sampling parameters and uniforms, so
+ * an item's text does not depend on its slot, its neighbours or the step it joined at; the
+ * per-layer sums over the response's counted tokens (docs/CONCEPTS.md, "Activation") grow in
+ * the slot and only the finished item's mean leaves. Extract items use a slot for their
+ * prefill only.
+ */
+export class SlotEngine {
+  private readonly queue: Item[] = [];
+  private readonly slots: (Busy | undefined)[];
+  private pumping = false;
+  private closed = false;
+
+  constructor(
+    private readonly step: StepSession,
+    private readonly rules: TokenRules,
+    private readonly opts: SlotEngineOptions,
+    private readonly onStep: (s: StepStats) => void = () => undefined,
+  ) {
+    this.slots = new Array(step.slots).fill(undefined);
+  }
+
+  /** Items waiting for a slot. */
+  get waiting(): number {
+    return this.queue.length;
+  }
+
+  /** Slots holding an item now. */
+  get occupied(): number {
+    return this.slots.filter(Boolean).length;
+  }
+
+  get capacity(): number {
+    return this.slots.length;
+  }
+
+  /** For the batch-size gauge: the slots decoding now. */
+  get currentBatch(): number {
+    return this.occupied;
+  }
+
+  submit(job: SequenceJob, extract: boolean, signal?: AbortSignal): Promise<SequenceResult> {
+    if (this.closed) return Promise.reject(new Error('the engine is closed'));
+    if (signal?.aborted) return Promise.reject(new CancelledError('cancelled before it started'));
+    return new Promise((resolve, reject) => {
+      const item: Item = { job, extract, arrived: performance.now(), resolve, reject, signal };
+      this.queue.push(item);
+      signal?.addEventListener('abort', () => this.cancelWaiting(item), { once: true });
+      void this.pump();
+    });
+  }
+
+  /** Fails what still waits; items in slots finish. */
+  close(): void {
+    this.closed = true;
+    for (const w of this.queue.splice(0)) w.reject(new Error('the inference service is shutting down'));
+  }
+
+  private cancelWaiting(item: Item): void {
+    const at = this.queue.indexOf(item);
+    if (at >= 0) {
+      this.queue.splice(at, 1);
+      item.reject(new CancelledError('cancelled while waiting for a slot'));
+    }
+    // An item in a slot is let go at the next step boundary (a run cannot be interrupted).
+  }
+
+  /** Runs admissions and steps while there is work; one pump at a time. */
+  private async pump(): Promise<void> {
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      for (;;) {
+        this.releaseCancelled();
+        await this.admit();
+        if (!this.slots.some(Boolean)) {
+          if (this.queue.length === 0) return;
+          continue;
+        }
+        await this.decodeStep();
+      }
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  /** Prefills waiting items into free slots, lowest first (so a step's rows stay few). */
+  private async admit(): Promise<void> {
+    if (this.opts.staticBatches && this.slots.some(Boolean)) return;
+    for (let s = 0; s < this.slots.length && this.queue.length > 0; s++) {
+      if (this.slots[s]) continue;
+      const item = this.queue.shift()!;
+      try {
+        await this.prefill(s, item);
+      } catch (err) {
+        // A failing item fails alone; its slot is free again.
+        this.step.reset(s);
+        this.slots[s] = undefined;
+        item.reject(err);
+      }
+    }
+  }
+
+  private async prefill(slot: number, item: Item): Promise<void> {
+    const { job } = item;
+    const needs = job.ids.length + job.maxNew;
+    if (needs > this.step.slotLength) throw new SlotError(`the item needs ${needs} tokens (${job.ids.length} of prompt, up to ${job.maxNew} new), more than a slot holds (${this.step.slotLength})`);
+    this.step.reset(slot);
+    const out = await this.step.prefill(slot, job.ids, { chunk: this.opts.prefillChunk });
+    const { num_layers: L, hidden_size: d } = this.step.metadata;
+    if (item.extract || job.maxNew === 0) {
+      // Extract: the weighted mean of the answer positions, from this prefill alone.
+      const sum = new Float64Array(L * d);
+      let total = 0;
+      job.weights?.forEach((w, i) => {
+        if (!w || out.hidden.length === 0) return;
+        for (let l = 0; l < L; l++) {
+          const row = out.hidden[l].subarray(i * d, (i + 1) * d);
+          for (let x = 0; x < d; x++) sum[l * d + x] += w * row[x];
+        }
+        total += w;
+      });
+      const mean = new Float32Array(L * d);
+      if (total) for (let i = 0; i < mean.length; i++) mean[i] = sum[i] / total;
+      this.step.reset(slot);
+      item.resolve({ responseIds: [], stopped: false, mean, counted: total });
+      return;
+    }
+    const first = sampleToken(out.logits, job.temperature, job.topP, job.uniforms[0]);
+    if (this.rules.stopIds.has(first)) {
+      this.step.reset(slot);
+      item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
+      return;
+    }
+    this.slots[slot] = { item, responseIds: [first], next: first, mean: new ResponseMean(L, d) };
+  }
+
+  /** One decoding step of the busy slots: feed each its next token, count it, sample the one after. */
+  private async decodeStep(): Promise<void> {
+    const rows = this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0);
+    const tokens = this.slots.slice(0, rows).map((b) => b?.next);
+    const started = performance.now();
+    let out;
+    try {
+      out = await this.step.decode(tokens);
+    } catch (err) {
+      // The step failed for every row: the items in it fail, the slots are free again.
+      this.slots.forEach((b, s) => {
+        if (!b) return;
+        this.step.reset(s);
+        this.slots[s] = undefined;
+        b.item.reject(err);
+      });
+      return;
+    }
+    const { hidden_size: d, vocab_size: V } = this.step.metadata;
+    let active = 0;
+    this.slots.forEach((b, s) => {
+      if (!b) return;
+      active++;
+      if (out.hidden.length) b.mean.add(this.rules.tokenKind(b.next), (l) => out.hidden[l].subarray(s * d, (s + 1) * d));
+      const { job } = b.item;
+      if (b.responseIds.length >= job.maxNew) return this.finish(s, false);
+      const token = sampleToken(out.logits.subarray(s * V, (s + 1) * V), job.temperature, job.topP, job.uniforms[b.responseIds.length]);
+      if (this.rules.stopIds.has(token)) return this.finish(s, true);
+      b.responseIds.push(token);
+      b.next = token;
+    });
+    this.onStep({ active, rows, seconds: (performance.now() - started) / 1000 });
+  }
+
+  private finish(slot: number, stopped: boolean): void {
+    const b = this.slots[slot]!;
+    this.slots[slot] = undefined;
+    this.step.reset(slot);
+    b.item.resolve({ responseIds: b.responseIds, stopped, mean: b.mean.mean(), counted: b.mean.tokens });
+  }
+
+  /** Lets go of items cancelled while in a slot: the slot is free for the next waiting item. */
+  private releaseCancelled(): void {
+    this.slots.forEach((b, s) => {
+      if (!b?.item.signal?.aborted) return;
+      this.slots[s] = undefined;
+      this.step.reset(s);
+      b.item.reject(new CancelledError('cancelled while generating'));
+    });
+  }
+}
+
+/**
+ * The slots as a batch runner (what tools and tests that run jobs in batches use): each job
+ * goes through the engine, so a batch is simply items submitted together.
+ */
+export class SlotRunner implements BatchRunner {
+  readonly kind = 'slots';
+
+  constructor(readonly step: StepSession, readonly engine: SlotEngine, readonly placements: Placement[]) {}
+
+  run(jobs: SequenceJob[]): Promise<SequenceResult[]> {
+    return Promise.all(jobs.map((j) => this.engine.submit(j, j.maxNew === 0)));
+  }
+
+  async close(): Promise<void> {
+    this.engine.close();
+    await this.step.close();
+  }
+}

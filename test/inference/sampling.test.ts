@@ -1,0 +1,50 @@
+import { sampleToken } from '../../services/inference/onnx/sampling';
+
+/**
+ * The sampler's nucleus comes from a partial sort (the k most probable ids, k growing); it must
+ * choose exactly what a full sort of the vocabulary chooses (the rule transformers'
+ * TopPLogitsWarper applies), ties included. The full-sort sampler here is written apart.
+ */
+function fullSortSample(logits: number[], temperature: number, topP: number, u: number): number {
+  const max = Math.max(...logits);
+  const weights = logits.map((x) => Math.exp((x - max) / temperature));
+  const total = weights.reduce((a, b) => a + b, 0);
+  const p = weights.map((x) => x / total);
+  // top_p >= 1 keeps every id, in id order; otherwise the nucleus in probability order.
+  const order = topP >= 1 ? p.map((_, i) => i) : p.map((_, i) => i).sort((a, b) => p[b] - p[a] || a - b);
+  const kept: number[] = [];
+  let cumulative = 0;
+  for (const i of order) {
+    kept.push(i);
+    cumulative += p[i];
+    if (cumulative >= topP) break;
+  }
+  let mass = 0;
+  for (const i of kept) mass += p[i];
+  let r = u * mass;
+  for (const i of kept) {
+    r -= p[i];
+    if (r < 0) return i;
+  }
+  return kept[kept.length - 1];
+}
+
+describe('sampleToken', () => {
+  it('chooses what a full sort chooses, over 400 random vocabularies with ties, temperatures and top_p values', () => {
+    let seed = 7;
+    const rnd = () => (seed = (seed * 16807) % 2147483647) / 2147483647;
+    for (let t = 0; t < 400; t++) {
+      const n = 20 + Math.floor(rnd() * 4000);
+      // One logit in ten is exactly 1: ties the nucleus must break by id.
+      const logits = Float32Array.from({ length: n }, () => (rnd() < 0.1 ? 1 : rnd() * (t % 2 ? 12 : 3)));
+      const temperature = 0.2 + 1.5 * rnd();
+      const topP = t % 10 === 0 ? 1 : rnd();
+      const u = rnd();
+      expect(sampleToken(logits, temperature, topP, u)).toBe(fullSortSample(Array.from(logits), temperature, topP, u));
+    }
+  });
+
+  it('is the argmax at temperature 0, the first of equal maxima', () => {
+    expect(sampleToken(Float32Array.from([0.5, 3, -1, 3, 2]), 0, 0.9, 0.99)).toBe(1);
+  });
+});

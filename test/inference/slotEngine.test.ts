@@ -1,0 +1,151 @@
+import * as path from 'node:path';
+import { extractionJob, generationJob } from '../../services/inference/onnx/generate';
+import { LoadedModel } from '../../services/inference/onnx/model';
+import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/runner';
+import { CancelledError, SlotRunner, StepStats } from '../../services/inference/onnx/slotEngine';
+import { buildModel } from '../../services/model/build';
+import { TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
+import { tempDir } from '../kit/files';
+import { relativeError } from '../reference/forward';
+
+/**
+ * Continuous batching over the step graph's slots, against the host loop running each item
+ * alone (the portable graph, sampling and sums on the host: shares no code with the slots but
+ * the sampler and the counting rules): an item's text and activation do not depend on its
+ * slot, its neighbours or the step at which it joined; the generated mean equals Extract's;
+ * a cancelled item frees its slot; a reused slot carries nothing; a failing item fails alone.
+ */
+const QUESTIONS = ['Hi.', 'What do you do when the storm comes and the lamp goes out?', 'Name a bird.', 'Tell me about the sea at night, the boats, and the people who wait for them.', 'Why?', 'Count the waves.'];
+
+async function built(arch: TinyArch): Promise<string> {
+  const dir = tempDir(`slots-${arch}`);
+  await writeTinyCheckpoint({ arch, out: path.join(dir, 'ckpt'), seed: 3, merges: 2000 });
+  await buildModel({ hf: path.join(dir, 'ckpt'), out: path.join(dir, 'model'), capture: true, decodeLoop: false });
+  return path.join(dir, 'model');
+}
+
+function jobs(model: LoadedModel): SequenceJob[] {
+  return QUESTIONS.map((q, i) => {
+    const messages = model.chat.supportsSystemPrompt() ? [{ role: 'system', content: 'You are a lighthouse keeper.' }, { role: 'user', content: q }] : [{ role: 'user', content: `You are a lighthouse keeper.\n\n${q}` }];
+    // Budgets of 3..18 tokens, so items end at different steps and others take their slots.
+    const sampling = { temperature: i % 3 === 0 ? 0 : 0.8, topP: 0.9, maxNewTokens: 3 + 3 * i, maxContext: 2048, seed: 0, enableThinking: false };
+    return generationJob(model, { messages, sampling, seed: 500 + i, layers: [] });
+  });
+}
+
+function expectSame(got: SequenceResult, want: SequenceResult): void {
+  expect({ ids: got.responseIds, stopped: got.stopped, counted: got.counted }).toEqual({ ids: want.responseIds, stopped: want.stopped, counted: want.counted });
+  // An answer with no counted token has an all-zero mean (the relative error would be 0/0).
+  if (want.counted === 0) expect(got.mean.every((v) => v === 0)).toBe(true);
+  else expect(relativeError(got.mean, want.mean)).toBeLessThanOrEqual(1e-4);
+}
+
+const slotsOf = (m: LoadedModel) => m.runner as SlotRunner;
+
+describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (arch) => {
+  let modelDir: string;
+  let host: LoadedModel;
+  let alone: SequenceResult[];
+  const steps: StepStats[] = [];
+
+  beforeAll(async () => {
+    modelDir = await built(arch);
+    host = await LoadedModel.load(modelDir, { decode: 'host' });
+    alone = [];
+    for (const j of jobs(host)) alone.push((await host.runner.run([j]))[0]);
+  });
+  afterAll(() => host?.close());
+
+  const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number } = {}) =>
+    LoadedModel.load(modelDir, { decode: 'slots', slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: 'fifo', staticBatches: extra.staticBatches, onStep: (s) => steps.push(s) } });
+
+  it('gives each item the text and activation it gets alone, whatever its slot, neighbours and joining step', async () => {
+    expect(alone.some((r) => r.responseIds.length >= 10)).toBe(true);
+    for (const [slots, order] of [[3, [0, 1, 2, 3, 4, 5]], [2, [5, 3, 1, 0, 2, 4]], [6, [4, 0, 5, 1, 3, 2]]] as [number, number[]][]) {
+      const m = await load(slots);
+      try {
+        steps.length = 0;
+        const all = jobs(m);
+        const results = await Promise.all(order.map((i) => slotsOf(m).engine.submit(all[i], false)));
+        order.forEach((i, k) => expectSame(results[k], alone[i]));
+        expect(Math.max(...steps.map((s) => s.active))).toBeLessThanOrEqual(slots);
+        // Items joined while others were decoding: some step ran fewer items than there were slots, others as many.
+        if (slots < 6) expect(steps.some((s) => s.active === slots)).toBe(true);
+      } finally {
+        await m.close();
+      }
+    }
+  });
+
+  it('static batching (the benchmark\'s baseline) gives the same results', async () => {
+    const m = await load(3, { staticBatches: true });
+    try {
+      const results = await Promise.all(jobs(m).map((j) => slotsOf(m).engine.submit(j, false)));
+      results.forEach((r, i) => expectSame(r, alone[i]));
+    } finally {
+      await m.close();
+    }
+  });
+
+  it('measures during generation what Extract measures over the same tokens', async () => {
+    const m = await load(2);
+    try {
+      const all = jobs(m);
+      // The two items with the most counted tokens.
+      const longest = alone.map((r, i) => [r.counted, i]).sort((a, b) => b[0] - a[0]).slice(0, 2).map(([, i]) => i);
+      expect(alone[longest[1]].counted).toBeGreaterThan(2);
+      for (const i of longest) {
+        const generated = await slotsOf(m).engine.submit(all[i], false);
+        const job = extractionJob(m, [...conversationOf(m, i), { role: 'assistant', content: '' }], { answerIds: generated.responseIds });
+        const extracted = await slotsOf(m).engine.submit(job, true);
+        expect(extracted.counted).toBe(generated.counted);
+        expect(relativeError(extracted.mean, generated.mean)).toBeLessThanOrEqual(1e-4);
+      }
+    } finally {
+      await m.close();
+    }
+  });
+
+  it('frees the slot of a cancelled item at once, and a reused slot carries nothing from its previous item', async () => {
+    const m = await load(1);
+    try {
+      const all = jobs(m);
+      const long = { ...all[5], maxNew: 200, uniforms: new Float32Array(200).fill(0.5) };
+      const cancel = new AbortController();
+      const first = slotsOf(m).engine.submit(long, false, cancel.signal);
+      const next = slotsOf(m).engine.submit(all[4], false);
+      const waiting = new AbortController();
+      const never = slotsOf(m).engine.submit(all[0], false, waiting.signal);
+      waiting.abort();
+      await expect(never).rejects.toBeInstanceOf(CancelledError);
+      setTimeout(() => cancel.abort(), 30);
+      await expect(first).rejects.toThrow('cancelled while generating');
+      // The next item ran in the slot the cancelled one held, and got what it gets alone.
+      expectSame(await next, alone[4]);
+      expect(slotsOf(m).engine.occupied).toBe(0);
+    } finally {
+      await m.close();
+    }
+  });
+
+  it('fails an item longer than a slot alone; the other items carry on', async () => {
+    const m = await load(2, { slotLength: 80 });
+    try {
+      const all = jobs(m);
+      const tooLong = { ...all[0], ids: Array.from({ length: 90 }, (_, k) => 10 + k) };
+      const noRoom = { ...all[0], ids: all[0].ids.concat(Array.from({ length: 78 - all[0].ids.length }, () => 12)), maxNew: 5, uniforms: new Float32Array(5) };
+      const settled = await Promise.allSettled([slotsOf(m).engine.submit(tooLong, false), slotsOf(m).engine.submit(noRoom, false), slotsOf(m).engine.submit(all[2], false)]);
+      expect(settled[0]).toMatchObject({ status: 'rejected', reason: { message: 'the item needs 93 tokens (90 of prompt, up to 3 new), more than a slot holds (80)' } });
+      expect(settled[1]).toMatchObject({ status: 'rejected', reason: { message: 'the item needs 83 tokens (78 of prompt, up to 5 new), more than a slot holds (80)' } });
+      expect(settled[2].status).toBe('fulfilled');
+      expectSame((settled[2] as PromiseFulfilledResult<SequenceResult>).value, alone[2]);
+    } finally {
+      await m.close();
+    }
+  });
+});
+
+function conversationOf(model: LoadedModel, i: number) {
+  const q = QUESTIONS[i];
+  return model.chat.supportsSystemPrompt() ? [{ role: 'system', content: 'You are a lighthouse keeper.' }, { role: 'user', content: q }] : [{ role: 'user', content: `You are a lighthouse keeper.\n\n${q}` }];
+}
