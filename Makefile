@@ -59,7 +59,7 @@ bench-judge: build
 bench-aggregation: build
 	node --max-old-space-size=8192 dist/bench/aggregation.js
 
-# Generated tokens/s at batch 1, 4, 16 against the --no-capture build, the host loop and transformers.js.
+# Continuous batching over 16 slots against static batching, the --no-capture build and transformers.js (about 17 minutes).
 bench-inference: build
 	node dist/bench/inference.js
 

@@ -1,32 +1,41 @@
 /**
- * `make bench-inference`: generated tokens per second of the inference engine on a random-weight
- * Llama-architecture model of a shape a CPU can run (8 layers, hidden 1024, vocabulary 32k), at
- * batch 1, 4 and 16, side by side in one process with:
- *   - the same engine on the --no-capture build (what measuring the activations costs),
- *   - the step-by-step host loop (one run per token: what the generation graph saves),
- *   - transformers.js `generate` on the --no-capture decoder graph (a peer on the same runtime).
- * Every contender samples (temperature 0.7, top_p 0.9) up to the same number of new tokens
- * from the same left-padded prompts. Ends with `result:` lines; numbers go to docs/PERFORMANCE.md.
+ * `make bench-inference`: continuous batching over the step graph's slots on a random-weight
+ * Llama-architecture model a CPU can run (8 layers, hidden 1024, vocabulary 32k, f32), with
+ * S = 16 slots, realistic prompts (the role instructions and questions of the bundled data set
+ * through the chat template) and answer lengths drawn from the real assistant answers of the
+ * reference's transcripts (tokenized, scaled to a cap of 128 new tokens; random weights rarely
+ * stop by themselves, so each item's length is its token budget). Side by side, the contenders
+ * taking turns (A, B, C, D, A, B, ...):
+ *   - the engine, continuous batching, capture of every layer;
+ *   - the same engine admitting a new batch only when the whole batch has finished (static);
+ *   - the engine on the --no-capture build (what measuring the activations costs);
+ *   - transformers.js `generate` on the portable graph, batches of 16 (a peer on the same runtime).
+ * Throughput is useful tokens (the tokens the items asked for) per second of wall time.
+ * Ends with `result:` lines; the figures go to docs/PERFORMANCE.md.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { generationJob } from '../services/inference/onnx/generate';
 import { LoadedModel } from '../services/inference/onnx/model';
+import type { SequenceJob } from '../services/inference/onnx/runner';
+import { SlotRunner } from '../services/inference/onnx/slotEngine';
+import type { ModelMetadata } from '../services/contracts/modelDirectory';
 import { buildModel } from '../services/model/build';
 import { writeTinyCheckpoint } from '../services/model/tiny';
+import { digest, Rng } from '../services/shared/random';
+import { UPSTREAM_DATA } from '../test/kit/stack';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const WORK = path.join(ROOT, '.axis', 'bench-inference');
 const SHAPE = { hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 8, num_attention_heads: 16, num_key_value_heads: 8, head_dim: 64 };
 const MERGES = 31744; // 256 bytes + merges + specials: a vocabulary of about 32k
-const NEW_TOKENS = Number(process.env.AXIS_BENCH_NEW_TOKENS ?? 32);
-const BATCHES = (process.env.AXIS_BENCH_BATCHES ?? '1,4,16').split(',').map(Number);
+const SLOTS = 16;
+const CAP = Number(process.env.AXIS_BENCH_NEW_TOKENS ?? 128);
+const ITEMS = Number(process.env.AXIS_BENCH_ITEMS ?? 48);
 /** Each figure is the median of this many runs, the contenders taking turns. */
-const REPEATS = Number(process.env.AXIS_BENCH_REPEATS ?? 3);
-/** `cuda` on a GPU machine with onnxruntime-node's CUDA provider (bench/gpu.sh); CPU otherwise. */
-const DEVICE = process.env.AXIS_BENCH_DEVICE === 'cuda' ? 'cuda' : 'cpu';
-const placements = [DEVICE === 'cuda' ? { provider: 'cuda' as const, deviceId: 0 } : { provider: 'cpu' as const, deviceId: 0 }];
-const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: NEW_TOKENS, maxContext: 2048, seed: 0, enableThinking: false };
+const REPEATS = Number(process.env.AXIS_BENCH_REPEATS ?? 5);
+const TRANSCRIPTS = path.join(path.dirname(UPSTREAM_DATA), 'transcripts', 'persona_drift');
+const sampling = { temperature: 0.7, topP: 0.9, maxNewTokens: CAP, maxContext: 4096, seed: 0, enableThinking: false };
 
 async function prepare(): Promise<{ capture: string; plain: string }> {
   const checkpoint = path.join(WORK, 'checkpoint');
@@ -37,22 +46,48 @@ async function prepare(): Promise<{ capture: string; plain: string }> {
     process.stderr.write(`writing a random ${SHAPE.num_hidden_layers}-layer llama checkpoint (hidden ${SHAPE.hidden_size}) to ${checkpoint}\n`);
     await writeTinyCheckpoint({ arch: 'llama', out: checkpoint, seed: 0, merges: MERGES, shape: SHAPE });
   }
-  for (const [dir, capture_] of [[capture, true], [plain, false]] as const) {
-    if (!fs.existsSync(path.join(dir, 'axis_model.json'))) {
+  for (const [dir, withCapture] of [[capture, true], [plain, false]] as const) {
+    const meta = path.join(dir, 'axis_model.json');
+    // Builds from before the step graph existed are made again.
+    if (!fs.existsSync(meta) || !(JSON.parse(fs.readFileSync(meta, 'utf8')) as ModelMetadata).step) {
       fs.rmSync(dir, { recursive: true, force: true });
-      await buildModel({ hf: checkpoint, out: dir, capture: capture_ });
+      process.stderr.write(`building ${path.basename(dir)}\n`);
+      await buildModel({ hf: checkpoint, out: dir, capture: withCapture, decodeLoop: false });
     }
   }
   return { capture, plain };
 }
 
-function questions(n: number): string[] {
-  const lines = fs.readFileSync(path.join(ROOT, 'data', 'extraction_questions.jsonl'), 'utf8').trim().split('\n');
-  return Array.from({ length: n }, (_, i) => (JSON.parse(lines[i % lines.length]) as { question: string }).question);
+/** The real assistant answers' lengths in this model's tokens, scaled so that the longest is CAP. */
+function answerLengths(model: LoadedModel): number[] {
+  const lengths: number[] = [];
+  for (const f of fs.readdirSync(TRANSCRIPTS).filter((n) => n.endsWith('.json')).sort()) {
+    const t = JSON.parse(fs.readFileSync(path.join(TRANSCRIPTS, f), 'utf8')) as { conversation: { role: string; content: string }[] };
+    for (const m of t.conversation) if (m.role === 'assistant') lengths.push(model.encode(m.content).length);
+  }
+  const longest = Math.max(...lengths);
+  return lengths.map((n) => Math.max(1, Math.round((n / longest) * CAP)));
 }
 
-function conversation(q: string) {
-  return [{ role: 'system', content: 'You are a lighthouse keeper on a windy island.' }, { role: 'user', content: q }];
+/** ITEMS conversations: a role's instruction as the system message, a question; each with a budget drawn from the answer lengths. */
+function workload(model: LoadedModel): { jobs: SequenceJob[]; budgets: number[]; conversations: { role: string; content: string }[][] } {
+  const roles = (JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'role_list.json'), 'utf8')) as string[]).filter((r) => fs.existsSync(path.join(ROOT, 'data', 'roles', 'instructions', `${r}.json`)));
+  const questions = fs.readFileSync(path.join(ROOT, 'data', 'extraction_questions.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { question: string }).question);
+  const lengths = answerLengths(model);
+  const rng = new Rng(digest({ bench: 'inference', items: ITEMS }));
+  const conversations: { role: string; content: string }[][] = [];
+  const budgets: number[] = [];
+  const jobs: SequenceJob[] = [];
+  for (let i = 0; i < ITEMS; i++) {
+    const role = roles[i % roles.length];
+    const instructions = (JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', `${role}.json`), 'utf8')) as { instruction: { pos: string }[] }).instruction;
+    const messages = [{ role: 'system', content: instructions[i % instructions.length].pos }, { role: 'user', content: questions[(7 * i) % questions.length] }];
+    const budget = lengths[Math.floor(rng.next() * lengths.length)];
+    conversations.push(messages);
+    budgets.push(budget);
+    jobs.push(generationJob(model, { messages, sampling: { ...sampling, maxNewTokens: budget }, seed: i, layers: [] }));
+  }
+  return { jobs, budgets, conversations };
 }
 
 interface Measure {
@@ -60,17 +95,17 @@ interface Measure {
   seconds: number;
 }
 
-/** The engine (a LoadedModel's runner) over one batch of `b` items; the tokens are those it sampled. */
-async function engineRun(model: LoadedModel, b: number): Promise<Measure> {
-  const jobs = questions(b).map((q, i) => generationJob(model, { messages: conversation(q), sampling, seed: i, layers: [] }));
+/** Every item submitted at once to a slots engine; the tokens are those the items generated. */
+async function engineRun(model: LoadedModel, jobs: SequenceJob[]): Promise<Measure> {
+  const engine = (model.runner as SlotRunner).engine;
   const started = performance.now();
-  const results = await model.runner.run(jobs);
+  const results = await Promise.all(jobs.map((j) => engine.submit(j, false)));
   const seconds = (performance.now() - started) / 1000;
-  return { tokens: results.reduce((n, r) => n + r.responseIds.length + (r.stopped ? 1 : 0), 0), seconds };
+  return { tokens: results.reduce((n, r) => n + r.responseIds.length, 0), seconds };
 }
 
-/** transformers.js generate on the same prompts, left-padded, with the same sampling settings. */
-async function transformersJs(dir: string): Promise<(b: number) => Promise<Measure>> {
+/** transformers.js generate in batches of SLOTS (left-padded), each to its longest budget; useful tokens are each item's own budget. */
+async function transformersJs(dir: string, conversations: { role: string; content: string }[][], budgets: number[]): Promise<() => Promise<Measure>> {
   // transformers.js is an ES module.
   const tjs = await (new Function('m', 'return import(m)') as (m: string) => Promise<any>)('@huggingface/transformers');
   tjs.env.allowRemoteModels = false;
@@ -79,52 +114,87 @@ async function transformersJs(dir: string): Promise<(b: number) => Promise<Measu
   const name = path.basename(dir);
   const tokenizer = await tjs.AutoTokenizer.from_pretrained(name);
   tokenizer.padding_side = 'left';
-  const model = await tjs.AutoModelForCausalLM.from_pretrained(name, { dtype: 'fp32', device: DEVICE });
-  return async (b: number) => {
-    const texts = questions(b).map((q) => tokenizer.apply_chat_template(conversation(q), { tokenize: false, add_generation_prompt: true }));
-    const inputs = tokenizer(texts, { padding: true, add_special_tokens: false });
-    const width = inputs.input_ids.dims[1];
+  const model = await tjs.AutoModelForCausalLM.from_pretrained(name, { dtype: 'fp32', device: 'cpu' });
+  return async () => {
+    let tokens = 0;
     const started = performance.now();
-    const out = await model.generate({ ...inputs, max_new_tokens: NEW_TOKENS, do_sample: true, temperature: sampling.temperature, top_p: sampling.topP });
-    const seconds = (performance.now() - started) / 1000;
-    return { tokens: b * (out.dims[1] - width), seconds };
+    for (let at = 0; at < conversations.length; at += SLOTS) {
+      const batch = conversations.slice(at, at + SLOTS);
+      const want = budgets.slice(at, at + SLOTS);
+      const texts = batch.map((c) => tokenizer.apply_chat_template(c, { tokenize: false, add_generation_prompt: true }));
+      const inputs = tokenizer(texts, { padding: true, add_special_tokens: false });
+      const width = inputs.input_ids.dims[1];
+      const out = await model.generate({ ...inputs, max_new_tokens: Math.max(...want), do_sample: true, temperature: sampling.temperature, top_p: sampling.topP });
+      const generated = out.dims[1] - width;
+      tokens += want.reduce((n, w) => n + Math.min(w, generated), 0);
+    }
+    return { tokens, seconds: (performance.now() - started) / 1000 };
   };
 }
 
+/** Slot-steps the static schedule holds over the useful ones: the most any scheduler can gain over it. */
+function idealGain(budgets: number[]): number {
+  let held = 0;
+  for (let at = 0; at < budgets.length; at += SLOTS) {
+    const batch = budgets.slice(at, at + SLOTS);
+    held += batch.length * Math.max(...batch);
+  }
+  return held / budgets.reduce((a, b) => a + b, 0);
+}
+
 const rate = (m: Measure) => m.tokens / m.seconds;
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const spread = (xs: number[]) => `${Math.min(...xs).toFixed(2)}..${Math.max(...xs).toFixed(2)}`;
 
 async function main(): Promise<void> {
+  const started = performance.now();
   const { capture, plain } = await prepare();
-  process.stdout.write(`device: ${DEVICE}\n`);
-  const engine = await LoadedModel.load(capture, { decode: 'loop', placements });
-  const engineText = await LoadedModel.load(plain, { decode: 'loop', textOnly: true, placements });
-  const host = await LoadedModel.load(capture, { decode: 'host', placements });
-  const peer = await transformersJs(plain);
-  const contenders: [string, (b: number) => Promise<Measure>][] = [
-    ['engine (generation graph, capture)', (b) => engineRun(engine, b)],
-    ['engine, --no-capture graph', (b) => engineRun(engineText, b)],
-    ['host loop (one run per token, capture)', (b) => engineRun(host, b)],
-    ['transformers.js generate (--no-capture graph)', peer],
+  const slots = (dir: string, staticBatches: boolean) => async (slotLength: number) =>
+    LoadedModel.load(dir, { decode: 'slots', slots: { slots: SLOTS, slotLength, prefillChunk: 512, policy: 'fifo', staticBatches } });
+  // The workload, from the tokenizer (any of the models).
+  const probe = await slots(capture, false)(8);
+  const { jobs, budgets, conversations } = workload(probe);
+  await probe.close();
+  const slotLength = Math.max(...jobs.map((j) => j.ids.length + j.maxNew));
+  const prompts = jobs.map((j) => j.ids.length);
+  process.stdout.write(`${ITEMS} items, prompts ${Math.min(...prompts)}..${Math.max(...prompts)} tokens (mean ${(prompts.reduce((a, b) => a + b, 0) / ITEMS).toFixed(0)}), budgets ${Math.min(...budgets)}..${Math.max(...budgets)} tokens (mean ${(budgets.reduce((a, b) => a + b, 0) / ITEMS).toFixed(1)}, cap ${CAP}), ${SLOTS} slots of ${slotLength} tokens\n`);
+  const continuous = await slots(capture, false)(slotLength);
+  const staticEngine = await slots(capture, true)(slotLength);
+  const textOnly = await slots(plain, false)(slotLength);
+  const peer = await transformersJs(plain, conversations, budgets);
+  const contenders: [string, () => Promise<Measure>][] = [
+    ['continuous batching, capture', () => engineRun(continuous, jobs)],
+    ['static batching, capture', () => engineRun(staticEngine, jobs)],
+    ['continuous batching, --no-capture build', () => engineRun(textOnly, jobs)],
+    ['transformers.js generate, batches of 16', peer],
   ];
-  for (const [, run] of contenders) await run(1); // warm-up: first-run allocations, lazy tables
-  const rows: Record<string, Record<number, number>> = {};
-  for (const b of BATCHES) {
-    const samples: Record<string, number[]> = {};
-    for (let r = 0; r < REPEATS; r++) for (const [label, run] of contenders) (samples[label] ??= []).push(rate(await run(b)));
-    for (const [label] of contenders) {
-      const sorted = samples[label].sort((x, y) => x - y);
-      const median = sorted[Math.floor(sorted.length / 2)];
-      (rows[label] ??= {})[b] = median;
-      process.stdout.write(`batch ${String(b).padStart(2)}  ${label.padEnd(48)} ${median.toFixed(1).padStart(8)} tokens/s  (median of ${REPEATS}: ${sorted.map((x) => x.toFixed(1)).join(', ')})\n`);
+  // Warm-up: first-run allocations and lazy tables.
+  for (const [, run] of contenders.slice(0, 3)) await run();
+  const samples: number[][] = contenders.map(() => []);
+  for (let r = 0; r < REPEATS; r++) {
+    for (const [k, [label, run]] of contenders.entries()) {
+      const m = await run();
+      samples[k].push(rate(m));
+      process.stderr.write(`run ${r + 1}/${REPEATS} ${label}: ${m.tokens} tokens in ${m.seconds.toFixed(1)} s = ${rate(m).toFixed(1)} tokens/s\n`);
     }
   }
-  await Promise.all([engine.close(), engineText.close(), host.close()]);
-  const top = Math.max(...BATCHES);
-  const [withCapture, withoutCapture, hostLoop, peerRow] = contenders.map(([label]) => rows[label]);
-  for (const b of BATCHES) process.stdout.write(`result: tokens_per_s_batch${b} = ${withCapture[b].toFixed(1)} tokens/s\n`);
-  process.stdout.write(`result: loop_vs_host_loop = ${(withCapture[top] / hostLoop[top]).toFixed(2)} x\n`);
-  process.stdout.write(`result: inference_vs_transformersjs = ${(withCapture[top] / peerRow[top]).toFixed(2)} x\n`);
-  process.stdout.write(`result: capture_overhead = ${((withoutCapture[top] / withCapture[top] - 1) * 100).toFixed(1)} %\n`);
+  await Promise.all([continuous.close(), staticEngine.close(), textOnly.close()]);
+  for (const [k, [label]] of contenders.entries()) {
+    process.stdout.write(`${label.padEnd(44)} ${median(samples[k]).toFixed(1).padStart(7)} tokens/s (median of ${REPEATS}: ${samples[k].map((x) => x.toFixed(1)).join(', ')})\n`);
+  }
+  // Paired ratios: run r of one contender against run r of the other (they ran side by side).
+  const ratios = (a: number, b: number) => samples[a].map((x, r) => x / samples[b][r]);
+  const gain = ratios(0, 1);
+  const capture_ = ratios(2, 0).map((x) => (x - 1) * 100);
+  const peer_ = ratios(0, 3);
+  const ideal = idealGain(budgets);
+  process.stdout.write(`continuous/static per run: ${gain.map((x) => x.toFixed(2)).join(', ')}; capture overhead per run: ${capture_.map((x) => x.toFixed(1)).join(', ')} %; vs transformers.js per run: ${peer_.map((x) => x.toFixed(2)).join(', ')}\n`);
+  process.stdout.write(`spread: continuous/static ${spread(gain)} x, capture overhead ${spread(capture_)} %, vs transformers.js ${spread(peer_)} x; wall time ${((performance.now() - started) / 60000).toFixed(1)} min\n`);
+  process.stdout.write(`result: continuous_ideal = ${ideal.toFixed(2)} x\n`);
+  process.stdout.write(`result: continuous_vs_static = ${median(gain).toFixed(2)} x\n`);
+  process.stdout.write(`result: continuous_efficiency = ${(median(gain) / ideal).toFixed(2)}\n`);
+  process.stdout.write(`result: capture_overhead = ${median(capture_).toFixed(1)} %\n`);
+  process.stdout.write(`result: inference_vs_transformersjs = ${median(peer_).toFixed(2)} x\n`);
 }
 
 main().catch((err) => {
