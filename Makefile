@@ -59,7 +59,7 @@ bench-judge: build
 bench-aggregation: build
 	node --max-old-space-size=8192 dist/bench/aggregation.js
 
-# Continuous batching over 16 slots against static batching, the --no-capture build and transformers.js (about 17 minutes).
+# Continuous batching over 16 slots against static batching, the --no-capture build and transformers.js (about 20 minutes).
 bench-inference: build
 	node dist/bench/inference.js
 

@@ -5,7 +5,7 @@
  * through the chat template) and answer lengths drawn from the real assistant answers of the
  * reference's transcripts (tokenized, scaled to a cap of 128 new tokens; random weights rarely
  * stop by themselves, so each item's length is its token budget). Side by side, the contenders
- * taking turns (A, B, C, D, A, B, ...):
+ * taking turns in an order that rotates each round (A B C D, B C D A, ...):
  *   - the engine, continuous batching, capture of every layer;
  *   - the same engine admitting a new batch only when the whole batch has finished (static);
  *   - the engine on the --no-capture build (what measuring the activations costs);
@@ -172,7 +172,10 @@ async function main(): Promise<void> {
   for (const [, run] of contenders.slice(0, 3)) await run();
   const samples: number[][] = contenders.map(() => []);
   for (let r = 0; r < REPEATS; r++) {
-    for (const [k, [label, run]] of contenders.entries()) {
+    // The order rotates each round, so that no contender always runs first (this machine's speed drifts within minutes).
+    for (let j = 0; j < contenders.length; j++) {
+      const k = (j + r) % contenders.length;
+      const [label, run] = contenders[k];
       const m = await run();
       samples[k].push(rate(m));
       process.stderr.write(`run ${r + 1}/${REPEATS} ${label}: ${m.tokens} tokens in ${m.seconds.toFixed(1)} s = ${rate(m).toFixed(1)} tokens/s\n`);

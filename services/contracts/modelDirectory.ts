@@ -7,6 +7,23 @@ import * as path from 'node:path';
  * neither imports the other.
  */
 
+/**
+ * The keys of a Hugging Face `config.json` that both the builder and the memory plan read
+ * (the builder reads more; architecture-specific keys are read where they matter).
+ */
+export interface HfConfigCore {
+  model_type: string;
+  hidden_size: number;
+  intermediate_size: number;
+  num_hidden_layers: number;
+  num_attention_heads: number;
+  num_key_value_heads?: number;
+  head_dim?: number;
+  vocab_size: number;
+  tie_word_embeddings?: boolean;
+  attention_bias?: boolean;
+}
+
 /** How weights are stored in the external data file. */
 export type WeightDtype = 'f32' | 'f16' | 'bf16';
 

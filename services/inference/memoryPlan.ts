@@ -8,6 +8,8 @@
  * Units: GiB = 2^30 bytes, GB = 10^9 bytes.
  */
 
+import type { HfConfigCore } from '../contracts/modelDirectory';
+
 export const GiB = 2 ** 30;
 
 /** What the CUDA context, cuBLAS/cuDNN workspaces and the allocator's slack take besides the model (a fixed reserve). */
@@ -77,18 +79,7 @@ export function planDevice(input: PlanInput): MemoryPlan {
 }
 
 /** The part of a Hugging Face config.json the plan reads. */
-export interface PlanConfig {
-  model_type: string;
-  hidden_size: number;
-  intermediate_size: number;
-  num_hidden_layers: number;
-  num_attention_heads: number;
-  num_key_value_heads?: number;
-  head_dim?: number;
-  vocab_size: number;
-  tie_word_embeddings?: boolean;
-  attention_bias?: boolean;
-}
+export type PlanConfig = HfConfigCore;
 
 /** Norms per decoder block (Gemma 2 has four), and whether an architecture has q/k norms or q/k/v biases. */
 const ARCHITECTURES: Record<string, { norms: number; qkNorm: boolean; qkvBias: boolean }> = {

@@ -1,22 +1,14 @@
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
+import type { HfConfigCore } from '../contracts/modelDirectory';
 import { bf16ToF32, f16ToF32 } from '../shared/tensor';
 
 /** The part of a Hugging Face `config.json` the builders read (architecture-specific keys are read by each builder). */
-export interface HfConfig {
-  model_type: string;
+export interface HfConfig extends HfConfigCore {
   architectures?: string[];
-  hidden_size: number;
-  intermediate_size: number;
-  num_hidden_layers: number;
-  num_attention_heads: number;
-  num_key_value_heads?: number;
-  head_dim?: number;
-  vocab_size: number;
   rms_norm_eps: number;
   rope_theta?: number;
   max_position_embeddings?: number;
-  tie_word_embeddings?: boolean;
   [key: string]: unknown;
 }
 

@@ -1,5 +1,6 @@
 import type { CheckpointReader, HfConfig } from '../checkpoint';
 import { CheckpointError } from '../checkpoint';
+import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { DataType, GraphBuilder, MS_DOMAIN, STORAGE_TYPES } from '../graph';
 
 export interface DecoderDims {
@@ -31,25 +32,24 @@ export interface BuildOptions {
 export type GraphKind = 'portable' | 'step';
 
 /** Graph input and output names: the convention of other ONNX decoder tools, plus hidden states. */
-export type DecoderNames = typeof NAMES;
-export const NAMES = {
-  inputIds: 'input_ids',
-  attentionMask: 'attention_mask',
-  positionIds: 'position_ids',
-  /** Step graph: [B] int32, each row's filled length after this step, minus one. */
-  seqlensK: 'seqlens_k',
-  /** Step graph: int32 scalar, the largest filled length after this step. */
-  totalSequenceLength: 'total_sequence_length',
-  /** Step graph: [K] int64, the positions of this step whose logits are computed. */
-  logitsPositions: 'logits_positions',
-  pastKey: (l: number) => `past_key_values.${l}.key`,
-  pastValue: (l: number) => `past_key_values.${l}.value`,
-  logits: 'logits',
-  presentKey: (l: number) => `present.${l}.key`,
-  presentValue: (l: number) => `present.${l}.value`,
+export interface DecoderNames {
+  inputIds: string;
+  attentionMask: string;
+  positionIds: string;
+  seqlensK: string;
+  totalSequenceLength: string;
+  logitsPositions: string;
+  pastKey(l: number): string;
+  pastValue(l: number): string;
+  logits: string;
+  presentKey(l: number): string;
+  presentValue(l: number): string;
   /** Output of decoder block l; also the input of a stage that starts at layer l + 1. */
-  hiddenState: (l: number) => `hidden_states.${l}`,
-};
+  hiddenState(l: number): string;
+}
+
+/** The step graph's names are the contract's (services/contracts/modelDirectory.ts); the portable graph adds attention_mask. */
+export const NAMES: DecoderNames = { ...STEP_INPUTS, ...STEP_OUTPUTS, attentionMask: 'attention_mask' };
 
 /** The same names under a prefix: the decoder inside another graph's subgraph (ONNX names may not shadow). */
 export function prefixedNames(prefix: string): DecoderNames {
