@@ -24,6 +24,8 @@ export interface GenerateInput {
   seed: number;
   /** Zero-indexed layers to return, validated by the adapter; empty = all. */
   layers: number[];
+  /** Aborted when nobody waits for the answer any more (its stream was cancelled): the backend may stop early. */
+  signal?: AbortSignal;
 }
 
 export interface GenerateOutput {
@@ -44,6 +46,8 @@ export interface ExtractOptions {
   answerIds?: number[];
   /** Render the prompt with the thinking switch on, as the answer was generated. */
   enableThinking?: boolean;
+  /** As GenerateInput's. */
+  signal?: AbortSignal;
 }
 
 export interface ExtractOutput {

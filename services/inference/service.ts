@@ -14,8 +14,8 @@ export interface InferenceService {
   /** The model's info once loaded; until then FAILED_PRECONDITION saying why the model is not there. */
   modelInfo(): ModelInfo;
   /** One item, under the capacity limit; a failure becomes the item's error (the stream goes on). */
-  generate(req: GenerateRequest): Promise<GenerateResult>;
-  extract(req: ExtractRequest): Promise<ExtractResult>;
+  generate(req: GenerateRequest, cancelled?: AbortSignal): Promise<GenerateResult>;
+  extract(req: ExtractRequest, cancelled?: AbortSignal): Promise<ExtractResult>;
   /** Loads the model; false (and every call says why) when it cannot. */
   load(): Promise<boolean>;
   /** Items received and not yet answered. */
@@ -63,13 +63,13 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
     get running() {
       return limiter.running;
     },
-    generate: (req) =>
+    generate: (req, cancelled) =>
       serveItem<GenerateRequest, GenerateResult>(
         'Generate',
         req,
         async (r) => {
           const input = validateGenerate(r, modelInfo());
-          const out = await backend.generate(input);
+          const out = await backend.generate({ ...input, signal: cancelled });
           if (out.timeToFirstTokenSeconds !== undefined) metrics.firstToken.observe(out.timeToFirstTokenSeconds);
           metrics.tokens.inc({ kind: 'prompt' }, out.promptTokens);
           metrics.tokens.inc({ kind: 'completion' }, out.completionTokens);
@@ -77,13 +77,13 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
         },
         (itemId, code, message) => ({ itemId, text: '', promptTokens: 0, completionTokens: 0, finishReason: '', activation: undefined, error: { code, message }, responseTokenIds: [] }),
       ),
-    extract: (req) =>
+    extract: (req, cancelled) =>
       serveItem<ExtractRequest, ExtractResult>(
         'Extract',
         req,
         async (r) => {
           const { messages, layers, opts } = validateExtract(r, modelInfo());
-          const out = await backend.extract(messages as ChatMessage[], layers, opts);
+          const out = await backend.extract(messages as ChatMessage[], layers, { ...opts, signal: cancelled });
           metrics.tokens.inc({ kind: 'prefill' }, out.responseTokens);
           return { itemId: r.itemId, responseTokens: out.responseTokens, activation: encodeTensor(out.activation, wireDtype), error: undefined };
         },
@@ -111,7 +111,7 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
 export function inferenceGrpcHandlers(service: InferenceService, log: Logger): InferenceServer {
   return {
     getModelInfo: unary(log, async () => service.modelInfo()),
-    generate: (call) => serveBidi(call, (req: GenerateRequest) => service.generate(req)),
-    extract: (call) => serveBidi(call, (req: ExtractRequest) => service.extract(req)),
+    generate: (call) => serveBidi(call, (req: GenerateRequest, cancelled) => service.generate(req, cancelled)),
+    extract: (call) => serveBidi(call, (req: ExtractRequest, cancelled) => service.extract(req, cancelled)),
   };
 }

@@ -113,7 +113,10 @@ export async function writeWhenReady<T>(call: grpc.ServerWritableStream<unknown,
  */
 export const MAX_PENDING_PER_STREAM = 1024;
 
-export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, handle: (req: Req) => Promise<Res>): void {
+export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, handle: (req: Req, cancelled: AbortSignal) => Promise<Res>): void {
+  // Aborted when the client cancels the stream (or its connection goes): what is still running for it may stop.
+  const cancel = new AbortController();
+  call.on('cancelled', () => cancel.abort());
   let pending = 0;
   let paused = false;
   let ended = false;
@@ -134,7 +137,7 @@ export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, han
       paused = true;
       call.pause();
     }
-    void handle(req).then((res) => {
+    void handle(req, cancel.signal).then((res) => {
       pending--;
       if (!call.cancelled) call.write(res);
       if (paused && pending <= MAX_PENDING_PER_STREAM / 2) {

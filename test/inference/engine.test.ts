@@ -3,6 +3,15 @@ import * as path from 'node:path';
 import { OnnxBackend } from '../../services/inference/onnx/backend';
 import { BatchEngine, BatchStats } from '../../services/inference/onnx/engine';
 import type { StepStats } from '../../services/inference/onnx/slotEngine';
+import * as grpc from '@grpc/grpc-js';
+import pino from 'pino';
+import { Registry } from 'prom-client';
+import { DType } from '../../gen/assistant_axis/v1/common';
+import { GenerateResult, InferenceClient } from '../../gen/assistant_axis/v1/inference';
+import { inferenceMetrics } from '../../services/inference/metrics';
+import { createInferenceService, inferenceGrpcHandlers } from '../../services/inference/service';
+import { InferenceServiceBulk } from '../../services/shared/bulkWire';
+import { channelOptions, serverOptions } from '../../services/shared/server';
 import { extractionJob, extractOne, generateOne, generationJob } from '../../services/inference/onnx/generate';
 import { LoadedModel } from '../../services/inference/onnx/model';
 import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/runner';
@@ -236,6 +245,48 @@ describe('the batch engine and the onnx backend', () => {
     const none = new OnnxBackend({ ...options, modelDirs: [modelDir], slotLength: 128, deviceMemory: String(Math.floor(p.weightBytes + p.workingBytes)) });
     await expect(none.load()).rejects.toThrow(/^the model does not fit the device's memory: cpu: .* weights .* 0 slots; does not fit$/);
     await expect(new OnnxBackend({ ...options, modelDirs: [modelDir], deviceMemory: 'lots' }).load()).rejects.toThrow('--device-memory: "lots" is not a size');
+  });
+
+  it('stops generating for a stream its client cancels: the slot is free at once for the next stream', async () => {
+    const { modelDir } = await model('llama');
+    const steps: StepStats[] = [];
+    const backend = new OnnxBackend({ ...options, modelDirs: [modelDir], maxBatch: 1, slotLength: 512, onStep: (s) => steps.push(s) });
+    const metrics = inferenceMetrics(new Registry(), { inFlight: () => 0, running: () => 0, batchSize: () => 0 });
+    const service = createInferenceService({ backend, wireDtype: DType.DTYPE_F32, metrics, log: pino({ level: 'silent' }) });
+    expect(await service.load()).toBe(true);
+    const server = new grpc.Server(serverOptions());
+    server.addService(InferenceServiceBulk, inferenceGrpcHandlers(service, pino({ level: 'silent' })) as grpc.UntypedServiceImplementation);
+    const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
+    const client = new InferenceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions());
+    try {
+      const messages = [{ role: 'user', content: 'Tell me about the sea.' }];
+      const long = { itemId: 'r/a/long', messages, sampling: { ...sampling, maxNewTokens: 400, maxContext: 512 }, seed: 1, layers: [] };
+      const stream = client.generate();
+      stream.on('error', () => undefined);
+      stream.write(long);
+      // Cancel once the item is decoding; the engine lets it go at the next step.
+      await new Promise<void>((resolve) => {
+        const poll = () => (steps.length >= 3 ? resolve() : setTimeout(poll, 5));
+        poll();
+      });
+      stream.cancel();
+      const next = client.generate();
+      const answer = new Promise<GenerateResult>((resolve, reject) => {
+        next.on('data', resolve);
+        next.on('error', reject);
+      });
+      next.write({ ...long, itemId: 'r/a/short', sampling: { ...sampling, maxNewTokens: 4 } });
+      const result = await answer;
+      next.end();
+      expect(result.error).toBeUndefined();
+      expect(result.completionTokens).toBeGreaterThan(0);
+      // The cancelled item stopped well before its 400 tokens: the short one ran after it in the only slot.
+      expect(steps.length).toBeLessThan(100);
+    } finally {
+      client.close();
+      server.forceShutdown();
+      await backend.close();
+    }
   });
 
   it('keeps padded prompt tokens per batch under --max-batch-tokens', async () => {

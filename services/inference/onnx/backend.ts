@@ -174,13 +174,13 @@ export class OnnxBackend implements InferenceBackend {
   async generate(input: GenerateInput): Promise<GenerateOutput> {
     const { model, engine } = this.loaded();
     const job = generationJob(model, input, this.slotLength);
-    const result = await withoutThinking(model, input, await engine.submit(job, false), (again) => engine.submit(again, true));
+    const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal), (again) => engine.submit(again, true, input.signal));
     return generationOutput(model, input, job, result);
   }
 
   async extract(messages: ChatMessage[], layers: number[], opts: ExtractOptions = {}): Promise<ExtractOutput> {
     const { model, engine } = this.loaded();
-    return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, { ...opts, slotLength: this.slotLength }), true));
+    return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, { ...opts, slotLength: this.slotLength }), true, opts.signal));
   }
 
   async close(): Promise<void> {

@@ -11,7 +11,8 @@ export interface EngineOptions {
 
 /** What the backend submits items to: batches (BatchEngine) or slots (SlotEngine). */
 export interface SequenceEngine {
-  submit(job: SequenceJob, extract: boolean): Promise<SequenceResult>;
+  /** `signal`: the item may be dropped once aborted (the slots engine does; a batch runs to its end). */
+  submit(job: SequenceJob, extract: boolean, signal?: AbortSignal): Promise<SequenceResult>;
   /** Sequences running now (0 when idle), for the batch-size gauge. */
   readonly currentBatch: number;
   /** Items waiting to start. */
