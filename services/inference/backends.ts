@@ -1,6 +1,6 @@
 import type { Config } from '../shared/config';
 import type { InferenceBackend } from './backend';
-import { BatchStats, OnnxBackend, StepStats } from './onnx';
+import { BatchStats, OnnxBackend, SLOT_POLICIES, SlotPolicy, StepStats } from './onnx';
 import type { INFERENCE_OPTIONS } from './options';
 import { SyntheticBackend } from './synthetic';
 
@@ -19,6 +19,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
   }
   if (cfg.backend === 'onnx') {
     if (!cfg['model-dir']) throw new Error('--model-dir is required with --backend onnx');
+    if (!(SLOT_POLICIES as readonly string[]).includes(cfg['slot-policy'])) throw new Error(`--slot-policy must be one of ${SLOT_POLICIES.join(', ')}, got ${cfg['slot-policy']}`);
     if (!['auto', 'slots', 'loop', 'host'].includes(cfg.decode)) throw new Error(`--decode must be auto, slots, loop or host, got ${cfg.decode}`);
     if (!(Number.isInteger(cfg['max-batch']) && cfg['max-batch'] >= 1)) throw new Error(`--max-batch must be a whole number >= 1, got ${cfg['max-batch']}`);
     if (!(cfg['max-batch-tokens'] >= 1)) throw new Error(`--max-batch-tokens must be >= 1, got ${cfg['max-batch-tokens']}`);
@@ -34,6 +35,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
       gatherMs: cfg['batch-gather-ms'],
       deviceMemory: cfg['device-memory'],
       slotLength: cfg['slot-length'],
+      slotPolicy: cfg['slot-policy'] as SlotPolicy,
       ...hooks,
     });
   }

@@ -1,5 +1,8 @@
 import { DType } from '../../gen/assistant_axis/v1/common';
+import { createBackend } from '../../services/inference/backends';
+import { INFERENCE_OPTIONS } from '../../services/inference/options';
 import { SyntheticBackend } from '../../services/inference/synthetic';
+import { loadConfig } from '../../services/shared/config';
 import { validateExtract, validateGenerate } from '../../services/inference/validate';
 
 const backend = new SyntheticBackend({ model: 'synthetic-tiny', numLayers: 4, hidden: 8, tokensPerSecond: 0, capacity: 2, supportsSystemPrompt: true });
@@ -64,5 +67,16 @@ describe('inference request checks name the field', () => {
 
   it('wants Extract conversations to end with the answer', () => {
     expect(() => validateExtract({ itemId: 'i', messages, layers: [], responseTokenIds: [], enableThinking: false }, info)).toThrow(/last message must be the assistant answer/);
+  });
+});
+
+describe('the onnx backend\'s options', () => {
+  // Checked when the backend is made, before any model is read: the message names the flag.
+  const make = (...argv: string[]) => () => createBackend(loadConfig('inference', INFERENCE_OPTIONS, ['--backend', 'onnx', '--model-dir', '/nonexistent', ...argv], {}));
+  it('names the slot policy, decode mode and batch size it refuses, and takes the known ones', () => {
+    expect(make('--slot-policy', 'lifo')).toThrow('--slot-policy must be one of fifo, got lifo');
+    expect(make('--decode', 'fast')).toThrow('--decode must be auto, slots, loop or host, got fast');
+    expect(make('--max-batch', '0')).toThrow('--max-batch must be a whole number >= 1, got 0');
+    expect(make('--slot-policy', 'fifo', '--decode', 'slots')()).toBeDefined();
   });
 });

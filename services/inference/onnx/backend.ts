@@ -10,7 +10,7 @@ import { describePlacements } from './runner';
 import { CPU, ModelLoadError, Placement, readMetadata } from './session';
 import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, PREFILL_CHUNK } from '../memoryPlan';
 import { planModelDirs } from './plan';
-import { SlotRunner, StepStats } from './slotEngine';
+import { SlotPolicy, SlotRunner, StepStats } from './slotEngine';
 import type { ModelMetadata } from '../../contracts/modelDirectory';
 
 /** A model the memory plan refuses: no fallback to another device changes that. */
@@ -41,6 +41,8 @@ export interface OnnxOptions extends EngineOptions {
   deviceMemory?: string;
   /** Tokens one sequence may hold (prompt and answer); default DEFAULT_SLOT_LENGTH. */
   slotLength?: number;
+  /** Which waiting item takes a free slot; default fifo. */
+  slotPolicy?: SlotPolicy;
   onBatch?: (s: BatchStats) => void;
   /** Each decoding step of the slots engine. */
   onStep?: (s: StepStats) => void;
@@ -157,7 +159,7 @@ export class OnnxBackend implements InferenceBackend {
     const model = await LoadedModel.load(dirs, {
       decode,
       placements,
-      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: 'fifo' as const, onStep: this.opts.onStep } } : {}),
+      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', onStep: this.opts.onStep } } : {}),
     });
     // Said once the model is loaded here (a failed CUDA attempt under --device auto says nothing).
     if (!plan) this.opts.warn?.('no memory plan: on CUDA, give --device-memory (e.g. 80GiB) to have one');

@@ -9,7 +9,8 @@ import { StepSession } from './stepSession';
 export { OnnxBackend, parsePlacements } from './backend';
 export type { OnnxOptions } from './backend';
 export type { BatchStats } from './engine';
-export type { StepStats } from './slotEngine';
+export type { SlotPolicy, StepStats } from './slotEngine';
+export { SLOT_POLICIES } from './slotEngine';
 export { ModelLoadError } from './session';
 
 /**

@@ -4,8 +4,9 @@ import type { Placement } from './session';
 import { sampleToken } from './sampling';
 import { SlotError, StepSession } from './stepSession';
 
-/** Which waiting item takes a free slot: `fifo`, the oldest first (the only policy so far). */
-export type SlotPolicy = 'fifo';
+/** Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first (the only policy so far). */
+export const SLOT_POLICIES = ['fifo'] as const;
+export type SlotPolicy = (typeof SLOT_POLICIES)[number];
 
 export interface SlotEngineOptions {
   /** Prompt tokens per prefill run (longer prompts go in chunks). */
