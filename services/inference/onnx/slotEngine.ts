@@ -32,7 +32,6 @@ export class CancelledError extends Error {
 interface Item {
   job: SequenceJob;
   extract: boolean;
-  arrived: number;
   resolve: (r: SequenceResult) => void;
   reject: (e: unknown) => void;
   signal?: AbortSignal;
@@ -81,10 +80,6 @@ export class SlotEngine {
     return this.slots.filter(Boolean).length;
   }
 
-  get capacity(): number {
-    return this.slots.length;
-  }
-
   /** For the batch-size gauge: the slots decoding now. */
   get currentBatch(): number {
     return this.occupied;
@@ -94,9 +89,12 @@ export class SlotEngine {
     if (this.closed) return Promise.reject(new Error('the engine is closed'));
     if (signal?.aborted) return Promise.reject(new CancelledError('cancelled before it started'));
     return new Promise((resolve, reject) => {
-      const item: Item = { job, extract, arrived: performance.now(), resolve, reject, signal };
+      // One stream's signal serves all its items: each item's listener leaves with the item.
+      const onAbort = () => this.cancelWaiting(item);
+      const done = () => signal?.removeEventListener('abort', onAbort);
+      const item: Item = { job, extract, resolve: (r) => (done(), resolve(r)), reject: (e) => (done(), reject(e)), signal };
       this.queue.push(item);
-      signal?.addEventListener('abort', () => this.cancelWaiting(item), { once: true });
+      signal?.addEventListener('abort', onAbort, { once: true });
       void this.pump();
     });
   }
