@@ -15,6 +15,18 @@ export interface FakeOpenAIOptions {
   batchDelayMs?: number;
 }
 
+export interface RecordedRequest {
+  path: string;
+  authorization: string | undefined;
+  body: any;
+  /** When the request arrived, and when its reply was written (none for hangs and batch calls). */
+  at: number;
+  answeredAt?: number;
+  /** False when the client had already closed the connection (it timed out) before the reply was written. */
+  clientWaiting?: boolean;
+  outcome: 'ok' | Fault | 'injected';
+}
+
 /**
  * A real HTTP server on loopback that speaks the OpenAI chat-completions API, for judge tests
  * and benchmarks. Its reply is a pure function of the prompt (see `expectedReply`), with usage
@@ -23,7 +35,7 @@ export interface FakeOpenAIOptions {
  */
 export class FakeOpenAIServer {
   private server: http.Server | undefined;
-  requests: { path: string; authorization: string | undefined; body: any; at: number; outcome: 'ok' | Fault | 'injected' }[] = [];
+  requests: RecordedRequest[] = [];
   private faults: number[] = [];
   /** While set, every request's connection is dropped unanswered: the API is down. */
   down = false;
@@ -66,7 +78,7 @@ export class FakeOpenAIServer {
           res.end(JSON.stringify({ error: { message: 'invalid JSON', type: 'invalid_request_error' } }));
           return;
         }
-        const record = { path: req.url ?? '', authorization: req.headers.authorization, body, at: performance.now(), outcome: 'ok' as 'ok' | Fault | 'injected' };
+        const record: RecordedRequest = { path: req.url ?? '', authorization: req.headers.authorization, body, at: performance.now(), outcome: 'ok' };
         this.requests.push(record);
         if (this.down) {
           record.outcome = 'injected';
@@ -98,7 +110,11 @@ export class FakeOpenAIServer {
           return;
         }
         const delay = this.opts.latencyMs?.() ?? 0;
-        const answer = () => this.answer(req, res, body, chosen);
+        const answer = () => {
+          record.answeredAt = performance.now();
+          record.clientWaiting = !res.destroyed && !req.socket.destroyed;
+          this.answer(req, res, body, chosen);
+        };
         if (delay > 0) setTimeout(answer, delay);
         else answer();
       });
