@@ -5,10 +5,12 @@
  * through the chat template) and answer lengths drawn from the real assistant answers of the
  * reference's transcripts (tokenized, scaled to a cap of 128 new tokens; random weights rarely
  * stop by themselves, so each item's length is its token budget). Side by side, the contenders
- * taking turns in an order that rotates each round (A B C D, B C D A, ...):
- *   - the engine, continuous batching, capture of every layer;
+ * taking turns in an order that rotates each round (A B C D E, B C D E A, ...):
+ *   - the engine, continuous batching, capture of every layer, through onnxruntime's C API
+ *     (the native runtime, the default);
  *   - the same engine admitting a new batch only when the whole batch has finished (static);
  *   - the engine on the --no-capture build (what measuring the activations costs);
+ *   - the engine through onnxruntime-node's JavaScript API (the stock runtime);
  *   - transformers.js `generate` on the portable graph, batches of 16 (a peer on the same runtime).
  * Throughput is useful tokens (the tokens the items asked for) per second of wall time.
  * Ends with `result:` lines; the figures go to docs/PERFORMANCE.md.
@@ -149,8 +151,8 @@ const spread = (xs: number[]) => `${Math.min(...xs).toFixed(2)}..${Math.max(...x
 async function main(): Promise<void> {
   const started = performance.now();
   const { capture, plain } = await prepare();
-  const slots = (dir: string, staticBatches: boolean) => async (slotLength: number) =>
-    LoadedModel.load(dir, { decode: 'slots', slots: { slots: SLOTS, slotLength, prefillChunk: 512, policy: 'fifo', staticBatches } });
+  const slots = (dir: string, staticBatches: boolean, runtime: 'native' | 'stock' = 'native') => async (slotLength: number) =>
+    LoadedModel.load(dir, { decode: 'slots', slots: { slots: SLOTS, slotLength, prefillChunk: 512, policy: 'fifo', staticBatches, runtime } });
   // The workload, from the tokenizer (any of the models).
   const probe = await slots(capture, false)(8);
   const { jobs, budgets, conversations } = workload(probe);
@@ -161,15 +163,17 @@ async function main(): Promise<void> {
   const continuous = await slots(capture, false)(slotLength);
   const staticEngine = await slots(capture, true)(slotLength);
   const textOnly = await slots(plain, false)(slotLength);
+  const stock = await slots(capture, false, 'stock')(slotLength);
   const peer = await transformersJs(plain, conversations, budgets);
   const contenders: [string, () => Promise<Measure>][] = [
     ['continuous batching, capture', () => engineRun(continuous, jobs)],
     ['static batching, capture', () => engineRun(staticEngine, jobs)],
     ['continuous batching, --no-capture build', () => engineRun(textOnly, jobs)],
     ['transformers.js generate, batches of 16', peer],
+    ['continuous batching, capture, stock runtime', () => engineRun(stock, jobs)],
   ];
   // Warm-up: first-run allocations and lazy tables.
-  for (const [, run] of contenders.slice(0, 3)) await run();
+  for (const [label, run] of contenders) if (!label.startsWith('transformers.js')) await run();
   const samples: number[][] = contenders.map(() => []);
   for (let r = 0; r < REPEATS; r++) {
     // The order rotates each round, so that no contender always runs first (this machine's speed drifts within minutes).
@@ -181,7 +185,7 @@ async function main(): Promise<void> {
       process.stderr.write(`run ${r + 1}/${REPEATS} ${label}: ${m.tokens} tokens in ${m.seconds.toFixed(1)} s = ${rate(m).toFixed(1)} tokens/s\n`);
     }
   }
-  await Promise.all([continuous.close(), staticEngine.close(), textOnly.close()]);
+  await Promise.all([continuous.close(), staticEngine.close(), textOnly.close(), stock.close()]);
   for (const [k, [label]] of contenders.entries()) {
     process.stdout.write(`${label.padEnd(44)} ${median(samples[k]).toFixed(1).padStart(7)} tokens/s (median of ${REPEATS}: ${samples[k].map((x) => x.toFixed(1)).join(', ')})\n`);
   }
@@ -190,14 +194,16 @@ async function main(): Promise<void> {
   const gain = ratios(0, 1);
   const capture_ = ratios(2, 0).map((x) => (x - 1) * 100);
   const peer_ = ratios(0, 3);
+  const binding = ratios(0, 4);
   const ideal = idealGain(budgets);
-  process.stdout.write(`continuous/static per run: ${gain.map((x) => x.toFixed(2)).join(', ')}; capture overhead per run: ${capture_.map((x) => x.toFixed(1)).join(', ')} %; vs transformers.js per run: ${peer_.map((x) => x.toFixed(2)).join(', ')}\n`);
-  process.stdout.write(`spread: continuous/static ${spread(gain)} x, capture overhead ${spread(capture_)} %, vs transformers.js ${spread(peer_)} x; wall time ${((performance.now() - started) / 60000).toFixed(1)} min\n`);
+  process.stdout.write(`continuous/static per run: ${gain.map((x) => x.toFixed(2)).join(', ')}; capture overhead per run: ${capture_.map((x) => x.toFixed(1)).join(', ')} %; vs transformers.js per run: ${peer_.map((x) => x.toFixed(2)).join(', ')}; native/stock per run: ${binding.map((x) => x.toFixed(2)).join(', ')}\n`);
+  process.stdout.write(`spread: continuous/static ${spread(gain)} x, capture overhead ${spread(capture_)} %, vs transformers.js ${spread(peer_)} x, native/stock ${spread(binding)} x; wall time ${((performance.now() - started) / 60000).toFixed(1)} min\n`);
   process.stdout.write(`result: continuous_ideal = ${ideal.toFixed(2)} x\n`);
   process.stdout.write(`result: continuous_vs_static = ${median(gain).toFixed(2)} x\n`);
   process.stdout.write(`result: continuous_efficiency = ${(median(gain) / ideal).toFixed(2)}\n`);
   process.stdout.write(`result: capture_overhead = ${median(capture_).toFixed(1)} %\n`);
   process.stdout.write(`result: inference_vs_transformersjs = ${median(peer_).toFixed(2)} x\n`);
+  process.stdout.write(`result: binding_vs_stock = ${median(binding).toFixed(2)} x\n`);
 }
 
 main().catch((err) => {

@@ -1,6 +1,6 @@
 import type { Config } from '../shared/config';
 import type { InferenceBackend } from './backend';
-import { BatchStats, OnnxBackend, SLOT_POLICIES, SlotPolicy, StepStats } from './onnx';
+import { BatchStats, OnnxBackend, SLOT_POLICIES, SlotPolicy, STEP_RUNTIMES, StepRuntime, StepStats } from './onnx';
 import type { INFERENCE_OPTIONS } from './options';
 import { SyntheticBackend } from './synthetic';
 
@@ -20,6 +20,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
   if (cfg.backend === 'onnx') {
     if (!cfg['model-dir']) throw new Error('--model-dir is required with --backend onnx');
     if (!(SLOT_POLICIES as readonly string[]).includes(cfg['slot-policy'])) throw new Error(`--slot-policy must be one of ${SLOT_POLICIES.join(', ')}, got ${cfg['slot-policy']}`);
+    if (!['auto', ...STEP_RUNTIMES].includes(cfg['step-runtime'])) throw new Error(`--step-runtime must be auto, ${STEP_RUNTIMES.join(' or ')}, got ${cfg['step-runtime']}`);
     if (!['auto', 'slots', 'loop', 'host'].includes(cfg.decode)) throw new Error(`--decode must be auto, slots, loop or host, got ${cfg.decode}`);
     if (!(Number.isInteger(cfg['max-batch']) && cfg['max-batch'] >= 1)) throw new Error(`--max-batch must be a whole number >= 1, got ${cfg['max-batch']}`);
     if (!(cfg['max-batch-tokens'] >= 1)) throw new Error(`--max-batch-tokens must be >= 1, got ${cfg['max-batch-tokens']}`);
@@ -36,6 +37,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
       deviceMemory: cfg['device-memory'],
       slotLength: cfg['slot-length'],
       slotPolicy: cfg['slot-policy'] as SlotPolicy,
+      stepRuntime: cfg['step-runtime'] as StepRuntime | 'auto',
       ...hooks,
     });
   }

@@ -16,6 +16,7 @@ export const INFERENCE_OPTIONS = {
   'device-memory': { type: 'string', env: 'AXIS_DEVICE_MEMORY', default: '', help: 'onnx backend: memory of each device for the memory plan, e.g. 80GiB or 141GB (empty: the machine\'s RAM on the CPU; on CUDA no plan is made without it)' },
   'slot-length': { type: 'number', env: 'AXIS_SLOT_LENGTH', default: 2560, help: 'onnx backend: tokens one sequence may hold, prompt and answer (the memory plan reserves this much KV cache per sequence; longer conversations are refused)' },
   'slot-policy': { type: 'string', env: 'AXIS_SLOT_POLICY', default: 'fifo', help: 'onnx backend, slots engine: which waiting item takes a free slot: fifo (the oldest first; the only policy so far)' },
+  'step-runtime': { type: 'string', env: 'AXIS_STEP_RUNTIME', default: 'auto', help: 'onnx backend, slots engine: native (onnxruntime\'s C API: KV buffers allocated and kept on the device, IO binding), stock (onnxruntime-node\'s JavaScript API) or auto (native, else stock with a warning saying why)' },
   'batch-gather-ms': { type: 'number', env: 'AXIS_BATCH_GATHER_MS', default: 20, help: 'onnx backend: how long an idle engine waits for a batch to fill' },
   model: { type: 'string', env: 'AXIS_MODEL', default: '', help: 'model name reported to runs (empty: the model directory\'s name; synthetic-tiny for the synthetic backend)' },
   'synthetic-layers': { type: 'number', env: 'AXIS_SYNTHETIC_LAYERS', default: 8, help: 'synthetic backend: layers' },

@@ -47,6 +47,7 @@ export class SyntheticBackend implements InferenceBackend {
       // No memory plan: the synthetic backend holds no KV cache.
       slots: 0,
       slotLength: 0,
+      stepRuntime: '',
     };
   }
 

@@ -16,7 +16,7 @@ const spec: RunSpec = {
 };
 const model = {
   model: 'tiny-llama', architecture: 'llama', numLayers: 4, hiddenSize: 8, device: 'cpu', capacity: 4, backend: 'onnx',
-  activationDtype: DType.DTYPE_F32, supportsSystemPrompt: true, modelShortName: 'Tiny', hashes: { weights: 'w1', graph: 'g1' }, slots: 4, slotLength: 2560,
+  activationDtype: DType.DTYPE_F32, supportsSystemPrompt: true, modelShortName: 'Tiny', hashes: { weights: 'w1', graph: 'g1' }, slots: 4, slotLength: 2560, stepRuntime: 'native',
 };
 const judge = { provider: 'openai', model: 'gpt-4.1-mini', baseUrl: 'http://judge/v1', meaningful: true, hasPrice: true, promptPricePerMtok: 0.4, completionPricePerMtok: 1.6, requestsPerSecond: 10, concurrency: 8 };
 const summary: RunSummary = {

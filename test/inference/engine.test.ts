@@ -221,7 +221,7 @@ describe('the batch engine and the onnx backend', () => {
     const p = roomy.plan!.devices[0];
     // The plan has room for 256; the engine holds --max-batch (4) of them.
     expect(roomy.decodeKind).toBe('slots');
-    expect(roomy.info).toMatchObject({ slots: 4, slotLength: 128 });
+    expect(roomy.info).toMatchObject({ slots: 4, slotLength: 128, stepRuntime: 'native' });
     expect(infos.some((m) => /^memory plan: cpu: 64\.00 GiB; weights .* 256 slots$/.test(m))).toBe(true);
     await roomy.close();
     // Room for two slots and a half: two; four items run at most two at a time.

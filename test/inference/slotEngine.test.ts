@@ -69,6 +69,9 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
         const results = await Promise.all(order.map((i) => slotsOf(m).engine.submit(all[i], false)));
         order.forEach((i, k) => expectSame(results[k], alone[i]));
         expect(Math.max(...steps.map((s) => s.active))).toBeLessThanOrEqual(slots);
+        // Gaps are closed (free slots filled, or the highest items moved down): a step runs only busy rows.
+        expect(steps.filter((s) => s.rows !== s.active)).toEqual([]);
+        if (slots === 6) expect(new Set(steps.map((s) => s.rows)).size).toBeGreaterThan(3);
         // Items joined while others were decoding: some step ran fewer items than there were slots, others as many.
         if (slots < 6) expect(steps.some((s) => s.active === slots)).toBe(true);
       } finally {
@@ -80,8 +83,14 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
   it('static batching (the benchmark\'s baseline) gives the same results', async () => {
     const m = await load(3, { staticBatches: true });
     try {
+      steps.length = 0;
       const results = await Promise.all(jobs(m).map((j) => slotsOf(m).engine.submit(j, false)));
       results.forEach((r, i) => expectSame(r, alone[i]));
+      // Two batches of 3, each running its 3 rows until its longest item ends.
+      const longest = (b: number) => Math.max(...alone.slice(3 * b, 3 * b + 3).map((r) => r.responseIds.length));
+      expect(steps.every((s) => s.rows === 3)).toBe(true);
+      // An item of n tokens feeds each of them once (the first comes from its prefill; the last is fed so that it is counted).
+      expect(steps.length).toBe(longest(0) + longest(1));
     } finally {
       await m.close();
     }

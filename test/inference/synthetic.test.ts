@@ -75,6 +75,7 @@ describe('the onnx backend\'s options', () => {
   const make = (...argv: string[]) => () => createBackend(loadConfig('inference', INFERENCE_OPTIONS, ['--backend', 'onnx', '--model-dir', '/nonexistent', ...argv], {}));
   it('names the slot policy, decode mode and batch size it refuses, and takes the known ones', () => {
     expect(make('--slot-policy', 'lifo')).toThrow('--slot-policy must be one of fifo, got lifo');
+    expect(make('--step-runtime', 'cuda')).toThrow('--step-runtime must be auto, native or stock, got cuda');
     expect(make('--decode', 'fast')).toThrow('--decode must be auto, slots, loop or host, got fast');
     expect(make('--max-batch', '0')).toThrow('--max-batch must be a whole number >= 1, got 0');
     expect(make('--slot-policy', 'fifo', '--decode', 'slots')()).toBeDefined();

@@ -11,6 +11,7 @@ import { CPU, ModelLoadError, Placement, readMetadata } from './session';
 import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, PREFILL_CHUNK } from '../memoryPlan';
 import { planModelDirs } from './plan';
 import { SlotPolicy, SlotRunner, StepStats } from './slotEngine';
+import type { StepRuntime } from './stepSession';
 import type { ModelMetadata } from '../../contracts/modelDirectory';
 
 /** A model the memory plan refuses: no fallback to another device changes that. */
@@ -18,12 +19,13 @@ class PlanRefusal extends ModelLoadError {}
 
 /**
  * `--decode auto`: the slots engine when the model has a step graph this device runs (f32 on
- * the CPU, f16 anywhere; bf16 needs the device binding) and is one stage; else the generation
+ * the CPU, f16 anywhere, bf16 on a GPU through the native runtime) and is one stage; else the generation
  * graph when there is one; else the host loop.
  */
 export function autoDecode(dirs: string[], metadata: ModelMetadata, placements: Placement[]): 'slots' | 'loop' | 'host' {
   const step = metadata.step?.compute_dtype;
-  const runs = step === 'f16' || (step === 'f32' && placements[0].provider === 'cpu');
+  // f16 runs anywhere; bf16 only on a GPU (through the native runtime); f32 on the CPU (onnxruntime's CUDA attention has no f32 kernel).
+  const runs = step === 'f16' || (step === 'bf16' && placements[0].provider === 'cuda') || (step === 'f32' && placements[0].provider === 'cpu');
   if (dirs.length === 1 && runs) return 'slots';
   return dirs.length === 1 && metadata.decode_loop ? 'loop' : 'host';
 }
@@ -43,6 +45,8 @@ export interface OnnxOptions extends EngineOptions {
   slotLength?: number;
   /** Which waiting item takes a free slot; default fifo. */
   slotPolicy?: SlotPolicy;
+  /** How the slots engine reaches onnxruntime (default auto: native, else stock with a warning). */
+  stepRuntime?: StepRuntime | 'auto';
   onBatch?: (s: BatchStats) => void;
   /** Each decoding step of the slots engine. */
   onStep?: (s: StepStats) => void;
@@ -93,6 +97,7 @@ export class OnnxBackend implements InferenceBackend {
       hashes: {},
       slots: 0,
       slotLength: 0,
+      stepRuntime: '',
     };
   }
 
@@ -139,6 +144,7 @@ export class OnnxBackend implements InferenceBackend {
       hashes: model.hashes,
       slots: runner instanceof SlotRunner ? runner.step.slots : (this.plan?.slots ?? 0),
       slotLength: this.slotLength,
+      stepRuntime: runner instanceof SlotRunner ? runner.step.runtime : '',
     };
   }
 
@@ -159,8 +165,10 @@ export class OnnxBackend implements InferenceBackend {
     const model = await LoadedModel.load(dirs, {
       decode,
       placements,
-      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', onStep: this.opts.onStep } } : {}),
+      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', runtime: this.opts.stepRuntime, onStep: this.opts.onStep } } : {}),
     });
+    const step = model.runner instanceof SlotRunner ? model.runner.step : undefined;
+    if (step?.fallback) this.opts.warn?.(`the slots engine runs on onnxruntime-node's JavaScript API (stock): the native binding cannot load: ${step.fallback}`);
     // Said once the model is loaded here (a failed CUDA attempt under --device auto says nothing).
     if (!plan) this.opts.warn?.('no memory plan: on CUDA, give --device-memory (e.g. 80GiB) to have one');
     else for (const line of describePlan(plan, where)) this.opts.info?.(`memory plan: ${line}`);

@@ -12,6 +12,8 @@ export type { BatchStats } from './engine';
 export type { SlotPolicy, StepStats } from './slotEngine';
 export { SLOT_POLICIES } from './slotEngine';
 export { ModelLoadError } from './session';
+export { STEP_RUNTIMES } from './stepSession';
+export type { StepRuntime } from './stepSession';
 
 /**
  * One forward pass over token ids on the CPU: each decoder block's output and the logits at

@@ -12,7 +12,10 @@ export interface SlotEngineOptions {
   /** Prompt tokens per prefill run (longer prompts go in chunks). */
   prefillChunk: number;
   policy: SlotPolicy;
-  /** Admit new items only once every slot is free: static batching, the benchmark's baseline. */
+  /**
+   * Static batching, the benchmark's baseline: new items are admitted only once every slot is
+   * free, and the batch's rows all run until its longest item ends (finished rows idle in place).
+   */
   staticBatches?: boolean;
 }
 
@@ -20,7 +23,7 @@ export interface SlotEngineOptions {
 export interface StepStats {
   /** Slots decoding in this step. */
   active: number;
-  /** Rows the step ran (the busy slots and any idle ones below the highest busy one). */
+  /** Rows the step ran: the busy slots (gaps are closed first); in static batching, the whole batch. */
   rows: number;
   seconds: number;
 }
@@ -60,6 +63,8 @@ export class SlotEngine {
   private readonly slots: (Busy | undefined)[];
   private pumping = false;
   private closed = false;
+  /** Static batching: the rows of the batch in flight. */
+  private batchRows = 0;
 
   constructor(
     private readonly step: StepSession,
@@ -122,6 +127,7 @@ export class SlotEngine {
       for (;;) {
         this.releaseCancelled();
         await this.admit();
+        this.closeGaps();
         if (!this.slots.some(Boolean)) {
           if (this.queue.length === 0) return;
           continue;
@@ -135,7 +141,10 @@ export class SlotEngine {
 
   /** Prefills waiting items into free slots, lowest first (so a step's rows stay few). */
   private async admit(): Promise<void> {
-    if (this.opts.staticBatches && this.slots.some(Boolean)) return;
+    if (this.opts.staticBatches) {
+      if (this.slots.some(Boolean)) return;
+      this.batchRows = Math.min(this.queue.length, this.slots.length);
+    }
     for (let s = 0; s < this.slots.length && this.queue.length > 0; s++) {
       if (this.slots[s]) continue;
       const item = this.queue.shift()!;
@@ -184,9 +193,27 @@ export class SlotEngine {
     this.slots[slot] = { item, responseIds: [first], next: first, mean: new ResponseMean(L, d) };
   }
 
+  /**
+   * Moves the highest busy items down into free slots below them, so that a step runs only
+   * busy rows (a step costs its rows on a CPU). Free slots are filled by admission first, so
+   * this acts once nothing waits: in the tail of a run. Not in static batching, whose rows
+   * stay in place.
+   */
+  private closeGaps(): void {
+    if (this.opts.staticBatches || !this.step.canMove) return;
+    for (;;) {
+      const free = this.slots.findIndex((b) => !b);
+      const top = this.slots.reduce((t, b, s) => (b ? s : t), -1);
+      if (free < 0 || free > top) return;
+      this.step.move(top, free);
+      this.slots[free] = this.slots[top];
+      this.slots[top] = undefined;
+    }
+  }
+
   /** One decoding step of the busy slots: feed each its next token, count it, sample the one after. */
   private async decodeStep(): Promise<void> {
-    const rows = this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0);
+    const rows = Math.max(this.opts.staticBatches ? this.batchRows : 0, this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0));
     const tokens = this.slots.slice(0, rows).map((b) => b?.next);
     const started = performance.now();
     let out;

@@ -1,6 +1,8 @@
-import * as ort from 'onnxruntime-node';
-import { ModelMetadata, STEP_INPUTS, STEP_OUTPUTS, StepGraphMetadata } from '../../contracts/modelDirectory';
-import { checkedGraph, CPU, createSession, ModelLoadError, Placement, placementName, readMetadata } from './session';
+import { ModelMetadata, StepGraphMetadata } from '../../contracts/modelDirectory';
+import { OrtApi } from './native/capi';
+import { NativeKernel } from './native/nativeKernel';
+import { checkedGraph, CPU, ModelLoadError, Placement, placementName, readMetadata } from './session';
+import { StockKernel } from './stockKernel';
 
 export interface StepSessionOptions {
   /** Sequences held at once, each in its own part of every layer's KV buffer. */
@@ -8,6 +10,48 @@ export interface StepSessionOptions {
   /** Tokens a slot holds: prompt and answer together. */
   slotLength: number;
   placement?: Placement;
+  /**
+   * How runs reach onnxruntime: `native`, its C API (KV buffers from its allocator, IO binding;
+   * what a GPU needs), or `stock`, onnxruntime-node's JavaScript API (KV buffers in JavaScript
+   * memory; on a GPU every run would carry them to the host and back), or `auto` (the default):
+   * native, else stock when the native binding cannot load (`fallback` says why).
+   */
+  runtime?: StepRuntime | 'auto';
+}
+
+export const STEP_RUNTIMES = ['native', 'stock'] as const;
+export type StepRuntime = (typeof STEP_RUNTIMES)[number];
+
+/** What one run feeds: consecutive slots from `firstSlot`, `batch` rows of `length` tokens each. */
+export interface StepFeeds {
+  firstSlot: number;
+  batch: number;
+  length: number;
+  inputIds: BigInt64Array;
+  positionIds: BigInt64Array;
+  seqlensK: Int32Array;
+  totalSequenceLength: number;
+  /** Absent for a stage that does not end the model (no logits). */
+  logitsPositions?: BigInt64Array;
+}
+
+/** Runs the step graph over KV buffers it owns: onnxruntime-node's API, or the C API's. */
+export interface StepKernel {
+  readonly runtime: StepRuntime;
+  /** Whether `copySlot` works here. */
+  readonly canCopySlots: boolean;
+  run(feeds: StepFeeds): Promise<StepResult>;
+  /** Copies the first `positions` positions of a slot's keys and values to another slot. */
+  copySlot(from: number, to: number, positions: number): void;
+  close(): Promise<void>;
+}
+
+/** What a kernel needs to know of the graph and the slots. */
+export interface KernelShape {
+  metadata: ModelMetadata;
+  step: StepGraphMetadata;
+  slots: number;
+  slotLength: number;
 }
 
 /** What a prefill or a decoding step returns, float32. */
@@ -22,42 +66,43 @@ export interface StepResult {
 export class SlotError extends Error {}
 
 /**
- * The engine's step graph (`onnx/step.onnx`) with its KV buffers. Each layer's keys and values
- * live in one buffer [slots, kv_heads, slot_length, head_dim], bound as both past and present
- * of every run: onnxruntime's GroupQueryAttention sees one address and writes the step's keys
- * and values in place at each row's filled length, so nothing is copied between steps. A
- * prefill runs one slot (batch 1, its part of each buffer) over any number of tokens, in
- * chunks if asked (onnxruntime's CPU kernel runs a prompt longer than one token only at batch
- * 1); a decoding step runs every slot at length 1.
+ * The engine's step graph (`onnx/step.onnx`) over S slots. Each layer's keys and values live
+ * in one buffer [slots, kv_heads, slot_length, head_dim] that the kernel owns and binds as both
+ * past and present of every run: onnxruntime's GroupQueryAttention sees one address and writes
+ * the step's keys and values in place at each row's filled length, so nothing is copied between
+ * steps. A prefill runs one slot (batch 1, its part of each buffer) over any number of tokens,
+ * in chunks if asked (onnxruntime's CPU kernel runs a prompt longer than one token only at batch
+ * 1); a decoding step runs slots 0..k-1 at length 1. This class keeps what each slot holds;
+ * the kernel (`native/nativeKernel.ts` or `stockKernel.ts`) runs the graph.
  */
 export class StepSession {
   /** Tokens each slot holds now. */
   readonly lengths: Int32Array;
-  private readonly keys: KvBuffer[];
-  private readonly values: KvBuffer[];
-  private readonly slotElements: number;
-  private readonly kvType: 'float32' | 'float16';
 
   private constructor(
     readonly metadata: ModelMetadata,
     readonly step: StepGraphMetadata,
-    private readonly session: ort.InferenceSession,
+    readonly kernel: StepKernel,
     readonly slots: number,
     readonly slotLength: number,
+    /** Why the stock runtime runs where auto would have had the native one. */
+    readonly fallback?: string,
   ) {
-    const { num_key_value_heads: kv, head_dim: hd } = metadata;
-    this.slotElements = kv * slotLength * hd;
-    const [first, end] = this.layers;
-    // float16 elements travel as their bits (onnxruntime-node's 'float16' tensors are Uint16Array).
-    this.kvType = step.compute_dtype === 'f16' ? 'float16' : 'float32';
-    const buffer = (): KvBuffer => (this.kvType === 'float16' ? new Uint16Array(slots * this.slotElements) : new Float32Array(slots * this.slotElements));
-    this.keys = Array.from({ length: end - first }, buffer);
-    this.values = Array.from({ length: end - first }, buffer);
     this.lengths = new Int32Array(slots);
   }
 
   get layers(): [number, number] {
     return this.metadata.layers ?? [0, this.metadata.num_layers];
+  }
+
+  /** Whether `move` works here (a host copy: not yet on a GPU). */
+  get canMove(): boolean {
+    return this.kernel.canCopySlots;
+  }
+
+  /** Which API the runs go through. */
+  get runtime(): StepRuntime {
+    return this.kernel.runtime;
   }
 
   static async load(dir: string, opts: StepSessionOptions): Promise<StepSession> {
@@ -68,19 +113,27 @@ export class StepSession {
     if ((metadata.layers?.[0] ?? 0) !== 0) throw new ModelLoadError(`${dir}: a later stage of a split model (layers ${metadata.layers}): its step graph takes the previous stage's hidden states, which this session does not feed`);
     if (!(Number.isInteger(opts.slots) && opts.slots >= 1)) throw new SlotError(`slots must be a positive integer, got ${opts.slots}`);
     if (!(Number.isInteger(opts.slotLength) && opts.slotLength >= 1)) throw new SlotError(`the slot length must be a positive integer, got ${opts.slotLength}`);
+    let runtime = opts.runtime ?? 'auto';
+    let fallback: string | undefined;
+    if (runtime === 'auto') {
+      try {
+        OrtApi.get();
+        runtime = 'native';
+      } catch (err) {
+        runtime = 'stock';
+        fallback = (err as Error).message;
+      }
+    }
+    if (!STEP_RUNTIMES.includes(runtime)) throw new ModelLoadError(`the step runtime must be auto, ${STEP_RUNTIMES.join(' or ')}, got ${runtime}`);
     // bf16 is not a tensor type of onnxruntime-node, so its KV buffers cannot be passed from
-    // JavaScript: bf16 steps need the device binding (and the CPU has no bf16 arithmetic).
-    if (step.compute_dtype === 'bf16') throw new ModelLoadError(`${dir}: its step graph computes in bf16, whose KV buffers onnxruntime-node cannot pass (on ${placementName(placement)}); build with --dtype f16 or f32 for this session`);
+    // JavaScript (and the CPU has no bf16 arithmetic).
+    if (step.compute_dtype === 'bf16' && (runtime === 'stock' || placement.provider === 'cpu')) throw new ModelLoadError(`${dir}: its step graph computes in bf16, which needs the native runtime on a GPU (here: ${runtime} on ${placementName(placement)}); build with --dtype f16 or f32 for this session`);
     // onnxruntime's CUDA GroupQueryAttention has fp16/bf16 kernels only: a float32 one would run on the CPU.
     if (placement.provider === 'cuda' && step.compute_dtype === 'f32') throw new ModelLoadError(`${dir}: its step graph computes in float32, which onnxruntime's CUDA GroupQueryAttention does not (it would run on the CPU): build the model with --dtype bf16 (Gemma 2) or f16`);
     const { file } = await checkedGraph(dir, step.graph, step.graph_sha256);
-    const session = await createSession(file, placement);
-    const missing = [...step.inputs.filter((n) => !session.inputNames.includes(n)), ...step.outputs.filter((n) => !session.outputNames.includes(n))];
-    if (missing.length) {
-      await session.release();
-      throw new ModelLoadError(`${file} does not match axis_model.json: ${missing.join(', ')} missing from the graph`);
-    }
-    return new StepSession(metadata, step, session, opts.slots, opts.slotLength);
+    const shape: KernelShape = { metadata, step, slots: opts.slots, slotLength: opts.slotLength };
+    const kernel = runtime === 'native' ? await NativeKernel.create(file, placement, shape) : await StockKernel.create(file, placement, shape);
+    return new StepSession(metadata, step, kernel, opts.slots, opts.slotLength, fallback);
   }
 
   /** Forgets a slot's sequence (its buffer rows are overwritten by the next prefill). */
@@ -108,7 +161,7 @@ export class StepSession {
       const past = this.lengths[slot];
       const isLast = at + chunk >= ids.length;
       const positions = opts.logits === 'all' ? part.map((_, i) => i) : [part.length - 1];
-      const out = await this.run([slot], [part], [past], positions);
+      const out = await this.run(slot, [part], [past], positions);
       this.lengths[slot] = past + part.length;
       hiddenParts.push(out.hidden);
       if (opts.logits === 'all' || isLast) logitParts.push(out.logits);
@@ -128,48 +181,45 @@ export class StepSession {
     for (const s of slots) {
       if (tokens[s] !== undefined && this.lengths[s] + 1 > this.slotLength) throw new SlotError(`slot ${s} is full (${this.slotLength} tokens)`);
     }
-    const out = await this.run(slots, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0]);
+    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0]);
     for (const s of slots) if (tokens[s] !== undefined) this.lengths[s] += 1;
     return out;
   }
 
-  async close(): Promise<void> {
-    await this.session.release();
+  /**
+   * Moves the sequence held in slot `from` to the free slot `to` (its filled keys and values,
+   * its length); `from` is free afterwards. The engine closes gaps this way so that a step's
+   * rows stay as few as the busy slots.
+   */
+  move(from: number, to: number): void {
+    this.checkSlot(from);
+    this.checkSlot(to);
+    if (from === to) return;
+    if (this.lengths[to] !== 0) throw new SlotError(`slot ${to} holds ${this.lengths[to]} tokens: a sequence moves only to a free slot`);
+    this.kernel.copySlot(from, to, this.lengths[from]);
+    this.lengths[to] = this.lengths[from];
+    this.lengths[from] = 0;
   }
 
-  /** One run over `rows` (all slots, or one), each with its tokens after `past` held ones. */
-  private async run(rows: number[], ids: number[][], past: number[], logitPositions: number[]): Promise<StepResult> {
-    const batch = rows.length;
-    const S = ids[0].length;
-    const flat = ids.flat();
-    const feeds: Record<string, ort.Tensor> = {
-      [STEP_INPUTS.inputIds]: new ort.Tensor('int64', BigInt64Array.from(flat, BigInt), [batch, S]),
-      [STEP_INPUTS.positionIds]: new ort.Tensor('int64', BigInt64Array.from({ length: batch * S }, (_, i) => BigInt(past[Math.floor(i / S)] + (i % S))), [batch, S]),
-      [STEP_INPUTS.seqlensK]: new ort.Tensor('int32', Int32Array.from(past, (p) => p + S - 1), [batch]),
-      [STEP_INPUTS.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(Math.max(...past) + S), []),
-    };
-    const [first, end] = this.layers;
-    const last = end === this.metadata.num_layers;
-    if (last) feeds[STEP_INPUTS.logitsPositions] = new ort.Tensor('int64', BigInt64Array.from(logitPositions, BigInt), [logitPositions.length]);
-    const fetches: Record<string, ort.Tensor | null> = {};
-    const { num_key_value_heads: kv, head_dim: hd } = this.metadata;
-    for (let l = first; l < end; l++) {
-      // Consecutive slots rows[0].. as a view of their part of the buffers (past and present alike).
-      const view = (buffer: KvBuffer) => new ort.Tensor(this.kvType, buffer.subarray(rows[0] * this.slotElements, (rows[0] + batch) * this.slotElements), [batch, kv, this.slotLength, hd]);
-      const k = view(this.keys[l - first]);
-      const v = view(this.values[l - first]);
-      feeds[STEP_INPUTS.pastKey(l)] = k;
-      feeds[STEP_INPUTS.pastValue(l)] = v;
-      fetches[STEP_OUTPUTS.presentKey(l)] = k;
-      fetches[STEP_OUTPUTS.presentValue(l)] = v;
-    }
-    for (const name of this.step.hidden_state_outputs) fetches[name] = null;
-    if (last) fetches[STEP_OUTPUTS.logits] = null;
-    const out = await this.session.run(feeds, fetches);
-    return {
-      hidden: this.step.hidden_state_outputs.map((name) => out[name].data as Float32Array),
-      logits: last ? (out[STEP_OUTPUTS.logits].data as Float32Array) : new Float32Array(0),
-    };
+  async close(): Promise<void> {
+    await this.kernel.close();
+  }
+
+  /** One run over consecutive slots from `firstSlot`, each with its tokens after `past` held ones. */
+  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[]): Promise<StepResult> {
+    const batch = ids.length;
+    const length = ids[0].length;
+    const last = this.layers[1] === this.metadata.num_layers;
+    return this.kernel.run({
+      firstSlot,
+      batch,
+      length,
+      inputIds: BigInt64Array.from(ids.flat(), BigInt),
+      positionIds: BigInt64Array.from({ length: batch * length }, (_, i) => BigInt(past[Math.floor(i / length)] + (i % length))),
+      seqlensK: Int32Array.from(past, (p) => p + length - 1),
+      totalSequenceLength: Math.max(...past) + length,
+      logitsPositions: last ? BigInt64Array.from(logitPositions, BigInt) : undefined,
+    });
   }
 
   /** Chunks' hidden states joined per layer. */
@@ -182,10 +232,7 @@ export class StepSession {
   }
 }
 
-/** One layer's keys or values for every slot: float32, or float16 as bits. */
-type KvBuffer = Float32Array | Uint16Array;
-
-function concat(parts: Float32Array[]): Float32Array {
+export function concat(parts: Float32Array[]): Float32Array {
   if (parts.length === 1) return parts[0];
   const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
   let at = 0;

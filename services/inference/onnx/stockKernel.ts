@@ -1,0 +1,93 @@
+import * as ort from 'onnxruntime-node';
+import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
+import { createSession, ModelLoadError, Placement } from './session';
+import type { KernelShape, StepFeeds, StepKernel, StepResult } from './stepSession';
+
+/** One layer's keys or values for every slot: float32, or float16 as bits. */
+type KvBuffer = Float32Array | Uint16Array;
+
+/**
+ * The step graph through onnxruntime-node's JavaScript API: the KV buffers are JavaScript
+ * typed arrays, passed as both the past inputs and the pre-allocated present outputs (the same
+ * memory, so the CPU kernel writes in place). On a GPU every run would carry them to the
+ * device and back: the fallback to the native kernel, and the baseline it is measured against.
+ */
+export class StockKernel implements StepKernel {
+  readonly runtime = 'stock' as const;
+  readonly canCopySlots = true;
+  private readonly keys: KvBuffer[];
+  private readonly values: KvBuffer[];
+  private readonly slotElements: number;
+  private readonly kvType: 'float32' | 'float16';
+
+  private constructor(private readonly shape: KernelShape, private readonly session: ort.InferenceSession) {
+    const { metadata, step, slots, slotLength } = shape;
+    this.slotElements = metadata.num_key_value_heads * slotLength * metadata.head_dim;
+    // float16 elements travel as their bits (onnxruntime-node's 'float16' tensors are Uint16Array).
+    this.kvType = step.compute_dtype === 'f16' ? 'float16' : 'float32';
+    const buffer = (): KvBuffer => (this.kvType === 'float16' ? new Uint16Array(slots * this.slotElements) : new Float32Array(slots * this.slotElements));
+    const layers = this.layerRange();
+    this.keys = Array.from({ length: layers[1] - layers[0] }, buffer);
+    this.values = Array.from({ length: layers[1] - layers[0] }, buffer);
+  }
+
+  static async create(file: string, placement: Placement, shape: KernelShape): Promise<StockKernel> {
+    const session = await createSession(file, placement);
+    const missing = [...shape.step.inputs.filter((n) => !session.inputNames.includes(n)), ...shape.step.outputs.filter((n) => !session.outputNames.includes(n))];
+    if (missing.length) {
+      await session.release();
+      throw new ModelLoadError(`${file} does not match axis_model.json: ${missing.join(', ')} missing from the graph`);
+    }
+    return new StockKernel(shape, session);
+  }
+
+  async run(f: StepFeeds): Promise<StepResult> {
+    const { metadata, step, slotLength } = this.shape;
+    const feeds: Record<string, ort.Tensor> = {
+      [STEP_INPUTS.inputIds]: new ort.Tensor('int64', f.inputIds, [f.batch, f.length]),
+      [STEP_INPUTS.positionIds]: new ort.Tensor('int64', f.positionIds, [f.batch, f.length]),
+      [STEP_INPUTS.seqlensK]: new ort.Tensor('int32', f.seqlensK, [f.batch]),
+      [STEP_INPUTS.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(f.totalSequenceLength), []),
+    };
+    if (f.logitsPositions) feeds[STEP_INPUTS.logitsPositions] = new ort.Tensor('int64', f.logitsPositions, [f.logitsPositions.length]);
+    const fetches: Record<string, ort.Tensor | null> = {};
+    const [first, end] = this.layerRange();
+    for (let l = first; l < end; l++) {
+      // Consecutive slots from firstSlot as a view of their part of the buffers (past and present alike).
+      const view = (buffer: KvBuffer) => new ort.Tensor(this.kvType, buffer.subarray(f.firstSlot * this.slotElements, (f.firstSlot + f.batch) * this.slotElements), [f.batch, metadata.num_key_value_heads, slotLength, metadata.head_dim]);
+      const k = view(this.keys[l - first]);
+      const v = view(this.values[l - first]);
+      feeds[STEP_INPUTS.pastKey(l)] = k;
+      feeds[STEP_INPUTS.pastValue(l)] = v;
+      fetches[STEP_OUTPUTS.presentKey(l)] = k;
+      fetches[STEP_OUTPUTS.presentValue(l)] = v;
+    }
+    for (const name of step.hidden_state_outputs) fetches[name] = null;
+    if (f.logitsPositions) fetches[STEP_OUTPUTS.logits] = null;
+    const out = await this.session.run(feeds, fetches);
+    return {
+      hidden: step.hidden_state_outputs.map((name) => out[name].data as Float32Array),
+      logits: f.logitsPositions ? (out[STEP_OUTPUTS.logits].data as Float32Array) : new Float32Array(0),
+    };
+  }
+
+  copySlot(from: number, to: number, positions: number): void {
+    const { num_key_value_heads: kv, head_dim: hd } = this.shape.metadata;
+    const { slotLength } = this.shape;
+    // Per KV head, the filled positions are contiguous: [kv, slot_length, head_dim] per slot.
+    for (const buffer of [...this.keys, ...this.values]) {
+      for (let h = 0; h < kv; h++) {
+        const src = from * this.slotElements + h * slotLength * hd;
+        buffer.copyWithin(to * this.slotElements + h * slotLength * hd, src, src + positions * hd);
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.session.release();
+  }
+
+  private layerRange(): [number, number] {
+    return this.shape.metadata.layers ?? [0, this.shape.metadata.num_layers];
+  }
+}
