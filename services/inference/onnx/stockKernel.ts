@@ -1,7 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { createSession, ModelLoadError, Placement } from './session';
-import type { KernelShape, StepFeeds, StepKernel, StepResult } from './stepSession';
+import type { KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
 
 /** One layer's keys or values for every slot: float32, or float16 as bits. */
 type KvBuffer = Float32Array | Uint16Array;

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import * as path from 'node:path';
 import koffi from 'koffi';
 
@@ -71,9 +72,13 @@ const FUNCTIONS = {
   ReleaseCUDAProviderOptions: [208, 'void f(void* cudaOptions)'],
 } as const;
 
-/** koffi names every prototype, once per process: a fresh name for each. */
+/**
+ * koffi names every prototype, once per process (and one process may load this module more
+ * than once, as a test runner does): a fresh name for each.
+ */
+const PREFIX = `axis_ort_${randomBytes(6).toString('hex')}`;
 let prototypes = 0;
-const proto = (signature: string) => koffi.proto(signature.replace(' f(', ` axis_ort_${prototypes++}(`));
+const proto = (signature: string) => koffi.proto(signature.replace(' f(', ` ${PREFIX}_${prototypes++}(`));
 
 type Fn = ((...args: unknown[]) => unknown) & { async: (...args: unknown[]) => void };
 type Functions = { -readonly [K in keyof typeof FUNCTIONS]: Fn };

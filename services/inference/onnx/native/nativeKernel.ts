@@ -1,7 +1,7 @@
 import koffi from 'koffi';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
 import { ModelLoadError, Placement, placementName } from '../session';
-import type { KernelShape, StepFeeds, StepKernel, StepResult } from '../stepSession';
+import type { KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
 import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, hostView, OrtApi, OrtCallError } from './capi';
 
 /** A tensor onnxruntime allocated (the KV buffers): its value and its memory's address. */

@@ -1,0 +1,46 @@
+import type { ModelMetadata, StepGraphMetadata } from '../../contracts/modelDirectory';
+
+// What the step engine's kernels and `StepSession` share: what a run feeds and returns, and how a kernel is driven.
+
+export const STEP_RUNTIMES = ['native', 'stock'] as const;
+export type StepRuntime = (typeof STEP_RUNTIMES)[number];
+
+/** What one run feeds: consecutive slots from `firstSlot`, `batch` rows of `length` tokens each. */
+export interface StepFeeds {
+  firstSlot: number;
+  batch: number;
+  length: number;
+  inputIds: BigInt64Array;
+  positionIds: BigInt64Array;
+  seqlensK: Int32Array;
+  totalSequenceLength: number;
+  /** Absent for a stage that does not end the model (no logits). */
+  logitsPositions?: BigInt64Array;
+}
+
+/** Runs the step graph over KV buffers it owns: onnxruntime-node's API, or the C API's. */
+export interface StepKernel {
+  readonly runtime: StepRuntime;
+  /** Whether `copySlot` works here. */
+  readonly canCopySlots: boolean;
+  run(feeds: StepFeeds): Promise<StepResult>;
+  /** Copies the first `positions` positions of a slot's keys and values to another slot. */
+  copySlot(from: number, to: number, positions: number): void;
+  close(): Promise<void>;
+}
+
+/** What a kernel needs to know of the graph and the slots. */
+export interface KernelShape {
+  metadata: ModelMetadata;
+  step: StepGraphMetadata;
+  slots: number;
+  slotLength: number;
+}
+
+/** What a prefill or a decoding step returns, float32. */
+export interface StepResult {
+  /** Per layer, the hidden states of the positions run, [rows * positions * hidden] (rows: 1 for a prefill, slots for a step). */
+  hidden: Float32Array[];
+  /** The logits asked for, [rows * count * vocab]. */
+  logits: Float32Array;
+}
