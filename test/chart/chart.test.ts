@@ -92,11 +92,12 @@ maybe('the helm chart', () => {
     expect(docs.find((d) => d.kind === 'Service' && d.metadata.name === 'axis-inference').spec.clusterIP).toBe('None');
     // On GPUs: the CUDA image and provider, the batch limits passed on.
     expect(c.image).toMatch(/:0\.1\.0-cuda$/);
-    expect(c.args).toEqual(expect.arrayContaining(['--device=cuda', '--decode=auto', '--max-batch=16', '--max-batch-tokens=16384', '--slot-length=2560', '--slot-policy=fifo']));
+    expect(c.args).toEqual(expect.arrayContaining(['--device=cuda', '--decode=auto', '--max-batch=16', '--max-batch-tokens=16384', '--slot-length=2560', '--slot-policy=fifo', '--step-runtime=auto']));
     // Every engine the service offers can be chosen; a slot policy it does not know is refused by name.
     const slots = render([MODEL, 'inference.decode=slots']).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference');
     expect(slots.spec.template.spec.containers[0].args).toContain('--decode=slots');
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.slotPolicy=random']).stderr).toMatch(/slotPolicy/);
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.stepRuntime=fast']).stderr).toMatch(/stepRuntime/);
     const cpu = render([MODEL, 'inference.gpu.enabled=false', 'inference.maxBatch=4']).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.containers[0];
     expect(cpu.image).toMatch(/:0\.1\.0$/);
     expect(cpu.args).toEqual(expect.arrayContaining(['--device=cpu', '--max-batch=4']));
