@@ -100,7 +100,7 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
       }
       const info = backend.info;
       metrics.loaded(info, backend.decodeKind);
-      log.info({ model: info.model, backend: info.backend, device: info.device, decode: backend.decodeKind, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity, systemPrompt: info.supportsSystemPrompt, hashes: info.hashes }, 'model loaded');
+      log.info({ model: info.model, backend: info.backend, device: info.device, decode: backend.decodeKind, stepRuntime: info.stepRuntime || undefined, layers: info.numLayers, hidden: info.hiddenSize, capacity: info.capacity, systemPrompt: info.supportsSystemPrompt, hashes: info.hashes }, 'model loaded');
       ready = true;
       return true;
     },

@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import { setMaxListeners } from 'node:events';
 import type { Logger } from './logger';
 
 /** An error that becomes a gRPC status with this code and message. */
@@ -116,6 +117,9 @@ export const MAX_PENDING_PER_STREAM = 1024;
 export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, handle: (req: Req, cancelled: AbortSignal) => Promise<Res>): void {
   // Aborted when the client cancels the stream (or its connection goes): what is still running for it may stop.
   const cancel = new AbortController();
+  // One signal serves every request of the stream (up to MAX_PENDING_PER_STREAM at once), each
+  // listening while it runs and leaving when it ends: many listeners are expected, not a leak.
+  setMaxListeners(MAX_PENDING_PER_STREAM + 1, cancel.signal);
   call.on('cancelled', () => cancel.abort());
   let pending = 0;
   let paused = false;
