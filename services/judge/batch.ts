@@ -5,6 +5,7 @@ import { JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE } from '../shared/defaults';
 import { BATCH_PRICE_FACTOR, judgePrompt } from '../contracts/judge';
 import { costUsd, Price } from './costs';
 import { parseScore } from './prompt';
+import { redactSecrets } from './retry';
 
 const ENDED = new Set(['completed', 'failed', 'expired', 'cancelled']);
 /** The batch metadata field that holds the caller's submission key. */
@@ -79,7 +80,7 @@ export class BatchJudge {
     const itemId = line.custom_id ?? '';
     const status = line.response?.status_code;
     if (line.error || status !== 200) {
-      return empty(itemId, { code: grpc.status.UNAVAILABLE, message: `batch request failed${status ? ` (HTTP ${status})` : ''}: ${line.error?.message ?? line.response?.body?.error?.message ?? 'no reply'}` });
+      return empty(itemId, { code: grpc.status.UNAVAILABLE, message: `batch request failed${status ? ` (HTTP ${status})` : ''}: ${redactSecrets(line.error?.message ?? line.response?.body?.error?.message ?? 'no reply')}` });
     }
     const body = line.response!.body;
     const reply: string = body?.choices?.[0]?.message?.content ?? '';

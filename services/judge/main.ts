@@ -19,7 +19,7 @@ async function main(): Promise<void> {
     concurrency: cfg.concurrency,
     requestsPerSecond: cfg['requests-per-second'],
     tokensPerMinute: cfg['tokens-per-minute'],
-    retry: { maxAttempts: Math.max(1, cfg['max-attempts']), baseDelayMs: cfg['backoff-ms'], maxDelayMs: cfg['max-backoff-ms'] },
+    retry: { maxAttempts: Math.max(1, cfg['max-attempts']), baseDelayMs: cfg['backoff-ms'], maxDelayMs: cfg['max-backoff-ms'], maxRetryAfterMs: cfg['max-retry-after-ms'] },
     unparsedRetries: Math.max(0, cfg['unparsed-retries']),
     metrics: judgeMetrics(registry),
     log,

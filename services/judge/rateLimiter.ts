@@ -1,7 +1,10 @@
 /**
  * A token bucket: `rate` tokens per second, holding at most `burst`. `take(n)` waits until n
- * tokens are there, in arrival order, so concurrent callers share the rate fairly. No window
- * of w seconds sees more than rate x w + burst takes.
+ * tokens are there, in arrival order, so concurrent callers share the rate fairly. A take
+ * larger than the burst waits for a full bucket and is charged in full: the bucket goes into
+ * debt and the next takers wait for it to be repaid, so large requests (a long prompt against
+ * a tokens-per-minute limit) are never undercounted. No window of w seconds sees more than
+ * rate x w + max(burst, largest take).
  */
 export class TokenBucket {
   private tokens: number;
@@ -22,7 +25,7 @@ export class TokenBucket {
       for (;;) {
         this.refill();
         if (this.tokens >= need) {
-          this.tokens -= need;
+          this.tokens -= n;
           return;
         }
         await sleep(((need - this.tokens) / this.rate) * 1000);

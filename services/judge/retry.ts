@@ -5,7 +5,12 @@ export interface RetryPolicy {
   maxAttempts: number;
   baseDelayMs: number;
   maxDelayMs: number;
+  /** The longest Retry-After honoured (a server asking for longer is waited this long): default 5 minutes. */
+  maxRetryAfterMs?: number;
 }
+
+/** Default of `RetryPolicy.maxRetryAfterMs`. */
+export const MAX_RETRY_AFTER_MS = 300_000;
 
 export type Failure = 'rate_limited' | 'server_error' | 'timeout' | 'connection' | 'bad_response' | 'client_error';
 
@@ -36,9 +41,20 @@ export function retryAfter(headers: Headers | undefined): number | undefined {
   return Number.isFinite(date) ? Math.max(0, date - Date.now()) : undefined;
 }
 
-/** Exponential backoff with full jitter; the server's Retry-After wins when it asks for longer. */
+/**
+ * Exponential backoff with full jitter; the server's Retry-After wins when it asks for longer,
+ * up to `maxRetryAfterMs` (a faulty or hostile server cannot park the judge for days).
+ */
 export function backoffMs(policy: RetryPolicy, attempt: number, retryAfterMs?: number, random: () => number = Math.random): number {
   const exp = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
   const jittered = random() * exp;
-  return retryAfterMs !== undefined ? Math.max(retryAfterMs, jittered) : jittered;
+  return retryAfterMs !== undefined ? Math.max(Math.min(retryAfterMs, policy.maxRetryAfterMs ?? MAX_RETRY_AFTER_MS), jittered) : jittered;
+}
+
+/**
+ * A provider's message with any API key in it masked: OpenAI's 401 quotes part of the key
+ * ("Incorrect API key provided: sk-proj-****abcd"), and messages reach logs, the ledger and GetRun.
+ */
+export function redactSecrets(message: string): string {
+  return message.replace(/\b(sk|sess|rk)-[A-Za-z0-9_*-]{2,}/g, '[redacted key]').replace(/\b(Bearer\s+)\S+/gi, '$1[redacted]');
 }

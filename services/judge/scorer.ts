@@ -5,7 +5,7 @@ import { costUsd, Price } from './costs';
 import { parseScore } from './prompt';
 import type { JudgeProvider } from './providers';
 import { TokenBucket } from './rateLimiter';
-import { backoffMs, classify, Failure, RetryPolicy } from './retry';
+import { backoffMs, classify, Failure, redactSecrets, RetryPolicy } from './retry';
 import { JUDGE_MAX_TOKENS } from '../shared/defaults';
 
 export interface ScorerOptions {
@@ -120,7 +120,7 @@ export class Scorer {
         out.costUsd += cost;
         this.events.usage?.(0, 0, cost, maybe);
       }
-      return { ok: false, failure, message: (err as Error).message };
+      return { ok: false, failure, message: redactSecrets((err as Error).message) };
     } finally {
       this.events.inFlight?.(-1);
     }

@@ -7,6 +7,7 @@ import { BatchJudge } from './batch';
 import type { Price } from './costs';
 import type { JudgeMetrics } from './metrics';
 import { JudgeProvider, OpenAIProvider } from './providers';
+import { redactSecrets, RetryPolicy } from './retry';
 import { Scorer, ScoreOutcome } from './scorer';
 
 export interface JudgeServiceDeps {
@@ -16,7 +17,7 @@ export interface JudgeServiceDeps {
   concurrency: number;
   requestsPerSecond: number;
   tokensPerMinute: number;
-  retry: { maxAttempts: number; baseDelayMs: number; maxDelayMs: number };
+  retry: RetryPolicy;
   unparsedRetries: number;
   metrics: JudgeMetrics;
   log: Logger;
@@ -101,7 +102,7 @@ export function createJudgeService(deps: JudgeServiceDeps): JudgeService {
         log.info({ batchId, items: req.items.length, existing }, existing ? 'batch submitted before with this key: not submitted again' : 'batch submitted');
         return { batchId, inputFileId, items: req.items.length };
       } catch (err) {
-        throw new RpcError(grpc.status.UNAVAILABLE, `batch submission failed: ${(err as Error).message}`);
+        throw new RpcError(grpc.status.UNAVAILABLE, `batch submission failed: ${redactSecrets((err as Error).message)}`);
       }
     },
     async pollBatch(req) {
@@ -119,7 +120,7 @@ export function createJudgeService(deps: JudgeServiceDeps): JudgeService {
         }
         return res;
       } catch (err) {
-        throw new RpcError(grpc.status.UNAVAILABLE, `batch ${req.batchId}: ${(err as Error).message}`);
+        throw new RpcError(grpc.status.UNAVAILABLE, `batch ${req.batchId}: ${redactSecrets((err as Error).message)}`);
       }
     },
   };

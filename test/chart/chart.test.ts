@@ -130,6 +130,14 @@ maybe('the helm chart', () => {
     const coordinatorEgress = docs.find((d) => d.kind === 'NetworkPolicy' && d.metadata.name === 'axis-coordinator').spec.egress;
     expect(coordinatorEgress.map((e: any) => e.to?.[0]?.podSelector?.matchLabels['app.kubernetes.io/component']).filter(Boolean)).toEqual(['inference', 'judge', 'aggregation']);
     expect(docs.find((d) => d.kind === 'NetworkPolicy' && d.metadata.name === 'axis-judge').spec.egress.some((e: any) => e.to?.[0]?.ipBlock)).toBe(true);
+    // The judge reaches the internet but not the cloud's metadata service (link-local); a narrowed range has no exception to carry.
+    const judgeBlock = (d: any[]) => d.find((x) => x.kind === 'NetworkPolicy' && x.metadata.name === 'axis-judge').spec.egress.find((e: any) => e.to?.[0]?.ipBlock).to[0].ipBlock;
+    expect(judgeBlock(docs)).toEqual({ cidr: '0.0.0.0/0', except: ['169.254.0.0/16'] });
+    expect(judgeBlock(render([MODEL, 'networkPolicy.judgeEgressCidr=20.0.0.0/8']))).toEqual({ cidr: '20.0.0.0/8' });
+    // Only the coordinator, and only when it watches EndpointSlices, gets a Kubernetes API token.
+    const automount = (d: any[]) => Object.fromEntries(d.filter((x) => x.kind === 'Deployment' || x.kind === 'StatefulSet').map((x) => [x.metadata.name, x.spec.template.spec.automountServiceAccountToken]));
+    expect(automount(docs)).toEqual({ 'axis-coordinator': true, 'axis-inference': false, 'axis-judge': false, 'axis-aggregation': false });
+    expect(automount(render([MODEL, 'coordinator.discovery=service']))['axis-coordinator']).toBe(false);
   });
 
   it('mounts the judge key from a Secret, never as an environment variable', () => {

@@ -36,7 +36,7 @@ export interface RecordedRequest {
 export class FakeOpenAIServer {
   private server: http.Server | undefined;
   requests: RecordedRequest[] = [];
-  private faults: number[] = [];
+  private faults: { status: number; message?: string }[] = [];
   /** While set, every request's connection is dropped unanswered: the API is down. */
   down = false;
   /** While set, every request gets 429 with Retry-After. */
@@ -50,9 +50,9 @@ export class FakeOpenAIServer {
     return `http://127.0.0.1:${this.port}/v1`;
   }
 
-  /** The next `count` requests get HTTP `status` (e.g. 429, 500). */
-  failNext(count: number, status: number): void {
-    for (let i = 0; i < count; i++) this.faults.push(status);
+  /** The next `count` requests get HTTP `status` (e.g. 429, 500), with `message` as the error's text if given. */
+  failNext(count: number, status: number, message?: string): void {
+    for (let i = 0; i < count; i++) this.faults.push({ status, message });
   }
 
   async start(): Promise<void> {
@@ -85,12 +85,12 @@ export class FakeOpenAIServer {
           req.socket.destroy();
           return;
         }
-        if (this.rateLimited) this.faults.unshift(429);
+        if (this.rateLimited) this.faults.unshift({ status: 429 });
         const fault = this.faults.shift();
         if (fault) {
           record.outcome = 'injected';
-          res.writeHead(fault, { 'content-type': 'application/json', 'retry-after-ms': '10' });
-          res.end(JSON.stringify({ error: { message: `injected ${fault}`, type: 'server_error' } }));
+          res.writeHead(fault.status, { 'content-type': 'application/json', 'retry-after-ms': '10' });
+          res.end(JSON.stringify({ error: { message: fault.message ?? `injected ${fault.status}`, type: 'server_error' } }));
           return;
         }
         const random = this.opts.random ?? Math.random;

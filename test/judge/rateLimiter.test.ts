@@ -22,14 +22,28 @@ describe('TokenBucket', () => {
     expect(maxInWindow(at, 1000)).toBeLessThanOrEqual(10 * 1 + 3);
   });
 
-  it('says how long a take waited, and takes at most the burst for a larger request', async () => {
+  it('says how long a take waited, and charges a take larger than the burst in full', async () => {
     const bucket = new TokenBucket(4, 2, () => Date.now());
     const waits: number[] = [];
     const takes = [bucket.take(2), bucket.take(5), bucket.take(1)].map((p, i) => p.then((w) => (waits[i] = w)));
     await jest.advanceTimersByTimeAsync(5000);
     await Promise.all(takes);
-    // 2 at once; the next 2 (5 capped at the burst) after 500 ms at 4/s; 1 more 250 ms later.
-    expect(waits).toEqual([0, 500, 750]);
+    // 2 at once; the 5 once the bucket is full again (500 ms at 4/s), leaving a debt of 3;
+    // the 1 after that debt and itself are earned: 4 tokens, 1000 ms more.
+    expect(waits).toEqual([0, 500, 1500]);
+  });
+
+  it('holds the rate in tokens over many takes larger than the burst', async () => {
+    // A tokens-per-minute limit of 600 (10/s, burst 10) and prompts of 25 tokens each.
+    const bucket = new TokenBucket(10, 10, () => Date.now());
+    const at: number[] = [];
+    const takes = Array.from({ length: 20 }, (_, i) => bucket.take(25).then(() => (at[i] = Date.now())));
+    await jest.advanceTimersByTimeAsync(60_000);
+    await Promise.all(takes);
+    // 20 x 25 = 500 tokens at 10/s: the last take cannot come before (500 - 25 - 10) / 10 s.
+    expect(at[19]).toBeGreaterThanOrEqual(46_500);
+    const tokensIn = (from: number, w: number) => at.filter((t) => t >= from && t < from + w).length * 25;
+    for (const from of at) expect(tokensIn(from, 10_000)).toBeLessThanOrEqual(10 * 10 + 25);
   });
 
   it('refuses a rate that is not positive', () => {

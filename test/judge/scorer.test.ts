@@ -113,9 +113,28 @@ describe('retry rules', () => {
     expect(retryAfter(new Headers({}))).toBeUndefined();
   });
 
+  it('masks an API key quoted in a provider\'s error before it leaves the scorer', async () => {
+    const server = new FakeOpenAIServer();
+    await server.start();
+    try {
+      // OpenAI's 401 quotes part of the key it was given.
+      server.failNext(1, 401, 'Incorrect API key provided: sk-proj-****abcd. You can find your API key at https://platform.openai.com/account/api-keys.');
+      const scorer = new Scorer(new OpenAIProvider({ apiKey: 'sk-proj-0123456789abcd', baseUrl: server.baseUrl, model: 'm', timeoutMs: 5000 }), { concurrency: 1, requestsPerSecond: 0, tokensPerMinute: 0, retry: { maxAttempts: 3, baseDelayMs: 1, maxDelayMs: 5 }, unparsedRetries: 0 });
+      const o = await scorer.score(item(1));
+      expect(o.error?.message).toMatch(/HTTP 401.*Incorrect API key provided: \[redacted key\]\. You can find/);
+      expect(o.error?.message).not.toMatch(/sk-|abcd/);
+    } finally {
+      await server.stop();
+    }
+  });
+
   it('backs off exponentially with full jitter, capped, and never below Retry-After', () => {
     const policy = { maxAttempts: 10, baseDelayMs: 100, maxDelayMs: 1000 };
     expect(backoffMs(policy, 1, undefined, () => 0.999)).toBeCloseTo(99.9);
+    // A Retry-After longer than the cap (5 minutes by default, or as set) waits the cap.
+    expect(backoffMs(policy, 1, 86_400_000, () => 0.5)).toBe(300_000);
+    expect(backoffMs({ ...policy, maxRetryAfterMs: 60_000 }, 1, 86_400_000, () => 0.5)).toBe(60_000);
+    expect(backoffMs({ ...policy, maxRetryAfterMs: 60_000 }, 1, 2_000, () => 0.5)).toBe(2_000);
     expect(backoffMs(policy, 4, undefined, () => 0.999)).toBeCloseTo(799.2);
     expect(backoffMs(policy, 9, undefined, () => 0.999)).toBeCloseTo(999);
     expect(backoffMs(policy, 1, 5000, () => 0.5)).toBe(5000);

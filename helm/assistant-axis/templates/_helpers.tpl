@@ -34,6 +34,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Pod-level settings every component shares. */}}
 {{- define "axis.podCommon" -}}
+{{- /* Only a pod that talks to the Kubernetes API (the coordinator's discovery) gets a token for it. */}}
+automountServiceAccountToken: {{ .kubernetesApi | default false }}
 securityContext:
   {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
 {{- with .root.Values.imagePullSecrets }}
