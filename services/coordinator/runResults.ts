@@ -1,7 +1,8 @@
 import * as path from 'node:path';
 import { writeFileAtomic } from '../shared/files';
-import { readSafetensors, SafetensorsSlices, writeSafetensors } from '../shared/safetensors';
+import { SafetensorsSlices, writeSafetensors } from '../shared/safetensors';
 import { decodeTensor } from '../shared/tensor';
+import { readAxisFile } from './confine';
 import { manifest, RunSummary } from './manifest';
 import { reportHtml } from './report/html';
 import { buildReport, ReportInput } from './report/report';
@@ -68,7 +69,7 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
   });
   let compare: ReportInput['compare'];
   if (spec.compareAxis) {
-    const other = (await readSafetensors(spec.compareAxis)).tensors.axis;
+    const other = (await readAxisFile(spec.compareAxis)).tensors.axis;
     if (other && other.shape[0] === summary.numLayers && other.shape[1] === summary.hiddenSize) compare = { name: path.basename(spec.compareAxis), axis: other.data };
     else ctx.log.warn({ file: spec.compareAxis, shape: other?.shape }, 'compare_axis has another shape than this run\'s axis: left out of the report');
   }

@@ -4,7 +4,7 @@ import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING } from '../shared/defaults';
 import { nameProblem } from '../shared/names';
 import { failedPrecondition, invalidArgument, RpcError } from '../shared/rpc';
-import { readSafetensors } from '../shared/safetensors';
+import { confinedPath, readAxisFile } from './confine';
 import { DataSet, loadDataSet } from './data';
 import type { RunSpec } from './ledgerRows';
 import { ImportedItem, ImportError, importedRoles, readImport } from './referenceImport';
@@ -36,16 +36,13 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
   if (req.minCount !== undefined && req.minCount < 1) throw invalidArgument('min_count: must be at least 1');
   if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
   if (req.maxJudgeCostUsd !== undefined && !(Number.isFinite(req.maxJudgeCostUsd) && req.maxJudgeCostUsd >= 0)) throw invalidArgument(`max_judge_cost_usd: must be a non-negative number of dollars, got ${req.maxJudgeCostUsd}`);
-  const dataDir = path.resolve(req.dataDir || opts.defaultDataDir);
   const roots = opts.dataRoots ?? [];
-  if (req.dataDir && roots.length && !roots.some((root) => isWithin(dataDir, root))) {
-    throw invalidArgument(`data_dir: ${dataDir} is not under the allowed data directories (${roots.join(', ')})`);
-  }
+  const dataDir = req.dataDir ? await confinedPath('data_dir', req.dataDir, roots) : path.resolve(opts.defaultDataDir);
   let compareAxis: string | undefined;
   if (req.compareAxis) {
-    compareAxis = path.resolve(req.compareAxis);
+    compareAxis = await confinedPath('compare_axis', req.compareAxis, roots);
     try {
-      const { tensors } = await readSafetensors(compareAxis);
+      const { tensors } = await readAxisFile(compareAxis);
       if (!tensors.axis) throw new Error(`it holds no tensor named "axis" (it has ${Object.keys(tensors).join(', ') || 'none'})`);
     } catch (err) {
       throw invalidArgument(`compare_axis: ${compareAxis}: ${(err as Error).message}`);
@@ -55,8 +52,7 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
   let roleNames = req.roles;
   if (req.importDir) {
     if (req.twoPass) throw invalidArgument('two_pass: an imported run generates nothing; leave two_pass out');
-    importDir = path.resolve(req.importDir);
-    if (roots.length && !roots.some((root) => isWithin(importDir!, root))) throw invalidArgument(`import_dir: ${importDir} is not under the allowed data directories (${roots.join(', ')})`);
+    importDir = await confinedPath('import_dir', req.importDir, roots);
     try {
       const available = await importedRoles(importDir);
       const missing = req.roles.filter((r) => !available.includes(r));
@@ -128,7 +124,4 @@ export async function importedItems(spec: RunSpec, data: DataSet, upstreams: Ups
   }
 }
 
-function isWithin(dir: string, root: string): boolean {
-  const rel = path.relative(root, dir);
-  return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
-}
+
