@@ -26,7 +26,7 @@ describe('the judge scorer against an OpenAI-compatible server', () => {
     // The judge service itself, as a process, talked to over gRPC.
     const { stack } = await testStack('judge-faults', {
       args: {
-        judge: ['--provider', 'openai', '--base-url', server.baseUrl, '--model', 'gpt-4.1-mini', '--concurrency', '32', '--requests-per-second', String(RATE), '--timeout-ms', '250', '--max-attempts', '10', '--backoff-ms', '20', '--max-backoff-ms', '200'],
+        judge: ['--provider', 'openai', '--base-url', server.baseUrl, '--model', 'gpt-4.1-mini', '--concurrency', '32', '--requests-per-second', String(RATE), '--timeout-ms', '2000', '--max-attempts', '10', '--backoff-ms', '20', '--max-backoff-ms', '200'],
       },
       env: { OPENAI_API_KEY: 'sk-test-fault-key' },
     });
@@ -46,12 +46,12 @@ describe('the judge scorer against an OpenAI-compatible server', () => {
       expect(outcomes.filter((o) => o.score !== undefined).length).toBeGreaterThan(N * 0.8);
       // No item got two scored replies: once scored, it is never asked again. Only replies the
       // judge surely received count: written while it still held the connection and well inside
-      // its 250 ms timeout (on a loaded machine a reply written at 240 ms may lose the race to the
-      // judge's timer, and asking again is then right).
+      // its timeout (2 s, far above the 5-25 ms answers, so that a loaded machine's lag does not
+      // make the judge give up on a reply already on its way: asking again would then be right).
       const scoredReplies = new Map<string, number>();
       for (const r of server.requests) {
         const prompt = r.body.messages[0].content as string;
-        const surelyReceived = r.clientWaiting === true && r.answeredAt !== undefined && r.answeredAt - r.at < 150;
+        const surelyReceived = r.clientWaiting === true && r.answeredAt !== undefined && r.answeredAt - r.at < 1000;
         if (r.outcome === 'ok' && surelyReceived && parseScore(expectedReply(prompt)) !== undefined) scoredReplies.set(prompt, (scoredReplies.get(prompt) ?? 0) + 1);
       }
       expect(scoredReplies.size).toBeGreaterThan(N * 0.5);
