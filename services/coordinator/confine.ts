@@ -43,7 +43,7 @@ export async function readAxisFile(file: string): Promise<SafetensorsFile> {
   }
 }
 
-export function isWithin(dir: string, root: string): boolean {
+function isWithin(dir: string, root: string): boolean {
   const rel = path.relative(root, dir);
   return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }

@@ -32,6 +32,8 @@ export interface StepKernel {
 /** What a kernel needs to know of the graph and the slots. */
 export interface KernelShape {
   metadata: ModelMetadata;
+  /** The layers this graph runs, [first, end). */
+  layers: [number, number];
   step: StepGraphMetadata;
   slots: number;
   slotLength: number;
@@ -43,4 +45,20 @@ export interface StepResult {
   hidden: Float32Array[];
   /** The logits asked for, [rows * count * vocab]. */
   logits: Float32Array;
+}
+
+/**
+ * Copies the first `positions` positions of slot `from` to slot `to` within one layer's KV
+ * buffer seen as bytes: per KV head the filled positions are contiguous ([slots, kv_heads,
+ * slot_length, head_dim] elements of `elementBytes`).
+ */
+export function copySlotPositions(bytes: Uint8Array, shape: KernelShape, elementBytes: number, from: number, to: number, positions: number): void {
+  const { num_key_value_heads: kv, head_dim: hd } = shape.metadata;
+  const rowBytes = hd * elementBytes;
+  const headBytes = shape.slotLength * rowBytes;
+  const slotBytes = kv * headBytes;
+  for (let h = 0; h < kv; h++) {
+    const src = from * slotBytes + h * headBytes;
+    bytes.copyWithin(to * slotBytes + h * headBytes, src, src + positions * rowBytes);
+  }
 }

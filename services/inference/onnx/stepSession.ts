@@ -92,7 +92,7 @@ export class StepSession {
     // onnxruntime's CUDA GroupQueryAttention has fp16/bf16 kernels only: a float32 one would run on the CPU.
     if (placement.provider === 'cuda' && step.compute_dtype === 'f32') throw new ModelLoadError(`${dir}: its step graph computes in float32, which onnxruntime's CUDA GroupQueryAttention does not (it would run on the CPU): build the model with --dtype bf16 (Gemma 2) or f16`);
     const { file } = await checkedGraph(dir, step.graph, step.graph_sha256);
-    const shape: KernelShape = { metadata, step, slots: opts.slots, slotLength: opts.slotLength };
+    const shape: KernelShape = { metadata, step, layers: metadata.layers ?? [0, metadata.num_layers], slots: opts.slots, slotLength: opts.slotLength };
     const kernel = runtime === 'native' ? await NativeKernel.create(file, placement, shape) : await StockKernel.create(file, placement, shape);
     return new StepSession(metadata, step, kernel, opts.slots, opts.slotLength, fallback);
   }

@@ -1,7 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { createSession, ModelLoadError, Placement } from './session';
-import type { KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
+import { copySlotPositions, KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
 
 /** One layer's keys or values for every slot: float32, or float16 as bits. */
 type KvBuffer = Float32Array | Uint16Array;
@@ -26,7 +26,7 @@ export class StockKernel implements StepKernel {
     // float16 elements travel as their bits (onnxruntime-node's 'float16' tensors are Uint16Array).
     this.kvType = step.compute_dtype === 'f16' ? 'float16' : 'float32';
     const buffer = (): KvBuffer => (this.kvType === 'float16' ? new Uint16Array(slots * this.slotElements) : new Float32Array(slots * this.slotElements));
-    const layers = this.layerRange();
+    const { layers } = shape;
     this.keys = Array.from({ length: layers[1] - layers[0] }, buffer);
     this.values = Array.from({ length: layers[1] - layers[0] }, buffer);
   }
@@ -51,7 +51,7 @@ export class StockKernel implements StepKernel {
     };
     if (f.logitsPositions) feeds[STEP_INPUTS.logitsPositions] = new ort.Tensor('int64', f.logitsPositions, [f.logitsPositions.length]);
     const fetches: Record<string, ort.Tensor | null> = {};
-    const [first, end] = this.layerRange();
+    const [first, end] = this.shape.layers;
     for (let l = first; l < end; l++) {
       // Consecutive slots from firstSlot as a view of their part of the buffers (past and present alike).
       const view = (buffer: KvBuffer) => new ort.Tensor(this.kvType, buffer.subarray(f.firstSlot * this.slotElements, (f.firstSlot + f.batch) * this.slotElements), [f.batch, metadata.num_key_value_heads, slotLength, metadata.head_dim]);
@@ -72,22 +72,10 @@ export class StockKernel implements StepKernel {
   }
 
   copySlot(from: number, to: number, positions: number): void {
-    const { num_key_value_heads: kv, head_dim: hd } = this.shape.metadata;
-    const { slotLength } = this.shape;
-    // Per KV head, the filled positions are contiguous: [kv, slot_length, head_dim] per slot.
-    for (const buffer of [...this.keys, ...this.values]) {
-      for (let h = 0; h < kv; h++) {
-        const src = from * this.slotElements + h * slotLength * hd;
-        buffer.copyWithin(to * this.slotElements + h * slotLength * hd, src, src + positions * hd);
-      }
-    }
+    for (const buffer of [...this.keys, ...this.values]) copySlotPositions(new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength), this.shape, buffer.BYTES_PER_ELEMENT, from, to, positions);
   }
 
   async close(): Promise<void> {
     await this.session.release();
-  }
-
-  private layerRange(): [number, number] {
-    return this.shape.metadata.layers ?? [0, this.shape.metadata.num_layers];
   }
 }

@@ -1,7 +1,7 @@
 import koffi from 'koffi';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
 import { ModelLoadError, Placement, placementName } from '../session';
-import type { KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
+import { copySlotPositions, KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
 import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, hostView, OrtApi, OrtCallError } from './capi';
 
 /** A tensor onnxruntime allocated (the KV buffers): its value and its memory's address. */
@@ -45,7 +45,7 @@ export class NativeKernel implements StepKernel {
     this.canCopySlots = !ownsAllocator;
     this.kvElement = step.compute_dtype === 'f16' ? 'float16' : step.compute_dtype === 'bf16' ? 'bfloat16' : 'float32';
     this.slotBytes = metadata.num_key_value_heads * slotLength * metadata.head_dim * ELEMENT_BYTES[this.kvElement];
-    const [first, end] = this.layerRange();
+    const [first, end] = this.shape.layers;
     const dims = BigInt64Array.of(BigInt(slots), BigInt(metadata.num_key_value_heads), BigInt(slotLength), BigInt(metadata.head_dim));
     for (let l = first; l < end; l++) {
       for (const list of [this.keys, this.values]) {
@@ -112,7 +112,7 @@ export class NativeKernel implements StepKernel {
       if (f.logitsPositions) bind('BindInput', STEP_INPUTS.logitsPositions, this.host(f.logitsPositions, 'int64', [f.logitsPositions.length]));
       // The run's slots as a view of each layer's buffer, bound as past and present alike.
       const kvDims = [f.batch, metadata.num_key_value_heads, slotLength, metadata.head_dim];
-      const [first, end] = this.layerRange();
+      const [first, end] = this.shape.layers;
       for (let l = first; l < end; l++) {
         const k = this.kvView(this.keys[l - first], f.firstSlot, kvDims);
         const v = this.kvView(this.values[l - first], f.firstSlot, kvDims);
@@ -137,16 +137,7 @@ export class NativeKernel implements StepKernel {
 
   copySlot(from: number, to: number, positions: number): void {
     if (this.ownsAllocator) throw new OrtCallError('moving a slot on a GPU is not implemented yet');
-    const { num_key_value_heads: kv, head_dim: hd } = this.shape.metadata;
-    const rowBytes = hd * ELEMENT_BYTES[this.kvElement];
-    const headBytes = this.shape.slotLength * rowBytes;
-    for (const buffer of [...this.keys, ...this.values]) {
-      const bytes = new Uint8Array(hostView(buffer.address, this.shape.slots * this.slotBytes));
-      for (let h = 0; h < kv; h++) {
-        const src = from * this.slotBytes + h * headBytes;
-        bytes.copyWithin(to * this.slotBytes + h * headBytes, src, src + positions * rowBytes);
-      }
-    }
+    for (const buffer of [...this.keys, ...this.values]) copySlotPositions(new Uint8Array(hostView(buffer.address, this.shape.slots * this.slotBytes)), this.shape, ELEMENT_BYTES[this.kvElement], from, to, positions);
   }
 
   /** For tests: each layer's KV buffer address, and the addresses bound as outputs in the last run. */
@@ -201,9 +192,5 @@ export class NativeKernel implements StepKernel {
     for (const v of this.perRun) this.api.fn.ReleaseValue(v);
     this.perRun = [];
     this.keepAlive = [];
-  }
-
-  private layerRange(): [number, number] {
-    return this.shape.metadata.layers ?? [0, this.shape.metadata.num_layers];
   }
 }
