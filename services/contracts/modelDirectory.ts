@@ -84,6 +84,12 @@ export interface StepGraphMetadata {
   /** Element type of the arithmetic and of the KV buffers. */
   compute_dtype: WeightDtype;
   graph_sha256: string;
+  /**
+   * The graph keeps each slot's running sums of the captured layers' hidden states (inputs
+   * `response_weights`, `sums_mix`, `response_sums.{l}`; outputs `response_sums_out.{l}`), so
+   * that they stay where the KV buffers are. Absent in builds before it, and without capture.
+   */
+  response_sums?: boolean;
 }
 
 export const STEP_INPUTS = {
@@ -99,6 +105,19 @@ export const STEP_INPUTS = {
   logitsPositions: 'logits_positions',
   pastKey: (l: number) => `past_key_values.${l}.key`,
   pastValue: (l: number) => `past_key_values.${l}.value`,
+  /**
+   * [B, 2, S] float32: per row, the weight of each position's hidden state in the running sum
+   * (row 0) and in the sum of trailing whitespace that waits for content (row 1).
+   */
+  responseWeights: 'response_weights',
+  /**
+   * [B, 2, 2] float32: how a row's held sums combine before this run's are added, new =
+   * mix x held + weights x hidden: identity keeps them, [[1, 1], [0, 0]] moves the waiting
+   * whitespace into the sum, zeros start afresh (the held sums are then not read at all).
+   */
+  sumsMix: 'sums_mix',
+  /** [B, 2, hidden] float32: a row's running sum and waiting sum of layer l, bound to the same buffer as `response_sums_out.{l}`. */
+  responseSums: (l: number) => `response_sums.${l}`,
 } as const;
 
 export const STEP_OUTPUTS = {
@@ -109,6 +128,8 @@ export const STEP_OUTPUTS = {
   /** Bound to the same buffer as past_key_values.{l}.key. */
   presentKey: (l: number) => `present.${l}.key`,
   presentValue: (l: number) => `present.${l}.value`,
+  /** [B, 2, hidden] float32: the sums after this run. */
+  responseSumsOut: (l: number) => `response_sums_out.${l}`,
 } as const;
 
 /** Inputs of the generation graph (`onnx/generate.onnx`). */

@@ -60,6 +60,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       hidden_state_outputs: stepSignature.hiddenStateOutputs,
       compute_dtype: dtype,
       graph_sha256: sha256(stepBytes),
+      ...(stepSignature.responseSums ? { response_sums: true } : {}),
     };
     log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];

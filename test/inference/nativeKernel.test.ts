@@ -89,6 +89,14 @@ describe('the native step runtime', () => {
       expect(second.keys).toEqual(first.keys);
       await step.decode([8, 3]);
       expect([...step.lengths]).toEqual([5, 3]);
+      // As the engine steps: each layer's running sums are bound in place too, and of what the
+      // step writes only the logits reach host memory (no hidden states).
+      await step.decode([9, 4], { counts: [{ sum: 1, pending: 0, flush: true }, undefined], hidden: false });
+      const third = kernel.addresses();
+      const L = step.metadata.num_layers;
+      expect(third.sums.length).toBe(L);
+      for (const a of [...third.keys, ...third.values, ...third.sums]) expect(third.boundOutputs).toContain(a);
+      expect(third.boundOutputs.length).toBe(3 * L + 1);
     } finally {
       await step.close();
     }
@@ -120,16 +128,22 @@ describe('the native step runtime', () => {
     expect(() => OrtApi.open(libraryPath(), 999)).toThrow(/whose C API is older than version 999/);
     const step = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
     const kernel = step.kernel as NativeKernel;
-    const feeds = { firstSlot: 0, batch: 1, length: 3, inputIds: BigInt64Array.of(1n, 2n, 3n), positionIds: BigInt64Array.of(0n, 1n, 2n), seqlensK: Int32Array.of(2), totalSequenceLength: 3, logitsPositions: BigInt64Array.of(2n) };
+    const feeds = { firstSlot: 0, batch: 1, length: 3, inputIds: BigInt64Array.of(1n, 2n, 3n), positionIds: BigInt64Array.of(0n, 1n, 2n), seqlensK: Int32Array.of(2), totalSequenceLength: 3, logitsPositions: BigInt64Array.of(2n), sumWeights: new Float32Array(6), sumMix: Float32Array.of(1, 0, 0, 1), hidden: false };
     // Data shorter than its shape, a slot that does not exist, a position past the buffer.
     await expect(kernel.run({ ...feeds, inputIds: BigInt64Array.of(1n) })).rejects.toThrow(/onnxruntime, wrapping host memory as a tensor: .*(space|smaller)/);
     await expect(kernel.run({ ...feeds, firstSlot: 1, batch: 2 })).rejects.toThrow(/slots 1\.\.2 are not all among the 2/);
     await expect(kernel.run({ ...feeds, seqlensK: Int32Array.of(40), totalSequenceLength: 41 })).rejects.toThrow(/onnxruntime, running the step graph/);
     // It still runs after those.
     expect((await kernel.run(feeds)).logits.length).toBe(step.metadata.vocab_size);
+    // A copy in flight (on onnxruntime's worker thread) refuses a second call, and close waits for it.
+    await step.prefill(0, [4, 5, 6]);
+    const moving = step.move(0, 1);
+    await expect(kernel.run(feeds)).rejects.toThrow(/a run is already in flight/);
     await step.close();
+    await moving;
     await step.close();
     await expect(step.decode([1])).rejects.toThrow(/the step session is closed/);
+    await expect(step.readSum(1)).rejects.toThrow(/the step session is closed/);
     expect(() => kernel.addresses()).toThrow(/closed/);
   });
 

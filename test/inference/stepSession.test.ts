@@ -95,9 +95,9 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
     const session = await StepSession.load(modelDir, { slots: 3, slotLength: 16 });
     await session.prefill(0, idsB.slice(0, 3));
     await session.prefill(2, idsA.slice(0, 4));
-    session.move(2, 1);
+    await session.move(2, 1);
     expect([...session.lengths]).toEqual([3, 4, 0]);
-    expect(() => session.move(0, 1)).toThrow(/slot 1 holds 4 tokens/);
+    await expect(session.move(0, 1)).rejects.toThrow(/slot 1 holds 4 tokens/);
     for (let t = 0; t < 3; t++) {
       const out = await session.decode([idsB[3 + t], idsA[4 + t]]);
       const p = 4 + t;
@@ -106,6 +106,37 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
       // Slot 0, untouched by the move, decodes on too.
       expect(relativeError(out.logits.subarray(0, V), rows(refB.logits, V, 3 + t, 4 + t))).toBeLessThanOrEqual(1e-4);
     }
+    await session.close();
+  });
+
+  it('keeps each slot\'s running sums in the graph: weighted prefill positions, then decoded tokens as the counting rules say', async () => {
+    const session = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
+    expect(session.keepsSums).toBe(true);
+    // Slot 1 first holds another sequence's sums: a fresh start must not see them.
+    await session.prefill(1, idsB, { fresh: true, weights: idsB.map(() => 1) });
+    session.reset(1);
+    const weights = [0, 0, 1, 0.5, 0, 1];
+    await session.prefill(1, idsA.slice(0, 6), { chunk: 4, fresh: true, weights, hidden: false });
+    await session.prefill(0, idsB.slice(0, 3), { fresh: true });
+    // Tokens 6..10 of A: content, whitespace, whitespace, content (the two wait, then join), whitespace (waits, never joins).
+    const content = { sum: 1, pending: 0, flush: true };
+    const space = { sum: 0, pending: 1, flush: false };
+    for (const [t, w] of [content, space, space, content, space].entries()) await session.decode([idsB[3 + (t % 4)], idsA[6 + t]], { counts: [undefined, w], hidden: false });
+    // Expected from the float64 reference: the weighted prompt positions plus positions 6..9.
+    const expected = new Float64Array(L * d);
+    for (let l = 0; l < L; l++) {
+      for (let p = 0; p < 10; p++) {
+        const w = p < 6 ? weights[p] : 1;
+        for (let x = 0; x < d; x++) expected[l * d + x] += w * refA.hidden[l][p * d + x];
+      }
+    }
+    expect(relativeError(await session.readSum(1), expected)).toBeLessThanOrEqual(1e-4);
+    // Slot 0 counted nothing.
+    expect(Math.max(...Array.from(await session.readSum(0), Math.abs))).toBe(0);
+    // A move carries the sums with the keys and values.
+    session.reset(0);
+    await session.move(1, 0);
+    expect(relativeError(await session.readSum(0), expected)).toBeLessThanOrEqual(1e-4);
     await session.close();
   });
 

@@ -1,4 +1,4 @@
-import { ResponseMean } from './responseMean';
+import { ResponseCount } from './responseMean';
 import type { BatchRunner, SequenceJob, SequenceResult, TokenRules } from './runner';
 import type { Placement } from './session';
 import { sampleToken } from './sampling';
@@ -40,12 +40,12 @@ interface Item {
   signal?: AbortSignal;
 }
 
-/** A generating item in its slot: what it sampled, the token it feeds next, its running mean. */
+/** A generating item in its slot: what it sampled, the token it feeds next, which of its tokens count (the sums are in the slot). */
 interface Busy {
   item: Item;
   responseIds: number[];
   next: number;
-  mean: ResponseMean;
+  count: ResponseCount;
 }
 
 /**
@@ -55,8 +55,8 @@ interface Busy {
  * the next waiting item. Each slot keeps its item's own sampling parameters and uniforms, so
  * an item's text does not depend on its slot, its neighbours or the step it joined at; the
  * per-layer sums over the response's counted tokens (docs/CONCEPTS.md, "Activation") grow in
- * the slot and only the finished item's mean leaves. Extract items use a slot for their
- * prefill only.
+ * the slot, inside the step graph, and only the finished item's sums leave it. Extract items
+ * use a slot for their prefill only.
  */
 export class SlotEngine {
   private readonly queue: Item[] = [];
@@ -127,7 +127,7 @@ export class SlotEngine {
       for (;;) {
         this.releaseCancelled();
         await this.admit();
-        this.closeGaps();
+        await this.closeGaps();
         if (!this.slots.some(Boolean)) {
           if (this.queue.length === 0) return;
           continue;
@@ -164,22 +164,14 @@ export class SlotEngine {
     const needs = job.ids.length + job.maxNew;
     if (needs > this.step.slotLength) throw new SlotError(`the item needs ${needs} tokens (${job.ids.length} of prompt, up to ${job.maxNew} new), more than a slot holds (${this.step.slotLength})`);
     this.step.reset(slot);
-    const out = await this.step.prefill(slot, job.ids, { chunk: this.opts.prefillChunk });
+    const extract = item.extract || job.maxNew === 0;
+    // The slot's sums start afresh; an Extract item's answer positions are weighted in this prefill.
+    const out = await this.step.prefill(slot, job.ids, { chunk: this.opts.prefillChunk, hidden: false, fresh: true, weights: extract ? job.weights : undefined });
     const { num_layers: L, hidden_size: d } = this.step.metadata;
-    if (item.extract || job.maxNew === 0) {
+    if (extract) {
       // Extract: the weighted mean of the answer positions, from this prefill alone.
-      const sum = new Float64Array(L * d);
-      let total = 0;
-      job.weights?.forEach((w, i) => {
-        if (!w || out.hidden.length === 0) return;
-        for (let l = 0; l < L; l++) {
-          const row = out.hidden[l].subarray(i * d, (i + 1) * d);
-          for (let x = 0; x < d; x++) sum[l * d + x] += w * row[x];
-        }
-        total += w;
-      });
-      const mean = new Float32Array(L * d);
-      if (total) for (let i = 0; i < mean.length; i++) mean[i] = sum[i] / total;
+      const total = this.step.keepsSums ? Array.from(job.weights ?? [], Number).reduce((t, w) => t + (w || 0), 0) : 0;
+      const mean = total ? await this.meanOf(slot, total) : new Float32Array(L * d);
       this.step.reset(slot);
       item.resolve({ responseIds: [], stopped: false, mean, counted: total });
       return;
@@ -190,7 +182,14 @@ export class SlotEngine {
       item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
       return;
     }
-    this.slots[slot] = { item, responseIds: [first], next: first, mean: new ResponseMean(L, d) };
+    this.slots[slot] = { item, responseIds: [first], next: first, count: new ResponseCount() };
+  }
+
+  /** A slot's running sum over `count` tokens, as a float32 mean [layers * hidden]. */
+  private async meanOf(slot: number, count: number): Promise<Float32Array> {
+    const sum = await this.step.readSum(slot);
+    for (let i = 0; i < sum.length; i++) sum[i] /= count;
+    return sum;
   }
 
   /**
@@ -199,26 +198,27 @@ export class SlotEngine {
    * this acts once nothing waits: in the tail of a run. Not in static batching, whose rows
    * stay in place.
    */
-  private closeGaps(): void {
-    if (this.opts.staticBatches || !this.step.canMove) return;
+  private async closeGaps(): Promise<void> {
+    if (this.opts.staticBatches) return;
     for (;;) {
       const free = this.slots.findIndex((b) => !b);
       const top = this.slots.reduce((t, b, s) => (b ? s : t), -1);
       if (free < 0 || free > top) return;
-      this.step.move(top, free);
+      await this.step.move(top, free);
       this.slots[free] = this.slots[top];
       this.slots[top] = undefined;
     }
   }
 
-  /** One decoding step of the busy slots: feed each its next token, count it, sample the one after. */
+  /** One decoding step of the busy slots: feed each its next token (counted into its sums in the step), sample the one after. */
   private async decodeStep(): Promise<void> {
     const rows = Math.max(this.opts.staticBatches ? this.batchRows : 0, this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0));
     const tokens = this.slots.slice(0, rows).map((b) => b?.next);
+    const counts = this.slots.slice(0, rows).map((b) => b?.count.add(this.rules.tokenKind(b.next)));
     const started = performance.now();
     let out;
     try {
-      out = await this.step.decode(tokens);
+      out = await this.step.decode(tokens, { counts, hidden: false });
     } catch (err) {
       // The step failed for every row: the items in it fail, the slots are free again.
       this.slots.forEach((b, s) => {
@@ -229,27 +229,38 @@ export class SlotEngine {
       });
       return;
     }
-    const { hidden_size: d, vocab_size: V } = this.step.metadata;
+    const V = this.step.metadata.vocab_size;
     let active = 0;
+    const finished: [number, boolean][] = [];
     this.slots.forEach((b, s) => {
       if (!b) return;
       active++;
-      if (out.hidden.length) b.mean.add(this.rules.tokenKind(b.next), (l) => out.hidden[l].subarray(s * d, (s + 1) * d));
       const { job } = b.item;
-      if (b.responseIds.length >= job.maxNew) return this.finish(s, false);
+      if (b.responseIds.length >= job.maxNew) return finished.push([s, false]);
       const token = sampleToken(out.logits.subarray(s * V, (s + 1) * V), job.temperature, job.topP, job.uniforms[b.responseIds.length]);
-      if (this.rules.stopIds.has(token)) return this.finish(s, true);
+      if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);
       b.next = token;
     });
     this.onStep({ active, rows, seconds: (performance.now() - started) / 1000 });
+    for (const [s, stopped] of finished) await this.finish(s, stopped);
   }
 
-  private finish(slot: number, stopped: boolean): void {
+  /** Reads a finished item's sums (before its slot can be reused) and frees the slot. */
+  private async finish(slot: number, stopped: boolean): Promise<void> {
     const b = this.slots[slot]!;
+    const counted = this.step.keepsSums ? b.count.tokens : 0;
+    let mean: Float32Array;
+    try {
+      mean = counted ? await this.meanOf(slot, counted) : new Float32Array(this.step.metadata.num_layers * this.step.metadata.hidden_size);
+    } catch (err) {
+      this.slots[slot] = undefined;
+      this.step.reset(slot);
+      return b.item.reject(err);
+    }
     this.slots[slot] = undefined;
     this.step.reset(slot);
-    b.item.resolve({ responseIds: b.responseIds, stopped, mean: b.mean.mean(), counted: b.mean.tokens });
+    b.item.resolve({ responseIds: b.responseIds, stopped, mean, counted });
   }
 
   /** Lets go of items cancelled while in a slot: the slot is free for the next waiting item. */

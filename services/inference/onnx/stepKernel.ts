@@ -16,16 +16,21 @@ export interface StepFeeds {
   totalSequenceLength: number;
   /** Absent for a stage that does not end the model (no logits). */
   logitsPositions?: BigInt64Array;
+  /** For a graph that keeps running sums: [batch * 2 * length] weights and [batch * 4] mix (STEP_INPUTS). */
+  sumWeights?: Float32Array;
+  sumMix?: Float32Array;
+  /** Return each captured layer's hidden states (tools and tests; the engine reads the sums instead). */
+  hidden: boolean;
 }
 
 /** Runs the step graph over KV buffers it owns: onnxruntime-node's API, or the C API's. */
 export interface StepKernel {
   readonly runtime: StepRuntime;
-  /** Whether `copySlot` works here. */
-  readonly canCopySlots: boolean;
   run(feeds: StepFeeds): Promise<StepResult>;
-  /** Copies the first `positions` positions of a slot's keys and values to another slot. */
-  copySlot(from: number, to: number, positions: number): void;
+  /** Copies a slot's keys and values (at least its first `positions`) and running sums to another slot. */
+  copySlot(from: number, to: number, positions: number): Promise<void>;
+  /** A slot's running sums, per captured layer [2 * hidden]: the sum, then the waiting whitespace's. */
+  readSums(slot: number): Promise<Float32Array[]>;
   close(): Promise<void>;
 }
 
@@ -41,7 +46,7 @@ export interface KernelShape {
 
 /** What a prefill or a decoding step returns, float32. */
 export interface StepResult {
-  /** Per layer, the hidden states of the positions run, [rows * positions * hidden] (rows: 1 for a prefill, slots for a step). */
+  /** Per layer when asked, the hidden states of the positions run, [rows * positions * hidden] (rows: 1 for a prefill, slots for a step). */
   hidden: Float32Array[];
   /** The logits asked for, [rows * count * vocab]. */
   logits: Float32Array;

@@ -1,4 +1,5 @@
 import { ModelMetadata, StepGraphMetadata } from '../../contracts/modelDirectory';
+import type { TokenWeights } from './responseMean';
 import { KernelShape, STEP_RUNTIMES, StepKernel, StepResult, StepRuntime } from './stepKernel';
 import { OrtApi } from './native/capi';
 import { NativeKernel } from './native/nativeKernel';
@@ -21,6 +22,12 @@ export interface StepSessionOptions {
    * native, else stock when the native binding cannot load (`fallback` says why).
    */
   runtime?: StepRuntime | 'auto';
+}
+
+/** A run's [rows * 2 * length] weights and [rows * 4] mix of the running sums (STEP_INPUTS). */
+interface RunSums {
+  weights: Float32Array;
+  mix: Float32Array;
 }
 
 /** A prompt longer than a slot, or another misuse of the slots: the message names the numbers. */
@@ -56,9 +63,9 @@ export class StepSession {
     return this.metadata.layers ?? [0, this.metadata.num_layers];
   }
 
-  /** Whether `move` works here (a host copy: not yet on a GPU). */
-  get canMove(): boolean {
-    return this.kernel.canCopySlots;
+  /** Whether the graph keeps each slot's running sums of the captured layers (`readSum`). */
+  get keepsSums(): boolean {
+    return this.step.response_sums === true;
   }
 
   /** Which API the runs go through. */
@@ -71,6 +78,7 @@ export class StepSession {
     const metadata = await readMetadata(dir);
     const step = metadata.step;
     if (!step) throw new ModelLoadError(`${dir}: built without a step graph (by an older axis-model): build it again`);
+    if (step.hidden_state_outputs.length > 0 && !step.response_sums) throw new ModelLoadError(`${dir}: its step graph was built before the running sums moved into it (by an older axis-model): build it again`);
     if ((metadata.layers?.[0] ?? 0) !== 0) throw new ModelLoadError(`${dir}: a later stage of a split model (layers ${metadata.layers}): its step graph takes the previous stage's hidden states, which this session does not feed`);
     if (!(Number.isInteger(opts.slots) && opts.slots >= 1)) throw new SlotError(`slots must be a positive integer, got ${opts.slots}`);
     if (!(Number.isInteger(opts.slotLength) && opts.slotLength >= 1)) throw new SlotError(`the slot length must be a positive integer, got ${opts.slotLength}`);
@@ -105,9 +113,11 @@ export class StepSession {
 
   /**
    * Runs `ids` into `slot` after what it holds, `chunk` tokens per run (all at once by default).
-   * `logits`: 'last' for the last position's, 'all' for every position's.
+   * `logits`: 'last' for the last position's, 'all' for every position's. `hidden` (default
+   * true): return each captured layer's hidden states. With running sums: `fresh` starts the
+   * slot's sums afresh, and `weights[i]` is position i's weight in the sum (none by default).
    */
-  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all' } = {}): Promise<StepResult> {
+  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number> } = {}): Promise<StepResult> {
     this.checkSlot(slot);
     if (ids.length === 0) throw new SlotError('a prefill needs at least one token');
     if (this.lengths[slot] + ids.length > this.slotLength) {
@@ -122,27 +132,49 @@ export class StepSession {
       const past = this.lengths[slot];
       const isLast = at + chunk >= ids.length;
       const positions = opts.logits === 'all' ? part.map((_, i) => i) : [part.length - 1];
-      const out = await this.run(slot, [part], [past], positions);
+      let sums: RunSums | undefined;
+      if (this.keepsSums) {
+        // Row 0 of the weights: each position's weight in the sum; the mix keeps the sums, or starts them afresh on the first run.
+        const weights = new Float32Array(2 * part.length);
+        if (opts.weights) for (let i = 0; i < part.length; i++) weights[i] = opts.weights[at + i] ?? 0;
+        sums = { weights, mix: opts.fresh && at === 0 ? new Float32Array(4) : Float32Array.of(1, 0, 0, 1) };
+      }
+      const out = await this.run(slot, [part], [past], positions, opts.hidden ?? true, sums);
       this.lengths[slot] = past + part.length;
       hiddenParts.push(out.hidden);
       if (opts.logits === 'all' || isLast) logitParts.push(out.logits);
     }
-    return { hidden: this.hiddenOf(hiddenParts), logits: concat(logitParts) };
+    return { hidden: opts.hidden ?? true ? this.hiddenOf(hiddenParts) : [], logits: concat(logitParts) };
   }
 
   /**
    * One decoding step of slots 0..tokens.length-1 (a view of the buffers' first rows, so a
    * step costs what the busy slots need when they are the lowest ones): `tokens[s]` is fed to
    * slot s (undefined: the slot is idle, and its row is computed but neither kept nor counted).
-   * Returns each row's logits and hidden states.
+   * `counts[s]`: how the fed token's hidden state joins slot s's running sums (none if absent).
+   * Returns each row's logits, and hidden states unless `hidden` is false.
    */
-  async decode(tokens: (number | undefined)[]): Promise<StepResult> {
+  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; hidden?: boolean } = {}): Promise<StepResult> {
     if (tokens.length < 1 || tokens.length > this.slots) throw new SlotError(`a decoding step feeds slots 0..k-1 of ${this.slots}: got ${tokens.length} tokens`);
     const slots = [...Array(tokens.length).keys()];
     for (const s of slots) {
       if (tokens[s] !== undefined && this.lengths[s] + 1 > this.slotLength) throw new SlotError(`slot ${s} is full (${this.slotLength} tokens)`);
     }
-    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0]);
+    let sums: RunSums | undefined;
+    if (this.keepsSums) {
+      const weights = new Float32Array(2 * slots.length);
+      const mix = new Float32Array(4 * slots.length);
+      for (const s of slots) {
+        const w = tokens[s] === undefined ? undefined : opts.counts?.[s];
+        weights[2 * s] = w?.sum ?? 0;
+        weights[2 * s + 1] = w?.pending ?? 0;
+        // [[1, flush], [0, 1 - flush]]: the waiting whitespace joins the sum when content comes.
+        const flush = w?.flush ? 1 : 0;
+        mix.set([1, flush, 0, 1 - flush], 4 * s);
+      }
+      sums = { weights, mix };
+    }
+    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], opts.hidden ?? true, sums);
     for (const s of slots) if (tokens[s] !== undefined) this.lengths[s] += 1;
     return out;
   }
@@ -152,14 +184,28 @@ export class StepSession {
    * its length); `from` is free afterwards. The engine closes gaps this way so that a step's
    * rows stay as few as the busy slots.
    */
-  move(from: number, to: number): void {
+  async move(from: number, to: number): Promise<void> {
     this.checkSlot(from);
     this.checkSlot(to);
     if (from === to) return;
     if (this.lengths[to] !== 0) throw new SlotError(`slot ${to} holds ${this.lengths[to]} tokens: a sequence moves only to a free slot`);
-    this.kernel.copySlot(from, to, this.lengths[from]);
+    await this.kernel.copySlot(from, to, this.lengths[from]);
     this.lengths[to] = this.lengths[from];
     this.lengths[from] = 0;
+  }
+
+  /**
+   * Slot `slot`'s running sum of every captured layer's hidden states, [layers * hidden]: the
+   * only thing of a finished item that leaves the device besides its tokens.
+   */
+  async readSum(slot: number): Promise<Float32Array> {
+    this.checkSlot(slot);
+    if (!this.keepsSums) throw new SlotError('this model keeps no running sums (built with --no-capture)');
+    const parts = await this.kernel.readSums(slot);
+    const d = this.metadata.hidden_size;
+    const out = new Float32Array(parts.length * d);
+    parts.forEach((p, l) => out.set(p.subarray(0, d), l * d));
+    return out;
   }
 
   async close(): Promise<void> {
@@ -167,7 +213,7 @@ export class StepSession {
   }
 
   /** One run over consecutive slots from `firstSlot`, each with its tokens after `past` held ones. */
-  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[]): Promise<StepResult> {
+  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], hidden: boolean, sums: RunSums | undefined): Promise<StepResult> {
     const batch = ids.length;
     const length = ids[0].length;
     const last = this.layers[1] === this.metadata.num_layers;
@@ -180,6 +226,9 @@ export class StepSession {
       seqlensK: Int32Array.from(past, (p) => p + length - 1),
       totalSequenceLength: Math.max(...past) + length,
       logitsPositions: last ? BigInt64Array.from(logitPositions, BigInt) : undefined,
+      sumWeights: sums?.weights,
+      sumMix: sums?.mix,
+      hidden,
     });
   }
 

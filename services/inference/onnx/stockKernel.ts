@@ -14,9 +14,10 @@ type KvBuffer = Float32Array | Uint16Array;
  */
 export class StockKernel implements StepKernel {
   readonly runtime = 'stock' as const;
-  readonly canCopySlots = true;
   private readonly keys: KvBuffer[];
   private readonly values: KvBuffer[];
+  /** Per captured layer, every slot's [sum, waiting sum], [slots, 2, hidden] (passed in and out as the KV buffers are). */
+  private readonly sums: Float32Array[];
   private readonly slotElements: number;
   private readonly kvType: 'float32' | 'float16';
 
@@ -29,6 +30,7 @@ export class StockKernel implements StepKernel {
     const { layers } = shape;
     this.keys = Array.from({ length: layers[1] - layers[0] }, buffer);
     this.values = Array.from({ length: layers[1] - layers[0] }, buffer);
+    this.sums = step.response_sums ? Array.from({ length: layers[1] - layers[0] }, () => new Float32Array(slots * 2 * metadata.hidden_size)) : [];
   }
 
   static async create(file: string, placement: Placement, shape: KernelShape): Promise<StockKernel> {
@@ -62,17 +64,36 @@ export class StockKernel implements StepKernel {
       fetches[STEP_OUTPUTS.presentKey(l)] = k;
       fetches[STEP_OUTPUTS.presentValue(l)] = v;
     }
-    for (const name of step.hidden_state_outputs) fetches[name] = null;
+    if (step.response_sums) {
+      if (!f.sumWeights || !f.sumMix) throw new Error('this step graph keeps running sums: a run needs their weights and mix');
+      feeds[STEP_INPUTS.responseWeights] = new ort.Tensor('float32', f.sumWeights, [f.batch, 2, f.length]);
+      feeds[STEP_INPUTS.sumsMix] = new ort.Tensor('float32', f.sumMix, [f.batch, 2, 2]);
+      const per = 2 * metadata.hidden_size;
+      this.sums.forEach((buffer, i) => {
+        const view = new ort.Tensor('float32', buffer.subarray(f.firstSlot * per, (f.firstSlot + f.batch) * per), [f.batch, 2, metadata.hidden_size]);
+        feeds[STEP_INPUTS.responseSums(first + i)] = view;
+        fetches[STEP_OUTPUTS.responseSumsOut(first + i)] = view;
+      });
+    }
+    if (f.hidden) for (const name of step.hidden_state_outputs) fetches[name] = null;
     if (f.logitsPositions) fetches[STEP_OUTPUTS.logits] = null;
     const out = await this.session.run(feeds, fetches);
     return {
-      hidden: step.hidden_state_outputs.map((name) => out[name].data as Float32Array),
+      hidden: f.hidden ? step.hidden_state_outputs.map((name) => out[name].data as Float32Array) : [],
       logits: f.logitsPositions ? (out[STEP_OUTPUTS.logits].data as Float32Array) : new Float32Array(0),
     };
   }
 
-  copySlot(from: number, to: number, positions: number): void {
+  async copySlot(from: number, to: number, positions: number): Promise<void> {
     for (const buffer of [...this.keys, ...this.values]) copySlotPositions(new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength), this.shape, buffer.BYTES_PER_ELEMENT, from, to, positions);
+    const per = 2 * this.shape.metadata.hidden_size;
+    for (const buffer of this.sums) buffer.copyWithin(to * per, from * per, (from + 1) * per);
+  }
+
+  async readSums(slot: number): Promise<Float32Array[]> {
+    if (!this.sums.length) throw new Error('this step graph keeps no running sums (built without capture, or before they existed)');
+    const per = 2 * this.shape.metadata.hidden_size;
+    return this.sums.map((buffer) => buffer.slice(slot * per, (slot + 1) * per));
   }
 
   async close(): Promise<void> {

@@ -82,6 +82,8 @@ export interface GraphSignature {
   outputs: string[];
   hiddenStateOutputs: string[];
   layers: [number, number];
+  /** The step graph keeps running sums (STEP_INPUTS.responseSums): a step graph built with capture. */
+  responseSums?: boolean;
 }
 
 /** Values built once per graph and used by every layer. */
@@ -476,11 +478,31 @@ export class DecoderBuilder {
     }
     const values = await this.forward(first === 0 ? h0 : undefined, first === 0 ? undefined : this.toAct(h0), [first, end]);
     const hiddenStateOutputs: string[] = [];
+    const sums = step && opts.capture;
+    let keep = '';
+    if (sums) {
+      g.input(STEP_INPUTS.responseWeights, DataType.FLOAT, ['batch_size', 2, 'sequence_length']);
+      g.input(STEP_INPUTS.sumsMix, DataType.FLOAT, ['batch_size', 2, 2]);
+      // A row whose mix is all zeros starts afresh without reading its held sums (a selection,
+      // not a product: whatever the buffer held, fresh memory or a previous item's overflow, stays out).
+      keep = g.node('Greater', [g.node('ReduceMax', [g.node('Abs', [STEP_INPUTS.sumsMix])], { axes: [1, 2], keepdims: 1 }), g.constFloat([0], [])]);
+    }
     for (let l = first; l < end; l++) {
       // A stage that is not the last hands its last hidden state on, capture or not.
       if (opts.capture || (l === end - 1 && end < numLayers)) {
-        g.output(this.toFloat(values.hidden[l - first]), this.names.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
+        const h = this.toFloat(values.hidden[l - first]);
+        g.output(h, this.names.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
         if (opts.capture) hiddenStateOutputs.push(this.names.hiddenState(l));
+        if (sums) {
+          // The slot's running sums stay beside its KV buffers: new = mix x held + weights x hidden,
+          // two batched products, written over the held sums (the same buffer; the products
+          // read it before the sum is written).
+          const held = g.input(STEP_INPUTS.responseSums(l), DataType.FLOAT, ['batch_size', 2, hidden]);
+          const mixed = g.node('MatMul', [STEP_INPUTS.sumsMix, g.node('Where', [keep, held, g.constFloat([0], [])])]);
+          const added = g.node('MatMul', [STEP_INPUTS.responseWeights, h]);
+          g.node('Add', [mixed, added], {}, STEP_OUTPUTS.responseSumsOut(l));
+          g.output(STEP_OUTPUTS.responseSumsOut(l), STEP_OUTPUTS.responseSumsOut(l), DataType.FLOAT, ['batch_size', 2, hidden]);
+        }
       }
     }
     if (values.logits) g.output(this.toFloat(values.logits), this.names.logits, DataType.FLOAT, ['batch_size', step ? 'logits_count' : 'sequence_length', vocab]);
@@ -489,6 +511,6 @@ export class DecoderBuilder {
       g.output(this.names.presentKey(l), this.names.presentKey(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
       g.output(this.names.presentValue(l), this.names.presentValue(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
     }
-    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end] };
+    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums };
   }
 }

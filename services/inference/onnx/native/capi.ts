@@ -28,6 +28,7 @@ export const ELEMENT_BYTES: Record<ElementName, number> = { float32: 4, int32: 4
 // Enum values of the C API used below.
 const LOG_WARNING = 2;
 const GRAPH_OPTIMIZE_ALL = 99;
+const GRAPH_OPTIMIZE_NONE = 0;
 const DEVICE_ALLOCATOR = 0;
 const MEM_TYPE_DEFAULT = 0;
 
@@ -36,6 +37,7 @@ const FUNCTIONS = {
   GetErrorMessage: [2, 'const char* f(void* status)'],
   CreateEnv: [3, 'void* f(int level, const char* logid, _Out_ void** env)'],
   CreateSession: [7, 'void* f(void* env, const char* path, void* options, _Out_ void** session)'],
+  CreateSessionFromArray: [8, 'void* f(void* env, const void* data, size_t bytes, void* options, _Out_ void** session)'],
   CreateSessionOptions: [10, 'void* f(_Out_ void** options)'],
   SetSessionGraphOptimizationLevel: [23, 'void* f(void* options, int level)'],
   SetIntraOpNumThreads: [24, 'void* f(void* options, int threads)'],
@@ -167,6 +169,7 @@ export class OrtApi {
   }
 
   static readonly optimizeAll = GRAPH_OPTIMIZE_ALL;
+  static readonly optimizeNone = GRAPH_OPTIMIZE_NONE;
 }
 
 /** A host view of memory at an address (CPU only: device memory cannot be viewed). */

@@ -1,8 +1,9 @@
 import koffi from 'koffi';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
 import { ModelLoadError, Placement, placementName } from '../session';
-import { copySlotPositions, KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
-import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, hostView, OrtApi, OrtCallError } from './capi';
+import { KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
+import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, OrtApi, OrtCallError } from './capi';
+import { copyGraph } from './copyGraph';
 
 /** A tensor onnxruntime allocated (the KV buffers): its value and its memory's address. */
 interface Owned {
@@ -10,27 +11,41 @@ interface Owned {
   address: bigint;
 }
 
+/** Values made for one run and the JavaScript arrays they wrap (alive as long as the values are bound). */
+interface Held {
+  values: Handle[];
+  arrays: ArrayBufferView[];
+}
+
+/** A session of the copy graph (`copyGraph.ts`) and its IO binding. */
+interface Copier {
+  session: Handle;
+  binding: Handle;
+}
+
 /**
- * The step graph through onnxruntime's C API (`capi.ts`): each layer's KV buffers are
- * allocated by onnxruntime on the session's device and stay there; a run binds, with IO
- * binding, a view of the slots it runs as both the past input and the present output (one
- * address: nothing is copied), the small inputs from host memory, and the outputs the host
- * reads (hidden states, logits) into JavaScript arrays. On the CPU the same code runs with
- * host memory, so every test exercises what a GPU runs except the device allocator.
+ * The step graph through onnxruntime's C API (`capi.ts`): each layer's KV buffers and
+ * running sums are allocated by onnxruntime on the session's device and stay there; a run
+ * binds, with IO binding, a view of the slots it runs as both the past input and the present
+ * output (one address: nothing is copied), the small inputs from host memory, and the outputs
+ * the host reads (logits; hidden states when asked) into JavaScript arrays. Slots move, and a
+ * finished slot's sums come back, through a copy graph on the same device. On the CPU the same
+ * code runs with host memory, so every test exercises what a GPU runs except the device allocator.
  */
 export class NativeKernel implements StepKernel {
   readonly runtime = 'native' as const;
-  /** Slots move by a host copy: not yet on a GPU. */
-  readonly canCopySlots: boolean;
   private readonly keys: Owned[] = [];
   private readonly values: Owned[] = [];
+  /** Per captured layer, every slot's [sum, waiting sum] of hidden states, float32 [slots, 2, hidden]. */
+  private readonly sums: Owned[] = [];
   private readonly slotBytes: number;
+  private readonly sumSlotBytes: number;
   private readonly kvElement: ElementName;
-  /** Values made for the run in flight, released before the next, and the arrays they wrap (kept alive as long). */
-  private perRun: Handle[] = [];
-  private keepAlive: ArrayBufferView[] = [];
+  /** Values made for the last step run (kept bound until the next, for `addresses`) and the arrays they wrap (kept alive as long). */
+  private stepHeld: Held = { values: [], arrays: [] };
   private closed = false;
-  private running = false;
+  /** The operation in flight (close waits for it: freeing what a worker thread uses would crash the process). */
+  private inflight: Promise<void> | undefined;
 
   private constructor(
     private readonly api: OrtApi,
@@ -40,9 +55,11 @@ export class NativeKernel implements StepKernel {
     private readonly kvMemory: Handle,
     private readonly kvAllocator: Handle,
     private readonly ownsAllocator: boolean,
+    /** Copies KV slots (the compute type) and sums (float32). */
+    private readonly kvCopier: Copier,
+    private readonly sumsCopier: Copier | undefined,
   ) {
     const { metadata, step, slots, slotLength } = shape;
-    this.canCopySlots = !ownsAllocator;
     this.kvElement = step.compute_dtype === 'f16' ? 'float16' : step.compute_dtype === 'bf16' ? 'bfloat16' : 'float32';
     this.slotBytes = metadata.num_key_value_heads * slotLength * metadata.head_dim * ELEMENT_BYTES[this.kvElement];
     const [first, end] = this.shape.layers;
@@ -53,26 +70,22 @@ export class NativeKernel implements StepKernel {
         list.push({ value, address: api.out((o) => api.fn.GetTensorMutableData(value, o), 'locating a KV buffer') });
       }
     }
+    this.sumSlotBytes = 2 * metadata.hidden_size * 4;
+    if (step.response_sums) {
+      const sumDims = BigInt64Array.of(BigInt(slots), 2n, BigInt(metadata.hidden_size));
+      for (let l = first; l < end; l++) {
+        const value = api.out((o) => api.fn.CreateTensorAsOrtValue(kvAllocator, sumDims, 3, ELEMENT.float32, o), `allocating layer ${l}'s running sums`);
+        this.sums.push({ value, address: api.out((o) => api.fn.GetTensorMutableData(value, o), 'locating running sums') });
+      }
+    }
   }
 
   static async create(file: string, placement: Placement, shape: KernelShape): Promise<NativeKernel> {
     const api = OrtApi.get();
-    const options = api.out((o) => api.fn.CreateSessionOptions(o), 'creating session options');
-    let session: Handle | undefined;
+    const made: Handle[] = [];
     try {
-      api.check(api.fn.SetSessionGraphOptimizationLevel(options, OrtApi.optimizeAll), 'setting the optimization level');
-      if (placement.provider === 'cuda') {
-        // The CUDA provider, with its options by name; a session that asks for CUDA and cannot have it fails here, never on the CPU.
-        const cuda = api.out((o) => api.fn.CreateCUDAProviderOptions(o), `creating the CUDA provider's options (is this onnxruntime built with CUDA?)`);
-        try {
-          const settings: Record<string, string> = { device_id: String(placement.deviceId), arena_extend_strategy: 'kSameAsRequested', cudnn_conv_algo_search: 'HEURISTIC' };
-          api.check(api.fn.UpdateCUDAProviderOptions(cuda, Object.keys(settings), Object.values(settings), Object.keys(settings).length), 'setting the CUDA provider options');
-          api.check(api.fn.SessionOptionsAppendExecutionProvider_CUDA_V2(options, cuda), `adding the CUDA provider for ${placementName(placement)}`);
-        } finally {
-          api.fn.ReleaseCUDAProviderOptions(cuda);
-        }
-      }
-      session = api.out((o) => api.fn.CreateSession(api.env, file, options, o), `loading ${file} on ${placementName(placement)}`);
+      const session = withOptions(api, placement, OrtApi.optimizeAll, (options) => api.out((o) => api.fn.CreateSession(api.env, file, options, o), `loading ${file} on ${placementName(placement)}`));
+      made.push(session);
       const names = (count: 'SessionGetInputCount' | 'SessionGetOutputCount', name: 'SessionGetInputName' | 'SessionGetOutputName'): string[] => {
         const n = [0];
         api.check(api.fn[count](session, n), 'counting the graph inputs and outputs');
@@ -83,65 +96,107 @@ export class NativeKernel implements StepKernel {
       const missing = [...shape.step.inputs.filter((n) => !inputs.includes(n)), ...shape.step.outputs.filter((n) => !outputs.includes(n))];
       if (missing.length) throw new ModelLoadError(`${file} does not match axis_model.json: ${missing.join(', ')} missing from the graph`);
       const binding = api.out((o) => api.fn.CreateIoBinding(session, o), 'creating an IO binding');
+      const layers = shape.layers[1] - shape.layers[0];
+      const kvType = shape.step.compute_dtype === 'f16' ? ELEMENT.float16 : shape.step.compute_dtype === 'bf16' ? ELEMENT.bfloat16 : ELEMENT.float32;
+      const copier = (count: number, type: number): Copier => {
+        const bytes = copyGraph(count, type);
+        const copy = withOptions(api, placement, OrtApi.optimizeNone, (options) => api.out((o) => api.fn.CreateSessionFromArray(api.env, bytes, bytes.length, options, o), `creating the slot-copy graph on ${placementName(placement)}`));
+        made.push(copy);
+        return { session: copy, binding: api.out((o) => api.fn.CreateIoBinding(copy, o), 'creating an IO binding') };
+      };
+      const kvCopier = copier(2 * layers, kvType);
+      const sumsCopier = shape.step.response_sums ? copier(layers, ELEMENT.float32) : undefined;
       const onDevice = placement.provider === 'cuda';
       const memory = api.deviceMemory(placement.provider, placement.deviceId);
       const allocator = onDevice ? api.out((o) => api.fn.CreateAllocator(session, memory, o), `getting ${placementName(placement)}'s allocator`) : api.cpuAllocator;
-      return new NativeKernel(api, shape, session, binding, memory, allocator, onDevice);
+      return new NativeKernel(api, shape, session, binding, memory, allocator, onDevice, kvCopier, sumsCopier);
     } catch (err) {
-      if (session) api.fn.ReleaseSession(session);
+      for (const session of made) api.fn.ReleaseSession(session);
       throw err instanceof ModelLoadError ? err : new ModelLoadError((err as Error).message);
-    } finally {
-      api.fn.ReleaseSessionOptions(options);
     }
   }
 
-  async run(f: StepFeeds): Promise<StepResult> {
-    if (this.closed) throw new OrtCallError('the step session is closed');
-    if (this.running) throw new OrtCallError('a run is already in flight on this step session');
+  run(f: StepFeeds): Promise<StepResult> {
+    return this.exclusive(() => this.runStep(f));
+  }
+
+  private async runStep(f: StepFeeds): Promise<StepResult> {
     const { metadata, step, slotLength } = this.shape;
+    const [first, end] = this.shape.layers;
     if (!(f.firstSlot >= 0 && f.batch >= 1 && f.firstSlot + f.batch <= this.shape.slots)) throw new OrtCallError(`slots ${f.firstSlot}..${f.firstSlot + f.batch - 1} are not all among the ${this.shape.slots}`);
-    this.running = true;
-    try {
-      this.releaseRun();
+    this.release(this.binding, this.stepHeld);
+    const held = (this.stepHeld = { values: [], arrays: [] });
+    {
       const { api } = this;
       const bind = (kind: 'BindInput' | 'BindOutput', name: string, value: Handle) => api.check(api.fn[kind](this.binding, name, value), `binding ${name}`);
-      bind('BindInput', STEP_INPUTS.inputIds, this.host(f.inputIds, 'int64', [f.batch, f.length]));
-      bind('BindInput', STEP_INPUTS.positionIds, this.host(f.positionIds, 'int64', [f.batch, f.length]));
-      bind('BindInput', STEP_INPUTS.seqlensK, this.host(f.seqlensK, 'int32', [f.batch]));
-      bind('BindInput', STEP_INPUTS.totalSequenceLength, this.host(Int32Array.of(f.totalSequenceLength), 'int32', []));
-      if (f.logitsPositions) bind('BindInput', STEP_INPUTS.logitsPositions, this.host(f.logitsPositions, 'int64', [f.logitsPositions.length]));
+      bind('BindInput', STEP_INPUTS.inputIds, this.host(held, f.inputIds, 'int64', [f.batch, f.length]));
+      bind('BindInput', STEP_INPUTS.positionIds, this.host(held, f.positionIds, 'int64', [f.batch, f.length]));
+      bind('BindInput', STEP_INPUTS.seqlensK, this.host(held, f.seqlensK, 'int32', [f.batch]));
+      bind('BindInput', STEP_INPUTS.totalSequenceLength, this.host(held, Int32Array.of(f.totalSequenceLength), 'int32', []));
+      if (f.logitsPositions) bind('BindInput', STEP_INPUTS.logitsPositions, this.host(held, f.logitsPositions, 'int64', [f.logitsPositions.length]));
       // The run's slots as a view of each layer's buffer, bound as past and present alike.
       const kvDims = [f.batch, metadata.num_key_value_heads, slotLength, metadata.head_dim];
-      const [first, end] = this.shape.layers;
       for (let l = first; l < end; l++) {
-        const k = this.kvView(this.keys[l - first], f.firstSlot, kvDims);
-        const v = this.kvView(this.values[l - first], f.firstSlot, kvDims);
+        const k = this.view(held, this.keys[l - first], f.firstSlot, this.slotBytes, kvDims, this.kvElement);
+        const v = this.view(held, this.values[l - first], f.firstSlot, this.slotBytes, kvDims, this.kvElement);
         bind('BindInput', STEP_INPUTS.pastKey(l), k);
         bind('BindInput', STEP_INPUTS.pastValue(l), v);
         bind('BindOutput', STEP_OUTPUTS.presentKey(l), k);
         bind('BindOutput', STEP_OUTPUTS.presentValue(l), v);
       }
-      // What the host reads, straight into JavaScript arrays.
-      const hidden = step.hidden_state_outputs.map(() => new Float32Array(f.batch * f.length * metadata.hidden_size));
-      step.hidden_state_outputs.forEach((name, i) => bind('BindOutput', name, this.host(hidden[i], 'float32', [f.batch, f.length, metadata.hidden_size])));
+      if (step.response_sums) {
+        if (!f.sumWeights || !f.sumMix) throw new OrtCallError('this step graph keeps running sums: a run needs their weights and mix');
+        bind('BindInput', STEP_INPUTS.responseWeights, this.host(held, f.sumWeights, 'float32', [f.batch, 2, f.length]));
+        bind('BindInput', STEP_INPUTS.sumsMix, this.host(held, f.sumMix, 'float32', [f.batch, 2, 2]));
+        this.sums.forEach((buffer, i) => {
+          const view = this.view(held, buffer, f.firstSlot, this.sumSlotBytes, [f.batch, 2, metadata.hidden_size], 'float32');
+          bind('BindInput', STEP_INPUTS.responseSums(first + i), view);
+          bind('BindOutput', STEP_OUTPUTS.responseSumsOut(first + i), view);
+        });
+      }
+      // What the host reads, straight into JavaScript arrays (hidden states only when asked: the engine reads the sums).
+      const hidden = f.hidden ? step.hidden_state_outputs.map(() => new Float32Array(f.batch * f.length * metadata.hidden_size)) : [];
+      hidden.forEach((h, i) => bind('BindOutput', step.hidden_state_outputs[i], this.host(held, h, 'float32', [f.batch, f.length, metadata.hidden_size])));
       const count = f.logitsPositions?.length ?? 0;
       const logits = new Float32Array(f.batch * count * metadata.vocab_size);
-      if (f.logitsPositions) bind('BindOutput', STEP_OUTPUTS.logits, this.host(logits, 'float32', [f.batch, count, metadata.vocab_size]));
+      if (f.logitsPositions) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [f.batch, count, metadata.vocab_size]));
       // The arrays stay referenced (by this frame) until the run is over.
       await api.callAsync(api.fn.RunWithBinding, [this.session, null, this.binding], 'running the step graph');
       return { hidden, logits };
-    } finally {
-      this.running = false;
     }
   }
 
-  copySlot(from: number, to: number, positions: number): void {
-    if (this.ownsAllocator) throw new OrtCallError('moving a slot on a GPU is not implemented yet');
-    for (const buffer of [...this.keys, ...this.values]) copySlotPositions(new Uint8Array(hostView(buffer.address, this.shape.slots * this.slotBytes)), this.shape, ELEMENT_BYTES[this.kvElement], from, to, positions);
+  copySlot(from: number, to: number): Promise<void> {
+    return this.exclusive(() => this.copySlotNow(from, to));
   }
 
-  /** For tests: each layer's KV buffer address, and the addresses bound as outputs in the last run. */
-  addresses(): { keys: bigint[]; values: bigint[]; boundOutputs: bigint[] } {
+  private async copySlotNow(from: number, to: number): Promise<void> {
+    for (const s of [from, to]) if (!(Number.isInteger(s) && s >= 0 && s < this.shape.slots)) throw new OrtCallError(`slot ${s} does not exist (0..${this.shape.slots - 1})`);
+    const { metadata, slotLength } = this.shape;
+    const kvDims = [1, metadata.num_key_value_heads, slotLength, metadata.head_dim];
+    // A whole slot per buffer (its filled positions are not contiguous across heads).
+    await this.copy(this.kvCopier, (held) => [...this.keys, ...this.values].map((b) => [this.view(held, b, from, this.slotBytes, kvDims, this.kvElement), this.view(held, b, to, this.slotBytes, kvDims, this.kvElement)]));
+    if (this.sumsCopier) {
+      const dims = [1, 2, metadata.hidden_size];
+      await this.copy(this.sumsCopier, (held) => this.sums.map((b) => [this.view(held, b, from, this.sumSlotBytes, dims, 'float32'), this.view(held, b, to, this.sumSlotBytes, dims, 'float32')]));
+    }
+  }
+
+  readSums(slot: number): Promise<Float32Array[]> {
+    return this.exclusive(() => this.readSumsNow(slot));
+  }
+
+  private async readSumsNow(slot: number): Promise<Float32Array[]> {
+    if (!this.sumsCopier) throw new OrtCallError('this step graph keeps no running sums (built without capture, or before they existed)');
+    if (!(Number.isInteger(slot) && slot >= 0 && slot < this.shape.slots)) throw new OrtCallError(`slot ${slot} does not exist (0..${this.shape.slots - 1})`);
+    const dims = [1, 2, this.shape.metadata.hidden_size];
+    const out = this.sums.map(() => new Float32Array(2 * this.shape.metadata.hidden_size));
+    await this.copy(this.sumsCopier, (held) => this.sums.map((b, i) => [this.view(held, b, slot, this.sumSlotBytes, dims, 'float32'), this.host(held, out[i], 'float32', dims)]));
+    return out;
+  }
+
+  /** For tests: each layer's KV buffer and running sums' addresses, and the addresses bound as outputs in the last step. */
+  addresses(): { keys: bigint[]; values: bigint[]; sums: bigint[]; boundOutputs: bigint[] } {
     if (this.closed) throw new OrtCallError('the step session is closed');
     const { api } = this;
     const count = [0];
@@ -153,17 +208,23 @@ export class NativeKernel implements StepKernel {
       return address;
     });
     api.fn.AllocatorFree(api.cpuAllocator, array);
-    return { keys: this.keys.map((k) => k.address), values: this.values.map((v) => v.address), boundOutputs };
+    return { keys: this.keys.map((k) => k.address), values: this.values.map((v) => v.address), sums: this.sums.map((v) => v.address), boundOutputs };
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.inflight;
     const { api } = this;
-    this.releaseRun();
-    for (const o of [...this.keys, ...this.values]) api.fn.ReleaseValue(o.value);
+    this.release(this.binding, this.stepHeld);
+    for (const o of [...this.keys, ...this.values, ...this.sums]) api.fn.ReleaseValue(o.value);
     api.fn.ReleaseIoBinding(this.binding);
     api.fn.ReleaseSession(this.session);
+    for (const c of [this.kvCopier, this.sumsCopier]) {
+      if (!c) continue;
+      api.fn.ReleaseIoBinding(c.binding);
+      api.fn.ReleaseSession(c.session);
+    }
     if (this.ownsAllocator) {
       api.fn.ReleaseAllocator(this.kvAllocator);
       api.fn.ReleaseMemoryInfo(this.kvMemory);
@@ -171,26 +232,84 @@ export class NativeKernel implements StepKernel {
   }
 
   /** A tensor over JavaScript memory (onnxruntime reads or writes it in place; the caller keeps the array alive). */
-  private host(data: BigInt64Array | Int32Array | Float32Array, type: ElementName, dims: number[]): Handle {
+  private host(held: Held, data: BigInt64Array | Int32Array | Float32Array, type: ElementName, dims: number[]): Handle {
     const value = this.api.out((o) => this.api.fn.CreateTensorWithDataAsOrtValue(this.api.hostMemory, data, data.byteLength, BigInt64Array.from(dims, BigInt), dims.length, ELEMENT[type], o), 'wrapping host memory as a tensor');
-    this.perRun.push(value);
-    this.keepAlive.push(data);
+    held.values.push(value);
+    held.arrays.push(data);
     return value;
   }
 
-  /** A view of consecutive slots of a KV buffer, on its device. */
-  private kvView(buffer: Owned, firstSlot: number, dims: number[]): Handle {
-    const address = buffer.address + BigInt(firstSlot * this.slotBytes);
-    const value = this.api.out((o) => this.api.fn.CreateTensorWithDataAsOrtValue(this.kvMemory, address, dims[0] * this.slotBytes, BigInt64Array.from(dims, BigInt), dims.length, ELEMENT[this.kvElement], o), 'viewing a KV buffer');
-    this.perRun.push(value);
+  /** A view of consecutive slots of a buffer onnxruntime allocated, on its device. */
+  private view(held: Held, buffer: Owned, firstSlot: number, slotBytes: number, dims: number[], type: ElementName): Handle {
+    const address = buffer.address + BigInt(firstSlot * slotBytes);
+    const value = this.api.out((o) => this.api.fn.CreateTensorWithDataAsOrtValue(this.kvMemory, address, dims[0] * slotBytes, BigInt64Array.from(dims, BigInt), dims.length, ELEMENT[type], o), 'viewing a buffer');
+    held.values.push(value);
     return value;
   }
 
-  private releaseRun(): void {
-    this.api.fn.ClearBoundInputs(this.binding);
-    this.api.fn.ClearBoundOutputs(this.binding);
-    for (const v of this.perRun) this.api.fn.ReleaseValue(v);
-    this.perRun = [];
-    this.keepAlive = [];
+  /** Runs a copy graph over [source, destination] pairs (`x{i}` -> `y{i}`). */
+  private async copy(copier: Copier, pairsOf: (held: Held) => Handle[][]): Promise<void> {
+    const held: Held = { values: [], arrays: [] };
+    try {
+      const { api } = this;
+      pairsOf(held).forEach(([from, to], i) => {
+        api.check(api.fn.BindInput(copier.binding, `x${i}`, from), 'binding a copy');
+        api.check(api.fn.BindOutput(copier.binding, `y${i}`, to), 'binding a copy');
+      });
+      await api.callAsync(api.fn.RunWithBinding, [copier.session, null, copier.binding], 'copying slots');
+    } finally {
+      this.release(copier.binding, held);
+    }
+  }
+
+  /**
+   * One operation at a time (a step, a slot copy, a read of sums: each binds and runs on
+   * onnxruntime's worker thread); `close` waits for the one in flight.
+   */
+  private exclusive<T>(op: () => Promise<T>): Promise<T> {
+    if (this.closed) return Promise.reject(new OrtCallError('the step session is closed'));
+    if (this.inflight) return Promise.reject(new OrtCallError('a run is already in flight on this step session'));
+    let settle!: () => void;
+    this.inflight = new Promise<void>((resolve) => (settle = resolve));
+    return (async () => {
+      try {
+        return await op();
+      } finally {
+        // Cleared before the caller resumes, so that its next call is not refused.
+        this.inflight = undefined;
+        settle();
+      }
+    })();
+  }
+
+  /** Unbinds what a run bound and releases the values made for it. */
+  private release(binding: Handle, held: Held): void {
+    this.api.fn.ClearBoundInputs(binding);
+    this.api.fn.ClearBoundOutputs(binding);
+    for (const v of held.values) this.api.fn.ReleaseValue(v);
+    held.values = [];
+    held.arrays = [];
+  }
+}
+
+/** Session options for a placement (the CUDA provider with its options when asked), released after `use`. */
+function withOptions<T>(api: OrtApi, placement: Placement, level: number, use: (options: Handle) => T): T {
+  const options = api.out((o) => api.fn.CreateSessionOptions(o), 'creating session options');
+  try {
+    api.check(api.fn.SetSessionGraphOptimizationLevel(options, level), 'setting the optimization level');
+    if (placement.provider === 'cuda') {
+      // The CUDA provider, with its options by name; a session that asks for CUDA and cannot have it fails here, never on the CPU.
+      const cuda = api.out((o) => api.fn.CreateCUDAProviderOptions(o), `creating the CUDA provider's options (is this onnxruntime built with CUDA?)`);
+      try {
+        const settings: Record<string, string> = { device_id: String(placement.deviceId), arena_extend_strategy: 'kSameAsRequested', cudnn_conv_algo_search: 'HEURISTIC' };
+        api.check(api.fn.UpdateCUDAProviderOptions(cuda, Object.keys(settings), Object.values(settings), Object.keys(settings).length), 'setting the CUDA provider options');
+        api.check(api.fn.SessionOptionsAppendExecutionProvider_CUDA_V2(options, cuda), `adding the CUDA provider for ${placementName(placement)}`);
+      } finally {
+        api.fn.ReleaseCUDAProviderOptions(cuda);
+      }
+    }
+    return use(options);
+  } finally {
+    api.fn.ReleaseSessionOptions(options);
   }
 }
