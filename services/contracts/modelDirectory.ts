@@ -90,6 +90,11 @@ export interface StepGraphMetadata {
    * that they stay where the KV buffers are. Absent in builds before it, and without capture.
    */
   response_sums?: boolean;
+  /**
+   * The graph (its last stage) samples each row's next token from its last logits position
+   * (inputs `temperature`, `top_p`, `uniform`; output `next_tokens`), the host sampler's rule.
+   */
+  sampling?: boolean;
 }
 
 export const STEP_INPUTS = {
@@ -118,6 +123,10 @@ export const STEP_INPUTS = {
   sumsMix: 'sums_mix',
   /** [B, 2, hidden] float32: a row's running sum and waiting sum of layer l, bound to the same buffer as `response_sums_out.{l}`. */
   responseSums: (l: number) => `response_sums.${l}`,
+  /** [B] float32 each: a row's sampling temperature (0: greedy), top_p, and the uniform that draws its token. */
+  temperature: 'temperature',
+  topP: 'top_p',
+  uniform: 'uniform',
 } as const;
 
 export const STEP_OUTPUTS = {
@@ -128,6 +137,8 @@ export const STEP_OUTPUTS = {
   /** Bound to the same buffer as past_key_values.{l}.key. */
   presentKey: (l: number) => `present.${l}.key`,
   presentValue: (l: number) => `present.${l}.value`,
+  /** [B] int64: each row's token sampled from its last logits position. */
+  nextTokens: 'next_tokens',
   /** [B, 2, hidden] float32: the sums after this run. */
   responseSumsOut: (l: number) => `response_sums_out.${l}`,
 } as const;

@@ -61,6 +61,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       compute_dtype: dtype,
       graph_sha256: sha256(stepBytes),
       ...(stepSignature.responseSums ? { response_sums: true } : {}),
+      ...(stepSignature.sampling ? { sampling: true } : {}),
     };
     log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];

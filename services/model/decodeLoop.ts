@@ -3,6 +3,7 @@ import type { CheckpointReader, HfConfig } from './checkpoint';
 import { builderFor } from './builders';
 import { prefixedNames } from './builders/decoder';
 import { DataType, GraphBuilder } from './graph';
+import { sampleTokens } from './sampler';
 
 /**
  * The generation graph: the decoder inside an ONNX `Loop`, so that one `run()` generates a whole
@@ -89,31 +90,11 @@ export async function buildDecodeLoop(config: HfConfig, ckpt: CheckpointReader, 
   const sampledBefore = v('sampled');
   const wantSample = v('active');
 
-  // Sampling: greedy at temperature 0; else softmax(logits / t), the nucleus of the sorted
-  // probabilities whose preceding mass is below top_p, and the first token whose cumulative
-  // kept mass exceeds u * (kept mass), as the host sampler does.
-  const temperature = I.temperature;
-  const hot = b.node('Greater', [temperature, b.constFloat([0], [])]);
-  const safeT = b.node('Unsqueeze', [b.node('Where', [hot, temperature, b.constFloat([1], [])]), b.constInt64([1])]);
-  const probs = b.node('Softmax', [b.node('Div', [lastLogits, safeT])], { axis: -1 });
-  const vocabK = b.node('Slice', [b.node('Shape', [probs]), b.constInt64([1]), b.constInt64([2])]);
-  const [sortedP, sortedIdx] = b.nodeN('TopK', [probs, vocabK], 2, { axis: -1, largest: 1, sorted: 1 });
-  const cumulative = b.node('CumSum', [sortedP, b.constInt64([-1], [])]);
-  const before = b.node('Sub', [cumulative, sortedP]);
-  const topP = b.node('Unsqueeze', [I.topP, b.constInt64([1])]);
-  const keep = b.node('Or', [b.node('Less', [before, topP]), b.node('GreaterOrEqual', [topP, b.constFloat([1], [])])]);
-  const keptP = b.node('Where', [keep, sortedP, b.constFloat([0], [])]);
-  const keptCumulative = b.node('CumSum', [keptP, b.constInt64([-1], [])]);
-  const mass = b.node('ReduceSum', [keptP, b.constInt64([-1])], { keepdims: 1 });
+  // Sampling (sampler.ts), with each item's uniform for its n-th token.
   const uniformCount = b.node('Slice', [b.node('Shape', [I.uniforms]), b.constInt64([1]), b.constInt64([2])]);
   const uniformIndex = b.node('Unsqueeze', [b.node('Min', [sampledBefore, b.node('Sub', [b.node('Squeeze', [uniformCount, b.constInt64([0])]), b.constInt64([1], [])])]), b.constInt64([1])]);
-  const threshold = b.node('Mul', [b.node('GatherElements', [I.uniforms, uniformIndex], { axis: 1 }), mass]);
-  const below = b.node('ReduceSum', [b.node('Cast', [b.node('LessOrEqual', [keptCumulative, threshold])], { to: DataType.INT64 }), b.constInt64([-1])], { keepdims: 1 });
-  const keptCount = b.node('ReduceSum', [b.node('Cast', [keep], { to: DataType.INT64 }), b.constInt64([-1])], { keepdims: 1 });
-  const position = b.node('Min', [below, b.node('Sub', [keptCount, b.constInt64([1], [])])]);
-  const drawn = b.node('Squeeze', [b.node('GatherElements', [sortedIdx, position], { axis: 1 }), b.constInt64([1])]);
-  const greedy = b.node('ArgMax', [lastLogits], { axis: -1, keepdims: 0 });
-  const token = b.node('Where', [hot, drawn, greedy]);
+  const uniform = b.node('Squeeze', [b.node('GatherElements', [I.uniforms, uniformIndex], { axis: 1 }), b.constInt64([1])]);
+  const token = sampleTokens(b, lastLogits, I.temperature, I.topP, uniform);
 
   const isStop = b.node('Cast', [b.node('ReduceMax', [b.node('Cast', [b.node('Equal', [b.node('Unsqueeze', [token, b.constInt64([1])]), I.stopTokenIds])], { to: DataType.INT32 })], { axes: [1], keepdims: 0 })], { to: DataType.BOOL });
   const feedNext = b.node('And', [wantSample, b.node('Not', [isStop])]);

@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { generationJob } from '../../services/inference/onnx/generate';
 import { LoadedModel } from '../../services/inference/onnx/model';
@@ -90,8 +91,10 @@ describe('the native step runtime', () => {
       await step.decode([8, 3]);
       expect([...step.lengths]).toEqual([5, 3]);
       // As the engine steps: each layer's running sums are bound in place too, and of what the
-      // step writes only the logits reach host memory (no hidden states).
-      await step.decode([9, 4], { counts: [{ sum: 1, pending: 0, flush: true }, undefined], hidden: false });
+      // step writes only the sampled tokens reach host memory (no hidden states, no logits).
+      const out = await step.decode([9, 4], { counts: [{ sum: 1, pending: 0, flush: true }, undefined], sample: [{ temperature: 0, topP: 1, uniform: 0 }, undefined], hidden: false, logits: false });
+      expect(out.logits.length).toBe(0);
+      expect(out.tokens?.length).toBe(2);
       const third = kernel.addresses();
       const L = step.metadata.num_layers;
       expect(third.sums.length).toBe(L);
@@ -128,7 +131,7 @@ describe('the native step runtime', () => {
     expect(() => OrtApi.open(libraryPath(), 999)).toThrow(/whose C API is older than version 999/);
     const step = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
     const kernel = step.kernel as NativeKernel;
-    const feeds = { firstSlot: 0, batch: 1, length: 3, inputIds: BigInt64Array.of(1n, 2n, 3n), positionIds: BigInt64Array.of(0n, 1n, 2n), seqlensK: Int32Array.of(2), totalSequenceLength: 3, logitsPositions: BigInt64Array.of(2n), sumWeights: new Float32Array(6), sumMix: Float32Array.of(1, 0, 0, 1), hidden: false };
+    const feeds = { firstSlot: 0, batch: 1, length: 3, inputIds: BigInt64Array.of(1n, 2n, 3n), positionIds: BigInt64Array.of(0n, 1n, 2n), seqlensK: Int32Array.of(2), totalSequenceLength: 3, logitsPositions: BigInt64Array.of(2n), sumWeights: new Float32Array(6), sumMix: Float32Array.of(1, 0, 0, 1), hidden: false, logits: true };
     // Data shorter than its shape, a slot that does not exist, a position past the buffer.
     await expect(kernel.run({ ...feeds, inputIds: BigInt64Array.of(1n) })).rejects.toThrow(/onnxruntime, wrapping host memory as a tensor: .*(space|smaller)/);
     await expect(kernel.run({ ...feeds, firstSlot: 1, batch: 2 })).rejects.toThrow(/slots 1\.\.2 are not all among the 2/);
@@ -145,6 +148,16 @@ describe('the native step runtime', () => {
     await expect(step.decode([1])).rejects.toThrow(/the step session is closed/);
     await expect(step.readSum(1)).rejects.toThrow(/the step session is closed/);
     expect(() => kernel.addresses()).toThrow(/closed/);
+  });
+
+  it('refuses a model whose step graph predates the in-graph sums and sampling, saying to build it again', async () => {
+    const old = path.join(tempDir('native-kernel-old'), 'model');
+    fs.cpSync(modelDir, old, { recursive: true });
+    const file = path.join(old, 'axis_model.json');
+    const metadata = JSON.parse(fs.readFileSync(file, 'utf8'));
+    delete metadata.step.sampling;
+    fs.writeFileSync(file, JSON.stringify(metadata));
+    await expect(StepSession.load(old, { slots: 1, slotLength: 16 })).rejects.toThrow(/built before the running sums and sampling moved into it .*build it again/);
   });
 
   it('fails at load, with the reason, when CUDA is asked for and cannot be had (never a silent CPU)', async () => {

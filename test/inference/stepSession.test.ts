@@ -1,4 +1,5 @@
 import * as path from 'node:path';
+import { sampleToken } from '../../services/inference/onnx/sampling';
 import { StepSession } from '../../services/inference/onnx/stepSession';
 import { buildModel } from '../../services/model/build';
 import { TINY_ARCHITECTURES, TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
@@ -13,6 +14,8 @@ import { referenceForward, relativeError } from '../reference/forward';
  */
 const idsA = [5, 17, 301, 45, 1022, 8, 77, 9, 640, 12, 33];
 const idsB = [91, 12, 5, 700, 3, 64, 18];
+
+const argmax = (x: ArrayLike<number>) => Array.from(x).reduce((best, v, i, all) => (v > all[best] ? i : best), 0);
 
 /** Rows [from, to) of a [positions * width] tensor. */
 const rows = (t: ArrayLike<number>, width: number, from: number, to: number) => Array.from(t).slice(from * width, to * width);
@@ -106,6 +109,28 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
       // Slot 0, untouched by the move, decodes on too.
       expect(relativeError(out.logits.subarray(0, V), rows(refB.logits, V, 3 + t, 4 + t))).toBeLessThanOrEqual(1e-4);
     }
+    await session.close();
+  });
+
+  it('samples in the graph by the host sampler\'s rule: greedy, temperature and nucleus, each row with its own uniform', async () => {
+    const session = await StepSession.load(modelDir, { slots: 2, slotLength: 40 });
+    await session.prefill(0, idsA.slice(0, 4));
+    const first = await session.prefill(1, idsB.slice(0, 3), { sample: { temperature: 0.8, topP: 0.9, uniform: 0.37 } });
+    expect(Number(first.tokens![0])).toBe(sampleToken(first.logits, 0.8, 0.9, 0.37));
+    // Flat logits of random weights: a nucleus of many tokens, where the cumulative rule matters.
+    const settings = [[0, 1], [0.7, 0.9], [1.3, 0.5], [1, 1], [0.5, 0.99]];
+    let drawn = 0;
+    for (let t = 0; t < 30; t++) {
+      const sample = [0, 1].map((r) => ({ temperature: settings[(t + r) % settings.length][0], topP: settings[(t + r) % settings.length][1], uniform: ((t * 7 + r * 3) % 10) / 10 + 0.05 }));
+      const out = await session.decode([idsA[(4 + t) % idsA.length], idsB[(3 + t) % idsB.length]], { sample, hidden: false });
+      for (const r of [0, 1]) {
+        const want = sampleToken(out.logits.subarray(r * V, (r + 1) * V), sample[r].temperature, sample[r].topP, sample[r].uniform);
+        expect(Number(out.tokens![r])).toBe(want);
+        if (sample[r].temperature > 0 && want !== argmax(out.logits.subarray(r * V, (r + 1) * V))) drawn++;
+      }
+    }
+    // Not all greedy in disguise: many draws left the most probable token.
+    expect(drawn).toBeGreaterThan(3);
     await session.close();
   });
 

@@ -1,7 +1,6 @@
 import { ResponseCount } from './responseMean';
 import type { BatchRunner, SequenceJob, SequenceResult, TokenRules } from './runner';
 import type { Placement } from './session';
-import { sampleToken } from './sampling';
 import { SlotError, StepSession } from './stepSession';
 
 /** Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first (the only policy so far). */
@@ -166,7 +165,14 @@ export class SlotEngine {
     this.step.reset(slot);
     const extract = item.extract || job.maxNew === 0;
     // The slot's sums start afresh; an Extract item's answer positions are weighted in this prefill.
-    const out = await this.step.prefill(slot, job.ids, { chunk: this.opts.prefillChunk, hidden: false, fresh: true, weights: extract ? job.weights : undefined });
+    const out = await this.step.prefill(slot, job.ids, {
+      chunk: this.opts.prefillChunk,
+      hidden: false,
+      logits: 'none',
+      fresh: true,
+      weights: extract ? job.weights : undefined,
+      sample: extract ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
+    });
     const { num_layers: L, hidden_size: d } = this.step.metadata;
     if (extract) {
       // Extract: the weighted mean of the answer positions, from this prefill alone.
@@ -176,7 +182,7 @@ export class SlotEngine {
       item.resolve({ responseIds: [], stopped: false, mean, counted: total });
       return;
     }
-    const first = sampleToken(out.logits, job.temperature, job.topP, job.uniforms[0]);
+    const first = Number(out.tokens![0]);
     if (this.rules.stopIds.has(first)) {
       this.step.reset(slot);
       item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
@@ -215,10 +221,12 @@ export class SlotEngine {
     const rows = Math.max(this.opts.staticBatches ? this.batchRows : 0, this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0));
     const tokens = this.slots.slice(0, rows).map((b) => b?.next);
     const counts = this.slots.slice(0, rows).map((b) => b?.count.add(this.rules.tokenKind(b.next)));
+    // Each row's next token is drawn in the graph with its item's own parameters and n-th uniform.
+    const sample = this.slots.slice(0, rows).map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 });
     const started = performance.now();
     let out;
     try {
-      out = await this.step.decode(tokens, { counts, hidden: false });
+      out = await this.step.decode(tokens, { counts, sample, hidden: false, logits: false });
     } catch (err) {
       // The step failed for every row: the items in it fail, the slots are free again.
       this.slots.forEach((b, s) => {
@@ -229,7 +237,6 @@ export class SlotEngine {
       });
       return;
     }
-    const V = this.step.metadata.vocab_size;
     let active = 0;
     const finished: [number, boolean][] = [];
     this.slots.forEach((b, s) => {
@@ -237,7 +244,7 @@ export class SlotEngine {
       active++;
       const { job } = b.item;
       if (b.responseIds.length >= job.maxNew) return finished.push([s, false]);
-      const token = sampleToken(out.logits.subarray(s * V, (s + 1) * V), job.temperature, job.topP, job.uniforms[b.responseIds.length]);
+      const token = Number(out.tokens![s]);
       if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);
       b.next = token;

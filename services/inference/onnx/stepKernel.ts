@@ -21,6 +21,10 @@ export interface StepFeeds {
   sumMix?: Float32Array;
   /** Return each captured layer's hidden states (tools and tests; the engine reads the sums instead). */
   hidden: boolean;
+  /** Return the logits (the engine takes the graph's sampled tokens instead). */
+  logits: boolean;
+  /** For a graph that samples: [batch] temperature, top_p and uniform per row (zeros: greedy). */
+  sample?: { temperature: Float32Array; topP: Float32Array; uniform: Float32Array };
 }
 
 /** Runs the step graph over KV buffers it owns: onnxruntime-node's API, or the C API's. */
@@ -48,8 +52,10 @@ export interface KernelShape {
 export interface StepResult {
   /** Per layer when asked, the hidden states of the positions run, [rows * positions * hidden] (rows: 1 for a prefill, slots for a step). */
   hidden: Float32Array[];
-  /** The logits asked for, [rows * count * vocab]. */
+  /** The logits asked for, [rows * count * vocab] (empty when not asked for). */
   logits: Float32Array;
+  /** Each row's token sampled by the graph from its last logits position (a graph that samples, its last stage). */
+  tokens?: BigInt64Array;
 }
 
 /**

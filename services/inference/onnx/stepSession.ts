@@ -24,6 +24,13 @@ export interface StepSessionOptions {
   runtime?: StepRuntime | 'auto';
 }
 
+/** How a row's next token is drawn (the host sampler's parameters; temperature 0 is greedy). */
+export interface Sampling {
+  temperature: number;
+  topP: number;
+  uniform: number;
+}
+
 /** A run's [rows * 2 * length] weights and [rows * 4] mix of the running sums (STEP_INPUTS). */
 interface RunSums {
   weights: Float32Array;
@@ -78,7 +85,9 @@ export class StepSession {
     const metadata = await readMetadata(dir);
     const step = metadata.step;
     if (!step) throw new ModelLoadError(`${dir}: built without a step graph (by an older axis-model): build it again`);
-    if (step.hidden_state_outputs.length > 0 && !step.response_sums) throw new ModelLoadError(`${dir}: its step graph was built before the running sums moved into it (by an older axis-model): build it again`);
+    if ((step.hidden_state_outputs.length > 0 && !step.response_sums) || (metadata.layers?.[1] ?? metadata.num_layers) === metadata.num_layers && !step.sampling) {
+      throw new ModelLoadError(`${dir}: its step graph was built before the running sums and sampling moved into it (by an older axis-model): build it again`);
+    }
     if ((metadata.layers?.[0] ?? 0) !== 0) throw new ModelLoadError(`${dir}: a later stage of a split model (layers ${metadata.layers}): its step graph takes the previous stage's hidden states, which this session does not feed`);
     if (!(Number.isInteger(opts.slots) && opts.slots >= 1)) throw new SlotError(`slots must be a positive integer, got ${opts.slots}`);
     if (!(Number.isInteger(opts.slotLength) && opts.slotLength >= 1)) throw new SlotError(`the slot length must be a positive integer, got ${opts.slotLength}`);
@@ -113,11 +122,13 @@ export class StepSession {
 
   /**
    * Runs `ids` into `slot` after what it holds, `chunk` tokens per run (all at once by default).
-   * `logits`: 'last' for the last position's, 'all' for every position's. `hidden` (default
-   * true): return each captured layer's hidden states. With running sums: `fresh` starts the
-   * slot's sums afresh, and `weights[i]` is position i's weight in the sum (none by default).
+   * `logits`: 'last' (the default) for the last position's, 'all' for every position's,
+   * 'none' when only the graph's sampled token is wanted (`sample`: its parameters; greedy by
+   * default). `hidden` (default true): return each captured layer's hidden states. With
+   * running sums: `fresh` starts the slot's sums afresh, and `weights[i]` is position i's
+   * weight in the sum (none by default).
    */
-  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number> } = {}): Promise<StepResult> {
+  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all' | 'none'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number>; sample?: Sampling } = {}): Promise<StepResult> {
     this.checkSlot(slot);
     if (ids.length === 0) throw new SlotError('a prefill needs at least one token');
     if (this.lengths[slot] + ids.length > this.slotLength) {
@@ -127,6 +138,7 @@ export class StepSession {
     if (!(Number.isInteger(chunk) && chunk >= 1)) throw new SlotError(`chunk must be a positive integer, got ${chunk}`);
     const hiddenParts: Float32Array[][] = [];
     const logitParts: Float32Array[] = [];
+    let tokens: BigInt64Array | undefined;
     for (let at = 0; at < ids.length; at += chunk) {
       const part = ids.slice(at, at + chunk);
       const past = this.lengths[slot];
@@ -139,22 +151,25 @@ export class StepSession {
         if (opts.weights) for (let i = 0; i < part.length; i++) weights[i] = opts.weights[at + i] ?? 0;
         sums = { weights, mix: opts.fresh && at === 0 ? new Float32Array(4) : Float32Array.of(1, 0, 0, 1) };
       }
-      const out = await this.run(slot, [part], [past], positions, opts.hidden ?? true, sums);
+      const out = await this.run(slot, [part], [past], positions, { hidden: opts.hidden ?? true, logits: opts.logits !== 'none', sums, sample: isLast && opts.sample ? [opts.sample] : undefined });
       this.lengths[slot] = past + part.length;
       hiddenParts.push(out.hidden);
       if (opts.logits === 'all' || isLast) logitParts.push(out.logits);
+      if (isLast) tokens = out.tokens;
     }
-    return { hidden: opts.hidden ?? true ? this.hiddenOf(hiddenParts) : [], logits: concat(logitParts) };
+    return { hidden: opts.hidden ?? true ? this.hiddenOf(hiddenParts) : [], logits: concat(logitParts), tokens };
   }
 
   /**
    * One decoding step of slots 0..tokens.length-1 (a view of the buffers' first rows, so a
    * step costs what the busy slots need when they are the lowest ones): `tokens[s]` is fed to
    * slot s (undefined: the slot is idle, and its row is computed but neither kept nor counted).
-   * `counts[s]`: how the fed token's hidden state joins slot s's running sums (none if absent).
-   * Returns each row's logits, and hidden states unless `hidden` is false.
+   * `counts[s]`: how the fed token's hidden state joins slot s's running sums (none if absent);
+   * `sample[s]`: slot s's sampling parameters for the token the graph draws (greedy if absent).
+   * Returns each row's sampled token, its logits unless `logits` is false, and its hidden
+   * states unless `hidden` is false.
    */
-  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; hidden?: boolean } = {}): Promise<StepResult> {
+  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; sample?: (Sampling | undefined)[]; hidden?: boolean; logits?: boolean } = {}): Promise<StepResult> {
     if (tokens.length < 1 || tokens.length > this.slots) throw new SlotError(`a decoding step feeds slots 0..k-1 of ${this.slots}: got ${tokens.length} tokens`);
     const slots = [...Array(tokens.length).keys()];
     for (const s of slots) {
@@ -174,7 +189,7 @@ export class StepSession {
       }
       sums = { weights, mix };
     }
-    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], opts.hidden ?? true, sums);
+    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample: opts.sample && slots.map((s) => opts.sample?.[s]) });
     for (const s of slots) if (tokens[s] !== undefined) this.lengths[s] += 1;
     return out;
   }
@@ -213,7 +228,7 @@ export class StepSession {
   }
 
   /** One run over consecutive slots from `firstSlot`, each with its tokens after `past` held ones. */
-  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], hidden: boolean, sums: RunSums | undefined): Promise<StepResult> {
+  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], opts: { hidden: boolean; logits: boolean; sums?: RunSums; sample?: (Sampling | undefined)[] }): Promise<StepResult> {
     const batch = ids.length;
     const length = ids[0].length;
     const last = this.layers[1] === this.metadata.num_layers;
@@ -226,9 +241,15 @@ export class StepSession {
       seqlensK: Int32Array.from(past, (p) => p + length - 1),
       totalSequenceLength: Math.max(...past) + length,
       logitsPositions: last ? BigInt64Array.from(logitPositions, BigInt) : undefined,
-      sumWeights: sums?.weights,
-      sumMix: sums?.mix,
-      hidden,
+      sumWeights: opts.sums?.weights,
+      sumMix: opts.sums?.mix,
+      hidden: opts.hidden,
+      logits: opts.logits,
+      sample: opts.sample && {
+        temperature: Float32Array.from(opts.sample, (p) => p?.temperature ?? 0),
+        topP: Float32Array.from(opts.sample, (p) => p?.topP ?? 1),
+        uniform: Float32Array.from(opts.sample, (p) => p?.uniform ?? 0),
+      },
     });
   }
 

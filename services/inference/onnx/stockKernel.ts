@@ -76,11 +76,20 @@ export class StockKernel implements StepKernel {
       });
     }
     if (f.hidden) for (const name of step.hidden_state_outputs) fetches[name] = null;
-    if (f.logitsPositions) fetches[STEP_OUTPUTS.logits] = null;
+    if (f.logitsPositions && f.logits) fetches[STEP_OUTPUTS.logits] = null;
+    const sampling = f.logitsPositions && step.sampling;
+    if (sampling) {
+      const none = new Float32Array(f.batch);
+      feeds[STEP_INPUTS.temperature] = new ort.Tensor('float32', f.sample?.temperature ?? none, [f.batch]);
+      feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample?.topP ?? none, [f.batch]);
+      feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample?.uniform ?? none, [f.batch]);
+      fetches[STEP_OUTPUTS.nextTokens] = null;
+    }
     const out = await this.session.run(feeds, fetches);
     return {
+      tokens: sampling ? (out[STEP_OUTPUTS.nextTokens].data as BigInt64Array) : undefined,
       hidden: f.hidden ? step.hidden_state_outputs.map((name) => out[name].data as Float32Array) : [],
-      logits: f.logitsPositions ? (out[STEP_OUTPUTS.logits].data as Float32Array) : new Float32Array(0),
+      logits: f.logitsPositions && f.logits ? (out[STEP_OUTPUTS.logits].data as Float32Array) : new Float32Array(0),
     };
   }
 

@@ -2,6 +2,7 @@ import type { CheckpointReader, HfConfig } from '../checkpoint';
 import { CheckpointError } from '../checkpoint';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { DataType, GraphBuilder, MS_DOMAIN, STORAGE_TYPES } from '../graph';
+import { sampleTokens } from '../sampler';
 
 export interface DecoderDims {
   numLayers: number;
@@ -84,6 +85,8 @@ export interface GraphSignature {
   layers: [number, number];
   /** The step graph keeps running sums (STEP_INPUTS.responseSums): a step graph built with capture. */
   responseSums?: boolean;
+  /** The step graph samples each row's next token (STEP_OUTPUTS.nextTokens): its last stage. */
+  sampling?: boolean;
 }
 
 /** Values built once per graph and used by every layer. */
@@ -505,12 +508,24 @@ export class DecoderBuilder {
         }
       }
     }
-    if (values.logits) g.output(this.toFloat(values.logits), this.names.logits, DataType.FLOAT, ['batch_size', step ? 'logits_count' : 'sequence_length', vocab]);
+    let sampling = false;
+    if (values.logits) {
+      const logits = this.toFloat(values.logits);
+      g.output(logits, this.names.logits, DataType.FLOAT, ['batch_size', step ? 'logits_count' : 'sequence_length', vocab]);
+      if (step) {
+        // Each row's next token, sampled in the graph from its last logits position, so that
+        // on a GPU a step's logits need not cross to the host (they are an output only when bound).
+        sampling = true;
+        for (const name of [STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform]) g.input(name, DataType.FLOAT, ['batch_size']);
+        const last = g.node('Gather', [logits, g.constInt64([-1], [])], { axis: 1 });
+        g.output(sampleTokens(g, last, STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform), STEP_OUTPUTS.nextTokens, DataType.INT64, ['batch_size']);
+      }
+    }
     const presentLength = step ? 'max_length' : 'total_sequence_length';
     for (let l = first; l < end; l++) {
       g.output(this.names.presentKey(l), this.names.presentKey(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
       g.output(this.names.presentValue(l), this.names.presentValue(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
     }
-    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums };
+    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums, sampling };
   }
 }

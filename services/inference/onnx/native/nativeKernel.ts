@@ -158,11 +158,20 @@ export class NativeKernel implements StepKernel {
       const hidden = f.hidden ? step.hidden_state_outputs.map(() => new Float32Array(f.batch * f.length * metadata.hidden_size)) : [];
       hidden.forEach((h, i) => bind('BindOutput', step.hidden_state_outputs[i], this.host(held, h, 'float32', [f.batch, f.length, metadata.hidden_size])));
       const count = f.logitsPositions?.length ?? 0;
-      const logits = new Float32Array(f.batch * count * metadata.vocab_size);
-      if (f.logitsPositions) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [f.batch, count, metadata.vocab_size]));
+      const logits = new Float32Array(f.logits ? f.batch * count * metadata.vocab_size : 0);
+      if (f.logitsPositions && f.logits) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [f.batch, count, metadata.vocab_size]));
+      let tokens: BigInt64Array | undefined;
+      if (f.logitsPositions && step.sampling) {
+        const none = new Float32Array(f.batch);
+        bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample?.temperature ?? none, 'float32', [f.batch]));
+        bind('BindInput', STEP_INPUTS.topP, this.host(held, f.sample?.topP ?? none, 'float32', [f.batch]));
+        bind('BindInput', STEP_INPUTS.uniform, this.host(held, f.sample?.uniform ?? none, 'float32', [f.batch]));
+        tokens = new BigInt64Array(f.batch);
+        bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
+      }
       // The arrays stay referenced (by this frame) until the run is over.
       await api.callAsync(api.fn.RunWithBinding, [this.session, null, this.binding], 'running the step graph');
-      return { hidden, logits };
+      return { hidden, logits, tokens };
     }
   }
 
