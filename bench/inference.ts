@@ -21,7 +21,7 @@ import { generationJob } from '../services/inference/onnx/generate';
 import { LoadedModel } from '../services/inference/onnx/model';
 import type { SequenceJob } from '../services/inference/onnx/runner';
 import { SlotRunner } from '../services/inference/onnx/slotEngine';
-import type { ModelMetadata } from '../services/contracts/modelDirectory';
+import { ModelMetadata, STEP_INPUTS } from '../services/contracts/modelDirectory';
 import { buildModel } from '../services/model/build';
 import { writeTinyCheckpoint } from '../services/model/tiny';
 import { digest, Rng } from '../services/shared/random';
@@ -50,8 +50,8 @@ async function prepare(): Promise<{ capture: string; plain: string }> {
   }
   for (const [dir, withCapture] of [[capture, true], [plain, false]] as const) {
     const meta = path.join(dir, 'axis_model.json');
-    // Builds from before the step graph existed are made again.
-    if (!fs.existsSync(meta) || !(JSON.parse(fs.readFileSync(meta, 'utf8')) as ModelMetadata).step) {
+    // Builds from before the step graph, or before it could sample in the graph, are made again.
+    if (!fs.existsSync(meta) || !(JSON.parse(fs.readFileSync(meta, 'utf8')) as ModelMetadata).step?.inputs.includes(STEP_INPUTS.sampleInGraph)) {
       fs.rmSync(dir, { recursive: true, force: true });
       process.stderr.write(`building ${path.basename(dir)}\n`);
       await buildModel({ hf: checkpoint, out: dir, capture: withCapture, decodeLoop: false });

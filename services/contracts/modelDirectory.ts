@@ -91,8 +91,9 @@ export interface StepGraphMetadata {
    */
   response_sums?: boolean;
   /**
-   * The graph (its last stage) samples each row's next token from its last logits position
-   * (inputs `temperature`, `top_p`, `uniform`; output `next_tokens`), the host sampler's rule.
+   * The graph (its last stage) can sample each row's next token from its last logits position
+   * (inputs `sample_in_graph`, `temperature`, `top_p`, `uniform`; output `next_tokens`), the
+   * host sampler's rule.
    */
   sampling?: boolean;
 }
@@ -123,6 +124,8 @@ export const STEP_INPUTS = {
   sumsMix: 'sums_mix',
   /** [B, 2, hidden] float32: a row's running sum and waiting sum of layer l, bound to the same buffer as `response_sums_out.{l}`. */
   responseSums: (l: number) => `response_sums.${l}`,
+  /** bool scalar: sample `next_tokens` in the graph (else they are zeros and the caller samples from the logits). */
+  sampleInGraph: 'sample_in_graph',
   /** [B] float32 each: a row's sampling temperature (0: greedy), top_p, and the uniform that draws its token. */
   temperature: 'temperature',
   topP: 'top_p',

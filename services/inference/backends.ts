@@ -1,6 +1,6 @@
 import type { Config } from '../shared/config';
 import type { InferenceBackend } from './backend';
-import { BatchStats, OnnxBackend, SLOT_POLICIES, SlotPolicy, STEP_RUNTIMES, StepRuntime, StepStats } from './onnx';
+import { BatchStats, OnnxBackend, parseCudaOptions, SLOT_POLICIES, SlotPolicy, STEP_RUNTIMES, StepRuntime, StepStats } from './onnx';
 import type { INFERENCE_OPTIONS } from './options';
 import { SyntheticBackend } from './synthetic';
 
@@ -38,6 +38,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
       slotLength: cfg['slot-length'],
       slotPolicy: cfg['slot-policy'] as SlotPolicy,
       stepRuntime: cfg['step-runtime'] as StepRuntime | 'auto',
+      cudaOptions: parseCudaOptions(cfg['cuda-options']),
       ...hooks,
     });
   }

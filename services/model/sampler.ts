@@ -3,8 +3,8 @@ import { DataType, GraphBuilder } from './graph';
 /**
  * Sampling inside a graph, the rule of the host sampler (services/inference/onnx/sampling.ts):
  * greedy at temperature 0; else softmax(logits / t), the nucleus of the sorted probabilities
- * whose preceding mass is below top_p, and the first token whose cumulative kept mass exceeds
- * u * (kept mass). `logits` [B, V] float32; `temperature`, `topP`, `uniform` [B] float32;
+ * whose preceding mass is below top_p (every token, in id order, at top_p >= 1), and the first
+ * token whose cumulative kept mass exceeds u * (kept mass). `logits` [B, V] float32; `temperature`, `topP`, `uniform` [B] float32;
  * returns the tokens [B] int64. Used by the generation graph and the step graph.
  */
 export function sampleTokens(b: GraphBuilder, logits: string, temperature: string, topP: string, uniform: string): string {
@@ -13,18 +13,23 @@ export function sampleTokens(b: GraphBuilder, logits: string, temperature: strin
   const probs = b.node('Softmax', [b.node('Div', [logits, safeT])], { axis: -1 });
   const vocabK = b.node('Slice', [b.node('Shape', [probs]), b.constInt64([1]), b.constInt64([2])]);
   const [sortedP, sortedIdx] = b.nodeN('TopK', [probs, vocabK], 2, { axis: -1, largest: 1, sorted: 1 });
-  const cumulative = b.node('CumSum', [sortedP, b.constInt64([-1], [])]);
-  const before = b.node('Sub', [cumulative, sortedP]);
+  // A row at top_p >= 1 keeps every token and walks them in id order (as the host does, without a sort).
   const p = b.node('Unsqueeze', [topP, b.constInt64([1])]);
-  const keep = b.node('Or', [b.node('Less', [before, p]), b.node('GreaterOrEqual', [p, b.constFloat([1], [])])]);
-  const keptP = b.node('Where', [keep, sortedP, b.constFloat([0], [])]);
+  const everything = b.node('GreaterOrEqual', [p, b.constFloat([1], [])]);
+  const ids = b.node('Unsqueeze', [b.node('Range', [b.constInt64([0], []), b.node('Squeeze', [vocabK, b.constInt64([0])]), b.constInt64([1], [])]), b.constInt64([0])]);
+  const orderP = b.node('Where', [everything, probs, sortedP]);
+  const orderIdx = b.node('Where', [everything, ids, sortedIdx]);
+  const cumulative = b.node('CumSum', [orderP, b.constInt64([-1], [])]);
+  const before = b.node('Sub', [cumulative, orderP]);
+  const keep = b.node('Or', [b.node('Less', [before, p]), everything]);
+  const keptP = b.node('Where', [keep, orderP, b.constFloat([0], [])]);
   const keptCumulative = b.node('CumSum', [keptP, b.constInt64([-1], [])]);
   const mass = b.node('ReduceSum', [keptP, b.constInt64([-1])], { keepdims: 1 });
   const threshold = b.node('Mul', [b.node('Unsqueeze', [uniform, b.constInt64([1])]), mass]);
   const below = b.node('ReduceSum', [b.node('Cast', [b.node('LessOrEqual', [keptCumulative, threshold])], { to: DataType.INT64 }), b.constInt64([-1])], { keepdims: 1 });
   const keptCount = b.node('ReduceSum', [b.node('Cast', [keep], { to: DataType.INT64 }), b.constInt64([-1])], { keepdims: 1 });
   const position = b.node('Min', [below, b.node('Sub', [keptCount, b.constInt64([1], [])])]);
-  const drawn = b.node('Squeeze', [b.node('GatherElements', [sortedIdx, position], { axis: 1 }), b.constInt64([1])]);
+  const drawn = b.node('Squeeze', [b.node('GatherElements', [orderIdx, position], { axis: 1 }), b.constInt64([1])]);
   const greedy = b.node('ArgMax', [logits], { axis: -1, keepdims: 0 });
   return b.node('Where', [hot, drawn, greedy]);
 }

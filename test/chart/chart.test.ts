@@ -98,6 +98,11 @@ maybe('the helm chart', () => {
     expect(slots.spec.template.spec.containers[0].args).toContain('--decode=slots');
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.slotPolicy=random']).stderr).toMatch(/slotPolicy/);
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.stepRuntime=fast']).stderr).toMatch(/stepRuntime/);
+    // CUDA provider options pass through as one flag; a malformed list is refused by the schema.
+    const tuned = render([MODEL, 'inference.cudaOptions=enable_cuda_graph=0\\,do_copy_in_default_stream=1']).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference');
+    expect(tuned.spec.template.spec.containers[0].args).toContain('--cuda-options=enable_cuda_graph=0,do_copy_in_default_stream=1');
+    expect(c.args.some((a: string) => a.startsWith('--cuda-options'))).toBe(false);
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.cudaOptions=gpu_mem_limit']).stderr).toMatch(/cudaOptions/);
     const cpu = render([MODEL, 'inference.gpu.enabled=false', 'inference.maxBatch=4']).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.containers[0];
     expect(cpu.image).toMatch(/:0\.1\.0$/);
     expect(cpu.args).toEqual(expect.arrayContaining(['--device=cpu', '--max-batch=4']));

@@ -29,7 +29,7 @@ beforeAll(async () => {
   modelDir = path.join(dir, 'model');
 });
 
-const load = (runtime: StepRuntime, slots = 3, onStep?: () => void) => LoadedModel.load(modelDir, { decode: 'slots', slots: { slots, slotLength: 256, prefillChunk: 7, policy: 'fifo', runtime, onStep } });
+const load = (runtime: StepRuntime, slots = 3, onStep?: () => void, sampleInGraph?: boolean) => LoadedModel.load(modelDir, { decode: 'slots', slots: { slots, slotLength: 256, prefillChunk: 7, policy: 'fifo', runtime, onStep, sampleInGraph } });
 const engineOf = (m: LoadedModel) => (m.runner as SlotRunner).engine;
 
 function jobs(model: LoadedModel, count: number, budget: (i: number) => number): SequenceJob[] {
@@ -41,15 +41,17 @@ function jobs(model: LoadedModel, count: number, budget: (i: number) => number):
 }
 
 describe('the native step runtime', () => {
-  it('gives the stock runtime\'s tokens (exactly) and activations (<= 1e-6) over many steps, slot reuse and cancellation', async () => {
+  it('gives the stock runtime\'s tokens (exactly) and activations (<= 1e-6) over many steps, slot reuse and cancellation, sampling in the graph as on a GPU', async () => {
     const outcomes: Record<StepRuntime, (SequenceResult | string)[]> = { native: [], stock: [] };
     for (const runtime of ['native', 'stock'] as const) {
       // Item 5 (a budget of 10 tokens, admitted when items 2 and 4 leave, about step 12) is cancelled at step 16, while it generates.
       const cancel = new AbortController();
       let steps = 0;
-      const m = await load(runtime, 3, () => ++steps === 16 && cancel.abort());
+      // The native runtime draws tokens in the graph (what it does on CUDA); the stock one on the host, from the logits.
+      const m = await load(runtime, 3, () => ++steps === 16 && cancel.abort(), runtime === 'native');
       try {
         expect((m.runner as SlotRunner).step.runtime).toBe(runtime);
+        expect((m.runner as SlotRunner).step.sampleInGraph).toBe(runtime === 'native');
         const all = jobs(m, 14, (i) => 2 + ((5 * i) % 17));
         const pending = all.map((j, i) => engineOf(m).submit(j, false, i === 5 ? cancel.signal : undefined));
         const settled = await Promise.allSettled(pending);
@@ -150,14 +152,23 @@ describe('the native step runtime', () => {
     expect(() => kernel.addresses()).toThrow(/closed/);
   });
 
+  it('fails at load when the device has not the memory for the slots, naming what it was allocating, and loads again after', async () => {
+    // 2^36 positions per slot: terabytes of keys and values, more than any machine here has.
+    await expect(StepSession.load(modelDir, { slots: 4, slotLength: 2 ** 36 })).rejects.toThrow(/allocating layer 0's KV buffer \([0-9.]+ MiB\) on the session's device/);
+    const step = await StepSession.load(modelDir, { slots: 1, slotLength: 16 });
+    expect((await step.prefill(0, [5, 6, 7])).logits.length).toBe(step.metadata.vocab_size);
+    await step.close();
+  });
+
   it('refuses a model whose step graph predates the in-graph sums and sampling, saying to build it again', async () => {
     const old = path.join(tempDir('native-kernel-old'), 'model');
     fs.cpSync(modelDir, old, { recursive: true });
     const file = path.join(old, 'axis_model.json');
     const metadata = JSON.parse(fs.readFileSync(file, 'utf8'));
-    delete metadata.step.sampling;
+    // As the graph of an older build: no in-graph switch for the sampler.
+    metadata.step.inputs = metadata.step.inputs.filter((n: string) => n !== 'sample_in_graph');
     fs.writeFileSync(file, JSON.stringify(metadata));
-    await expect(StepSession.load(old, { slots: 1, slotLength: 16 })).rejects.toThrow(/built before the running sums and sampling moved into it .*build it again/);
+    await expect(StepSession.load(old, { slots: 1, slotLength: 16 })).rejects.toThrow(/built before the running sums and sampling moved into it .*it lacks sample_in_graph\): build it again/);
   });
 
   it('fails at load, with the reason, when CUDA is asked for and cannot be had (never a silent CPU)', async () => {

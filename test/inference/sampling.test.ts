@@ -10,14 +10,14 @@ function fullSortSample(logits: number[], temperature: number, topP: number, u: 
   const weights = logits.map((x) => Math.exp((x - max) / temperature));
   const total = weights.reduce((a, b) => a + b, 0);
   const p = weights.map((x) => x / total);
-  // Most probable first (ties: lower id first); top_p >= 1 keeps every id, otherwise the nucleus.
-  const order = p.map((_, i) => i).sort((a, b) => p[b] - p[a] || a - b);
+  // top_p >= 1 keeps every id, in id order; otherwise the nucleus in probability order.
+  const order = topP >= 1 ? p.map((_, i) => i) : p.map((_, i) => i).sort((a, b) => p[b] - p[a] || a - b);
   const kept: number[] = [];
   let cumulative = 0;
   for (const i of order) {
     kept.push(i);
     cumulative += p[i];
-    if (topP < 1 && cumulative >= topP) break;
+    if (cumulative >= topP) break;
   }
   let mass = 0;
   for (const i of kept) mass += p[i];

@@ -114,6 +114,10 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
 
   it('samples in the graph by the host sampler\'s rule: greedy, temperature and nucleus, each row with its own uniform', async () => {
     const session = await StepSession.load(modelDir, { slots: 2, slotLength: 40 });
+    // On the CPU the engine samples on the host unless told otherwise; asked, the graph draws.
+    expect(session.sampleInGraph).toBe(false);
+    expect((await session.decode([idsA[0]], { hidden: false })).tokens).toBeUndefined();
+    session.reset(0);
     await session.prefill(0, idsA.slice(0, 4));
     const first = await session.prefill(1, idsB.slice(0, 3), { sample: { temperature: 0.8, topP: 0.9, uniform: 0.37 } });
     expect(Number(first.tokens![0])).toBe(sampleToken(first.logits, 0.8, 0.9, 0.37));

@@ -1,5 +1,6 @@
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { createBackend } from '../../services/inference/backends';
+import { parseCudaOptions } from '../../services/inference/onnx';
 import { INFERENCE_OPTIONS } from '../../services/inference/options';
 import { SyntheticBackend } from '../../services/inference/synthetic';
 import { loadConfig } from '../../services/shared/config';
@@ -79,5 +80,14 @@ describe('the onnx backend\'s options', () => {
     expect(make('--decode', 'fast')).toThrow('--decode must be auto, slots, loop or host, got fast');
     expect(make('--max-batch', '0')).toThrow('--max-batch must be a whole number >= 1, got 0');
     expect(make('--slot-policy', 'fifo', '--decode', 'slots')()).toBeDefined();
+  });
+
+  it('takes CUDA provider options as key=value pairs, refusing another form or device_id by name', () => {
+    expect(parseCudaOptions('enable_cuda_graph=0, gpu_mem_limit=1000000')).toEqual({ enable_cuda_graph: '0', gpu_mem_limit: '1000000' });
+    expect(parseCudaOptions('')).toEqual({});
+    expect(make('--cuda-options', 'gpu_mem_limit')).toThrow(/--cuda-options: "gpu_mem_limit" is not key=value/);
+    expect(make('--cuda-options', 'arena=$(reboot)')).toThrow(/--cuda-options: "arena=\$\(reboot\)" is not key=value/);
+    expect(make('--cuda-options', 'device_id=1')).toThrow('--cuda-options: device_id is set by --device (cuda:N)');
+    expect(make('--cuda-options', 'enable_cuda_graph=0')()).toBeDefined();
   });
 });

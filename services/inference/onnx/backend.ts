@@ -8,7 +8,7 @@ import { extractionJob, extractionOutput, generationJob, generationOutput, witho
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
 import { CPU, ModelLoadError, Placement, readMetadata } from './session';
-import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, PREFILL_CHUNK } from '../memoryPlan';
+import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, parseBytes, PREFILL_CHUNK } from '../memoryPlan';
 import { planModelDirs } from './plan';
 import { SlotPolicy, SlotRunner, StepStats } from './slotEngine';
 import type { StepRuntime } from './stepSession';
@@ -47,6 +47,8 @@ export interface OnnxOptions extends EngineOptions {
   slotPolicy?: SlotPolicy;
   /** How the slots engine reaches onnxruntime (default auto: native, else stock with a warning). */
   stepRuntime?: StepRuntime | 'auto';
+  /** CUDA provider options over the defaults (`--cuda-options`, parsed by `parseCudaOptions`). */
+  cudaOptions?: Record<string, string>;
   onBatch?: (s: BatchStats) => void;
   /** Each decoding step of the slots engine. */
   onStep?: (s: StepStats) => void;
@@ -162,9 +164,12 @@ export class OnnxBackend implements InferenceBackend {
     if (decode === 'slots' && !plan) throw new PlanRefusal('--decode slots needs a memory plan: give --device-memory (e.g. 80GiB)');
     // The step engine holds at most --max-batch sequences, and no more than fit.
     const slots = plan ? Math.min(this.opts.maxBatch, plan.slots) : 0;
+    // On CUDA the provider's arena stays within the memory the plan was made for.
+    const memoryLimit: Record<string, string> = this.opts.deviceMemory ? { gpu_mem_limit: String(parseBytes(this.opts.deviceMemory, '--device-memory')) } : {};
+    const cudaOptions = { ...memoryLimit, ...this.opts.cudaOptions };
     const model = await LoadedModel.load(dirs, {
       decode,
-      placements,
+      placements: placements.map((p) => (p.provider === 'cuda' ? { ...p, cudaOptions } : p)),
       ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', runtime: this.opts.stepRuntime, onStep: this.opts.onStep } } : {}),
     });
     const step = model.runner instanceof SlotRunner ? model.runner.step : undefined;

@@ -11,7 +11,7 @@ export type { OnnxOptions } from './backend';
 export type { BatchStats } from './engine';
 export type { SlotPolicy, StepStats } from './slotEngine';
 export { SLOT_POLICIES } from './slotEngine';
-export { ModelLoadError } from './session';
+export { ModelLoadError, parseCudaOptions } from './session';
 export { STEP_RUNTIMES } from './stepSession';
 export type { StepRuntime } from './stepSession';
 

@@ -1,8 +1,8 @@
 /**
  * Picks the next token: greedy at temperature 0; otherwise softmax(logits / temperature)
  * restricted to the nucleus (the most probable tokens whose probabilities first reach top_p,
- * as transformers' TopPLogitsWarper keeps them), then, most probable first, the first token
- * whose cumulative kept probability exceeds u times the kept mass. `u` is the item's own uniform for this token, so
+ * as transformers' TopPLogitsWarper keeps them), then the first token whose cumulative kept
+ * probability exceeds u times the kept mass. `u` is the item's own uniform for this token, so
  * the choice depends on nothing else in the batch; the generation graph samples the same way.
  */
 export function sampleToken(logits: ArrayLike<number>, temperature: number, topP: number, u: number): number {
@@ -15,19 +15,22 @@ export function sampleToken(logits: ArrayLike<number>, temperature: number, topP
   const max = logits[best];
   for (let i = 0; i < n; i++) total += probs[i] = Math.exp((logits[i] - max) / temperature);
   for (let i = 0; i < n; i++) probs[i] /= total;
-  // The nucleus from a partial sort: the k most probable tokens (in the full sort's order:
-  // probability, then id), k growing until they reach top_p. Usually a few dozen of the
-  // vocabulary; all of it, sorted, when top_p is 1 (the order the draw walks, as the graphs' sort).
-  let candidates: number[] = [];
-  for (let k = Math.min(n, topP < 1 ? 64 : n); ; k = Math.min(n, k * 4)) {
-    candidates = [];
-    let cumulative = 0;
-    for (const i of mostProbable(probs, k)) {
-      candidates.push(i);
-      cumulative += probs[i];
-      if (topP < 1 && cumulative >= topP) break;
+  let candidates: number[];
+  if (topP < 1) {
+    // The nucleus from a partial sort: the k most probable tokens (in the full sort's order:
+    // probability, then id), k growing until they reach top_p. Usually a few dozen of the vocabulary.
+    for (let k = Math.min(n, 64); ; k = Math.min(n, k * 4)) {
+      candidates = [];
+      let cumulative = 0;
+      for (const i of mostProbable(probs, k)) {
+        candidates.push(i);
+        cumulative += probs[i];
+        if (cumulative >= topP) break;
+      }
+      if (cumulative >= topP || k === n) break;
     }
-    if (topP >= 1 || cumulative >= topP || k === n) break;
+  } else {
+    candidates = Array.from({ length: n }, (_, i) => i);
   }
   let mass = 0;
   for (const i of candidates) mass += probs[i];

@@ -21,6 +21,31 @@ export interface StepOutput {
 export interface Placement {
   provider: 'cpu' | 'cuda';
   deviceId: number;
+  /** CUDA provider options by onnxruntime's names, over `CUDA_PROVIDER_DEFAULTS` (the native step runtime applies them). */
+  cudaOptions?: Record<string, string>;
+}
+
+/**
+ * The CUDA provider's options the native step runtime sets unless told otherwise: the arena
+ * grows by what is asked (not by doubling, which strands gigabytes next to a large model's
+ * weights), and cuDNN picks algorithms by heuristics (no benchmarking at load).
+ */
+export const CUDA_PROVIDER_DEFAULTS: Record<string, string> = { arena_extend_strategy: 'kSameAsRequested', cudnn_conv_algo_search: 'HEURISTIC' };
+
+/**
+ * `--cuda-options`: key=value pairs, comma-separated, by onnxruntime's names (e.g.
+ * gpu_mem_limit=70000000000,enable_cuda_graph=0). Which keys exist is onnxruntime's to say
+ * (an unknown one fails the session's creation with its message); here only the form is checked.
+ */
+export function parseCudaOptions(text: string): Record<string, string> {
+  const options: Record<string, string> = {};
+  for (const pair of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+    const m = /^([a-z][a-z0-9_]*)=([A-Za-z0-9_.-]+)$/.exec(pair);
+    if (!m) throw new ModelLoadError(`--cuda-options: ${JSON.stringify(pair)} is not key=value (a lower-case option name of onnxruntime's CUDA provider, a value of letters, digits, '_', '.' or '-')`);
+    if (m[1] === 'device_id') throw new ModelLoadError('--cuda-options: device_id is set by --device (cuda:N)');
+    options[m[1]] = m[2];
+  }
+  return options;
 }
 
 export const CPU: Placement = { provider: 'cpu', deviceId: 0 };

@@ -1,6 +1,7 @@
 import { ResponseCount } from './responseMean';
 import type { BatchRunner, SequenceJob, SequenceResult, TokenRules } from './runner';
 import type { Placement } from './session';
+import { sampleToken } from './sampling';
 import { SlotError, StepSession } from './stepSession';
 
 /** Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first (the only policy so far). */
@@ -168,10 +169,10 @@ export class SlotEngine {
     const out = await this.step.prefill(slot, job.ids, {
       chunk: this.opts.prefillChunk,
       hidden: false,
-      logits: 'none',
       fresh: true,
       weights: extract ? job.weights : undefined,
-      sample: extract ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
+      logits: extract || this.step.sampleInGraph ? 'none' : 'last',
+      sample: extract || !this.step.sampleInGraph ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
     });
     const { num_layers: L, hidden_size: d } = this.step.metadata;
     if (extract) {
@@ -182,7 +183,7 @@ export class SlotEngine {
       item.resolve({ responseIds: [], stopped: false, mean, counted: total });
       return;
     }
-    const first = Number(out.tokens![0]);
+    const first = this.step.sampleInGraph ? Number(out.tokens![0]) : sampleToken(out.logits, job.temperature, job.topP, job.uniforms[0]);
     if (this.rules.stopIds.has(first)) {
       this.step.reset(slot);
       item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
@@ -221,12 +222,13 @@ export class SlotEngine {
     const rows = Math.max(this.opts.staticBatches ? this.batchRows : 0, this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0));
     const tokens = this.slots.slice(0, rows).map((b) => b?.next);
     const counts = this.slots.slice(0, rows).map((b) => b?.count.add(this.rules.tokenKind(b.next)));
-    // Each row's next token is drawn in the graph with its item's own parameters and n-th uniform.
-    const sample = this.slots.slice(0, rows).map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 });
+    // Each row's next token is drawn with its item's own parameters and n-th uniform: in the graph, or here from the logits.
+    const inGraph = this.step.sampleInGraph;
+    const sample = inGraph ? this.slots.slice(0, rows).map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 }) : undefined;
     const started = performance.now();
     let out;
     try {
-      out = await this.step.decode(tokens, { counts, sample, hidden: false, logits: false });
+      out = await this.step.decode(tokens, { counts, sample, hidden: false, logits: !inGraph });
     } catch (err) {
       // The step failed for every row: the items in it fail, the slots are free again.
       this.slots.forEach((b, s) => {
@@ -244,7 +246,8 @@ export class SlotEngine {
       active++;
       const { job } = b.item;
       if (b.responseIds.length >= job.maxNew) return finished.push([s, false]);
-      const token = Number(out.tokens![s]);
+      const V = this.step.metadata.vocab_size;
+      const token = inGraph ? Number(out.tokens![s]) : sampleToken(out.logits.subarray(s * V, (s + 1) * V), job.temperature, job.topP, job.uniforms[b.responseIds.length]);
       if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);
       b.next = token;

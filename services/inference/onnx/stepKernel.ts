@@ -23,7 +23,7 @@ export interface StepFeeds {
   hidden: boolean;
   /** Return the logits (the engine takes the graph's sampled tokens instead). */
   logits: boolean;
-  /** For a graph that samples: [batch] temperature, top_p and uniform per row (zeros: greedy). */
+  /** Sample in the graph (a graph that can): [batch] temperature, top_p and uniform per row (temperature 0: greedy). Absent: the graph skips its sampler. */
   sample?: { temperature: Float32Array; topP: Float32Array; uniform: Float32Array };
 }
 

@@ -1,4 +1,4 @@
-import { ModelMetadata, StepGraphMetadata } from '../../contracts/modelDirectory';
+import { ModelMetadata, STEP_INPUTS, StepGraphMetadata } from '../../contracts/modelDirectory';
 import type { TokenWeights } from './responseMean';
 import { KernelShape, STEP_RUNTIMES, StepKernel, StepResult, StepRuntime } from './stepKernel';
 import { OrtApi } from './native/capi';
@@ -22,6 +22,13 @@ export interface StepSessionOptions {
    * native, else stock when the native binding cannot load (`fallback` says why).
    */
   runtime?: StepRuntime | 'auto';
+  /**
+   * Whether the engine has the graph draw each token (the logits stay where they are made) or
+   * samples on the host from the logits. Default: in the graph on CUDA, on the host on the CPU
+   * (where the logits are in host memory already and the host's partial sort is cheaper than
+   * the graph's full one).
+   */
+  sampleInGraph?: boolean;
 }
 
 /** How a row's next token is drawn (the host sampler's parameters; temperature 0 is greedy). */
@@ -60,6 +67,8 @@ export class StepSession {
     readonly kernel: StepKernel,
     readonly slots: number,
     readonly slotLength: number,
+    /** Whether the engine samples in the graph (StepSessionOptions.sampleInGraph). */
+    readonly sampleInGraph: boolean,
     /** Why the stock runtime runs where auto would have had the native one. */
     readonly fallback?: string,
   ) {
@@ -85,9 +94,11 @@ export class StepSession {
     const metadata = await readMetadata(dir);
     const step = metadata.step;
     if (!step) throw new ModelLoadError(`${dir}: built without a step graph (by an older axis-model): build it again`);
-    if ((step.hidden_state_outputs.length > 0 && !step.response_sums) || (metadata.layers?.[1] ?? metadata.num_layers) === metadata.num_layers && !step.sampling) {
-      throw new ModelLoadError(`${dir}: its step graph was built before the running sums and sampling moved into it (by an older axis-model): build it again`);
-    }
+    // What this engine feeds: a graph built before it (by an older axis-model) lacks some of it.
+    const last = (metadata.layers?.[1] ?? metadata.num_layers) === metadata.num_layers;
+    const needed = [...(step.hidden_state_outputs.length > 0 ? [STEP_INPUTS.responseWeights, STEP_INPUTS.sumsMix] : []), ...(last ? [STEP_INPUTS.sampleInGraph, STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform] : [])];
+    const lacking = needed.filter((n) => !step.inputs.includes(n));
+    if (lacking.length) throw new ModelLoadError(`${dir}: its step graph was built before the running sums and sampling moved into it (by an older axis-model; it lacks ${lacking.join(', ')}): build it again`);
     if ((metadata.layers?.[0] ?? 0) !== 0) throw new ModelLoadError(`${dir}: a later stage of a split model (layers ${metadata.layers}): its step graph takes the previous stage's hidden states, which this session does not feed`);
     if (!(Number.isInteger(opts.slots) && opts.slots >= 1)) throw new SlotError(`slots must be a positive integer, got ${opts.slots}`);
     if (!(Number.isInteger(opts.slotLength) && opts.slotLength >= 1)) throw new SlotError(`the slot length must be a positive integer, got ${opts.slotLength}`);
@@ -111,7 +122,7 @@ export class StepSession {
     const { file } = await checkedGraph(dir, step.graph, step.graph_sha256);
     const shape: KernelShape = { metadata, step, layers: metadata.layers ?? [0, metadata.num_layers], slots: opts.slots, slotLength: opts.slotLength };
     const kernel = runtime === 'native' ? await NativeKernel.create(file, placement, shape) : await StockKernel.create(file, placement, shape);
-    return new StepSession(metadata, step, kernel, opts.slots, opts.slotLength, fallback);
+    return new StepSession(metadata, step, kernel, opts.slots, opts.slotLength, opts.sampleInGraph ?? placement.provider === 'cuda', fallback);
   }
 
   /** Forgets a slot's sequence (its buffer rows are overwritten by the next prefill). */

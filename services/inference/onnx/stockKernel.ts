@@ -77,13 +77,14 @@ export class StockKernel implements StepKernel {
     }
     if (f.hidden) for (const name of step.hidden_state_outputs) fetches[name] = null;
     if (f.logitsPositions && f.logits) fetches[STEP_OUTPUTS.logits] = null;
-    const sampling = f.logitsPositions && step.sampling;
-    if (sampling) {
+    const sampling = f.logitsPositions && step.sampling && f.sample;
+    if (f.logitsPositions && step.sampling) {
       const none = new Float32Array(f.batch);
+      feeds[STEP_INPUTS.sampleInGraph] = new ort.Tensor('bool', Uint8Array.of(f.sample ? 1 : 0), []);
       feeds[STEP_INPUTS.temperature] = new ort.Tensor('float32', f.sample?.temperature ?? none, [f.batch]);
       feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample?.topP ?? none, [f.batch]);
       feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample?.uniform ?? none, [f.batch]);
-      fetches[STEP_OUTPUTS.nextTokens] = null;
+      if (f.sample) fetches[STEP_OUTPUTS.nextTokens] = null;
     }
     const out = await this.session.run(feeds, fetches);
     return {

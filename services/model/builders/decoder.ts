@@ -513,12 +513,20 @@ export class DecoderBuilder {
       const logits = this.toFloat(values.logits);
       g.output(logits, this.names.logits, DataType.FLOAT, ['batch_size', step ? 'logits_count' : 'sequence_length', vocab]);
       if (step) {
-        // Each row's next token, sampled in the graph from its last logits position, so that
-        // on a GPU a step's logits need not cross to the host (they are an output only when bound).
+        // Each row's next token, sampled in the graph from its last logits position when
+        // `sample_in_graph` says so (on a GPU, so that a step's logits need not cross to the
+        // host); otherwise the sort is skipped (an If: on a CPU it costs more than the host's
+        // partial sort of logits already in host memory) and the tokens are zeros.
         sampling = true;
+        g.input(STEP_INPUTS.sampleInGraph, DataType.BOOL, []);
         for (const name of [STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform]) g.input(name, DataType.FLOAT, ['batch_size']);
-        const last = g.node('Gather', [logits, g.constInt64([-1], [])], { axis: 1 });
-        g.output(sampleTokens(g, last, STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform), STEP_OUTPUTS.nextTokens, DataType.INT64, ['batch_size']);
+        const drawn = g.child();
+        const last = drawn.node('Gather', [logits, drawn.constInt64([-1], [])], { axis: 1 });
+        drawn.output(sampleTokens(drawn, last, STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform), drawn.fresh('drawn_tokens'), DataType.INT64, ['batch_size']);
+        const skipped = g.child();
+        skipped.output(skipped.node('ConstantOfShape', [skipped.node('Shape', [STEP_INPUTS.temperature])], { value: GraphBuilder.tensor([0], [1], DataType.INT64) }), skipped.fresh('no_tokens'), DataType.INT64, ['batch_size']);
+        g.nodeNamed('If', [STEP_INPUTS.sampleInGraph], [STEP_OUTPUTS.nextTokens], { then_branch: { graph: drawn.subgraph('sample') }, else_branch: { graph: skipped.subgraph('no_sample') } });
+        g.output(STEP_OUTPUTS.nextTokens, STEP_OUTPUTS.nextTokens, DataType.INT64, ['batch_size']);
       }
     }
     const presentLength = step ? 'max_length' : 'total_sequence_length';

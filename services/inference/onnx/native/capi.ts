@@ -21,9 +21,9 @@ export type Handle = bigint;
 export class OrtCallError extends Error {}
 
 /** ONNX element types, as the C API numbers them. */
-export const ELEMENT = { float32: 1, int32: 6, int64: 7, float16: 10, bfloat16: 16 } as const;
+export const ELEMENT = { float32: 1, int32: 6, int64: 7, bool: 9, float16: 10, bfloat16: 16 } as const;
 export type ElementName = keyof typeof ELEMENT;
-export const ELEMENT_BYTES: Record<ElementName, number> = { float32: 4, int32: 4, int64: 8, float16: 2, bfloat16: 2 };
+export const ELEMENT_BYTES: Record<ElementName, number> = { float32: 4, int32: 4, int64: 8, bool: 1, float16: 2, bfloat16: 2 };
 
 // Enum values of the C API used below.
 const LOG_WARNING = 2;

@@ -1,6 +1,6 @@
 import koffi from 'koffi';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
-import { ModelLoadError, Placement, placementName } from '../session';
+import { CUDA_PROVIDER_DEFAULTS, ModelLoadError, Placement, placementName } from '../session';
 import { KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
 import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, OrtApi, OrtCallError } from './capi';
 import { copyGraph } from './copyGraph';
@@ -63,29 +63,31 @@ export class NativeKernel implements StepKernel {
     this.kvElement = step.compute_dtype === 'f16' ? 'float16' : step.compute_dtype === 'bf16' ? 'bfloat16' : 'float32';
     this.slotBytes = metadata.num_key_value_heads * slotLength * metadata.head_dim * ELEMENT_BYTES[this.kvElement];
     const [first, end] = this.shape.layers;
-    const dims = BigInt64Array.of(BigInt(slots), BigInt(metadata.num_key_value_heads), BigInt(slotLength), BigInt(metadata.head_dim));
-    for (let l = first; l < end; l++) {
-      for (const list of [this.keys, this.values]) {
-        const value = api.out((o) => api.fn.CreateTensorAsOrtValue(kvAllocator, dims, 4, ELEMENT[this.kvElement], o), `allocating layer ${l}'s KV buffer (${(slots * this.slotBytes) / 2 ** 20} MiB)`);
-        list.push({ value, address: api.out((o) => api.fn.GetTensorMutableData(value, o), 'locating a KV buffer') });
-      }
-    }
     this.sumSlotBytes = 2 * metadata.hidden_size * 4;
-    if (step.response_sums) {
-      const sumDims = BigInt64Array.of(BigInt(slots), 2n, BigInt(metadata.hidden_size));
+    const allocate = (list: Owned[], dims: number[], type: ElementName, what: string) => {
+      const value = api.out((o) => api.fn.CreateTensorAsOrtValue(kvAllocator, BigInt64Array.from(dims, BigInt), dims.length, ELEMENT[type], o), what);
+      list.push({ value, address: api.out((o) => api.fn.GetTensorMutableData(value, o), 'locating a buffer') });
+    };
+    const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+    try {
       for (let l = first; l < end; l++) {
-        const value = api.out((o) => api.fn.CreateTensorAsOrtValue(kvAllocator, sumDims, 3, ELEMENT.float32, o), `allocating layer ${l}'s running sums`);
-        this.sums.push({ value, address: api.out((o) => api.fn.GetTensorMutableData(value, o), 'locating running sums') });
+        for (const list of [this.keys, this.values]) allocate(list, [slots, metadata.num_key_value_heads, slotLength, metadata.head_dim], this.kvElement, `allocating layer ${l}'s KV buffer (${mib(slots * this.slotBytes)}) on the session's device`);
+        if (step.response_sums) allocate(this.sums, [slots, 2, metadata.hidden_size], 'float32', `allocating layer ${l}'s running sums (${mib(slots * this.sumSlotBytes)})`);
       }
+    } catch (err) {
+      // Out of device memory at start: give back what was allocated before failing.
+      for (const o of [...this.keys, ...this.values, ...this.sums]) api.fn.ReleaseValue(o.value);
+      throw err;
     }
   }
 
   static async create(file: string, placement: Placement, shape: KernelShape): Promise<NativeKernel> {
     const api = OrtApi.get();
-    const made: Handle[] = [];
+    // What is made so far, undone in reverse if a later step fails (the service stays up, not ready, and may load again).
+    const undo: (() => void)[] = [];
     try {
       const session = withOptions(api, placement, OrtApi.optimizeAll, (options) => api.out((o) => api.fn.CreateSession(api.env, file, options, o), `loading ${file} on ${placementName(placement)}`));
-      made.push(session);
+      undo.push(() => api.fn.ReleaseSession(session));
       const names = (count: 'SessionGetInputCount' | 'SessionGetOutputCount', name: 'SessionGetInputName' | 'SessionGetOutputName'): string[] => {
         const n = [0];
         api.check(api.fn[count](session, n), 'counting the graph inputs and outputs');
@@ -95,23 +97,30 @@ export class NativeKernel implements StepKernel {
       const outputs = names('SessionGetOutputCount', 'SessionGetOutputName');
       const missing = [...shape.step.inputs.filter((n) => !inputs.includes(n)), ...shape.step.outputs.filter((n) => !outputs.includes(n))];
       if (missing.length) throw new ModelLoadError(`${file} does not match axis_model.json: ${missing.join(', ')} missing from the graph`);
-      const binding = api.out((o) => api.fn.CreateIoBinding(session, o), 'creating an IO binding');
+      const bindingOf = (s: Handle): Handle => {
+        const binding = api.out((o) => api.fn.CreateIoBinding(s, o), 'creating an IO binding');
+        undo.push(() => api.fn.ReleaseIoBinding(binding));
+        return binding;
+      };
+      const binding = bindingOf(session);
       const layers = shape.layers[1] - shape.layers[0];
       const kvType = shape.step.compute_dtype === 'f16' ? ELEMENT.float16 : shape.step.compute_dtype === 'bf16' ? ELEMENT.bfloat16 : ELEMENT.float32;
       const copier = (count: number, type: number): Copier => {
         const bytes = copyGraph(count, type);
         const copy = withOptions(api, placement, OrtApi.optimizeNone, (options) => api.out((o) => api.fn.CreateSessionFromArray(api.env, bytes, bytes.length, options, o), `creating the slot-copy graph on ${placementName(placement)}`));
-        made.push(copy);
-        return { session: copy, binding: api.out((o) => api.fn.CreateIoBinding(copy, o), 'creating an IO binding') };
+        undo.push(() => api.fn.ReleaseSession(copy));
+        return { session: copy, binding: bindingOf(copy) };
       };
       const kvCopier = copier(2 * layers, kvType);
       const sumsCopier = shape.step.response_sums ? copier(layers, ELEMENT.float32) : undefined;
       const onDevice = placement.provider === 'cuda';
       const memory = api.deviceMemory(placement.provider, placement.deviceId);
+      if (onDevice) undo.push(() => api.fn.ReleaseMemoryInfo(memory));
       const allocator = onDevice ? api.out((o) => api.fn.CreateAllocator(session, memory, o), `getting ${placementName(placement)}'s allocator`) : api.cpuAllocator;
+      if (onDevice) undo.push(() => api.fn.ReleaseAllocator(allocator));
       return new NativeKernel(api, shape, session, binding, memory, allocator, onDevice, kvCopier, sumsCopier);
     } catch (err) {
-      for (const session of made) api.fn.ReleaseSession(session);
+      for (const step of undo.reverse()) step();
       throw err instanceof ModelLoadError ? err : new ModelLoadError((err as Error).message);
     }
   }
@@ -163,11 +172,14 @@ export class NativeKernel implements StepKernel {
       let tokens: BigInt64Array | undefined;
       if (f.logitsPositions && step.sampling) {
         const none = new Float32Array(f.batch);
+        bind('BindInput', STEP_INPUTS.sampleInGraph, this.host(held, Uint8Array.of(f.sample ? 1 : 0), 'bool', []));
         bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample?.temperature ?? none, 'float32', [f.batch]));
         bind('BindInput', STEP_INPUTS.topP, this.host(held, f.sample?.topP ?? none, 'float32', [f.batch]));
         bind('BindInput', STEP_INPUTS.uniform, this.host(held, f.sample?.uniform ?? none, 'float32', [f.batch]));
-        tokens = new BigInt64Array(f.batch);
-        bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
+        if (f.sample) {
+          tokens = new BigInt64Array(f.batch);
+          bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
+        }
       }
       // The arrays stay referenced (by this frame) until the run is over.
       await api.callAsync(api.fn.RunWithBinding, [this.session, null, this.binding], 'running the step graph');
@@ -241,7 +253,7 @@ export class NativeKernel implements StepKernel {
   }
 
   /** A tensor over JavaScript memory (onnxruntime reads or writes it in place; the caller keeps the array alive). */
-  private host(held: Held, data: BigInt64Array | Int32Array | Float32Array, type: ElementName, dims: number[]): Handle {
+  private host(held: Held, data: BigInt64Array | Int32Array | Float32Array | Uint8Array, type: ElementName, dims: number[]): Handle {
     const value = this.api.out((o) => this.api.fn.CreateTensorWithDataAsOrtValue(this.api.hostMemory, data, data.byteLength, BigInt64Array.from(dims, BigInt), dims.length, ELEMENT[type], o), 'wrapping host memory as a tensor');
     held.values.push(value);
     held.arrays.push(data);
@@ -310,8 +322,8 @@ function withOptions<T>(api: OrtApi, placement: Placement, level: number, use: (
       // The CUDA provider, with its options by name; a session that asks for CUDA and cannot have it fails here, never on the CPU.
       const cuda = api.out((o) => api.fn.CreateCUDAProviderOptions(o), `creating the CUDA provider's options (is this onnxruntime built with CUDA?)`);
       try {
-        const settings: Record<string, string> = { device_id: String(placement.deviceId), arena_extend_strategy: 'kSameAsRequested', cudnn_conv_algo_search: 'HEURISTIC' };
-        api.check(api.fn.UpdateCUDAProviderOptions(cuda, Object.keys(settings), Object.values(settings), Object.keys(settings).length), 'setting the CUDA provider options');
+        const settings: Record<string, string> = { ...CUDA_PROVIDER_DEFAULTS, ...placement.cudaOptions, device_id: String(placement.deviceId) };
+        api.check(api.fn.UpdateCUDAProviderOptions(cuda, Object.keys(settings), Object.values(settings), Object.keys(settings).length), `setting the CUDA provider options ${Object.entries(settings).map(([k, v]) => `${k}=${v}`).join(',')}`);
         api.check(api.fn.SessionOptionsAppendExecutionProvider_CUDA_V2(options, cuda), `adding the CUDA provider for ${placementName(placement)}`);
       } finally {
         api.fn.ReleaseCUDAProviderOptions(cuda);
