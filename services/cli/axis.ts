@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
 import { clientCredentials } from '../shared/tls';
-import { authMetadata, cancelRun, coordinatorClient, getRun, listRuns, startRun, stateName, watchRun } from './client';
+import { authMetadata, cancelRun, coordinatorClient, getRun, isLoopbackAddress, listRuns, startRun, stateName, watchRun } from './client';
 import { formatSummary, ProgressBar } from './progress';
 
 const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coordinator host:port, or AXIS_COORDINATOR)
@@ -19,13 +19,16 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
   axis list            every run the coordinator knows
   axis cancel NAME     stops a run cleanly (StartRun with the same NAME resumes it)
 
-  --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one
+  --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one;
+      sent only over TLS or to this machine (e.g. a kubectl port-forward), unless
+      --allow-plaintext-token says the network between is trusted
   --tls-ca F: the coordinator serves TLS, verified against this CA; --tls-cert F --tls-key F:
       this client's certificate, when it requires mutual TLS`;
 
 const OPTIONS = {
   coordinator: { type: 'string' },
   'token-file': { type: 'string' },
+  'allow-plaintext-token': { type: 'boolean' },
   'tls-ca': { type: 'string' },
   'tls-cert': { type: 'string' },
   'tls-key': { type: 'string' },
@@ -102,8 +105,12 @@ async function main(argv: string[]): Promise<number> {
       throw new UsageError(`--token-file: cannot read ${tokenFile} (${(err as NodeJS.ErrnoException).code})`);
     }
   }
+  const ca = values['tls-ca'] ?? process.env.AXIS_TLS_CA;
+  if (token && !ca && !isLoopbackAddress(address) && !values['allow-plaintext-token']) {
+    throw new UsageError(`--token-file: refusing to send the token in plaintext to ${address}, which is not this machine: give --tls-ca (the coordinator's TLS), reach it through a port-forward (127.0.0.1), or say --allow-plaintext-token if the network between is trusted`);
+  }
   const meta = () => authMetadata(token);
-  const client = coordinatorClient(address, clientCredentials({ ca: values['tls-ca'] ?? process.env.AXIS_TLS_CA, cert: values['tls-cert'], key: values['tls-key'] }));
+  const client = coordinatorClient(address, clientCredentials({ ca, cert: values['tls-cert'], key: values['tls-key'] }));
   const needName = () => {
     if (!name) throw new UsageError(`axis ${command} needs a run NAME`);
     return name;

@@ -7,6 +7,19 @@ export function coordinatorClient(address: string, credentials: grpc.ChannelCred
 }
 
 /** Call metadata carrying the coordinator's bearer token, when it requires one. */
+/**
+ * Whether a `host:port` address (or a bare host) names this machine: localhost, 127.0.0.0/8
+ * or ::1 (a `kubectl port-forward` listens there). A bearer token sent in plaintext anywhere
+ * else can be read on the way.
+ */
+export function isLoopbackAddress(address: string): boolean {
+  const target = address.replace(/^dns:(\/\/\/)?/, '');
+  const bracketed = /^\[([^\]]+)\](?::\d+)?$/.exec(target);
+  const host = bracketed ? bracketed[1] : target.split(':').length > 2 ? target : target.replace(/:\d+$/, '');
+  const name = host.toLowerCase();
+  return name === 'localhost' || name === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(name);
+}
+
 export function authMetadata(token?: string): grpc.Metadata {
   const m = new grpc.Metadata();
   if (token) m.set('authorization', `Bearer ${token}`);

@@ -154,6 +154,13 @@ describe('import of a reference run, and two-pass runs', () => {
     const badFlag = await cli(['run', 'x', '--question-count', 'ten']);
     expect(badFlag.code).toBe(2);
     expect(badFlag.stderr).toMatch(/--question-count must be a whole number, got "ten"/);
+    // A token goes in plaintext only to this machine: elsewhere the CLI refuses before connecting.
+    const tokenFile = path.join(dir, 'cli-token');
+    fs.writeFileSync(tokenFile, 'not-a-real-token\n');
+    const remote = await exec(process.execPath, [path.join(ROOT, 'dist/services/cli/axis.js'), 'list', '--token-file', tokenFile, '--coordinator', '10.255.255.1:50051'], { timeout: 60_000 }).catch((e) => e);
+    expect(remote.code).toBe(2);
+    expect(remote.stderr).toMatch(/--token-file: refusing to send the token in plaintext to 10\.255\.255\.1:50051, which is not this machine: give --tls-ca/);
+    expect((await cli(['list', '--token-file', tokenFile])).stdout).toMatch(/from-cli\s+SUCCEEDED/);
     const refused = await cli(['run', 'from-cli', '--roles', 'poet']);
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/^axis: ALREADY_EXISTS: name: run "from-cli" already exists with other parameters/);
