@@ -22,3 +22,27 @@ export function bearerMatches(metadata: grpc.Metadata, token: string): boolean {
   const expected = Buffer.from(token);
   return given.length === expected.length && timingSafeEqual(given, expected);
 }
+
+/** What a call without the token is told (the token itself is never echoed). */
+export const UNAUTHENTICATED_DETAILS = 'authorization: this coordinator requires "authorization: Bearer <token>" metadata';
+
+/**
+ * Refuses a call to the services under `pathPrefix` (e.g. "/assistant_axis.v1.Coordinator/")
+ * that does not carry the token, on its metadata, before its message is read or decoded: a
+ * stranger makes the coordinator allocate nothing. Health and reflection stay open for probes.
+ */
+export function bearerInterceptor(token: string, pathPrefix: string): grpc.ServerInterceptor {
+  return (method, call) =>
+    new grpc.ServerInterceptingCall(call, {
+      start: (next) =>
+        next({
+          onReceiveMetadata: (metadata, pass) => {
+            if (method.path.startsWith(pathPrefix) && !bearerMatches(metadata, token)) {
+              call.sendStatus({ code: grpc.status.UNAUTHENTICATED, details: UNAUTHENTICATED_DETAILS });
+              return;
+            }
+            pass(metadata);
+          },
+        }),
+    });
+}

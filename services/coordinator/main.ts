@@ -6,7 +6,7 @@ import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
 import { channelCredentials } from '../shared/tls';
-import { readToken } from './auth';
+import { bearerInterceptor, readToken } from './auth';
 import { watchDependencies } from './dependencies';
 import { discoveryFor, parseTarget } from './discovery';
 import { Ledger } from './ledger';
@@ -45,6 +45,8 @@ async function main(): Promise<void> {
     registry,
     log,
     tls: cfg,
+    maxReceiveBytes: cfg['max-receive-bytes'],
+    interceptors: token ? [bearerInterceptor(token, '/assistant_axis.v1.Coordinator/')] : [],
     onDrain: async () => {
       await runs.drain((DRAIN_SECONDS - 2) * 1000);
       for (const d of Object.values(discovery)) d.stop();

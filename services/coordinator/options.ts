@@ -1,5 +1,5 @@
 import type { OptionTable } from '../shared/config';
-import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { COORDINATOR_MAX_RECEIVE_BYTES, DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
 import { TLS_OPTIONS, TLS_SERVER_NAME_OPTION } from '../shared/tls';
 
 /** The coordinator's flags and environment variables, with their defaults (docs/CONFIGURATION.md is made from it). */
@@ -15,6 +15,7 @@ export const COORDINATOR_OPTIONS = {
   'output-root': { type: 'string', env: 'AXIS_OUTPUT_ROOT', default: 'outputs', help: 'run directories are <output-root>/<run name>' },
   'data-dir': { type: 'string', env: 'AXIS_DATA_DIR', default: 'data', help: 'data set used when a run names none (reference layout)' },
   'judge-concurrency': { type: 'number', env: 'AXIS_COORDINATOR_JUDGE_CONCURRENCY', default: 32, help: 'items at the judge at once' },
+  'max-receive-bytes': { type: 'number', env: 'AXIS_COORDINATOR_MAX_RECEIVE_BYTES', default: COORDINATOR_MAX_RECEIVE_BYTES, help: 'largest message a call may send to the coordinator (its requests are small; the internal services take 64 MiB)' },
   'auth-token-file': { type: 'string', env: 'AXIS_COORDINATOR_AUTH_TOKEN_FILE', default: '', help: 'file holding a bearer token every Coordinator call must carry (empty: no authentication, for local use)' },
   'data-roots': { type: 'string', env: 'AXIS_COORDINATOR_DATA_ROOTS', default: '', help: 'comma-separated directories a run\'s data_dir must lie under (empty: any readable directory)' },
   'batch-poll-seconds': { type: 'number', env: 'AXIS_COORDINATOR_BATCH_POLL_SECONDS', default: 30, help: 'batch mode: seconds between polls of an open judge batch' },

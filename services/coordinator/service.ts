@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { CoordinatorServer, Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { Logger } from '../shared/logger';
 import { failStream, RpcError, unary } from '../shared/rpc';
-import { bearerMatches } from './auth';
+import { bearerMatches, UNAUTHENTICATED_DETAILS } from './auth';
 import type { RunManager } from './runManager';
 
 /** At most one WatchRun update per this many milliseconds, and always the latest state. */
@@ -15,7 +15,8 @@ const WATCH_INTERVAL_MS = 200;
  */
 export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string; log: Logger }): CoordinatorServer {
   const authorize = (call: { metadata: grpc.Metadata }) => {
-    if (opts.token && !bearerMatches(call.metadata, opts.token)) throw new RpcError(grpc.status.UNAUTHENTICATED, 'authorization: this coordinator requires "authorization: Bearer <token>" metadata');
+    // Also refused earlier, before the message is read, by `bearerInterceptor` on the server.
+    if (opts.token && !bearerMatches(call.metadata, opts.token)) throw new RpcError(grpc.status.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS);
   };
   const guarded = <Req, Res>(handler: (req: Req) => Promise<Res>) =>
     unary<Req, Res>(opts.log, async (req, call) => {

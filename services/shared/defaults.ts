@@ -36,6 +36,13 @@ export const ROLE_VECTOR_SCORES: readonly number[] = [3];
  */
 export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
+/**
+ * The most a call to the coordinator's public port may send: its requests are names, paths
+ * and parameters (a 30,000-token conversation for projection is about 120 KB of text), so a
+ * few MiB, and nothing a stranger can make it allocate by the 64 MiB of the internal services.
+ */
+export const COORDINATOR_MAX_RECEIVE_BYTES = 4 * 1024 * 1024;
+
 /** Seconds a service waits for in-flight calls on SIGTERM before it forces its server down. */
 export const DRAIN_SECONDS = 10;
 

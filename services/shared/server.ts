@@ -29,6 +29,10 @@ export interface StartOptions {
   onDrain?: () => Promise<void> | void;
   /** TLS (and mutual TLS) settings; plaintext without them. */
   tls?: TlsConfig;
+  /** The largest message a call may send (default MAX_MESSAGE_BYTES, what the internal services need). */
+  maxReceiveBytes?: number;
+  /** Run before a call's message is read (e.g. authentication on its metadata). */
+  interceptors?: grpc.ServerInterceptor[];
 }
 
 export interface RunningService {
@@ -41,9 +45,10 @@ export interface RunningService {
   stop(): Promise<void>;
 }
 
-export function serverOptions(): grpc.ServerOptions {
+export function serverOptions(maxReceiveBytes = MAX_MESSAGE_BYTES, interceptors: grpc.ServerInterceptor[] = []): grpc.ServerOptions {
   return {
-    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+    'grpc.max_receive_message_length': maxReceiveBytes,
+    interceptors,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
     // A client that vanished without closing its connection: its streams are cancelled, and what it held is freed.
     'grpc.keepalive_time_ms': KEEPALIVE_TIME_MS,
@@ -58,7 +63,7 @@ export function serverOptions(): grpc.ServerOptions {
  */
 export async function startService(opts: StartOptions): Promise<RunningService> {
   const { log } = opts;
-  const server = new grpc.Server(serverOptions());
+  const server = new grpc.Server(serverOptions(opts.maxReceiveBytes, opts.interceptors));
   const initial: Record<string, ServingStatus> = { '': 'NOT_SERVING' };
   for (const b of opts.bindings) initial[b.name] = 'NOT_SERVING';
   const health = new HealthImplementation(initial);

@@ -158,6 +158,44 @@ maybe('the helm chart', () => {
     const spec = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec;
     expect(spec.volumes.find((v: any) => v.name === 'auth').secret.secretName).toBe('axis-token');
     expect(spec.containers[0].args).toEqual(expect.arrayContaining(['--auth-token-file=/secrets/auth/token', '--data-roots=/data']));
+    expect(docs.some((d) => d.kind === 'Secret' && d.metadata.name === 'axis-coordinator-token')).toBe(false);
+  });
+
+  it('is safe by default: a generated token (kept on uninstall), callers from the release namespace only, NOTES that use the token', () => {
+    const docs = render([MODEL]);
+    const secret = docs.find((d) => d.kind === 'Secret' && d.metadata.name === 'axis-coordinator-token');
+    const token = Buffer.from(secret.data.token, 'base64').toString();
+    expect(token).toMatch(/^[A-Za-z0-9]{40}$/);
+    expect(secret.metadata.annotations['helm.sh/resource-policy']).toBe('keep');
+    // A fresh render (no cluster to read the installed one from) draws another token: it is random.
+    expect(Buffer.from(render([MODEL]).find((d) => d.kind === 'Secret' && d.metadata.name === 'axis-coordinator-token').data.token, 'base64').toString()).not.toBe(token);
+    const spec = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec;
+    expect(spec.volumes.find((v: any) => v.name === 'auth').secret.secretName).toBe('axis-coordinator-token');
+    expect(spec.containers[0].args).toContain('--auth-token-file=/secrets/auth/token');
+    const ingress = (d: any[]) => d.find((x) => x.kind === 'NetworkPolicy' && x.metadata.name === 'axis-coordinator').spec.ingress[0].from[0].namespaceSelector;
+    expect(ingress(docs)).toEqual({ matchLabels: { 'kubernetes.io/metadata.name': 'research' } });
+    expect(ingress(render([MODEL, 'networkPolicy.clientNamespaceSelector.matchLabels.team=lab']))).toEqual({ matchLabels: { team: 'lab' } });
+    // Metrics (they name runs): the release's namespace, and the namespaces named.
+    const scrapers = (d: any[]) => d.find((x) => x.kind === 'NetworkPolicy' && x.metadata.name === 'axis-judge').spec.ingress[1].from.map((f: any) => f.namespaceSelector);
+    expect(scrapers(docs)).toEqual([{ matchLabels: { 'kubernetes.io/metadata.name': 'research' } }]);
+    expect(scrapers(render([MODEL, 'networkPolicy.metricsNamespaces={monitoring}']))).toEqual([{ matchLabels: { 'kubernetes.io/metadata.name': 'research' } }, { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } }]);
+    // Turned off on purpose: no Secret, no token flag.
+    const open = render([MODEL, 'coordinator.auth.generate=false']);
+    expect(open.some((d) => d.kind === 'Secret' && d.metadata.name === 'axis-coordinator-token')).toBe(false);
+    expect(open.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-coordinator').spec.template.spec.containers[0].args.some((a: string) => a.startsWith('--auth-token-file'))).toBe(false);
+    // NOTES.txt: how to read the token, and grpcurl with it; over TLS (and the certificate's name) when TLS is on.
+    const notes = (sets: string[]) => {
+      const r = helm(['install', 'axis', CHART, '--namespace', 'research', '--dry-run=client', ...sets.flatMap((x) => ['--set', x])]);
+      if (r.status !== 0) throw new Error(r.stderr);
+      return r.stdout.slice(r.stdout.indexOf('NOTES:'));
+    };
+    const plain = notes([MODEL]);
+    expect(plain).toContain("TOKEN=$(kubectl -n research get secret axis-coordinator-token -o jsonpath='{.data.token}' | base64 -d)");
+    expect(plain).toMatch(/grpcurl -plaintext -H "authorization: Bearer \$TOKEN" -d '\{"name":"my-run"\}' localhost:50051 assistant_axis\.v1\.Coordinator\/StartRun/);
+    const tls = notes([MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls']);
+    expect(tls).toMatch(/grpcurl -cacert ca\.crt -cert client\.crt -key client\.key -servername axis-coordinator\.research\.svc -H "authorization: Bearer \$TOKEN"/);
+    expect(tls).not.toContain('-plaintext');
+    expect(notes([MODEL, 'coordinator.auth.generate=false'])).toMatch(/WARNING: coordinator\.auth\.generate is false/);
   });
 
   it('puts the configured labels on the ServiceMonitor so Prometheus selects it', () => {

@@ -72,6 +72,27 @@ describe('coordinator authentication, data roots and secrets', () => {
     expect(watchErr.code).toBe(grpc.status.UNAUTHENTICATED);
   });
 
+  it('refuses a call without the token before reading its message, and any message over a few MiB', async () => {
+    // Raw bytes that are no StartRunRequest: without the token the answer is UNAUTHENTICATED,
+    // not a decoding error, because the message is never read; with it, it is read and refused.
+    const raw = new grpc.Client(stack.address('coordinator'), grpc.credentials.createInsecure());
+    const send = (body: Buffer, token?: string) =>
+      new Promise<grpc.ServiceError | undefined>((resolve) => {
+        const md = new grpc.Metadata();
+        if (token) md.set('authorization', `Bearer ${token}`);
+        raw.makeUnaryRequest('/assistant_axis.v1.Coordinator/StartRun', (b: Buffer) => b, (b: Buffer) => b, body, md, (err) => resolve(err ?? undefined));
+      });
+    const garbage = Buffer.from([0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]);
+    const anonymous = await send(garbage);
+    expect(anonymous?.code).toBe(grpc.status.UNAUTHENTICATED);
+    const signed = await send(garbage, TOKEN);
+    expect(signed?.code).not.toBe(grpc.status.UNAUTHENTICATED);
+    // 5 MiB, over the coordinator's 4 MiB (the internal services take 64): refused by size.
+    const large = await send(Buffer.alloc(5 * 2 ** 20, 0x20), TOKEN);
+    expect(large?.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+    raw.close();
+  });
+
   it('serves calls with the token, also from buf curl with a header, and leaves health open for probes', async () => {
     const { run } = await start({ name: 'a', dryRun: true }, TOKEN);
     expect(run?.dryRun?.items).toBeGreaterThan(0);

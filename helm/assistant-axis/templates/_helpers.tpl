@@ -124,3 +124,9 @@ resources:
 {{- range .root.Values.nodeFlags }}{{ $cmd = append $cmd . }}{{ end -}}
 {{- append $cmd .entry | toJson -}}
 {{- end -}}
+
+{{/* The Secret holding the coordinator's token: the user's, the chart's own (auth.generate), or none. */}}
+{{- define "axis.authSecret" -}}
+{{- $a := .Values.coordinator.auth -}}
+{{- if $a.existingSecret -}}{{ $a.existingSecret }}{{- else if $a.generate -}}{{ include "axis.fullname" . }}-coordinator-token{{- end -}}
+{{- end -}}
