@@ -133,7 +133,7 @@ describe('the native step runtime', () => {
     expect(() => OrtApi.open(libraryPath(), 999)).toThrow(/whose C API is older than version 999/);
     const step = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
     const kernel = step.kernel as NativeKernel;
-    const feeds = { firstSlot: 0, batch: 1, length: 3, inputIds: BigInt64Array.of(1n, 2n, 3n), positionIds: BigInt64Array.of(0n, 1n, 2n), seqlensK: Int32Array.of(2), totalSequenceLength: 3, logitsPositions: BigInt64Array.of(2n), sumWeights: new Float32Array(6), sumMix: Float32Array.of(1, 0, 0, 1), hidden: false, logits: true };
+    const feeds = { firstSlot: 0, batch: 1, length: 3, inputIds: BigInt64Array.of(1n, 2n, 3n), positionIds: BigInt64Array.of(0n, 1n, 2n), seqlensK: Int32Array.of(2), totalSequenceLength: 3, logitsPositions: BigInt64Array.of(2n), sumWeights: new Float32Array(6), sumMix: Float32Array.of(1, 0, 0, 1), hidden: false, logits: true, sample: { draw: false, temperature: new Float32Array(1), topP: new Float32Array(1), uniform: new Float32Array(1) } };
     // Data shorter than its shape, a slot that does not exist, a position past the buffer.
     await expect(kernel.run({ ...feeds, inputIds: BigInt64Array.of(1n) })).rejects.toThrow(/onnxruntime, wrapping host memory as a tensor: .*(space|smaller)/);
     await expect(kernel.run({ ...feeds, firstSlot: 1, batch: 2 })).rejects.toThrow(/slots 1\.\.2 are not all among the 2/);

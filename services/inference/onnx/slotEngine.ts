@@ -220,11 +220,12 @@ export class SlotEngine {
   /** One decoding step of the busy slots: feed each its next token (counted into its sums in the step), sample the one after. */
   private async decodeStep(): Promise<void> {
     const rows = Math.max(this.opts.staticBatches ? this.batchRows : 0, this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0));
-    const tokens = this.slots.slice(0, rows).map((b) => b?.next);
-    const counts = this.slots.slice(0, rows).map((b) => b?.count.add(this.rules.tokenKind(b.next)));
+    const stepped = this.slots.slice(0, rows);
+    const tokens = stepped.map((b) => b?.next);
+    const counts = stepped.map((b) => b?.count.add(this.rules.tokenKind(b.next)));
     // Each row's next token is drawn with its item's own parameters and n-th uniform: in the graph, or here from the logits.
     const inGraph = this.step.sampleInGraph;
-    const sample = inGraph ? this.slots.slice(0, rows).map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 }) : undefined;
+    const sample = inGraph ? stepped.map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 }) : undefined;
     const started = performance.now();
     let out;
     try {
@@ -239,6 +240,7 @@ export class SlotEngine {
       });
       return;
     }
+    const V = this.step.metadata.vocab_size;
     let active = 0;
     const finished: [number, boolean][] = [];
     this.slots.forEach((b, s) => {
@@ -246,7 +248,6 @@ export class SlotEngine {
       active++;
       const { job } = b.item;
       if (b.responseIds.length >= job.maxNew) return finished.push([s, false]);
-      const V = this.step.metadata.vocab_size;
       const token = inGraph ? Number(out.tokens![s]) : sampleToken(out.logits.subarray(s * V, (s + 1) * V), job.temperature, job.topP, job.uniforms[b.responseIds.length]);
       if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);

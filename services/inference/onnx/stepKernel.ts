@@ -23,8 +23,11 @@ export interface StepFeeds {
   hidden: boolean;
   /** Return the logits (the engine takes the graph's sampled tokens instead). */
   logits: boolean;
-  /** Sample in the graph (a graph that can): [batch] temperature, top_p and uniform per row (temperature 0: greedy). Absent: the graph skips its sampler. */
-  sample?: { temperature: Float32Array; topP: Float32Array; uniform: Float32Array };
+  /**
+   * For a graph that samples (its last stage): `draw` whether it draws tokens this run (else it
+   * skips its sampler), and [batch] temperature, top_p and uniform per row (temperature 0: greedy).
+   */
+  sample?: { draw: boolean; temperature: Float32Array; topP: Float32Array; uniform: Float32Array };
 }
 
 /** Runs the step graph over KV buffers it owns: onnxruntime-node's API, or the C API's. */
@@ -56,20 +59,4 @@ export interface StepResult {
   logits: Float32Array;
   /** Each row's token sampled by the graph from its last logits position (a graph that samples, its last stage). */
   tokens?: BigInt64Array;
-}
-
-/**
- * Copies the first `positions` positions of slot `from` to slot `to` within one layer's KV
- * buffer seen as bytes: per KV head the filled positions are contiguous ([slots, kv_heads,
- * slot_length, head_dim] elements of `elementBytes`).
- */
-export function copySlotPositions(bytes: Uint8Array, shape: KernelShape, elementBytes: number, from: number, to: number, positions: number): void {
-  const { num_key_value_heads: kv, head_dim: hd } = shape.metadata;
-  const rowBytes = hd * elementBytes;
-  const headBytes = shape.slotLength * rowBytes;
-  const slotBytes = kv * headBytes;
-  for (let h = 0; h < kv; h++) {
-    const src = from * slotBytes + h * headBytes;
-    bytes.copyWithin(to * slotBytes + h * headBytes, src, src + positions * rowBytes);
-  }
 }

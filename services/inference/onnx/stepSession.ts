@@ -256,11 +256,15 @@ export class StepSession {
       sumMix: opts.sums?.mix,
       hidden: opts.hidden,
       logits: opts.logits,
-      sample: opts.sample && {
-        temperature: Float32Array.from(opts.sample, (p) => p?.temperature ?? 0),
-        topP: Float32Array.from(opts.sample, (p) => p?.topP ?? 1),
-        uniform: Float32Array.from(opts.sample, (p) => p?.uniform ?? 0),
-      },
+      // A graph that samples is always told whether to draw (rows without parameters draw greedily).
+      sample: this.step.sampling
+        ? {
+            draw: opts.sample !== undefined,
+            temperature: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.temperature ?? 0),
+            topP: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.topP ?? 1),
+            uniform: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.uniform ?? 0),
+          }
+        : undefined,
     });
   }
 

@@ -1,7 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { createSession, ModelLoadError, Placement } from './session';
-import { copySlotPositions, KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
+import { KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
 
 /** One layer's keys or values for every slot: float32, or float16 as bits. */
 type KvBuffer = Float32Array | Uint16Array;
@@ -77,14 +77,13 @@ export class StockKernel implements StepKernel {
     }
     if (f.hidden) for (const name of step.hidden_state_outputs) fetches[name] = null;
     if (f.logitsPositions && f.logits) fetches[STEP_OUTPUTS.logits] = null;
-    const sampling = f.logitsPositions && step.sampling && f.sample;
-    if (f.logitsPositions && step.sampling) {
-      const none = new Float32Array(f.batch);
-      feeds[STEP_INPUTS.sampleInGraph] = new ort.Tensor('bool', Uint8Array.of(f.sample ? 1 : 0), []);
-      feeds[STEP_INPUTS.temperature] = new ort.Tensor('float32', f.sample?.temperature ?? none, [f.batch]);
-      feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample?.topP ?? none, [f.batch]);
-      feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample?.uniform ?? none, [f.batch]);
-      if (f.sample) fetches[STEP_OUTPUTS.nextTokens] = null;
+    const sampling = f.logitsPositions && f.sample?.draw;
+    if (f.logitsPositions && f.sample) {
+      feeds[STEP_INPUTS.sampleInGraph] = new ort.Tensor('bool', Uint8Array.of(f.sample.draw ? 1 : 0), []);
+      feeds[STEP_INPUTS.temperature] = new ort.Tensor('float32', f.sample.temperature, [f.batch]);
+      feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample.topP, [f.batch]);
+      feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample.uniform, [f.batch]);
+      if (f.sample.draw) fetches[STEP_OUTPUTS.nextTokens] = null;
     }
     const out = await this.session.run(feeds, fetches);
     return {
@@ -108,5 +107,21 @@ export class StockKernel implements StepKernel {
 
   async close(): Promise<void> {
     await this.session.release();
+  }
+}
+
+/**
+ * Copies the first `positions` positions of slot `from` to slot `to` within one layer's KV
+ * buffer seen as bytes: per KV head the filled positions are contiguous ([slots, kv_heads,
+ * slot_length, head_dim] elements of `elementBytes`).
+ */
+function copySlotPositions(bytes: Uint8Array, shape: KernelShape, elementBytes: number, from: number, to: number, positions: number): void {
+  const { num_key_value_heads: kv, head_dim: hd } = shape.metadata;
+  const rowBytes = hd * elementBytes;
+  const headBytes = shape.slotLength * rowBytes;
+  const slotBytes = kv * headBytes;
+  for (let h = 0; h < kv; h++) {
+    const src = from * slotBytes + h * headBytes;
+    bytes.copyWithin(to * slotBytes + h * headBytes, src, src + positions * rowBytes);
   }
 }

@@ -171,8 +171,3 @@ export class OrtApi {
   static readonly optimizeAll = GRAPH_OPTIMIZE_ALL;
   static readonly optimizeNone = GRAPH_OPTIMIZE_NONE;
 }
-
-/** A host view of memory at an address (CPU only: device memory cannot be viewed). */
-export function hostView(address: Handle, bytes: number): ArrayBuffer {
-  return koffi.view(address, bytes);
-}

@@ -135,56 +135,53 @@ export class NativeKernel implements StepKernel {
     if (!(f.firstSlot >= 0 && f.batch >= 1 && f.firstSlot + f.batch <= this.shape.slots)) throw new OrtCallError(`slots ${f.firstSlot}..${f.firstSlot + f.batch - 1} are not all among the ${this.shape.slots}`);
     this.release(this.binding, this.stepHeld);
     const held = (this.stepHeld = { values: [], arrays: [] });
-    {
-      const { api } = this;
-      const bind = (kind: 'BindInput' | 'BindOutput', name: string, value: Handle) => api.check(api.fn[kind](this.binding, name, value), `binding ${name}`);
-      bind('BindInput', STEP_INPUTS.inputIds, this.host(held, f.inputIds, 'int64', [f.batch, f.length]));
-      bind('BindInput', STEP_INPUTS.positionIds, this.host(held, f.positionIds, 'int64', [f.batch, f.length]));
-      bind('BindInput', STEP_INPUTS.seqlensK, this.host(held, f.seqlensK, 'int32', [f.batch]));
-      bind('BindInput', STEP_INPUTS.totalSequenceLength, this.host(held, Int32Array.of(f.totalSequenceLength), 'int32', []));
-      if (f.logitsPositions) bind('BindInput', STEP_INPUTS.logitsPositions, this.host(held, f.logitsPositions, 'int64', [f.logitsPositions.length]));
-      // The run's slots as a view of each layer's buffer, bound as past and present alike.
-      const kvDims = [f.batch, metadata.num_key_value_heads, slotLength, metadata.head_dim];
-      for (let l = first; l < end; l++) {
-        const k = this.view(held, this.keys[l - first], f.firstSlot, this.slotBytes, kvDims, this.kvElement);
-        const v = this.view(held, this.values[l - first], f.firstSlot, this.slotBytes, kvDims, this.kvElement);
-        bind('BindInput', STEP_INPUTS.pastKey(l), k);
-        bind('BindInput', STEP_INPUTS.pastValue(l), v);
-        bind('BindOutput', STEP_OUTPUTS.presentKey(l), k);
-        bind('BindOutput', STEP_OUTPUTS.presentValue(l), v);
-      }
-      if (step.response_sums) {
-        if (!f.sumWeights || !f.sumMix) throw new OrtCallError('this step graph keeps running sums: a run needs their weights and mix');
-        bind('BindInput', STEP_INPUTS.responseWeights, this.host(held, f.sumWeights, 'float32', [f.batch, 2, f.length]));
-        bind('BindInput', STEP_INPUTS.sumsMix, this.host(held, f.sumMix, 'float32', [f.batch, 2, 2]));
-        this.sums.forEach((buffer, i) => {
-          const view = this.view(held, buffer, f.firstSlot, this.sumSlotBytes, [f.batch, 2, metadata.hidden_size], 'float32');
-          bind('BindInput', STEP_INPUTS.responseSums(first + i), view);
-          bind('BindOutput', STEP_OUTPUTS.responseSumsOut(first + i), view);
-        });
-      }
-      // What the host reads, straight into JavaScript arrays (hidden states only when asked: the engine reads the sums).
-      const hidden = f.hidden ? step.hidden_state_outputs.map(() => new Float32Array(f.batch * f.length * metadata.hidden_size)) : [];
-      hidden.forEach((h, i) => bind('BindOutput', step.hidden_state_outputs[i], this.host(held, h, 'float32', [f.batch, f.length, metadata.hidden_size])));
-      const count = f.logitsPositions?.length ?? 0;
-      const logits = new Float32Array(f.logits ? f.batch * count * metadata.vocab_size : 0);
-      if (f.logitsPositions && f.logits) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [f.batch, count, metadata.vocab_size]));
-      let tokens: BigInt64Array | undefined;
-      if (f.logitsPositions && step.sampling) {
-        const none = new Float32Array(f.batch);
-        bind('BindInput', STEP_INPUTS.sampleInGraph, this.host(held, Uint8Array.of(f.sample ? 1 : 0), 'bool', []));
-        bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample?.temperature ?? none, 'float32', [f.batch]));
-        bind('BindInput', STEP_INPUTS.topP, this.host(held, f.sample?.topP ?? none, 'float32', [f.batch]));
-        bind('BindInput', STEP_INPUTS.uniform, this.host(held, f.sample?.uniform ?? none, 'float32', [f.batch]));
-        if (f.sample) {
-          tokens = new BigInt64Array(f.batch);
-          bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
-        }
-      }
-      // The arrays stay referenced (by this frame) until the run is over.
-      await api.callAsync(api.fn.RunWithBinding, [this.session, null, this.binding], 'running the step graph');
-      return { hidden, logits, tokens };
+    const { api } = this;
+    const bind = (kind: 'BindInput' | 'BindOutput', name: string, value: Handle) => api.check(api.fn[kind](this.binding, name, value), `binding ${name}`);
+    bind('BindInput', STEP_INPUTS.inputIds, this.host(held, f.inputIds, 'int64', [f.batch, f.length]));
+    bind('BindInput', STEP_INPUTS.positionIds, this.host(held, f.positionIds, 'int64', [f.batch, f.length]));
+    bind('BindInput', STEP_INPUTS.seqlensK, this.host(held, f.seqlensK, 'int32', [f.batch]));
+    bind('BindInput', STEP_INPUTS.totalSequenceLength, this.host(held, Int32Array.of(f.totalSequenceLength), 'int32', []));
+    if (f.logitsPositions) bind('BindInput', STEP_INPUTS.logitsPositions, this.host(held, f.logitsPositions, 'int64', [f.logitsPositions.length]));
+    // The run's slots as a view of each layer's buffer, bound as past and present alike.
+    const kvDims = [f.batch, metadata.num_key_value_heads, slotLength, metadata.head_dim];
+    for (let l = first; l < end; l++) {
+      const k = this.view(held, this.keys[l - first], f.firstSlot, this.slotBytes, kvDims, this.kvElement);
+      const v = this.view(held, this.values[l - first], f.firstSlot, this.slotBytes, kvDims, this.kvElement);
+      bind('BindInput', STEP_INPUTS.pastKey(l), k);
+      bind('BindInput', STEP_INPUTS.pastValue(l), v);
+      bind('BindOutput', STEP_OUTPUTS.presentKey(l), k);
+      bind('BindOutput', STEP_OUTPUTS.presentValue(l), v);
     }
+    if (step.response_sums) {
+      if (!f.sumWeights || !f.sumMix) throw new OrtCallError('this step graph keeps running sums: a run needs their weights and mix');
+      bind('BindInput', STEP_INPUTS.responseWeights, this.host(held, f.sumWeights, 'float32', [f.batch, 2, f.length]));
+      bind('BindInput', STEP_INPUTS.sumsMix, this.host(held, f.sumMix, 'float32', [f.batch, 2, 2]));
+      this.sums.forEach((buffer, i) => {
+        const view = this.view(held, buffer, f.firstSlot, this.sumSlotBytes, [f.batch, 2, metadata.hidden_size], 'float32');
+        bind('BindInput', STEP_INPUTS.responseSums(first + i), view);
+        bind('BindOutput', STEP_OUTPUTS.responseSumsOut(first + i), view);
+      });
+    }
+    // What the host reads, straight into JavaScript arrays (hidden states only when asked: the engine reads the sums).
+    const hidden = f.hidden ? step.hidden_state_outputs.map(() => new Float32Array(f.batch * f.length * metadata.hidden_size)) : [];
+    hidden.forEach((h, i) => bind('BindOutput', step.hidden_state_outputs[i], this.host(held, h, 'float32', [f.batch, f.length, metadata.hidden_size])));
+    const count = f.logitsPositions?.length ?? 0;
+    const logits = new Float32Array(f.logits ? f.batch * count * metadata.vocab_size : 0);
+    if (f.logitsPositions && f.logits) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [f.batch, count, metadata.vocab_size]));
+    let tokens: BigInt64Array | undefined;
+    if (f.logitsPositions && f.sample) {
+      bind('BindInput', STEP_INPUTS.sampleInGraph, this.host(held, Uint8Array.of(f.sample.draw ? 1 : 0), 'bool', []));
+      bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample.temperature, 'float32', [f.batch]));
+      bind('BindInput', STEP_INPUTS.topP, this.host(held, f.sample.topP, 'float32', [f.batch]));
+      bind('BindInput', STEP_INPUTS.uniform, this.host(held, f.sample.uniform, 'float32', [f.batch]));
+      if (f.sample.draw) {
+        tokens = new BigInt64Array(f.batch);
+        bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
+      }
+    }
+    // The arrays stay referenced (by this frame) until the run is over.
+    await api.callAsync(api.fn.RunWithBinding, [this.session, null, this.binding], 'running the step graph');
+    return { hidden, logits, tokens };
   }
 
   copySlot(from: number, to: number): Promise<void> {
