@@ -44,6 +44,27 @@ describe('sampleToken', () => {
     }
   });
 
+  it('chooses what a full sort chooses over a 32k vocabulary: flat and peaked rows, near-ties a rounding apart, top_p near 0 and near 1', () => {
+    let seed = 11;
+    const rnd = () => (seed = (seed * 16807) % 2147483647) / 2147483647;
+    const n = 32005;
+    for (let t = 0; t < 60; t++) {
+      // Flat rows (a random-weight model's: a nucleus of thousands), peaked ones (a trained model's: a few ids).
+      const spread = [0.5, 4, 30][t % 3];
+      const logits = Float32Array.from({ length: n }, () => rnd() * spread);
+      // Logits one float32 step apart, and runs of equal ones, around the nucleus' edge.
+      for (let k = 0; k < 200; k++) {
+        const at = Math.floor(rnd() * n);
+        logits[(at + 1) % n] = logits[at];
+        logits[(at + 2) % n] = Math.fround(logits[at] * (1 + 2 ** -23));
+      }
+      const temperature = [0.05, 0.7, 1, 3][t % 4];
+      const topP = [1e-6, 0.5, 0.9, 0.999999, rnd()][t % 5];
+      const u = rnd();
+      expect(sampleToken(logits, temperature, topP, u)).toBe(fullSortSample(Array.from(logits), temperature, topP, u));
+    }
+  });
+
   it('is the argmax at temperature 0, the first of equal maxima', () => {
     expect(sampleToken(Float32Array.from([0.5, 3, -1, 3, 2]), 0, 0.9, 0.99)).toBe(1);
   });

@@ -173,6 +173,9 @@ export class OnnxBackend implements InferenceBackend {
       ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', runtime: this.opts.stepRuntime, onStep: this.opts.onStep } } : {}),
     });
     const step = model.runner instanceof SlotRunner ? model.runner.step : undefined;
+    const { residency } = model;
+    if (residency.how === 'failed') this.opts.warn?.(`the weights stay mapped from their files (${(residency.bytes / 2 ** 20).toFixed(0)} MiB; the kernel may drop and reread them, stalling steps): ${residency.error}`);
+    else if (residency.how === 'copied') this.opts.info?.(`weights: ${(residency.bytes / 2 ** 20).toFixed(0)} MiB mapped from the model's files copied into the process's memory`);
     if (step?.fallback) this.opts.warn?.(`the slots engine runs on onnxruntime-node's JavaScript API (stock): the native binding cannot load: ${step.fallback}`);
     // Said once the model is loaded here (a failed CUDA attempt under --device auto says nothing).
     if (!plan) this.opts.warn?.('no memory plan: on CUDA, give --device-memory (e.g. 80GiB) to have one');

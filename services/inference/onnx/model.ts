@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import * as path from 'node:path';
 import type { ModelMetadata } from '../../contracts/modelDirectory';
 import { ChatTemplate } from './chat';
+import { keepWeightsResident, Residency } from './residentWeights';
 import type { TokenKind } from './responseMean';
 import { BatchRunner, HostRunner, kindTable, LoopRunner, TokenRules } from './runner';
 import { CPU, DecoderSession, ModelLoadError, Placement, readJson, readMetadata } from './session';
@@ -47,6 +48,8 @@ export class LoadedModel implements TokenRules {
   ) {}
 
   runner!: BatchRunner;
+  /** Whether the weights onnxruntime mapped from the model's files were made the process's own memory (residentWeights.ts). */
+  residency!: Residency;
 
   static async load(dirOrStages: string | string[], opts: LoadOptions = {}): Promise<LoadedModel> {
     const dirs = typeof dirOrStages === 'string' ? [dirOrStages] : dirOrStages;
@@ -78,6 +81,7 @@ export class LoadedModel implements TokenRules {
       }
       model.hashes.graph = stages.map((s) => s.graphSha256).join(',');
     }
+    model.residency = keepWeightsResident(dirs);
     return model;
   }
 

@@ -10,28 +10,23 @@ export function sampleToken(logits: ArrayLike<number>, temperature: number, topP
   let best = 0;
   for (let i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
   if (temperature === 0) return best;
-  const probs = new Float64Array(n);
+  const probs = scratch(n);
   let total = 0;
   const max = logits[best];
   for (let i = 0; i < n; i++) total += probs[i] = Math.exp((logits[i] - max) / temperature);
   for (let i = 0; i < n; i++) probs[i] /= total;
-  let candidates: number[];
-  if (topP < 1) {
-    // The nucleus from a partial sort: the k most probable tokens (in the full sort's order:
-    // probability, then id), k growing until they reach top_p. Usually a few dozen of the vocabulary.
-    for (let k = Math.min(n, 64); ; k = Math.min(n, k * 4)) {
-      candidates = [];
-      let cumulative = 0;
-      for (const i of mostProbable(probs, k)) {
-        candidates.push(i);
-        cumulative += probs[i];
-        if (cumulative >= topP) break;
-      }
-      if (cumulative >= topP || k === n) break;
+  if (topP >= 1) {
+    // Every id, in id order.
+    let mass = 0;
+    for (let i = 0; i < n; i++) mass += probs[i];
+    let r = u * mass;
+    for (let i = 0; i < n; i++) {
+      r -= probs[i];
+      if (r < 0) return i;
     }
-  } else {
-    candidates = Array.from({ length: n }, (_, i) => i);
+    return n - 1;
   }
+  const candidates = nucleus(probs, n, probs[best], topP);
   let mass = 0;
   for (const i of candidates) mass += probs[i];
   let r = u * mass;
@@ -42,36 +37,57 @@ export function sampleToken(logits: ArrayLike<number>, temperature: number, topP
   return candidates[candidates.length - 1];
 }
 
-/** The k ids of highest probability (ties: lower id first), in that order: a min-heap of k over one pass. */
-function mostProbable(probs: Float64Array, k: number): number[] {
-  // `worse(a, b)`: a ranks after b.
-  const worse = (a: number, b: number) => probs[a] < probs[b] || (probs[a] === probs[b] && a > b);
-  const heap: number[] = [];
-  const down = (i: number) => {
-    for (;;) {
-      const l = 2 * i + 1;
-      const r = l + 1;
-      let m = i;
-      if (l < heap.length && worse(heap[l], heap[m])) m = l;
-      if (r < heap.length && worse(heap[r], heap[m])) m = r;
-      if (m === i) return;
-      [heap[i], heap[m]] = [heap[m], heap[i]];
-      i = m;
-    }
-  };
-  for (let id = 0; id < probs.length; id++) {
-    if (heap.length < k) {
-      heap.push(id);
-      for (let i = heap.length - 1; i > 0; ) {
-        const parent = (i - 1) >> 1;
-        if (!worse(heap[i], heap[parent])) break;
-        [heap[i], heap[parent]] = [heap[parent], heap[i]];
-        i = parent;
-      }
-    } else if (worse(heap[0], id)) {
-      heap[0] = id;
-      down(0);
-    }
+/** Buckets: four per halving of the probability below the most probable token's, then one for the rest. */
+const BUCKETS = 128;
+const SHIFT = 18; // of a float64's high word (sign, 11 exponent bits, 20 mantissa bits): 2^20 / 2^18 = 4 buckets per power of two
+
+/**
+ * The nucleus in the full sort's order (probability, then id): the most probable ids, up to
+ * the first whose cumulative probability reaches top_p (every id, sorted, if none does). Each
+ * step of decoding does this for every row, so it avoids sorting the vocabulary: one pass
+ * files each id in a bucket by the high word of its probability's float64 (which orders
+ * positive floats as their values do, so equal probabilities share a bucket and a bucket's ids
+ * all rank before the next one's), the buckets' masses say which ones the nucleus reaches
+ * into, and only those ids (usually a few hundred) are sorted. `top`: the highest probability.
+ */
+function nucleus(probs: Float64Array, n: number, top: number, topP: number): number[] {
+  const high = new Uint32Array(probs.buffer, probs.byteOffset, 2 * n);
+  const topHigh = new Uint32Array(Float64Array.of(top).buffer)[HIGH];
+  const bucketOf = bucketScratch(n);
+  const mass = new Float64Array(BUCKETS);
+  for (let i = 0; i < n; i++) {
+    const b = Math.min(BUCKETS - 1, (topHigh - high[2 * i + HIGH]) >>> SHIFT);
+    bucketOf[i] = b;
+    mass[b] += probs[i];
   }
-  return heap.sort((a, b) => (worse(a, b) ? 1 : worse(b, a) ? -1 : 0));
+  // The buckets the nucleus needs by their masses; one more at a time if the sorted walk
+  // (which adds in another order) falls short by a rounding.
+  let last = 0;
+  for (let reached = mass[0]; reached < topP && last < BUCKETS - 1; ) reached += mass[++last];
+  for (;; last++) {
+    const candidates: number[] = [];
+    for (let i = 0; i < n; i++) if (bucketOf[i] <= last) candidates.push(i);
+    candidates.sort((a, b) => probs[b] - probs[a] || a - b);
+    let cumulative = 0;
+    for (let k = 0; k < candidates.length; k++) {
+      cumulative += probs[candidates[k]];
+      if (cumulative >= topP) return candidates.slice(0, k + 1);
+    }
+    if (last >= BUCKETS - 1) return candidates;
+  }
+}
+
+/** Which 32-bit half of a float64 holds its sign and exponent on this machine. */
+const HIGH = new Uint32Array(Float64Array.of(1).buffer)[1] === 0x3ff00000 ? 1 : 0;
+
+// Reused between calls (a step samples every row; fresh arrays each time would keep the garbage collector busy).
+let probsScratch = new Float64Array(0);
+let bucketsScratch = new Uint8Array(0);
+function scratch(n: number): Float64Array {
+  if (probsScratch.length < n) probsScratch = new Float64Array(n);
+  return probsScratch;
+}
+function bucketScratch(n: number): Uint8Array {
+  if (bucketsScratch.length < n) bucketsScratch = new Uint8Array(n);
+  return bucketsScratch;
 }
