@@ -11,6 +11,10 @@ const HOT: ReadonlySet<string> = new Set(['3', 'all']);
 /** Bucket of an item: its score "0".."3", "none" when the judge gave none, "all" for default roles. */
 export type Bucket = '0' | '1' | '2' | '3' | 'none' | 'all';
 
+/** The largest run shape accepted: above every supported model (Llama 3.3 70B: 80 layers of 8192). */
+export const MAX_RUN_LAYERS = 1024;
+export const MAX_RUN_HIDDEN = 65536;
+
 export class IngestError extends Error {
   constructor(public readonly field: string, message: string) {
     super(`${field}: ${message}`);
@@ -158,6 +162,23 @@ export class RunAccumulator {
   }
   get waitingCount(): number {
     return this.waiting.size;
+  }
+
+  /**
+   * Checks the run's shape as the sender declares it (IngestRequest.run_shape) against the
+   * activation and against what the run already holds: a run's shape comes from its spec, so
+   * a first activation of a wrong shape is refused instead of fixing the run's shape for good.
+   */
+  checkDeclaredShape(declared: number[], shape: number[]): void {
+    if (declared.length !== 2) throw new IngestError('run_shape', `required with an activation: the run's [layers, hidden], got [${declared}]`);
+    const [layers, hidden] = declared;
+    if (!(layers >= 1 && layers <= MAX_RUN_LAYERS && hidden >= 1 && hidden <= MAX_RUN_HIDDEN)) {
+      throw new IngestError('run_shape', `[${declared}] is not a model's [layers, hidden] (at most [${MAX_RUN_LAYERS}, ${MAX_RUN_HIDDEN}])`);
+    }
+    if (this.numLayers !== 0 && (layers !== this.numLayers || hidden !== this.hidden)) {
+      throw new IngestError('run_shape', `[${declared}] differs from this run's [${this.numLayers}, ${this.hidden}]`);
+    }
+    if (shape.length !== 2 || shape[0] !== layers || shape[1] !== hidden) throw new IngestError('activation.shape', `[${shape}] differs from the run's [${declared}] (run_shape)`);
   }
 
   /**

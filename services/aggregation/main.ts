@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import { AggregationServiceKeepingBytes } from '../shared/bulkWire';
 import { loadConfig } from '../shared/config';
+import { callerInterceptors } from '../shared/auth';
 import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
@@ -31,6 +32,8 @@ async function main(): Promise<void> {
     host: cfg.host,
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
+    // Only the coordinator calls this service: with a caller token, nobody else can.
+    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.Aggregation'),
     bindings: [{ name: 'assistant_axis.v1.Aggregation', definition: AggregationServiceKeepingBytes, implementation: aggregationGrpcHandlers(service, log) }],
     registry,
     log,

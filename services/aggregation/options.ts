@@ -1,5 +1,6 @@
 import type { OptionTable } from '../shared/config';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { CALLER_TOKEN_OPTION } from '../shared/auth';
 import { TLS_OPTIONS } from '../shared/tls';
 
 /** The aggregation service's flags and environment variables, with their defaults (docs/CONFIGURATION.md is made from it). */
@@ -11,4 +12,5 @@ export const AGGREGATION_OPTIONS = {
   'checkpoint-seconds': { type: 'number', env: 'AXIS_AGGREGATION_CHECKPOINT_SECONDS', default: 30, help: 'seconds between checkpoints (each writes only what changed)' },
   'cold-cache-mib': { type: 'number', env: 'AXIS_AGGREGATION_COLD_CACHE_MIB', default: 256, help: 'RAM for the sums of recently used buckets other than score 3 (the rest wait on disk); a role\'s items arrive together, so a few roles\' worth suffices' },
   ...TLS_OPTIONS,
+  ...CALLER_TOKEN_OPTION,
 } satisfies OptionTable;

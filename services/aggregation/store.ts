@@ -78,7 +78,9 @@ export class DurableStore {
     // activation's values are added to its bucket's sums straight from its bytes when it is folded.
     if (req.payload?.$case === 'activation') {
       const { shape, firstNonFinite } = inspectTensor(req.payload.value, 'activation');
-      const check = (acc ?? new RunAccumulator()).checkActivation(req.role, req.itemKey, shape, undefined, firstNonFinite);
+      const run = acc ?? new RunAccumulator();
+      run.checkDeclaredShape(req.runShape, shape);
+      const check = run.checkActivation(req.role, req.itemKey, shape, undefined, firstNonFinite);
       if (check === 'duplicate') return Promise.resolve('duplicate');
     } else if (req.payload?.$case === 'score') {
       if ((acc ?? new RunAccumulator()).checkScore(req.role, req.itemKey, req.payload.value.score ?? null) === 'duplicate') return Promise.resolve('duplicate');

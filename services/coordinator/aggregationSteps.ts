@@ -48,7 +48,9 @@ export class AggregationSteps {
     // committed first, so that a crash cannot leave aggregation holding what the ledger lost.
     await ctx.ledger.committed();
     await ctx.retrying(`aggregate ${item.role}/${item.key}`, async () => {
-      const ack = await ctx.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload });
+      // The run's shape from its spec (the layers it captures, the model's hidden size), so that aggregation never takes it from an activation.
+      const runShape = payload.$case === 'activation' ? [ctx.spec.layers.length || ctx.items.modelInfo.numLayers, ctx.items.modelInfo.hiddenSize] : [];
+      const ack = await ctx.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload, runShape });
       if (ack.error) {
         // A refusal (the message is wrong) ends the run; anything else (e.g. its disk is full) is retried.
         const msg = `aggregation ${ack.error.code === grpc.status.INVALID_ARGUMENT ? 'refused' : 'could not store'} the ${payload.$case} of ${item.role}/${item.key}: ${ack.error.message}`;

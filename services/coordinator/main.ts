@@ -6,7 +6,7 @@ import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
 import { channelCredentials } from '../shared/tls';
-import { bearerInterceptor, readToken } from './auth';
+import { bearerInterceptor, readToken } from '../shared/auth';
 import { watchDependencies } from './dependencies';
 import { discoveryFor, parseTarget } from './discovery';
 import { Ledger } from './ledger';
@@ -24,10 +24,15 @@ async function main(): Promise<void> {
   const discovery = { inference: discover('inference'), judge: discover('judge'), aggregation: discover('aggregation') };
   const credentials = channelCredentials(cfg);
   const serverName = cfg['tls-server-name'];
+  // Each internal service's own caller token, presented on every call to it (none: it takes any caller the network lets in).
+  const dial = (name: 'inference' | 'judge' | 'aggregation') => {
+    const file = cfg[`${name}-token-file`];
+    return { serverName, token: file ? readToken(file, `--${name}-token-file`) : undefined };
+  };
   const upstreams: Upstreams = {
-    inference: new InferencePool(log, credentials, serverName),
-    judge: new JudgePool(credentials, serverName, log),
-    aggregation: new AggregationUpstream('', credentials, serverName, log),
+    inference: new InferencePool(log, credentials, dial('inference')),
+    judge: new JudgePool(credentials, dial('judge'), log),
+    aggregation: new AggregationUpstream('', credentials, dial('aggregation'), log),
   };
   const token = cfg['auth-token-file'] ? readToken(cfg['auth-token-file']) : undefined;
   const ledger = new Ledger(path.resolve(cfg['state-dir']));

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import * as path from 'node:path';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
-import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING } from '../shared/defaults';
+import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING, MAX_CONTEXT_TOKENS } from '../shared/defaults';
 import { nameProblem } from '../shared/names';
 import { failedPrecondition, invalidArgument, RpcError } from '../shared/rpc';
 import { confinedPath, readAxisFile } from './confine';
@@ -33,6 +33,7 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
   if (!(topP > 0 && topP <= 1)) throw invalidArgument(`top_p: must be in (0, 1], got ${topP}`);
   if (maxNewTokens < 1) throw invalidArgument('max_new_tokens: must be at least 1');
   if (maxContext <= maxNewTokens) throw invalidArgument(`max_context: must exceed max_new_tokens (${maxNewTokens}), got ${maxContext}`);
+  if (maxContext > MAX_CONTEXT_TOKENS) throw invalidArgument(`max_context: at most ${MAX_CONTEXT_TOKENS} tokens, got ${maxContext}`);
   if (req.minCount !== undefined && req.minCount < 1) throw invalidArgument('min_count: must be at least 1');
   if (req.questionCount !== undefined && req.questionCount < 1) throw invalidArgument('question_count: must be at least 1');
   if (req.maxJudgeCostUsd !== undefined && !(Number.isFinite(req.maxJudgeCostUsd) && req.maxJudgeCostUsd >= 0)) throw invalidArgument(`max_judge_cost_usd: must be a non-negative number of dollars, got ${req.maxJudgeCostUsd}`);

@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { CoordinatorServer, Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { Logger } from '../shared/logger';
 import { failStream, RpcError, unary } from '../shared/rpc';
-import { bearerMatches, UNAUTHENTICATED_DETAILS } from './auth';
+import { bearerMatches, UNAUTHENTICATED_DETAILS } from '../shared/auth';
 import type { RunManager } from './runManager';
 
 /** At most one WatchRun update per this many milliseconds, and always the latest state. */

@@ -5,7 +5,14 @@ import { JudgeClient, JudgeInfo, PollBatchResponse, ScoreRequest, ScoreResult, S
 import { StreamPipe } from '../shared/pipe';
 import { AggregationClientBulk } from '../shared/bulkWire';
 import { STREAM_REPLY_TIMEOUT_MS } from '../shared/defaults';
+import { presentToken } from '../shared/auth';
 import { channelOptions } from '../shared/server';
+
+/** How the coordinator reaches one internal service: the name its TLS certificate carries (when dialled by IP), and the caller token it presents. */
+export interface Dial {
+  serverName?: string;
+  token?: string;
+}
 
 /** Deadline of unary calls to the other services. */
 const UNARY_DEADLINE_MS = 10_000;
@@ -27,8 +34,8 @@ export class InferenceReplica {
   readonly generate: StreamPipe<GenerateRequest, GenerateResult>;
   readonly extract: StreamPipe<ExtractRequest, ExtractResult>;
 
-  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), serverName = '') {
-    this.client = new InferenceClient(address, credentials, replicaOptions(serverName));
+  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), dial: Dial = {}) {
+    this.client = new InferenceClient(address, credentials, replicaOptions(dial));
     this.generate = new StreamPipe(() => this.client.generate(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
     this.extract = new StreamPipe(() => this.client.extract(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
   }
@@ -82,14 +89,13 @@ export class InferencePool {
   constructor(
     private readonly log?: { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void },
     private readonly credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
-    /** The name the replicas' TLS certificates carry, when they are dialled by IP. */
-    private readonly serverName = '',
+    private readonly dial: Dial = {},
   ) {}
 
   update(addresses: string[]): void {
     reconcileReplicas(this.replicas, addresses, {
       create: (a) => {
-        const r = new InferenceReplica(a, this.credentials, this.serverName);
+        const r = new InferenceReplica(a, this.credentials, this.dial);
         r.refresh().then(
           (info) => {
             this.log?.info({ address: a, model: info.model, capacity: info.capacity }, 'inference replica joined');
@@ -136,9 +142,13 @@ export class InferencePool {
   }
 }
 
-/** gRPC channel options for a replica dialled by address, whose certificate carries `serverName`. */
-function replicaOptions(serverName: string): grpc.ChannelOptions {
-  return { ...channelOptions(), ...(serverName ? { 'grpc.ssl_target_name_override': serverName, 'grpc.default_authority': serverName } : {}) };
+/** gRPC channel options for a replica dialled by address (whose certificate carries `serverName`), presenting the service's caller token. */
+function replicaOptions({ serverName, token }: Dial): grpc.ClientOptions {
+  return {
+    ...channelOptions(),
+    ...(serverName ? { 'grpc.ssl_target_name_override': serverName, 'grpc.default_authority': serverName } : {}),
+    ...(token ? { interceptors: [presentToken(token)] } : {}),
+  };
 }
 
 /** One judge replica, and one Score stream to it. */
@@ -147,8 +157,8 @@ export class JudgeUpstream {
   info: JudgeInfo | undefined;
   readonly score: StreamPipe<ScoreRequest, ScoreResult>;
 
-  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), serverName = '') {
-    this.client = new JudgeClient(address, credentials, replicaOptions(serverName));
+  constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), dial: Dial = {}) {
+    this.client = new JudgeClient(address, credentials, replicaOptions(dial));
     this.score = new StreamPipe(() => this.client.score(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.judge);
   }
 
@@ -185,14 +195,14 @@ export class JudgePool {
 
   constructor(
     private readonly credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
-    private readonly serverName = '',
+    private readonly dial: Dial = {},
     private readonly log?: { info: (obj: object, msg: string) => void },
   ) {}
 
   update(addresses: string[]): void {
     reconcileReplicas(this.replicas, addresses, {
       create: (a) => {
-        const r = new JudgeUpstream(a, this.credentials, this.serverName);
+        const r = new JudgeUpstream(a, this.credentials, this.dial);
         // Used once it answers (the coordinator's periodic check asks again if it is not up yet).
         r.refresh().then(
           (info) => {
@@ -266,7 +276,7 @@ export class AggregationUpstream {
   constructor(
     address: string,
     private readonly credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
-    private readonly serverName = '',
+    private readonly dial: Dial = {},
     private readonly log?: { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void },
   ) {
     this.ingest = new StreamPipe(() => this.need().ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), STREAM_REPLY_TIMEOUT_MS.aggregation);
@@ -286,7 +296,7 @@ export class AggregationUpstream {
     const old = this.client;
     if (old) this.log?.info({ from: this.address, to: next }, 'aggregation moved: what was in flight is sent again');
     this.address = next;
-    this.client = new AggregationClientBulk(next, this.credentials, replicaOptions(this.serverName));
+    this.client = new AggregationClientBulk(next, this.credentials, replicaOptions(this.dial));
     // The stream on the old connection fails what it held; the next send opens one on the new.
     this.ingest.cancel();
     old?.close();

@@ -1,5 +1,6 @@
 import type { OptionTable } from '../shared/config';
 import { DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { CALLER_TOKEN_OPTION } from '../shared/auth';
 import { TLS_OPTIONS } from '../shared/tls';
 
 /** The inference service's flags and environment variables, with their defaults (docs/CONFIGURATION.md is made from it). */
@@ -28,4 +29,5 @@ export const INFERENCE_OPTIONS = {
   capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items accepted at once (0: the backend\'s default: twice --max-batch for onnx, so the next batch is ready when one ends; 16 for synthetic)' },
   'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
   ...TLS_OPTIONS,
+  ...CALLER_TOKEN_OPTION,
 } satisfies OptionTable;

@@ -1,6 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
 import type { ExtractRequest, GenerateRequest, ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS } from '../shared/defaults';
 import { RpcError } from '../shared/rpc';
 import type { ExtractOptions, GenerateInput } from './backend';
 
@@ -13,6 +14,18 @@ function checkMessages(messages: ChatMessage[]): void {
     if (!ROLES.has(m.role)) throw bad(`messages[${i}].role: must be system, user or assistant, got ${JSON.stringify(m.role)}`);
   });
 }
+
+/**
+ * A conversation that cannot fit `tokens` whatever its tokenization is refused before the
+ * tokenizer sees it (tokenizing megabytes to find that out would hold the service).
+ */
+function checkLength(messages: ChatMessage[], tokens: number, what: string): void {
+  const chars = messages.reduce((n, m) => n + m.content.length, 0);
+  if (chars > tokens * MAX_CHARS_PER_TOKEN) throw bad(`messages: ${chars} characters cannot fit ${what} (${tokens} tokens; at most ${MAX_CHARS_PER_TOKEN} characters a token)`);
+}
+
+/** The most tokens a sequence may hold here: the slot length when there is a memory plan, else the global bound. */
+const sequenceBound = (info: ModelInfo) => (info.slotLength > 0 ? info.slotLength : MAX_CONTEXT_TOKENS);
 
 function checkLayers(layers: number[], info: ModelInfo): number[] {
   const seen = new Set<number>();
@@ -33,6 +46,8 @@ export function validateGenerate(req: GenerateRequest, info: ModelInfo): Generat
   if (!(s.temperature >= 0)) throw bad(`sampling.temperature: must be >= 0, got ${s.temperature}`);
   if (!(s.topP > 0 && s.topP <= 1)) throw bad(`sampling.top_p: must be in (0, 1], got ${s.topP}`);
   if (!(s.maxNewTokens >= 1)) throw bad('sampling.max_new_tokens: must be at least 1');
+  if (!(s.maxContext >= 2 && s.maxContext <= MAX_CONTEXT_TOKENS)) throw bad(`sampling.max_context: must be in [2, ${MAX_CONTEXT_TOKENS}], got ${s.maxContext}`);
+  checkLength(req.messages, Math.min(s.maxContext, sequenceBound(info)), 'max_context');
   return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info) };
 }
 
@@ -40,5 +55,6 @@ export function validateExtract(req: ExtractRequest, info: ModelInfo): { message
   if (!req.itemId) throw bad('item_id: required');
   checkMessages(req.messages);
   if (req.messages[req.messages.length - 1].role !== 'assistant') throw bad('messages: the last message must be the assistant answer to measure');
+  checkLength(req.messages, sequenceBound(info), info.slotLength > 0 ? 'a slot (--slot-length)' : 'the longest context served');
   return { messages: req.messages, layers: checkLayers(req.layers, info), opts: { answerIds: req.responseTokenIds.length ? req.responseTokenIds : undefined, enableThinking: req.enableThinking } };
 }

@@ -1,5 +1,6 @@
 import { JudgeService as JudgeServiceDefinition } from '../../gen/assistant_axis/v1/judge';
 import { loadConfig } from '../shared/config';
+import { callerInterceptors } from '../shared/auth';
 import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
@@ -29,6 +30,8 @@ async function main(): Promise<void> {
     host: cfg.host,
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
+    // Only the coordinator calls this service: with a caller token, nobody else can.
+    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.Judge'),
     bindings: [{ name: 'assistant_axis.v1.Judge', definition: JudgeServiceDefinition, implementation: judgeGrpcHandlers(service, log) }],
     registry,
     log,

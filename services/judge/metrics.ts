@@ -5,7 +5,7 @@ import { prom } from '../shared/metrics';
 export function judgeMetrics(registry: Registry) {
   const registers = [registry];
   return {
-    requests: new prom.Counter({ name: 'axis_judge_requests_total', help: 'API calls by outcome (ok, rate_limited, server_error, timeout, connection, bad_response, client_error)', labelNames: ['outcome'], registers }),
+    requests: new prom.Counter({ name: 'axis_judge_requests_total', help: 'API calls by outcome (ok, rate_limited, server_error, timeout, connection, bad_response, client_error, cancelled)', labelNames: ['outcome'], registers }),
     items: new prom.Counter({ name: 'axis_judge_items_total', help: 'Items finished, by result (scored, unscored, error)', labelNames: ['result'], registers }),
     retries: new prom.Counter({ name: 'axis_judge_retries_total', help: 'Calls made again, by reason', labelNames: ['reason'], registers }),
     rateWaits: new prom.Counter({ name: 'axis_judge_rate_limited_wait_seconds_total', help: 'Time calls waited for the rate limit', registers }),

@@ -1,5 +1,6 @@
 import type { OptionTable } from '../shared/config';
 import { DEFAULT_JUDGE_MODEL, DEFAULT_METRICS_PORTS, DEFAULT_PORTS } from '../shared/defaults';
+import { CALLER_TOKEN_OPTION } from '../shared/auth';
 import { TLS_OPTIONS } from '../shared/tls';
 
 /** The judge's flags and environment variables, with their defaults (docs/CONFIGURATION.md is made from it). */
@@ -22,4 +23,5 @@ export const JUDGE_OPTIONS = {
   'unparsed-retries': { type: 'number', env: 'AXIS_JUDGE_UNPARSED_RETRIES', default: 2, help: 'times an item is asked again when the reply holds no score 0..3' },
   prices: { type: 'string', env: 'AXIS_JUDGE_PRICES', default: '', help: 'JSON file {model: {prompt, completion}} in USD per 1M tokens (default: built-in list prices)' },
   ...TLS_OPTIONS,
+  ...CALLER_TOKEN_OPTION,
 } satisfies OptionTable;

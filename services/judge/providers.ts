@@ -7,6 +7,8 @@ export interface JudgeCall {
   prompt: string;
   role: string;
   answer: string;
+  /** Aborts the request when the item's caller is gone. */
+  signal?: AbortSignal;
 }
 
 export interface JudgeReply {
@@ -48,7 +50,7 @@ export class OpenAIProvider implements JudgeProvider {
       messages: [{ role: 'user', content: call.prompt }],
       max_tokens: JUDGE_MAX_TOKENS,
       temperature: JUDGE_TEMPERATURE,
-    });
+    }, { signal: call.signal });
     return {
       reply: res.choices[0]?.message?.content ?? '',
       promptTokens: res.usage?.prompt_tokens ?? 0,

@@ -1,4 +1,4 @@
-import { APIConnectionError, APIConnectionTimeoutError, APIError } from 'openai';
+import { APIConnectionError, APIConnectionTimeoutError, APIError, APIUserAbortError } from 'openai';
 
 export interface RetryPolicy {
   /** Attempts in all, the first included. */
@@ -12,10 +12,12 @@ export interface RetryPolicy {
 /** Default of `RetryPolicy.maxRetryAfterMs`. */
 export const MAX_RETRY_AFTER_MS = 300_000;
 
-export type Failure = 'rate_limited' | 'server_error' | 'timeout' | 'connection' | 'bad_response' | 'client_error';
+export type Failure = 'rate_limited' | 'server_error' | 'timeout' | 'connection' | 'bad_response' | 'client_error' | 'cancelled';
 
 /** What a failed call was, whether asking again may help, and how long the server asked us to wait. */
 export function classify(err: unknown): { kind: Failure; retryable: boolean; retryAfterMs?: number; status?: number } {
+  // The caller went away (its stream was cancelled): asking again would pay for an answer nobody reads.
+  if (err instanceof APIUserAbortError) return { kind: 'cancelled', retryable: false };
   if (err instanceof APIConnectionTimeoutError) return { kind: 'timeout', retryable: true };
   if (err instanceof APIConnectionError) return { kind: 'connection', retryable: true };
   if (err instanceof APIError && typeof err.status === 'number') {

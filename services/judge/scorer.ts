@@ -68,13 +68,21 @@ export class Scorer {
     if (opts.tokensPerMinute > 0) this.tokens = new TokenBucket(opts.tokensPerMinute / 60, Math.max(1, opts.tokensPerMinute / 60));
   }
 
-  async score(input: ScoreInput): Promise<ScoreOutcome> {
+  /**
+   * Scores one item, retrying as the policy says. `signal`: the item's caller is gone (its
+   * stream was cancelled, e.g. the coordinator restarted and will send the item again): the
+   * call in flight is aborted and no other is made, so that an item is not paid for twice.
+   */
+  async score(input: ScoreInput, signal?: AbortSignal): Promise<ScoreOutcome> {
     const prompt = judgePrompt(input.evalPrompt, input.question, input.answer);
     const out: ScoreOutcome = { rawReply: '', attempts: 0, promptTokens: 0, completionTokens: 0, costUsd: 0, possiblyBilledTokens: 0, unparsed: false };
+    const cancelled = (): ScoreOutcome => ({ ...out, error: { code: grpc.status.CANCELLED, message: `the caller cancelled the item after ${out.attempts} attempt(s): no further judge call` } });
     let failures = 0;
     let unparsed = 0;
     for (;;) {
-      const result = await this.pool.run(() => this.attempt(prompt, input, out));
+      if (signal?.aborted) return cancelled();
+      const result = await this.pool.run(() => (signal?.aborted ? Promise.resolve(CANCELLED_BEFORE_CALL) : this.attempt(prompt, input, out, signal)));
+      if (signal?.aborted) return cancelled();
       if (result.ok) {
         const score = parseScore(result.reply);
         out.rawReply = result.reply;
@@ -90,18 +98,18 @@ export class Scorer {
         return { ...out, error: { code, message: `judge API call failed after ${out.attempts} attempt(s): ${c.kind}${c.status ? ` (HTTP ${c.status})` : ''}: ${result.message}` } };
       }
       this.events.retry?.(c.kind);
-      await sleep(backoffMs(this.opts.retry, failures, c.retryAfterMs));
+      await sleep(backoffMs(this.opts.retry, failures, c.retryAfterMs), signal);
     }
   }
 
-  private async attempt(prompt: string, input: ScoreInput, out: ScoreOutcome): Promise<{ ok: true; reply: string } | { ok: false; failure: ReturnType<typeof classify>; message: string }> {
+  private async attempt(prompt: string, input: ScoreInput, out: ScoreOutcome, signal?: AbortSignal): Promise<Attempt> {
     const waited = (await this.requests?.take(1)) ?? 0;
     const tokenWait = (await this.tokens?.take(estimateTokens(prompt) + JUDGE_MAX_TOKENS)) ?? 0;
     if (waited + tokenWait > 1) this.events.rateWait?.(waited + tokenWait);
     out.attempts++;
     this.events.inFlight?.(1);
     try {
-      const r = await this.provider.complete({ prompt, role: input.role, answer: input.answer });
+      const r = await this.provider.complete({ prompt, role: input.role, answer: input.answer, signal });
       const cost = costUsd(this.opts.price, r.promptTokens, r.completionTokens);
       out.promptTokens += r.promptTokens;
       out.completionTokens += r.completionTokens;
@@ -112,8 +120,8 @@ export class Scorer {
     } catch (err) {
       const failure = classify(err);
       this.events.attempt?.(failure.kind);
-      if (failure.kind === 'timeout') {
-        // The server may have run (and billed) the call: count it, at its prompt's estimated size.
+      if (failure.kind === 'timeout' || failure.kind === 'cancelled') {
+        // The server may have run (and billed) the call (it timed out, or was aborted in flight): count it, at its prompt's estimated size.
         const maybe = estimateTokens(prompt) + JUDGE_MAX_TOKENS;
         out.possiblyBilledTokens += maybe;
         const cost = costUsd(this.opts.price, maybe - JUDGE_MAX_TOKENS, JUDGE_MAX_TOKENS);
@@ -127,6 +135,21 @@ export class Scorer {
   }
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
+type Attempt = { ok: true; reply: string } | { ok: false; failure: ReturnType<typeof classify>; message: string };
+
+/** What a cancelled item's turn in the pool gives back without a call. */
+const CANCELLED_BEFORE_CALL: Attempt = { ok: false, failure: { kind: 'cancelled', retryable: false }, message: 'cancelled before the call' };
+
+/** Waits `ms`, or less if `signal` aborts. */
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener('abort', done, { once: true });
+  });
 }

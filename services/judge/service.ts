@@ -26,7 +26,7 @@ export interface JudgeServiceDeps {
 /** The judge's RPCs as plain functions: what the gRPC adapter serves and what tests call without a network. */
 export interface JudgeService {
   readonly info: JudgeInfo;
-  score(req: ScoreRequest): Promise<ScoreResult>;
+  score(req: ScoreRequest, cancelled?: AbortSignal): Promise<ScoreResult>;
   submitBatch(req: SubmitBatchRequest): Promise<SubmitBatchResponse>;
   pollBatch(req: PollBatchRequest): Promise<PollBatchResponse>;
 }
@@ -78,11 +78,11 @@ export function createJudgeService(deps: JudgeServiceDeps): JudgeService {
 
   return {
     info,
-    async score(req) {
+    async score(req, cancelled) {
       if (!req.itemId) return toResult('', { ...EMPTY, error: { code: grpc.status.INVALID_ARGUMENT, message: 'item_id: required' } });
       if (!req.evalPrompt) return toResult(req.itemId, { ...EMPTY, error: { code: grpc.status.INVALID_ARGUMENT, message: 'eval_prompt: required (default roles are not judged)' } });
       const stop = metrics.latency.startTimer();
-      const o = await scorer.score({ role: req.role, evalPrompt: req.evalPrompt, question: req.question, answer: req.answer });
+      const o = await scorer.score({ role: req.role, evalPrompt: req.evalPrompt, question: req.question, answer: req.answer }, cancelled);
       stop();
       metrics.items.inc({ result: o.error ? 'error' : o.score === undefined ? 'unscored' : 'scored' });
       if (o.error) log.warn({ itemId: req.itemId, attempts: o.attempts, error: o.error.message }, 'item not scored');
@@ -132,6 +132,6 @@ export function judgeGrpcHandlers(service: JudgeService, log: Logger): JudgeServ
     getJudgeInfo: unary(log, async () => service.info),
     submitBatch: unary(log, (req) => service.submitBatch(req)),
     pollBatch: unary(log, (req) => service.pollBatch(req)),
-    score: (call) => serveBidi(call, (req: ScoreRequest) => service.score(req)),
+    score: (call) => serveBidi(call, (req: ScoreRequest, cancelled) => service.score(req, cancelled)),
   };
 }

@@ -22,6 +22,19 @@ export const DEFAULT_SAMPLING = {
   seed: 0,
 } as const;
 
+/**
+ * The longest context a request may ask for, in tokens: above every supported model's (Llama
+ * 3.3's 128k is the longest), so that max_context is a bound and not a way to ask for anything.
+ */
+export const MAX_CONTEXT_TOKENS = 131_072;
+
+/**
+ * Characters per token no text exceeds in practice (a vocabulary's longest tokens are runs of
+ * spaces or punctuation of a few dozen characters): a conversation longer than this many
+ * characters per token of its budget cannot fit, and is refused before it is tokenized.
+ */
+export const MAX_CHARS_PER_TOKEN = 64;
+
 export const DEFAULT_MIN_COUNT = 50;
 export const DEFAULT_JUDGE_MODEL = 'gpt-4.1-mini';
 export const JUDGE_MAX_TOKENS = 10;
@@ -42,6 +55,23 @@ export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
  * few MiB, and nothing a stranger can make it allocate by the 64 MiB of the internal services.
  */
 export const COORDINATOR_MAX_RECEIVE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Encoded bytes of requests one stream may have a service handling at once; past it the
+ * stream is not read until some are answered (a window of Generate requests is a few MB; an
+ * Ingest window of 80 x 8192 f32 activations about 170 MB).
+ */
+export const MAX_PENDING_BYTES_PER_STREAM = 256 * 1024 * 1024;
+
+/** The same bound over all of a service's streams together. */
+export const DEFAULT_SERVICE_PENDING_BYTES = 1024 * 1024 * 1024;
+
+/**
+ * Streams one client connection may hold open on a server at once (HTTP/2
+ * SETTINGS_MAX_CONCURRENT_STREAMS): the coordinator holds a few per upstream, a client a few
+ * watches; without it a connection could open thousands.
+ */
+export const MAX_CONCURRENT_STREAMS = 100;
 
 /** Seconds a service waits for in-flight calls on SIGTERM before it forces its server down. */
 export const DRAIN_SECONDS = 10;

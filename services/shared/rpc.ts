@@ -1,5 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import { setMaxListeners } from 'node:events';
+import { DEFAULT_SERVICE_PENDING_BYTES, MAX_PENDING_BYTES_PER_STREAM } from './defaults';
 import type { Logger } from './logger';
 
 /** An error that becomes a gRPC status with this code and message. */
@@ -43,6 +44,13 @@ export function unary<Req, Res>(log: Logger, handler: (req: Req, call: grpc.Serv
  */
 const UNDECODABLE = Symbol('undecodable');
 
+/** The encoded size of a request, set by the tolerant decoder (what pending work is bounded by). */
+const WIRE_BYTES = Symbol('wireBytes');
+
+export function wireBytes(req: unknown): number {
+  return typeof req === 'object' && req !== null && WIRE_BYTES in req ? Number((req as Record<symbol, unknown>)[WIRE_BYTES]) : 0;
+}
+
 export function undecodableReason(req: unknown): string | undefined {
   return typeof req === 'object' && req !== null && UNDECODABLE in req ? String((req as Record<symbol, unknown>)[UNDECODABLE]) : undefined;
 }
@@ -61,7 +69,9 @@ export function tolerantDecoding<D extends grpc.ServiceDefinition, I extends grp
       ...method,
       requestDeserialize: (bytes: Buffer) => {
         try {
-          return method.requestDeserialize(bytes);
+          const req = method.requestDeserialize(bytes);
+          if (typeof req === 'object' && req !== null) Object.defineProperty(req, WIRE_BYTES, { value: bytes.length });
+          return req;
         } catch (err) {
           return { [UNDECODABLE]: `the ${type} request could not be decoded (${(err as Error).message})` };
         }
@@ -103,30 +113,92 @@ export async function writeWhenReady<T>(call: grpc.ServerWritableStream<unknown,
   return !(call.cancelled || call.destroyed);
 }
 
+/** Requests of one stream being handled at once, at most (beyond it the stream is not read). */
+export const MAX_PENDING_PER_STREAM = 1024;
+
+/**
+ * Bytes of requests being handled at once, shared by every stream of a service (one process):
+ * past its limit every stream of the service stops being read until the handled ones are
+ * answered, so many clients together cannot make it hold more either.
+ */
+export class PendingBytes {
+  private used = 0;
+  private readonly waiting = new Set<() => void>();
+
+  constructor(readonly limit: number) {}
+
+  get bytes(): number {
+    return this.used;
+  }
+
+  get full(): boolean {
+    return this.used >= this.limit;
+  }
+
+  add(n: number): void {
+    this.used += n;
+  }
+
+  release(n: number): void {
+    this.used -= n;
+    if (this.used < this.limit / 2 && this.waiting.size) {
+      const wake = [...this.waiting];
+      this.waiting.clear();
+      for (const w of wake) w();
+    }
+  }
+
+  /** Calls `wake` once the service is below half its limit again. */
+  whenRoom(wake: () => void): void {
+    this.waiting.add(wake);
+  }
+
+  forget(wake: () => void): void {
+    this.waiting.delete(wake);
+  }
+}
+
+/** The process's own: each service is one process (DEFAULT_SERVICE_PENDING_BYTES). */
+export const SERVICE_PENDING = new PendingBytes(DEFAULT_SERVICE_PENDING_BYTES);
+
 /**
  * Serves a bidirectional stream of independent requests: each is handled as it arrives, its
  * result written when ready (in any order), and the stream ended once the client has ended
  * its side and every result is out. `handle` must not reject: item errors go in its result.
+ * The stream is not read while it has too much in hand (MAX_PENDING_PER_STREAM requests, or
+ * `streamBytes` of encoded requests), or while the service has (`service`): HTTP/2 flow
+ * control then holds the client back instead of the service queueing without bound.
  */
-/**
- * Requests of one stream being handled at once, at most: beyond it the stream is not read, so
- * HTTP/2 flow control holds the client back instead of the service queueing without bound.
- */
-export const MAX_PENDING_PER_STREAM = 1024;
-
-export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, handle: (req: Req, cancelled: AbortSignal) => Promise<Res>): void {
+export function serveBidi<Req, Res>(
+  call: grpc.ServerDuplexStream<Req, Res>,
+  handle: (req: Req, cancelled: AbortSignal) => Promise<Res>,
+  limits: { streamBytes?: number; service?: PendingBytes } = {},
+): void {
+  const streamLimit = limits.streamBytes ?? MAX_PENDING_BYTES_PER_STREAM;
+  const service = limits.service ?? SERVICE_PENDING;
   // Aborted when the client cancels the stream (or its connection goes): what is still running for it may stop.
   const cancel = new AbortController();
   // One signal serves every request of the stream (up to MAX_PENDING_PER_STREAM at once), each
   // listening while it runs and leaving when it ends: many listeners are expected, not a leak.
   setMaxListeners(MAX_PENDING_PER_STREAM + 1, cancel.signal);
-  call.on('cancelled', () => cancel.abort());
   let pending = 0;
+  let pendingBytes = 0;
   let paused = false;
   let ended = false;
   const finish = () => {
     if (ended && pending === 0 && !call.cancelled) call.end();
   };
+  const resumeIfRoom = () => {
+    if (!paused || call.cancelled) return;
+    if (pending > MAX_PENDING_PER_STREAM / 2 || pendingBytes > streamLimit / 2) return; // this stream's own answers will call again
+    if (service.full) return service.whenRoom(resumeIfRoom);
+    paused = false;
+    call.resume();
+  };
+  call.on('cancelled', () => {
+    cancel.abort();
+    service.forget(resumeIfRoom);
+  });
   let received = 0;
   call.on('data', (req: Req) => {
     received++;
@@ -136,18 +208,21 @@ export function serveBidi<Req, Res>(call: grpc.ServerDuplexStream<Req, Res>, han
       if (!call.cancelled) failStream(call, invalidArgument(`message ${received} of the stream: ${reason}`));
       return;
     }
+    const bytes = wireBytes(req);
     pending++;
-    if (pending >= MAX_PENDING_PER_STREAM && !paused) {
+    pendingBytes += bytes;
+    service.add(bytes);
+    if (!paused && (pending >= MAX_PENDING_PER_STREAM || pendingBytes >= streamLimit || service.full)) {
       paused = true;
       call.pause();
+      if (service.full && pending < MAX_PENDING_PER_STREAM && pendingBytes < streamLimit) service.whenRoom(resumeIfRoom);
     }
     void handle(req, cancel.signal).then((res) => {
       pending--;
+      pendingBytes -= bytes;
+      service.release(bytes);
       if (!call.cancelled) call.write(res);
-      if (paused && pending <= MAX_PENDING_PER_STREAM / 2) {
-        paused = false;
-        call.resume();
-      }
+      resumeIfRoom();
       finish();
     });
   });

@@ -3,7 +3,7 @@ import type * as http from 'node:http';
 import { HealthImplementation, ServingStatus } from 'grpc-health-check';
 import { ReflectionService } from '@grpc/reflection';
 import type { Registry } from 'prom-client';
-import { DRAIN_SECONDS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_MESSAGE_BYTES } from './defaults';
+import { DRAIN_SECONDS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES } from './defaults';
 import type { Logger } from './logger';
 import { reflectionPackageDefinition } from './protos';
 import { startMetricsServer } from './metrics';
@@ -53,6 +53,7 @@ export function serverOptions(maxReceiveBytes = MAX_MESSAGE_BYTES, interceptors:
     // A client that vanished without closing its connection: its streams are cancelled, and what it held is freed.
     'grpc.keepalive_time_ms': KEEPALIVE_TIME_MS,
     'grpc.keepalive_timeout_ms': KEEPALIVE_TIMEOUT_MS,
+    'grpc.max_concurrent_streams': MAX_CONCURRENT_STREAMS,
   };
 }
 

@@ -16,8 +16,8 @@ describe('the aggregation service without a network', () => {
     const [L, d] = [2, 3];
     const send = async (role: string, key: string, values: number[], score?: number) => {
       const activation = encodeTensor({ shape: [L, d], data: Float32Array.from(values) });
-      expect(await service.ingest({ run: 'r', role, itemKey: key, payload: { $case: 'activation', value: activation } })).toMatchObject({ error: undefined, duplicate: false });
-      if (score !== undefined) expect(await service.ingest({ run: 'r', role, itemKey: key, payload: { $case: 'score', value: { score } } })).toMatchObject({ error: undefined });
+      expect(await service.ingest({ run: 'r', role, itemKey: key, payload: { $case: 'activation', value: activation }, runShape: [L, d] })).toMatchObject({ error: undefined, duplicate: false });
+      if (score !== undefined) expect(await service.ingest({ run: 'r', role, itemKey: key, payload: { $case: 'score', value: { score } }, runShape: [] })).toMatchObject({ error: undefined });
     };
     await send('chef', 'pos_p0_q0', [1, 1, 1, 1, 1, 1], 3);
     await send('chef', 'pos_p0_q1', [3, 3, 3, 3, 3, 3], 3);
@@ -41,7 +41,7 @@ describe('the aggregation service without a network', () => {
     const store = new DurableStore(tempDir('aggregation-service-bad'));
     await store.open();
     const service = createAggregationService({ store, metrics: aggregationMetrics(new Registry(), () => store.state), log: pino({ level: 'silent' }) });
-    const ack = await service.ingest({ run: '../etc', role: 'chef', itemKey: 'k', payload: { $case: 'score', value: { score: 3 } } });
+    const ack = await service.ingest({ run: '../etc', role: 'chef', itemKey: 'k', payload: { $case: 'score', value: { score: 3 } }, runShape: [] });
     expect(ack.error).toMatchObject({ code: grpc.status.INVALID_ARGUMENT });
     expect(ack.error!.message).toMatch(/^run: /);
     expect(() => service.runState('a/b')).toThrow(/^run: /);

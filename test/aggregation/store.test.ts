@@ -19,8 +19,8 @@ function messages(): IngestRequest[] {
   const out: IngestRequest[] = [];
   for (const role of roles) {
     for (let i = 0; i < 8; i++) {
-      out.push({ run: 'r', role, itemKey: `q${i}`, payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data: activation(role, i) }) } });
-      if (role !== 'default') out.push({ run: 'r', role, itemKey: `q${i}`, payload: { $case: 'score', value: { score: i % 4 } } });
+      out.push({ run: 'r', role, itemKey: `q${i}`, payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data: activation(role, i) }) }, runShape: [L, d] });
+      if (role !== 'default') out.push({ run: 'r', role, itemKey: `q${i}`, payload: { $case: 'score', value: { score: i % 4 } }, runShape: [] });
     }
   }
   return out;
@@ -85,11 +85,29 @@ describe('DurableStore', () => {
     // In memory: score 3 and default (the other buckets live in cold files): pirate/3, sage/3, default/all.
     expect(before.map((f) => f.split('.').slice(0, 2).join('/'))).toEqual(['default/all', 'pirate/3', 'sage/3']);
     expect(await store.checkpoint()).toBe(false);
-    await store.ingest({ run: 'r', role: 'default', itemKey: 'q8', payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data: activation('default', 8) }) } });
+    await store.ingest({ run: 'r', role: 'default', itemKey: 'q8', payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data: activation('default', 8) }) }, runShape: [L, d] });
     expect(await store.checkpoint()).toBe(true);
     const after = bucketFiles();
     expect(after.filter((f) => before.includes(f)).sort()).toEqual(before.filter((f) => !f.startsWith('default.')));
     expect(after.filter((f) => !before.includes(f)).map((f) => f.split('.').slice(0, 2).join('/'))).toEqual(['default/all']);
+    await store.close();
+  });
+
+  it('takes a run\'s shape from what the sender declares, so that a first activation of the wrong shape cannot fix it', async () => {
+    const dir = path.join(tempDir('store-shape'), 'state');
+    const store = new DurableStore(dir);
+    await store.open();
+    const act = (key: string, shape: number[], runShape: number[]): IngestRequest => ({ run: 's', role: 'pirate', itemKey: key, payload: { $case: 'activation', value: encodeTensor({ shape, data: new Float32Array(shape[0] * shape[1]).fill(0.5) }) }, runShape });
+    // The first activation has a shape other than the run's: refused, and the run holds nothing.
+    expect(() => store.ingest(act('q0', [L + 1, d], [L, d]))).toThrow(`activation.shape: [${L + 1},${d}] differs from the run's [${L},${d}] (run_shape)`);
+    expect(store.state.get('s')?.activations ?? 0).toBe(0);
+    // Without a declared shape, or with one no model has: refused.
+    expect(() => store.ingest(act('q0', [L, d], []))).toThrow(/run_shape: required with an activation/);
+    expect(() => store.ingest(act('q0', [1, 1], [1, 1 << 20]))).toThrow(/run_shape: \[1,1048576\] is not a model's \[layers, hidden\]/);
+    // The run's own shape is then taken, and a sender declaring another is refused.
+    expect(await store.ingest(act('q0', [L, d], [L, d]))).toBe('waiting');
+    expect(() => store.ingest(act('q1', [L + 1, d], [L + 1, d]))).toThrow(`run_shape: [${L + 1},${d}] differs from this run's [${L}, ${d}]`);
+    expect(store.state.get('s')?.activations).toBe(1);
     await store.close();
   });
 

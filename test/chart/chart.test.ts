@@ -198,6 +198,32 @@ maybe('the helm chart', () => {
     expect(notes([MODEL, 'coordinator.auth.generate=false'])).toMatch(/WARNING: coordinator\.auth\.generate is false/);
   });
 
+  it('gives each internal service its own caller token, which only it and the coordinator mount', () => {
+    const docs = render([MODEL]);
+    const secret = docs.find((d) => d.kind === 'Secret' && d.metadata.name === 'axis-caller-tokens');
+    const tokens = Object.fromEntries(Object.entries(secret.data as Record<string, string>).map(([k, v]) => [k, Buffer.from(v, 'base64').toString()]));
+    expect(Object.keys(tokens).sort()).toEqual(['aggregation', 'inference', 'judge']);
+    for (const t of Object.values(tokens)) expect(t).toMatch(/^[A-Za-z0-9]{40}$/);
+    expect(new Set(Object.values(tokens)).size).toBe(3);
+    const pod = (name: string) => docs.find((d) => d.kind === 'Deployment' && d.metadata.name === `axis-${name}`).spec.template.spec;
+    for (const service of ['inference', 'judge', 'aggregation']) {
+      const spec = pod(service);
+      expect(spec.containers[0].args).toContain(`--caller-token-file=/secrets/caller/${service}`);
+      expect(spec.containers[0].volumeMounts).toContainEqual({ name: 'caller-token', mountPath: '/secrets/caller', readOnly: true });
+      // Its own key only: a service holds nothing that would let it call another.
+      expect(spec.volumes.find((v: any) => v.name === 'caller-token').secret).toEqual({ secretName: 'axis-caller-tokens', items: [{ key: service, path: service }] });
+    }
+    const coordinator = pod('coordinator');
+    expect(coordinator.containers[0].args).toEqual(expect.arrayContaining(['--inference-token-file=/secrets/caller/inference', '--judge-token-file=/secrets/caller/judge', '--aggregation-token-file=/secrets/caller/aggregation']));
+    expect(coordinator.volumes.find((v: any) => v.name === 'caller-token').secret).toEqual({ secretName: 'axis-caller-tokens' });
+    // A Secret of one's own; or none at all, on purpose: no flags, no mounts.
+    const own = render([MODEL, 'callerTokens.existingSecret=lab-callers']);
+    expect(own.some((d) => d.kind === 'Secret' && d.metadata.name === 'axis-caller-tokens')).toBe(false);
+    expect(own.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-judge').spec.template.spec.volumes.find((v: any) => v.name === 'caller-token').secret.secretName).toBe('lab-callers');
+    const open = render([MODEL, 'callerTokens.generate=false']);
+    expect(JSON.stringify(open)).not.toContain('caller-token');
+  });
+
   it('puts the configured labels on the ServiceMonitor so Prometheus selects it', () => {
     const sm = render(EVERYTHING).find((d) => d.kind === 'ServiceMonitor');
     expect(sm.metadata.labels.release).toBe('kube-prometheus-stack');

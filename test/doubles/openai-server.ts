@@ -46,6 +46,11 @@ export class FakeOpenAIServer {
 
   constructor(private readonly opts: FakeOpenAIOptions = {}) {}
 
+  /** Requests held unanswered now (a hang's connection closed by the client leaves this set). */
+  get hangingCount(): number {
+    return this.hanging.size;
+  }
+
   get baseUrl(): string {
     return `http://127.0.0.1:${this.port}/v1`;
   }

@@ -3,7 +3,10 @@ import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
+import { AggregationClient } from '../../gen/assistant_axis/v1/aggregation';
 import { CoordinatorClient, Run, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { InferenceClient } from '../../gen/assistant_axis/v1/inference';
+import { JudgeClient } from '../../gen/assistant_axis/v1/judge';
 import type { LocalStack } from '../../services/cli/stack';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import { authMetadata, watchRun } from '../../services/cli/client';
@@ -15,6 +18,8 @@ import { tempDir } from '../kit/files';
 
 const TOKEN = 'test-token-0123456789abcdef';
 const API_KEY = 'sk-test-secret-fedcba9876543210';
+/** Each internal service's own caller token: only it and the coordinator hold it. */
+const CALLER_TOKENS = { inference: 'inference-caller-0123456789', judge: 'judge-caller-0123456789ab', aggregation: 'aggregation-caller-01234567' } as const;
 
 /**
  * A coordinator that requires a bearer token, and allows data only under its data roots; and
@@ -33,10 +38,18 @@ describe('coordinator authentication, data roots and secrets', () => {
     fs.writeFileSync(tokenFile, TOKEN + '\n');
     const keyFile = path.join(secrets, 'api-key');
     fs.writeFileSync(keyFile, API_KEY + '\n');
+    const callerFile = (name: keyof typeof CALLER_TOKENS) => {
+      const f = path.join(secrets, `${name}-caller-token`);
+      fs.writeFileSync(f, CALLER_TOKENS[name] + '\n');
+      return f;
+    };
+    const callers = { inference: callerFile('inference'), judge: callerFile('judge'), aggregation: callerFile('aggregation') };
     ({ stack, dir } = await testStack('auth', {
       args: {
-        coordinator: ['--auth-token-file', tokenFile, '--data-roots', path.join(ROOT, 'data')],
-        judge: ['--provider', 'openai', '--base-url', api.baseUrl, '--api-key-file', keyFile, '--model', 'judge-auth', '--backoff-ms', '20'],
+        coordinator: ['--auth-token-file', tokenFile, '--data-roots', path.join(ROOT, 'data'), '--inference-token-file', callers.inference, '--judge-token-file', callers.judge, '--aggregation-token-file', callers.aggregation],
+        judge: ['--provider', 'openai', '--base-url', api.baseUrl, '--api-key-file', keyFile, '--model', 'judge-auth', '--backoff-ms', '20', '--caller-token-file', callers.judge],
+        inference: ['--caller-token-file', callers.inference],
+        aggregation: ['--caller-token-file', callers.aggregation],
       },
       env: { AXIS_LOG_LEVEL: 'debug' },
     }));
@@ -107,6 +120,40 @@ describe('coordinator authentication, data roots and secrets', () => {
     expect(err?.details).toMatch(/^data_dir: .* is not under the allowed data directories/);
   });
 
+  it('has each internal service take calls from the coordinator alone (its own caller token), probes aside', async () => {
+    const refusal = async (call: (md: grpc.Metadata, cb: (err: grpc.ServiceError | null) => void) => void, token?: string) =>
+      new Promise<grpc.ServiceError | null>((resolve) => {
+        const md = new grpc.Metadata();
+        if (token) md.set('authorization', `Bearer ${token}`);
+        call(md, (err) => resolve(err));
+      });
+    const inference = new InferenceClient(stack.address('inference'), grpc.credentials.createInsecure());
+    const judge = new JudgeClient(stack.address('judge'), grpc.credentials.createInsecure());
+    const aggregation = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure());
+    try {
+      const calls = {
+        inference: (md: grpc.Metadata, cb: (err: grpc.ServiceError | null) => void) => inference.getModelInfo({}, md, cb),
+        judge: (md: grpc.Metadata, cb: (err: grpc.ServiceError | null) => void) => judge.getJudgeInfo({}, md, cb),
+        aggregation: (md: grpc.Metadata, cb: (err: grpc.ServiceError | null) => void) => aggregation.getRunState({ run: 'x' }, md, cb),
+      };
+      for (const [name, call] of Object.entries(calls) as [keyof typeof CALLER_TOKENS, (typeof calls)['judge']][]) {
+        // No token, the clients' token, another service's token: refused, naming why, echoing nothing.
+        const others = Object.entries(CALLER_TOKENS).filter(([n]) => n !== name).map(([, t]) => t);
+        for (const token of [undefined, TOKEN, ...others]) {
+          const err = await refusal(call, token);
+          expect({ name, code: err?.code }).toEqual({ name, code: grpc.status.UNAUTHENTICATED });
+          expect(err?.details).toBe('authorization: this service takes calls from the coordinator only (its caller token is missing or wrong)');
+        }
+        // Its own token (the coordinator's) is taken (aggregation answers NOT_FOUND for a run it does not hold: past the check).
+        const err = await refusal(call, CALLER_TOKENS[name]);
+        expect(err?.code ?? grpc.status.OK).not.toBe(grpc.status.UNAUTHENTICATED);
+        expect(await checkHealth(stack.address(name))).toBe('SERVING');
+      }
+    } finally {
+      for (const c of [inference, judge, aggregation]) c.close();
+    }
+  });
+
   it('keeps the token and the API key out of logs, metrics, errors, state and run files, through a run with judge API errors', async () => {
     // Errors from the judge API too: the client library's error paths must not carry the key either.
     // A 401 (a bad key) is not retried: that run fails, naming the cause.
@@ -125,7 +172,7 @@ describe('coordinator authentication, data roots and secrets', () => {
 
     const leaks: string[] = [];
     const look = (where: string, text: string) => {
-      for (const secret of [TOKEN, API_KEY]) if (text.includes(secret)) leaks.push(`${where} holds ${secret === TOKEN ? 'the token' : 'the API key'}`);
+      for (const secret of [TOKEN, API_KEY, ...Object.values(CALLER_TOKENS)]) if (text.includes(secret)) leaks.push(`${where} holds ${secret === TOKEN ? 'the token' : secret === API_KEY ? 'the API key' : 'a caller token'}`);
     };
     const walk = (p: string): void => {
       for (const e of fs.readdirSync(p, { withFileTypes: true })) {

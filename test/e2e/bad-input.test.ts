@@ -47,6 +47,7 @@ describe('StartRun rejects bad input', () => {
     ['negative temperature', () => ({ name: 'r9', temperature: -0.1 }), grpc.status.INVALID_ARGUMENT, /temperature: must be >= 0/],
     ['top_p of 0', () => ({ name: 'r10', topP: 0 }), grpc.status.INVALID_ARGUMENT, /top_p: must be in \(0, 1\]/],
     ['top_p above 1', () => ({ name: 'r11', topP: 1.5 }), grpc.status.INVALID_ARGUMENT, /top_p: must be in \(0, 1\]/],
+    ['max_context above any model\'s', () => ({ name: 'r16', maxContext: 131_073 }), grpc.status.INVALID_ARGUMENT, /max_context: at most 131072 tokens, got 131073/],
     ['min_count 0', () => ({ name: 'r12', minCount: 0 }), grpc.status.INVALID_ARGUMENT, /min_count: must be at least 1/],
     ['layer the model lacks', () => ({ name: 'r13', layers: [99] }), grpc.status.INVALID_ARGUMENT, /layers: layer 99 does not exist/],
     ['compare_axis that is not there', () => ({ name: 'r15', compareAxis: path.join(dir, 'missing.safetensors') }), grpc.status.INVALID_ARGUMENT, /compare_axis: .*missing\.safetensors/],

@@ -62,12 +62,24 @@ describe('inference request checks name the field', () => {
     ['max_new_tokens 0', { ...ok, sampling: { ...sampling, maxNewTokens: 0 } }, /sampling.max_new_tokens/],
     ['layer out of range', { ...ok, layers: [4] }, /layers: layer 4 does not exist/],
     ['repeated layer', { ...ok, layers: [1, 1] }, /listed twice/],
+    ['max_context above any model\'s', { ...ok, sampling: { ...sampling, maxContext: 131_073 } }, /sampling.max_context: must be in \[2, 131072\]/],
+    ['max_context 0', { ...ok, sampling: { ...sampling, maxContext: 0 } }, /sampling.max_context/],
+    // 64 characters a token at most: 2048 tokens hold 131,072 characters; one more cannot fit, and is refused untokenized.
+    ['a conversation longer than max_context can hold', { ...ok, messages: [{ role: 'user', content: 'a'.repeat(2048 * 64 + 1) }], sampling: { ...sampling, maxContext: 2048 } }, /messages: 131073 characters cannot fit max_context \(2048 tokens/],
   ])('%s', (_label, req, message) => {
     expect(() => validateGenerate(req as never, info)).toThrow(message);
   });
 
   it('wants Extract conversations to end with the answer', () => {
     expect(() => validateExtract({ itemId: 'i', messages, layers: [], responseTokenIds: [], enableThinking: false }, info)).toThrow(/last message must be the assistant answer/);
+  });
+
+  it('refuses an Extract conversation longer than a slot can hold before tokenizing it, and takes one that may fit', () => {
+    const planned = { ...info, slotLength: 100 };
+    const conversation = (chars: number) => [{ role: 'user', content: 'q' }, { role: 'assistant', content: 'b'.repeat(chars) }];
+    const req = (chars: number) => ({ itemId: 'i', messages: conversation(chars), layers: [], responseTokenIds: [], enableThinking: false });
+    expect(() => validateExtract(req(100 * 64), planned)).toThrow(/messages: 6401 characters cannot fit a slot \(--slot-length\) \(100 tokens/);
+    expect(() => validateExtract(req(100 * 64 - 1), planned)).not.toThrow();
   });
 });
 

@@ -1,7 +1,12 @@
 import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { JudgeClient, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import pino from 'pino';
+import { Registry } from 'prom-client';
+import { JudgeClient, JudgeService, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import { judgeMetrics } from '../../services/judge/metrics';
+import { createJudgeService, judgeGrpcHandlers } from '../../services/judge/service';
+import { tolerantDecoding } from '../../services/shared/rpc';
 import { OpenAIProvider } from '../../services/judge/providers';
 import { StreamPipe } from '../../services/shared/pipe';
 import { testStack } from '../kit/stack';
@@ -105,6 +110,75 @@ describe('the judge scorer against an OpenAI-compatible server', () => {
 });
 
 describe('retry rules', () => {
+  it('aborts the call in flight when the item\'s caller is gone, and makes no other', async () => {
+    const server = new FakeOpenAIServer({ faults: { hang: 1 } });
+    await server.start();
+    try {
+      const scorer = new Scorer(new OpenAIProvider({ apiKey: 'k', baseUrl: server.baseUrl, model: 'm', timeoutMs: 30_000 }), { concurrency: 1, requestsPerSecond: 0, tokensPerMinute: 0, retry: { maxAttempts: 5, baseDelayMs: 1, maxDelayMs: 5 }, unparsedRetries: 0 });
+      const gone = new AbortController();
+      const scored = scorer.score(item(3), gone.signal);
+      await until(() => server.requests.length === 1);
+      gone.abort();
+      const o = await scored;
+      expect(o.error?.code).toBe(grpc.status.CANCELLED);
+      expect(o.attempts).toBe(1);
+      // The hanging request's connection was closed by the client, and nothing was asked again.
+      await until(() => server.hangingCount === 0);
+      await new Promise((r) => setTimeout(r, 200));
+      expect(server.requests).toHaveLength(1);
+      // A call aborted in flight may still have been billed: it counts as possibly billed.
+      expect(o.possiblyBilledTokens).toBeGreaterThan(0);
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it('through gRPC: a Score stream cancelled by its client (a coordinator killed) aborts the judge call it was waiting on', async () => {
+    const server = new FakeOpenAIServer({ faults: { hang: 1 } });
+    await server.start();
+    const log = pino({ level: 'silent' });
+    const judge = createJudgeService({ provider: new OpenAIProvider({ apiKey: 'k', baseUrl: server.baseUrl, model: 'm', timeoutMs: 30_000 }), prices: {}, concurrency: 2, requestsPerSecond: 0, tokensPerMinute: 0, retry: { maxAttempts: 5, baseDelayMs: 1, maxDelayMs: 5 }, unparsedRetries: 0, metrics: judgeMetrics(new Registry()), log });
+    const grpcServer = new grpc.Server();
+    const { definition, implementation } = tolerantDecoding(JudgeService, judgeGrpcHandlers(judge, log) as unknown as grpc.UntypedServiceImplementation);
+    grpcServer.addService(definition, implementation);
+    const port = await new Promise<number>((resolve, reject) => grpcServer.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+    const client = new JudgeClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+    try {
+      const call = client.score();
+      call.on('error', () => undefined);
+      call.write(ScoreRequest.fromPartial({ itemId: 'r/captain/k1', ...item(5) }));
+      await until(() => server.requests.length === 1 && server.hangingCount === 1);
+      call.cancel();
+      await until(() => server.hangingCount === 0);
+      await new Promise((r) => setTimeout(r, 200));
+      expect(server.requests).toHaveLength(1);
+    } finally {
+      client.close();
+      grpcServer.forceShutdown();
+      await server.stop();
+    }
+  });
+
+  it('stops waiting out a Retry-After when the caller is gone', async () => {
+    const server = new FakeOpenAIServer({ faults: { rate_limited: 1 }, retryAfterMs: 60_000 });
+    await server.start();
+    try {
+      const scorer = new Scorer(new OpenAIProvider({ apiKey: 'k', baseUrl: server.baseUrl, model: 'm', timeoutMs: 5000 }), { concurrency: 1, requestsPerSecond: 0, tokensPerMinute: 0, retry: { maxAttempts: 5, baseDelayMs: 1, maxDelayMs: 5, maxRetryAfterMs: 120_000 }, unparsedRetries: 0 });
+      const gone = new AbortController();
+      const scored = scorer.score(item(4), gone.signal);
+      await until(() => server.requests.length === 1);
+      await new Promise((r) => setTimeout(r, 100)); // in the backoff now
+      const abortedAt = Date.now();
+      gone.abort();
+      const o = await scored;
+      expect(Date.now() - abortedAt).toBeLessThan(1000);
+      expect(o.error?.code).toBe(grpc.status.CANCELLED);
+      expect(server.requests).toHaveLength(1);
+    } finally {
+      await server.stop();
+    }
+  });
+
   it('reads Retry-After in milliseconds, seconds and as a date', () => {
     expect(retryAfter(new Headers({ 'retry-after-ms': '250' }))).toBe(250);
     expect(retryAfter(new Headers({ 'retry-after': '2' }))).toBe(2000);
@@ -140,3 +214,11 @@ describe('retry rules', () => {
     expect(backoffMs(policy, 1, 5000, () => 0.5)).toBe(5000);
   });
 });
+
+async function until(done: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!done()) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

@@ -130,3 +130,38 @@ resources:
 {{- $a := .Values.coordinator.auth -}}
 {{- if $a.existingSecret -}}{{ $a.existingSecret }}{{- else if $a.generate -}}{{ include "axis.fullname" . }}-coordinator-token{{- end -}}
 {{- end -}}
+
+{{- /*
+Caller tokens: each internal service (inference, judge, aggregation) takes calls only with its
+own token, which only it and the coordinator hold (one Secret, a key per service; the
+coordinator mounts all three, each service its own). Called with (dict "root" . "service" "judge").
+*/}}
+{{- define "axis.callerSecret" -}}
+{{- $t := .Values.callerTokens -}}
+{{- if $t.existingSecret -}}{{ $t.existingSecret }}{{- else if $t.generate -}}{{ include "axis.fullname" . }}-caller-tokens{{- end -}}
+{{- end -}}
+
+{{- define "axis.callerArg" -}}
+{{- if include "axis.callerSecret" .root }}
+- --caller-token-file=/secrets/caller/{{ .service }}
+{{- end }}
+{{- end -}}
+
+{{- define "axis.callerMount" -}}
+{{- if include "axis.callerSecret" .root }}
+- { name: caller-token, mountPath: /secrets/caller, readOnly: true }
+{{- end }}
+{{- end -}}
+
+{{- define "axis.callerVolume" -}}
+{{- if include "axis.callerSecret" .root }}
+- name: caller-token
+  secret:
+    secretName: {{ include "axis.callerSecret" .root }}
+    {{- if .service }}
+    # This service's own key only: it cannot call the others.
+    items:
+      - { key: {{ .service }}, path: {{ .service }} }
+    {{- end }}
+{{- end }}
+{{- end -}}
