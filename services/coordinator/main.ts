@@ -23,11 +23,12 @@ async function main(): Promise<void> {
   const discover = (name: 'inference' | 'judge' | 'aggregation') => discoveryFor(parseTarget(name, cfg[name]), { kubeconfig: cfg.kubeconfig, log });
   const discovery = { inference: discover('inference'), judge: discover('judge'), aggregation: discover('aggregation') };
   const credentials = channelCredentials(cfg);
-  const serverName = cfg['tls-server-name'];
+  // Each upstream's certificate is checked against its own Service's name.
+  const serverName = (name: string) => cfg['tls-server-name'].replaceAll('{service}', name);
   // Each internal service's own caller token, presented on every call to it (none: it takes any caller the network lets in).
   const dial = (name: 'inference' | 'judge' | 'aggregation') => {
     const file = cfg[`${name}-token-file`];
-    return { serverName, token: file ? readToken(file, `--${name}-token-file`) : undefined };
+    return { serverName: serverName(name), token: file ? readToken(file, `--${name}-token-file`) : undefined };
   };
   const upstreams: Upstreams = {
     inference: new InferencePool(log, credentials, dial('inference')),

@@ -19,7 +19,7 @@ export const TLS_OPTIONS = {
 
 /** The coordinator reaches pods found by k8s:// discovery by IP: their certificates name a Service instead. */
 export const TLS_SERVER_NAME_OPTION = {
-  'tls-server-name': { type: 'string', env: 'AXIS_TLS_SERVER_NAME', default: '', help: 'with --tls-ca: the name the certificates of replicas found through k8s:// carry (e.g. a Service\'s DNS name in the shared certificate), checked instead of the pod address dialled' },
+  'tls-server-name': { type: 'string', env: 'AXIS_TLS_SERVER_NAME', default: '', help: 'with --tls-ca: the name the certificates of replicas found through k8s:// carry, checked instead of the pod address dialled; {service} stands for inference, judge or aggregation (e.g. axis-{service}.ns.svc: each upstream is checked against its own name)' },
 } satisfies OptionTable;
 
 export interface TlsConfig {

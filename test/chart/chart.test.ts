@@ -244,7 +244,8 @@ maybe('the helm chart', () => {
       expect(c.readinessProbe.grpc.port).toBe(8086);
     }
     const coordinator = deployments.find((d) => d.metadata.name === 'axis-coordinator').spec.template.spec.containers[0];
-    expect(coordinator.args).toContain('--tls-server-name=axis-inference.research.svc');
+    // Each upstream checked against its own Service's name ({service}: inference, judge, aggregation), not all against inference's.
+    expect(coordinator.args).toContain('--tls-server-name=axis-{service}.research.svc');
     const oneWay = render([MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls', 'tls.mutual=false']);
     expect(JSON.stringify(oneWay)).not.toContain('AXIS_TLS_CLIENT_CA');
     const noSecret = helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'tls.enabled=true']);

@@ -24,8 +24,11 @@ describe('mutual TLS between the services and with clients', () => {
     ({ stack, dir } = await testStack('tls'));
     certs = makeCerts(path.join(dir, 'certs'));
     const tls = ['--tls-cert', certs.cert, '--tls-key', certs.key, '--tls-client-ca', certs.ca, '--tls-ca', certs.ca];
+    // Each internal service with its own certificate, naming only it; the coordinator checks
+    // each against its own name ({service}), so a certificate for one cannot pass for another.
+    const own = (s: 'inference' | 'judge' | 'aggregation') => ['--tls-cert', certs.services[s].cert, '--tls-key', certs.services[s].key, '--tls-client-ca', certs.ca];
     healthPort = await freePort();
-    stack.opts.args = { judge: ['--provider', 'offline', ...tls], inference: tls, aggregation: tls, coordinator: [...tls, '--health-port', String(healthPort)] };
+    stack.opts.args = { judge: ['--provider', 'offline', ...own('judge')], inference: own('inference'), aggregation: own('aggregation'), coordinator: [...tls, '--health-port', String(healthPort), '--tls-server-name', '{service}.axis.test'] };
     stack.opts.clientCredentials = clientCredentials({ ca: certs.ca, cert: certs.clientCert, key: certs.clientKey });
     await stack.startAll();
   });

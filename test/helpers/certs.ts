@@ -10,6 +10,8 @@ export interface Certs {
   clientKey: string;
   /** A CA that signed nothing here: trusting it must fail. */
   otherCa: string;
+  /** Each internal service's own certificate, for `<service>.axis.test` (and 127.0.0.1, for the probes): no other service's name. */
+  services: Record<'inference' | 'judge' | 'aggregation', { cert: string; key: string }>;
 }
 
 function openssl(dir: string, args: string[]): void {
@@ -30,5 +32,10 @@ export function makeCerts(dir: string): Certs {
   leaf('server', 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n');
   leaf('client', 'extendedKeyUsage=clientAuth\n');
   const f = (n: string) => path.join(dir, n);
-  return { ca: f('test-ca.crt'), cert: f('server.crt'), key: f('server.key'), clientCert: f('client.crt'), clientKey: f('client.key'), otherCa: f('other-ca.crt') };
+  const services = {} as Certs['services'];
+  for (const s of ['inference', 'judge', 'aggregation'] as const) {
+    leaf(s, `subjectAltName=DNS:${s}.axis.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n`);
+    services[s] = { cert: f(`${s}.crt`), key: f(`${s}.key`) };
+  }
+  return { ca: f('test-ca.crt'), cert: f('server.crt'), key: f('server.key'), clientCert: f('client.crt'), clientKey: f('client.key'), otherCa: f('other-ca.crt'), services };
 }
