@@ -223,45 +223,57 @@ export class RunAccumulator {
       this.counters.numLayers = shape[0];
       this.counters.hidden = shape[1];
     }
-    this.activationSeen.add(key);
-    this.newActivationKeys.push(key);
+    // The key is seen only once the step that can fail (a fold into a cold bucket's file) is
+    // done: a failed one leaves nothing behind, and the sender's retry is taken, not answered "duplicate".
+    const seen = () => {
+      this.activationSeen.add(key);
+      this.newActivationKeys.push(key);
+    };
     if (isDefaultRole(role)) {
       this.fold(role, 'all', data, ref);
+      seen();
       return 'folded';
     }
     const w = this.waiting.get(key);
     if (w && w.score !== undefined) {
-      this.waiting.delete(key);
       this.fold(role, bucketOf(w.score), data, ref);
+      this.waiting.delete(key);
+      seen();
       return 'folded';
     }
     this.waiting.set(key, ref ? { ref } : { activation: data instanceof Float32Array ? data.slice() : decodeTensor(data, 'activation').data });
+    seen();
     return 'waiting';
   }
 
-  /** Joins a score; if its activation waits on disk, returns where, and the caller folds it with `foldSpooled`. */
+  /**
+   * Joins a score; if its activation waits on disk, returns where, and the caller reads it and
+   * folds it with `foldSpooled` (until then the score is not taken: a failed read leaves the
+   * item as it was). As with activations, the key is seen only once its fold is done.
+   */
   addScore(role: string, itemKey: string, score: number | null, position?: Position): ScoreOutcome {
     if (this.checkScore(role, itemKey, score) === 'duplicate') return { outcome: 'duplicate' };
     const key = joinKey(role, itemKey);
+    const w = this.waiting.get(key);
+    if (w?.ref) return { outcome: 'folded', spooled: w.ref, bucket: bucketOf(score) };
+    if (w?.activation) {
+      this.fold(role, bucketOf(score), w.activation, position);
+      this.waiting.delete(key);
+    } else {
+      this.waiting.set(key, { score });
+    }
     this.scoreSeen.add(key);
     this.newScoreKeys.push(key);
-    const w = this.waiting.get(key);
-    if (w?.activation) {
-      this.waiting.delete(key);
-      this.fold(role, bucketOf(score), w.activation, position);
-      return { outcome: 'folded' };
-    }
-    if (w?.ref) {
-      this.waiting.delete(key);
-      return { outcome: 'folded', spooled: w.ref, bucket: bucketOf(score) };
-    }
-    this.waiting.set(key, { score });
-    return { outcome: 'waiting' };
+    return { outcome: w?.activation ? 'folded' : 'waiting' };
   }
 
-  /** Folds an activation read back from the spool (see addScore). */
-  foldSpooled(role: string, bucket: Bucket, data: ActivationValues, position?: Position): void {
+  /** Folds an activation read back from the spool for `itemKey`'s score (see addScore), and takes the score. */
+  foldSpooled(role: string, itemKey: string, bucket: Bucket, data: ActivationValues, position?: Position): void {
+    const key = joinKey(role, itemKey);
     this.fold(role, bucket, data, position);
+    this.waiting.delete(key);
+    this.scoreSeen.add(key);
+    this.newScoreKeys.push(key);
   }
 
   /** Items per bucket of a role. */
@@ -318,6 +330,11 @@ export class RunAccumulator {
     return byBucket;
   }
 
+  /** Closes the run's cold bucket files (their sums written back first). */
+  close(): void {
+    this.cold?.close();
+  }
+
   /** Makes the cold buckets written since the last checkpoint durable. */
   syncCold(): void {
     this.cold?.sync();
@@ -365,6 +382,11 @@ export class Accumulators {
     let n = 0;
     for (const acc of this.runs.values()) n += acc.spooledBytes();
     return n;
+  }
+
+  /** Closes every run's files. */
+  close(): void {
+    for (const acc of this.runs.values()) acc.close();
   }
 
   entries(): [string, RunAccumulator][] {

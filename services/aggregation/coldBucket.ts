@@ -47,6 +47,46 @@ export class WriteBackCache {
   }
 }
 
+/** Open files of cold buckets, at most `limit`: past it the least recently used is closed. */
+export class OpenFiles {
+  private readonly open = new Set<ColdBucket>(); // in order of use, oldest first
+
+  constructor(public limit: number) {}
+
+  get size(): number {
+    return this.open.size;
+  }
+
+  use(b: ColdBucket): void {
+    this.open.delete(b);
+    this.open.add(b);
+    while (this.open.size > this.limit) {
+      const oldest = this.open.values().next().value as ColdBucket;
+      try {
+        oldest.closeFile();
+      } catch {
+        // Its fsync failed (a disk error): it stays open, over the limit, for a later try; the bucket in use is not refused for it.
+        return;
+      }
+      this.open.delete(oldest);
+    }
+  }
+
+  forget(b: ColdBucket): void {
+    this.open.delete(b);
+  }
+}
+
+/** fsync of a directory: a file created in it (or renamed into it) survives a power loss. */
+export function syncDirectory(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /**
  * A float64 running sum kept in a file instead of RAM (the buckets other than score 3 and
  * default: rarely read, so memory stays bounded). The file has two slots, each stamped with
@@ -59,6 +99,12 @@ export class WriteBackCache {
 export class ColdBucket {
   /** The sums of recently used buckets, kept in RAM and written back when evicted or at a checkpoint. */
   static readonly cache = new WriteBackCache(256 * 1024 * 1024);
+  /** Open files of buckets, the most recently used ones (a run has a file per role and bucket, about 1,100). */
+  static readonly files = new OpenFiles(128);
+  /** Open while in `files`; opened again when next needed. */
+  private fd: number | undefined;
+  /** Written since its last fsync (an evicted file is fsynced before it is closed). */
+  private unsynced = false;
   /** The latest sum when cached; the file then lags behind until `flush`. */
   private cached: Float64Array | undefined;
   private dirty = false;
@@ -68,14 +114,17 @@ export class ColdBucket {
   position: Position = { segment: 0, offset: 0 };
   private readonly bytes: number;
 
-  private constructor(readonly file: string, private readonly fd: number, readonly size: number) {
+  private constructor(readonly file: string, readonly size: number) {
     this.bytes = size * 8;
   }
 
-  /** Opens (or creates) the file and finds its latest intact version. */
+  /** Opens (or creates: its directory entry made durable) the file and finds its latest intact version. */
   static open(file: string, size: number): ColdBucket {
-    const fd = fs.openSync(file, fs.existsSync(file) ? 'r+' : 'w+');
-    const b = new ColdBucket(file, fd, size);
+    if (!fs.existsSync(file)) {
+      fs.closeSync(fs.openSync(file, 'w+'));
+      syncDirectory(path.dirname(file));
+    }
+    const b = new ColdBucket(file, size);
     let best: { slot: number; position: Position; count: number } | undefined;
     for (const slot of [0, 1]) {
       const v = b.readSlot(slot);
@@ -125,13 +174,30 @@ export class ColdBucket {
       this.write(this.cached, this.count, this.position);
       this.dirty = false;
     }
-    fs.fsyncSync(this.fd);
+    if (this.unsynced) fs.fsyncSync(this.handle());
+    this.unsynced = false;
     if (this.slot >= 0) this.durable = this.slot;
   }
 
   close(): void {
     this.flush();
+    this.closeFile();
+    ColdBucket.files.forget(this);
+  }
+
+  /** Closes the file (fsynced first if written since its last fsync); `handle` opens it again. */
+  closeFile(): void {
+    if (this.fd === undefined) return;
+    if (this.unsynced) fs.fsyncSync(this.fd);
+    this.unsynced = false;
     fs.closeSync(this.fd);
+    this.fd = undefined;
+  }
+
+  private handle(): number {
+    this.fd ??= fs.openSync(this.file, 'r+');
+    ColdBucket.files.use(this);
+    return this.fd;
   }
 
   private write(sum: Float64Array, count: number, position: Position): void {
@@ -143,7 +209,8 @@ export class ColdBucket {
     buf.writeDoubleLE(count, 20);
     Buffer.from(sum.buffer, sum.byteOffset, sum.byteLength).copy(buf, HEADER);
     buf.writeUInt32LE(crc32(buf.subarray(8)), 4);
-    const written = fs.writeSync(this.fd, buf, 0, buf.length, slot * (HEADER + this.bytes));
+    const written = fs.writeSync(this.handle(), buf, 0, buf.length, slot * (HEADER + this.bytes));
+    this.unsynced = true;
     // Short on a full disk: the slot is torn (its crc says so); the other still holds the durable version.
     if (written !== buf.length) throw Object.assign(new Error(`${this.file}: wrote ${written} of ${buf.length} bytes: the disk is full`), { code: 'ENOSPC' });
     this.slot = slot;
@@ -153,7 +220,7 @@ export class ColdBucket {
 
   private readSlot(slot: number): { sum: Float64Array; count: number; position: Position } | undefined {
     const buf = Buffer.alloc(HEADER + this.bytes);
-    const n = fs.readSync(this.fd, buf, 0, buf.length, slot * (HEADER + this.bytes));
+    const n = fs.readSync(this.handle(), buf, 0, buf.length, slot * (HEADER + this.bytes));
     if (n !== buf.length || buf.readUInt32LE(0) !== MAGIC || crc32(buf.subarray(8)) !== buf.readUInt32LE(4)) return undefined;
     const sum = new Float64Array(this.size);
     Buffer.from(sum.buffer).set(buf.subarray(HEADER));
@@ -205,9 +272,18 @@ export class RunColdBuckets {
     this.dirty.clear();
   }
 
+  /** Closes every bucket's file (their sums written back first). */
+  close(): void {
+    for (const m of this.byRole.values()) for (const cb of m.values()) cb.close();
+  }
+
   private open(): void {
     if (this.opened || this.size() === 0) return;
-    fs.mkdirSync(this.dir, { recursive: true });
+    if (!fs.existsSync(this.dir)) {
+      // runs/<run>/cold, and runs/<run> perhaps: each new directory's entry made durable in its parent.
+      const created = fs.mkdirSync(this.dir, { recursive: true });
+      for (let d = this.dir; created && d.length >= created.length; d = path.dirname(d)) syncDirectory(path.dirname(d));
+    }
     for (const f of fs.readdirSync(this.dir)) {
       const m = /^(.+)\.([0-9]|none)\.sum$/.exec(f);
       if (m) this.roleMap(m[1]).set(m[2], ColdBucket.open(path.join(this.dir, f), this.size()));

@@ -10,6 +10,9 @@ export interface RecordRef {
 }
 
 const HEADER = 8; // u32 payload length, u32 crc32 of the payload
+
+/** A record that cannot be read back as it was written. */
+export class JournalCorruption extends Error {}
 const SEGMENT_BYTES = 256 * 1024 * 1024;
 
 /**
@@ -107,11 +110,16 @@ export class Journal {
   }
 
   /** Reads a record's payload, into `into` when given (it must hold `ref.length` bytes). */
+  /** A record's payload read back (a spooled activation), checked against its header's length and crc32. */
   async read(ref: RecordRef, into?: Buffer): Promise<Buffer> {
     const handle = await this.reader(ref.segment);
+    const header = Buffer.allocUnsafe(HEADER);
     const buf = into ?? Buffer.allocUnsafe(ref.length);
-    const { bytesRead } = await handle.read(buf, 0, ref.length, ref.offset);
-    if (bytesRead !== ref.length) throw new Error(`journal segment ${ref.segment} is shorter than a record it should hold`);
+    const [h, b] = await Promise.all([handle.read(header, 0, HEADER, ref.offset - HEADER), handle.read(buf, 0, ref.length, ref.offset)]);
+    if (h.bytesRead !== HEADER || b.bytesRead !== ref.length) throw new JournalCorruption(`journal segment ${ref.segment} is shorter than the record at ${ref.offset} it should hold`);
+    if (header.readUInt32LE(0) !== ref.length || crc32(buf.subarray(0, ref.length)) !== header.readUInt32LE(4)) {
+      throw new JournalCorruption(`journal segment ${ref.segment}: the record at ${ref.offset} fails its crc32 check (the disk changed it)`);
+    }
     return buf;
   }
 
@@ -133,8 +141,13 @@ export class Journal {
     await (await h?.catch(() => undefined))?.close();
   }
 
-  /** Calls `apply` for every intact record from `from` on, in order. */
-  async replay(from: { segment: number; offset: number }, apply: (payload: Buffer, ref: RecordRef) => void): Promise<number> {
+  /**
+   * Calls `apply` for every intact record from `from` on, in order. A record that fails its
+   * crc32 with more records after it was changed on disk after it was acknowledged: `corrupt`
+   * is told, and the replay goes on past it. One at a segment's end that is cut short or fails
+   * its crc32 was torn by a crash while being written (never acknowledged): the segment ends there.
+   */
+  async replay(from: { segment: number; offset: number }, apply: (payload: Buffer, ref: RecordRef) => void, corrupt: (payload: Buffer, ref: RecordRef) => void = () => undefined): Promise<number> {
     let count = 0;
     for (const seg of await this.segments()) {
       if (seg < from.segment || seg >= this.segment) continue;
@@ -145,10 +158,15 @@ export class Journal {
         const crc = data.readUInt32LE(at + 4);
         if (at + HEADER + length > data.length) break; // torn by a crash: nothing after it was acknowledged
         const payload = data.subarray(at + HEADER, at + HEADER + length);
-        if (crc32(payload) !== crc) break;
-        apply(payload, { segment: seg, offset: at + HEADER, length });
-        count++;
+        const ref = { segment: seg, offset: at + HEADER, length };
         at += HEADER + length;
+        if (crc32(payload) !== crc) {
+          if (at >= data.length) break; // the last record, torn
+          corrupt(payload, ref);
+          continue;
+        }
+        apply(payload, ref);
+        count++;
       }
     }
     return count;

@@ -18,11 +18,12 @@ async function main(): Promise<void> {
   ColdBucket.cache.maxBytes = cfg['cold-cache-mib'] * 1024 * 1024;
   const store = new DurableStore(path.resolve(cfg['state-dir']));
   const opened = Date.now();
-  const { replayed } = await store.open();
-  log.info({ stateDir: cfg['state-dir'], replayed, runs: store.state.entries().length, ms: Date.now() - opened }, 'state loaded: checkpoint and journal replayed');
+  const { replayed, quarantined } = await store.open();
+  for (const q of quarantined) log.error({ segment: q.ref.segment, offset: q.ref.offset, error: q.error, keptIn: q.file }, 'a journal record could not be applied: quarantined, the rest goes on');
+  log.info({ stateDir: cfg['state-dir'], replayed, quarantined: quarantined.length, runs: store.state.entries().length, ms: Date.now() - opened }, 'state loaded: checkpoint and journal replayed');
 
   const registry = createRegistry('aggregation');
-  const service = createAggregationService({ store, metrics: aggregationMetrics(registry, () => store.state), log });
+  const service = createAggregationService({ store, metrics: aggregationMetrics(registry, () => store.state, () => store.quarantinedCount), log });
   const checkpoint = () => service.checkpoint().catch((err) => log.error({ err }, 'checkpoint failed'));
   const timer = setInterval(() => void checkpoint(), cfg['checkpoint-seconds'] * 1000);
   timer.unref();

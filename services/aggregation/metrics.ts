@@ -3,8 +3,16 @@ import { prom } from '../shared/metrics';
 import type { Accumulators } from './accumulator';
 
 /** The aggregation service's Prometheus metrics; the gauges read the state when scraped. */
-export function aggregationMetrics(registry: Registry, state: () => Accumulators) {
+export function aggregationMetrics(registry: Registry, state: () => Accumulators, quarantined: () => number = () => 0) {
   const registers = [registry];
+  new prom.Gauge({
+    name: 'axis_aggregation_quarantined_records',
+    help: 'Journal records that could not be applied when the service started, set aside (their bytes under <state-dir>/quarantine)',
+    registers,
+    collect() {
+      this.set(quarantined());
+    },
+  });
   let lastCheckpoint = Date.now();
   new prom.Gauge({
     name: 'axis_aggregation_waiting_items',

@@ -38,13 +38,25 @@ interface Manifest {
  * replays the journal after it, so after kill -9 at any moment the state is exactly what was
  * acknowledged, and re-sent messages are recognised as duplicates.
  */
+/** A journal record that could not be applied at start: where it was, why, and where its bytes were kept. */
+export interface Quarantined {
+  ref: RecordRef;
+  error: string;
+  file: string;
+}
+
 export class DurableStore {
   readonly state: Accumulators;
   private readonly journal: Journal;
   private chain: Promise<unknown> = Promise.resolve();
   private applied = { segment: 0, offset: 0 };
   private manifest: Manifest | undefined;
-  private checkpoints = 0;
+  /**
+   * The committed checkpoint's number (its manifest is manifest.<n>.json); the next is n + 1.
+   * Counted, not read from the clock: a clock stepping back must never make a checkpoint
+   * write a file name that the committed manifest still refers to.
+   */
+  private sequence = 0;
 
   constructor(readonly dir: string) {
     this.journal = new Journal(path.join(dir, 'journal'));
@@ -52,21 +64,41 @@ export class DurableStore {
     this.state = new Accumulators((run) => path.join(dir, 'runs', run, 'cold'));
   }
 
-  async open(): Promise<{ replayed: number }> {
+  async open(): Promise<{ replayed: number; quarantined: Quarantined[] }> {
     await fs.mkdir(this.dir, { recursive: true });
     this.manifest = await this.readManifest();
     if (this.manifest) this.load(this.manifest);
     const from = this.manifest?.journal ?? { segment: 0, offset: 0 };
     await this.journal.open();
     let replayed = 0;
-    const pending: { payload: Buffer; ref: RecordRef }[] = [];
-    await this.journal.replay(from, (payload, ref) => pending.push({ payload: Buffer.from(payload), ref }));
-    for (const { payload, ref } of pending) {
-      await this.apply(IngestRequest.decode(payload), ref);
-      replayed++;
+    const quarantined: Quarantined[] = [];
+    const pending: { payload: Buffer; ref: RecordRef; corrupt?: true }[] = [];
+    await this.journal.replay(
+      from,
+      (payload, ref) => pending.push({ payload: Buffer.from(payload), ref }),
+      (payload, ref) => pending.push({ payload: Buffer.from(payload), ref, corrupt: true }),
+    );
+    for (const { payload, ref, corrupt } of pending) {
+      try {
+        if (corrupt) throw new Error(`journal segment ${ref.segment}: the record at ${ref.offset} fails its crc32 check (the disk changed it)`);
+        await this.apply(IngestRequest.decode(payload), ref);
+        replayed++;
+      } catch (err) {
+        // A record that cannot be applied (changed on disk, or its spooled activation is) must
+        // not keep the service from starting: it is set aside, with its bytes, and the rest goes on.
+        const file = path.join(this.dir, 'quarantine', `${ref.segment}.${ref.offset}.record`);
+        await fs.mkdir(path.dirname(file), { recursive: true });
+        await writeFileAtomic(file, payload);
+        quarantined.push({ ref, error: (err as Error).message, file });
+        this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
+      }
     }
-    return { replayed };
+    this.quarantinedCount += quarantined.length;
+    return { replayed, quarantined };
   }
+
+  /** Journal records set aside at start since this process began (see open). */
+  quarantinedCount = 0;
 
   /**
    * Ingests one message: checked against the current state, journaled (durable), then applied,
@@ -120,7 +152,7 @@ export class DurableStore {
       if ('spooled' in r) {
         const spooled = IngestRequest.decode(await this.journal.read(r.spooled, this.readBuffer(r.spooled.length)));
         if (spooled.payload?.$case !== 'activation') throw new Error(`journal record at ${r.spooled.segment}:${r.spooled.offset} is not an activation`);
-        acc.foldSpooled(req.role, r.bucket, spooled.payload.value, ref);
+        acc.foldSpooled(req.role, req.itemKey, r.bucket, spooled.payload.value, ref);
       }
     }
     this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
@@ -140,8 +172,8 @@ export class DurableStore {
       const runs = this.state.entries();
       const changed = runs.some(([, acc]) => acc.changedSinceCheckpoint());
       if (!changed && this.manifest && this.manifest.journal.segment === this.applied.segment && this.manifest.journal.offset === this.applied.offset) return false;
-      // Names that sort in checkpoint order, unique within this process and across restarts.
-      const n = Date.now() * 1000 + (++this.checkpoints % 1000);
+      // Above every name the committed manifest refers to (files of a checkpoint that failed before its commit are not referred to, and may be written over).
+      const n = this.sequence + 1;
       const manifest: Manifest = { version: 1, instanceId: this.state.instanceId, journal: { ...this.applied }, runs: {} };
       for (const [run, acc] of runs) {
         acc.syncCold();
@@ -172,6 +204,7 @@ export class DurableStore {
       await writeFileAtomic(path.join(this.dir, `manifest.${n}.json`), JSON.stringify(manifest));
       await writeFileAtomic(path.join(this.dir, 'CURRENT'), `manifest.${n}.json\n`);
       this.manifest = manifest;
+      this.sequence = n;
       for (const [, acc] of runs) acc.markCheckpointed();
       await this.collectGarbage(manifest);
       return true;
@@ -212,6 +245,9 @@ export class DurableStore {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw err;
     }
+    const numbered = /^manifest\.(\d+)\.json$/.exec(name);
+    if (!numbered) throw new Error(`${path.join(this.dir, 'CURRENT')} names ${JSON.stringify(name)}, not a checkpoint manifest (manifest.<n>.json): the state directory was changed by hand`);
+    this.sequence = Number(numbered[1]);
     return JSON.parse(await fs.readFile(path.join(this.dir, name), 'utf8')) as Manifest;
   }
 
@@ -245,5 +281,6 @@ export class DurableStore {
   async close(): Promise<void> {
     await this.chain;
     await this.journal.close();
+    this.state.close();
   }
 }

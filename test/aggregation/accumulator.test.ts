@@ -1,5 +1,8 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { joinKey, RunAccumulator } from '../../services/aggregation/accumulator';
 import type { RecordRef } from '../../services/aggregation/journal';
+import { tempDir } from '../kit/files';
 
 /**
  * A run's state as the durable store checkpoints it: toSnapshot gives back what was added, a
@@ -88,5 +91,40 @@ describe('RunAccumulator snapshots', () => {
     const acc = new RunAccumulator();
     acc.addActivation('pirate', 'q0', [L, d], act(1, 2, 3, 4, 5, 6));
     expect(() => acc.toSnapshot()).toThrow(/pirate\/q0.*waits in memory/);
+  });
+});
+
+describe('a step that fails leaves nothing behind', () => {
+  // The run's cold buckets (scores 0..2) live in files under a directory that cannot be made
+  // while a plain file stands in its way: the fold fails, as it would on a failing disk.
+  const blocked = () => {
+    const dir = tempDir('fold-fails');
+    const cold = path.join(dir, 'cold');
+    fs.writeFileSync(cold, 'in the way');
+    return { cold, clear: () => fs.rmSync(cold) };
+  };
+
+  it('a score whose fold fails is not taken: its retry folds the item, instead of being answered "duplicate"', () => {
+    const { cold, clear } = blocked();
+    const acc = new RunAccumulator(cold);
+    expect(acc.addActivation('pirate', 'q0', [L, d], act(1, 2, 3, 4, 5, 6))).toBe('waiting');
+    expect(() => acc.addScore('pirate', 'q0', 1)).toThrow();
+    clear();
+    expect(acc.addScore('pirate', 'q0', 1)).toEqual({ outcome: 'folded' });
+    expect(acc.histogram('pirate')).toEqual({ '1': 1 });
+    expect(acc.addScore('pirate', 'q0', 1)).toEqual({ outcome: 'duplicate' });
+    acc.close();
+  });
+
+  it('an activation whose fold fails is not taken: its retry folds the item', () => {
+    const { cold, clear } = blocked();
+    const acc = new RunAccumulator(cold);
+    expect(acc.addScore('pirate', 'q0', 2)).toEqual({ outcome: 'waiting' });
+    expect(() => acc.addActivation('pirate', 'q0', [L, d], act(1, 2, 3, 4, 5, 6))).toThrow();
+    expect(acc.activations).toBe(0);
+    clear();
+    expect(acc.addActivation('pirate', 'q0', [L, d], act(1, 2, 3, 4, 5, 6))).toBe('folded');
+    expect(acc.histogram('pirate')).toEqual({ '2': 1 });
+    acc.close();
   });
 });

@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ColdBucket } from '../../services/aggregation/coldBucket';
 import { tempDir } from '../kit/files';
@@ -24,6 +25,38 @@ describe('cold buckets: sums on disk behind a write-back cache', () => {
       expect(b.read()[0]).toBe(5 * i + 15);
     });
     for (const b of buckets) b.close();
+  });
+
+  it('holds at most a bounded number of files open, whatever the number of buckets, and closes them all when closed', () => {
+    ColdBucket.cache.maxBytes = 1; // every fold written back: every bucket touches its file
+    const savedLimit = ColdBucket.files.limit;
+    ColdBucket.files.limit = 8;
+    const dir = tempDir('cold-files');
+    // The kernel's own list of this process's open files, apart from the code under test.
+    const openHere = () => fs.readdirSync('/proc/self/fd').filter((fd) => {
+      try {
+        return fs.readlinkSync(`/proc/self/fd/${fd}`).startsWith(dir + path.sep);
+      } catch {
+        return false; // closed between the listing and the look
+      }
+    }).length;
+    try {
+      const buckets = Array.from({ length: 40 }, (_, i) => ColdBucket.open(path.join(dir, `b${i}.sum`), size));
+      for (let round = 1; round <= 3; round++) buckets.forEach((b, i) => b.add(row(i + round), { segment: 1, offset: round * 100 + i }));
+      expect(openHere()).toBeLessThanOrEqual(8);
+      for (const b of buckets) b.sync();
+      expect(openHere()).toBeLessThanOrEqual(8);
+      // Sums exact after their files were closed and opened again.
+      buckets.forEach((b, i) => expect([b.count, b.read()[0]]).toEqual([3, 3 * i + 6]));
+      for (const b of buckets) b.close();
+      expect(openHere()).toBe(0);
+      // And durable: opened afresh, each reads back its last version.
+      const again = Array.from({ length: 40 }, (_, i) => ColdBucket.open(path.join(dir, `b${i}.sum`), size));
+      again.forEach((b, i) => expect([b.count, b.read()[0]]).toEqual([3, 3 * i + 6]));
+      for (const b of again) b.close();
+    } finally {
+      ColdBucket.files.limit = savedLimit;
+    }
   });
 
   it('after a crash, a bucket reads back as its last checkpoint or a later whole version, never a torn one', () => {

@@ -68,7 +68,7 @@ describe('DurableStore', () => {
     expect(await store.checkpoint()).toBe(true);
     await store.close();
     store = new DurableStore(dir);
-    expect(await store.open()).toEqual({ replayed: 0 });
+    expect(await store.open()).toEqual({ replayed: 0, quarantined: [] });
     expect(await store.ingest(all[all.length - 1])).toBe('duplicate');
     expect(sumsOf(store)).toEqual(expectedSums());
     await store.close();
@@ -109,6 +109,74 @@ describe('DurableStore', () => {
     expect(() => store.ingest(act('q1', [L + 1, d], [L + 1, d]))).toThrow(`run_shape: [${L + 1},${d}] differs from this run's [${L}, ${d}]`);
     expect(store.state.get('s')?.activations).toBe(1);
     await store.close();
+  });
+
+  it('never writes over a file the committed checkpoint refers to, even when the clock steps back', async () => {
+    const dir = path.join(tempDir('store-clock'), 'state');
+    const now = jest.spyOn(Date, 'now').mockReturnValue(1_700_000_000_000);
+    try {
+      const referenced = () => {
+        const name = fs.readFileSync(path.join(dir, 'CURRENT'), 'utf8').trim();
+        const m = JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8'));
+        const files = [name, ...Object.entries(m.runs).flatMap(([run, r]: [string, any]) => [...r.keyFiles, ...Object.values(r.buckets).flatMap((b: any) => Object.values(b).map((e: any) => e.file))].map((f: string) => path.join('runs', run, f)))];
+        return new Map(files.map((f) => [f, fs.readFileSync(path.join(dir, f))]));
+      };
+      const first = new DurableStore(dir);
+      await first.open();
+      for (const m of messages()) await first.ingest(m);
+      await first.checkpoint();
+      await first.close();
+      const before = referenced();
+      // A new process, its clock stepped back to the first checkpoint's moment: the next checkpoint still writes only new names.
+      const second = new DurableStore(dir);
+      await second.open();
+      now.mockReturnValue(1_700_000_000_000);
+      await second.ingest({ run: 'r', role: 'default', itemKey: 'q9', payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data: activation('default', 9) }) }, runShape: [L, d] });
+      expect(await second.checkpoint()).toBe(true);
+      await second.close();
+      // Each file the old checkpoint referred to is as it was, or deleted once the new one was committed: never written over.
+      for (const [file, bytes] of before) {
+        const now = fs.existsSync(path.join(dir, file)) ? fs.readFileSync(path.join(dir, file)) : undefined;
+        expect({ file, writtenOver: now !== undefined && !now.equals(bytes) }).toEqual({ file, writtenOver: false });
+      }
+      expect(fs.readFileSync(path.join(dir, 'CURRENT'), 'utf8').trim()).not.toBe([...before.keys()][0]);
+    } finally {
+      now.mockRestore();
+    }
+  });
+
+  it('checks a spooled activation\'s crc32 when it reads it back, and takes no score for a record the disk changed', async () => {
+    const dir = path.join(tempDir('store-spool-crc'), 'state');
+    const store = new DurableStore(dir);
+    await store.open();
+    const values = Float32Array.from({ length: L * d }, (_, k) => 1000 + k); // a pattern to find in the segment
+    expect(await store.ingest({ run: 'r', role: 'pirate', itemKey: 'q0', payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data: values }) }, runShape: [L, d] })).toBe('waiting');
+    // One bit of the spooled activation flipped on disk.
+    const journal = path.join(dir, 'journal');
+    const segment = path.join(journal, fs.readdirSync(journal).sort().pop()!);
+    const bytes = fs.readFileSync(segment);
+    const at = bytes.indexOf(Buffer.from(values.buffer));
+    expect(at).toBeGreaterThan(0);
+    bytes[at + 5] ^= 0x10;
+    fs.writeFileSync(segment, bytes);
+    const score = () => store.ingest({ run: 'r', role: 'pirate', itemKey: 'q0', payload: { $case: 'score', value: { score: 1 } }, runShape: [] });
+    await expect(score()).rejects.toThrow(/fails its crc32 check/);
+    // Not taken: the same score again meets the same refusal, not "duplicate", and nothing was folded.
+    await expect(score()).rejects.toThrow(/fails its crc32 check/);
+    expect(store.state.get('r')!.histogram('pirate')).toEqual({});
+    await store.close();
+    // At the next start the changed record, with records after it, is set aside with its bytes
+    // (not taken for the torn end of the journal, which would drop everything after it), and
+    // the rest is replayed: the scores wait for an activation, which the coordinator sends again
+    // when it finds aggregation holding fewer than it acknowledged.
+    const again = new DurableStore(dir);
+    const { replayed, quarantined } = await again.open();
+    expect(quarantined.map((q) => [q.error.match(/fails its crc32 check/)?.[0], IngestRequest.decode(fs.readFileSync(q.file)).payload?.$case])).toEqual([['fails its crc32 check', 'activation']]);
+    expect(replayed).toBe(2);
+    expect(again.quarantinedCount).toBe(1);
+    expect(again.state.get('r')!.activations).toBe(0);
+    expect(again.state.get('r')!.scores).toBe(1);
+    await again.close();
   });
 
   it('refuses to open when its checkpoint cannot be read, rather than start empty', async () => {
