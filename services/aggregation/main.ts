@@ -2,6 +2,7 @@ import * as path from 'node:path';
 import { AggregationServiceKeepingBytes } from '../shared/bulkWire';
 import { loadConfig } from '../shared/config';
 import { callerInterceptors } from '../shared/auth';
+import { lockStateDir } from '../shared/stateLock';
 import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
@@ -16,6 +17,8 @@ async function main(): Promise<void> {
   const log = createLogger('aggregation');
   if (!(cfg['cold-cache-mib'] >= 0)) throw new Error(`--cold-cache-mib must be >= 0, got ${cfg['cold-cache-mib']}`);
   ColdBucket.cache.maxBytes = cfg['cold-cache-mib'] * 1024 * 1024;
+  // One aggregation per state directory: a second one refuses to start, saying who holds it.
+  lockStateDir(cfg['state-dir'], 'aggregation');
   const store = new DurableStore(path.resolve(cfg['state-dir']));
   const opened = Date.now();
   const { replayed, quarantined } = await store.open();

@@ -7,6 +7,7 @@ import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
 import { channelCredentials } from '../shared/tls';
 import { bearerInterceptor, readToken } from '../shared/auth';
+import { lockStateDir } from '../shared/stateLock';
 import { watchDependencies } from './dependencies';
 import { discoveryFor, parseTarget } from './discovery';
 import { Ledger } from './ledger';
@@ -36,6 +37,8 @@ async function main(): Promise<void> {
     aggregation: new AggregationUpstream('', credentials, dial('aggregation'), log),
   };
   const token = cfg['auth-token-file'] ? readToken(cfg['auth-token-file']) : undefined;
+  // One coordinator per state directory: a second one refuses to start, saying who holds it.
+  lockStateDir(cfg['state-dir'], 'coordinator');
   const ledger = new Ledger(path.resolve(cfg['state-dir']));
   const dataRoots = cfg['data-roots'].split(',').map((r) => r.trim()).filter(Boolean).map((r) => path.resolve(r));
   const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'], batchPollSeconds: cfg['batch-poll-seconds'], dataRoots }, log);
