@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
+import { mkdirDurable } from '../shared/files';
 
 /** Where a record lives: its segment, and the byte offset and length of its payload. */
 export interface RecordRef {
@@ -33,7 +34,7 @@ export class Journal {
   constructor(readonly dir: string, private readonly segmentBytes = SEGMENT_BYTES) {}
 
   async open(): Promise<void> {
-    await fs.mkdir(this.dir, { recursive: true });
+    await mkdirDurable(this.dir);
     const existing = await this.segments();
     this.segment = (existing[existing.length - 1] ?? 0) + 1;
     this.size = 0;

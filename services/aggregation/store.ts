@@ -3,7 +3,7 @@ import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { receivedBytes } from '../shared/bulkWire';
-import { writeFileAtomic } from '../shared/files';
+import { mkdirDurable, writeFileAtomic } from '../shared/files';
 import { ALL_FINITE, inspectTensor } from '../shared/tensor';
 import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator, RunCounters, WaitingEntry } from './accumulator';
 import { Journal, RecordRef } from './journal';
@@ -65,7 +65,7 @@ export class DurableStore {
   }
 
   async open(): Promise<{ replayed: number; quarantined: Quarantined[] }> {
-    await fs.mkdir(this.dir, { recursive: true });
+    await mkdirDurable(this.dir);
     this.manifest = await this.readManifest();
     if (this.manifest) this.load(this.manifest);
     const from = this.manifest?.journal ?? { segment: 0, offset: 0 };
@@ -180,7 +180,7 @@ export class DurableStore {
         const snapshot = acc.toSnapshot();
         const before = this.manifest?.runs[run];
         const runDir = path.join(this.dir, 'runs', run);
-        await fs.mkdir(runDir, { recursive: true });
+        await mkdirDurable(runDir);
         const buckets: RunEntry['buckets'] = {};
         for (const { role, bucket, sum, changed: bucketChanged } of snapshot.buckets) {
           const previous = before?.buckets[role]?.[bucket];

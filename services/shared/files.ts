@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
  */
 export async function writeFileAtomic(file: string, data: string | Uint8Array): Promise<void> {
   const dir = path.dirname(file);
-  await fs.mkdir(dir, { recursive: true });
+  await mkdirDurable(dir);
   const tmp = path.join(dir, `.${path.basename(file)}.${randomBytes(6).toString('hex')}.tmp`);
   const handle = await fs.open(tmp, 'w');
   try {
@@ -27,11 +27,26 @@ export async function writeFileAtomic(file: string, data: string | Uint8Array): 
     await fs.rm(tmp, { force: true });
     throw err;
   }
-  const dirHandle = await fs.open(dir, 'r');
+  await syncDir(dir);
+}
+
+/**
+ * mkdir -p whose new directories survive a power loss: each one made is fsynced in its parent
+ * (a file fsynced in a directory whose own entry was not is lost with it).
+ */
+export async function mkdirDurable(dir: string): Promise<void> {
+  const first = await fs.mkdir(dir, { recursive: true });
+  if (!first) return;
+  for (let d = path.resolve(dir); d.length >= first.length; d = path.dirname(d)) await syncDir(path.dirname(d));
+}
+
+/** fsync of a directory: the entries made or renamed in it are durable. */
+export async function syncDir(dir: string): Promise<void> {
+  const handle = await fs.open(dir, 'r');
   try {
-    await dirHandle.sync();
+    await handle.sync();
   } finally {
-    await dirHandle.close();
+    await handle.close();
   }
 }
 
