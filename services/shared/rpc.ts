@@ -60,7 +60,7 @@ export function undecodableReason(req: unknown): string | undefined {
  * marked object) and handlers for single requests that answer such a message with
  * INVALID_ARGUMENT; streams of requests check theirs in `serveBidi`.
  */
-export function tolerantDecoding<D extends grpc.ServiceDefinition, I extends grpc.UntypedServiceImplementation>(definition: D, implementation: I): { definition: D; implementation: I } {
+export function tolerantDecoding<D extends grpc.ServiceDefinition, I extends grpc.UntypedServiceImplementation>(definition: D, implementation: I, opts: { guardStreams?: boolean } = {}): { definition: D; implementation: I } {
   const def: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
   const impl: Record<string, unknown> = { ...implementation };
   for (const [name, method] of Object.entries(definition)) {
@@ -78,6 +78,24 @@ export function tolerantDecoding<D extends grpc.ServiceDefinition, I extends grp
       },
     };
     const handler = implementation[name] as ((call: { request?: unknown }, cb?: unknown) => void) | undefined;
+    if (handler && method.requestStream && opts.guardStreams) {
+      // A library's stream handler (reflection), which reads 'data' itself: an undecodable
+      // message ends the stream with INVALID_ARGUMENT instead of reaching it (grpc-js would
+      // leave such a stream open until the client's deadline).
+      impl[name] = (call: grpc.ServerDuplexStream<unknown, unknown>) => {
+        const on = call.on.bind(call);
+        let received = 0;
+        (call as { on: (event: string, listener: (...args: any[]) => void) => unknown }).on = (event: string, listener: (...args: any[]) => void) =>
+          on(event, event !== 'data' ? listener : (req: unknown) => {
+            received++;
+            const reason = undecodableReason(req);
+            if (reason === undefined) return listener(req);
+            if (!call.cancelled) failStream(call, invalidArgument(`message ${received} of the stream: ${reason}`));
+          });
+        return handler(call as never);
+      };
+      continue;
+    }
     if (!handler || method.requestStream) continue;
     impl[name] = (call: { request?: unknown; emit(event: 'error', err: unknown): boolean }, callback?: grpc.sendUnaryData<unknown>) => {
       const reason = undecodableReason(call.request);
@@ -88,6 +106,16 @@ export function tolerantDecoding<D extends grpc.ServiceDefinition, I extends grp
     };
   }
   return { definition: def as D, implementation: impl as I };
+}
+
+/** A stand-in server through which a library's `addToServer` adds its services decoded tolerantly (health, reflection). */
+export function tolerantServer(server: grpc.Server): grpc.Server {
+  return {
+    addService: (definition: grpc.ServiceDefinition, implementation: grpc.UntypedServiceImplementation) => {
+      const tolerant = tolerantDecoding(definition, implementation, { guardStreams: true });
+      server.addService(tolerant.definition, tolerant.implementation);
+    },
+  } as unknown as grpc.Server;
 }
 
 /** Ends a server-streaming call with the error's status (grpc-js sends the status on the stream's 'error' event). */

@@ -7,7 +7,7 @@ import { DRAIN_SECONDS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_CONCURRENT_
 import type { Logger } from './logger';
 import { reflectionPackageDefinition } from './protos';
 import { startMetricsServer } from './metrics';
-import { tolerantDecoding } from './rpc';
+import { tolerantDecoding, tolerantServer } from './rpc';
 import { serverCredentials, TlsConfig } from './tls';
 
 export interface ServiceBinding {
@@ -68,9 +68,10 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
   const initial: Record<string, ServingStatus> = { '': 'NOT_SERVING' };
   for (const b of opts.bindings) initial[b.name] = 'NOT_SERVING';
   const health = new HealthImplementation(initial);
-  health.addToServer(server);
+  // The libraries' services decode tolerantly too: bytes that are not their request get INVALID_ARGUMENT, and a reflection stream ends at once.
+  health.addToServer(tolerantServer(server));
   // Each service describes what it serves, not every service of the package.
-  new ReflectionService(reflectionPackageDefinition(), { services: [...opts.bindings.map((b) => b.name), 'grpc.health.v1.Health'] }).addToServer(server);
+  new ReflectionService(reflectionPackageDefinition(), { services: [...opts.bindings.map((b) => b.name), 'grpc.health.v1.Health'] }).addToServer(tolerantServer(server));
   for (const b of opts.bindings) {
     const tolerant = tolerantDecoding(b.definition, b.implementation);
     server.addService(tolerant.definition, tolerant.implementation);
@@ -87,7 +88,7 @@ export async function startService(opts: StartOptions): Promise<RunningService> 
   const healthPort = opts.tls?.['health-port'] ?? 0;
   if (healthPort > 0) {
     healthServer = new grpc.Server();
-    health.addToServer(healthServer);
+    health.addToServer(tolerantServer(healthServer));
     await new Promise<number>((resolve, reject) => healthServer!.bindAsync(`${opts.host}:${healthPort}`, grpc.ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))));
     log.info({ healthPort }, 'health checks in plaintext on their own port');
   }
