@@ -42,7 +42,7 @@ $(HELM):
 
 test: build $(HELM)
 	npx tsc -p tsconfig.test.json
-	AXIS_HELM=$(HELM) npx jest --runInBand
+	AXIS_HELM=$(HELM) AXIS_REQUIRE_HELM=1 npx jest --runInBand
 
 test-long: build $(HELM)
 	AXIS_HELM=$(HELM) AXIS_TEST_LONG=1 npx jest --runInBand

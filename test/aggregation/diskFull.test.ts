@@ -16,6 +16,8 @@ import { tempDir } from '../kit/files';
  * where the process is real: the short soak, test/e2e/soak.test.ts.)
  */
 const root = process.getuid?.() === 0;
+// Under CI (which runs as root) a missing root is a failure, not a skip.
+if (!root && process.env.AXIS_REQUIRE_ROOT) throw new Error('diskFull.test.ts needs root to mount its tmpfs, and AXIS_REQUIRE_ROOT is set (CI runs as root)');
 const describeAsRoot = root ? describe : describe.skip;
 if (!root) console.warn('diskFull.test.ts skipped: mounting the small tmpfs that fills up needs root (CI runs as root)');
 
