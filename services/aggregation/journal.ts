@@ -12,6 +12,9 @@ export interface RecordRef {
 
 const HEADER = 8; // u32 payload length, u32 crc32 of the payload
 
+/** Bytes of a segment read at a time by replay (a longer record is read in one piece). */
+export const REPLAY_WINDOW = 4 * 1024 * 1024;
+
 /** A record that cannot be read back as it was written. */
 export class JournalCorruption extends Error {}
 const SEGMENT_BYTES = 256 * 1024 * 1024;
@@ -142,32 +145,62 @@ export class Journal {
     await (await h?.catch(() => undefined))?.close();
   }
 
+  /** Bytes of a segment replay reads at a time (REPLAY_WINDOW; tests make it small). */
+  replayWindow = REPLAY_WINDOW;
+
   /**
    * Calls `apply` for every intact record from `from` on, in order. A record that fails its
    * crc32 with more records after it was changed on disk after it was acknowledged: `corrupt`
    * is told, and the replay goes on past it. One at a segment's end that is cut short or fails
    * its crc32 was torn by a crash while being written (never acknowledged): the segment ends there.
    */
-  async replay(from: { segment: number; offset: number }, apply: (payload: Buffer, ref: RecordRef) => void, corrupt: (payload: Buffer, ref: RecordRef) => void = () => undefined): Promise<number> {
+  async replay(
+    from: { segment: number; offset: number },
+    apply: (payload: Buffer, ref: RecordRef) => void | Promise<void>,
+    corrupt: (payload: Buffer, ref: RecordRef) => void | Promise<void> = () => undefined,
+  ): Promise<number> {
     let count = 0;
     for (const seg of await this.segments()) {
       if (seg < from.segment || seg >= this.segment) continue;
-      const data = await fs.readFile(this.file(seg));
-      let at = seg === from.segment ? from.offset : 0;
-      while (at + HEADER <= data.length) {
-        const length = data.readUInt32LE(at);
-        const crc = data.readUInt32LE(at + 4);
-        if (at + HEADER + length > data.length) break; // torn by a crash: nothing after it was acknowledged
-        const payload = data.subarray(at + HEADER, at + HEADER + length);
-        const ref = { segment: seg, offset: at + HEADER, length };
-        at += HEADER + length;
-        if (crc32(payload) !== crc) {
-          if (at >= data.length) break; // the last record, torn
-          corrupt(payload, ref);
-          continue;
+      // Read in windows of REPLAY_WINDOW bytes (a record longer than that in one piece): memory
+      // stays bounded whatever the segment's size, and each record is applied before the next
+      // is read (a payload is a view of the window, valid until its callback has finished).
+      const handle = await fs.open(this.file(seg), 'r');
+      try {
+        const size = (await handle.stat()).size;
+        let window = Buffer.alloc(0);
+        let windowAt = 0; // the file offset of window[0]
+        const bytesAt = async (at: number, length: number): Promise<Buffer | undefined> => {
+          if (at + length > size) return undefined;
+          if (at < windowAt || at + length > windowAt + window.length) {
+            window = Buffer.allocUnsafe(Math.min(Math.max(this.replayWindow, length), size - at));
+            const { bytesRead } = await handle.read(window, 0, window.length, at);
+            window = window.subarray(0, bytesRead);
+            windowAt = at;
+            if (bytesRead < length) return undefined;
+          }
+          return window.subarray(at - windowAt, at - windowAt + length);
+        };
+        let at = seg === from.segment ? from.offset : 0;
+        for (;;) {
+          const header = await bytesAt(at, HEADER);
+          if (!header) break;
+          const length = header.readUInt32LE(0);
+          const crc = header.readUInt32LE(4);
+          const payload = await bytesAt(at + HEADER, length);
+          if (!payload) break; // torn by a crash: nothing after it was acknowledged
+          const ref = { segment: seg, offset: at + HEADER, length };
+          at += HEADER + length;
+          if (crc32(payload) !== crc) {
+            if (at >= size) break; // the last record, torn
+            await corrupt(payload, ref);
+            continue;
+          }
+          await apply(payload, ref);
+          count++;
         }
-        apply(payload, ref);
-        count++;
+      } finally {
+        await handle.close();
       }
     }
     return count;

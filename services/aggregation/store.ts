@@ -72,27 +72,27 @@ export class DurableStore {
     await this.journal.open();
     let replayed = 0;
     const quarantined: Quarantined[] = [];
-    const pending: { payload: Buffer; ref: RecordRef; corrupt?: true }[] = [];
+    // A record that cannot be applied (changed on disk, or its spooled activation is) must not
+    // keep the service from starting: it is set aside, with its bytes, and the rest goes on.
+    const quarantine = async (payload: Buffer, ref: RecordRef, error: string) => {
+      const file = path.join(this.dir, 'quarantine', `${ref.segment}.${ref.offset}.record`);
+      await writeFileAtomic(file, payload);
+      quarantined.push({ ref, error, file });
+      this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
+    };
+    // Each record applied as it is read (the journal streams its segments): memory does not grow with the journal.
     await this.journal.replay(
       from,
-      (payload, ref) => pending.push({ payload: Buffer.from(payload), ref }),
-      (payload, ref) => pending.push({ payload: Buffer.from(payload), ref, corrupt: true }),
+      async (payload, ref) => {
+        try {
+          await this.apply(IngestRequest.decode(payload), ref);
+          replayed++;
+        } catch (err) {
+          await quarantine(payload, ref, (err as Error).message);
+        }
+      },
+      (payload, ref) => quarantine(payload, ref, `journal segment ${ref.segment}: the record at ${ref.offset} fails its crc32 check (the disk changed it)`),
     );
-    for (const { payload, ref, corrupt } of pending) {
-      try {
-        if (corrupt) throw new Error(`journal segment ${ref.segment}: the record at ${ref.offset} fails its crc32 check (the disk changed it)`);
-        await this.apply(IngestRequest.decode(payload), ref);
-        replayed++;
-      } catch (err) {
-        // A record that cannot be applied (changed on disk, or its spooled activation is) must
-        // not keep the service from starting: it is set aside, with its bytes, and the rest goes on.
-        const file = path.join(this.dir, 'quarantine', `${ref.segment}.${ref.offset}.record`);
-        await fs.mkdir(path.dirname(file), { recursive: true });
-        await writeFileAtomic(file, payload);
-        quarantined.push({ ref, error: (err as Error).message, file });
-        this.applied = { segment: ref.segment, offset: ref.offset + ref.length };
-      }
-    }
     this.quarantinedCount += quarantined.length;
     return { replayed, quarantined };
   }

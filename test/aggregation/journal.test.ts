@@ -27,8 +27,34 @@ describe('the aggregation journal', () => {
     const again = new Journal(dir, 1000);
     await again.open();
     const replayed: Buffer[] = [];
-    await again.replay({ segment: 0, offset: 0 }, (p) => replayed.push(Buffer.from(p)));
+    await again.replay({ segment: 0, offset: 0 }, (p) => void replayed.push(Buffer.from(p)));
     expect(replayed).toEqual(refs.map((_, i) => payload(i)));
+    await again.close();
+  });
+
+  it('replays a segment through a window smaller than its records, each record whole and in order, applied before the next is read', async () => {
+    const dir = path.join(tempDir('journal-window'), 'journal');
+    const journal = new Journal(dir, 1 << 20);
+    await journal.open();
+    // Records of 1..3000 bytes, read through windows of 1,000: most cross a window's edge, some are longer than a window.
+    let seed = 5;
+    const rnd = () => (seed = (seed * 16807) % 2147483647) / 2147483647;
+    const records = Array.from({ length: 120 }, (_, i) => Buffer.alloc(1 + Math.floor(rnd() * 3000), i % 251));
+    for (const r of records) await journal.append(r);
+    await journal.close();
+    const again = new Journal(dir, 1 << 20);
+    again.replayWindow = 1000;
+    await again.open();
+    const replayed: Buffer[] = [];
+    let applying = false;
+    await again.replay({ segment: 0, offset: 0 }, async (p) => {
+      expect(applying).toBe(false); // one at a time
+      applying = true;
+      await new Promise((r) => setImmediate(r));
+      replayed.push(Buffer.from(p));
+      applying = false;
+    });
+    expect(replayed).toEqual(records);
     await again.close();
   });
 });
