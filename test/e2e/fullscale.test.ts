@@ -17,6 +17,8 @@ describe('full-scale rehearsal, short', () => {
     expect(leg.items).toBe(2400);
     for (const s of ['coordinator', 'inference', 'judge', 'aggregation'] as const) expect(leg.peakMiB[s]).toBeGreaterThan(20);
     expect(leg.coordinatorRss.length).toBeGreaterThan(0);
+    // The coordinator's memory does not grow with the run (sampled from 20 % of it to the end): asserted, not only printed.
+    expect({ rss: leg.coordinatorRss, flat: memoryFlat(leg.coordinatorRss) }).toMatchObject({ flat: true });
   });
 
   it('calls memory flat only when it stays within 25% (and 64 MiB) of its first sample', () => {
@@ -31,5 +33,6 @@ describe('full-scale rehearsal, short', () => {
     expect(leg.items).toBe(2400);
     // Paced generation cannot finish sooner than items / rate.
     expect(leg.seconds).toBeGreaterThanOrEqual(2400 / 80 - 1);
+    expect({ rss: leg.coordinatorRss, flat: memoryFlat(leg.coordinatorRss) }).toMatchObject({ flat: true });
   });
 });
