@@ -38,6 +38,9 @@ interface Manifest {
  * replays the journal after it, so after kill -9 at any moment the state is exactly what was
  * acknowledged, and re-sent messages are recognised as duplicates.
  */
+/** A file the committed checkpoint refers to is missing or cut short: the message says what to do. */
+export class StateIncomplete extends Error {}
+
 /** A journal record that could not be applied at start: where it was, why, and where its bytes were kept. */
 export interface Quarantined {
   ref: RecordRef;
@@ -255,7 +258,20 @@ export class DurableStore {
     this.state.instanceId = m.instanceId;
     for (const [run, r] of Object.entries(m.runs)) {
       const runDir = path.join(this.dir, 'runs', run);
-      const read = (file: string) => fsSync.readFileSync(path.join(runDir, file));
+      // A file the committed checkpoint refers to, missing or of the wrong size: the state
+      // directory is incomplete, said with what to do instead of a crash at every start.
+      const incomplete = (file: string, why: string) =>
+        new StateIncomplete(`${path.join(runDir, file)}, which the committed checkpoint refers to, ${why}: the state directory is incomplete (a copy cut short, a file removed by hand). Restore it from a copy; or move it aside and start again, and the coordinator sends every activation of its runs again when it finds aggregation holding fewer than it acknowledged`);
+      const read = (file: string, bytes?: number) => {
+        let data: Buffer;
+        try {
+          data = fsSync.readFileSync(path.join(runDir, file));
+        } catch (err) {
+          throw incomplete(file, `cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+        }
+        if (bytes !== undefined && data.length !== bytes) throw incomplete(file, `holds ${data.length} bytes where ${bytes} were written`);
+        return data;
+      };
       // Read file by file as the run takes them, so one key file's JSON is in memory at a time.
       const keys = function* () {
         for (const f of r.keyFiles) yield JSON.parse(read(f).toString('utf8')) as { activations: string[]; scores: string[] };
@@ -263,7 +279,7 @@ export class DurableStore {
       const buckets = function* () {
         for (const [role, byBucket] of Object.entries(r.buckets)) {
           for (const [bucket, b] of Object.entries(byBucket)) {
-            const bytes = read(b.file);
+            const bytes = read(b.file, r.numLayers * r.hidden * 8);
             yield { role, bucket: bucket as Bucket, sum: { sum: new Float64Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)), count: b.count } };
           }
         }

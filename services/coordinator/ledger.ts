@@ -10,6 +10,9 @@ import { DONE, ITEM_COLUMNS_WITHOUT_TEXT, JudgeBatchRow, JudgeUsage, RoleCounts,
  * acknowledged by aggregation -> judged -> score acknowledged; a restart resumes each item
  * at its first missing step.
  */
+/** The ledger's file fails SQLite's check: the message says what to do. */
+export class LedgerDamaged extends Error {}
+
 export class Ledger {
   private readonly db: Database.Database;
   /** Prepared once each: preparing (parsing the SQL) at every item step cost more than running it. */
@@ -83,7 +86,19 @@ export class Ledger {
 
   constructor(stateDir: string) {
     fs.mkdirSync(stateDir, { recursive: true });
-    this.db = new Database(path.join(stateDir, 'ledger.sqlite'));
+    const file = path.join(stateDir, 'ledger.sqlite');
+    let db: Database.Database | undefined;
+    try {
+      db = new Database(file);
+      // A ledger damaged on disk (a bad sector, a copy cut short) is found now, with what to do,
+      // not later as a crash in the middle of a run, restarted again and again.
+      const check = (db.pragma('quick_check', { simple: false }) as { quick_check: string }[]).map((r) => r.quick_check);
+      if (check.join() !== 'ok') throw new Error(check.slice(0, 3).join('; '));
+    } catch (err) {
+      db?.close();
+      throw new LedgerDamaged(`${file} is damaged (${(err as Error).message.replace(/\s*\n\s*/g, ' ')}): the coordinator cannot trust what it says was done. Move it aside (with its -wal and -shm files) and restore a copy, or move it aside and start again: runs are then redone from the start, and aggregation drops what it already holds as duplicates`);
+    }
+    this.db = db;
     this.db.pragma('journal_mode = WAL');
     // NORMAL in WAL mode: a commit is in the WAL file when it returns, so a killed coordinator
     // loses nothing; only a power loss can drop the last commits before a checkpoint, and every

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
-import { DurableStore } from '../../services/aggregation/store';
+import { DurableStore, StateIncomplete } from '../../services/aggregation/store';
 import { encodeTensor } from '../../services/shared/tensor';
 import { tempDir } from '../kit/files';
 
@@ -176,6 +176,29 @@ describe('DurableStore', () => {
     expect(again.quarantinedCount).toBe(1);
     expect(again.state.get('r')!.activations).toBe(0);
     expect(again.state.get('r')!.scores).toBe(1);
+    await again.close();
+  });
+
+  it('refuses to open when a file its checkpoint refers to is missing or cut short, saying what to do', async () => {
+    const dir = path.join(tempDir('store-incomplete'), 'state');
+    const store = new DurableStore(dir);
+    await store.open();
+    for (const m of messages()) await store.ingest(m);
+    await store.checkpoint();
+    await store.close();
+    const runDir = path.join(dir, 'runs', 'r');
+    const bucket = fs.readdirSync(runDir).find((f) => f.startsWith('pirate.3.') && f.endsWith('.f64'))!;
+    const whole = fs.readFileSync(path.join(runDir, bucket));
+    fs.writeFileSync(path.join(runDir, bucket), whole.subarray(0, whole.length - 8));
+    await expect(new DurableStore(dir).open()).rejects.toThrow(StateIncomplete);
+    await expect(new DurableStore(dir).open()).rejects.toThrow(new RegExp(`${bucket.replace(/\./g, '\\.')}, which the committed checkpoint refers to, holds ${whole.length - 8} bytes where ${whole.length} were written: the state directory is incomplete .* Restore it from a copy`));
+    fs.rmSync(path.join(runDir, bucket));
+    await expect(new DurableStore(dir).open()).rejects.toThrow(/cannot be read \(ENOENT\): the state directory is incomplete/);
+    // Put back, it opens with everything.
+    fs.writeFileSync(path.join(runDir, bucket), whole);
+    const again = new DurableStore(dir);
+    await again.open();
+    expect(sumsOf(again)).toEqual(expectedSums());
     await again.close();
   });
 

@@ -1,6 +1,7 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import Database from 'better-sqlite3';
-import { Ledger } from '../../services/coordinator/ledger';
+import { Ledger, LedgerDamaged } from '../../services/coordinator/ledger';
 import { DONE, RunSpec } from '../../services/coordinator/ledgerRows';
 import { tempDir } from '../kit/files';
 
@@ -92,5 +93,24 @@ describe('the ledger commits the item steps of one turn of the event loop togeth
     expect((db.prepare("SELECT activation_acked FROM items WHERE key = 'pos_p0_q2'").get() as { activation_acked: number }).activation_acked).toBe(1);
     db.close();
     ledger.close();
+  });
+});
+
+describe('a damaged ledger', () => {
+  it('is refused at start with what to do, not read as if it were whole', () => {
+    const dir = path.join(tempDir('ledger-damaged'), 'state');
+    const ledger = new Ledger(dir);
+    const items = Array.from({ length: 400 }, (_, i) => ({ role: 'chef', p: 0, q: i, key: `pos_p0_q${i}` }));
+    ledger.createRun(spec('hurt'), items, new Date().toISOString());
+    ledger.close();
+    // A page in the middle of the file overwritten (a bad sector, a copy cut short), the header left whole.
+    const file = path.join(dir, 'ledger.sqlite');
+    const bytes = fs.readFileSync(file);
+    const pageSize = bytes.readUInt16BE(16);
+    expect(bytes.length).toBeGreaterThan(4 * pageSize);
+    bytes.fill(0xa5, 2 * pageSize, 3 * pageSize);
+    fs.writeFileSync(file, bytes);
+    expect(() => new Ledger(dir)).toThrow(LedgerDamaged);
+    expect(() => new Ledger(dir)).toThrow(/ledger\.sqlite is damaged \(.+\): the coordinator cannot trust what it says was done\. Move it aside/);
   });
 });
