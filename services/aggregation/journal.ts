@@ -113,8 +113,10 @@ export class Journal {
     await this.openSegment();
   }
 
-  /** Reads a record's payload, into `into` when given (it must hold `ref.length` bytes). */
-  /** A record's payload read back (a spooled activation), checked against its header's length and crc32. */
+  /**
+   * A record's payload read back (a spooled activation), into `into` when given (it must hold
+   * `ref.length` bytes), checked against its header's length and crc32.
+   */
   async read(ref: RecordRef, into?: Buffer): Promise<Buffer> {
     const handle = await this.reader(ref.segment);
     const header = Buffer.allocUnsafe(HEADER);
