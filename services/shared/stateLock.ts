@@ -10,7 +10,9 @@ export class StateDirInUse extends Error {}
 // however it ends (kill -9 included): a lock left by a dead process is never in the way.
 const LOCK_EX = 2;
 const LOCK_NB = 4;
-const EWOULDBLOCK = 11;
+/** "Held by another": EWOULDBLOCK, which is EAGAIN (11 on Linux, 35 on macOS). */
+const EWOULDBLOCK = process.platform === 'darwin' ? 35 : 11;
+const LIBC = process.platform === 'darwin' ? 'libSystem.B.dylib' : 'libc.so.6';
 
 let flock: ((fd: number, operation: number) => number) | undefined;
 
@@ -30,7 +32,7 @@ export function lockStateDir(dir: string, who: string): void {
   if (held.has(file)) return;
   fs.mkdirSync(resolved, { recursive: true });
   const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
-  flock ??= koffi.load('libc.so.6').func('int flock(int fd, int operation)') as (fd: number, operation: number) => number;
+  flock ??= koffi.load(LIBC).func('int flock(int fd, int operation)') as (fd: number, operation: number) => number;
   if (flock(fd, LOCK_EX | LOCK_NB) !== 0) {
     const errno = koffi.errno();
     let holder = '';

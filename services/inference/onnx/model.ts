@@ -81,7 +81,9 @@ export class LoadedModel implements TokenRules {
       }
       model.hashes.graph = stages.map((s) => s.graphSha256).join(',');
     }
-    model.residency = keepWeightsResident(dirs);
+    // Only where the CPU computes from the weights: a GPU session copies them to its device, and
+    // faulting in its mapping would put a whole model in host memory for nothing.
+    model.residency = keepWeightsResident(dirs.filter((_, k) => placements[k].provider === 'cpu'));
     return model;
   }
 

@@ -26,8 +26,9 @@ let madvise: ((address: bigint, length: number, advice: number) => number) | und
  * mappings onnxruntime made of files under `dirs` are private and writable, so faulting their
  * pages in as writable gives the process its own copy of each, as `--no-mmap` does in
  * llama.cpp: memory that stays without swap, counted as the process's (the memory plan
- * counts the weights in host memory on the CPU already). Called once the sessions exist;
- * never fails the load (what could not be done is returned for the log).
+ * counts the weights in host memory on the CPU already). Called once the sessions exist, for
+ * the directories placed on the CPU only; never fails the load (what could not be done is
+ * returned for the log).
  */
 export function keepWeightsResident(dirs: string[]): Residency {
   if (process.platform !== 'linux') return { regions: 0, bytes: 0, how: 'none' };
