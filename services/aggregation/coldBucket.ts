@@ -2,6 +2,7 @@ import { ActivationValues, addValues } from './axis';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
+import { mkdirDurableSync, syncDirSync } from '../shared/files';
 
 /** A journal position: records are applied in this order. */
 export interface Position {
@@ -53,10 +54,6 @@ export class OpenFiles {
 
   constructor(public limit: number) {}
 
-  get size(): number {
-    return this.open.size;
-  }
-
   use(b: ColdBucket): void {
     this.open.delete(b);
     this.open.add(b);
@@ -74,16 +71,6 @@ export class OpenFiles {
 
   forget(b: ColdBucket): void {
     this.open.delete(b);
-  }
-}
-
-/** fsync of a directory: a file created in it (or renamed into it) survives a power loss. */
-export function syncDirectory(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
   }
 }
 
@@ -122,7 +109,7 @@ export class ColdBucket {
   static open(file: string, size: number): ColdBucket {
     if (!fs.existsSync(file)) {
       fs.closeSync(fs.openSync(file, 'w+'));
-      syncDirectory(path.dirname(file));
+      syncDirSync(path.dirname(file));
     }
     const b = new ColdBucket(file, size);
     let best: { slot: number; position: Position; count: number } | undefined;
@@ -279,11 +266,7 @@ export class RunColdBuckets {
 
   private open(): void {
     if (this.opened || this.size() === 0) return;
-    if (!fs.existsSync(this.dir)) {
-      // runs/<run>/cold, and runs/<run> perhaps: each new directory's entry made durable in its parent.
-      const created = fs.mkdirSync(this.dir, { recursive: true });
-      for (let d = this.dir; created && d.length >= created.length; d = path.dirname(d)) syncDirectory(path.dirname(d));
-    }
+    mkdirDurableSync(this.dir);
     for (const f of fs.readdirSync(this.dir)) {
       const m = /^(.+)\.([0-9]|none)\.sum$/.exec(f);
       if (m) this.roleMap(m[1]).set(m[2], ColdBucket.open(path.join(this.dir, f), this.size()));

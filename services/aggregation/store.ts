@@ -28,16 +28,6 @@ interface Manifest {
   runs: Record<string, RunEntry>;
 }
 
-/**
- * The aggregation's durable state. Every message goes to the journal first (acknowledged only
- * once fsynced); an activation that waits for its score stays in the journal (the spool) and
- * only its position is kept in memory. A checkpoint writes what changed since the last one:
- * the changed buckets' float64 sums (each a new file: write, fsync, rename), the keys added,
- * and a manifest naming everything, committed by an atomic rename of CURRENT; then journal
- * segments nothing refers to are deleted. Opening the store loads the current checkpoint and
- * replays the journal after it, so after kill -9 at any moment the state is exactly what was
- * acknowledged, and re-sent messages are recognised as duplicates.
- */
 /** A file the committed checkpoint refers to is missing or cut short: the message says what to do. */
 export class StateIncomplete extends Error {}
 
@@ -48,6 +38,16 @@ export interface Quarantined {
   file: string;
 }
 
+/**
+ * The aggregation's durable state. Every message goes to the journal first (acknowledged only
+ * once fsynced); an activation that waits for its score stays in the journal (the spool) and
+ * only its position is kept in memory. A checkpoint writes what changed since the last one:
+ * the changed buckets' float64 sums (each a new file: write, fsync, rename), the keys added,
+ * and a manifest naming everything, committed by an atomic rename of CURRENT; then journal
+ * segments nothing refers to are deleted. Opening the store loads the current checkpoint and
+ * replays the journal after it, so after kill -9 at any moment the state is exactly what was
+ * acknowledged, and re-sent messages are recognised as duplicates.
+ */
 export class DurableStore {
   readonly state: Accumulators;
   private readonly journal: Journal;
@@ -60,6 +60,8 @@ export class DurableStore {
    * write a file name that the committed manifest still refers to.
    */
   private sequence = 0;
+  /** Journal records set aside at start since this process began (see open). */
+  quarantinedCount = 0;
 
   constructor(readonly dir: string) {
     this.journal = new Journal(path.join(dir, 'journal'));
@@ -99,9 +101,6 @@ export class DurableStore {
     this.quarantinedCount += quarantined.length;
     return { replayed, quarantined };
   }
-
-  /** Journal records set aside at start since this process began (see open). */
-  quarantinedCount = 0;
 
   /**
    * Ingests one message: checked against the current state, journaled (durable), then applied,

@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Tensor } from '../../gen/assistant_axis/v1/common';
 import type { ItemRow } from './ledgerRows';
 import { RetryableError, RunFailure } from './retry';
-import type { RunContext } from './runContext';
+import { activationShape, RunContext } from './runContext';
 import { ingestId } from './upstreams';
 
 /**
@@ -49,7 +49,7 @@ export class AggregationSteps {
     await ctx.ledger.committed();
     await ctx.retrying(`aggregate ${item.role}/${item.key}`, async () => {
       // The run's shape from its spec (the layers it captures, the model's hidden size), so that aggregation never takes it from an activation.
-      const runShape = payload.$case === 'activation' ? [ctx.spec.layers.length || ctx.items.modelInfo.numLayers, ctx.items.modelInfo.hiddenSize] : [];
+      const runShape = payload.$case === 'activation' ? activationShape(ctx) : [];
       const ack = await ctx.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload, runShape });
       if (ack.error) {
         // A refusal (the message is wrong) ends the run; anything else (e.g. its disk is full) is retried.

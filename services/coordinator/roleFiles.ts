@@ -8,7 +8,7 @@ import { writeSafetensorsStreaming } from '../shared/safetensors';
 import { decodeTensor, encodeTensor } from '../shared/tensor';
 import type { ItemRow, RoleCounts } from './ledgerRows';
 import { RunFailure } from './retry';
-import type { RunContext } from './runContext';
+import { activationShape, RunContext } from './runContext';
 
 /** One line of `responses/<role>.jsonl`, exactly the reference pipeline's fields. */
 export interface ResponseRecord {
@@ -115,8 +115,7 @@ export class RoleCompletion {
   /** activations/<role>.safetensors from the role's staged activations, streamed, in (prompt, question) order. */
   private async writeArchive(role: string, items: ItemRow[]): Promise<void> {
     const { ctx } = this;
-    const L = ctx.spec.layers.length || ctx.items.modelInfo.numLayers;
-    const d = ctx.items.modelInfo.hiddenSize;
+    const [L, d] = activationShape(ctx);
     const parts = items.map((it) => ({
       name: it.key,
       dtype: 'BF16' as const,

@@ -37,6 +37,11 @@ export function itemSeed(runSeed: number, role: string, key: string): number {
   return createHash('sha256').update(`${runSeed}:${role}:${key}`).digest().readUIntLE(0, 6);
 }
 
+/** The run's activation shape [layers, hidden]: the layers it captures (all when none are named), the model's hidden size. */
+export function activationShape(ctx: Pick<RunContext, 'spec' | 'items'>): [number, number] {
+  return [ctx.spec.layers.length || ctx.items.modelInfo.numLayers, ctx.items.modelInfo.hiddenSize];
+}
+
 /** The id an item travels under to inference and the judge: `run/role/key`. */
 export function itemId(run: string, item: { role: string; key: string }): string {
   return `${run}/${item.role}/${item.key}`;

@@ -1,3 +1,4 @@
+import * as fsSync from 'node:fs';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -38,6 +39,23 @@ export async function mkdirDurable(dir: string): Promise<void> {
   const first = await fs.mkdir(dir, { recursive: true });
   if (!first) return;
   for (let d = path.resolve(dir); d.length >= first.length; d = path.dirname(d)) await syncDir(path.dirname(d));
+}
+
+/** `mkdirDurable` for synchronous code (the cold buckets). */
+export function mkdirDurableSync(dir: string): void {
+  const first = fsSync.mkdirSync(dir, { recursive: true });
+  if (!first) return;
+  for (let d = path.resolve(dir); d.length >= first.length; d = path.dirname(d)) syncDirSync(path.dirname(d));
+}
+
+/** `syncDir` for synchronous code. */
+export function syncDirSync(dir: string): void {
+  const fd = fsSync.openSync(dir, 'r');
+  try {
+    fsSync.fsyncSync(fd);
+  } finally {
+    fsSync.closeSync(fd);
+  }
 }
 
 /** fsync of a directory: the entries made or renamed in it are durable. */
