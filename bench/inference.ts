@@ -1,17 +1,19 @@
 /**
  * `make bench-inference`: continuous batching over the step graph's slots on a random-weight
  * Llama-architecture model a CPU can run (8 layers, hidden 1024, vocabulary 32k, f32), with
- * S = 16 slots, realistic prompts (the role instructions and questions of the bundled data set
- * through the chat template) and answer lengths drawn from the real assistant answers of the
- * reference's transcripts (tokenized, scaled to a cap of 128 new tokens; random weights rarely
- * stop by themselves, so each item's length is its token budget). Side by side, the contenders
- * taking turns in an order that rotates each round (A B C D E, B C D E A, ...):
+ * S = 16 slots, realistic prompts (the reference's role instructions and questions through
+ * the chat template, in the order a run sends them) and answer lengths drawn from the real
+ * assistant answers of the reference's transcripts (tokenized, scaled to a cap of 128 new
+ * tokens; random weights rarely stop by themselves, so each item's length is its token
+ * budget). Side by side, the contenders taking turns in an order that rotates each round
+ * (A B C D E F, B C D E F A, ...):
  *   - the engine, continuous batching, capture of every layer, through onnxruntime's C API
- *     (the native runtime, the default);
+ *     (the native runtime, the default), on ITEMS items;
  *   - the same engine admitting a new batch only when the whole batch has finished (static);
  *   - the engine on the --no-capture build (what measuring the activations costs);
- *   - the engine through onnxruntime-node's JavaScript API (the stock runtime);
- *   - transformers.js `generate` on the portable graph, batches of 16 (a peer on the same runtime).
+ *   - on the first PEER_ITEMS items: the engine again, the engine through onnxruntime-node's
+ *     JavaScript API (the stock runtime), and transformers.js `generate` on the portable
+ *     graph, batches of 16 (a peer on the same runtime).
  * Throughput is useful tokens (the tokens the items asked for) per second of wall time.
  * Ends with `result:` lines; the figures go to docs/PERFORMANCE.md.
  */
@@ -21,8 +23,9 @@ import { generationJob } from '../services/inference/onnx/generate';
 import { LoadedModel } from '../services/inference/onnx/model';
 import type { SequenceJob } from '../services/inference/onnx/runner';
 import { keepWeightsResident } from '../services/inference/onnx/residentWeights';
-import { SlotRunner, StepStats } from '../services/inference/onnx/slotEngine';
+import { PrefillStats, SlotRunner, StepStats } from '../services/inference/onnx/slotEngine';
 import { ModelMetadata, STEP_INPUTS } from '../services/contracts/modelDirectory';
+import { buildConversation } from '../services/coordinator/conversation';
 import { buildModel } from '../services/model/build';
 import { writeTinyCheckpoint } from '../services/model/tiny';
 import { digest, Rng } from '../services/shared/random';
@@ -34,7 +37,12 @@ const SHAPE = { hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 8
 const MERGES = 31744; // 256 bytes + merges + specials: a vocabulary of about 32k
 const SLOTS = 16;
 const CAP = Number(process.env.AXIS_BENCH_NEW_TOKENS ?? 128);
-const ITEMS = Number(process.env.AXIS_BENCH_ITEMS ?? 48);
+/** Items of the scheduling comparison (continuous, static, --no-capture): enough that a run's tail is a small part of it. */
+const ITEMS = Number(process.env.AXIS_BENCH_ITEMS ?? 144);
+/** The first items of the workload, for the slower peers (transformers.js, the stock runtime), each paired with the engine on the same items. */
+const PEER_ITEMS = Math.min(ITEMS, Number(process.env.AXIS_BENCH_PEER_ITEMS ?? 48));
+/** Items of the warm-up run of each engine (first-run allocations and lazy tables). */
+const WARMUP_ITEMS = 16;
 /** Each figure is the median of this many runs, the contenders taking turns. */
 const REPEATS = Number(process.env.AXIS_BENCH_REPEATS ?? 5);
 const TRANSCRIPTS = path.join(path.dirname(UPSTREAM_DATA), 'transcripts', 'persona_drift');
@@ -72,19 +80,27 @@ function answerLengths(model: LoadedModel): number[] {
   return lengths.map((n) => Math.max(1, Math.round((n / longest) * CAP)));
 }
 
-/** ITEMS conversations: a role's instruction as the system message, a question; each with a budget drawn from the answer lengths. */
+/**
+ * ITEMS items as a run sends them (in role, instruction, question order: a run's items share
+ * their instruction 240 questions at a time), from the reference's roles and questions,
+ * starting at a role drawn at random; each with a budget drawn from the answer lengths.
+ */
 function workload(model: LoadedModel): { jobs: SequenceJob[]; budgets: number[]; conversations: { role: string; content: string }[][] } {
-  const roles = (JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'role_list.json'), 'utf8')) as string[]).filter((r) => fs.existsSync(path.join(ROOT, 'data', 'roles', 'instructions', `${r}.json`)));
-  const questions = fs.readFileSync(path.join(ROOT, 'data', 'extraction_questions.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { question: string }).question);
+  const roles = Object.keys(JSON.parse(fs.readFileSync(path.join(UPSTREAM_DATA, 'roles', 'role_list.json'), 'utf8')) as Record<string, string>).filter((r) => fs.existsSync(path.join(UPSTREAM_DATA, 'roles', 'instructions', `${r}.json`)));
+  const questions = fs.readFileSync(path.join(UPSTREAM_DATA, 'extraction_questions.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { question: string }).question);
   const lengths = answerLengths(model);
   const rng = new Rng(digest({ bench: 'inference', items: ITEMS }));
   const conversations: { role: string; content: string }[][] = [];
   const budgets: number[] = [];
   const jobs: SequenceJob[] = [];
+  const instructionsOf = (role: string) => (JSON.parse(fs.readFileSync(path.join(UPSTREAM_DATA, 'roles', 'instructions', `${role}.json`), 'utf8')) as { instruction: { pos: string }[] }).instruction;
+  const order = function* () {
+    for (let r = Math.floor(rng.next() * roles.length); ; r = (r + 1) % roles.length) for (const { pos } of instructionsOf(roles[r])) for (const q of questions) yield { instruction: pos, question: q };
+  };
+  const items = order();
   for (let i = 0; i < ITEMS; i++) {
-    const role = roles[i % roles.length];
-    const instructions = (JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', `${role}.json`), 'utf8')) as { instruction: { pos: string }[] }).instruction;
-    const messages = [{ role: 'system', content: instructions[i % instructions.length].pos }, { role: 'user', content: questions[(7 * i) % questions.length] }];
+    const { instruction, question } = items.next().value!;
+    const { messages } = buildConversation(instruction, question, { shortName: 'Llama', supportsSystemPrompt: model.chat.supportsSystemPrompt() });
     const budget = lengths[Math.floor(rng.next() * lengths.length)];
     conversations.push(messages);
     budgets.push(budget);
@@ -157,31 +173,53 @@ async function main(): Promise<void> {
   const { capture, plain } = await prepare();
   // Decoding steps per engine, counted over each run (the schedule's length, apart from time).
   const steps = new Map<string, number>();
+  // Prompt tokens prefilled and reused from a slot, per engine.
+  const prefilled = new Map<string, { tokens: number; reused: number }>();
   const slots = (dir: string, staticBatches: boolean, runtime: 'native' | 'stock' = 'native', name = '') => async (slotLength: number) =>
-    LoadedModel.load(dir, { decode: 'slots', slots: { slots: SLOTS, slotLength, prefillChunk: 512, policy: 'fifo', staticBatches, runtime, onStep: (_: StepStats) => steps.set(name, (steps.get(name) ?? 0) + 1) } });
+    LoadedModel.load(dir, {
+      decode: 'slots',
+      slots: {
+        slots: SLOTS,
+        slotLength,
+        prefillChunk: 512,
+        policy: 'fifo',
+        staticBatches,
+        runtime,
+        onStep: (_: StepStats) => steps.set(name, (steps.get(name) ?? 0) + 1),
+        onPrefill: (p: PrefillStats) => {
+          const sum = prefilled.get(name) ?? { tokens: 0, reused: 0 };
+          prefilled.set(name, { tokens: sum.tokens + p.tokens, reused: sum.reused + p.reused });
+        },
+      },
+    });
   // The workload, from the tokenizer (any of the models).
   const probe = await slots(capture, false)(8);
   const { jobs, budgets, conversations } = workload(probe);
   await probe.close();
+  const peerJobs = jobs.slice(0, PEER_ITEMS);
   const slotLength = Math.max(...jobs.map((j) => j.ids.length + j.maxNew));
   const prompts = jobs.map((j) => j.ids.length);
-  process.stdout.write(`${ITEMS} items, prompts ${Math.min(...prompts)}..${Math.max(...prompts)} tokens (mean ${(prompts.reduce((a, b) => a + b, 0) / ITEMS).toFixed(0)}), budgets ${Math.min(...budgets)}..${Math.max(...budgets)} tokens (mean ${(budgets.reduce((a, b) => a + b, 0) / ITEMS).toFixed(1)}, cap ${CAP}), ${SLOTS} slots of ${slotLength} tokens\n`);
+  process.stdout.write(`${ITEMS} items (the peers: the first ${PEER_ITEMS}), prompts ${Math.min(...prompts)}..${Math.max(...prompts)} tokens (mean ${(prompts.reduce((a, b) => a + b, 0) / ITEMS).toFixed(0)}), budgets ${Math.min(...budgets)}..${Math.max(...budgets)} tokens (mean ${(budgets.reduce((a, b) => a + b, 0) / ITEMS).toFixed(1)}, cap ${CAP}), ${SLOTS} slots of ${slotLength} tokens\n`);
   const continuous = await slots(capture, false, 'native', 'continuous')(slotLength);
   const staticEngine = await slots(capture, true, 'native', 'static')(slotLength);
   const textOnly = await slots(plain, false)(slotLength);
   const stock = await slots(capture, false, 'stock')(slotLength);
-  const peer = await transformersJs(plain, conversations, budgets);
+  const peer = await transformersJs(plain, conversations.slice(0, PEER_ITEMS), budgets.slice(0, PEER_ITEMS));
   const contenders: [string, () => Promise<Measure>][] = [
     ['continuous batching, capture', () => engineRun(continuous, jobs)],
     ['static batching, capture', () => engineRun(staticEngine, jobs)],
     ['continuous batching, --no-capture build', () => engineRun(textOnly, jobs)],
-    ['transformers.js generate, batches of 16', peer],
-    ['continuous batching, capture, stock runtime', () => engineRun(stock, jobs)],
+    [`transformers.js generate, batches of 16 (${PEER_ITEMS} items)`, peer],
+    [`continuous batching, capture, stock runtime (${PEER_ITEMS} items)`, () => engineRun(stock, peerJobs)],
+    [`continuous batching, capture (${PEER_ITEMS} items)`, () => engineRun(continuous, peerJobs)],
   ];
   // Warm-up: first-run allocations and lazy tables.
-  for (const [label, run] of contenders) if (!label.startsWith('transformers.js')) await run();
-  // The warm-up ran each engine's schedule once (it does not depend on time: each item's length is its budget).
-  const scheduleSteps = { continuous: steps.get('continuous') ?? 0, static: steps.get('static') ?? 0 };
+  for (const engine of [continuous, staticEngine, textOnly, stock]) await engineRun(engine, jobs.slice(0, WARMUP_ITEMS));
+  steps.clear();
+  prefilled.clear();
+  // Each engine's schedule, counted over its first measured run (it does not depend on time: each item's length is its budget).
+  const scheduleSteps = { continuous: 0, static: 0 };
+  const reuse = { tokens: 0, reused: 0 };
   const samples: number[][] = contenders.map(() => []);
   for (let r = 0; r < REPEATS; r++) {
     // The order rotates each round, so that no contender always runs first (this machine's speed drifts within minutes).
@@ -190,23 +228,29 @@ async function main(): Promise<void> {
       const [label, run] = contenders[k];
       const m = await run();
       samples[k].push(rate(m));
+      if (r === 0 && k < 2) {
+        const name = k === 0 ? 'continuous' : 'static';
+        scheduleSteps[name] = steps.get(name) ?? 0;
+        if (k === 0) Object.assign(reuse, prefilled.get('continuous'));
+      }
       process.stderr.write(`run ${r + 1}/${REPEATS} ${label}: ${m.tokens} tokens in ${m.seconds.toFixed(1)} s = ${rate(m).toFixed(1)} tokens/s\n`);
     }
   }
   await Promise.all([continuous.close(), staticEngine.close(), textOnly.close(), stock.close()]);
   for (const [k, [label]] of contenders.entries()) {
-    process.stdout.write(`${label.padEnd(44)} ${median(samples[k]).toFixed(1).padStart(7)} tokens/s (median of ${REPEATS}: ${samples[k].map((x) => x.toFixed(1)).join(', ')})\n`);
+    process.stdout.write(`${label.padEnd(58)} ${median(samples[k]).toFixed(1).padStart(7)} tokens/s (median of ${REPEATS}: ${samples[k].map((x) => x.toFixed(1)).join(', ')})\n`);
   }
   // Paired ratios: run r of one contender against run r of the other (they ran side by side).
   const ratios = (a: number, b: number) => samples[a].map((x, r) => x / samples[b][r]);
   const gain = ratios(0, 1);
   const capture_ = ratios(2, 0).map((x) => (x - 1) * 100);
-  const peer_ = ratios(0, 3);
-  const binding = ratios(0, 4);
+  const peer_ = ratios(5, 3);
+  const binding = ratios(5, 4);
   const ideal = idealGain(budgets);
   process.stdout.write(`continuous/static per run: ${gain.map((x) => x.toFixed(2)).join(', ')}; capture overhead per run: ${capture_.map((x) => x.toFixed(1)).join(', ')} %; vs transformers.js per run: ${peer_.map((x) => x.toFixed(2)).join(', ')}; native/stock per run: ${binding.map((x) => x.toFixed(2)).join(', ')}\n`);
   process.stdout.write(`spread: continuous/static ${spread(gain)} x, capture overhead ${spread(capture_)} %, vs transformers.js ${spread(peer_)} x, native/stock ${spread(binding)} x; wall time ${((performance.now() - started) / 60000).toFixed(1)} min\n`);
   const fullSlotSteps = Math.ceil(budgets.reduce((a, b) => a + b, 0) / SLOTS);
+  process.stdout.write(`prompt tokens reused from a slot (continuous batching, one run): ${reuse.reused} of ${reuse.tokens} (${((100 * reuse.reused) / Math.max(1, reuse.tokens)).toFixed(0)} %)\n`);
   process.stdout.write(`decoding steps: static ${scheduleSteps.static}, continuous ${scheduleSteps.continuous} (${(scheduleSteps.static / scheduleSteps.continuous).toFixed(2)} x fewer; with every slot full to the end ${fullSlotSteps} would do: the rest is the tail of a finite run)\n`);
   process.stdout.write(`result: continuous_ideal = ${ideal.toFixed(2)} x\n`);
   process.stdout.write(`result: continuous_vs_static = ${median(gain).toFixed(2)} x\n`);

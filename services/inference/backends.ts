@@ -1,11 +1,11 @@
 import type { Config } from '../shared/config';
 import type { InferenceBackend } from './backend';
-import { BatchStats, OnnxBackend, parseCudaOptions, SLOT_POLICIES, SlotPolicy, STEP_RUNTIMES, StepRuntime, StepStats } from './onnx';
+import { BatchStats, OnnxBackend, parseCudaOptions, PrefillStats, SLOT_POLICIES, SlotPolicy, STEP_RUNTIMES, StepRuntime, StepStats } from './onnx';
 import type { INFERENCE_OPTIONS } from './options';
 import { SyntheticBackend } from './synthetic';
 
 /** The backend the options name, with its options checked (a clear error naming the flag otherwise). */
-export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; onStep?: (s: StepStats) => void; warn?: (msg: string) => void; info?: (msg: string) => void } = {}): InferenceBackend {
+export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { onBatch?: (s: BatchStats) => void; onStep?: (s: StepStats) => void; onPrefill?: (p: PrefillStats) => void; warn?: (msg: string) => void; info?: (msg: string) => void } = {}): InferenceBackend {
   if (cfg.backend === 'synthetic') {
     return new SyntheticBackend({
       model: cfg.model || 'synthetic-tiny',

@@ -34,6 +34,10 @@ async function main(): Promise<void> {
       metrics.stepTokens.observe(s.active);
       metrics.stepSeconds.observe(s.seconds);
     },
+    onPrefill: (p) => {
+      metrics.prefixCacheQueries.inc(p.tokens);
+      metrics.prefixCacheHits.inc(p.reused);
+    },
     warn: (msg) => log.warn(msg),
     info: (msg) => log.info(msg),
   });

@@ -38,6 +38,9 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
     batchSizes: new prom.Histogram({ name: 'axis_inference_batch_sequences', help: 'Sequences per batch run', buckets: [1, 2, 4, 8, 16, 32, 64, 128], registers }),
     stepTokens: new prom.Histogram({ name: 'axis_inference_step_tokens', help: 'Tokens decoded per step of the slots engine (its busy slots)', buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256], registers }),
     stepSeconds: new prom.Histogram({ name: 'axis_inference_step_seconds', help: 'Time of one decoding step of the slots engine', buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5], registers }),
+    // vLLM's prefix-cache counters, in tokens: the hit rate is hits / queries.
+    prefixCacheQueries: new prom.Counter({ name: 'axis_inference_prefix_cache_queries_total', help: 'Prompt tokens prefilled by the slots engine, reused or not', registers }),
+    prefixCacheHits: new prom.Counter({ name: 'axis_inference_prefix_cache_hits_total', help: 'Prompt tokens whose keys and values were reused from a slot instead of computed', registers }),
     batchSeconds: new prom.Histogram({ name: 'axis_inference_batch_seconds', help: 'Time to run one batch to its end', buckets: [0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers }),
     items: new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers }),
     tokens: new prom.Counter({ name: 'axis_inference_tokens_total', help: 'Tokens processed, by kind', labelNames: ['kind'], registers }),

@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import { extractionJob, generationJob } from '../../services/inference/onnx/generate';
 import { LoadedModel } from '../../services/inference/onnx/model';
 import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/runner';
-import { CancelledError, SlotRunner, StepStats } from '../../services/inference/onnx/slotEngine';
+import { CancelledError, PrefillStats, SlotRunner, StepStats } from '../../services/inference/onnx/slotEngine';
 import { buildModel } from '../../services/model/build';
 import { TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
 import { tempDir } from '../kit/files';
@@ -56,8 +56,12 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
   });
   afterAll(() => host?.close());
 
-  const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number } = {}) =>
-    LoadedModel.load(modelDir, { decode: 'slots', slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: 'fifo', staticBatches: extra.staticBatches, onStep: (s) => steps.push(s) } });
+  const prefills: PrefillStats[] = [];
+  const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number; prefixReuse?: boolean; runtime?: 'native' | 'stock' } = {}) =>
+    LoadedModel.load(modelDir, {
+      decode: 'slots',
+      slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: 'fifo', staticBatches: extra.staticBatches, prefixReuse: extra.prefixReuse, runtime: extra.runtime, onStep: (s) => steps.push(s), onPrefill: (p) => prefills.push(p) },
+    });
 
   it('gives each item the text and activation it gets alone, whatever its slot, neighbours and joining step', async () => {
     expect(alone.some((r) => r.responseIds.length >= 10)).toBe(true);
@@ -106,8 +110,13 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
       for (const i of longest) {
         const generated = await slotsOf(m).engine.submit(all[i], false);
         const job = extractionJob(m, [...conversationOf(m, i), { role: 'assistant', content: '' }], { answerIds: generated.responseIds });
+        prefills.length = 0;
         const extracted = await slotsOf(m).engine.submit(job, true);
         expect(extracted.counted).toBe(generated.counted);
+        // The conversation's start comes from the slot the generation left; every weighted (answer) position is run.
+        const answerStart = Array.from(job.weights!).findIndex((w) => w !== 0);
+        expect(answerStart).toBeGreaterThan(0);
+        expect(prefills).toEqual([{ tokens: job.ids.length, reused: answerStart }]);
         expect(relativeError(extracted.mean, generated.mean)).toBeLessThanOrEqual(1e-4);
       }
     } finally {
@@ -137,6 +146,56 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
     }
   });
 
+  it('starts a prompt from the keys and values a slot holds of the same start (its own earlier sequence), with the results of a full prefill', async () => {
+    const m = await load(1);
+    try {
+      prefills.length = 0;
+      const all = jobs(m);
+      const results: SequenceResult[] = [];
+      for (const j of all) results.push(await slotsOf(m).engine.submit(j, false));
+      results.forEach((r, i) => expectSame(r, alone[i]));
+      // What the slot held: the previous prompt and the tokens fed after it (every answer token:
+      // the budget ends these answers, or a stop token that is not fed). All but the last
+      // prompt token can be reused (it is run to draw the first answer token).
+      const expected = all.map((j, i) => (i === 0 ? 0 : shared([...all[i - 1].ids, ...results[i - 1].responseIds], j.ids, j.ids.length - 1)));
+      expect(expected.slice(1).every((n) => n > 3)).toBe(true);
+      expect(prefills).toEqual(all.map((j, i) => ({ tokens: j.ids.length, reused: expected[i] })));
+    } finally {
+      await m.close();
+    }
+  });
+
+  it.each([['native', 'roomy'], ['native', 'tight'], ['stock', 'roomy']] as ['native' | 'stock', 'roomy' | 'tight'][])('copies a shared start from another slot, busy or free (%s runtime, %s slots)', async (runtime, fit) => {
+    // Tight slots (the two prompts and 3 tokens): the shared start is more than half a slot, which the native kernel copies whole; roomy (256): head by head.
+    const probe = jobs(host);
+    const slotLength = fit === 'roomy' ? 256 : Math.max(probe[0].ids.length, probe[2].ids.length) + 3;
+    const m = await load(3, { runtime, slotLength });
+    try {
+      prefills.length = 0;
+      const all = jobs(m).map((j) => ({ ...j, maxNew: Math.min(j.maxNew, 3) }));
+      const budget = (i: number) => ({ ...all[i], uniforms: all[i].uniforms.subarray(0, 3) });
+      // Items 0 and 2 together: 0 is prefilled first, 2 starts from slot 0's rows while it is busy.
+      const first = await Promise.all([0, 2].map((i) => slotsOf(m).engine.submit(budget(i), false)));
+      const want = await Promise.all([0, 2].map(async (i) => (await host.runner.run([budget(i)]))[0]));
+      first.forEach((r, k) => expectSame(r, want[k]));
+      expect(prefills[1]).toEqual({ tokens: all[2].ids.length, reused: shared(all[0].ids, all[2].ids, all[2].ids.length - 1) });
+      expect(prefills[1].reused).toBeGreaterThan(3);
+      expect(2 * prefills[1].reused > slotLength).toBe(fit === 'tight');
+      // Without reuse: nothing reused, the same results.
+      const plain = await load(3, { runtime, slotLength, prefixReuse: false });
+      try {
+        prefills.length = 0;
+        const again = await Promise.all([0, 2].map((i) => slotsOf(plain).engine.submit(budget(i), false)));
+        again.forEach((r, k) => expectSame(r, want[k]));
+        expect(prefills.map((p) => p.reused)).toEqual([0, 0]);
+      } finally {
+        await plain.close();
+      }
+    } finally {
+      await m.close();
+    }
+  });
+
   it('fails an item longer than a slot alone; the other items carry on', async () => {
     const m = await load(2, { slotLength: 80 });
     try {
@@ -153,6 +212,13 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
     }
   });
 });
+
+/** How many first tokens `a` and `b` share, at most `most`. */
+function shared(a: number[], b: number[], most: number): number {
+  let n = 0;
+  while (n < most && n < a.length && n < b.length && a[n] === b[n]) n++;
+  return n;
+}
 
 function conversationOf(model: LoadedModel, i: number) {
   const q = QUESTIONS[i];

@@ -10,7 +10,7 @@ import { describePlacements } from './runner';
 import { CPU, ModelLoadError, Placement, readMetadata } from './session';
 import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, parseBytes, PREFILL_CHUNK } from '../memoryPlan';
 import { planModelDirs } from './plan';
-import { SlotPolicy, SlotRunner, StepStats } from './slotEngine';
+import { PrefillStats, SlotPolicy, SlotRunner, StepStats } from './slotEngine';
 import type { StepRuntime } from './stepSession';
 import type { ModelMetadata } from '../../contracts/modelDirectory';
 
@@ -52,6 +52,8 @@ export interface OnnxOptions extends EngineOptions {
   onBatch?: (s: BatchStats) => void;
   /** Each decoding step of the slots engine. */
   onStep?: (s: StepStats) => void;
+  /** Each item's prefill in the slots engine (its prompt tokens, and those reused from a slot). */
+  onPrefill?: (p: PrefillStats) => void;
   /** Where a fallback is reported: the service's log. */
   warn?: (msg: string) => void;
   /** Where the memory plan is reported: the service's log. */
@@ -170,7 +172,7 @@ export class OnnxBackend implements InferenceBackend {
     const model = await LoadedModel.load(dirs, {
       decode,
       placements: placements.map((p) => (p.provider === 'cuda' ? { ...p, cudaOptions } : p)),
-      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', runtime: this.opts.stepRuntime, onStep: this.opts.onStep } } : {}),
+      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', runtime: this.opts.stepRuntime, onStep: this.opts.onStep, onPrefill: this.opts.onPrefill } } : {}),
     });
     const step = model.runner instanceof SlotRunner ? model.runner.step : undefined;
     const { residency } = model;

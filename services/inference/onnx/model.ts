@@ -7,7 +7,7 @@ import { keepWeightsResident, Residency } from './residentWeights';
 import type { TokenKind } from './responseMean';
 import { BatchRunner, HostRunner, kindTable, LoopRunner, TokenRules } from './runner';
 import { CPU, DecoderSession, ModelLoadError, Placement, readJson, readMetadata } from './session';
-import { SlotEngine, SlotPolicy, SlotRunner, StepStats } from './slotEngine';
+import { PrefillStats, SlotEngine, SlotPolicy, SlotRunner, StepStats } from './slotEngine';
 import { StepRuntime, StepSession } from './stepSession';
 
 export { ModelLoadError };
@@ -21,7 +21,7 @@ export interface LoadOptions {
    */
   decode?: 'slots' | 'loop' | 'host';
   /** The slots of the `slots` engine (from the memory plan). */
-  slots?: { slots: number; slotLength: number; prefillChunk: number; policy: SlotPolicy; staticBatches?: boolean; runtime?: StepRuntime | 'auto'; sampleInGraph?: boolean; onStep?: (s: StepStats) => void };
+  slots?: { slots: number; slotLength: number; prefillChunk: number; policy: SlotPolicy; staticBatches?: boolean; runtime?: StepRuntime | 'auto'; sampleInGraph?: boolean; prefixReuse?: boolean; onStep?: (s: StepStats) => void; onPrefill?: (p: PrefillStats) => void };
   /** One placement per stage (a whole model is one stage); default CPU. */
   placements?: Placement[];
   /** Accept a generation graph built with --no-capture (benchmarks only: no activations). */
@@ -64,7 +64,7 @@ export class LoadedModel implements TokenRules {
       const s = opts.slots;
       if (!s) throw new ModelLoadError('--decode slots needs the memory plan\'s slots');
       const step = await StepSession.load(dirs[0], { slots: s.slots, slotLength: s.slotLength, placement: placements[0], runtime: s.runtime, sampleInGraph: s.sampleInGraph });
-      model.runner = new SlotRunner(step, new SlotEngine(step, model, s, s.onStep), [placements[0]]);
+      model.runner = new SlotRunner(step, new SlotEngine(step, model, s, s.onStep, s.onPrefill), [placements[0]]);
       model.hashes.graph = metadata.step!.graph_sha256;
     } else if (decode === 'loop') {
       if (dirs.length > 1) throw new ModelLoadError('a model split into stages runs with the host loop (--decode host): the generation graph holds a whole model');

@@ -17,6 +17,18 @@ export interface SlotEngineOptions {
    * free, and the batch's rows all run until its longest item ends (finished rows idle in place).
    */
   staticBatches?: boolean;
+  /**
+   * Whether a prompt starts from the keys and values of a prompt that began the same way, where
+   * some slot still holds them (`StepSession.reusePrefix`; default on). Off, every prompt is
+   * prefilled from its first token.
+   */
+  prefixReuse?: boolean;
+}
+
+/** One item's prefill, for the metrics: its prompt's tokens and how many of them were reused. */
+export interface PrefillStats {
+  tokens: number;
+  reused: number;
 }
 
 /** One decoding step, for the metrics. */
@@ -71,6 +83,7 @@ export class SlotEngine {
     private readonly rules: TokenRules,
     private readonly opts: SlotEngineOptions,
     private readonly onStep: (s: StepStats) => void = () => undefined,
+    private readonly onPrefill: (p: PrefillStats) => void = () => undefined,
   ) {
     this.slots = new Array(step.slots).fill(undefined);
   }
@@ -165,12 +178,18 @@ export class SlotEngine {
     if (needs > this.step.slotLength) throw new SlotError(`the item needs ${needs} tokens (${job.ids.length} of prompt, up to ${job.maxNew} new), more than a slot holds (${this.step.slotLength})`);
     this.step.reset(slot);
     const extract = item.extract || job.maxNew === 0;
+    // At least the last prompt token is run (its logits draw the first token, and the run
+    // starts the slot's sums afresh); an Extract item's weighted positions are all run.
+    const firstWeighted = extract && job.weights ? job.weights.findIndex((w) => w !== 0) : -1;
+    const limit = Math.min(job.ids.length - 1, firstWeighted >= 0 ? firstWeighted : Infinity);
+    const reused = this.opts.prefixReuse === false ? 0 : await this.step.reusePrefix(slot, job.ids, limit);
+    this.onPrefill({ tokens: job.ids.length, reused });
     // The slot's sums start afresh; an Extract item's answer positions are weighted in this prefill.
-    const out = await this.step.prefill(slot, job.ids, {
+    const out = await this.step.prefill(slot, job.ids.slice(reused), {
       chunk: this.opts.prefillChunk,
       hidden: false,
       fresh: true,
-      weights: extract ? job.weights : undefined,
+      weights: extract ? job.weights?.subarray(reused) : undefined,
       logits: extract || this.step.sampleInGraph ? 'none' : 'last',
       sample: extract || !this.step.sampleInGraph ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
     });

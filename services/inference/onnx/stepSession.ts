@@ -60,6 +60,12 @@ export class SlotError extends Error {}
 export class StepSession {
   /** Tokens each slot holds now. */
   readonly lengths: Int32Array;
+  /**
+   * Per slot, the tokens whose keys and values its buffer rows still hold, from position 0: a
+   * free slot keeps its last sequence's until a run overwrites them, so a later prompt that
+   * starts the same way need not compute them again (`reusePrefix`).
+   */
+  private readonly held: number[][];
 
   private constructor(
     readonly metadata: ModelMetadata,
@@ -73,6 +79,7 @@ export class StepSession {
     readonly fallback?: string,
   ) {
     this.lengths = new Int32Array(slots);
+    this.held = Array.from({ length: slots }, () => []);
   }
 
   get layers(): [number, number] {
@@ -125,10 +132,39 @@ export class StepSession {
     return new StepSession(metadata, step, kernel, opts.slots, opts.slotLength, opts.sampleInGraph ?? placement.provider === 'cuda', fallback);
   }
 
-  /** Forgets a slot's sequence (its buffer rows are overwritten by the next prefill). */
+  /** Forgets a slot's sequence (its buffer rows stay, for `reusePrefix`, until a run overwrites them). */
   reset(slot: number): void {
     this.checkSlot(slot);
     this.lengths[slot] = 0;
+  }
+
+  /**
+   * Starts the free slot `slot` with the longest start of `ids` (at most `limit` tokens) whose
+   * keys and values some slot holds: its own rows from an earlier sequence (nothing to do), or
+   * another slot's, busy or free (copied). The slot then holds that many tokens, and the rest
+   * of the prompt is prefilled after them. The positions are the same and a position's keys and
+   * values depend only on the tokens up to it, so the result is what a full prefill computes
+   * (a run's items share their instruction: a run sends its questions in order). Returns the
+   * tokens reused (0: none).
+   */
+  async reusePrefix(slot: number, ids: readonly number[], limit: number): Promise<number> {
+    this.checkSlot(slot);
+    if (this.lengths[slot] !== 0) throw new SlotError(`slot ${slot} holds ${this.lengths[slot]} tokens: a prefix is reused only into a free slot`);
+    const most = Math.min(limit, ids.length);
+    let source = slot;
+    let best = commonPrefix(this.held[slot], ids, most);
+    for (let s = 0; s < this.slots && best < most; s++) {
+      // A busy slot's rows past its length are not its sequence.
+      const n = commonPrefix(this.lengths[s] ? this.held[s].slice(0, this.lengths[s]) : this.held[s], ids, most);
+      if (n > best) [source, best] = [s, n];
+    }
+    if (best === 0) return 0;
+    if (source !== slot) {
+      await this.kernel.copySlot(source, slot, best);
+      this.held[slot] = this.held[source].slice(0, best);
+    }
+    this.lengths[slot] = best;
+    return best;
   }
 
   /**
@@ -164,6 +200,7 @@ export class StepSession {
       }
       const out = await this.run(slot, [part], [past], positions, { hidden: opts.hidden ?? true, logits: opts.logits !== 'none', sums, sample: isLast && opts.sample ? [opts.sample] : undefined });
       this.lengths[slot] = past + part.length;
+      this.held[slot] = [...this.held[slot].slice(0, past), ...part];
       hiddenParts.push(out.hidden);
       if (opts.logits === 'all' || isLast) logitParts.push(out.logits);
       if (isLast) tokens = out.tokens;
@@ -201,7 +238,17 @@ export class StepSession {
       sums = { weights, mix };
     }
     const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample: opts.sample && slots.map((s) => opts.sample?.[s]) });
-    for (const s of slots) if (tokens[s] !== undefined) this.lengths[s] += 1;
+    for (const s of slots) {
+      const token = tokens[s];
+      if (token === undefined) {
+        // An idle row ran at position 0 and overwrote what its slot held there.
+        this.held[s] = [];
+        continue;
+      }
+      this.held[s].length = this.lengths[s];
+      this.held[s].push(token);
+      this.lengths[s] += 1;
+    }
     return out;
   }
 
@@ -216,6 +263,7 @@ export class StepSession {
     if (from === to) return;
     if (this.lengths[to] !== 0) throw new SlotError(`slot ${to} holds ${this.lengths[to]} tokens: a sequence moves only to a free slot`);
     await this.kernel.copySlot(from, to, this.lengths[from]);
+    this.held[to] = this.held[from].slice(0, this.lengths[from]);
     this.lengths[to] = this.lengths[from];
     this.lengths[from] = 0;
   }
@@ -276,6 +324,14 @@ export class StepSession {
   private checkSlot(slot: number): void {
     if (!(Number.isInteger(slot) && slot >= 0 && slot < this.slots)) throw new SlotError(`slot ${slot} does not exist (0..${this.slots - 1})`);
   }
+}
+
+/** How many first tokens `a` and `b` share, at most `most`. */
+function commonPrefix(a: readonly number[], b: readonly number[], most: number): number {
+  const n = Math.min(a.length, b.length, most);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
 }
 
 export function concat(parts: Float32Array[]): Float32Array {

@@ -58,6 +58,8 @@ export class NativeKernel implements StepKernel {
     /** Copies KV slots (the compute type) and sums (float32). */
     private readonly kvCopier: Copier,
     private readonly sumsCopier: Copier | undefined,
+    /** Copies the first positions of a slot, one KV head of one buffer per node (a slot's positions are contiguous only within a head). */
+    private readonly headCopier: Copier,
   ) {
     const { metadata, step, slots, slotLength } = shape;
     this.kvElement = step.compute_dtype === 'f16' ? 'float16' : step.compute_dtype === 'bf16' ? 'bfloat16' : 'float32';
@@ -112,13 +114,14 @@ export class NativeKernel implements StepKernel {
         return { session: copy, binding: bindingOf(copy) };
       };
       const kvCopier = copier(2 * layers, kvType);
+      const headCopier = copier(2 * layers * shape.metadata.num_key_value_heads, kvType);
       const sumsCopier = shape.step.response_sums ? copier(layers, ELEMENT.float32) : undefined;
       const onDevice = placement.provider === 'cuda';
       const memory = api.deviceMemory(placement.provider, placement.deviceId);
       if (onDevice) undo.push(() => api.fn.ReleaseMemoryInfo(memory));
       const allocator = onDevice ? api.out((o) => api.fn.CreateAllocator(session, memory, o), `getting ${placementName(placement)}'s allocator`) : api.cpuAllocator;
       if (onDevice) undo.push(() => api.fn.ReleaseAllocator(allocator));
-      return new NativeKernel(api, shape, session, binding, memory, allocator, onDevice, kvCopier, sumsCopier);
+      return new NativeKernel(api, shape, session, binding, memory, allocator, onDevice, kvCopier, sumsCopier, headCopier);
     } catch (err) {
       for (const step of undo.reverse()) step();
       throw err instanceof ModelLoadError ? err : new ModelLoadError((err as Error).message);
@@ -184,16 +187,26 @@ export class NativeKernel implements StepKernel {
     return { hidden, logits, tokens };
   }
 
-  copySlot(from: number, to: number): Promise<void> {
-    return this.exclusive(() => this.copySlotNow(from, to));
+  copySlot(from: number, to: number, positions: number): Promise<void> {
+    return this.exclusive(() => this.copySlotNow(from, to, positions));
   }
 
-  private async copySlotNow(from: number, to: number): Promise<void> {
+  private async copySlotNow(from: number, to: number, positions: number): Promise<void> {
     for (const s of [from, to]) if (!(Number.isInteger(s) && s >= 0 && s < this.shape.slots)) throw new OrtCallError(`slot ${s} does not exist (0..${this.shape.slots - 1})`);
     const { metadata, slotLength } = this.shape;
-    const kvDims = [1, metadata.num_key_value_heads, slotLength, metadata.head_dim];
-    // A whole slot per buffer (its filled positions are not contiguous across heads).
-    await this.copy(this.kvCopier, (held) => [...this.keys, ...this.values].map((b) => [this.view(held, b, from, this.slotBytes, kvDims, this.kvElement), this.view(held, b, to, this.slotBytes, kvDims, this.kvElement)]));
+    const buffers = [...this.keys, ...this.values];
+    if (2 * positions <= slotLength) {
+      // A short sequence (a shared prompt's start, say): only its positions, head by head, not the whole slot.
+      const heads = metadata.num_key_value_heads;
+      const rowBytes = metadata.head_dim * ELEMENT_BYTES[this.kvElement];
+      const at = (slot: number, h: number) => slot * this.slotBytes + h * slotLength * rowBytes;
+      const dims = [positions, metadata.head_dim];
+      await this.copy(this.headCopier, (held) => buffers.flatMap((b) => Array.from({ length: heads }, (_, h) => [this.viewAt(held, b, at(from, h), dims, this.kvElement), this.viewAt(held, b, at(to, h), dims, this.kvElement)])));
+    } else {
+      // A whole slot per buffer (its filled positions are not contiguous across heads).
+      const kvDims = [1, metadata.num_key_value_heads, slotLength, metadata.head_dim];
+      await this.copy(this.kvCopier, (held) => buffers.map((b) => [this.view(held, b, from, this.slotBytes, kvDims, this.kvElement), this.view(held, b, to, this.slotBytes, kvDims, this.kvElement)]));
+    }
     if (this.sumsCopier) {
       const dims = [1, 2, metadata.hidden_size];
       await this.copy(this.sumsCopier, (held) => this.sums.map((b) => [this.view(held, b, from, this.sumSlotBytes, dims, 'float32'), this.view(held, b, to, this.sumSlotBytes, dims, 'float32')]));
@@ -238,7 +251,7 @@ export class NativeKernel implements StepKernel {
     for (const o of [...this.keys, ...this.values, ...this.sums]) api.fn.ReleaseValue(o.value);
     api.fn.ReleaseIoBinding(this.binding);
     api.fn.ReleaseSession(this.session);
-    for (const c of [this.kvCopier, this.sumsCopier]) {
+    for (const c of [this.kvCopier, this.sumsCopier, this.headCopier]) {
       if (!c) continue;
       api.fn.ReleaseIoBinding(c.binding);
       api.fn.ReleaseSession(c.session);
@@ -259,8 +272,13 @@ export class NativeKernel implements StepKernel {
 
   /** A view of consecutive slots of a buffer onnxruntime allocated, on its device. */
   private view(held: Held, buffer: Owned, firstSlot: number, slotBytes: number, dims: number[], type: ElementName): Handle {
-    const address = buffer.address + BigInt(firstSlot * slotBytes);
-    const value = this.api.out((o) => this.api.fn.CreateTensorWithDataAsOrtValue(this.kvMemory, address, dims[0] * slotBytes, BigInt64Array.from(dims, BigInt), dims.length, ELEMENT[type], o), 'viewing a buffer');
+    return this.viewAt(held, buffer, firstSlot * slotBytes, dims, type);
+  }
+
+  /** A view of `dims` elements from `byteOffset` of a buffer onnxruntime allocated. */
+  private viewAt(held: Held, buffer: Owned, byteOffset: number, dims: number[], type: ElementName): Handle {
+    const bytes = dims.reduce((n, d) => n * d, ELEMENT_BYTES[type]);
+    const value = this.api.out((o) => this.api.fn.CreateTensorWithDataAsOrtValue(this.kvMemory, buffer.address + BigInt(byteOffset), bytes, BigInt64Array.from(dims, BigInt), dims.length, ELEMENT[type], o), 'viewing a buffer');
     held.values.push(value);
     return value;
   }
