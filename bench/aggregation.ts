@@ -117,9 +117,9 @@ async function grpcPaths(data: Uint8Array[]): Promise<{ durable: number; raw: nu
     const client = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure(), channelOptions());
     const pipe = new StreamPipe<IngestRequest, IngestAck>(() => client.ingest(), (a) => `${a.role}/${a.itemKey}/${a.isActivation}`);
     // Scores first, so every activation folds at once.
-    await throughStream((i) => pipe.send(`pirate/k${i}/false`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'score', value: { score: 3 } }, runShape: [] }), data.length);
+    await throughStream((i) => pipe.send(`pirate/k${i}/false`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'score', value: { score: 3 } }, runShape: [], runPlan: undefined }), data.length);
     const durable = await throughStream(
-      (i) => pipe.send(`pirate/k${i}/true`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'activation', value: { dtype: DType.DTYPE_BF16, shape: [L, D], data: Buffer.from(data[i]) } }, runShape: [L, D] }),
+      (i) => pipe.send(`pirate/k${i}/true`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'activation', value: { dtype: DType.DTYPE_BF16, shape: [L, D], data: Buffer.from(data[i]) } }, runShape: [L, D], runPlan: undefined }),
       data.length,
     );
     pipe.close();

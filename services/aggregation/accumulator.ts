@@ -11,6 +11,13 @@ const HOT: ReadonlySet<string> = new Set(['3', 'all']);
 /** Bucket of an item: its score "0".."3", "none" when the judge gave none, "all" for default roles. */
 export type Bucket = '0' | '1' | '2' | '3' | 'none' | 'all';
 
+/**
+ * Memory per item key in the duplicate sets and per waiting entry, estimated (V8, keys like
+ * "pirate\0pos_p3_q117" decoded from messages: about 170 bytes a key in a Set; rounded up).
+ */
+export const KEY_BYTES = 192;
+export const WAITING_BYTES = 256;
+
 /** The largest run shape accepted: above every supported model (Llama 3.3 70B: 80 layers of 8192). */
 export const MAX_RUN_LAYERS = 1024;
 export const MAX_RUN_HIDDEN = 65536;
@@ -351,6 +358,25 @@ export class RunAccumulator {
     for (const { bucket, count, sum } of this.cold?.of(role) ?? []) yield { bucket: bucket as Bucket, sum: { sum: sum(), count } };
   }
 
+  /** Waiting activations spooled in the journal, with their keys. */
+  *spooled(): Generator<{ key: string; ref: RecordRef }> {
+    for (const [key, w] of this.waiting) if (w.ref) yield { key, ref: w.ref };
+  }
+
+  /** A waiting activation's record was copied to `ref` in the journal (the store frees the segment it was in). */
+  moveSpooled(key: string, ref: RecordRef): void {
+    const w = this.waiting.get(key);
+    if (!w?.ref) throw new Error(`moveSpooled: ${JSON.stringify(key.replace('\u0000', '/'))} has no spooled activation`);
+    w.ref = ref;
+  }
+
+  /** Bytes of memory the run holds, estimated: its in-memory sums, its keys and what waits (cold buckets are in files and the shared cache). */
+  residentBytes(): number {
+    let sums = 0;
+    for (const byBucket of this.sums.values()) sums += byBucket.size;
+    return sums * this.numLayers * this.hidden * 8 + (this.activationSeen.size + this.scoreSeen.size) * KEY_BYTES + this.waiting.size * WAITING_BYTES;
+  }
+
   /** Bytes of activations waiting on disk for their score (the spool). */
   spooledBytes(): number {
     let n = 0;
@@ -366,10 +392,39 @@ export function bucketOf(score: number | null | undefined): Bucket {
 /** All runs of this aggregation process; `instanceId` tells clients when the state was lost (kept across restarts when it is durable). */
 export class Accumulators {
   instanceId: string = randomUUID();
+  /** The runs in memory. */
   private readonly runs = new Map<string, RunAccumulator>();
+  /** When each run in memory was last asked for (ms). */
+  private readonly used = new Map<string, number>();
+  /** Where a run not in memory is read from (the durable store's committed checkpoint), if anywhere. */
+  loader: ((run: string) => RestoredRun | undefined) | undefined;
 
+  /** A run, read back from the loader if it is not in memory. */
   get(run: string): RunAccumulator | undefined {
-    return this.runs.get(run);
+    let acc = this.runs.get(run);
+    if (!acc) {
+      const restored = this.loader?.(run);
+      if (restored) acc = this.restore(run, restored);
+    }
+    if (acc) this.used.set(run, Date.now());
+    return acc;
+  }
+
+  /** Whether the run is in memory now. */
+  inMemory(run: string): boolean {
+    return this.runs.has(run);
+  }
+
+  /** When the run in memory was last asked for (ms since the epoch). */
+  lastUsed(run: string): number {
+    return this.used.get(run) ?? 0;
+  }
+
+  /** Lets go of a run's memory and files (the durable store has its state on disk). */
+  release(run: string): void {
+    this.runs.get(run)?.close();
+    this.runs.delete(run);
+    this.used.delete(run);
   }
 
   totalWaiting(): number {
@@ -397,8 +452,11 @@ export class Accumulators {
   constructor(private readonly coldDir?: (run: string) => string) {}
 
   getOrCreate(run: string): RunAccumulator {
-    let acc = this.runs.get(run);
-    if (!acc) this.runs.set(run, (acc = new RunAccumulator(this.coldDir?.(run))));
+    let acc = this.get(run);
+    if (!acc) {
+      this.runs.set(run, (acc = new RunAccumulator(this.coldDir?.(run))));
+      this.used.set(run, Date.now());
+    }
     return acc;
   }
 
@@ -406,6 +464,7 @@ export class Accumulators {
   restore(run: string, restored: RestoredRun): RunAccumulator {
     const acc = RunAccumulator.fromSnapshot(restored, this.coldDir?.(run));
     this.runs.set(run, acc);
+    this.used.set(run, Date.now());
     return acc;
   }
 }

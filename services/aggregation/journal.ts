@@ -1,7 +1,8 @@
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
-import { mkdirDurable } from '../shared/files';
+import { mkdirDurable, writeFileAtomic } from '../shared/files';
+import { checkFormatVersion } from '../shared/formatVersion';
 
 /** Where a record lives: its segment, and the byte offset and length of its payload. */
 export interface RecordRef {
@@ -15,6 +16,9 @@ const HEADER = 8; // u32 payload length, u32 crc32 of the payload
 /** Bytes of a segment read at a time by replay (a longer record is read in one piece). */
 export const REPLAY_WINDOW = 4 * 1024 * 1024;
 
+/** The records' format ([length][crc32][payload], an IngestRequest): in `<journal>/FORMAT`. */
+export const JOURNAL_VERSION = 1;
+
 /** A record that cannot be read back as it was written. */
 export class JournalCorruption extends Error {}
 const SEGMENT_BYTES = 256 * 1024 * 1024;
@@ -25,9 +29,14 @@ const SEGMENT_BYTES = 256 * 1024 * 1024;
  * write is in progress go out together, with one fsync, and each append resolves only once
  * its record is durable. A process that opens the journal starts a new segment, so a record
  * torn by a crash is never appended to; replay stops at the first torn record of a segment.
+ * A segment ends once it holds `segmentBytes` (or when `rotate` asks), however busy the
+ * journal is: the record that would go past it starts the next one.
  */
 export class Journal {
   private handle: fs.FileHandle | undefined;
+  /** The segment `handle` writes. */
+  private handleSegment = 0;
+  /** The segment the next append goes to, and its size with everything appended so far. */
   private segment = 0;
   private size = 0;
   private queue: { header: Buffer; payload: Uint8Array; ref: RecordRef; resolve: () => void; reject: (e: Error) => void }[] = [];
@@ -38,10 +47,15 @@ export class Journal {
 
   async open(): Promise<void> {
     await mkdirDurable(this.dir);
+    // The records' format: a journal from before versions has no FORMAT file and is version 1.
+    const format = path.join(this.dir, 'FORMAT');
+    const written = await fs.readFile(format, 'utf8').catch((err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? undefined : Promise.reject(err)));
+    if (written === undefined) await writeFileAtomic(format, `${JOURNAL_VERSION}\n`);
+    else checkFormatVersion('the journal', format, Number(written.trim()), JOURNAL_VERSION);
     const existing = await this.segments();
     this.segment = (existing[existing.length - 1] ?? 0) + 1;
     this.size = 0;
-    await this.openSegment();
+    await this.openSegment(this.segment);
   }
 
   /** Segment numbers on disk, ascending. */
@@ -58,7 +72,22 @@ export class Journal {
     return { segment: this.segment, offset: this.size };
   }
 
+  /** The segment appends go to now, and how many bytes it holds with what is queued. */
+  active(): { segment: number; bytes: number } {
+    return { segment: this.segment, bytes: this.size };
+  }
+
+  /** Ends the current segment: the next append starts a new one (a checkpoint does this so that the segment it covers can be deleted). */
+  rotate(): void {
+    if (this.size > 0) {
+      this.segment++;
+      this.size = 0;
+    }
+  }
+
   append(payload: Uint8Array): Promise<RecordRef> {
+    // Full: this record starts the next segment (the flush loop opens it when it gets there).
+    if (this.size > 0 && this.size + HEADER + payload.byteLength > this.segmentBytes) this.rotate();
     // The payload is written as it is (no copy into a record buffer): the caller must not change it.
     const header = Buffer.alloc(HEADER);
     header.writeUInt32LE(payload.byteLength, 0);
@@ -73,10 +102,14 @@ export class Journal {
 
   private async flush(): Promise<void> {
     while (this.queue.length) {
-      const batch = this.queue;
-      this.queue = [];
+      // The queued records of one segment (appends may have moved on to the next).
+      const segment = this.queue[0].ref.segment;
+      let end = 0;
+      while (end < this.queue.length && this.queue[end].ref.segment === segment) end++;
+      const batch = this.queue.splice(0, end);
       const total = batch.reduce((n, b) => n + HEADER + b.payload.byteLength, 0);
       try {
+        if (this.handleSegment !== segment) await this.openSegment(segment);
         // A full disk can end a write short without an error: that is a failure too, or every
         // later record would lie at another offset than its reference says.
         const { bytesWritten } = await this.handle!.writev(batch.flatMap((b) => [b.header, b.payload]));
@@ -87,30 +120,13 @@ export class Journal {
         // A failed write (a full disk) may have left part of the batch in the file: cut it off,
         // and move the records queued after it back into its place, so that the segment stays a
         // sequence of whole records and replay never stops at a torn one before acknowledged ones.
-        const start = batch[0].ref.offset - HEADER;
-        await this.handle!.truncate(start).catch(() => undefined);
-        this.size -= total;
-        for (const q of this.queue) if (q.ref.segment === batch[0].ref.segment) q.ref.offset -= total;
+        if (this.handleSegment === segment) await this.handle!.truncate(batch[0].ref.offset - HEADER).catch(() => undefined);
+        if (this.segment === segment) this.size -= total;
+        for (const q of this.queue) if (q.ref.segment === segment) q.ref.offset -= total;
         for (const b of batch) b.reject(err as Error);
       }
-      // Full, and nothing queued for it: what is appended from here on goes to the next segment.
-      if (this.size >= this.segmentBytes && this.queue.length === 0) await this.nextSegment();
     }
     this.writing = undefined;
-  }
-
-  /**
-   * Starts the next segment, from inside the flush loop (so it must not wait for the flush).
-   * The segment number and size change at once, before any await, so that every append
-   * made meanwhile gets a reference into the new segment, where the loop then writes it.
-   */
-  private async nextSegment(): Promise<void> {
-    const full = this.handle;
-    this.segment++;
-    this.size = 0;
-    this.handle = undefined;
-    await full?.close();
-    await this.openSegment();
   }
 
   /**
@@ -208,6 +224,11 @@ export class Journal {
     return count;
   }
 
+  /** A segment file's size in bytes (0 when it is gone). */
+  async sizeOf(segment: number): Promise<number> {
+    return (await fs.stat(this.file(segment)).catch(() => undefined))?.size ?? 0;
+  }
+
   async remove(segment: number): Promise<void> {
     await this.closeReader(segment);
     await fs.rm(this.file(segment), { force: true });
@@ -217,12 +238,17 @@ export class Journal {
     await this.writing;
     await this.handle?.close();
     this.handle = undefined;
+    this.handleSegment = 0;
     for (const segment of [...this.readers.keys()]) await this.closeReader(segment);
   }
 
-  /** Opens the current segment's file; `size` is set by the caller, before any append can see it. */
-  private async openSegment(): Promise<void> {
-    this.handle = await fs.open(this.file(this.segment), 'a');
+  /** Makes `segment`'s file the one written (closing the one before). */
+  private async openSegment(segment: number): Promise<void> {
+    const before = this.handle;
+    this.handle = undefined;
+    await before?.close();
+    this.handle = await fs.open(this.file(segment), 'a');
+    this.handleSegment = segment;
     // The new file's name must survive a crash too.
     const dir = await fs.open(this.dir, 'r');
     await dir.sync();

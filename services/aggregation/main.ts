@@ -17,16 +17,18 @@ async function main(): Promise<void> {
   const log = createLogger('aggregation');
   if (!(cfg['cold-cache-mib'] >= 0)) throw new Error(`--cold-cache-mib must be >= 0, got ${cfg['cold-cache-mib']}`);
   ColdBucket.cache.maxBytes = cfg['cold-cache-mib'] * 1024 * 1024;
+  if (!(cfg['memory-budget-mib'] > 0)) throw new Error(`--memory-budget-mib must be > 0, got ${cfg['memory-budget-mib']}`);
+  if (!(cfg['release-idle-seconds'] >= 0)) throw new Error(`--release-idle-seconds must be >= 0, got ${cfg['release-idle-seconds']}`);
   // One aggregation per state directory: a second one refuses to start, saying who holds it.
   lockStateDir(cfg['state-dir'], 'aggregation');
-  const store = new DurableStore(path.resolve(cfg['state-dir']));
+  const store = new DurableStore(path.resolve(cfg['state-dir']), { memoryBudget: cfg['memory-budget-mib'] * 2 ** 20, idleMs: cfg['release-idle-seconds'] * 1000 });
   const opened = Date.now();
   const { replayed, quarantined } = await store.open();
   for (const q of quarantined) log.error({ segment: q.ref.segment, offset: q.ref.offset, error: q.error, keptIn: q.file }, 'a journal record could not be applied: quarantined, the rest goes on');
-  log.info({ stateDir: cfg['state-dir'], replayed, quarantined: quarantined.length, runs: store.state.entries().length, ms: Date.now() - opened }, 'state loaded: checkpoint and journal replayed');
+  log.info({ stateDir: cfg['state-dir'], replayed, quarantined: quarantined.length, runs: store.runCount(), ms: Date.now() - opened }, 'state loaded: checkpoint and journal replayed');
 
   const registry = createRegistry('aggregation');
-  const service = createAggregationService({ store, metrics: aggregationMetrics(registry, () => store.state, () => store.quarantinedCount), log });
+  const service = createAggregationService({ store, metrics: aggregationMetrics(registry, () => store, () => store.quarantinedCount), log });
   const checkpoint = () => service.checkpoint().catch((err) => log.error({ err }, 'checkpoint failed'));
   const timer = setInterval(() => void checkpoint(), cfg['checkpoint-seconds'] * 1000);
   timer.unref();

@@ -1,10 +1,42 @@
 import type { Registry } from 'prom-client';
 import { prom } from '../shared/metrics';
-import type { Accumulators } from './accumulator';
+/** What the gauges read (the durable store; or the accumulators alone, in tests). */
+export interface AggregationTotals {
+  totalWaiting(): number;
+  totalSpooledBytes(): number;
+  /** Estimated bytes the runs in memory hold, and the budget (absent: not reported). */
+  residentBytes?(): number;
+  readonly limits?: { memoryBudget: number };
+  runsInMemory?(): number;
+}
 
 /** The aggregation service's Prometheus metrics; the gauges read the state when scraped. */
-export function aggregationMetrics(registry: Registry, state: () => Accumulators, quarantined: () => number = () => 0) {
+export function aggregationMetrics(registry: Registry, state: () => AggregationTotals, quarantined: () => number = () => 0) {
   const registers = [registry];
+  new prom.Gauge({
+    name: 'axis_aggregation_memory_bytes',
+    help: 'Estimated bytes the runs in memory hold (sums in RAM, item keys, waiting entries), against axis_aggregation_memory_budget_bytes',
+    registers,
+    collect() {
+      this.set(state().residentBytes?.() ?? 0);
+    },
+  });
+  new prom.Gauge({
+    name: 'axis_aggregation_memory_budget_bytes',
+    help: 'The memory budget runs are checked against (--memory-budget-mib)',
+    registers,
+    collect() {
+      this.set(state().limits?.memoryBudget ?? 0);
+    },
+  });
+  new prom.Gauge({
+    name: 'axis_aggregation_runs_in_memory',
+    help: 'Runs whose state is in memory (the others are on disk, read back when asked for)',
+    registers,
+    collect() {
+      this.set(state().runsInMemory?.() ?? 0);
+    },
+  });
   new prom.Gauge({
     name: 'axis_aggregation_quarantined_records',
     help: 'Journal records that could not be applied when the service started, set aside (their bytes under <state-dir>/quarantine)',

@@ -11,6 +11,8 @@ export const AGGREGATION_OPTIONS = {
   'state-dir': { type: 'string', env: 'AXIS_AGGREGATION_STATE_DIR', default: '.axis/aggregation', help: 'journal, spool and checkpoints' },
   'checkpoint-seconds': { type: 'number', env: 'AXIS_AGGREGATION_CHECKPOINT_SECONDS', default: 30, help: 'seconds between checkpoints (each writes only what changed)' },
   'cold-cache-mib': { type: 'number', env: 'AXIS_AGGREGATION_COLD_CACHE_MIB', default: 256, help: 'RAM for the sums of recently used buckets other than score 3 (the rest wait on disk); a role\'s items arrive together, so a few roles\' worth suffices' },
+  'memory-budget-mib': { type: 'number', env: 'AXIS_AGGREGATION_MEMORY_BUDGET_MIB', default: 1536, help: 'RAM the runs in memory may hold together (sums in RAM, item keys); a run is checked against it when it starts (refused if it alone is over, made to wait while others hold the room). Keep it under the container\'s memory limit, with room for the cold-bucket cache' },
+  'release-idle-seconds': { type: 'number', env: 'AXIS_AGGREGATION_RELEASE_IDLE_SECONDS', default: 300, help: 'a run nothing asked for in this long leaves RAM at the next checkpoint (a finished run, say); its state stays on disk and is read back when asked for' },
   ...TLS_OPTIONS,
   ...CALLER_TOKEN_OPTION,
 } satisfies OptionTable;

@@ -9,7 +9,7 @@ import { encodeTensor, TensorError } from '../shared/tensor';
 import { IngestError } from './accumulator';
 import { NoAxisError, toFloat32 } from './axis';
 import type { AggregationMetrics } from './metrics';
-import type { DurableStore } from './store';
+import { DurableStore, MemoryBudgetExceeded } from './store';
 
 /** The aggregation's RPCs as plain functions: what the gRPC adapter serves and what tests call without a network. */
 export interface AggregationService {
@@ -20,6 +20,8 @@ export interface AggregationService {
   exportSums(req: ExportSumsRequest): Generator<BucketSum>;
   /** The role vectors, each as soon as it is computed, then the axis. Throws before the first when the request is bad. */
   computeAxis(req: ComputeAxisRequest): Generator<ComputeAxisResult>;
+  /** Removes a run's state (committed before it resolves). */
+  deleteRun(run: string): Promise<void>;
   /** Writes what changed since the last checkpoint. */
   checkpoint(): Promise<void>;
 }
@@ -66,6 +68,13 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
         ack.duplicate = outcome === 'duplicate';
         metrics.messages.inc({ kind, outcome });
       } catch (err) {
+        if (err instanceof MemoryBudgetExceeded) {
+          // Over the budget alone: the run cannot go on. Over it with other runs: the sender waits and tries again.
+          log.warn({ run: req.run, reason: err.message }, 'activation refused: the memory budget');
+          metrics.messages.inc({ kind, outcome: err.permanent ? 'invalid' : 'error' });
+          ack.error = { code: err.permanent ? grpc.status.INVALID_ARGUMENT : grpc.status.RESOURCE_EXHAUSTED, message: err.message };
+          return ack;
+        }
         if (!(err instanceof IngestError || err instanceof TensorError)) {
           const diskFull = (err as NodeJS.ErrnoException).code === 'ENOSPC';
           // A full disk fails every message until space is freed: one line each, without the stack.
@@ -116,6 +125,11 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
         throw err;
       }
     },
+    async deleteRun(run) {
+      checkRun(run);
+      if (!(await store.deleteRun(run))) throw notFound(`run: no state for run ${JSON.stringify(run)} here`);
+      log.info({ run }, 'run state deleted');
+    },
     async checkpoint() {
       const stop = metrics.checkpointSeconds.startTimer();
       if (await store.checkpoint()) metrics.checkpoints.inc();
@@ -149,5 +163,9 @@ export function aggregationGrpcHandlers(service: AggregationService, log: Logger
     getRunState: unary(log, async (req) => service.runState(req.run)),
     exportSums: (call) => stream(call, () => service.exportSums(call.request), false),
     computeAxis: (call) => stream(call, () => service.computeAxis(call.request), true),
+    deleteRun: unary(log, async (req) => {
+      await service.deleteRun(req.run);
+      return {};
+    }),
   };
 }

@@ -4,8 +4,9 @@ import * as path from 'node:path';
 import { IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { receivedBytes } from '../shared/bulkWire';
 import { mkdirDurable, writeFileAtomic } from '../shared/files';
+import { checkFormatVersion } from '../shared/formatVersion';
 import { ALL_FINITE, inspectTensor } from '../shared/tensor';
-import { Accumulators, Bucket, IngestError, IngestOutcome, RunAccumulator, RunCounters, WaitingEntry } from './accumulator';
+import { Accumulators, Bucket, IngestError, IngestOutcome, KEY_BYTES, RestoredRun, RunAccumulator, RunCounters, WaitingEntry } from './accumulator';
 import { Journal, RecordRef } from './journal';
 
 interface BucketEntry {
@@ -13,15 +14,50 @@ interface BucketEntry {
   file: string;
 }
 
-/** A run in a manifest: its counters, the files holding its keys and in-memory sums, what waits. */
+/** A run in a manifest: its counters, the files holding its keys and in-memory sums, what waits, what it declared. */
 interface RunEntry extends RunCounters {
   keyFiles: string[];
   buckets: Record<string, Record<string, BucketEntry>>;
   waiting: WaitingEntry[];
+  plan?: RunPlan;
 }
 
+/** What a run declares with its activations (IngestRequest.run_plan): its roles and items, for the memory budget. */
+export interface RunPlan {
+  roles: number;
+  items: number;
+}
+
+/** How the store keeps memory bounded (the aggregation's settings). */
+export interface StoreLimits {
+  /** Bytes the runs in memory may hold together (their sums, keys and waiting entries). */
+  memoryBudget: number;
+  /** A run nothing asked for in this long is let go of at the next checkpoint (its state stays on disk). */
+  idleMs: number;
+}
+
+export const DEFAULT_STORE_LIMITS: StoreLimits = { memoryBudget: 1536 * 2 ** 20, idleMs: 5 * 60_000 };
+
+/** A run's state would not fit the memory budget: `permanent` when the run alone is over it. */
+export class MemoryBudgetExceeded extends Error {
+  constructor(message: string, readonly permanent: boolean) {
+    super(message);
+  }
+}
+
+/** A segment is copied forward once its waiting activations are less than this share of it. */
+const SPOOL_COMPACT_SHARE = 0.25;
+/** A checkpoint starts a new journal segment once the current one holds this much (so that the next checkpoint can delete it). */
+const ROTATE_AT_CHECKPOINT_BYTES = 64 * 2 ** 20;
+
+/**
+ * The checkpoint manifest's format: 1, before the memory budget (no run plans); 2 adds each
+ * run's `plan`. Both are read; a newer one is refused.
+ */
+export const CHECKPOINT_VERSION = 2;
+
 interface Manifest {
-  version: 1;
+  version: number;
   instanceId: string;
   /** Every journal record before this position is in the snapshot. */
   journal: { segment: number; offset: number };
@@ -62,11 +98,26 @@ export class DurableStore {
   private sequence = 0;
   /** Journal records set aside at start since this process began (see open). */
   quarantinedCount = 0;
+  /** Runs being deleted: gone from memory, left out of the next checkpoint. */
+  private readonly dropped = new Set<string>();
+  /** A checkpoint is being written (runs must not leave memory meanwhile). */
+  private checkpointing = false;
+  /** What each run declared (IngestRequest.run_plan), kept in its manifest entry. */
+  private readonly plans = new Map<string, RunPlan>();
 
-  constructor(readonly dir: string) {
-    this.journal = new Journal(path.join(dir, 'journal'));
+  readonly limits: StoreLimits;
+
+  /** `journalSegmentBytes`: where journal segments end (tests make them small). */
+  constructor(readonly dir: string, opts: Partial<StoreLimits> & { journalSegmentBytes?: number } = {}) {
+    this.limits = { ...DEFAULT_STORE_LIMITS, ...opts };
+    this.journal = new Journal(path.join(dir, 'journal'), opts.journalSegmentBytes);
     // Buckets other than score 3 and default live in files (see coldBucket.ts): memory stays bounded.
     this.state = new Accumulators((run) => path.join(dir, 'runs', run, 'cold'));
+    // A run not in memory is read back from the committed checkpoint when it is asked for.
+    this.state.loader = (run) => {
+      const entry = this.manifest?.runs[run];
+      return entry && !this.dropped.has(run) ? this.restored(run, entry) : undefined;
+    };
   }
 
   async open(): Promise<{ replayed: number; quarantined: Quarantined[] }> {
@@ -116,6 +167,8 @@ export class DurableStore {
       run.checkDeclaredShape(req.runShape, shape);
       const check = run.checkActivation(req.role, req.itemKey, shape, undefined, firstNonFinite);
       if (check === 'duplicate') return Promise.resolve('duplicate');
+      // A run's first activation with its plan: checked against the memory budget.
+      if (req.runPlan && !this.plans.has(req.run)) this.admit(req.run, { roles: req.runPlan.roles, items: Number(req.runPlan.items) }, req.runShape);
     } else if (req.payload?.$case === 'score') {
       if ((acc ?? new RunAccumulator()).checkScore(req.role, req.itemKey, req.payload.value.score ?? null) === 'duplicate') return Promise.resolve('duplicate');
     } else {
@@ -127,6 +180,35 @@ export class DurableStore {
     // handled here, or Node would end the process for an unhandled rejection. The apply still sees it.
     appended.catch(() => undefined);
     return this.serialize(async () => this.apply(req, await appended));
+  }
+
+  /**
+   * Checks what a run declares (its roles and items, with its shape) against the memory
+   * budget: the sums it will hold in memory and its keys, with those of the other runs in
+   * memory. Runs nothing asked for lately are let go of to make room; a run alone over the
+   * budget is refused for good, one that would fit once others finish is told to wait.
+   */
+  private admit(run: string, plan: RunPlan, shape: number[]): void {
+    if (!(Number.isInteger(plan.roles) && plan.roles >= 1 && Number.isSafeInteger(plan.items) && plan.items >= 1)) throw new IngestError('run_plan', `roles and items must be positive, got ${plan.roles} roles and ${plan.items} items`);
+    const need = plannedBytes(plan, shape);
+    const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
+    if (need > this.limits.memoryBudget) {
+      throw new MemoryBudgetExceeded(`run_plan: a run of ${plan.roles} roles and ${plan.items} items of shape [${shape}] holds about ${gib(need)} in the aggregation's memory, more than its budget of ${gib(this.limits.memoryBudget)} (--memory-budget-mib; chart: aggregation.memoryBudgetMiB, with the container's memory limit above it)`, true);
+    }
+    const others = () => this.state.entries().filter(([r]) => r !== run).reduce((n, [r, a]) => n + Math.max(a.residentBytes(), this.plans.has(r) ? plannedBytes(this.plans.get(r)!, [a.numLayers, a.hidden]) : 0), 0);
+    if (need + others() > this.limits.memoryBudget && !this.checkpointing) {
+      // Idle runs leave memory when their state is on disk (nothing changed since the checkpoint;
+      // not while a checkpoint is being written, which holds the runs it snapshots).
+      for (const [r, a] of this.state.entries().sort(([x], [y]) => this.state.lastUsed(x) - this.state.lastUsed(y))) {
+        if (r !== run && !a.changedSinceCheckpoint() && this.manifest?.runs[r] && Date.now() - this.state.lastUsed(r) >= Math.min(this.limits.idleMs, 1000)) this.state.release(r);
+        if (need + others() <= this.limits.memoryBudget) break;
+      }
+    }
+    const busy = others();
+    if (need + busy > this.limits.memoryBudget) {
+      throw new MemoryBudgetExceeded(`run_plan: this run needs about ${gib(need)} of the aggregation's memory and the runs in progress hold ${gib(busy)} of its ${gib(this.limits.memoryBudget)} budget: it starts when they finish`, false);
+    }
+    this.plans.set(run, plan);
   }
 
   /** Runs `task` after everything queued before it: applies happen in journal order. */
@@ -170,47 +252,130 @@ export class DurableStore {
 
   /** Writes a checkpoint of what changed, commits it, and deletes journal segments no longer needed. */
   checkpoint(): Promise<boolean> {
+    return this.serialize(() => this.checkpointNow(false));
+  }
+
+  /**
+   * Deletes a run's state: out of memory, out of the checkpoint (committed before this
+   * resolves, so a restart does not bring it back), its files, and the journal records it
+   * kept waiting. False when there is no such run.
+   */
+  deleteRun(run: string): Promise<boolean> {
     return this.serialize(async () => {
-      const runs = this.state.entries();
-      const changed = runs.some(([, acc]) => acc.changedSinceCheckpoint());
-      if (!changed && this.manifest && this.manifest.journal.segment === this.applied.segment && this.manifest.journal.offset === this.applied.offset) return false;
-      // Above every name the committed manifest refers to (files of a checkpoint that failed before its commit are not referred to, and may be written over).
-      const n = this.sequence + 1;
-      const manifest: Manifest = { version: 1, instanceId: this.state.instanceId, journal: { ...this.applied }, runs: {} };
-      for (const [run, acc] of runs) {
-        acc.syncCold();
-        const snapshot = acc.toSnapshot();
-        const before = this.manifest?.runs[run];
-        const runDir = path.join(this.dir, 'runs', run);
-        await mkdirDurable(runDir);
-        const buckets: RunEntry['buckets'] = {};
-        for (const { role, bucket, sum, changed: bucketChanged } of snapshot.buckets) {
-          const previous = before?.buckets[role]?.[bucket];
-          let entry: BucketEntry;
-          if (!bucketChanged && previous) {
-            entry = previous;
-          } else {
-            entry = { count: sum.count, file: `${role}.${bucket}.${n}.f64` };
-            await writeFileAtomic(path.join(runDir, entry.file), new Uint8Array(sum.sum.buffer, sum.sum.byteOffset, sum.sum.byteLength));
-          }
-          (buckets[role] ??= {})[bucket] = entry;
-        }
-        const keyFiles = [...(before?.keyFiles ?? [])];
-        if (snapshot.newKeys.activations.length || snapshot.newKeys.scores.length) {
-          const file = `keys.${n}.json`;
-          await writeFileAtomic(path.join(runDir, file), JSON.stringify(snapshot.newKeys));
-          keyFiles.push(file);
-        }
-        manifest.runs[run] = { ...snapshot.counters, keyFiles, buckets, waiting: snapshot.waiting };
+      if (!this.state.inMemory(run) && !this.manifest?.runs[run]) return false;
+      this.state.release(run);
+      this.plans.delete(run);
+      this.dropped.add(run);
+      try {
+        await this.checkpointNow(true);
+        await fs.rm(path.join(this.dir, 'runs', run), { recursive: true, force: true });
+      } finally {
+        this.dropped.delete(run);
       }
-      await writeFileAtomic(path.join(this.dir, `manifest.${n}.json`), JSON.stringify(manifest));
-      await writeFileAtomic(path.join(this.dir, 'CURRENT'), `manifest.${n}.json\n`);
-      this.manifest = manifest;
-      this.sequence = n;
-      for (const [, acc] of runs) acc.markCheckpointed();
-      await this.collectGarbage(manifest);
       return true;
     });
+  }
+
+  private async checkpointNow(force: boolean): Promise<boolean> {
+    this.checkpointing = true;
+    try {
+      return await this.writeCheckpoint(force);
+    } finally {
+      this.checkpointing = false;
+    }
+  }
+
+  private async writeCheckpoint(force: boolean): Promise<boolean> {
+    const moved = await this.compactSpool();
+    const runs = this.state.entries();
+    const changed = runs.some(([, acc]) => acc.changedSinceCheckpoint());
+    if (!force && !moved && !changed && this.manifest && this.manifest.journal.segment === this.applied.segment && this.manifest.journal.offset === this.applied.offset) {
+      this.releaseIdle();
+      return false;
+    }
+    // Above every name the committed manifest refers to (files of a checkpoint that failed before its commit are not referred to, and may be written over).
+    const n = this.sequence + 1;
+    const manifest: Manifest = { version: CHECKPOINT_VERSION, instanceId: this.state.instanceId, journal: { ...this.applied }, runs: {} };
+    // Runs not in memory are as the last checkpoint has them.
+    for (const [run, entry] of Object.entries(this.manifest?.runs ?? {})) if (!this.dropped.has(run) && !this.state.inMemory(run)) manifest.runs[run] = entry;
+    for (const [run, acc] of runs) {
+      acc.syncCold();
+      const snapshot = acc.toSnapshot();
+      const before = this.manifest?.runs[run];
+      const runDir = path.join(this.dir, 'runs', run);
+      await mkdirDurable(runDir);
+      const buckets: RunEntry['buckets'] = {};
+      for (const { role, bucket, sum, changed: bucketChanged } of snapshot.buckets) {
+        const previous = before?.buckets[role]?.[bucket];
+        let entry: BucketEntry;
+        if (!bucketChanged && previous) {
+          entry = previous;
+        } else {
+          entry = { count: sum.count, file: `${role}.${bucket}.${n}.f64` };
+          await writeFileAtomic(path.join(runDir, entry.file), new Uint8Array(sum.sum.buffer, sum.sum.byteOffset, sum.sum.byteLength));
+        }
+        (buckets[role] ??= {})[bucket] = entry;
+      }
+      const keyFiles = [...(before?.keyFiles ?? [])];
+      if (snapshot.newKeys.activations.length || snapshot.newKeys.scores.length) {
+        const file = `keys.${n}.json`;
+        await writeFileAtomic(path.join(runDir, file), JSON.stringify(snapshot.newKeys));
+        keyFiles.push(file);
+      }
+      manifest.runs[run] = { ...snapshot.counters, keyFiles, buckets, waiting: snapshot.waiting, plan: this.plans.get(run) };
+    }
+    await writeFileAtomic(path.join(this.dir, `manifest.${n}.json`), JSON.stringify(manifest));
+    await writeFileAtomic(path.join(this.dir, 'CURRENT'), `manifest.${n}.json\n`);
+    this.manifest = manifest;
+    this.sequence = n;
+    for (const [, acc] of runs) acc.markCheckpointed();
+    // The segment this checkpoint reaches into is deleted by the next one, once appends have moved on from it.
+    if (this.journal.active().bytes >= ROTATE_AT_CHECKPOINT_BYTES) this.journal.rotate();
+    await this.collectGarbage(manifest);
+    this.releaseIdle();
+    return true;
+  }
+
+  /** Lets go of the runs nothing asked for in `limits.idleMs` whose state is all on disk (a finished run, say). */
+  private releaseIdle(): void {
+    const now = Date.now();
+    for (const [run, acc] of this.state.entries()) {
+      if (now - this.state.lastUsed(run) >= this.limits.idleMs && !acc.changedSinceCheckpoint() && this.manifest?.runs[run]) this.state.release(run);
+    }
+  }
+
+  /**
+   * Copies the waiting activations out of journal segments that are mostly spent (the
+   * checkpoint covers them, and what still waits there is under SPOOL_COMPACT_SHARE of the
+   * segment) to the journal's end, so that the old segment can be deleted once the checkpoint
+   * naming the copies is committed. A copy replayed after a crash is a duplicate of a key
+   * already seen, and changes nothing. Returns how many were moved.
+   */
+  private async compactSpool(): Promise<number> {
+    const before = Math.min(this.manifest?.journal.segment ?? 0, this.applied.segment);
+    const live = new Map<number, { bytes: number; records: { acc: RunAccumulator; key: string; ref: RecordRef }[] }>();
+    for (const [, acc] of this.state.entries()) {
+      for (const { key, ref } of acc.spooled()) {
+        if (ref.segment >= before) continue;
+        let seg = live.get(ref.segment);
+        if (!seg) live.set(ref.segment, (seg = { bytes: 0, records: [] }));
+        seg.bytes += ref.length;
+        seg.records.push({ acc, key, ref });
+      }
+    }
+    // Runs not in memory keep their waiting records where they are until they are loaded again (or deleted).
+    const pinnedByOthers = new Set<number>();
+    for (const [run, entry] of Object.entries(this.manifest?.runs ?? {})) if (!this.state.inMemory(run) && !this.dropped.has(run)) for (const w of entry.waiting) if (w.ref) pinnedByOthers.add(w.ref.segment);
+    let moved = 0;
+    for (const [segment, { bytes, records }] of live) {
+      if (pinnedByOthers.has(segment) || bytes >= SPOOL_COMPACT_SHARE * (await this.journal.sizeOf(segment))) continue;
+      for (const { acc, key, ref } of records) {
+        const payload = Buffer.from(await this.journal.read(ref));
+        acc.moveSpooled(key, await this.journal.append(payload));
+        moved++;
+      }
+    }
+    return moved;
   }
 
   /**
@@ -225,6 +390,7 @@ export class DurableStore {
       if ((/^manifest\.\d+\.json$/.test(f) && f !== currentName) || /^\..*\.tmp$/.test(f)) await fs.rm(path.join(this.dir, f), { force: true });
     }
     for (const [run, r] of Object.entries(current.runs)) {
+      if (!this.state.inMemory(run)) continue; // unchanged since its files were collected
       const named = new Set<string>([...r.keyFiles, ...Object.values(r.buckets).flatMap((byBucket) => Object.values(byBucket).map((b) => b.file))]);
       const runDir = path.join(this.dir, 'runs', run);
       for (const f of await fs.readdir(runDir).catch(() => [] as string[])) {
@@ -250,47 +416,98 @@ export class DurableStore {
     const numbered = /^manifest\.(\d+)\.json$/.exec(name);
     if (!numbered) throw new Error(`${path.join(this.dir, 'CURRENT')} names ${JSON.stringify(name)}, not a checkpoint manifest (manifest.<n>.json): the state directory was changed by hand`);
     this.sequence = Number(numbered[1]);
-    return JSON.parse(await fs.readFile(path.join(this.dir, name), 'utf8')) as Manifest;
+    const manifest = JSON.parse(await fs.readFile(path.join(this.dir, name), 'utf8')) as Manifest;
+    checkFormatVersion('the checkpoint', path.join(this.dir, name), manifest.version, CHECKPOINT_VERSION);
+    return manifest;
   }
 
+  /**
+   * Takes the committed checkpoint: each run's files are checked (present, of the size
+   * written) but read only when the run is asked for (`restored`), so that a start holds only
+   * the runs in use.
+   */
   private load(m: Manifest): void {
     this.state.instanceId = m.instanceId;
     for (const [run, r] of Object.entries(m.runs)) {
-      const runDir = path.join(this.dir, 'runs', run);
-      // A file the committed checkpoint refers to, missing or of the wrong size: the state
-      // directory is incomplete, said with what to do instead of a crash at every start.
-      const incomplete = (file: string, why: string) =>
-        new StateIncomplete(`${path.join(runDir, file)}, which the committed checkpoint refers to, ${why}: the state directory is incomplete (a copy cut short, a file removed by hand). Restore it from a copy; or move it aside and start again, and the coordinator sends every activation of its runs again when it finds aggregation holding fewer than it acknowledged`);
-      const read = (file: string, bytes?: number) => {
-        let data: Buffer;
-        try {
-          data = fsSync.readFileSync(path.join(runDir, file));
-        } catch (err) {
-          throw incomplete(file, `cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
-        }
-        if (bytes !== undefined && data.length !== bytes) throw incomplete(file, `holds ${data.length} bytes where ${bytes} were written`);
-        return data;
-      };
+      if (r.plan) this.plans.set(run, r.plan);
+      for (const f of r.keyFiles) this.readRunFile(run, f, undefined, false);
+      for (const byBucket of Object.values(r.buckets)) for (const b of Object.values(byBucket)) this.readRunFile(run, b.file, r.numLayers * r.hidden * 8, false);
+    }
+    this.applied = { ...m.journal };
+  }
+
+  /** A run of the committed checkpoint as the accumulators take it back, its files read as they are reached. */
+  private restored(run: string, r: RunEntry): RestoredRun {
+    const read = (file: string, bytes?: number) => this.readRunFile(run, file, bytes, true)!;
+    return {
+      counters: { numLayers: r.numLayers, hidden: r.hidden, folded: r.folded, rejectedNonFinite: r.rejectedNonFinite },
       // Read file by file as the run takes them, so one key file's JSON is in memory at a time.
-      const keys = function* () {
+      keys: (function* () {
         for (const f of r.keyFiles) yield JSON.parse(read(f).toString('utf8')) as { activations: string[]; scores: string[] };
-      };
-      const buckets = function* () {
+      })(),
+      buckets: (function* () {
         for (const [role, byBucket] of Object.entries(r.buckets)) {
           for (const [bucket, b] of Object.entries(byBucket)) {
             const bytes = read(b.file, r.numLayers * r.hidden * 8);
             yield { role, bucket: bucket as Bucket, sum: { sum: new Float64Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)), count: b.count } };
           }
         }
-      };
-      this.state.restore(run, {
-        counters: { numLayers: r.numLayers, hidden: r.hidden, folded: r.folded, rejectedNonFinite: r.rejectedNonFinite },
-        keys: keys(),
-        buckets: buckets(),
-        waiting: r.waiting,
-      });
+      })(),
+      waiting: r.waiting,
+    };
+  }
+
+  /**
+   * A file of a run that the committed checkpoint refers to (its contents when `contents`, else
+   * only checked), missing or of the wrong size: the state directory is incomplete, said with
+   * what to do instead of a crash at every start.
+   */
+  private readRunFile(run: string, file: string, bytes: number | undefined, contents: boolean): Buffer | undefined {
+    const full = path.join(this.dir, 'runs', run, file);
+    const incomplete = (why: string) =>
+      new StateIncomplete(`${full}, which the committed checkpoint refers to, ${why}: the state directory is incomplete (a copy cut short, a file removed by hand). Restore it from a copy; or move it aside and start again, and the coordinator sends every activation of its runs again when it finds aggregation holding fewer than it acknowledged`);
+    try {
+      if (!contents) {
+        const size = fsSync.statSync(full).size;
+        if (bytes !== undefined && size !== bytes) throw incomplete(`holds ${size} bytes where ${bytes} were written`);
+        return undefined;
+      }
+      const data = fsSync.readFileSync(full);
+      if (bytes !== undefined && data.length !== bytes) throw incomplete(`holds ${data.length} bytes where ${bytes} were written`);
+      return data;
+    } catch (err) {
+      if (err instanceof StateIncomplete) throw err;
+      throw incomplete(`cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
     }
-    this.applied = { ...m.journal };
+  }
+
+  /** Activations or scores waiting for their other half, all runs (those not in memory as their checkpoint has them). */
+  totalWaiting(): number {
+    let n = this.state.totalWaiting();
+    for (const [run, r] of Object.entries(this.manifest?.runs ?? {})) if (!this.state.inMemory(run)) n += r.waiting.length;
+    return n;
+  }
+
+  /** Bytes of activations spooled in the journal waiting for their score, all runs. */
+  totalSpooledBytes(): number {
+    let n = this.state.totalSpooledBytes();
+    for (const [run, r] of Object.entries(this.manifest?.runs ?? {})) if (!this.state.inMemory(run)) for (const w of r.waiting) n += w.ref?.length ?? 0;
+    return n;
+  }
+
+  /** Runs in memory now. */
+  runsInMemory(): number {
+    return this.state.entries().length;
+  }
+
+  /** Runs of the store, in memory or not. */
+  runCount(): number {
+    return new Set([...Object.keys(this.manifest?.runs ?? {}), ...this.state.entries().map(([r]) => r)]).size;
+  }
+
+  /** Estimated bytes the runs in memory hold, against `limits.memoryBudget`. */
+  residentBytes(): number {
+    return this.state.entries().reduce((n, [, acc]) => n + acc.residentBytes(), 0);
   }
 
   async close(): Promise<void> {
@@ -298,4 +515,10 @@ export class DurableStore {
     await this.journal.close();
     this.state.close();
   }
+}
+
+/** Memory a run of this plan holds at most: a sum in memory per role (score 3, or a default role's items) and both keys of every item. */
+function plannedBytes(plan: RunPlan, shape: number[]): number {
+  const [layers = 0, hidden = 0] = shape;
+  return plan.roles * layers * hidden * 8 + plan.items * 2 * KEY_BYTES;
 }

@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
 import { clientCredentials } from '../shared/tls';
-import { authMetadata, cancelRun, coordinatorClient, getRun, isLoopbackAddress, listRuns, startRun, stateName, watchRun } from './client';
+import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, startRun, stateName, watchRun } from './client';
 import { formatSummary, ProgressBar } from './progress';
 
 const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coordinator host:port, or AXIS_COORDINATOR)
@@ -18,6 +18,7 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
   axis status NAME     a run's state and summary, once
   axis list            every run the coordinator knows
   axis cancel NAME     stops a run cleanly (StartRun with the same NAME resumes it)
+  axis delete NAME     removes a run that is not running: its ledger rows, its outputs and its sums
 
   --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one;
       sent only over TLS or to this machine (e.g. a kubectl port-forward), unless
@@ -153,6 +154,12 @@ async function main(argv: string[]): Promise<number> {
       case 'cancel': {
         const run = await cancelRun(client, needName(), meta());
         process.stdout.write(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}\n`);
+        return 0;
+      }
+      case 'delete': {
+        const name = needName();
+        await deleteRun(client, name, meta());
+        process.stdout.write(`run ${name}: deleted\n`);
         return 0;
       }
       default:

@@ -42,6 +42,10 @@ export function cancelRun(client: CoordinatorClient, name: string, metadata = ne
   return new Promise((resolve, reject) => client.cancelRun({ name }, metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
+export function deleteRun(client: CoordinatorClient, name: string, metadata = new grpc.Metadata()): Promise<void> {
+  return new Promise((resolve, reject) => client.deleteRun({ name }, metadata, (err) => (err ? reject(err) : resolve())));
+}
+
 /** Follows WatchRun until the run ends; resolves with the last state seen. */
 export function watchRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void, metadata = new grpc.Metadata()): Promise<Run> {
   return new Promise((resolve, reject) => {

@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import type { RunPlan } from '../../gen/assistant_axis/v1/aggregation';
 import type { Tensor } from '../../gen/assistant_axis/v1/common';
 import type { ItemRow } from './ledgerRows';
 import { RetryableError, RunFailure } from './retry';
@@ -11,6 +12,9 @@ import { ingestId } from './upstreams';
  * check that aggregation still holds what the ledger says it acknowledged.
  */
 export class AggregationSteps {
+  /** The run's roles and items, declared with each activation (aggregation checks them against its memory budget). */
+  private plan: RunPlan | undefined;
+
   constructor(private readonly ctx: RunContext) {}
 
   async sendActivation(item: ItemRow, activation: Tensor): Promise<void> {
@@ -40,6 +44,14 @@ export class AggregationSteps {
     return this.ctx.retrying('aggregation run state', () => this.ctx.upstreams.aggregation.runState(this.ctx.spec.name));
   }
 
+  private runPlan(): RunPlan {
+    if (!this.plan) {
+      const counts = this.ctx.ledger.roleCounts(this.ctx.spec.name);
+      this.plan = { roles: counts.length, items: counts.reduce((n, c) => n + c.total, 0) };
+    }
+    return this.plan;
+  }
+
   private async send(item: ItemRow, payload: { $case: 'activation'; value: Tensor } | { $case: 'score'; value: { score?: number } }): Promise<void> {
     const { ctx } = this;
     const run = ctx.spec.name;
@@ -50,7 +62,8 @@ export class AggregationSteps {
     await ctx.retrying(`aggregate ${item.role}/${item.key}`, async () => {
       // The run's shape from its spec (the layers it captures, the model's hidden size), so that aggregation never takes it from an activation.
       const runShape = payload.$case === 'activation' ? activationShape(ctx) : [];
-      const ack = await ctx.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload, runShape });
+      const runPlan = payload.$case === 'activation' ? this.runPlan() : undefined;
+      const ack = await ctx.upstreams.aggregation.ingest.send(id, { run, role: item.role, itemKey: item.key, payload, runShape, runPlan });
       if (ack.error) {
         // A refusal (the message is wrong) ends the run; anything else (e.g. its disk is full) is retried.
         const msg = `aggregation ${ack.error.code === grpc.status.INVALID_ARGUMENT ? 'refused' : 'could not store'} the ${payload.$case} of ${item.role}/${item.key}: ${ack.error.message}`;

@@ -1,12 +1,14 @@
 import Database from 'better-sqlite3';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ADDED_ITEM_COLUMNS, LEDGER_SCHEMA } from './ledgerSchema';
+import { checkFormatVersion } from '../shared/formatVersion';
+import { ADDED_ITEM_COLUMNS, LEDGER_SCHEMA, LEDGER_VERSION } from './ledgerSchema';
 import { DONE, ITEM_COLUMNS_WITHOUT_TEXT, JudgeBatchRow, JudgeUsage, RoleCounts, RunRow, RunSpec, RunStateName, ItemRow, toItemRow, toRunRow } from './ledgerRows';
 
 /**
  * The coordinator's durable record of every run and item (SQLite, WAL, synchronous=NORMAL: a
- * committed step survives kill -9; a power loss may drop the last commits, which are redone safely). An item moves: text saved -> activation
+ * committed step survives kill -9; a power loss may drop the last commits, which are redone
+ * safely; its format is LEDGER_VERSION, in SQLite's user_version). An item moves: text saved -> activation
  * acknowledged by aggregation -> judged -> score acknowledged; a restart resumes each item
  * at its first missing step.
  */
@@ -105,8 +107,17 @@ export class Ledger {
     // step is redone safely (the same seed gives the same text, aggregation drops duplicates).
     // FULL would fsync the event loop at every item step, which capped a run near 70 items/s.
     this.db.pragma('synchronous = NORMAL');
+    const version = this.db.pragma('user_version', { simple: true }) as number;
+    try {
+      checkFormatVersion('the ledger', file, version, LEDGER_VERSION);
+    } catch (err) {
+      this.db.close();
+      throw err;
+    }
+    // Older ledgers are brought up to this version in place: tables and columns added since.
     this.db.exec(LEDGER_SCHEMA);
     this.ensureColumns('items', ADDED_ITEM_COLUMNS);
+    if (version < LEDGER_VERSION) this.db.pragma(`user_version = ${LEDGER_VERSION}`);
   }
 
   private ensureColumns(table: string, columns: Record<string, string>): void {
@@ -168,6 +179,16 @@ export class Ledger {
           fields.judge ?? run.judge,
           name,
         );
+    });
+  }
+
+  /** Removes a run and everything of it, in one transaction. */
+  deleteRun(name: string): void {
+    this.now(() => {
+      this.db.transaction(() => {
+        for (const table of ['items', 'roles', 'judge_batches', 'judge_submissions']) this.sql(`DELETE FROM ${table} WHERE run = ?`).run(name);
+        this.sql('DELETE FROM runs WHERE name = ?').run(name);
+      })();
     });
   }
 

@@ -1,3 +1,9 @@
+/**
+ * The ledger's format (SQLite `user_version`): 0 is a ledger from before versions (its tables
+ * lack some item columns: added in place); 1 adds nothing else. A newer one is refused.
+ */
+export const LEDGER_VERSION = 1;
+
 /** The ledger's tables (SQLite). */
 export const LEDGER_SCHEMA = `
       CREATE TABLE IF NOT EXISTS runs (

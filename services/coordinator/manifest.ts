@@ -14,9 +14,13 @@ export interface RunSummary {
   hiddenSize: number;
 }
 
+/** The format of a run's manifest.json (a field added since is a new version; readers skip fields they do not know). */
+export const RUN_MANIFEST_VERSION = 1;
+
 /** What a run was and what it used, so a result can be traced and repeated (docs/CONCEPTS.md). */
 export function manifest(spec: RunSpec, data: DataSet, model: ModelInfo, judge: JudgeInfo, summary: RunSummary) {
   return {
+    format_version: RUN_MANIFEST_VERSION,
     run: spec.name,
     model: {
       name: model.model,

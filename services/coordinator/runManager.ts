@@ -152,6 +152,23 @@ export class RunManager {
     return ex ? this.view(name) : run;
   }
 
+  /**
+   * Removes a run that is not running: its state in aggregation first, then its output
+   * directory, then its ledger rows, so that a delete cut short (aggregation unreachable, a
+   * crash) leaves the run listed and DeleteRun can simply be repeated.
+   */
+  async delete(name: string): Promise<void> {
+    this.get(name);
+    if (this.executors.has(name) || this.executions.has(name)) throw failedPrecondition(`name: run ${JSON.stringify(name)} is running: cancel it first (CancelRun), then delete it`);
+    const had = await this.upstreams.aggregation.deleteRun(name);
+    await fs.rm(this.runDir(name), { recursive: true, force: true });
+    this.ledger.deleteRun(name);
+    this.messages.delete(name);
+    this.lastProgress.delete(name);
+    this.log.info({ run: name, aggregationState: had }, 'run deleted');
+    this.emit(name);
+  }
+
   /** Calls `listener` whenever the run changes; returns the unsubscribe function. */
   watch(name: string, listener: Listener): () => void {
     let set = this.listeners.get(name);

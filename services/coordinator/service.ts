@@ -29,6 +29,10 @@ export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string
     getRun: guarded(async (req) => runs.get(req.name)),
     listRuns: guarded(async () => ({ runs: runs.list() })),
     cancelRun: guarded(async (req) => runs.cancel(req.name)),
+    deleteRun: guarded(async (req) => {
+      await runs.delete(req.name);
+      return {};
+    }),
     watchRun: (call) => {
       try {
         authorize(call);

@@ -307,6 +307,18 @@ export class AggregationUpstream {
     return unaryCall(client.getRunState.bind(client), { run });
   }
 
+  /** Removes the run's state there; false when it had none (NOT_FOUND). */
+  async deleteRun(run: string): Promise<boolean> {
+    const client = this.need();
+    try {
+      await unaryCall(client.deleteRun.bind(client), { run });
+      return true;
+    } catch (err) {
+      if ((err as { code?: number }).code === grpc.status.NOT_FOUND) return false;
+      throw err;
+    }
+  }
+
   /** The ComputeAxis stream (vectors, then the axis), read as the caller takes each message. */
   async *computeAxis(req: ComputeAxisRequest): AsyncGenerator<ComputeAxisResult> {
     const call = this.need().computeAxis(req, deadline(300_000));

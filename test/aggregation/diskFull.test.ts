@@ -29,9 +29,9 @@ describeAsRoot('aggregation store on a full disk', () => {
   for (const role of roles) {
     for (let i = 0; i < 12; i++) {
       const data = Float32Array.from({ length: L * d }, (_, k) => Math.sin(k + i * 7 + role.length));
-      messages.push({ run: 'r', role, itemKey: `pos_p0_q${i}`, payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data }) }, runShape: [L, d] });
+      messages.push({ run: 'r', role, itemKey: `pos_p0_q${i}`, payload: { $case: 'activation', value: encodeTensor({ shape: [L, d], data }) }, runShape: [L, d], runPlan: undefined });
       // Scores 0..3 so that cold buckets (on disk) are used as well as the ones in RAM.
-      messages.push({ run: 'r', role, itemKey: `pos_p0_q${i}`, payload: { $case: 'score', value: { score: i % 4 } }, runShape: [] });
+      messages.push({ run: 'r', role, itemKey: `pos_p0_q${i}`, payload: { $case: 'score', value: { score: i % 4 } }, runShape: [], runPlan: undefined });
     }
   }
   let dir: string;

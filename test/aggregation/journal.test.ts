@@ -32,6 +32,27 @@ describe('the aggregation journal', () => {
     await again.close();
   });
 
+  it('ends a segment at its size even when appends never stop (the write queue is never empty)', async () => {
+    const dir = path.join(tempDir('journal-busy'), 'journal');
+    const journal = new Journal(dir, 1000);
+    await journal.open();
+    const payload = (i: number) => Buffer.alloc(100, i % 251);
+    // 200 records appended at once: the first write is in progress while the rest queue up, and the queue empties only at the end.
+    const refs = await Promise.all(Array.from({ length: 200 }, (_, i) => journal.append(payload(i))));
+    const sizes = await Promise.all((await journal.segments()).map((seg) => journal.sizeOf(seg)));
+    // 108-byte records: at most 9 to a segment of 1000 bytes.
+    expect(Math.max(...sizes)).toBeLessThanOrEqual(1000);
+    expect(sizes.reduce((a, b) => a + b, 0)).toBe(200 * 108);
+    expect(new Set(refs.map((r) => r.segment)).size).toBe(Math.ceil(200 / 9));
+    await journal.close();
+    const again = new Journal(dir, 1000);
+    await again.open();
+    const replayed: Buffer[] = [];
+    await again.replay({ segment: 0, offset: 0 }, (p) => void replayed.push(Buffer.from(p)));
+    expect(replayed).toEqual(refs.map((_, i) => payload(i)));
+    await again.close();
+  });
+
   it('replays a segment through a window smaller than its records, each record whole and in order, applied before the next is read', async () => {
     const dir = path.join(tempDir('journal-window'), 'journal');
     const journal = new Journal(dir, 1 << 20);

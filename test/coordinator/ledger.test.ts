@@ -3,6 +3,8 @@ import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { Ledger, LedgerDamaged } from '../../services/coordinator/ledger';
 import { DONE, RunSpec } from '../../services/coordinator/ledgerRows';
+import { LEDGER_VERSION } from '../../services/coordinator/ledgerSchema';
+import { NewerFormat } from '../../services/shared/formatVersion';
 import { tempDir } from '../kit/files';
 
 const spec = (name: string): RunSpec => ({
@@ -112,5 +114,44 @@ describe('a damaged ledger', () => {
     fs.writeFileSync(file, bytes);
     expect(() => new Ledger(dir)).toThrow(LedgerDamaged);
     expect(() => new Ledger(dir)).toThrow(/ledger\.sqlite is damaged \(.+\): the coordinator cannot trust what it says was done\. Move it aside/);
+  });
+});
+
+describe('the ledger\'s format version', () => {
+  it('brings a ledger from before versions up to this one, items intact, and refuses one from a newer release', () => {
+    const dir = path.join(tempDir('ledger-version'), 'state');
+    fs.mkdirSync(dir, { recursive: true });
+    const file = path.join(dir, 'ledger.sqlite');
+    // A ledger as the first releases wrote it: no user_version, items without the later columns.
+    const old = new Database(file);
+    old.exec(`CREATE TABLE runs (name TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL,
+        finished_at TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '', backend TEXT NOT NULL DEFAULT '', judge TEXT NOT NULL DEFAULT '', summary TEXT);
+      CREATE TABLE items (run TEXT NOT NULL, role TEXT NOT NULL, p INTEGER NOT NULL, q INTEGER NOT NULL, key TEXT NOT NULL,
+        text TEXT, prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+        finish_reason TEXT NOT NULL DEFAULT '', activation_acked INTEGER NOT NULL DEFAULT 0,
+        judged INTEGER NOT NULL DEFAULT 0, score INTEGER, raw_reply TEXT NOT NULL DEFAULT '',
+        score_acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, role, key));`);
+    old.prepare('INSERT INTO runs (name, spec, state, created_at) VALUES (?, ?, ?, ?)').run('old', JSON.stringify(spec('old')), 'RUNNING', '2026-01-01T00:00:00Z');
+    old.prepare('INSERT INTO items (run, role, p, q, key, text, activation_acked) VALUES (?, ?, ?, ?, ?, ?, ?)').run('old', 'chef', 0, 0, 'pos_p0_q0', 'kept text', 1);
+    old.prepare('INSERT INTO items (run, role, p, q, key) VALUES (?, ?, ?, ?, ?)').run('old', 'chef', 0, 1, 'pos_p0_q1');
+    expect(old.pragma('user_version', { simple: true })).toBe(0);
+    old.close();
+
+    const ledger = new Ledger(dir);
+    expect(ledger.getRun('old')?.state).toBe('RUNNING');
+    expect(ledger.itemText('old', 'chef', 'pos_p0_q0')).toBe('kept text');
+    expect(ledger.item('old', 'chef', 'pos_p0_q0')).toMatchObject({ activationAcked: true, judgeUsage: { attempts: 0 } });
+    expect(ledger.item('old', 'chef', 'pos_p0_q1')).toMatchObject({ hasText: false, activationAcked: false });
+    ledger.close();
+    const check = new Database(file);
+    expect(check.pragma('user_version', { simple: true })).toBe(LEDGER_VERSION);
+    // Written by a release after this one: refused, saying so, and left as it was.
+    check.pragma(`user_version = ${LEDGER_VERSION + 1}`);
+    check.close();
+    expect(() => new Ledger(dir)).toThrow(NewerFormat);
+    expect(() => new Ledger(dir)).toThrow(new RegExp(`ledger\\.sqlite: the ledger is in format version ${LEDGER_VERSION + 1}, written by a newer release; this one reads up to version ${LEDGER_VERSION}\\. Run the newer release again, or restore a copy`));
+    const after = new Database(file);
+    expect(after.pragma('user_version', { simple: true })).toBe(LEDGER_VERSION + 1);
+    after.close();
   });
 });

@@ -36,8 +36,8 @@ function messages(all: Item[]): IngestRequest[] {
   const rng = new Rng(digest('order'));
   const msgs: IngestRequest[] = [];
   for (const it of all) {
-    msgs.push({ run: 'durable', role: it.role, itemKey: it.key, payload: { $case: 'activation', value: encodeTensor({ shape: [L, D], data: it.activation }, DType.DTYPE_F32) }, runShape: [L, D] });
-    if (it.role !== 'default') msgs.push({ run: 'durable', role: it.role, itemKey: it.key, payload: { $case: 'score', value: { score: it.score ?? undefined } }, runShape: [] });
+    msgs.push({ run: 'durable', role: it.role, itemKey: it.key, payload: { $case: 'activation', value: encodeTensor({ shape: [L, D], data: it.activation }, DType.DTYPE_F32) }, runShape: [L, D], runPlan: undefined });
+    if (it.role !== 'default') msgs.push({ run: 'durable', role: it.role, itemKey: it.key, payload: { $case: 'score', value: { score: it.score ?? undefined } }, runShape: [], runPlan: undefined });
   }
   // Activations and scores in random order: many activations wait (spooled) for their score, some scores for their activation.
   for (let i = msgs.length - 1; i > 0; i--) {
@@ -150,7 +150,7 @@ describe('aggregation durability', () => {
     const nan = new Float32Array(L * D);
     nan[5] = NaN;
     const send = (role: string, key: string, data: Float32Array, shape = [L, D]) =>
-      pipe.send(idOf({ run: 'durable', role, itemKey: key }, true), { run: 'durable', role, itemKey: key, payload: { $case: 'activation', value: encodeTensor({ shape, data }) }, runShape: [L, D] });
+      pipe.send(idOf({ run: 'durable', role, itemKey: key }, true), { run: 'durable', role, itemKey: key, payload: { $case: 'activation', value: encodeTensor({ shape, data }) }, runShape: [L, D], runPlan: undefined });
     expect((await send('pirate', 'nan1', nan)).error?.message).toMatch(/non-finite value at index 5: rejected, not summed/);
     expect((await send('pirate', 'shape1', new Float32Array(4 * D), [4, D])).error?.message).toMatch(/activation\.shape: \[4,64\] differs from the run's \[8,64\] \(run_shape\)/);
     expect((await send('../etc', 'k', new Float32Array(L * D))).error?.message).toMatch(/^role: /);

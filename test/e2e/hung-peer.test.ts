@@ -42,7 +42,7 @@ describe('a hung peer on a long-lived stream', () => {
 
   it('cancels the stream after the reply timeout, fails what was on it, and the retry goes through a new stream', async () => {
     const pipe = new StreamPipe<IngestRequest, IngestAck>(() => client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), 300);
-    const req = (key: string): IngestRequest => ({ run: 'r', role: 'chef', itemKey: key, payload: { $case: 'score', value: { score: 3 } }, runShape: [] });
+    const req = (key: string): IngestRequest => ({ run: 'r', role: 'chef', itemKey: key, payload: { $case: 'score', value: { score: 3 } }, runShape: [], runPlan: undefined });
     const started = Date.now();
     const first = await Promise.allSettled([pipe.send(ingestId('r', 'chef', 'a', false), req('a')), pipe.send(ingestId('r', 'chef', 'b', false), req('b'))]);
     const waited = Date.now() - started;

@@ -2,11 +2,13 @@ import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
+import * as grpc from '@grpc/grpc-js';
+import { AggregationClient } from '../../gen/assistant_axis/v1/aggregation';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import { judgePrompt } from '../../services/contracts/judge';
 import type { LocalStack } from '../../services/cli/stack';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
-import { coordinatorClient, getRun, startRun, watchRun } from '../helpers/grpc';
+import { coordinatorClient, getRun, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { syntheticActivation } from '../../services/inference/synthetic';
 import { decodeSafetensors } from '../../services/shared/safetensors';
 import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../kit/runfiles';
@@ -56,7 +58,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
       expect(health.status).toBe('SERVING');
     }
     const methods = await bufCurl(['--list-methods', `http://${stack.address('coordinator')}`]);
-    for (const m of ['StartRun', 'GetRun', 'ListRuns', 'WatchRun', 'CancelRun']) expect(methods).toContain(`assistant_axis.v1.Coordinator/${m}`);
+    for (const m of ['StartRun', 'GetRun', 'ListRuns', 'WatchRun', 'CancelRun', 'DeleteRun']) expect(methods).toContain(`assistant_axis.v1.Coordinator/${m}`);
   });
 
   it('runs through the coordinator started and watched with buf curl; files and axis match an independent recomputation', async () => {
@@ -175,6 +177,35 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     expect(again.message).toMatch(/already complete/);
     expect(judge.requests.length).toBe(before);
     expect((await getRun(client, 'e2e')).summary?.kept.length).toBeGreaterThan(0);
+    client.close();
+  });
+
+  it('deletes a run that is not running: its ledger rows, outputs and aggregation state; refuses while it runs', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    const deleteRun = (name: string) => new Promise<void>((resolve, reject) => client.deleteRun({ name }, (err) => (err ? reject(err) : resolve())));
+    const aggregation = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure());
+    const activationsThere = (run: string) => new Promise<number>((resolve, reject) => aggregation.getRunState({ run }, (err, r) => (err ? reject(err) : resolve(Number(r.activations)))));
+    await startRun(client, { name: 'doomed', questionCount: 8, minCount: 1 });
+    await expect(deleteRun('doomed')).rejects.toMatchObject({ code: grpc.status.FAILED_PRECONDITION, details: expect.stringMatching(/is running: cancel it first/) });
+    await waitFor('an aggregated item', async () => ((await getRun(client, 'doomed')).progress!.aggregated > 0 ? true : undefined));
+    await new Promise<void>((resolve, reject) => client.cancelRun({ name: 'doomed' }, (err) => (err ? reject(err) : resolve())));
+    const stopped = await watchRun(client, 'doomed', () => undefined);
+    expect(stopped.state).toBe(RunState.RUN_STATE_CANCELLED);
+    expect(await activationsThere('doomed')).toBeGreaterThan(0);
+    expect(fs.existsSync(stopped.outputDir)).toBe(true);
+    await deleteRun('doomed');
+    await expect(getRun(client, 'doomed')).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+    const runs = await new Promise<string[]>((resolve, reject) => client.listRuns({}, (e, r) => (e ? reject(e) : resolve(r.runs.map((x) => x.name)))));
+    expect(runs).not.toContain('doomed');
+    expect(fs.existsSync(stopped.outputDir)).toBe(false);
+    expect(await activationsThere('doomed')).toBe(0);
+    await expect(deleteRun('doomed')).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+    // The name is free again: a new run of it starts from nothing and completes.
+    await startRun(client, { name: 'doomed', roles: ['chef', 'default'], questionCount: 2, minCount: 1 });
+    const again = await watchRun(client, 'doomed', () => undefined);
+    expect(again.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(again.progress!.aggregated).toBe(2 * 5 * 2);
+    aggregation.close();
     client.close();
   });
 

@@ -27,14 +27,14 @@ describe('activation messages written once', () => {
   it('IngestRequest, as the coordinator sends it, and as the aggregation keeps its bytes', () => {
     const serialize = (AggregationClientBulk as unknown as { service: typeof AggregationService }).service.ingest.requestSerialize;
     for (const n of sizes) {
-      const m: IngestRequest = { run: 'r', role: 'chef', itemKey: 'pos_p0_q1', payload: { $case: 'activation', value: tensor(n) }, runShape: [2, 3] };
+      const m: IngestRequest = { run: 'r', role: 'chef', itemKey: 'pos_p0_q1', payload: { $case: 'activation', value: tensor(n) }, runShape: [2, 3], runPlan: undefined };
       const bytes = serialize(m);
       expect(IngestRequest.decode(bytes)).toEqual(IngestRequest.decode(AggregationService.ingest.requestSerialize(m)));
       const received = AggregationServiceKeepingBytes.ingest.requestDeserialize(bytes);
       expect(receivedBytes.get(received)).toBe(bytes);
     }
     for (const score of [{ score: 3 }, {}]) {
-      const m: IngestRequest = { run: 'r', role: 'chef', itemKey: 'k', payload: { $case: 'score', value: score }, runShape: [] };
+      const m: IngestRequest = { run: 'r', role: 'chef', itemKey: 'k', payload: { $case: 'score', value: score }, runShape: [], runPlan: undefined };
       expect(IngestRequest.decode(serialize(m))).toEqual(IngestRequest.decode(AggregationService.ingest.requestSerialize(m)));
     }
   });
