@@ -49,6 +49,18 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     await judge.stop();
   });
 
+  /**
+   * The run `e2e`, complete: started (or found complete) by whichever test needs it, so that no
+   * test depends on another having run first (StartRun with the same request is idempotent).
+   */
+  const E2E = { name: 'e2e', questionCount: QUESTIONS, minCount: MIN_COUNT, seed: 11, maxNewTokens: 48 };
+  async function completeE2e(): Promise<void> {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, E2E);
+    expect((await watchRun(client, 'e2e', () => undefined)).state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    client.close();
+  }
+
   it('lists every service through server reflection, with no proto files', async () => {
     for (const name of ['coordinator', 'inference', 'judge', 'aggregation'] as const) {
       const out = await bufCurl(['--list-services', `http://${stack.address(name)}`]);
@@ -63,8 +75,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
 
   it('runs through the coordinator started and watched with buf curl; files and axis match an independent recomputation', async () => {
     const address = `http://${stack.address('coordinator')}`;
-    const request = { name: 'e2e', questionCount: QUESTIONS, minCount: MIN_COUNT, seed: 11, maxNewTokens: 48 };
-    const started = JSON.parse(await bufCurl(['-d', JSON.stringify(request), `${address}/assistant_axis.v1.Coordinator/StartRun`]));
+    const started = JSON.parse(await bufCurl(['-d', JSON.stringify(E2E), `${address}/assistant_axis.v1.Coordinator/StartRun`]));
     expect(started.name).toBe('e2e');
     expect(started.backend).toBe('synthetic');
     expect(started.judge).toContain('judge-test');
@@ -128,6 +139,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
   });
 
   it('writes report.json and report.html, and compares with another axis when given one', async () => {
+    await completeE2e();
     const client = coordinatorClient(stack.address('coordinator'));
     const e2eDir = path.join(stack.opts.outputRoot, 'e2e');
     const report = JSON.parse(fs.readFileSync(path.join(e2eDir, 'report.json'), 'utf8'));
@@ -145,6 +157,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
   });
 
   it('archives every activation in bf16 per role when asked (off by default)', async () => {
+    await completeE2e();
     const client = coordinatorClient(stack.address('coordinator'));
     await startRun(client, { name: 'archived', roles: ['chef', 'default'], questionCount: 2, minCount: 1, archiveActivations: true });
     const done = await watchRun(client, 'archived', () => undefined);
@@ -170,9 +183,10 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
   });
 
   it('does no work again when the same run is started twice, and says so', async () => {
+    await completeE2e();
     const client = coordinatorClient(stack.address('coordinator'));
     const before = judge.requests.length;
-    const again = await startRun(client, { name: 'e2e', questionCount: QUESTIONS, minCount: MIN_COUNT, seed: 11, maxNewTokens: 48 });
+    const again = await startRun(client, E2E);
     expect(again.state).toBe(RunState.RUN_STATE_SUCCEEDED);
     expect(again.message).toMatch(/already complete/);
     expect(judge.requests.length).toBe(before);
@@ -228,8 +242,12 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     const final = await watchRun(client, 'flaky-judge', () => undefined);
     expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
     expect(final.progress?.judged).toBe(15);
+    // Which items get a reply without a score, from the judge double's own rule over the prompts the run made.
+    const poet = JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', 'poet.json'), 'utf8'));
+    const unscored = readRunFiles(final.outputDir).responses.poet.filter((l) => expectedScore(judgePrompt(poet.eval_prompt, l.question, l.conversation[l.conversation.length - 1].content)) === undefined).length;
+    expect(final.progress!.judgeUnscored).toBe(unscored);
     // 15 judged items + the 4 failed attempts + 2 more asks of each item whose reply held no score.
-    expect(judge.requests.length - before).toBe(15 + 4 + 2 * final.progress!.judgeUnscored);
+    expect(judge.requests.length - before).toBe(15 + 4 + 2 * unscored);
     client.close();
   });
 
