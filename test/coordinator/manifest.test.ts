@@ -30,6 +30,7 @@ describe('manifest', () => {
     const m = JSON.parse(JSON.stringify(manifest(spec, { dir: '/data', roles: [], questions: [], hash: 'abc123' }, model, judge, summary)));
     const { code_version, written_at, ...rest } = m;
     expect(rest).toEqual({
+      format_version: 1,
       run: 'demo',
       model: { name: 'tiny-llama', backend: 'onnx', architecture: 'llama', num_layers: 4, hidden_size: 8, device: 'cpu', short_name: 'Tiny', system_prompt_supported: true, hashes: { weights: 'w1', graph: 'g1' } },
       sampling: { temperature: 0.7, top_p: 0.9, max_new_tokens: 64, max_context: 2048, enable_thinking: false },

@@ -85,6 +85,41 @@ describe('coordinator authentication, data roots and secrets', () => {
     expect(watchErr.code).toBe(grpc.status.UNAUTHENTICATED);
   });
 
+  it('answers random authorization headers on every service UNAUTHENTICATED, never an error of its own (seeded)', async () => {
+    const seed = Number(process.env.AXIS_FUZZ_SEED ?? Date.now() % 100000);
+    let s = seed || 1;
+    const next = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 2 ** 32);
+    const randomText = (n: number) => Array.from({ length: n }, () => String.fromCharCode(0x20 + Math.floor(next() * 95))).join('');
+    // Forms a header takes: random printable text, "Bearer " and random text, a prefix of the right token, the token with a byte changed, very long, other schemes, stray spaces.
+    // (Two authorization headers cannot be sent from Node: its HTTP/2 client refuses them.)
+    const headers = (service: keyof typeof CALLER_TOKENS | 'coordinator'): string[][] => {
+      const right = service === 'coordinator' ? TOKEN : CALLER_TOKENS[service];
+      const out: string[][] = [];
+      for (let i = 0; i < 40; i++) {
+        const n = Math.floor(next() * 64);
+        const changed = right.slice(0, i % right.length) + String.fromCharCode(right.charCodeAt(i % right.length) ^ 1) + right.slice((i % right.length) + 1);
+        out.push([[randomText(n)], [`Bearer ${randomText(n)}`], [`Bearer ${right.slice(0, n % right.length)}`], [`Bearer ${changed}`], [`Bearer ${randomText(6000)}`], [`Basic ${randomText(n)}`], [`bearer  ${right} `], [`Bearer  ${right}`]][i % 8]);
+      }
+      return out;
+    };
+    const targets: [keyof typeof CALLER_TOKENS | 'coordinator', grpc.Client, string][] = [
+      ['coordinator', client, '/assistant_axis.v1.Coordinator/ListRuns'],
+      ['inference', new InferenceClient(stack.address('inference'), grpc.credentials.createInsecure()), '/assistant_axis.v1.Inference/GetModelInfo'],
+      ['judge', new JudgeClient(stack.address('judge'), grpc.credentials.createInsecure()), '/assistant_axis.v1.Judge/GetJudgeInfo'],
+      ['aggregation', new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure()), '/assistant_axis.v1.Aggregation/GetRunState'],
+    ];
+    for (const [service, c, method] of targets) {
+      for (const values of headers(service)) {
+        const md = new grpc.Metadata();
+        for (const v of values) md.add('authorization', v);
+        const code = await new Promise<number>((resolve) => c.makeUnaryRequest(method, (b: Buffer) => b, (b: Buffer) => b, Buffer.alloc(0), md, { deadline: Date.now() + 5000 }, (err) => resolve(err ? err.code : grpc.status.OK)));
+        expect({ seed, service, values: values.map((v) => v.slice(0, 40)), code: grpc.status[code] }).toEqual({ seed, service, values: values.map((v) => v.slice(0, 40)), code: 'UNAUTHENTICATED' });
+      }
+      if (c !== client) c.close();
+    }
+    for (const name of SERVICE_NAMES) expect(await checkHealth(stack.address(name))).toBe('SERVING');
+  });
+
   it('refuses a call without the token before reading its message, and any message over a few MiB', async () => {
     // Raw bytes that are no StartRunRequest: without the token the answer is UNAUTHENTICATED,
     // not a decoding error, because the message is never read; with it, it is read and refused.

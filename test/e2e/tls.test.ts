@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack, ServiceName } from '../../services/cli/stack';
@@ -52,6 +53,30 @@ describe('mutual TLS between the services and with clients', () => {
     expect(await checkHealth(address, '', 3000, grpc.credentials.createInsecure())).toBe('UNREACHABLE');
     expect(await checkHealth(address, '', 3000, clientCredentials({ ca: certs.ca }))).toBe('UNREACHABLE');
     expect(await checkHealth(address, '', 3000, clientCredentials({ ca: certs.otherCa, cert: certs.clientCert, key: certs.clientKey }))).toBe('UNREACHABLE');
+  });
+
+  it.each(names.map((n) => [n]))('%s survives garbage, truncated handshakes and silent connections on its TLS port (seeded)', async (name) => {
+    const seed = Number(process.env.AXIS_FUZZ_SEED ?? Date.now() % 100000);
+    let s = seed || 1;
+    const next = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 2 ** 32);
+    const [host, port] = [stack.host, stack.ports[name]];
+    // A real ClientHello's first bytes (a TLS 1.2 record header, a handshake of type 1), then garbage; random bytes; a record header claiming 16 KiB and ending.
+    const hello = Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]);
+    const payloads = Array.from({ length: 60 }, (_, i) => {
+      const junk = Buffer.from(Array.from({ length: Math.floor(next() * 2048) }, () => Math.floor(next() * 256)));
+      return [Buffer.concat([hello, junk]), junk, Buffer.from([0x16, 0x03, 0x03, 0x40, 0x00]), hello.subarray(0, 1 + (i % hello.length))][i % 4];
+    });
+    const send = (payload: Buffer | undefined) =>
+      new Promise<void>((resolve) => {
+        const socket = net.connect(port, host, () => (payload ? socket.end(payload) : setTimeout(() => socket.destroy(), 300)));
+        socket.on('data', () => undefined);
+        socket.on('error', () => resolve());
+        socket.on('close', () => resolve());
+        socket.setTimeout(10_000, () => socket.destroy());
+      });
+    await Promise.all([...payloads.map((p) => send(p)), ...Array.from({ length: 10 }, () => send(undefined))]);
+    expect({ seed, name, health: await checkHealth(stack.address(name), '', 3000, clientCredentials({ ca: certs.ca, cert: certs.clientCert, key: certs.clientKey })) }).toEqual({ seed, name, health: 'SERVING' });
+    expect(stack.processes.get(name)!.child.exitCode).toBeNull();
   });
 
   it('answers the kubelet\'s plaintext health probe on --health-port, and nothing else there', async () => {
