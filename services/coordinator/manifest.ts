@@ -32,6 +32,10 @@ export function manifest(spec: RunSpec, data: DataSet, model: ModelInfo, judge: 
       short_name: model.modelShortName,
       system_prompt_supported: model.supportsSystemPrompt,
       hashes: model.hashes,
+      // Who generated the text: this engine, or an OpenAI-compatible server whose answers this engine measured.
+      generator: model.generator
+        ? { kind: model.generator.kind, url: model.generator.url, model: model.generator.model, prompts: model.generator.tokenIdPrompts ? 'token ids' : 'rendered text', answer_ids: model.generator.returnsTokenIds ? 'returned by the server' : 'the text tokenized again' }
+        : 'this engine',
     },
     sampling: { temperature: spec.temperature, top_p: spec.topP, max_new_tokens: spec.maxNewTokens, max_context: spec.maxContext, enable_thinking: !!spec.enableThinking },
     seed: spec.seed,

@@ -238,6 +238,10 @@ export class RunExecutor {
     const run = spec.name;
     const id = this.items.id(item);
     let activation: Tensor | undefined;
+    // A replica whose answers come from a generator (an OpenAI-compatible server) is asked for
+    // the text alone; the answer is saved, then measured by Extract over its token ids: a
+    // replica that dies before measuring costs no second generation.
+    const textFirst = !!this.items.modelInfo.generator;
     if (!item.hasText) {
       const res = await this.ctx.retrying(`generate ${id}`, async () => {
         const r = await (await this.pickReplica()).generate.send(id, {
@@ -247,6 +251,7 @@ export class RunExecutor {
           seed: itemSeed(spec.seed, item.role, item.key),
           // Two-pass: the text is what counts here; the activation comes from the prefill below.
           layers: spec.twoPass ? [0] : spec.layers,
+          textOnly: textFirst,
         });
         checkItemError(r.error, `inference failed for item ${id}`);
         return r;
@@ -255,7 +260,7 @@ export class RunExecutor {
       item.hasText = true;
       item.text = res.text;
       progress.generated();
-      activation = res.activation;
+      activation = textFirst ? undefined : res.activation;
     }
     if (activation === undefined || spec.twoPass) {
       const text = this.items.text(item);
@@ -268,8 +273,8 @@ export class RunExecutor {
         return r;
       });
       activation = res.activation;
-      // A generated item whose activation a restart lost: counted (imports and two-pass runs measure by design).
-      if (!spec.twoPass && !spec.importDir) {
+      // A generated item whose activation a restart lost: counted (imports, two-pass runs and generators measure by design).
+      if (!spec.twoPass && !spec.importDir && !textFirst) {
         ledger.markRecovered(run, item.role, item.key);
         progress.recovered();
       }

@@ -73,9 +73,11 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
     if (other && other.shape[0] === summary.numLayers && other.shape[1] === summary.hiddenSize) compare = { name: path.basename(spec.compareAxis), axis: other.data };
     else ctx.log.warn({ file: spec.compareAxis, shape: other?.shape }, 'compare_axis has another shape than this run\'s axis: left out of the report');
   }
+  const generator = ctx.items.modelInfo.generator;
   const report = await buildReport({
     run: spec.name,
     model: spec.model,
+    generatedBy: generator ? `${generator.model} at ${generator.url} (measured here)` : 'this engine',
     numLayers: summary.numLayers,
     hidden: summary.hiddenSize,
     minCount: spec.minCount,

@@ -26,6 +26,8 @@ export interface GenerateInput {
   layers: number[];
   /** Aborted when nobody waits for the answer any more (its stream was cancelled): the backend may stop early. */
   signal?: AbortSignal;
+  /** The text and token ids only: no activation (the caller measures the saved answer with Extract). */
+  textOnly?: boolean;
 }
 
 export interface GenerateOutput {
@@ -33,7 +35,7 @@ export interface GenerateOutput {
   promptTokens: number;
   completionTokens: number;
   finishReason: 'stop' | 'length';
-  /** [layers.length || num_layers, hidden] */
+  /** [layers.length || num_layers, hidden]; [0, hidden] when the input asked for the text only. */
   activation: FloatTensor;
   /** From the start of generation to the first token sampled (the prefill). */
   timeToFirstTokenSeconds?: number;

@@ -34,6 +34,7 @@ async function main(): Promise<void> {
       metrics.stepTokens.observe(s.active);
       metrics.stepSeconds.observe(s.seconds);
     },
+    onGenerator: (outcome) => metrics.generatorRequests.inc({ outcome }),
     onPrefill: (p) => {
       metrics.prefixCacheQueries.inc(p.tokens);
       metrics.prefixCacheHits.inc(p.reused);

@@ -73,7 +73,7 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
           if (out.timeToFirstTokenSeconds !== undefined) metrics.firstToken.observe(out.timeToFirstTokenSeconds);
           metrics.tokens.inc({ kind: 'prompt' }, out.promptTokens);
           metrics.tokens.inc({ kind: 'completion' }, out.completionTokens);
-          return { itemId: r.itemId, text: out.text, promptTokens: out.promptTokens, completionTokens: out.completionTokens, finishReason: out.finishReason, activation: encodeTensor(out.activation, wireDtype), error: undefined, responseTokenIds: out.responseIds ?? [] };
+          return { itemId: r.itemId, text: out.text, promptTokens: out.promptTokens, completionTokens: out.completionTokens, finishReason: out.finishReason, activation: out.activation.shape[0] ? encodeTensor(out.activation, wireDtype) : undefined, error: undefined, responseTokenIds: out.responseIds ?? [] };
         },
         (itemId, code, message) => ({ itemId, text: '', promptTokens: 0, completionTokens: 0, finishReason: '', activation: undefined, error: { code, message }, responseTokenIds: [] }),
       ),

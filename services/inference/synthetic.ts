@@ -48,6 +48,7 @@ export class SyntheticBackend implements InferenceBackend {
       slots: 0,
       slotLength: 0,
       stepRuntime: '',
+      generator: undefined,
     };
   }
 

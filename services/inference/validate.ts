@@ -48,7 +48,7 @@ export function validateGenerate(req: GenerateRequest, info: ModelInfo): Generat
   if (!(s.maxNewTokens >= 1)) throw bad('sampling.max_new_tokens: must be at least 1');
   if (!(s.maxContext >= 2 && s.maxContext <= MAX_CONTEXT_TOKENS)) throw bad(`sampling.max_context: must be in [2, ${MAX_CONTEXT_TOKENS}], got ${s.maxContext}`);
   checkLength(req.messages, Math.min(s.maxContext, sequenceBound(info)), 'max_context');
-  return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info) };
+  return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info), textOnly: req.textOnly };
 }
 
 export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[]; opts: ExtractOptions } {

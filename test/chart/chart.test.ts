@@ -145,6 +145,21 @@ maybe('the helm chart', () => {
     expect(automount(render([MODEL, 'coordinator.discovery=service']))['axis-coordinator']).toBe(false);
   });
 
+  it('points inference at a generator: its flags, its key from a Secret, and egress to it alone', () => {
+    const sets = [MODEL, 'inference.generator.url=http://vllm.serving.svc:8000/v1', 'inference.generator.model=llama', 'inference.generator.apiKeySecret=vllm-key', 'inference.generator.egressCidr=10.8.0.0/16'];
+    const docs = render(sets);
+    const spec = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec;
+    expect(spec.containers[0].args).toEqual(expect.arrayContaining(['--generator=openai', '--generator-url=http://vllm.serving.svc:8000/v1', '--generator-model=llama', '--generator-api-key-file=/secrets/generator/api-key', '--generator-check=greedy']));
+    expect(spec.volumes.find((v: any) => v.name === 'generator-key').secret.secretName).toBe('vllm-key');
+    expect(JSON.stringify(spec.containers[0].env ?? [])).not.toMatch(/vllm-key/);
+    const egress = (d: any[]) => d.find((x) => x.kind === 'NetworkPolicy' && x.metadata.name === 'axis-inference').spec.egress.filter((e: any) => e.to);
+    expect(egress(docs)).toEqual([{ to: [{ ipBlock: { cidr: '10.8.0.0/16' } }], ports: [{ port: 8000, protocol: 'TCP' }] }]);
+    // Without a generator, inference reaches nothing but DNS.
+    expect(egress(render([MODEL]))).toEqual([]);
+    expect(validate(sets).problems).toEqual([]);
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.generator.url=vllm:8000']).stderr).toMatch(/generator.*url/);
+  });
+
   it('mounts the judge key from a Secret, never as an environment variable', () => {
     const docs = render([MODEL, 'judge.apiKey.existingSecret=judge-key']);
     const judge = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-judge').spec.template.spec;

@@ -20,11 +20,11 @@ describe('the inference service without a network', () => {
   it('says the model is not loaded until it is, then generates, and Extract of the answer gives the same activation', async () => {
     const service = setup();
     expect(() => service.modelInfo()).toThrow('model still loading');
-    const early = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [] });
+    const early = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [], textOnly: false });
     expect(early.error).toMatchObject({ code: grpc.status.FAILED_PRECONDITION });
     expect(await service.load()).toBe(true);
     expect(service.modelInfo()).toMatchObject({ numLayers: 3, hiddenSize: 8 });
-    const generated = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [] });
+    const generated = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [], textOnly: false });
     expect(generated.error).toBeUndefined();
     expect(decodeTensor(generated.activation, 'generated').shape).toEqual([3, 8]);
     const extracted = await service.extract({ itemId: 'r/chef/k', messages: [...messages, { role: 'assistant', content: generated.text }], layers: [], responseTokenIds: [], enableThinking: false });
@@ -34,7 +34,7 @@ describe('the inference service without a network', () => {
   it('answers a bad request with the item\'s error naming the field, and the stream goes on', async () => {
     const service = setup();
     await service.load();
-    const bad = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [7] });
+    const bad = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [7], textOnly: false });
     expect(bad.error).toMatchObject({ code: grpc.status.INVALID_ARGUMENT });
     expect(bad.error!.message).toMatch(/^layers/);
     expect(service.inFlight).toBe(0);

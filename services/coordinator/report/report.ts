@@ -3,6 +3,8 @@ import { cosine, dot, norm, pca, targetLayer } from './analysis';
 export interface ReportInput {
   run: string;
   model: string;
+  /** Who generated the answers: "this engine", or the OpenAI-compatible server whose answers were measured here. */
+  generatedBy?: string;
   numLayers: number;
   hidden: number;
   minCount: number;
@@ -34,6 +36,7 @@ export function layersInMemory(roles: Float32Array[], defaults: Float32Array[], 
 export interface Report {
   run: string;
   model: string;
+  generated_by: string;
   num_layers: number;
   hidden_size: number;
   target_layer: number;
@@ -108,6 +111,7 @@ export async function buildReport(input: ReportInput, components = 10): Promise<
   return {
     run: input.run,
     model: input.model,
+    generated_by: input.generatedBy ?? 'this engine',
     num_layers: L,
     hidden_size: d,
     target_layer: target,

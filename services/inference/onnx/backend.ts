@@ -1,8 +1,11 @@
+import * as grpc from '@grpc/grpc-js';
 import { DType } from '../../../gen/assistant_axis/v1/common';
 import type { ChatMessage } from '../../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../../gen/assistant_axis/v1/inference';
 import { modelShortName } from '../../shared/names';
-import type { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend } from '../backend';
+import { RpcError } from '../../shared/rpc';
+import { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend, selectLayers } from '../backend';
+import { CompletionsGenerator, GeneratorError } from '../generator';
 import { BatchEngine, BatchStats, EngineOptions, SequenceEngine } from './engine';
 import { extractionJob, extractionOutput, generationJob, generationOutput, withoutThinking } from './generate';
 import { LoadedModel } from './model';
@@ -28,6 +31,15 @@ export function autoDecode(dirs: string[], metadata: ModelMetadata, placements: 
   const runs = step === 'f16' || (step === 'bf16' && placements[0].provider === 'cuda') || (step === 'f32' && placements[0].provider === 'cpu');
   if (dirs.length === 1 && runs) return 'slots';
   return dirs.length === 1 && metadata.decode_loop ? 'loop' : 'host';
+}
+
+/** Fixed prompts whose greedy continuations must be the same on the generator as here (the model check at load). */
+const FINGERPRINT_PROMPTS = ['Name three colours.', 'What is the capital of France?'];
+const FINGERPRINT_TOKENS = 8;
+
+/** An answer's ids without the stop token a server may return at its end (this engine's answers never hold it). */
+function stripStop(ids: number[], stops: Set<number>): number[] {
+  return ids.length && stops.has(ids[ids.length - 1]) ? ids.slice(0, -1) : ids;
 }
 
 export interface OnnxOptions extends EngineOptions {
@@ -58,6 +70,10 @@ export interface OnnxOptions extends EngineOptions {
   warn?: (msg: string) => void;
   /** Where the memory plan is reported: the service's log. */
   info?: (msg: string) => void;
+  /** An OpenAI-compatible server that generates the answers (`--generator openai`); this engine measures them. */
+  generator?: CompletionsGenerator;
+  /** `greedy` (default): at load, the generator must continue fixed prompts greedily as this model does; `off`: not checked. */
+  generatorCheck?: 'greedy' | 'off';
 }
 
 /** The device list a --device value asks for, one placement per stage. */
@@ -102,6 +118,7 @@ export class OnnxBackend implements InferenceBackend {
       slots: 0,
       slotLength: 0,
       stepRuntime: '',
+      generator: undefined,
     };
   }
 
@@ -150,6 +167,40 @@ export class OnnxBackend implements InferenceBackend {
       slotLength: this.slotLength,
       stepRuntime: runner instanceof SlotRunner ? runner.step.runtime : '',
     };
+    if (this.opts.generator) await this.connectGenerator(this.opts.generator, model, name);
+  }
+
+  /**
+   * Checks that the generator serves this model: it lists the model asked for, and it continues
+   * fixed prompts greedily with the tokens this engine does (random models, or another model of
+   * the same tokenizer, part at the first tokens). A mismatch fails the load: the service stays
+   * not ready, saying which model each side has.
+   */
+  private async connectGenerator(generator: CompletionsGenerator, model: LoadedModel, name: string): Promise<void> {
+    const served = await generator.connect();
+    if (this.opts.generatorCheck !== 'off') {
+      for (const question of FINGERPRINT_PROMPTS) {
+        const messages = [{ role: 'user', content: question }];
+        const promptIds = model.encode(model.chat.render(messages, true, false));
+        const ours = await this.engine!.submit({ ids: promptIds, maxNew: FINGERPRINT_TOKENS, temperature: 0, topP: 1, uniforms: new Float32Array(FINGERPRINT_TOKENS) }, false);
+        const theirs = await generator.complete({ promptIds, promptText: model.chat.render(messages, true, false), maxTokens: FINGERPRINT_TOKENS, temperature: 0, topP: 1, seed: 0, stopTokenIds: [...model.stopIds] });
+        const theirIds = stripStop(theirs.tokenIds ?? model.encode(theirs.text), model.stopIds);
+        const differ = ours.responseIds.findIndex((id, i) => theirIds[i] !== id);
+        if (differ >= 0 || theirIds.length !== ours.responseIds.length) {
+          const at = differ >= 0 ? differ : Math.min(ours.responseIds.length, theirIds.length);
+          throw new ModelLoadError(`the generator at ${generator.describe().url} serves ${JSON.stringify(served)}, which is not this replica's model ${JSON.stringify(name)}: asked to continue ${JSON.stringify(question)} greedily, it answers [${theirIds.slice(0, at + 1)}] where this model answers [${ours.responseIds.slice(0, at + 1)}] (token ${at} differs). Serve the same weights, or --generator-check off if they differ only in precision`);
+        }
+      }
+    }
+    this.describeGenerator(generator);
+  }
+
+  /** GetModelInfo's account of the generator (how prompts go and ids come back can change when the server refuses one). */
+  private describeGenerator(generator: CompletionsGenerator): void {
+    const g = generator.describe();
+    const was = this.info.generator;
+    if (was && was.tokenIdPrompts === g.tokenIdPrompts && was.returnsTokenIds === g.returnsTokenIds && was.model === g.model) return;
+    this.info = { ...this.info, generator: { kind: g.kind, url: g.url, model: g.model, tokenIdPrompts: g.tokenIdPrompts, returnsTokenIds: g.returnsTokenIds } };
   }
 
   /**
@@ -192,10 +243,42 @@ export class OnnxBackend implements InferenceBackend {
   }
 
   async generate(input: GenerateInput): Promise<GenerateOutput> {
+    if (this.opts.generator) return this.generateElsewhere(this.opts.generator, input);
     const { model, engine } = this.loaded();
     const job = generationJob(model, input, this.slotLength);
     const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal), (again) => engine.submit(again, true, input.signal));
     return generationOutput(model, input, job, result);
+  }
+
+  /**
+   * The answer from the generator (the prompt as our chat template renders it, as token ids),
+   * then, unless only the text is asked for, its activation by a prefill over exactly its tokens.
+   */
+  private async generateElsewhere(generator: CompletionsGenerator, input: GenerateInput): Promise<GenerateOutput> {
+    const { model, engine } = this.loaded();
+    const job = generationJob(model, input, this.slotLength);
+    const promptText = model.chat.render(input.messages, true, input.sampling.enableThinking);
+    let answer;
+    try {
+      answer = await generator.complete({ promptIds: job.ids, promptText, maxTokens: job.maxNew, temperature: input.sampling.temperature, topP: input.sampling.topP, seed: input.seed, stopTokenIds: [...model.stopIds] }, input.signal);
+    } catch (err) {
+      if (err instanceof GeneratorError) throw new RpcError(err.retryable ? grpc.status.UNAVAILABLE : grpc.status.FAILED_PRECONDITION, `generator: ${err.message}`);
+      throw err;
+    }
+    this.describeGenerator(generator);
+    const ids = stripStop(answer.tokenIds ?? model.encode(answer.text), model.stopIds);
+    const vocab = model.metadata.vocab_size;
+    const outside = ids.find((id) => !(Number.isInteger(id) && id >= 0 && id < vocab));
+    if (outside !== undefined) throw new RpcError(grpc.status.FAILED_PRECONDITION, `generator: its answer holds token id ${outside}, outside this model's vocabulary (${vocab}): it serves another model`);
+    // (A text tokenized again may split otherwise than it was sampled: only returned ids are held to the limit.)
+    if (answer.tokenIds && ids.length > job.maxNew) throw new RpcError(grpc.status.FAILED_PRECONDITION, `generator: it answered ${ids.length} tokens where at most ${job.maxNew} were asked for`);
+    if (ids.length === 0 && answer.finishReason === 'length') throw new RpcError(grpc.status.FAILED_PRECONDITION, 'generator: it answered nothing, yet says it reached the token limit');
+    const text = answer.tokenIds ? model.decode(ids) : answer.text;
+    const common = { text, promptTokens: job.ids.length, completionTokens: ids.length, finishReason: answer.finishReason, responseIds: ids };
+    const { num_layers: L, hidden_size: d } = model.metadata;
+    if (input.textOnly) return { ...common, activation: { shape: [0, d], data: new Float32Array(0) } };
+    const measured = await engine.submit(extractionJob(model, [...input.messages, { role: 'assistant', content: text }], { answerIds: ids, enableThinking: input.sampling.enableThinking, slotLength: this.slotLength }), true, input.signal);
+    return { ...common, activation: selectLayers({ shape: [L, d], data: measured.mean }, input.layers) };
   }
 
   async extract(messages: ChatMessage[], layers: number[], opts: ExtractOptions = {}): Promise<ExtractOutput> {
