@@ -105,9 +105,25 @@ describe('generation by an OpenAI-compatible server, activations by our prefill'
       const retokenized = await b.generate(input(2));
       expect(retokenized.text.length).toBeGreaterThan(0);
       expect(b.info.generator?.returnsTokenIds).toBe(false);
+      // A server that takes no token-id prompts: the rendered text from then on, and GetModelInfo says so.
+      server.options.returnTokenIds = true;
+      server.options.acceptTokenIds = false;
+      const asText = await b.generate(input(3));
+      expect(asText.text.length).toBeGreaterThan(0);
+      expect(b.info.generator?.tokenIdPrompts).toBe(false);
     } finally {
       server.options.returnTokenIds = true;
+      server.options.acceptTokenIds = true;
       await b.close();
     }
+  });
+
+  it('does not load with a generator URL that does not answer, or that is not the API, saying which', async () => {
+    const closed = backend(generator('http://127.0.0.1:9/v1', { attempts: 2 }));
+    await expect(closed.load()).rejects.toThrow(/127\.0\.0\.1:9\/v1\/models: fetch failed .* \(after 2 attempts\)/);
+    await closed.close();
+    const notApi = backend(generator(server.baseUrl.replace(/\/v1$/, '')));
+    await expect(notApi.load()).rejects.toThrow(/404 .* from http:\/\/127\.0\.0\.1:\d+\/models/);
+    await notApi.close();
   });
 });
