@@ -2,6 +2,16 @@ import * as path from 'node:path';
 import { Journal, RecordRef } from '../../services/aggregation/journal';
 import { tempDir } from '../kit/files';
 
+/** Every record of a journal directory, as a new process replays them from the first segment. */
+async function replayAll(dir: string): Promise<Buffer[]> {
+  const journal = new Journal(dir, 1000);
+  await journal.open();
+  const replayed: Buffer[] = [];
+  await journal.replay({ segment: 0, offset: 0 }, (p) => void replayed.push(Buffer.from(p)));
+  await journal.close();
+  return replayed;
+}
+
 describe('the aggregation journal', () => {
   it('moves on to a new segment when one is full, with appends arriving meanwhile, and every record reads back', async () => {
     const dir = path.join(tempDir('journal'), 'journal');
@@ -24,12 +34,7 @@ describe('the aggregation journal', () => {
     await journal.close();
 
     // A new process replays every record in order, from the first segment.
-    const again = new Journal(dir, 1000);
-    await again.open();
-    const replayed: Buffer[] = [];
-    await again.replay({ segment: 0, offset: 0 }, (p) => void replayed.push(Buffer.from(p)));
-    expect(replayed).toEqual(refs.map((_, i) => payload(i)));
-    await again.close();
+    expect(await replayAll(dir)).toEqual(refs.map((_, i) => payload(i)));
   });
 
   it('ends a segment at its size even when appends never stop (the write queue is never empty)', async () => {
@@ -45,12 +50,7 @@ describe('the aggregation journal', () => {
     expect(sizes.reduce((a, b) => a + b, 0)).toBe(200 * 108);
     expect(new Set(refs.map((r) => r.segment)).size).toBe(Math.ceil(200 / 9));
     await journal.close();
-    const again = new Journal(dir, 1000);
-    await again.open();
-    const replayed: Buffer[] = [];
-    await again.replay({ segment: 0, offset: 0 }, (p) => void replayed.push(Buffer.from(p)));
-    expect(replayed).toEqual(refs.map((_, i) => payload(i)));
-    await again.close();
+    expect(await replayAll(dir)).toEqual(refs.map((_, i) => payload(i)));
   });
 
   it('replays a segment through a window smaller than its records, each record whole and in order, applied before the next is read', async () => {
