@@ -410,6 +410,24 @@ export class Accumulators {
     return acc;
   }
 
+  /** Streams reading each run now (ExportSums, ComputeAxis): such a run does not leave memory. */
+  private readonly readers = new Map<string, number>();
+
+  /** Reads a run's state while `read` iterates, keeping it in memory until the iteration ends. */
+  *reading<T>(run: string, read: Iterable<T>): Generator<T> {
+    this.readers.set(run, (this.readers.get(run) ?? 0) + 1);
+    try {
+      for (const x of read) {
+        this.used.set(run, Date.now());
+        yield x;
+      }
+    } finally {
+      const n = (this.readers.get(run) ?? 1) - 1;
+      if (n) this.readers.set(run, n);
+      else this.readers.delete(run);
+    }
+  }
+
   /** Whether the run is in memory now. */
   inMemory(run: string): boolean {
     return this.runs.has(run);
@@ -420,8 +438,9 @@ export class Accumulators {
     return this.used.get(run) ?? 0;
   }
 
-  /** Lets go of a run's memory and files (the durable store has its state on disk). */
-  release(run: string): void {
+  /** Lets go of a run's memory and files (the durable store has its state on disk); not while a stream reads it (`force`: a deletion). */
+  release(run: string, force = false): void {
+    if (this.readers.has(run) && !force) return;
     this.runs.get(run)?.close();
     this.runs.delete(run);
     this.used.delete(run);

@@ -34,18 +34,19 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
   const { store, metrics, log } = deps;
   const state = store.state;
 
-  function* sums(acc: NonNullable<ReturnType<typeof state.get>>): Generator<BucketSum> {
-    for (const { role, bucket, sum: s } of acc.allSums()) {
+  function* sums(run: string, acc: NonNullable<ReturnType<typeof state.get>>): Generator<BucketSum> {
+    // A client reads at its pace: the run stays in memory while it does.
+    for (const { role, bucket, sum: s } of state.reading(run, acc.allSums())) {
       const bytes = Buffer.from(s.sum.buffer, s.sum.byteOffset, s.sum.byteLength);
       yield { role, bucket, count: s.count, sum: { dtype: DType.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } };
     }
   }
 
-  function* parts(acc: NonNullable<ReturnType<typeof state.get>>, computed: ReturnType<NonNullable<ReturnType<typeof state.get>>['computeParts']>): Generator<ComputeAxisResult> {
+  function* parts(run: string, acc: NonNullable<ReturnType<typeof state.get>>, computed: ReturnType<NonNullable<ReturnType<typeof state.get>>['computeParts']>): Generator<ComputeAxisResult> {
     const { plan, parts: all, histograms } = computed;
     const { numLayers: L, hidden: d } = acc;
     const count = (r: { role: string; count: number }): RoleCount => ({ role: r.role, count: r.count, histogram: histograms[r.role] ?? {} });
-    for (const part of all) {
+    for (const part of state.reading(run, all)) {
       if ('vector' in part) {
         const v = part.vector;
         yield { result: { $case: 'vector', value: { role: v.role, isDefault: v.isDefault, count: v.count, vector: encodeTensor(toFloat32(v.vector, L, d)) } } };
@@ -110,7 +111,7 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
       checkRun(req.run);
       const acc = state.get(req.run);
       if (!acc) throw notFound(`run: no state for run ${JSON.stringify(req.run)} here`);
-      return sums(acc);
+      return sums(req.run, acc);
     },
     computeAxis(req) {
       checkRun(req.run);
@@ -119,7 +120,7 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
       const acc = state.get(req.run);
       if (!acc || acc.numLayers === 0) throw notFound(`run: no activations of run ${JSON.stringify(req.run)} here`);
       try {
-        return parts(acc, acc.computeParts(req.minCount, req.scores.length ? req.scores : ROLE_VECTOR_SCORES));
+        return parts(req.run, acc, acc.computeParts(req.minCount, req.scores.length ? req.scores : ROLE_VECTOR_SCORES));
       } catch (err) {
         if (err instanceof NoAxisError) throw failedPrecondition(err.message);
         throw err;

@@ -263,7 +263,7 @@ export class DurableStore {
   deleteRun(run: string): Promise<boolean> {
     return this.serialize(async () => {
       if (!this.state.inMemory(run) && !this.manifest?.runs[run]) return false;
-      this.state.release(run);
+      this.state.release(run, true);
       this.plans.delete(run);
       this.dropped.add(run);
       try {

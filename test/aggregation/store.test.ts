@@ -243,6 +243,17 @@ describe('DurableStore over many runs', () => {
     expect(sumsOf(store)).toEqual(expectedSums());
     await store.checkpoint();
     expect(store.runsInMemory()).toBe(0);
+    // Not while a stream reads it (ExportSums at a slow client's pace): it stays until the stream ends.
+    const acc = store.state.get('r')!;
+    const reading = store.state.reading('r', acc.allSums());
+    expect(reading.next().done).toBe(false);
+    await store.ingest(all[0]);
+    await store.checkpoint();
+    expect(store.runsInMemory()).toBe(1);
+    const rest = [...reading];
+    expect(rest.length + 1).toBe(Object.keys(expectedSums()).length);
+    await store.checkpoint();
+    expect(store.runsInMemory()).toBe(0);
     await store.close();
     // A new process reads no run until one is asked for.
     const again = new DurableStore(dir, { idleMs: 0 });
