@@ -6,6 +6,7 @@ import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
 import { clientCredentials } from '../shared/tls';
 import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, startRun, stateName, watchRun } from './client';
+import { EXPORT_FORMATS, ExportError, exportControlVector } from './exportAxis';
 import { formatSummary, ProgressBar } from './progress';
 
 const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coordinator host:port, or AXIS_COORDINATOR)
@@ -19,6 +20,10 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
   axis list            every run the coordinator knows
   axis cancel NAME     stops a run cleanly (StartRun with the same NAME resumes it)
   axis delete NAME     removes a run that is not running: its ledger rows, its outputs and its sums
+  axis export NAME --format gguf-control-vector --out FILE [--scale S] [--run-dir DIR]
+      a finished run's axis as a llama.cpp control vector (direction.i for block i's output;
+      llama.cpp has no direction.0); --run-dir reads the run's directory instead of asking the
+      coordinator where it is
 
   --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one;
       sent only over TLS or to this machine (e.g. a kubectl port-forward), unless
@@ -49,6 +54,10 @@ const OPTIONS = {
   'archive-activations': { type: 'boolean' },
   'dry-run': { type: 'boolean' },
   detach: { type: 'boolean' },
+  format: { type: 'string' },
+  out: { type: 'string' },
+  scale: { type: 'string' },
+  'run-dir': { type: 'string' },
   help: { type: 'boolean' },
 } as const;
 
@@ -154,6 +163,28 @@ async function main(argv: string[]): Promise<number> {
       case 'cancel': {
         const run = await cancelRun(client, needName(), meta());
         process.stdout.write(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}\n`);
+        return 0;
+      }
+      case 'export': {
+        const format = values.format ?? '';
+        if (!(EXPORT_FORMATS as readonly string[]).includes(format)) throw new UsageError(`--format must be one of ${EXPORT_FORMATS.join(', ')}, got ${JSON.stringify(format)}`);
+        if (!values.out) throw new UsageError('axis export needs --out FILE');
+        const scale = values.scale === undefined ? 1 : Number(values.scale);
+        if (!Number.isFinite(scale)) throw new UsageError(`--scale must be a number, got ${JSON.stringify(values.scale)}`);
+        let runDir = values['run-dir'];
+        if (!runDir) {
+          const run = await getRun(client, needName(), meta());
+          if (stateName(run.state) !== 'SUCCEEDED') throw new UsageError(`run ${run.name} is ${stateName(run.state)}: only a finished run has an axis`);
+          runDir = run.outputDir;
+          if (!fs.existsSync(runDir)) throw new UsageError(`run ${run.name}'s outputs (${runDir}) are not on this machine: copy them here and give --run-dir`);
+        }
+        try {
+          const layers = await exportControlVector(runDir, values.out, scale);
+          process.stdout.write(`${values.out}: a control vector of ${layers.length} layers (direction.${layers[0]}..direction.${layers[layers.length - 1]}), scale ${scale}\n`);
+        } catch (err) {
+          if (err instanceof ExportError) throw new UsageError(err.message);
+          throw err;
+        }
         return 0;
       }
       case 'delete': {
