@@ -6,7 +6,7 @@ import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
 import { clientCredentials } from '../shared/tls';
 import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, startRun, stateName, watchRun } from './client';
-import { EXPORT_FORMATS, ExportError, exportControlVector } from './exportAxis';
+import { EXPORT_FORMATS, ExportError, exportControlVector, exportHfDataset } from './exportAxis';
 import { formatSummary, ProgressBar } from './progress';
 
 const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coordinator host:port, or AXIS_COORDINATOR)
@@ -24,6 +24,8 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
       a finished run's axis as a llama.cpp control vector (direction.i for block i's output;
       llama.cpp has no direction.0); --run-dir reads the run's directory instead of asking the
       coordinator where it is
+  axis export NAME --format hf-dataset --out DIR [--run-dir DIR]
+      the axis, default vector and role vectors in the published dataset's layout (safetensors)
 
   --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one;
       sent only over TLS or to this machine (e.g. a kubectl port-forward), unless
@@ -179,8 +181,13 @@ async function main(argv: string[]): Promise<number> {
           if (!fs.existsSync(runDir)) throw new UsageError(`run ${run.name}'s outputs (${runDir}) are not on this machine: copy them here and give --run-dir`);
         }
         try {
-          const layers = await exportControlVector(runDir, values.out, scale);
-          process.stdout.write(`${values.out}: a control vector of ${layers.length} layers (direction.${layers[0]}..direction.${layers[layers.length - 1]}), scale ${scale}\n`);
+          if (format === 'hf-dataset') {
+            const files = await exportHfDataset(runDir, values.out);
+            process.stdout.write(`${values.out}: ${files.join(', ')}\n`);
+          } else {
+            const layers = await exportControlVector(runDir, values.out, scale);
+            process.stdout.write(`${values.out}: a control vector of ${layers.length} layers (direction.${layers[0]}..direction.${layers[layers.length - 1]}), scale ${scale}\n`);
+          }
         } catch (err) {
           if (err instanceof ExportError) throw new UsageError(err.message);
           throw err;

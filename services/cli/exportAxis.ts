@@ -2,9 +2,52 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { writeFileAtomic } from '../shared/files';
 import { encodeGguf } from '../shared/gguf';
-import { readSafetensors } from '../shared/safetensors';
+import { readSafetensors, writeSafetensors } from '../shared/safetensors';
 
-export const EXPORT_FORMATS = ['gguf-control-vector'] as const;
+/**
+ * A finished run's vectors in the layout of the published axes (the Hugging Face dataset of
+ * the reference): `<out>/<model>/assistant_axis.safetensors` (tensor `axis`),
+ * `default_vector.safetensors` (`vector`: the default roles' mean), `role_vectors/<role>.safetensors`
+ * (`vector`), each [layers, hidden] float32. `<model>` is the last part of the run's model name.
+ * Returns the files written. docs/CONCEPTS.md has the Python lines that turn them into the
+ * published `.pt` files and back.
+ */
+export async function exportHfDataset(runDir: string, out: string): Promise<string[]> {
+  const axisFile = path.join(runDir, 'axis.safetensors');
+  if (!fs.existsSync(axisFile)) throw new ExportError(`${axisFile}: no such file: is ${runDir} a finished run's directory?`);
+  const { tensors } = await readSafetensors(axisFile);
+  if (!tensors.axis) throw new ExportError(`${axisFile}: no tensor named axis`);
+  let name: string;
+  try {
+    name = String(JSON.parse(fs.readFileSync(path.join(runDir, 'manifest.json'), 'utf8')).model.name);
+  } catch (err) {
+    throw new ExportError(`${path.join(runDir, 'manifest.json')}: cannot read the run's model name (${(err as Error).message})`);
+  }
+  // A model name becomes a directory: only its last part, and only if it is a plain name.
+  const model = name.split('/').pop() ?? '';
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(model)) throw new ExportError(`${path.join(runDir, 'manifest.json')}: the model name ${JSON.stringify(name)} does not make a directory name`);
+  const base = path.join(out, model);
+  const written: string[] = [];
+  const write = async (file: string, t: Record<string, { shape: number[]; data: Float32Array }>) => {
+    await writeSafetensors(path.join(base, file), t, { model: name });
+    written.push(path.join(model, file));
+  };
+  await write('assistant_axis.safetensors', { axis: tensors.axis });
+  const vectors = path.join(runDir, 'vectors');
+  const files = fs.existsSync(vectors) ? fs.readdirSync(vectors).filter((f) => f.endsWith('.safetensors')).sort() : [];
+  for (const f of files) {
+    const role = f.slice(0, -'.safetensors'.length);
+    const v = (await readSafetensors(path.join(vectors, f))).tensors.vector;
+    if (!v) throw new ExportError(`${path.join(vectors, f)}: no tensor named vector`);
+    // The default roles' mean is the published default_vector; the others are role vectors.
+    if (role !== 'default') await write(path.join('role_vectors', f), { vector: v });
+  }
+  if (tensors.default_mean) await write('default_vector.safetensors', { vector: tensors.default_mean });
+  else if (files.includes('default.safetensors')) await write('default_vector.safetensors', { vector: (await readSafetensors(path.join(vectors, 'default.safetensors'))).tensors.vector });
+  return written;
+}
+
+export const EXPORT_FORMATS = ['gguf-control-vector', 'hf-dataset'] as const;
 export type ExportFormat = (typeof EXPORT_FORMATS)[number];
 
 /** A finished run's directory cannot be exported: the message names the file and what is wrong. */

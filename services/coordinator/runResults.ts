@@ -22,11 +22,16 @@ export async function writeRunResults(ctx: RunContext): Promise<RunSummary> {
   const defaults: ReportInput['defaults'] = [];
   let axisTensor: Float32Array | undefined;
   let histograms: Record<string, Record<string, number>> = {};
+  // The means the axis is the difference of (the reference's 5_axis.py saves them beside it), summed as the vectors stream by.
+  let roleSum: Float64Array | undefined;
+  let defaultSum: Float64Array | undefined;
   for await (const r of ctx.upstreams.aggregation.computeAxis({ run: spec.name, minCount: spec.minCount, scores: [] })) {
     if (r.result?.$case === 'vector') {
       const v = r.result.value;
       const t = decodeTensor(v.vector, `vector of ${v.role}`);
       (v.isDefault ? defaults : kept).push({ role: v.role, count: v.count });
+      const sum = v.isDefault ? (defaultSum ??= new Float64Array(t.data.length)) : (roleSum ??= new Float64Array(t.data.length));
+      for (let i = 0; i < sum.length; i++) sum[i] += t.data[i];
       await writeSafetensors(path.join(runDir, 'vectors', `${v.role}.safetensors`), { vector: t }, meta({ role: v.role, count: String(v.count), scores: v.isDefault ? 'all' : '3' }));
     } else if (r.result?.$case === 'axis') {
       const a = r.result.value;
@@ -41,9 +46,17 @@ export async function writeRunResults(ctx: RunContext): Promise<RunSummary> {
         numLayers: t.shape[0],
         hiddenSize: t.shape[1],
       };
+      const [rows, hidden] = t.shape;
+      const mean = (sum: Float64Array | undefined, n: number) => ({ shape: [rows, hidden], data: Float32Array.from(sum ?? new Float64Array(rows * hidden), (x) => x / Math.max(1, n)) });
       await writeSafetensors(
         path.join(runDir, 'axis.safetensors'),
-        { axis: t },
+        {
+          axis: t,
+          default_mean: mean(defaultSum, defaults.length),
+          role_mean: mean(roleSum, kept.length),
+          // Which layer each row is (a run that kept a subset of layers has rows that are not layers 0..n-1).
+          layer_index: { shape: [rows], data: Float32Array.from(spec.layers.length ? spec.layers : [...Array(rows).keys()]) },
+        },
         meta({ min_count: String(spec.minCount), roles_kept: String(a.kept.length), roles_left_out: String(a.leftOut.length), counts: JSON.stringify(Object.fromEntries(a.kept.map((k) => [k.role, k.count]))) }),
       );
     }

@@ -3,8 +3,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { gguf, GGMLQuantizationType } from '@huggingface/gguf';
-import { ExportError, exportControlVector } from '../../services/cli/exportAxis';
-import { writeSafetensors } from '../../services/shared/safetensors';
+import { ExportError, exportControlVector, exportHfDataset } from '../../services/cli/exportAxis';
+import { readSafetensors, writeSafetensors } from '../../services/shared/safetensors';
 import { tempDir } from '../kit/files';
 import { ROOT } from '../kit/stack';
 
@@ -65,5 +65,22 @@ describe('axis export as a llama.cpp control vector', () => {
     expect(fs.readdirSync(empty).filter((f) => f.endsWith('.gguf'))).toEqual([]);
     const good = await runDir();
     expect(await run(['export', 'r', '--run-dir', good, '--format', 'gguf-control-vector', '--out', path.join(good, 'a.gguf')])).toMatchObject({ code: 0, out: expect.stringContaining('a control vector of 4 layers (direction.1..direction.4), scale 1') });
+  });
+
+  it('writes the published dataset\'s layout: the axis, the default vector and each role vector, as safetensors', async () => {
+    const dir = await runDir();
+    const v = (k: number) => ({ shape: [L, D], data: Float32Array.from({ length: L * D }, (_, i) => i + 1000 * k) });
+    await writeSafetensors(path.join(dir, 'axis.safetensors'), { axis: { shape: [L, D], data: axisValues }, default_mean: v(9) }, { layers: 'all' });
+    for (const [k, role] of ['chef', 'default', 'poet'].entries()) await writeSafetensors(path.join(dir, 'vectors', `${role}.safetensors`), { vector: v(k) });
+    fs.writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify({ model: { name: 'org/tiny-llama', architecture: 'llama' } }));
+    const out = tempDir('export-hf');
+    expect((await exportHfDataset(dir, out)).sort()).toEqual(['tiny-llama/assistant_axis.safetensors', 'tiny-llama/default_vector.safetensors', 'tiny-llama/role_vectors/chef.safetensors', 'tiny-llama/role_vectors/poet.safetensors']);
+    const read = async (f: string, t: string) => Array.from((await readSafetensors(path.join(out, 'tiny-llama', f))).tensors[t].data);
+    expect(await read('assistant_axis.safetensors', 'axis')).toEqual(Array.from(axisValues));
+    expect(await read('default_vector.safetensors', 'vector')).toEqual(Array.from(v(9).data));
+    expect(await read('role_vectors/poet.safetensors', 'vector')).toEqual(Array.from(v(2).data));
+    // A model name that is not a plain name never becomes a path.
+    fs.writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify({ model: { name: 'org/..' } }));
+    await expect(exportHfDataset(dir, out)).rejects.toThrow(/the model name "org\/\.\." does not make a directory name/);
   });
 });

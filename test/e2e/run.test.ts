@@ -10,7 +10,7 @@ import type { LocalStack } from '../../services/cli/stack';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, getRun, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { syntheticActivation } from '../../services/inference/synthetic';
-import { decodeSafetensors } from '../../services/shared/safetensors';
+import { decodeSafetensors, readSafetensors } from '../../services/shared/safetensors';
 import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../kit/runfiles';
 import { ROOT, testStack, UPSTREAM_DATA } from '../kit/stack';
 import { priceFile } from '../kit/files';
@@ -126,6 +126,17 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     expect(final.summary.kept.map((k: { role: string }) => k.role).sort()).toEqual(ref.kept.sort());
     for (const role of ref.kept) expect(fs.existsSync(path.join(runDir, 'vectors', `${role}.safetensors`))).toBe(true);
     expect(fs.existsSync(path.join(runDir, 'vectors', 'default.safetensors'))).toBe(true);
+    // Beside the axis, the two means it is the difference of, from the vector files, and each row's layer.
+    const vector = async (role: string) => (await readSafetensors(path.join(runDir, 'vectors', `${role}.safetensors`))).tensors.vector.data;
+    const roleVectors = await Promise.all(ref.kept.map(vector));
+    const roleMean = Array.from({ length: L * D }, (_, i) => roleVectors.reduce((s, v) => s + v[i], 0) / roleVectors.length);
+    const defaultVector = await vector('default');
+    for (let i = 0; i < L * D; i++) {
+      expect(Math.abs(tensors.role_mean.data[i] - roleMean[i])).toBeLessThanOrEqual(1e-5 * Math.max(1, Math.abs(roleMean[i])));
+      expect(Math.abs(tensors.default_mean.data[i] - defaultVector[i])).toBeLessThanOrEqual(1e-5 * Math.max(1, Math.abs(defaultVector[i])));
+      expect(Math.abs(tensors.axis.data[i] - (defaultVector[i] - roleMean[i]))).toBeLessThanOrEqual(1e-5 * Math.max(1, Math.abs(defaultVector[i])));
+    }
+    expect(Array.from(tensors.layer_index.data)).toEqual([...Array(L).keys()]);
 
     const manifest = JSON.parse(fs.readFileSync(path.join(runDir, 'manifest.json'), 'utf8'));
     expect(manifest.model.backend).toBe('synthetic');
