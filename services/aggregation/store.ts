@@ -369,9 +369,16 @@ export class DurableStore {
     let moved = 0;
     for (const [segment, { bytes, records }] of live) {
       if (pinnedByOthers.has(segment) || bytes >= SPOOL_COMPACT_SHARE * (await this.journal.sizeOf(segment))) continue;
+      // Appended together, so that the group commit makes them durable with one fsync.
+      const copies = [];
       for (const { acc, key, ref } of records) {
-        const payload = Buffer.from(await this.journal.read(ref));
-        acc.moveSpooled(key, await this.journal.append(payload));
+        const appended = this.journal.append(Buffer.from(await this.journal.read(ref)));
+        // A failed write (a full disk) is seen by the await below; marked handled until then.
+        appended.catch(() => undefined);
+        copies.push({ acc, key, appended });
+      }
+      for (const { acc, key, appended } of copies) {
+        acc.moveSpooled(key, await appended);
         moved++;
       }
     }
