@@ -1,4 +1,5 @@
 import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseAllDocuments } from 'yaml';
 import { NODE_FLAGS } from '../../services/shared/defaults';
@@ -19,7 +20,11 @@ function helm(args: string[]): { status: number; stdout: string; stderr: string 
 function render(sets: string[]): any[] {
   const r = helm(['template', 'axis', CHART, '--namespace', 'research', ...sets.flatMap((s) => ['--set', s])]);
   if (r.status !== 0) throw new Error(r.stderr);
-  return parseAllDocuments(r.stdout).map((d) => d.toJS()).filter(Boolean);
+  const docs = parseAllDocuments(r.stdout);
+  // What a YAML parser objects to (a key given twice: helm keeps the last, kustomize and Flux refuse the manifest).
+  const errors = docs.flatMap((d) => d.errors.map((e) => e.message));
+  if (errors.length) throw new Error(`the chart renders YAML with errors: ${errors.join('; ')}`);
+  return docs.map((d) => d.toJS()).filter(Boolean);
 }
 
 function validate(sets: string[]): { count: number; problems: unknown[] } {
@@ -158,6 +163,22 @@ maybe('the helm chart', () => {
     expect(egress(render([MODEL]))).toEqual([]);
     expect(validate(sets).problems).toEqual([]);
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.generator.url=vllm:8000']).stderr).toMatch(/generator.*url/);
+  });
+
+  it('gives the inference container one resources key holding the GPU, keeps the state volumes on uninstall, and asks for the Kubernetes that preStop.sleep needs', () => {
+    // render() fails on YAML errors: a second resources key in the container was one (helm kept the last one).
+    const docs = render([MODEL]);
+    const container = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.containers[0];
+    expect(container.resources).toEqual({ requests: { cpu: '2', memory: '16Gi', 'nvidia.com/gpu': 1 }, limits: { memory: '64Gi', 'nvidia.com/gpu': 1 } });
+    expect(container.lifecycle.preStop.sleep.seconds).toBe(5);
+    const cpuOnly = render([MODEL, 'inference.gpu.enabled=false']).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.containers[0];
+    expect(cpuOnly.resources).toEqual({ requests: { cpu: '2', memory: '16Gi' }, limits: { memory: '64Gi' } });
+    const claims = docs.filter((d) => d.kind === 'PersistentVolumeClaim');
+    expect(claims.map((c) => [c.metadata.name, c.metadata.annotations?.['helm.sh/resource-policy']])).toEqual([
+      ['axis-coordinator-state', 'keep'],
+      ['axis-aggregation-state', 'keep'],
+    ].sort((a, b) => claims.findIndex((c) => c.metadata.name === a[0]) - claims.findIndex((c) => c.metadata.name === b[0])));
+    expect(fs.readFileSync(path.join(CHART, 'Chart.yaml'), 'utf8')).toMatch(/^kubeVersion: ">=1\.30\.0-0"$/m);
   });
 
   it('mounts the judge key from a Secret, never as an environment variable', () => {

@@ -92,7 +92,7 @@ livenessProbe:
   periodSeconds: 20
   failureThreshold: 6
 resources:
-  {{- toYaml .values.resources | nindent 2 }}
+  {{- toYaml (.resources | default .values.resources) | nindent 2 }}
 {{- end -}}
 
 {{/* The port the kubelet probes: the gRPC port, or with TLS the plaintext health port (kubelet probes cannot speak TLS). */}}
