@@ -13,10 +13,7 @@ import { readSafetensors, writeSafetensors } from '../shared/safetensors';
  * published `.pt` files and back.
  */
 export async function exportHfDataset(runDir: string, out: string): Promise<string[]> {
-  const axisFile = path.join(runDir, 'axis.safetensors');
-  if (!fs.existsSync(axisFile)) throw new ExportError(`${axisFile}: no such file: is ${runDir} a finished run's directory?`);
-  const { tensors } = await readSafetensors(axisFile);
-  if (!tensors.axis) throw new ExportError(`${axisFile}: no tensor named axis`);
+  const { tensors } = await readAxisFile(runDir);
   let name: string;
   try {
     name = String(JSON.parse(fs.readFileSync(path.join(runDir, 'manifest.json'), 'utf8')).model.name);
@@ -53,6 +50,15 @@ export type ExportFormat = (typeof EXPORT_FORMATS)[number];
 /** A finished run's directory cannot be exported: the message names the file and what is wrong. */
 export class ExportError extends Error {}
 
+/** A finished run's axis.safetensors, with its [layers, hidden] tensor `axis`. */
+async function readAxisFile(runDir: string) {
+  const file = path.join(runDir, 'axis.safetensors');
+  if (!fs.existsSync(file)) throw new ExportError(`${file}: no such file: is ${runDir} a finished run's directory?`);
+  const read = await readSafetensors(file);
+  if (read.tensors.axis?.shape.length !== 2) throw new ExportError(`${file}: no [layers, hidden] tensor named axis`);
+  return { file, ...read };
+}
+
 /**
  * A finished run's axis as a llama.cpp control vector: GGUF with `general.architecture =
  * controlvector`, `controlvector.model_hint` (the model's architecture), `controlvector.layer_count`
@@ -62,11 +68,8 @@ export class ExportError extends Error {}
  * a run that kept a subset of layers go to their own layer numbers. Returns the layers written.
  */
 export async function exportControlVector(runDir: string, out: string, scale = 1): Promise<number[]> {
-  const axisFile = path.join(runDir, 'axis.safetensors');
-  if (!fs.existsSync(axisFile)) throw new ExportError(`${axisFile}: no such file: is ${runDir} a finished run's directory?`);
-  const { tensors, metadata } = await readSafetensors(axisFile);
+  const { file: axisFile, tensors, metadata } = await readAxisFile(runDir);
   const axis = tensors.axis;
-  if (!axis || axis.shape.length !== 2) throw new ExportError(`${axisFile}: no [layers, hidden] tensor named axis`);
   const [rows, hidden] = axis.shape;
   const layers = !metadata.layers || metadata.layers === 'all' ? [...Array(rows).keys()] : metadata.layers.split(',').map(Number);
   if (layers.length !== rows || layers.some((l) => !Number.isInteger(l) || l < 0)) throw new ExportError(`${axisFile}: its layers metadata (${metadata.layers}) does not name its ${rows} rows`);

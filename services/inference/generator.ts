@@ -32,8 +32,8 @@ export const GENERATOR_DEFAULTS = { concurrency: 64, attempts: 8, timeoutMs: 15 
 
 export interface CompletionRequest {
   promptIds: number[];
-  /** The rendered prompt, for a server that takes no token ids. */
-  promptText: string;
+  /** The rendered prompt, asked for only by a server that takes no token ids. */
+  promptText: () => string;
   maxTokens: number;
   temperature: number;
   topP: number;
@@ -103,7 +103,7 @@ export class CompletionsGenerator {
   private async completeNow(req: CompletionRequest, signal?: AbortSignal): Promise<Completion> {
     const body = {
       model: this.served || this.opts.model,
-      prompt: this.tokenIdPrompts ? req.promptIds : req.promptText,
+      prompt: this.tokenIdPrompts ? req.promptIds : req.promptText(),
       max_tokens: req.maxTokens,
       temperature: req.temperature,
       top_p: req.topP,

@@ -181,9 +181,10 @@ export class OnnxBackend implements InferenceBackend {
     if (this.opts.generatorCheck !== 'off') {
       for (const question of FINGERPRINT_PROMPTS) {
         const messages = [{ role: 'user', content: question }];
-        const promptIds = model.encode(model.chat.render(messages, true, false));
+        const rendered = model.chat.render(messages, true, false);
+        const promptIds = model.encode(rendered);
         const ours = await this.engine!.submit({ ids: promptIds, maxNew: FINGERPRINT_TOKENS, temperature: 0, topP: 1, uniforms: new Float32Array(FINGERPRINT_TOKENS) }, false);
-        const theirs = await generator.complete({ promptIds, promptText: model.chat.render(messages, true, false), maxTokens: FINGERPRINT_TOKENS, temperature: 0, topP: 1, seed: 0, stopTokenIds: [...model.stopIds] });
+        const theirs = await generator.complete({ promptIds, promptText: () => rendered, maxTokens: FINGERPRINT_TOKENS, temperature: 0, topP: 1, seed: 0, stopTokenIds: [...model.stopIds] });
         const theirIds = stripStop(theirs.tokenIds ?? model.encode(theirs.text), model.stopIds);
         const differ = ours.responseIds.findIndex((id, i) => theirIds[i] !== id);
         if (differ >= 0 || theirIds.length !== ours.responseIds.length) {
@@ -257,10 +258,9 @@ export class OnnxBackend implements InferenceBackend {
   private async generateElsewhere(generator: CompletionsGenerator, input: GenerateInput): Promise<GenerateOutput> {
     const { model, engine } = this.loaded();
     const job = generationJob(model, input, this.slotLength);
-    const promptText = model.chat.render(input.messages, true, input.sampling.enableThinking);
     let answer;
     try {
-      answer = await generator.complete({ promptIds: job.ids, promptText, maxTokens: job.maxNew, temperature: input.sampling.temperature, topP: input.sampling.topP, seed: input.seed, stopTokenIds: [...model.stopIds] }, input.signal);
+      answer = await generator.complete({ promptIds: job.ids, promptText: () => model.chat.render(input.messages, true, input.sampling.enableThinking), maxTokens: job.maxNew, temperature: input.sampling.temperature, topP: input.sampling.topP, seed: input.seed, stopTokenIds: [...model.stopIds] }, input.signal);
     } catch (err) {
       if (err instanceof GeneratorError) throw new RpcError(err.retryable ? grpc.status.UNAVAILABLE : grpc.status.FAILED_PRECONDITION, `generator: ${err.message}`);
       throw err;

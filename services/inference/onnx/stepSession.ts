@@ -155,7 +155,7 @@ export class StepSession {
     let best = commonPrefix(this.held[slot], ids, most);
     for (let s = 0; s < this.slots && best < most; s++) {
       // A busy slot's rows past its length are not its sequence.
-      const n = commonPrefix(this.lengths[s] ? this.held[s].slice(0, this.lengths[s]) : this.held[s], ids, most);
+      const n = commonPrefix(this.held[s], ids, this.lengths[s] ? Math.min(most, this.lengths[s]) : most);
       if (n > best) [source, best] = [s, n];
     }
     if (best === 0) return 0;
