@@ -32,7 +32,8 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
   let loadError: string | undefined;
 
   const modelInfo = () => {
-    if (!ready) throw new RpcError(grpc.status.FAILED_PRECONDITION, loadError ? `model not loaded: ${loadError}` : 'model still loading');
+    // Still loading is passing (the caller tries again, or another replica); a failed load is not.
+    if (!ready) throw loadError ? new RpcError(grpc.status.FAILED_PRECONDITION, `model not loaded: ${loadError}`) : new RpcError(grpc.status.UNAVAILABLE, 'model still loading');
     return backend.info;
   };
 

@@ -104,7 +104,7 @@ describe('end to end with a generator', () => {
     const before = server.calls.filter((c) => c.seed !== 0).length;
     await stack.start('inference');
     const final = await watchRun(client, 'killed', () => undefined);
-    expect(final.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect({ state: RunState[final.state], error: final.error }).toEqual({ state: 'RUN_STATE_SUCCEEDED', error: '' });
     const perItem = new Map<number, number>();
     for (const c of server.calls) if (c.seed !== 0) perItem.set(c.seed, (perItem.get(c.seed) ?? 0) + 1);
     expect(perItem.size).toBe(ITEMS);
