@@ -50,7 +50,7 @@ async function main(): Promise<void> {
     host: cfg.host,
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
-    bindings: [{ name: 'assistant_axis.v1.Coordinator', definition: CoordinatorService, implementation: coordinatorGrpcHandlers(runs, { token, log }) }],
+    bindings: [{ name: 'assistant_axis.v1.Coordinator', definition: CoordinatorService, implementation: coordinatorGrpcHandlers(runs, { token, log, inference: upstreams.inference, dataRoots }) }],
     registry,
     log,
     tls: cfg,

@@ -3,7 +3,9 @@ import { CoordinatorServer, Run, RunState } from '../../gen/assistant_axis/v1/co
 import type { Logger } from '../shared/logger';
 import { failStream, RpcError, unary } from '../shared/rpc';
 import { bearerMatches, UNAUTHENTICATED_DETAILS } from '../shared/auth';
+import { projectConversation } from './projection';
 import type { RunManager } from './runManager';
+import type { InferencePool } from './upstreams';
 
 /** At most one WatchRun update per this many milliseconds, and always the latest state. */
 const WATCH_INTERVAL_MS = 200;
@@ -13,7 +15,7 @@ const WATCH_INTERVAL_MS = 200;
  * call without a network). Every call carries the bearer token when one is configured; health
  * and reflection stay open for probes.
  */
-export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string; log: Logger }): CoordinatorServer {
+export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string; log: Logger; inference: InferencePool; dataRoots: string[] }): CoordinatorServer {
   const authorize = (call: { metadata: grpc.Metadata }) => {
     // Also refused earlier, before the message is read, by `bearerInterceptor` on the server.
     if (opts.token && !bearerMatches(call.metadata, opts.token)) throw new RpcError(grpc.status.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS);
@@ -33,6 +35,7 @@ export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string
       await runs.delete(req.name);
       return {};
     }),
+    projectConversation: guarded((req) => projectConversation(req, { runs, inference: opts.inference, dataRoots: opts.dataRoots })),
     watchRun: (call) => {
       try {
         authorize(call);

@@ -15,6 +15,8 @@ export interface InferenceBackend {
   generate(input: GenerateInput): Promise<GenerateOutput>;
   /** Prefill of a conversation that ends with the assistant's answer: the same per-layer mean. */
   extract(messages: ChatMessage[], layers: number[], opts?: ExtractOptions): Promise<ExtractOutput>;
+  /** Each assistant turn of a conversation projected on an axis, in one pass over the whole conversation. */
+  project(input: ProjectInput): Promise<ProjectOutput>;
   close(): Promise<void>;
 }
 
@@ -55,6 +57,25 @@ export interface ExtractOptions {
 export interface ExtractOutput {
   responseTokens: number;
   activation: FloatTensor;
+}
+
+export interface ProjectInput {
+  messages: ChatMessage[];
+  /** The axis [rows, hidden], one row per layer of `axisLayers` (validated by the adapter). */
+  axis: FloatTensor;
+  axisLayers: number[];
+  /** The model layer whose row token projections are read at. */
+  targetLayer: number;
+  tokenProjections: boolean;
+  enableThinking: boolean;
+  /** Tokens per prefill run (0: the backend's default). */
+  chunk: number;
+  signal?: AbortSignal;
+}
+
+export interface ProjectOutput {
+  turns: { messageIndex: number; turn: number; tokens: number; projections: number[]; tokenProjections?: number[]; counted?: boolean[] }[];
+  totalTokens: number;
 }
 
 /** Keeps only the chosen rows (layers) of an [L, d] tensor. */

@@ -1,13 +1,13 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ChatMessage, DType } from '../../gen/assistant_axis/v1/common';
-import type { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import type { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, ModelInfo, ProjectConversationRequest, ProjectConversationResponse } from '../../gen/assistant_axis/v1/inference';
 import { Limiter } from '../shared/limit';
 import type { Logger } from '../shared/logger';
 import { RpcError, serveBidi, unary } from '../shared/rpc';
 import { encodeTensor } from '../shared/tensor';
 import type { InferenceBackend } from './backend';
 import type { InferenceMetrics } from './metrics';
-import { validateExtract, validateGenerate } from './validate';
+import { validateExtract, validateGenerate, validateProject } from './validate';
 
 /** The inference service's RPCs as plain functions: what the gRPC adapter serves and what tests call without a network. */
 export interface InferenceService {
@@ -16,6 +16,8 @@ export interface InferenceService {
   /** One item, under the capacity limit; a failure becomes the item's error (the stream goes on). */
   generate(req: GenerateRequest, cancelled?: AbortSignal): Promise<GenerateResult>;
   extract(req: ExtractRequest, cancelled?: AbortSignal): Promise<ExtractResult>;
+  /** A conversation's assistant turns on an axis; bad input and failures are the call's status. */
+  projectConversation(req: ProjectConversationRequest, cancelled?: AbortSignal): Promise<ProjectConversationResponse>;
   /** Loads the model; false (and every call says why) when it cannot. */
   load(): Promise<boolean>;
   /** Items received and not yet answered. */
@@ -90,6 +92,28 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
         },
         (itemId, code, message) => ({ itemId, responseTokens: 0, activation: undefined, error: { code, message } }),
       ),
+    async projectConversation(req, cancelled) {
+      const input = validateProject(req, modelInfo());
+      const timer = metrics.seconds.startTimer({ rpc: 'ProjectConversation' });
+      try {
+        const out = await backend.project({ ...input, signal: cancelled });
+        metrics.items.inc({ rpc: 'ProjectConversation', outcome: 'ok' });
+        metrics.tokens.inc({ kind: 'prefill' }, out.totalTokens);
+        return {
+          turns: out.turns.map((t) => ({ messageIndex: t.messageIndex, turn: t.turn, tokens: t.tokens, projections: t.projections, tokenProjections: t.tokenProjections ?? [], counted: t.counted ?? [] })),
+          layers: input.axisLayers,
+          targetLayer: input.targetLayer,
+          totalTokens: out.totalTokens,
+        };
+      } catch (err) {
+        const code = typeof (err as { code?: unknown })?.code === 'number' ? ((err as { code: number }).code as grpc.status) : grpc.status.INTERNAL;
+        metrics.items.inc({ rpc: 'ProjectConversation', outcome: grpc.status[code] ?? 'error' });
+        if (code === grpc.status.INTERNAL) log.error({ err }, 'ProjectConversation failed');
+        throw err;
+      } finally {
+        timer();
+      }
+    },
     async load() {
       try {
         await backend.load();
@@ -114,5 +138,11 @@ export function inferenceGrpcHandlers(service: InferenceService, log: Logger): I
     getModelInfo: unary(log, async () => service.modelInfo()),
     generate: (call) => serveBidi(call, (req: GenerateRequest, cancelled) => service.generate(req, cancelled)),
     extract: (call) => serveBidi(call, (req: ExtractRequest, cancelled) => service.extract(req, cancelled)),
+    projectConversation: unary(log, async (req: ProjectConversationRequest, call) => {
+      // A caller that goes away stops the pass between chunks.
+      const cancelled = new AbortController();
+      call.on('cancelled', () => cancelled.abort());
+      return service.projectConversation(req, cancelled.signal);
+    }),
   };
 }

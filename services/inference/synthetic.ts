@@ -4,7 +4,8 @@ import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
 import { modelShortName } from '../shared/names';
 import { digest, Rng } from '../shared/random';
 import type { FloatTensor } from '../shared/tensor';
-import { ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend, selectLayers } from './backend';
+import { projectRow, unitRows } from '../shared/projection';
+import { ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend, ProjectInput, ProjectOutput, selectLayers } from './backend';
 
 export interface SyntheticOptions {
   model: string;
@@ -91,6 +92,20 @@ export class SyntheticBackend implements InferenceBackend {
       responseTokens: wordCount(answer),
       activation: selectLayers(syntheticActivation(messages, this.opts.numLayers, this.opts.hidden), layers),
     };
+  }
+
+  /** Each assistant turn's activation is Extract's of the conversation cut after it (no model: no one rendering). */
+  async project(input: ProjectInput): Promise<ProjectOutput> {
+    const d = this.opts.hidden;
+    const unit = unitRows(input.axis.data, input.axisLayers.length, d);
+    const turns: ProjectOutput['turns'] = [];
+    input.messages.forEach((m, i) => {
+      if (m.role !== 'assistant') return;
+      const a = syntheticActivation(input.messages.slice(0, i + 1), this.opts.numLayers, d).data;
+      const tokens = wordCount(m.content);
+      turns.push({ messageIndex: i, turn: turns.length, tokens, projections: tokens ? input.axisLayers.map((l, r) => projectRow(a, l * d, unit, r, d)) : [], ...(input.tokenProjections ? { tokenProjections: [], counted: [] } : {}) });
+    });
+    return { turns, totalTokens: wordCount(input.messages.map((m) => m.content).join(' ')) };
   }
 }
 

@@ -1,9 +1,11 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
-import type { ExtractRequest, GenerateRequest, ModelInfo } from '../../gen/assistant_axis/v1/inference';
-import { MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS } from '../shared/defaults';
+import type { ExtractRequest, GenerateRequest, ModelInfo, ProjectConversationRequest } from '../../gen/assistant_axis/v1/inference';
+import { MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS, MAX_PROJECTION_CHUNK, MAX_PROJECTION_TOKENS } from '../shared/defaults';
+import { targetLayer } from '../shared/projection';
+import { decodeTensor } from '../shared/tensor';
 import { RpcError } from '../shared/rpc';
-import type { ExtractOptions, GenerateInput } from './backend';
+import type { ExtractOptions, GenerateInput, ProjectInput } from './backend';
 
 const ROLES = new Set(['system', 'user', 'assistant']);
 const bad = (message: string) => new RpcError(grpc.status.INVALID_ARGUMENT, message);
@@ -57,4 +59,27 @@ export function validateExtract(req: ExtractRequest, info: ModelInfo): { message
   if (req.messages[req.messages.length - 1].role !== 'assistant') throw bad('messages: the last message must be the assistant answer to measure');
   checkLength(req.messages, sequenceBound(info), info.slotLength > 0 ? 'a slot (--slot-length)' : 'the longest context served');
   return { messages: req.messages, layers: checkLayers(req.layers, info), opts: { answerIds: req.responseTokenIds.length ? req.responseTokenIds : undefined, enableThinking: req.enableThinking } };
+}
+
+/** A projection request: a conversation with an assistant turn, an axis of this model's width with a row per named layer. */
+export function validateProject(req: ProjectConversationRequest, info: ModelInfo): Omit<ProjectInput, 'signal'> {
+  checkMessages(req.messages);
+  if (!req.messages.some((m) => m.role === 'assistant')) throw bad('messages: no assistant turn to project');
+  checkLength(req.messages, MAX_PROJECTION_TOKENS, 'the longest conversation projected');
+  if (!req.axis) throw bad('axis: required ([layers, hidden] float tensor)');
+  let axis;
+  try {
+    axis = decodeTensor(req.axis, 'axis');
+  } catch (err) {
+    throw bad((err as Error).message);
+  }
+  if (axis.shape.length !== 2 || axis.shape[1] !== info.hiddenSize) throw bad(`axis: shape [${axis.shape}] does not match the model (rows of ${info.hiddenSize}, its hidden size)`);
+  const axisLayers = req.axisLayers.length ? checkLayers(req.axisLayers, info) : [...Array(info.numLayers).keys()];
+  if (axisLayers.length !== axis.shape[0]) throw bad(`axis: ${axis.shape[0]} rows for ${axisLayers.length} layers (${req.axisLayers.length ? 'axis_layers' : `the model has ${info.numLayers}; name the rows' layers in axis_layers`})`);
+  const nonFinite = axis.data.findIndex((x) => !Number.isFinite(x));
+  if (nonFinite >= 0) throw bad(`axis: element ${nonFinite} is not finite`);
+  if (req.chunkTokens > MAX_PROJECTION_CHUNK) throw bad(`chunk_tokens: at most ${MAX_PROJECTION_CHUNK}, got ${req.chunkTokens}`);
+  const target = targetLayer(info.model, info.numLayers);
+  if (req.tokenProjections && !axisLayers.includes(target)) throw bad(`token_projections: read at the target layer ${target}, which the axis has no row for (its layers: ${axisLayers.join(', ')})`);
+  return { messages: req.messages, axis: { shape: [axis.shape[0], axis.shape[1]], data: axis.data }, axisLayers, targetLayer: target, tokenProjections: req.tokenProjections, enableThinking: req.enableThinking, chunk: req.chunkTokens };
 }

@@ -150,7 +150,7 @@ export async function writeTinyCheckpoint(opts: TinyOptions): Promise<void> {
     ...family.config(vocabSize, specialIds),
     ...(opts.shape ?? {}),
     vocab_size: vocabSize,
-    max_position_embeddings: 2048,
+    max_position_embeddings: 32768,
     bos_token_id: family.bos ? specialIds[family.bos] : null,
     eos_token_id: family.stops.map((t) => specialIds[t]),
     torch_dtype: 'float32',

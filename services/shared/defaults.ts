@@ -35,6 +35,12 @@ export const MAX_CONTEXT_TOKENS = 131_072;
  */
 export const MAX_CHARS_PER_TOKEN = 64;
 
+/** Tokens per prefill run of a projection (ProjectConversation's chunk_tokens), its default and bound. */
+export const DEFAULT_PROJECTION_CHUNK = 512;
+export const MAX_PROJECTION_CHUNK = 8192;
+/** The longest conversation a projection takes (the model's own context bounds it further). */
+export const MAX_PROJECTION_TOKENS = MAX_CONTEXT_TOKENS;
+
 export const DEFAULT_MIN_COUNT = 50;
 export const DEFAULT_JUDGE_MODEL = 'gpt-4.1-mini';
 export const JUDGE_MAX_TOKENS = 10;

@@ -109,11 +109,4 @@ export function symmetricEigen(M: Float64Array[]): { values: number[]; vectors: 
   return { values: order.map((i) => a[i][i]), vectors: order.map((i) => Float64Array.from(v, (row) => row[i])) };
 }
 
-/** The layer where projections are usually read (docs/CONCEPTS.md). */
-export function targetLayer(model: string, numLayers: number): number {
-  const m = model.toLowerCase();
-  if (m.includes('gemma-2-27b') && numLayers === 46) return 22;
-  if (m.includes('qwen3-32b') && numLayers === 64) return 32;
-  if (m.includes('llama-3.3-70b') && numLayers === 80) return 40;
-  return Math.floor(numLayers / 2);
-}
+export { targetLayer } from '../../shared/projection';

@@ -4,13 +4,16 @@ import type { ChatMessage } from '../../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../../gen/assistant_axis/v1/inference';
 import { modelShortName } from '../../shared/names';
 import { RpcError } from '../../shared/rpc';
-import { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend, selectLayers } from '../backend';
+import { DEFAULT_PROJECTION_CHUNK, MAX_CONTEXT_TOKENS } from '../../shared/defaults';
+import { unitRows } from '../../shared/projection';
+import { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend, ProjectInput, ProjectOutput, selectLayers } from '../backend';
 import { CompletionsGenerator, GeneratorError } from '../generator';
 import { BatchEngine, BatchStats, EngineOptions, SequenceEngine } from './engine';
 import { extractionJob, extractionOutput, generationJob, generationOutput, withoutThinking } from './generate';
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
-import { CPU, ModelLoadError, Placement, readMetadata } from './session';
+import { projectTurns, renderTurns } from './projection';
+import { CPU, DecoderSession, ModelLoadError, Placement, readJson, readMetadata } from './session';
 import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, parseBytes, PREFILL_CHUNK } from '../memoryPlan';
 import { planModelDirs } from './plan';
 import { PrefillStats, SlotPolicy, SlotRunner, StepStats } from './slotEngine';
@@ -286,8 +289,45 @@ export class OnnxBackend implements InferenceBackend {
     return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, { ...opts, slotLength: this.slotLength }), true, opts.signal));
   }
 
+  /** The portable graph that projections run through (loaded at the first), and the model's context. */
+  private projector: Promise<{ session: DecoderSession; context: number }> | undefined;
+  /** The projection running now: one at a time, since each holds its conversation's keys and values. */
+  private projecting: Promise<unknown> = Promise.resolve();
+
+  /**
+   * Projections run through the model's portable graph (a prefill with a past that grows
+   * chunk by chunk, every layer's hidden states out), not the slots: a conversation of tens of
+   * thousands of tokens would not fit a slot, and the slots stay free for items. Loaded at the
+   * first projection, on the engine's device (on a GPU that is a second copy of the weights:
+   * not run on a GPU).
+   */
+  private projectionSession(model: LoadedModel): Promise<{ session: DecoderSession; context: number }> {
+    this.projector ??= (async () => {
+      const dir = this.opts.modelDirs[0];
+      const config = await readJson<{ max_position_embeddings?: number }>(`${dir}/config.json`, 'config.json').catch(() => ({}) as { max_position_embeddings?: number });
+      const session = await DecoderSession.load(dir, model.runner.placements[0] ?? CPU);
+      return { session, context: Number(config.max_position_embeddings) || MAX_CONTEXT_TOKENS };
+    })();
+    this.projector.catch(() => (this.projector = undefined));
+    return this.projector;
+  }
+
+  async project(input: ProjectInput): Promise<ProjectOutput> {
+    const { model } = this.loaded();
+    if (this.opts.modelDirs.length > 1) throw new RpcError(grpc.status.UNIMPLEMENTED, 'projection runs a whole model: this replica serves one split into stages');
+    const rendered = renderTurns(model, input.messages, input.enableThinking);
+    const { session, context } = await this.projectionSession(model);
+    if (rendered.ids.length > context) throw new RpcError(grpc.status.INVALID_ARGUMENT, `messages: the conversation is ${rendered.ids.length} tokens, longer than the model's context of ${context} tokens`);
+    const axis = { unit: unitRows(input.axis.data, input.axisLayers.length, model.metadata.hidden_size), layers: input.axisLayers, targetRow: input.axisLayers.indexOf(input.targetLayer) };
+    const run = this.projecting.then(() => projectTurns(session, rendered, axis, { chunk: input.chunk || DEFAULT_PROJECTION_CHUNK, tokenProjections: input.tokenProjections, signal: input.signal }));
+    this.projecting = run.catch(() => undefined);
+    return { turns: await run, totalTokens: rendered.ids.length };
+  }
+
   async close(): Promise<void> {
     this.engine?.close();
+    const projector = await this.projector?.catch(() => undefined);
+    await projector?.session.close();
     await this.model?.close();
   }
 }

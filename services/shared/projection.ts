@@ -1,0 +1,32 @@
+/**
+ * Projections on the axis (docs/CONCEPTS.md): an activation a's projection at layer l is
+ * a[l] . axis[l] / |axis[l]|, usually read at the model's target layer.
+ */
+
+/** The layer where projections are usually read: the paper's for its three models, else the middle one. */
+export function targetLayer(model: string, numLayers: number): number {
+  const m = model.toLowerCase();
+  if (m.includes('gemma-2-27b') && numLayers === 46) return 22;
+  if (m.includes('qwen3-32b') && numLayers === 64) return 32;
+  if (m.includes('llama-3.3-70b') && numLayers === 80) return 40;
+  return Math.floor(numLayers / 2);
+}
+
+/** An axis's rows [rows, hidden] made unit length (float64); a zero row stays zero (its projections are 0). */
+export function unitRows(axis: ArrayLike<number>, rows: number, hidden: number): Float64Array {
+  const out = new Float64Array(rows * hidden);
+  for (let r = 0; r < rows; r++) {
+    let sq = 0;
+    for (let i = 0; i < hidden; i++) sq += axis[r * hidden + i] ** 2;
+    const n = Math.sqrt(sq);
+    if (n > 0) for (let i = 0; i < hidden; i++) out[r * hidden + i] = axis[r * hidden + i] / n;
+  }
+  return out;
+}
+
+/** The dot product of `a[offset .. offset+hidden)` with unit row `row`. */
+export function projectRow(a: ArrayLike<number>, offset: number, unit: Float64Array, row: number, hidden: number): number {
+  let s = 0;
+  for (let i = 0; i < hidden; i++) s += a[offset + i] * unit[row * hidden + i];
+  return s;
+}
