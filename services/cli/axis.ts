@@ -5,7 +5,8 @@ import { parseArgs } from 'node:util';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
 import { clientCredentials } from '../shared/tls';
-import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, startRun, stateName, watchRun } from './client';
+import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, projectConversation, startRun, stateName, watchRun } from './client';
+import { projectFiles, writeProjections } from './projectFiles';
 import { EXPORT_FORMATS, ExportError, exportControlVector, exportHfDataset } from './exportAxis';
 import { formatSummary, ProgressBar } from './progress';
 
@@ -26,6 +27,9 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
       coordinator where it is
   axis export NAME --format hf-dataset --out DIR [--run-dir DIR]
       the axis, default vector and role vectors in the published dataset's layout (safetensors)
+  axis project FILE.json... (--axis-run NAME | --axis-file F) --out DIR [--layers 0,1] [--model M]
+      each assistant turn of conversations in the reference's transcript format ("conversation":
+      [{role, content}]) projected on an axis: DIR/projections.json and projections.html
 
   --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one;
       sent only over TLS or to this machine (e.g. a kubectl port-forward), unless
@@ -60,6 +64,8 @@ const OPTIONS = {
   out: { type: 'string' },
   scale: { type: 'string' },
   'run-dir': { type: 'string' },
+  'axis-run': { type: 'string' },
+  'axis-file': { type: 'string' },
   help: { type: 'boolean' },
 } as const;
 
@@ -106,7 +112,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE + '\n');
     return command || values.help ? 0 : 2;
   }
-  if (extra.length) throw new UsageError(`unexpected arguments: ${extra.join(' ')}`);
+  if (extra.length && command !== 'project') throw new UsageError(`unexpected arguments: ${extra.join(' ')}`);
   const address = values.coordinator ?? process.env.AXIS_COORDINATOR ?? `127.0.0.1:${DEFAULT_PORTS.coordinator}`;
   const tokenFile = values['token-file'] ?? process.env.AXIS_TOKEN_FILE;
   let token: string | undefined;
@@ -193,6 +199,20 @@ async function main(argv: string[]): Promise<number> {
           throw err;
         }
         return 0;
+      }
+      case 'project': {
+        const files = [name, ...extra].filter((f): f is string => !!f);
+        if (!files.length) throw new UsageError('axis project needs one or more transcript files (FILE.json ...)');
+        if (!values.out) throw new UsageError('axis project needs --out DIR (projections.json and projections.html go there)');
+        if (!values['axis-run'] === !values['axis-file']) throw new UsageError('axis project needs --axis-run NAME (a finished run) or --axis-file F (a safetensors file under the coordinator\'s data roots)');
+        const axis = values['axis-run'] ? `run ${values['axis-run']}` : values['axis-file']!;
+        const request = { axisRun: values['axis-run'] ?? '', axisFile: values['axis-file'] ?? '', layers: list(values.layers).map((l) => wholeNumber('layers', l)!), tokenProjections: false, enableThinking: !!values['enable-thinking'], model: values.model ?? '' };
+        const { results, bands, failed } = await projectFiles(files, request, (req) => projectConversation(client, req, meta()), (file, entry) => {
+          process.stderr.write(entry.error ? `${file}: ${entry.error}\n` : `${file}: ${entry.turns!.length} assistant turns, projections ${entry.turns!.map((t) => t.projection.toFixed(2)).join(' ')}\n`);
+        });
+        const written = await writeProjections(values.out, results, { axis, bands });
+        process.stdout.write(`${written.join(', ')}${failed ? ` (${failed} of ${files.length} files not projected)` : ''}\n`);
+        return failed ? 1 : 0;
       }
       case 'delete': {
         const name = needName();

@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { CoordinatorClient, Run, RunState, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import {CoordinatorClient, Run, RunState, StartRunRequest, ProjectRequest, ProjectResponse} from '../../gen/assistant_axis/v1/coordinator';
 import { channelOptions } from '../shared/server';
 
 export function coordinatorClient(address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()): CoordinatorClient {
@@ -44,6 +44,10 @@ export function cancelRun(client: CoordinatorClient, name: string, metadata = ne
 
 export function deleteRun(client: CoordinatorClient, name: string, metadata = new grpc.Metadata()): Promise<void> {
   return new Promise((resolve, reject) => client.deleteRun({ name }, metadata, (err) => (err ? reject(err) : resolve())));
+}
+
+export function projectConversation(client: CoordinatorClient, req: ProjectRequest, metadata = new grpc.Metadata()): Promise<ProjectResponse> {
+  return new Promise((resolve, reject) => client.projectConversation(req, metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
 /** Follows WatchRun until the run ends; resolves with the last state seen. */

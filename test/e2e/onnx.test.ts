@@ -11,7 +11,13 @@ import { FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { tinyLlama } from '../helpers/model';
 import { readAxis, readRunFiles } from '../kit/runfiles';
-import { freePort, ROOT, testStack } from '../kit/stack';
+import { freePort, ROOT, testStack, UPSTREAM_DATA } from '../kit/stack';
+import { LoadedModel } from '../../services/inference/onnx/model';
+import { projectTurns, renderTurns } from '../../services/inference/onnx/projection';
+import { DecoderSession } from '../../services/inference/onnx/session';
+import { unitRows } from '../../services/shared/projection';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { tempDir } from '../kit/files';
 
 const REQUEST = { roles: ['chef', 'poet', 'default'], questionCount: 3, minCount: 1, maxNewTokens: 16, seed: 3 };
@@ -89,6 +95,67 @@ describe('end to end through the ONNX backend on a tiny llama', () => {
     await expect(startRun(client, { name: 'onnx-think', ...REQUEST })).rejects.toThrow(/already exists with other parameters \(enableThinking\)/);
     client.close();
   });
+
+  it('projects transcripts on a finished run\'s axis through the coordinator: axis project writes projections.json and .html, a bad file gets its error', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    if ((await watchRun(client, 'onnx-a', () => undefined).catch(() => undefined))?.state !== RunState.RUN_STATE_SUCCEEDED) {
+      await startRun(client, { name: 'onnx-a', ...REQUEST });
+      await watchRun(client, 'onnx-a', () => undefined);
+    }
+    const dir = tempDir('project-cli');
+    // The first turns of two persona-drift conversations (their other fields kept), and a file that is not JSON.
+    const transcripts = path.join(path.dirname(UPSTREAM_DATA), 'transcripts', 'persona_drift');
+    const files = ['therapy.json', 'coding.json'].map((f) => {
+      const t = JSON.parse(fs.readFileSync(path.join(transcripts, f), 'utf8'));
+      const out = path.join(dir, f);
+      fs.writeFileSync(out, JSON.stringify({ ...t, conversation: t.conversation.slice(0, 6) }));
+      return out;
+    });
+    fs.writeFileSync(path.join(dir, 'broken.json'), '{"conversation": [');
+    const out = path.join(dir, 'out');
+    const cli = await promisify(execFile)(process.execPath, [path.join(ROOT, 'dist/services/cli/axis.js'), 'project', ...files, path.join(dir, 'broken.json'), '--axis-run', 'onnx-a', '--out', out, '--coordinator', stack.address('coordinator')], { timeout: 120_000 }).then(
+      (r) => ({ code: 0, ...r }),
+      (e) => ({ code: e.code as number, stdout: e.stdout as string, stderr: e.stderr as string }),
+    );
+    expect(cli.code).toBe(1);
+    expect(cli.stdout).toContain('(1 of 3 files not projected)');
+    const projections = JSON.parse(fs.readFileSync(path.join(out, 'projections.json'), 'utf8'));
+    expect(Object.keys(projections)).toEqual(['therapy.json', 'coding.json', 'broken.json']);
+    expect(projections['broken.json'].error).toMatch(/broken\.json: not valid JSON/);
+    // The same numbers as the projection module gives with the run's axis (its accuracy is projection.test.ts's).
+    const axis = (await readAxis(path.join(stack.opts.outputRoot, 'onnx-a'))).tensors.axis;
+    const model = await LoadedModel.load(modelDir);
+    const session = await DecoderSession.load(modelDir);
+    try {
+      for (const f of files) {
+        const t = JSON.parse(fs.readFileSync(f, 'utf8'));
+        const entry = projections[path.basename(f)];
+        expect(entry).toMatchObject({ model: t.model, persona: t.persona, projected_with: 'tiny-llama', target_layer: 2, layers: [0, 1, 2, 3] });
+        expect(entry.conversation).toBeUndefined();
+        const want = await projectTurns(session, renderTurns(model, t.conversation, false), { unit: unitRows(axis.data, 4, 64), layers: [0, 1, 2, 3], targetRow: 2 }, { chunk: 512, tokenProjections: false });
+        expect(entry.turns.map((x: { message: number }) => x.message)).toEqual([1, 3, 5]);
+        entry.turns.forEach((x: { projection: number; layers: number[] }, k: number) => {
+          expect(x.projection).toBeCloseTo(want[k].projections[2], 4);
+          x.layers.forEach((p, l) => expect(p).toBeCloseTo(want[k].projections[l], 4));
+        });
+      }
+    } finally {
+      await session.close();
+      await model.close();
+    }
+    const html = fs.readFileSync(path.join(out, 'projections.html'), 'utf8');
+    expect(html.match(/<svg /g)).toHaveLength(2);
+    expect(html).toContain('Not projected:');
+
+    // Bad requests: both axes named, a run that is not there, a run not finished, an axis file outside the data roots.
+    const project = (req: object) => new Promise<grpc.ServiceError>((resolve) => client.projectConversation({ messages: [{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'hello' }], axisRun: '', axisFile: '', layers: [], tokenProjections: false, enableThinking: false, model: '', ...req }, (err) => resolve(err!)));
+    expect((await project({ axisRun: 'onnx-a', axisFile: '/x.safetensors' })).details).toMatch(/^axis_run, axis_file: name exactly one/);
+    expect((await project({ axisRun: 'no-such-run' })).code).toBe(grpc.status.NOT_FOUND);
+    expect((await project({ axisRun: 'onnx-a', layers: [9] })).details).toMatch(/^layers: the axis \(run onnx-a\) has no row for layer 9/);
+    expect((await project({ axisFile: path.join(dir, 'missing.safetensors') })).details).toMatch(/^axis_file: .*missing\.safetensors: no such file/);
+    expect((await project({ axisRun: 'onnx-a', messages: [{ role: 'user', content: 'hi' }] })).details).toMatch(/^inference .*: messages: no assistant turn to project/);
+    client.close();
+  }, 300_000);
 });
 
 describe('an inference service whose model cannot load', () => {

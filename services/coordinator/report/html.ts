@@ -1,47 +1,6 @@
 import type { Report } from './report';
+import { axes, esc, H, lineChart, M, scale, W } from '../../shared/svgCharts';
 
-const esc = (s: string) => s.replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c]!);
-const W = 640;
-const H = 260;
-const M = { left: 50, right: 16, top: 16, bottom: 34 };
-
-function scale(values: number[], lo: number, hi: number, pad = 0.05): (v: number) => number {
-  let min = Math.min(...values);
-  let max = Math.max(...values);
-  if (min === max) [min, max] = [min - 1, max + 1];
-  const span = max - min;
-  min -= span * pad;
-  max += span * pad;
-  return (v) => lo + ((v - min) / (max - min)) * (hi - lo);
-}
-
-function axes(xLabel: string, yLabel: string, yTicks: [number, number][]): string {
-  return (
-    `<line x1="${M.left}" y1="${H - M.bottom}" x2="${W - M.right}" y2="${H - M.bottom}" stroke="#555"/>` +
-    `<line x1="${M.left}" y1="${M.top}" x2="${M.left}" y2="${H - M.bottom}" stroke="#555"/>` +
-    yTicks.map(([v, y]) => `<text x="${M.left - 6}" y="${y + 4}" font-size="10" text-anchor="end">${v.toPrecision(3)}</text>`).join('') +
-    `<text x="${(W + M.left) / 2}" y="${H - 6}" font-size="11" text-anchor="middle">${esc(xLabel)}</text>` +
-    `<text x="12" y="${(H - M.bottom + M.top) / 2}" font-size="11" text-anchor="middle" transform="rotate(-90 12 ${(H - M.bottom + M.top) / 2})">${esc(yLabel)}</text>`
-  );
-}
-
-/** Lines over the layers (x = layer index). */
-function lineChart(series: { name: string; values: number[]; color: string }[], xLabel: string, yLabel: string, mark?: number): string {
-  const all = series.flatMap((s) => s.values);
-  const n = Math.max(...series.map((s) => s.values.length));
-  const x = (i: number) => M.left + (n <= 1 ? 0 : (i / (n - 1)) * (W - M.left - M.right));
-  const y = scale(all, H - M.bottom, M.top);
-  const lo = Math.min(...all);
-  const hi = Math.max(...all);
-  const ticks: [number, number][] = [lo, (lo + hi) / 2, hi].map((v) => [v, y(v)]);
-  const lines = series
-    .map((s) => `<polyline fill="none" stroke="${s.color}" stroke-width="2" points="${s.values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}"/>` + s.values.map((v, i) => `<circle cx="${x(i).toFixed(1)}" cy="${y(v).toFixed(1)}" r="2.5" fill="${s.color}"><title>layer ${i}: ${v.toPrecision(4)}</title></circle>`).join(''))
-    .join('');
-  const legend = series.map((s, i) => `<text x="${W - M.right - 4}" y="${M.top + 12 + i * 14}" font-size="11" text-anchor="end" fill="${s.color}">${esc(s.name)}</text>`).join('');
-  const target = mark === undefined ? '' : `<line x1="${x(mark)}" y1="${M.top}" x2="${x(mark)}" y2="${H - M.bottom}" stroke="#bbb" stroke-dasharray="4 3"/><text x="${x(mark) + 3}" y="${M.top + 10}" font-size="10" fill="#888">target layer ${mark}</text>`;
-  const xTicks = [...new Set([0, Math.floor((n - 1) / 2), n - 1])].map((i) => `<text x="${x(i).toFixed(1)}" y="${H - M.bottom + 13}" font-size="10" text-anchor="middle">${i}</text>`).join('');
-  return `<svg viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img">${axes(xLabel, yLabel, ticks)}${xTicks}${target}${lines}${legend}</svg>`;
-}
 
 function scatter(points: { label: string; x: number; y: number; color: string }[], xLabel: string, yLabel: string): string {
   const sx = scale(points.map((p) => p.x), M.left + 4, W - M.right - 40);
