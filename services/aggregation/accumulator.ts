@@ -1,4 +1,6 @@
 import { randomUUID } from 'node:crypto';
+import * as path from 'node:path';
+import { AnswerSample } from './answerSample';
 import { isDefaultRole } from '../shared/names';
 import { ActivationValues, addInto, axisParts, AxisPart, AxisPlan, planAxis, Sum } from './axis';
 import { ALL_FINITE, decodeTensor } from '../shared/tensor';
@@ -89,6 +91,8 @@ export interface RestoredRun {
  * run through toSnapshot/markCheckpointed and restores it with fromSnapshot.
  */
 export class RunAccumulator {
+  /** Answers kept to place them on the axis once it exists (answerSample.ts). */
+  readonly sample: AnswerSample;
   private readonly counters: RunCounters = { numLayers: 0, hidden: 0, folded: 0, rejectedNonFinite: 0 };
   /** Buckets other than HOT, in files (durable mode); unset: everything in RAM. */
   private readonly cold: RunColdBuckets | undefined;
@@ -103,6 +107,7 @@ export class RunAccumulator {
 
   constructor(coldDir?: string) {
     this.cold = coldDir ? new RunColdBuckets(coldDir, () => this.numLayers * this.hidden) : undefined;
+    this.sample = new AnswerSample(coldDir ? path.join(path.dirname(coldDir), 'answers') : undefined);
   }
 
   static fromSnapshot(restored: RestoredRun, coldDir?: string): RunAccumulator {
@@ -238,12 +243,14 @@ export class RunAccumulator {
     };
     if (isDefaultRole(role)) {
       this.fold(role, 'all', data, ref);
+      this.sample.offer(role, itemKey, true, null, data);
       seen();
       return 'folded';
     }
     const w = this.waiting.get(key);
     if (w && w.score !== undefined) {
       this.fold(role, bucketOf(w.score), data, ref);
+      this.sample.offer(role, itemKey, false, w.score, data);
       this.waiting.delete(key);
       seen();
       return 'folded';
@@ -265,6 +272,7 @@ export class RunAccumulator {
     if (w?.ref) return { outcome: 'folded', spooled: w.ref, bucket: bucketOf(score) };
     if (w?.activation) {
       this.fold(role, bucketOf(score), w.activation, position);
+      this.sample.offer(role, itemKey, false, score, w.activation);
       this.waiting.delete(key);
     } else {
       this.waiting.set(key, { score });
@@ -278,6 +286,7 @@ export class RunAccumulator {
   foldSpooled(role: string, itemKey: string, bucket: Bucket, data: ActivationValues, position?: Position): void {
     const key = joinKey(role, itemKey);
     this.fold(role, bucket, data, position);
+    this.sample.offer(role, itemKey, false, bucket === '3' ? 3 : null, data);
     this.waiting.delete(key);
     this.scoreSeen.add(key);
     this.newScoreKeys.push(key);
@@ -342,9 +351,10 @@ export class RunAccumulator {
     this.cold?.close();
   }
 
-  /** Makes the cold buckets written since the last checkpoint durable. */
+  /** Makes the cold buckets and sampled answers written since the last checkpoint durable. */
   syncCold(): void {
     this.cold?.sync();
+    this.sample.sync();
   }
 
   /** Every bucket's sums, role by role; a cold bucket's are read from its file only when reached. */

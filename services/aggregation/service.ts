@@ -1,9 +1,10 @@
 import * as grpc from '@grpc/grpc-js';
 import { DType } from '../../gen/assistant_axis/v1/common';
+import { answerProjections as answerProjectionsOf } from './answerSample';
 import type { AggregationRunState, AggregationServer, ComputeAxisRequest, ComputeAxisResult, ExportSumsRequest, IngestAck, IngestRequest, RoleCount, BucketSum } from '../../gen/assistant_axis/v1/aggregation';
 import { ROLE_VECTOR_SCORES } from '../shared/defaults';
 import type { Logger } from '../shared/logger';
-import { isSafeName, nameProblem } from '../shared/names';
+import { isDefaultRole, isSafeName, nameProblem } from '../shared/names';
 import { failedPrecondition, failStream, invalidArgument, notFound, RpcError, serveBidi, unary, writeWhenReady } from '../shared/rpc';
 import { encodeTensor, TensorError } from '../shared/tensor';
 import { IngestError } from './accumulator';
@@ -51,7 +52,18 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
         const v = part.vector;
         yield { result: { $case: 'vector', value: { role: v.role, isDefault: v.isDefault, count: v.count, vector: encodeTensor(toFloat32(v.vector, L, d)) } } };
       } else {
-        yield { result: { $case: 'axis', value: { axis: encodeTensor(toFloat32(part.axis, L, d)), kept: plan.kept.map(count), leftOut: plan.leftOut.map(count), defaults: plan.defaults.map(count), norms: part.norms } } };
+        // Where the run's answers lie on it: each group's totals from the bucket counts.
+        const totals = { role_play: 0, role_play_3: 0, default: 0 };
+        for (const [role, h] of Object.entries(histograms)) {
+          const all = Object.values(h).reduce((a, b) => a + b, 0);
+          if (isDefaultRole(role)) totals.default += all;
+          else {
+            totals.role_play += all;
+            totals.role_play_3 += h['3'] ?? 0;
+          }
+        }
+        const answerProjections = answerProjectionsOf(acc.sample, part.axis, L, d, totals);
+        yield { result: { $case: 'axis', value: { axis: encodeTensor(toFloat32(part.axis, L, d)), kept: plan.kept.map(count), leftOut: plan.leftOut.map(count), defaults: plan.defaults.map(count), norms: part.norms, answerProjections } } };
       }
     }
   }

@@ -1,3 +1,4 @@
+import type { AnswerProjections } from '../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
 import type { JudgeInfo } from '../../gen/assistant_axis/v1/judge';
 import { codeVersion } from '../shared/codeVersion';
@@ -12,6 +13,8 @@ export interface RunSummary {
   axisNorms: number[];
   numLayers: number;
   hiddenSize: number;
+  /** Where the run's answers lie on its axis, per group (absent in runs finished before it was reported). */
+  answerProjections?: AnswerProjections[];
 }
 
 /** The format of a run's manifest.json (a field added since is a new version; readers skip fields they do not know). */

@@ -52,7 +52,19 @@ export async function projectConversation(req: ProjectRequest, deps: { runs: Run
       (err, r) => (err ? reject(new RpcError(err.code, `inference ${replica.address}: ${err.details || err.message}`)) : resolve(r)),
     ),
   );
-  return { model, turns: res.turns, layers: res.layers, targetLayer: res.targetLayer, totalTokens: res.totalTokens, bands: undefined };
+  return { model, turns: res.turns, layers: res.layers, targetLayer: res.targetLayer, totalTokens: res.totalTokens, bands: req.axisRun ? runBands(deps.runs.runDir(req.axisRun), res.targetLayer) : undefined };
+}
+
+/** Where the axis run's default and role-play answers lie at `layer` (its report's percentiles), when it has them. */
+function runBands(runDir: string, layer: number): ProjectResponse['bands'] {
+  try {
+    const report = JSON.parse(fs.readFileSync(path.join(runDir, 'report.json'), 'utf8')) as { answer_projections?: { group: string; by_layer: number[][] }[] };
+    const at = (group: string) => report.answer_projections?.find((a) => a.group === group)?.by_layer[layer] ?? [];
+    const bands = { layer, defaultAnswers: at('default'), rolePlayAnswers: at('role_play') };
+    return bands.defaultAnswers.length || bands.rolePlayAnswers.length ? bands : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** A finished run's axis.safetensors and its model (from the manifest). */

@@ -275,7 +275,8 @@ export class RunManager {
       outputDir: this.runDir(name),
       error: row.error,
       message: this.messages.get(name) ?? '',
-      summary,
+      // Runs finished before answers were placed on the axis have none.
+      summary: summary && { ...summary, answerProjections: summary.answerProjections ?? [] },
       createdAt: row.createdAt,
       finishedAt: row.finishedAt,
       minCount: row.spec.minCount,

@@ -45,6 +45,7 @@ export async function writeRunResults(ctx: RunContext): Promise<RunSummary> {
         axisNorms: a.norms,
         numLayers: t.shape[0],
         hiddenSize: t.shape[1],
+        answerProjections: a.answerProjections,
       };
       const [rows, hidden] = t.shape;
       const mean = (sum: Float64Array | undefined, n: number) => ({ shape: [rows, hidden], data: Float32Array.from(sum ?? new Float64Array(rows * hidden), (x) => x / Math.max(1, n)) });
@@ -101,6 +102,7 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
     histograms,
     axis,
     compare,
+    answerProjections: summary.answerProjections ?? [],
   });
   await writeFileAtomic(path.join(runDir, 'report.json'), JSON.stringify(report, null, 2) + '\n');
   await writeFileAtomic(path.join(runDir, 'report.html'), reportHtml(report));

@@ -56,7 +56,7 @@ export function lineChart(series: { name: string; values: number[]; color: strin
   const lines = series
     .map((s) => `<polyline fill="none" stroke="${s.color}" stroke-width="2" points="${s.values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}"/>` + s.values.map((v, i) => `<circle cx="${x(i).toFixed(1)}" cy="${y(v).toFixed(1)}" r="2.5" fill="${s.color}"><title>${esc(point(i))}: ${v.toPrecision(4)}</title></circle>`).join(''))
     .join('');
-  const legend = [...series, ...bands].map((s, i) => `<text x="${W - M.right - 4}" y="${M.top + 12 + i * 14}" font-size="11" text-anchor="end" fill="${s.color}">${esc(s.name)}</text>`).join('');
+  const legend = [...series, ...bands].filter((s) => s.name).map((s, i) => `<text x="${W - M.right - 4}" y="${M.top + 12 + i * 14}" font-size="11" text-anchor="end" fill="${s.color}">${esc(s.name)}</text>`).join('');
   const target = mark === undefined ? '' : `<line x1="${x(mark)}" y1="${M.top}" x2="${x(mark)}" y2="${H - M.bottom}" stroke="#bbb" stroke-dasharray="4 3"/><text x="${x(mark) + 3}" y="${M.top + 10}" font-size="10" fill="#888">${esc(opts.markLabel ?? `target layer ${mark}`)}</text>`;
   const xTicks = [...new Set([0, Math.floor((n - 1) / 2), n - 1])].map((i) => `<text x="${x(i).toFixed(1)}" y="${H - M.bottom + 13}" font-size="10" text-anchor="middle">${i}</text>`).join('');
   return `<svg viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img">${axes(xLabel, yLabel, ticks)}${xTicks}${shaded}${target}${lines}${legend}</svg>`;

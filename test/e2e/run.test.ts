@@ -193,6 +193,80 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     client.close();
   });
 
+  it('reports where its answers lie on its axis: percentiles per group and layer, as recomputed from the archived activations', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    await startRun(client, { name: 'placed', roles: ['chef', 'poet', 'default'], questionCount: 2, minCount: 1, archiveActivations: true });
+    const done = await watchRun(client, 'placed', () => undefined);
+    expect(done.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    const files = readRunFiles(done.outputDir);
+    const axis = (await readAxis(done.outputDir)).tensors.axis.data;
+    // Every answer's projection per layer, from the archive, in float64. The archive is bf16 and
+    // aggregation kept what it was sent (float32 here): each projection can differ by up to
+    // sum |a_i u_i| / 256 (bf16 keeps 8 significant bits), and so can a percentile of them.
+    const groups: Record<string, number[][]> = { role_play: [], role_play_3: [], default: [] };
+    const slack = new Array<number>(L).fill(0);
+    for (const role of ['chef', 'poet', 'default']) {
+      const { tensors } = decodeSafetensors(fs.readFileSync(path.join(done.outputDir, 'activations', `${role}.safetensors`)));
+      for (const [key, t] of Object.entries(tensors)) {
+        const p = Array.from({ length: L }, (_, l) => {
+          let dot = 0;
+          let sq = 0;
+          let bound = 0;
+          for (let i = 0; i < D; i++) {
+            dot += t.data[l * D + i] * axis[l * D + i];
+            bound += Math.abs(t.data[l * D + i] * axis[l * D + i]);
+            sq += axis[l * D + i] ** 2;
+          }
+          slack[l] = Math.max(slack[l], bound / Math.sqrt(sq) / 256);
+          return dot / Math.sqrt(sq);
+        });
+        if (role === 'default') groups.default.push(p);
+        else {
+          groups.role_play.push(p);
+          if (files.scores[role][key] === 3) groups.role_play_3.push(p);
+        }
+      }
+    }
+    // Hazen's percentile (numpy method="hazen"), weighted for the pooled group: written out here.
+    const percentile = (values: { v: number; w: number }[], q: number) => {
+      const sorted = [...values].sort((a, b) => a.v - b.v);
+      const total = sorted.reduce((s, x) => s + x.w, 0);
+      const mids: number[] = [];
+      let run = 0;
+      for (const x of sorted) {
+        mids.push((run + x.w / 2) / total);
+        run += x.w;
+      }
+      const at = q / 100;
+      if (at <= mids[0]) return sorted[0].v;
+      if (at >= mids[mids.length - 1]) return sorted[sorted.length - 1].v;
+      const k = mids.findIndex((m) => m >= at);
+      return sorted[k - 1].v + ((sorted[k].v - sorted[k - 1].v) * (at - mids[k - 1])) / (mids[k] - mids[k - 1]);
+    };
+    const report = JSON.parse(fs.readFileSync(path.join(done.outputDir, 'report.json'), 'utf8'));
+    const levels = [1, 5, 25, 50, 75, 95, 99];
+    const want: Record<string, { v: number; w: number }[][]> = {
+      role_play: Array.from({ length: L }, (_, l) => groups.role_play.map((p) => ({ v: p[l], w: 1 }))),
+      role_play_3: Array.from({ length: L }, (_, l) => groups.role_play_3.map((p) => ({ v: p[l], w: 1 }))),
+      default: Array.from({ length: L }, (_, l) => groups.default.map((p) => ({ v: p[l], w: 1 }))),
+      // The whole run is sampled (fewer than 4,096 answers a group): every answer weighs the same.
+      pooled: Array.from({ length: L }, (_, l) => [...groups.role_play, ...groups.default].map((p) => ({ v: p[l], w: 1 }))),
+    };
+    expect(report.answer_projections.map((a: { group: string }) => a.group)).toEqual(['role_play', 'role_play_3', 'default', 'pooled']);
+    for (const a of report.answer_projections) {
+      const n = a.group === 'pooled' ? groups.role_play.length + groups.default.length : groups[a.group].length;
+      expect(a).toMatchObject({ sample_size: n, total: n, levels });
+      for (let l = 0; l < L; l++) levels.forEach((q, k) => expect(Math.abs(a.by_layer[l][k] - percentile(want[a.group][l], q))).toBeLessThanOrEqual(slack[l]));
+      expect(a.at_target).toEqual(a.by_layer[report.target_layer]);
+    }
+    expect(groups.role_play_3.length).toBeGreaterThan(0);
+    expect(groups.role_play_3.length).toBeLessThan(groups.role_play.length);
+    // GetRun returns them too, and the report's page plots them.
+    expect((await getRun(client, 'placed')).summary!.answerProjections.map((a) => a.group)).toEqual(['role_play', 'role_play_3', 'default', 'pooled']);
+    expect(fs.readFileSync(path.join(done.outputDir, 'report.html'), 'utf8')).toContain('Where the answers lie on the axis');
+    client.close();
+  });
+
   it('does no work again when the same run is started twice, and says so', async () => {
     await completeE2e();
     const client = coordinatorClient(stack.address('coordinator'));

@@ -62,9 +62,30 @@ ${lineChart([{ name: '|axis|', values: r.axis_norms, color: '#285' }], 'layer', 
 <h2>Roles ranked by projection on the axis (layer ${r.target_layer})</h2>
 <p class="note">The axis points from role-play toward the Assistant: default vectors (red) should rank high.</p>
 ${hbars(r.projections.map((p) => ({ label: p.role, value: p.projection, color: p.kind === 'default' ? '#d33' : '#36c' })))}
+${answersSection(r)}
 <h2>Score histograms</h2>
 <table><tr><th>role</th>${scoreKeys.map((k) => `<th>${k}</th>`).join('')}<th></th></tr>${histRows}</table>
 ${r.roles_left_out.length ? `<h2>Roles left out (fewer than ${r.min_count} score-3 items)</h2><p>${r.roles_left_out.map((x) => `${esc(x.role)} (${x.count})`).join(', ')}</p>` : ''}
 </body></html>
 `;
+}
+
+const GROUP_NAMES: Record<string, string> = { role_play: 'role-play answers', role_play_3: 'role-play answers scored 3', default: 'default answers', pooled: 'all answers (pooled)' };
+
+/** Where the run's answers lie on the axis: each group's median and middle half per layer, and its percentiles at the target layer. */
+function answersSection(r: Report): string {
+  const groups = r.answer_projections ?? [];
+  if (!groups.length) return '';
+  const colors: Record<string, string> = { role_play: '#36c', role_play_3: '#639', default: '#d33', pooled: '#555' };
+  const at = (g: (typeof groups)[number], level: number) => g.by_layer.map((row) => row[g.levels.indexOf(level)]);
+  const series = groups.filter((g) => g.group !== 'pooled').flatMap((g) => [
+    { name: `${GROUP_NAMES[g.group] ?? g.group}: median`, values: at(g, 50), color: colors[g.group] ?? '#888' },
+    { name: `P25, P75`, values: at(g, 25), color: colors[g.group] ?? '#888' },
+    { name: '', values: at(g, 75), color: colors[g.group] ?? '#888' },
+  ]);
+  const rows = groups.map((g) => `<tr><td>${esc(GROUP_NAMES[g.group] ?? g.group)}</td>${g.at_target.map((v) => `<td>${v.toPrecision(4)}</td>`).join('')}<td>${g.sample_size} of ${g.total}</td></tr>`).join('');
+  return `<h2>Where the answers lie on the axis</h2>
+<p class="note">Each answer's projection on the unit axis, per layer (median, 25th and 75th percentiles of each group), from the answers sampled (up to 4,096 per group, the lowest hashes of their item keys).</p>
+${lineChart(series, 'layer', 'projection', r.target_layer)}
+<table><tr><th>layer ${r.target_layer}</th>${(groups[0]?.levels ?? []).map((l) => `<th>P${l}</th>`).join('')}<th>answers</th></tr>${rows}</table>`;
 }

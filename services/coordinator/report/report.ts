@@ -1,3 +1,4 @@
+import type { AnswerProjections } from '../../../gen/assistant_axis/v1/common';
 import { cosine, dot, norm, pca, targetLayer } from './analysis';
 
 export interface ReportInput {
@@ -20,6 +21,8 @@ export interface ReportInput {
   histograms: Record<string, Record<string, number>>;
   axis: Float32Array;
   compare?: { name: string; axis: Float32Array };
+  /** Where the run's answers lie on the axis (aggregation's percentiles per group and layer). */
+  answerProjections?: AnswerProjections[];
 }
 
 export interface LayerRows {
@@ -55,6 +58,12 @@ export interface Report {
   roles_kept: { role: string; count: number }[];
   roles_left_out: { role: string; count: number }[];
   compare?: { name: string; cosine_per_layer: number[] };
+  /**
+   * Per group of answers (role_play, role_play_3: scored 3, default, pooled), the percentiles
+   * (`levels`) of their projections on the axis at every layer (`by_layer[l][k]`), and at the
+   * target layer; from `sample_size` of the group's `total` answers (the lowest hashes of their keys).
+   */
+  answer_projections: { group: string; sample_size: number; total: number; levels: number[]; at_target: number[]; by_layer: number[][] }[];
 }
 
 function layerOf(v: Float32Array, l: number, d: number): Float64Array {
@@ -127,6 +136,11 @@ export async function buildReport(input: ReportInput, components = 10): Promise<
     axis_vs_pc1: axisVsPc1,
     projections,
     histograms: input.histograms,
+    answer_projections: (input.answerProjections ?? []).map((a) => {
+      const k = a.levels.length;
+      const byLayer = Array.from({ length: L }, (_, l) => a.percentiles.slice(l * k, (l + 1) * k));
+      return { group: a.group, sample_size: Number(a.sampleSize), total: Number(a.total), levels: a.levels, at_target: byLayer[target] ?? [], by_layer: byLayer };
+    }),
     roles_kept: input.roles.map((r) => ({ role: r.role, count: r.count })),
     roles_left_out: input.leftOut,
     compare: input.compare && {
