@@ -1,4 +1,6 @@
 import * as path from 'node:path';
+import type { AnswerProjections } from '../../gen/assistant_axis/v1/common';
+import { targetLayer } from '../shared/projection';
 import { writeFileAtomic } from '../shared/files';
 import { SafetensorsSlices, writeSafetensors } from '../shared/safetensors';
 import { decodeTensor } from '../shared/tensor';
@@ -58,7 +60,7 @@ export async function writeRunResults(ctx: RunContext): Promise<RunSummary> {
           // Which layer each row is (a run that kept a subset of layers has rows that are not layers 0..n-1).
           layer_index: { shape: [rows], data: Float32Array.from(spec.layers.length ? spec.layers : [...Array(rows).keys()]) },
         },
-        meta({ min_count: String(spec.minCount), roles_kept: String(a.kept.length), roles_left_out: String(a.leftOut.length), counts: JSON.stringify(Object.fromEntries(a.kept.map((k) => [k.role, k.count]))) }),
+        meta({ min_count: String(spec.minCount), roles_kept: String(a.kept.length), roles_left_out: String(a.leftOut.length), counts: JSON.stringify(Object.fromEntries(a.kept.map((k) => [k.role, k.count]))), ...answerPercentiles(a.answerProjections, spec.layers.length ? spec.layers : [...Array(rows).keys()], targetLayer(spec.model, ctx.items.modelInfo.numLayers || rows)) }),
       );
     }
   }
@@ -66,6 +68,18 @@ export async function writeRunResults(ctx: RunContext): Promise<RunSummary> {
   await writeReport(ctx, summary, kept, defaults, axisTensor, histograms);
   await writeFileAtomic(path.join(runDir, 'manifest.json'), JSON.stringify(manifest(spec, ctx.data, ctx.items.modelInfo, ctx.upstreams.judge.info!, summary), null, 2) + '\n');
   return summary;
+}
+
+/**
+ * Where the run's answers lie at the model's target layer (each group's percentiles 1..99), as
+ * axis.safetensors metadata: what a replica monitoring with this axis takes for its threshold
+ * (the default answers' 25th percentile) and its histogram's buckets.
+ */
+function answerPercentiles(groups: AnswerProjections[], layers: number[], target: number): Record<string, string> {
+  const row = layers.indexOf(target);
+  if (row < 0 || !groups.length) return {};
+  const at = Object.fromEntries(groups.map((g) => [g.group, g.percentiles.slice(row * g.levels.length, (row + 1) * g.levels.length)]));
+  return { target_layer: String(target), answer_percentiles: JSON.stringify({ layer: target, levels: groups[0].levels, groups: at }) };
 }
 
 /** report.json and report.html: the notebooks' analysis of the finished run. */

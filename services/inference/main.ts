@@ -6,7 +6,8 @@ import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
 import { createBackend } from './backends';
-import { inferenceMetrics } from './metrics';
+import { inferenceMetrics, monitorMetrics } from './metrics';
+import { ProjectionMonitor } from './monitor';
 import { INFERENCE_OPTIONS } from './options';
 import { createInferenceService, inferenceGrpcHandlers, InferenceService } from './service';
 
@@ -42,7 +43,26 @@ async function main(): Promise<void> {
     warn: (msg) => log.warn(msg),
     info: (msg) => log.info(msg),
   });
-  service = createInferenceService({ backend, wireDtype, metrics, log });
+  const threshold = cfg['monitor-threshold'] === '' ? undefined : Number(cfg['monitor-threshold']);
+  if (threshold !== undefined && !Number.isFinite(threshold)) throw new Error(`--monitor-threshold must be a number, got ${JSON.stringify(cfg['monitor-threshold'])}`);
+  let observe: ((value: number) => void) | undefined;
+  let monitor: ProjectionMonitor | undefined;
+  service = createInferenceService({
+    backend,
+    wireDtype,
+    metrics,
+    log,
+    afterLoad: (info) => {
+      if (!cfg['monitor-axis']) return;
+      monitor = ProjectionMonitor.load(cfg['monitor-axis'], info, threshold);
+      observe = monitorMetrics(registry, info.model, monitor.buckets, monitor.threshold);
+      log.info({ axis: monitor.file, layer: monitor.layer, threshold: monitor.threshold ?? null }, monitor.threshold === undefined ? 'monitoring answers on the axis (no threshold: give --monitor-threshold for the share below it)' : 'monitoring answers on the axis');
+    },
+    onActivation: (activation, layers) => {
+      const p = monitor?.project(activation, layers);
+      if (p !== undefined) observe!(p);
+    },
+  });
   const running = await startService({
     service: 'inference',
     host: cfg.host,

@@ -59,3 +59,25 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
 }
 
 export type InferenceMetrics = ReturnType<typeof inferenceMetrics>;
+
+/**
+ * The persona metrics of a replica started with --monitor-axis (made once the axis is read:
+ * the histogram's buckets come from where the axis run's answers lie). By model only: no
+ * per-conversation labels.
+ */
+export function monitorMetrics(registry: Registry, model: string, buckets: number[], threshold: number | undefined) {
+  const registers = [registry];
+  const projection = new prom.Histogram({ name: 'axis_inference_answer_projection', help: 'Each answer\'s projection on the monitored axis at the target layer (--monitor-axis)', labelNames: ['model'], buckets, registers });
+  const answers = new prom.Counter({ name: 'axis_inference_monitored_answers_total', help: 'Answers projected on the monitored axis', labelNames: ['model'], registers });
+  const below = new prom.Counter({ name: 'axis_inference_answers_below_threshold_total', help: 'Answers whose projection fell below --monitor-threshold (drifted from the Assistant)', labelNames: ['model'], registers });
+  const limit = new prom.Gauge({ name: 'axis_inference_monitor_threshold', help: 'The projection below which an answer counts as drifted', labelNames: ['model'], registers });
+  if (threshold !== undefined) limit.set({ model }, threshold);
+  // Zero from the start, so that rates exist before the first drifted answer.
+  answers.inc({ model }, 0);
+  below.inc({ model }, 0);
+  return (value: number) => {
+    projection.observe({ model }, value);
+    answers.inc({ model });
+    if (threshold !== undefined && value < threshold) below.inc({ model });
+  };
+}

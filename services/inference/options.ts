@@ -33,6 +33,8 @@ export const INFERENCE_OPTIONS = {
   'generator-concurrency': { type: 'number', env: 'AXIS_GENERATOR_CONCURRENCY', default: 64, help: 'with --generator openai: requests in flight to the server at once (it batches them itself)' },
   'generator-timeout-seconds': { type: 'number', env: 'AXIS_GENERATOR_TIMEOUT_SECONDS', default: 900, help: 'with --generator openai: a request unanswered this long is abandoned and sent again (up to 8 attempts in all, as for 429, 5xx and dropped connections)' },
   'generator-check': { type: 'string', env: 'AXIS_GENERATOR_CHECK', default: 'greedy', help: 'with --generator openai: greedy (at load the server must continue fixed prompts greedily as this model does, else the replica stays not ready) or off (the same weights in another precision can part at near ties)' },
+  'monitor-axis': { type: 'string', env: 'AXIS_MONITOR_AXIS', default: '', help: 'an axis (a run\'s axis.safetensors) to project every answer on at the model\'s target layer: the axis_inference_answer_projection histogram and the share of answers below --monitor-threshold (the persona alert)' },
+  'monitor-threshold': { type: 'string', env: 'AXIS_MONITOR_THRESHOLD', default: '', help: 'with --monitor-axis: the projection below which an answer counts as drifted (empty: the axis run\'s default answers\' 25th percentile at the target layer, which its axis.safetensors carries)' },
   capacity: { type: 'number', env: 'AXIS_INFERENCE_CAPACITY', default: 0, help: 'items accepted at once (0: the backend\'s default: twice --max-batch for onnx, so the next batch is ready when one ends; 16 for synthetic)' },
   'activation-dtype': { type: 'string', env: 'AXIS_ACTIVATION_DTYPE', default: 'f32', help: 'wire dtype of activations: f32, f16 or bf16' },
   ...TLS_OPTIONS,

@@ -4,7 +4,7 @@ import type { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, In
 import { Limiter } from '../shared/limit';
 import type { Logger } from '../shared/logger';
 import { RpcError, serveBidi, unary } from '../shared/rpc';
-import { encodeTensor } from '../shared/tensor';
+import { encodeTensor, FloatTensor } from '../shared/tensor';
 import type { InferenceBackend } from './backend';
 import type { InferenceMetrics } from './metrics';
 import { validateExtract, validateGenerate, validateProject } from './validate';
@@ -26,7 +26,16 @@ export interface InferenceService {
   readonly running: number;
 }
 
-export function createInferenceService(deps: { backend: InferenceBackend; wireDtype: DType; metrics: InferenceMetrics; log: Logger }): InferenceService {
+export function createInferenceService(deps: {
+  backend: InferenceBackend;
+  wireDtype: DType;
+  metrics: InferenceMetrics;
+  log: Logger;
+  /** Once the model is loaded (the monitor reads its axis then); a throw fails the load, saying why. */
+  afterLoad?: (info: ModelInfo) => void;
+  /** Each answer's activation [rows, hidden] (rows: `layers`, all when empty), for the monitor. */
+  onActivation?: (activation: FloatTensor, layers: number[]) => void;
+}): InferenceService {
   const { backend, wireDtype, metrics, log } = deps;
   const limiter = new Limiter(backend.info.capacity);
   let inFlight = 0;
@@ -74,6 +83,7 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
           const input = validateGenerate(r, modelInfo());
           const out = await backend.generate({ ...input, signal: cancelled });
           if (out.timeToFirstTokenSeconds !== undefined) metrics.firstToken.observe(out.timeToFirstTokenSeconds);
+          if (out.activation.shape[0]) deps.onActivation?.(out.activation, input.layers);
           metrics.tokens.inc({ kind: 'prompt' }, out.promptTokens);
           metrics.tokens.inc({ kind: 'completion' }, out.completionTokens);
           return { itemId: r.itemId, text: out.text, promptTokens: out.promptTokens, completionTokens: out.completionTokens, finishReason: out.finishReason, activation: out.activation.shape[0] ? encodeTensor(out.activation, wireDtype) : undefined, error: undefined, responseTokenIds: out.responseIds ?? [] };
@@ -87,6 +97,7 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
         async (r) => {
           const { messages, layers, opts } = validateExtract(r, modelInfo());
           const out = await backend.extract(messages as ChatMessage[], layers, { ...opts, signal: cancelled });
+          deps.onActivation?.(out.activation, layers);
           metrics.tokens.inc({ kind: 'prefill' }, out.responseTokens);
           return { itemId: r.itemId, responseTokens: out.responseTokens, activation: encodeTensor(out.activation, wireDtype), error: undefined };
         },
@@ -117,6 +128,7 @@ export function createInferenceService(deps: { backend: InferenceBackend; wireDt
     async load() {
       try {
         await backend.load();
+        deps.afterLoad?.(backend.info);
       } catch (err) {
         // Stay up and not ready: the health check says NOT_SERVING, GetModelInfo and the logs say why.
         loadError = (err as Error).message;

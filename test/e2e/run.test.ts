@@ -261,6 +261,10 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     }
     expect(groups.role_play_3.length).toBeGreaterThan(0);
     expect(groups.role_play_3.length).toBeLessThan(groups.role_play.length);
+    // axis.safetensors carries them at the target layer (what a replica monitoring with it reads).
+    const carried = JSON.parse((await readAxis(done.outputDir)).metadata.answer_percentiles);
+    expect(carried.layer).toBe(report.target_layer);
+    for (const a of report.answer_projections) expect(carried.groups[a.group]).toEqual(a.at_target);
     // GetRun returns them too, and the report's page plots them.
     expect((await getRun(client, 'placed')).summary!.answerProjections.map((a) => a.group)).toEqual(['role_play', 'role_play_3', 'default', 'pooled']);
     expect(fs.readFileSync(path.join(done.outputDir, 'report.html'), 'utf8')).toContain('Where the answers lie on the axis');

@@ -8,6 +8,7 @@ import { FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { freePort, ROOT, testStack } from '../kit/stack';
 import { priceFile, tempDir } from '../kit/files';
+import { writeSafetensors } from '../../services/shared/safetensors';
 
 /**
  * A real Prometheus (Debian's package; .ci/run installs it) scrapes the four services during a
@@ -24,14 +25,14 @@ const maybe = available ? describe : describe.skip;
 const CHART = path.join(ROOT, 'helm', 'assistant-axis');
 
 function chartRules(): { groups: { name: string; rules: { alert: string; expr: string }[] }[] } {
-  const out = execFileSync(HELM, ['template', 'axis', CHART, '--set', 'inference.model.existingClaim=m', '--set', 'metrics.prometheusRule.enabled=true']).toString();
+  const out = execFileSync(HELM, ['template', 'axis', CHART, '--set', 'inference.model.existingClaim=m', '--set', 'metrics.prometheusRule.enabled=true', '--set', 'inference.monitor.axisFile=/models/axis.safetensors']).toString();
   const rule = parseAllDocuments(out).map((d) => d.toJS()).find((d) => d?.kind === 'PrometheusRule');
   return rule.spec;
 }
 
 function dashboardQueries(): string[] {
   const dash = JSON.parse(fs.readFileSync(path.join(CHART, 'dashboards', 'assistant-axis.json'), 'utf8'));
-  return dash.panels.flatMap((p: { targets: { expr: string }[] }) => p.targets.map((t) => t.expr.replaceAll('$run', '.*')));
+  return dash.panels.flatMap((p: { targets?: { expr: string }[] }) => (p.targets ?? []).map((t) => t.expr.replaceAll('$run', '.*')));
 }
 
 const metricNames = (exprs: string[]) => [...new Set(exprs.flatMap((e) => e.match(/axis_[a-z0-9_]+/g) ?? []))];
@@ -46,10 +47,13 @@ maybe('Prometheus and the dashboard', () => {
     await judge.start();
     const dir = tempDir('prom');
     const prices = priceFile({ 'judge-prom': { prompt: 1, completion: 2 } });
+    // An axis of the synthetic model's shape (8 layers x 64) to monitor answers with (the persona row).
+    const axisFile = path.join(dir, 'axis.safetensors');
+    await writeSafetensors(axisFile, { axis: { shape: [8, 64], data: Float32Array.from({ length: 8 * 64 }, (_, i) => Math.sin(i)) } });
     ({ stack } = await testStack('prom', {
       args: {
         // About 15 s of run, so that Prometheus scrapes it while it is active.
-        inference: ['--synthetic-tokens-per-second', '30', '--capacity', '4'],
+        inference: ['--synthetic-tokens-per-second', '30', '--capacity', '4', '--monitor-axis', axisFile, '--monitor-threshold', '0'],
         judge: ['--provider', 'openai', '--base-url', judge.baseUrl, '--model', 'judge-prom', '--prices', prices],
       },
     }));
@@ -111,7 +115,42 @@ maybe('Prometheus and the dashboard', () => {
     const file = path.join(tempDir('rules'), 'rules.yml');
     fs.writeFileSync(file, stringify(chartRules()));
     const r = spawnSync(PROMTOOL, ['check', 'rules', file], { encoding: 'utf8' });
-    expect(r.stdout + r.stderr).toMatch(/SUCCESS: 4 rules found/);
+    expect(r.stdout + r.stderr).toMatch(/SUCCESS: 5 rules found/);
+    expect(r.status).toBe(0);
+  });
+
+  it('promtool: the persona alert fires when most answers stay below the threshold for its time, and not otherwise', () => {
+    const dir = tempDir('rules');
+    fs.writeFileSync(path.join(dir, 'rules.yml'), stringify(chartRules()));
+    const series = (model: string, below: string, all: string) => [
+      { series: `axis_inference_answers_below_threshold_total{model="${model}"}`, values: below },
+      { series: `axis_inference_monitored_answers_total{model="${model}"}`, values: all },
+    ];
+    const summary = (model: string) => `More than 50% of ${model}'s answers have drifted below the persona threshold on the Assistant Axis for 30 minutes`;
+    const tests = {
+      rule_files: ['rules.yml'],
+      evaluation_interval: '1m',
+      tests: [
+        {
+          interval: '1m',
+          input_series: [
+            // 8 of 10 answers a minute below the threshold for an hour: fires.
+            ...series('drifting', '0+8x60', '0+10x60'),
+            // 3 of 10: does not.
+            ...series('steady', '0+3x60', '0+10x60'),
+            // 8 of 10, but only for the last 20 minutes (3 of 10 before): not yet.
+            ...series('lately', '0+3x40 128+8x20', '0+10x60'),
+          ],
+          alert_rule_test: [
+            { eval_time: '60m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [{ exp_labels: { severity: 'warning', model: 'drifting' }, exp_annotations: { summary: summary('drifting') } }] },
+            { eval_time: '20m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [] },
+          ],
+        },
+      ],
+    };
+    fs.writeFileSync(path.join(dir, 'tests.yml'), stringify(tests));
+    const r = spawnSync(PROMTOOL, ['test', 'rules', path.join(dir, 'tests.yml')], { encoding: 'utf8' });
+    expect(r.stdout + r.stderr).toMatch(/SUCCESS/);
     expect(r.status).toBe(0);
   });
 });
