@@ -37,15 +37,19 @@ export async function prepare(): Promise<{ capture: string; plain: string }> {
   const checkpoint = path.join(WORK, 'checkpoint');
   const capture = path.join(WORK, 'model-capture');
   const plain = path.join(WORK, 'model-no-capture');
-  if (!fs.existsSync(path.join(checkpoint, 'config.json'))) {
+  // Checkpoints from before the tiny models' 32,768-token context (long conversations are projected on it) are written again.
+  const config = path.join(checkpoint, 'config.json');
+  if (!fs.existsSync(config) || (JSON.parse(fs.readFileSync(config, 'utf8')) as { max_position_embeddings?: number }).max_position_embeddings! < 32768) {
     fs.rmSync(checkpoint, { recursive: true, force: true });
     process.stderr.write(`writing a random ${SHAPE.num_hidden_layers}-layer llama checkpoint (hidden ${SHAPE.hidden_size}) to ${checkpoint}\n`);
     await writeTinyCheckpoint({ arch: 'llama', out: checkpoint, seed: 0, merges: MERGES, shape: SHAPE });
   }
   for (const [dir, withCapture] of [[capture, true], [plain, false]] as const) {
     const meta = path.join(dir, 'axis_model.json');
-    // Builds from before the step graph, or before it could sample in the graph, are made again.
-    if (!fs.existsSync(meta) || !(JSON.parse(fs.readFileSync(meta, 'utf8')) as ModelMetadata).step?.inputs.includes(STEP_INPUTS.sampleInGraph)) {
+    // Builds from before the step graph, before it could sample in the graph, or of an older checkpoint are made again.
+    const built = fs.existsSync(meta) ? (JSON.parse(fs.readFileSync(meta, 'utf8')) as ModelMetadata) : undefined;
+    const stale = !built || !built.step?.inputs.includes(STEP_INPUTS.sampleInGraph) || fs.statSync(meta).mtimeMs < fs.statSync(config).mtimeMs;
+    if (stale) {
       fs.rmSync(dir, { recursive: true, force: true });
       process.stderr.write(`building ${path.basename(dir)}\n`);
       await buildModel({ hf: checkpoint, out: dir, capture: withCapture, decodeLoop: false });

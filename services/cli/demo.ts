@@ -69,7 +69,12 @@ async function demo(): Promise<void> {
 async function ensureDemoModel(base: string): Promise<string> {
   const checkpoint = path.join(base, 'checkpoints', DEMO_MODEL);
   const modelDir = path.join(base, 'models', DEMO_MODEL);
-  if (fs.existsSync(path.join(modelDir, 'axis_model.json'))) return modelDir;
+  // A demo model from before the tiny models' 32,768-token context (long conversations are projected on it) is made again.
+  const config = path.join(checkpoint, 'config.json');
+  const current = fs.existsSync(config) && (JSON.parse(fs.readFileSync(config, 'utf8')) as { max_position_embeddings?: number }).max_position_embeddings! >= 32768;
+  if (current && fs.existsSync(path.join(modelDir, 'axis_model.json'))) return modelDir;
+  if (!current) fs.rmSync(checkpoint, { recursive: true, force: true });
+  fs.rmSync(modelDir, { recursive: true, force: true });
   process.stderr.write(`building the demo model once: a tiny random-weight llama checkpoint in ${checkpoint}, its ONNX graph in ${modelDir}...\n`);
   if (!fs.existsSync(path.join(checkpoint, 'config.json'))) await writeTinyCheckpoint({ arch: 'llama', out: checkpoint, seed: 0, merges: 2000 });
   fs.mkdirSync(path.dirname(modelDir), { recursive: true });

@@ -154,6 +154,14 @@ describe('end to end through the ONNX backend on a tiny llama', () => {
     expect((await project({ axisRun: 'onnx-a', layers: [9] })).details).toMatch(/^layers: the axis \(run onnx-a\) has no row for layer 9/);
     expect((await project({ axisFile: path.join(dir, 'missing.safetensors') })).details).toMatch(/^axis_file: .*missing\.safetensors: no such file/);
     expect((await project({ axisRun: 'onnx-a', messages: [{ role: 'user', content: 'hi' }] })).details).toMatch(/^inference .*: messages: no assistant turn to project/);
+    // A run still going has no axis yet.
+    await startRun(client, { name: 'onnx-going', ...REQUEST, questionCount: 20, roles: [] });
+    const going = await project({ axisRun: 'onnx-going' });
+    expect(going.code).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(going.details).toMatch(/^axis_run: run "onnx-going" is (pending|running), not finished: it has no axis yet/);
+    await new Promise((resolve) => client.cancelRun({ name: 'onnx-going' }, resolve));
+    // The trajectories are drawn over where the axis run's own answers lie.
+    expect(html).toContain('default answers (P25..P75)');
     client.close();
   }, 300_000);
 });

@@ -179,7 +179,7 @@ describe('ProjectConversation and Extract', () => {
   it("projects each turn as Extract's activation of the conversation cut after it, dotted with the unit axis (<= 1e-4)", async () => {
     const { num_layers: L, hidden_size: d } = model.metadata;
     const axisData = randomAxis(L, d, 13);
-    const messages = firstTurns(model, transcripts()[3].messages, 800).map((m) => ({ role: m.role, content: m.content.trim() }));
+    const messages = firstTurns(model, transcripts()[3].messages, 2000).map((m) => ({ role: m.role, content: m.content.trim() }));
     const input = validateProject({ messages, axis: encodeTensor({ shape: [L, d], data: axisData }, DType.DTYPE_F32), axisLayers: [], tokenProjections: false, enableThinking: false, chunkTokens: 100 }, backend.info);
     const out = await backend.project(input);
     expect(out.turns.length).toBe(messages.filter((m) => m.role === 'assistant').length);

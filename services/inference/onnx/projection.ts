@@ -31,8 +31,8 @@ export interface RenderedConversation {
  * thinking) are measured as they render them. The whole text is tokenized once (how the text
  * before a turn tokenizes can depend on what follows it: "\n\n" before a word is two tokens
  * for some tokenizers, one at the end of a prompt), and a turn's tokens are those whose
- * decoded text overlaps its own (a tokenizer that does not decode back to the same text has
- * its edges placed by tokenizing the text up to them instead).
+ * decoded text overlaps its own (a tokenizer whose runs between special tokens do not decode
+ * back to the same text has its edges placed by tokenizing the text up to them instead).
  */
 export function renderTurns(model: LoadedModel, messages: ChatMessage[], enableThinking: boolean): RenderedConversation {
   const folded: ChatMessage[] = [];
@@ -86,10 +86,9 @@ export function renderTurns(model: LoadedModel, messages: ChatMessage[], enableT
   });
   // The edges in the tokens of the whole text: where the text the first k tokens decode to reaches them.
   const whole = model.encode(text);
-  const decodedLength = (k: number) => (k === 0 ? 0 : model.tokenizer.decode(whole.slice(0, k), { skip_special_tokens: false, clean_up_tokenization_spaces: false }).length);
-  const lossless = decodedLength(whole.length) === text.length && model.tokenizer.decode(whole, { skip_special_tokens: false, clean_up_tokenization_spaces: false }) === text;
+  const decodedLength = prefixLengths(model, whole, text);
   const positions = edges.flatMap((e) => {
-    if (!lossless) return [model.encode(text.slice(0, e.from)).length, model.encode(text.slice(0, e.to)).length];
+    if (!decodedLength) return [model.encode(text.slice(0, e.from)).length, model.encode(text.slice(0, e.to)).length];
     // The turn's tokens: from the first that does not end before it to the first that reaches its end.
     return [tokensWithin(decodedLength, whole.length, e.from), tokensReaching(decodedLength, whole.length, e.to)];
   });
@@ -99,6 +98,37 @@ export function renderTurns(model: LoadedModel, messages: ChatMessage[], enableT
     return { messageIndex: e.messageIndex, start, end, weights: answerWeights(model, whole.slice(start, end)) };
   });
   return { ids: whole, turns };
+}
+
+/**
+ * The length of the text the first k tokens decode to, as a function of k; undefined when the
+ * tokens do not decode back to `text` piece by piece. The tokens are cut into runs between
+ * special tokens, each decoded on its own once (their texts joined must be the whole text), so
+ * that a length is one decode within a run, not of everything before it.
+ */
+function prefixLengths(model: LoadedModel, ids: number[], text: string): ((k: number) => number) | undefined {
+  const decode = (part: number[]) => (part.length ? model.tokenizer.decode(part, { skip_special_tokens: false, clean_up_tokenization_spaces: false }) : '');
+  const runs: { start: number; end: number; at: number }[] = [];
+  let joined = '';
+  for (let i = 0; i < ids.length; ) {
+    let j = i + 1;
+    if (!model.specialIds.has(ids[i])) while (j < ids.length && !model.specialIds.has(ids[j])) j++;
+    runs.push({ start: i, end: j, at: joined.length });
+    joined += decode(ids.slice(i, j));
+    i = j;
+  }
+  if (joined !== text) return undefined;
+  return (k) => {
+    if (k >= ids.length) return text.length;
+    let [lo, hi] = [0, runs.length - 1];
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (runs[mid].start <= k) lo = mid;
+      else hi = mid - 1;
+    }
+    const run = runs[lo];
+    return run.at + decode(ids.slice(run.start, k)).length;
+  };
 }
 
 /** The most tokens whose text ends at or before character `c` (decodedLength is monotone). */
