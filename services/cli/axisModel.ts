@@ -19,10 +19,11 @@ const USAGE = `usage:
       the memory plan without a GPU: weights, KV bytes per token, working memory, and how many
       sequences (slots) of --max-length tokens fit; exits 1 when the model does not fit, saying
       how many GPUs of that size a split into stages needs (GiB = 2^30 bytes, GB = 10^9)
-  axis-model hidden --model <model dir> --ids 1,2,3 --out <file.safetensors>
+  axis-model hidden --model <model dir> --ids 1,2,3 --out <file.safetensors> [--capping PREFIX --experiment ID]
       one forward pass by the step graph (the portable one for a bf16 build, which the CPU
       cannot run): hidden_states [num_layers, seq, hidden] (each decoder block's output,
-      before the final norm) and logits [seq, vocab], float32`;
+      before the final norm) and logits [seq, vocab], float32; with --capping, an experiment
+      of a capping config (PREFIX.json and PREFIX.safetensors) applied in the pass`;
 
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
@@ -54,12 +55,13 @@ async function main(argv: string[]): Promise<void> {
     const fits = await printPlan({ hf: values.hf, dtype: values.dtype, gpuMemory: values['gpu-memory'], maxLength: values['max-length'], gpus: values.gpus! }, (line) => process.stdout.write(line + '\n'));
     if (!fits) process.exitCode = 1;
   } else if (command === 'hidden') {
-    const { values } = parseArgs({ args: rest, options: { model: { type: 'string' }, ids: { type: 'string' }, out: { type: 'string' } } });
+    const { values } = parseArgs({ args: rest, options: { model: { type: 'string' }, ids: { type: 'string' }, out: { type: 'string' }, capping: { type: 'string' }, experiment: { type: 'string' } } });
+    if (!values.capping !== !values.experiment) throw new Error('hidden: --capping and --experiment go together (a capping config, and the experiment of it to apply)');
     if (!values.model || !values.ids || !values.out) throw new Error(`hidden needs --model, --ids and --out\n\n${USAGE}`);
     const ids = values.ids.split(',').map((t) => Number(t.trim()));
     if (ids.length === 0 || ids.some((n) => !Number.isInteger(n) || n < 0)) throw new Error(`--ids must be comma-separated token ids, got ${values.ids}`);
-    const graph = await writeHiddenStates(values.model, ids, values.out);
-    process.stdout.write(`wrote hidden_states and logits for ${ids.length} tokens to ${values.out} (${graph === 'step' ? 'the step graph, as generation computes them' : 'the portable graph: a bf16 step graph does not run on the CPU'})\n`);
+    const graph = await writeHiddenStates(values.model, ids, values.out, values.capping ? { config: values.capping, experiment: values.experiment! } : undefined);
+    process.stdout.write(`wrote hidden_states and logits for ${ids.length} tokens to ${values.out} (${graph === 'step' ? 'the step graph, as generation computes them' : 'the portable graph: a bf16 step graph does not run on the CPU'}${values.capping ? `, with ${values.experiment} of ${values.capping}` : ''})\n`);
   } else {
     process.stdout.write(USAGE + '\n');
     if (command !== 'help' && command !== '--help') process.exitCode = 2;

@@ -96,6 +96,8 @@ export interface StepGraphMetadata {
    * host sampler's rule.
    */
   sampling?: boolean;
+  /** The graph takes interventions on its layers (STEERING_INPUTS). Absent in builds before them. */
+  steering?: boolean;
 }
 
 export const STEP_INPUTS = {
@@ -130,6 +132,28 @@ export const STEP_INPUTS = {
   temperature: 'temperature',
   topP: 'top_p',
   uniform: 'uniform',
+} as const;
+
+/**
+ * Interventions on the residual stream (activation capping, addition, ablation: docs/CONCEPTS.md),
+ * inputs of the step graph of builds that have them (`steering: true` in its metadata; the
+ * portable graph, which other tools run, has none). After decoder block
+ * l, for each row b, with u = unit[l, b], a = add[l, b] and (beta, tau, gamma) = params[l, b]:
+ *
+ *     p = <h, u>;   h <- h - u * (beta * max(p - tau, 0) + gamma * p) + a
+ *
+ * so a cap is beta 1, tau the cap, gamma 0; an ablation beta 0, gamma 1; an addition puts
+ * c * v in `add`. Rows of zeros change nothing, exactly; `steer` false skips it all.
+ */
+export const STEERING_INPUTS = {
+  /** bool scalar: apply the interventions this run (else the rows' values are not read). */
+  on: 'steer',
+  /** [layers built, B, hidden] float32: the unit vector of each row's intervention at each layer. */
+  unit: 'steer_unit',
+  /** [layers built, B, hidden] float32: added after the cap or ablation. */
+  add: 'steer_add',
+  /** [layers built, B, 3] float32: beta, tau, gamma. */
+  params: 'steer_params',
 } as const;
 
 export const STEP_OUTPUTS = {

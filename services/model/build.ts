@@ -50,7 +50,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
     await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
     // The step graph: the same weights, used as stored (no cast), GroupQueryAttention over fixed KV buffers.
     const stepGraph = new GraphBuilder(new WrittenWeights(data), dtype, undefined, false);
-    const stepSignature = await builderFor(config, ckpt, stepGraph, { kind: 'step' }).build({ capture: opts.capture, layers: opts.layers });
+    const stepSignature = await builderFor(config, ckpt, stepGraph, { kind: 'step' }).build({ capture: opts.capture, layers: opts.layers, steering: true });
     const stepBytes = stepGraph.encode(`${config.model_type}-step`, 'assistant-axis');
     await fs.writeFile(path.join(tmp, MODEL_FILES.step), stepBytes);
     const step: StepGraphMetadata = {
@@ -62,6 +62,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       graph_sha256: sha256(stepBytes),
       ...(stepSignature.responseSums ? { response_sums: true } : {}),
       ...(stepSignature.sampling ? { sampling: true } : {}),
+      ...(stepSignature.steering ? { steering: true } : {}),
     };
     log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];

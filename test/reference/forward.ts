@@ -6,9 +6,10 @@ import { decodeSafetensors } from '../../services/shared/safetensors';
  * A plain float64 forward pass of a llama, qwen2, qwen3 or gemma2 checkpoint, written from
  * Hugging Face's modeling code and sharing nothing with the graph builder: the outside check
  * of the ONNX graphs. Returns every layer's output (what a forward hook on model.layers[l]
- * sees) and the logits. `overrides` change config keys (to turn a feature off in tests).
+ * sees) and the logits. `overrides` change config keys (to turn a feature off in tests);
+ * `intervene` may change each block's output in place before the next block reads it.
  */
-export function referenceForward(checkpointDir: string, ids: number[], overrides: Record<string, unknown> = {}): { hidden: Float64Array[]; logits: Float64Array } {
+export function referenceForward(checkpointDir: string, ids: number[], overrides: Record<string, unknown> = {}, intervene?: (layer: number, h: Float64Array, positions: number, hidden: number) => void): { hidden: Float64Array[]; logits: Float64Array } {
   const config = { ...JSON.parse(fs.readFileSync(path.join(checkpointDir, 'config.json'), 'utf8')), ...overrides };
   const weights = decodeSafetensors(fs.readFileSync(path.join(checkpointDir, 'model.safetensors'))).tensors;
   const W = (name: string) => Float64Array.from(weights[name].data);
@@ -124,6 +125,8 @@ export function referenceForward(checkpointDir: string, ids: number[], overrides
     let down = linear(gate.map((g, i) => act(g) * up[i]), W(`${p}.mlp.down_proj.weight`), I, D);
     if (gemma) down = rmsNorm(down, W(`${p}.post_feedforward_layernorm.weight`));
     h = h1.map((val, i) => val + down[i]);
+    // A hook on block l's output, as the reference's steering context manager registers one.
+    intervene?.(l, h, S, D);
     hidden.push(h);
   }
   const normed = rmsNorm(h, W('model.norm.weight'));

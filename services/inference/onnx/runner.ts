@@ -1,3 +1,4 @@
+import type { Steering } from './steering';
 import * as ort from 'onnxruntime-node';
 import type { ModelMetadata } from '../../contracts/modelDirectory';
 import { LOOP_INPUTS, LOOP_OUTPUTS, NO_TOKEN, TOKEN_KIND } from '../../contracts/modelDirectory';
@@ -18,6 +19,8 @@ export interface SequenceJob {
   uniforms: Float32Array;
   /** Extract: 1 at the answer positions that count (docs/CONCEPTS.md), 0 elsewhere. */
   weights?: Float32Array;
+  /** Interventions on the residual stream while this sequence runs (capping; the slots engine only). */
+  steering?: Steering;
 }
 
 export interface SequenceResult {

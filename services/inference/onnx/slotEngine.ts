@@ -182,7 +182,7 @@ export class SlotEngine {
     // starts the slot's sums afresh); an Extract item's weighted positions are all run.
     const firstWeighted = extract && job.weights ? job.weights.findIndex((w) => w !== 0) : -1;
     const limit = Math.min(job.ids.length - 1, firstWeighted >= 0 ? firstWeighted : Infinity);
-    const reused = this.opts.prefixReuse === false ? 0 : await this.step.reusePrefix(slot, job.ids, limit);
+    const reused = this.opts.prefixReuse === false ? 0 : await this.step.reusePrefix(slot, job.ids, limit, job.steering?.id);
     this.onPrefill({ tokens: job.ids.length, reused });
     // The slot's sums start afresh; an Extract item's answer positions are weighted in this prefill.
     const out = await this.step.prefill(slot, job.ids.slice(reused), {
@@ -192,6 +192,7 @@ export class SlotEngine {
       weights: extract ? job.weights?.subarray(reused) : undefined,
       logits: extract || this.step.sampleInGraph ? 'none' : 'last',
       sample: extract || !this.step.sampleInGraph ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
+      steer: job.steering,
     });
     const { num_layers: L, hidden_size: d } = this.step.metadata;
     if (extract) {
@@ -248,7 +249,7 @@ export class SlotEngine {
     const started = performance.now();
     let out;
     try {
-      out = await this.step.decode(tokens, { counts, sample, hidden: false, logits: !inGraph });
+      out = await this.step.decode(tokens, { counts, sample, hidden: false, logits: !inGraph, steer: stepped.map((b) => b?.item.job.steering) });
     } catch (err) {
       // The step failed for every row: the items in it fail, the slots are free again.
       this.slots.forEach((b, s) => {

@@ -1,4 +1,5 @@
 import type { ModelMetadata, StepGraphMetadata } from '../../contracts/modelDirectory';
+import type { SteeringFeeds } from './steering';
 
 // What the step engine's kernels and `StepSession` share: what a run feeds and returns, and how a kernel is driven.
 
@@ -28,6 +29,8 @@ export interface StepFeeds {
    * skips its sampler), and [batch] temperature, top_p and uniform per row (temperature 0: greedy).
    */
   sample?: { draw: boolean; temperature: Float32Array; topP: Float32Array; uniform: Float32Array };
+  /** For a graph that takes interventions: the rows' (STEERING_INPUTS, [layers built, batch, ...]); absent: none this run. */
+  steer?: SteeringFeeds;
 }
 
 /** Runs the step graph over KV buffers it owns: onnxruntime-node's API, or the C API's. */

@@ -4,6 +4,7 @@ import { KernelShape, STEP_RUNTIMES, StepKernel, StepResult, StepRuntime } from 
 import { OrtApi } from './native/capi';
 import { NativeKernel } from './native/nativeKernel';
 import { checkedGraph, CPU, ModelLoadError, Placement, placementName, readMetadata } from './session';
+import { Steering, steeringFeeds } from './steering';
 import { StockKernel } from './stockKernel';
 
 export { STEP_RUNTIMES } from './stepKernel';
@@ -66,6 +67,8 @@ export class StepSession {
    * starts the same way need not compute them again (`reusePrefix`).
    */
   private readonly held: number[][];
+  /** Per slot, the experiment its held keys and values were computed with (undefined: none): reused only for the same. */
+  private readonly steeredBy: (string | undefined)[];
 
   private constructor(
     readonly metadata: ModelMetadata,
@@ -80,6 +83,7 @@ export class StepSession {
   ) {
     this.lengths = new Int32Array(slots);
     this.held = Array.from({ length: slots }, () => []);
+    this.steeredBy = new Array(slots).fill(undefined);
   }
 
   get layers(): [number, number] {
@@ -147,13 +151,16 @@ export class StepSession {
    * (a run's items share their instruction: a run sends its questions in order). Returns the
    * tokens reused (0: none).
    */
-  async reusePrefix(slot: number, ids: readonly number[], limit: number): Promise<number> {
+  async reusePrefix(slot: number, ids: readonly number[], limit: number, steering?: string): Promise<number> {
     this.checkSlot(slot);
     if (this.lengths[slot] !== 0) throw new SlotError(`slot ${slot} holds ${this.lengths[slot]} tokens: a prefix is reused only into a free slot`);
     const most = Math.min(limit, ids.length);
+    // Keys and values made under another intervention (or none) are not these tokens' here.
+    const same = (s: number) => this.steeredBy[s] === steering;
     let source = slot;
-    let best = commonPrefix(this.held[slot], ids, most);
+    let best = same(slot) ? commonPrefix(this.held[slot], ids, most) : 0;
     for (let s = 0; s < this.slots && best < most; s++) {
+      if (!same(s)) continue;
       // A busy slot's rows past its length are not its sequence.
       const n = commonPrefix(this.held[s], ids, this.lengths[s] ? Math.min(most, this.lengths[s]) : most);
       if (n > best) [source, best] = [s, n];
@@ -162,6 +169,7 @@ export class StepSession {
     if (source !== slot) {
       await this.kernel.copySlot(source, slot, best);
       this.held[slot] = this.held[source].slice(0, best);
+      this.steeredBy[slot] = steering;
     }
     this.lengths[slot] = best;
     return best;
@@ -175,8 +183,9 @@ export class StepSession {
    * running sums: `fresh` starts the slot's sums afresh, and `weights[i]` is position i's
    * weight in the sum (none by default).
    */
-  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all' | 'none'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number>; sample?: Sampling } = {}): Promise<StepResult> {
+  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all' | 'none'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number>; sample?: Sampling; steer?: Steering } = {}): Promise<StepResult> {
     this.checkSlot(slot);
+    if (this.lengths[slot] > 0 && this.steeredBy[slot] !== opts.steer?.id) throw new SlotError(`slot ${slot} holds a sequence run with ${this.steeredBy[slot] ?? 'no intervention'}: it cannot go on with ${opts.steer?.id ?? 'none'}`);
     if (ids.length === 0) throw new SlotError('a prefill needs at least one token');
     if (this.lengths[slot] + ids.length > this.slotLength) {
       throw new SlotError(`${this.lengths[slot] + ids.length} tokens do not fit a slot of ${this.slotLength} (${this.lengths[slot]} held, ${ids.length} new): raise the slot length or shorten the prompt`);
@@ -198,8 +207,9 @@ export class StepSession {
         if (opts.weights) for (let i = 0; i < part.length; i++) weights[i] = opts.weights[at + i] ?? 0;
         sums = { weights, mix: opts.fresh && at === 0 ? new Float32Array(4) : Float32Array.of(1, 0, 0, 1) };
       }
-      const out = await this.run(slot, [part], [past], positions, { hidden: opts.hidden ?? true, logits: opts.logits !== 'none', sums, sample: isLast && opts.sample ? [opts.sample] : undefined });
+      const out = await this.run(slot, [part], [past], positions, { hidden: opts.hidden ?? true, logits: opts.logits !== 'none', sums, sample: isLast && opts.sample ? [opts.sample] : undefined, steer: opts.steer ? [opts.steer] : undefined });
       this.lengths[slot] = past + part.length;
+      this.steeredBy[slot] = opts.steer?.id;
       this.held[slot] = [...this.held[slot].slice(0, past), ...part];
       hiddenParts.push(out.hidden);
       if (opts.logits === 'all' || isLast) logitParts.push(out.logits);
@@ -217,11 +227,12 @@ export class StepSession {
    * Returns each row's sampled token, its logits unless `logits` is false, and its hidden
    * states unless `hidden` is false.
    */
-  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; sample?: (Sampling | undefined)[]; hidden?: boolean; logits?: boolean } = {}): Promise<StepResult> {
+  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; sample?: (Sampling | undefined)[]; hidden?: boolean; logits?: boolean; steer?: (Steering | undefined)[] } = {}): Promise<StepResult> {
     if (tokens.length < 1 || tokens.length > this.slots) throw new SlotError(`a decoding step feeds slots 0..k-1 of ${this.slots}: got ${tokens.length} tokens`);
     const slots = [...Array(tokens.length).keys()];
     for (const s of slots) {
       if (tokens[s] !== undefined && this.lengths[s] + 1 > this.slotLength) throw new SlotError(`slot ${s} is full (${this.slotLength} tokens)`);
+      if (tokens[s] !== undefined && this.lengths[s] > 0 && this.steeredBy[s] !== opts.steer?.[s]?.id) throw new SlotError(`slot ${s} holds a sequence run with ${this.steeredBy[s] ?? 'no intervention'}: it cannot go on with ${opts.steer?.[s]?.id ?? 'none'}`);
     }
     let sums: RunSums | undefined;
     if (this.keepsSums) {
@@ -237,7 +248,8 @@ export class StepSession {
       }
       sums = { weights, mix };
     }
-    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample: opts.sample && slots.map((s) => opts.sample?.[s]) });
+    const steer = opts.steer?.some(Boolean) ? slots.map((s) => (tokens[s] === undefined ? undefined : opts.steer?.[s])) : undefined;
+    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample: opts.sample && slots.map((s) => opts.sample?.[s]), steer });
     for (const s of slots) {
       const token = tokens[s];
       if (token === undefined) {
@@ -248,6 +260,7 @@ export class StepSession {
       this.held[s].length = this.lengths[s];
       this.held[s].push(token);
       this.lengths[s] += 1;
+      this.steeredBy[s] = opts.steer?.[s]?.id;
     }
     return out;
   }
@@ -264,6 +277,7 @@ export class StepSession {
     if (this.lengths[to] !== 0) throw new SlotError(`slot ${to} holds ${this.lengths[to]} tokens: a sequence moves only to a free slot`);
     await this.kernel.copySlot(from, to, this.lengths[from]);
     this.held[to] = this.held[from].slice(0, this.lengths[from]);
+    this.steeredBy[to] = this.steeredBy[from];
     this.lengths[to] = this.lengths[from];
     this.lengths[from] = 0;
   }
@@ -287,8 +301,10 @@ export class StepSession {
   }
 
   /** One run over consecutive slots from `firstSlot`, each with its tokens after `past` held ones. */
-  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], opts: { hidden: boolean; logits: boolean; sums?: RunSums; sample?: (Sampling | undefined)[] }): Promise<StepResult> {
+  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], opts: { hidden: boolean; logits: boolean; sums?: RunSums; sample?: (Sampling | undefined)[]; steer?: (Steering | undefined)[] }): Promise<StepResult> {
     const batch = ids.length;
+    const steer = opts.steer && steeringFeeds(opts.steer, this.layers, this.metadata.hidden_size);
+    if (steer && !this.step.steering) throw new SlotError('this model was built before interventions (capping): build it again with this axis-model');
     const length = ids[0].length;
     const last = this.layers[1] === this.metadata.num_layers;
     return this.kernel.run({
@@ -304,6 +320,7 @@ export class StepSession {
       sumMix: opts.sums?.mix,
       hidden: opts.hidden,
       logits: opts.logits,
+      steer,
       // A graph that samples is always told whether to draw (rows without parameters draw greedily).
       sample: this.step.sampling
         ? {

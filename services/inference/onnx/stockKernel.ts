@@ -1,5 +1,6 @@
 import * as ort from 'onnxruntime-node';
-import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
+import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
+import { idleSteering } from './steering';
 import { createSession, ModelLoadError, Placement } from './session';
 import { KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
 
@@ -84,6 +85,16 @@ export class StockKernel implements StepKernel {
       feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample.topP, [f.batch]);
       feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample.uniform, [f.batch]);
       if (f.sample.draw) fetches[STEP_OUTPUTS.nextTokens] = null;
+    }
+    if (f.steer && !step.steering) throw new Error('this step graph was built before interventions (capping): build the model again');
+    if (step.steering) {
+      // Without interventions this run: `steer` false, and rows of zeros the graph does not read.
+      const values = f.steer ?? idleSteering(this.shape.layers[1] - this.shape.layers[0], metadata.hidden_size);
+      const dims = [this.shape.layers[1] - this.shape.layers[0], f.steer ? f.batch : 1];
+      feeds[STEERING_INPUTS.on] = new ort.Tensor('bool', Uint8Array.of(f.steer ? 1 : 0), []);
+      feeds[STEERING_INPUTS.unit] = new ort.Tensor('float32', values.unit, [...dims, metadata.hidden_size]);
+      feeds[STEERING_INPUTS.add] = new ort.Tensor('float32', values.add, [...dims, metadata.hidden_size]);
+      feeds[STEERING_INPUTS.params] = new ort.Tensor('float32', values.params, [...dims, 3]);
     }
     const out = await this.session.run(feeds, fetches);
     return {

@@ -1,6 +1,6 @@
 import type { CheckpointReader, HfConfig } from '../checkpoint';
 import { CheckpointError } from '../checkpoint';
-import { STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
+import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { DataType, GraphBuilder, MS_DOMAIN, STORAGE_TYPES } from '../graph';
 import { sampleTokens } from '../sampler';
 
@@ -21,6 +21,8 @@ export interface BuildOptions {
   capture: boolean;
   /** Build layers [first, end) only: one stage of a model split over several devices. */
   layers?: [number, number];
+  /** Take interventions after each block (STEERING_INPUTS): the step graph (not the portable one, which other tools run, nor the generation graph's Loop body). */
+  steering?: boolean;
 }
 
 /**
@@ -87,6 +89,8 @@ export interface GraphSignature {
   responseSums?: boolean;
   /** The step graph samples each row's next token (STEP_OUTPUTS.nextTokens): its last stage. */
   sampling?: boolean;
+  /** The graph takes interventions (STEERING_INPUTS). */
+  steering?: boolean;
 }
 
 /** Values built once per graph and used by every layer. */
@@ -253,7 +257,12 @@ export class DecoderBuilder {
 
   /** A float32 x in the activations' type. */
   protected toAct(x: string): string {
-    return this.act === DataType.FLOAT ? x : this.g.node('Cast', [x], { to: this.act });
+    return this.toActIn(this.g, x);
+  }
+
+  /** The same in a subgraph being built. */
+  protected toActIn(g: GraphBuilder, x: string): string {
+    return this.act === DataType.FLOAT ? x : g.node('Cast', [x], { to: this.act });
   }
 
   /** tanh(x / cap) * cap. */
@@ -435,12 +444,13 @@ export class DecoderBuilder {
    * present keys and values are named `this.names.presentKey/Value(l)`. The step graph's head
    * reads only the positions `logitsPositions` names ([B, K, vocab] instead of [B, S, vocab]).
    */
-  async forward(inputIds: string | undefined, inputHidden: string | undefined, [first, end]: [number, number]): Promise<DecoderValues> {
+  async forward(inputIds: string | undefined, inputHidden: string | undefined, [first, end]: [number, number], steering = false): Promise<DecoderValues> {
     this.shared = this.sharedValues();
     let h = inputIds !== undefined ? await this.embed(inputIds) : inputHidden!;
     const hidden: string[] = [];
     for (let l = first; l < end; l++) {
       h = await this.block(l, h);
+      if (steering) h = this.steer(l - first, h);
       hidden.push(h);
     }
     if (end < this.dims.numLayers) return { hidden };
@@ -453,6 +463,31 @@ export class DecoderBuilder {
     const normed = await this.norm(last, 'model.norm.weight');
     const weight = this.tiedEmbeddings() ? await this.embeddingTable() : await this.param('lm_head.weight', [this.dims.vocab, this.dims.hidden]);
     return { hidden, logits: this.logitsTransform(this.project(normed, weight, this.dims.vocab, this.dims.hidden)) };
+  }
+
+  /**
+   * The interventions after a block (STEERING_INPUTS): row b's h <- h - u (beta relu(<h, u> -
+   * tau) + gamma <h, u>) + a, in the activations' type, inside an If on `steer` so that a run
+   * without any costs one branch per layer. `index`: the layer's place among those built.
+   */
+  private steer(index: number, h: string): string {
+    const g = this.g;
+    const on = g.child();
+    const at = on.constInt64([index], []);
+    const row = (name: string) => this.toActIn(on, on.node('Unsqueeze', [on.node('Gather', [name, at], { axis: 0 }), on.constInt64([1])]));
+    const unit = row(STEERING_INPUTS.unit); // [B, 1, hidden]
+    const add = row(STEERING_INPUTS.add);
+    const params = row(STEERING_INPUTS.params); // [B, 1, 3]
+    const [beta, tau, gamma] = on.nodeN('Split', [params, on.constInt64([1, 1, 1])], 3, { axis: 2 }); // [B, 1, 1] each
+    const p = on.node('ReduceSum', [on.node('Mul', [h, unit]), on.constInt64([-1])], { keepdims: 1 }); // [B, S, 1]
+    const amount = on.node('Add', [on.node('Mul', [beta, on.node('Relu', [on.node('Sub', [p, tau])])]), on.node('Mul', [gamma, p])]);
+    const steered = on.node('Add', [on.node('Sub', [h, on.node('Mul', [amount, unit])]), add]);
+    on.output(steered, on.fresh('steered'), this.act, ['batch_size', 'sequence_length', this.dims.hidden]);
+    const off = g.child();
+    off.output(off.node('Identity', [h]), off.fresh('unsteered'), this.act, ['batch_size', 'sequence_length', this.dims.hidden]);
+    const out = g.fresh('block_out');
+    g.nodeNamed('If', [STEERING_INPUTS.on], [out], { then_branch: { graph: on.subgraph(`steer_${index}`) }, else_branch: { graph: off.subgraph(`no_steer_${index}`) } });
+    return out;
   }
 
   /** Declares the inputs, builds the blocks (and, in the last stage, the head), declares the outputs. */
@@ -479,7 +514,13 @@ export class DecoderBuilder {
       g.input(this.names.pastKey(l), kvType, ['batch_size', kvHeads, pastLength, headDim]);
       g.input(this.names.pastValue(l), kvType, ['batch_size', kvHeads, pastLength, headDim]);
     }
-    const values = await this.forward(first === 0 ? h0 : undefined, first === 0 ? undefined : this.toAct(h0), [first, end]);
+    if (opts.steering) {
+      g.input(STEERING_INPUTS.on, DataType.BOOL, []);
+      g.input(STEERING_INPUTS.unit, DataType.FLOAT, ['steer_layers', 'steer_batch', hidden]);
+      g.input(STEERING_INPUTS.add, DataType.FLOAT, ['steer_layers', 'steer_batch', hidden]);
+      g.input(STEERING_INPUTS.params, DataType.FLOAT, ['steer_layers', 'steer_batch', 3]);
+    }
+    const values = await this.forward(first === 0 ? h0 : undefined, first === 0 ? undefined : this.toAct(h0), [first, end], opts.steering);
     const hiddenStateOutputs: string[] = [];
     const sums = step && opts.capture;
     let keep = '';
@@ -534,6 +575,6 @@ export class DecoderBuilder {
       g.output(this.names.presentKey(l), this.names.presentKey(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
       g.output(this.names.presentValue(l), this.names.presentValue(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
     }
-    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums, sampling };
+    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums, sampling, steering: !!opts.steering };
   }
 }

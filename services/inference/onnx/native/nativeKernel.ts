@@ -1,5 +1,6 @@
 import koffi from 'koffi';
-import { STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
+import { idleSteering } from '../steering';
+import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
 import { CUDA_PROVIDER_DEFAULTS, ModelLoadError, Placement, placementName } from '../session';
 import { KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
 import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, OrtApi, OrtCallError } from './capi';
@@ -181,6 +182,17 @@ export class NativeKernel implements StepKernel {
         tokens = new BigInt64Array(f.batch);
         bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
       }
+    }
+    if (f.steer && !step.steering) throw new OrtCallError('this step graph was built before interventions (capping): build the model again');
+    if (step.steering) {
+      // Without interventions this run: `steer` false, and rows of zeros the graph does not read.
+      const rows = f.steer ? f.batch : 1;
+      const values = f.steer ?? idleSteering(end - first, metadata.hidden_size);
+      const dims = [end - first, rows];
+      bind('BindInput', STEERING_INPUTS.on, this.host(held, Uint8Array.of(f.steer ? 1 : 0), 'bool', []));
+      bind('BindInput', STEERING_INPUTS.unit, this.host(held, values.unit, 'float32', [...dims, metadata.hidden_size]));
+      bind('BindInput', STEERING_INPUTS.add, this.host(held, values.add, 'float32', [...dims, metadata.hidden_size]));
+      bind('BindInput', STEERING_INPUTS.params, this.host(held, values.params, 'float32', [...dims, 3]));
     }
     // The arrays stay referenced (by this frame) until the run is over.
     await api.callAsync(api.fn.RunWithBinding, [this.session, null, this.binding], 'running the step graph');
