@@ -7,6 +7,7 @@ import { DEFAULT_PORTS } from '../shared/defaults';
 import { clientCredentials } from '../shared/tls';
 import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, projectConversation, startRun, stateName, watchRun } from './client';
 import { projectFiles, writeProjections } from './projectFiles';
+import { calibrate, CalibrationError } from './calibrate';
 import { EXPORT_FORMATS, ExportError, exportControlVector, exportHfDataset } from './exportAxis';
 import { formatSummary, ProgressBar } from './progress';
 
@@ -27,6 +28,10 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
       coordinator where it is
   axis export NAME --format hf-dataset --out DIR [--run-dir DIR]
       the axis, default vector and role vectors in the published dataset's layout (safetensors)
+  axis calibrate NAME --out PREFIX [--percentiles 1,25,50,75] [--layer-ranges 46:54,...] [--run-dir DIR]
+      a finished run's capping config: PREFIX.json and PREFIX.safetensors, the vector -axis[l] per
+      layer and an experiment per band and percentile (layers_46:54-p0.25) capping each layer at
+      the run's answers' percentile (default bands: the upper half, the paper's widths)
   axis project FILE.json... (--axis-run NAME | --axis-file F) --out DIR [--layers 0,1] [--model M]
       each assistant turn of conversations in the reference's transcript format ("conversation":
       [{role, content}]) projected on an axis: DIR/projections.json and projections.html
@@ -65,6 +70,8 @@ const OPTIONS = {
   scale: { type: 'string' },
   'run-dir': { type: 'string' },
   'axis-run': { type: 'string' },
+  percentiles: { type: 'string' },
+  'layer-ranges': { type: 'string' },
   'axis-file': { type: 'string' },
   help: { type: 'boolean' },
 } as const;
@@ -140,6 +147,14 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(formatSummary(final) + '\n');
     return final.state;
   };
+  /** A finished run's directory on this machine: --run-dir, else where the coordinator says it is. */
+  const localRunDir = async (runName: string): Promise<string> => {
+    if (values['run-dir']) return values['run-dir'];
+    const run = await getRun(client, runName, meta());
+    if (stateName(run.state) !== 'SUCCEEDED') throw new UsageError(`run ${run.name} is ${stateName(run.state)}: only a finished run has an axis`);
+    if (!fs.existsSync(run.outputDir)) throw new UsageError(`run ${run.name}'s outputs (${run.outputDir}) are not on this machine: copy them here and give --run-dir`);
+    return run.outputDir;
+  };
   const ok = (state: number) => (['SUCCEEDED', 'CANCELLED'].includes(stateName(state)) ? 0 : 1);
   try {
     switch (command) {
@@ -179,13 +194,7 @@ async function main(argv: string[]): Promise<number> {
         if (!values.out) throw new UsageError('axis export needs --out FILE');
         const scale = values.scale === undefined ? 1 : Number(values.scale);
         if (!Number.isFinite(scale)) throw new UsageError(`--scale must be a number, got ${JSON.stringify(values.scale)}`);
-        let runDir = values['run-dir'];
-        if (!runDir) {
-          const run = await getRun(client, needName(), meta());
-          if (stateName(run.state) !== 'SUCCEEDED') throw new UsageError(`run ${run.name} is ${stateName(run.state)}: only a finished run has an axis`);
-          runDir = run.outputDir;
-          if (!fs.existsSync(runDir)) throw new UsageError(`run ${run.name}'s outputs (${runDir}) are not on this machine: copy them here and give --run-dir`);
-        }
+        const runDir = await localRunDir(needName());
         try {
           if (format === 'hf-dataset') {
             const files = await exportHfDataset(runDir, values.out);
@@ -196,6 +205,20 @@ async function main(argv: string[]): Promise<number> {
           }
         } catch (err) {
           if (err instanceof ExportError) throw new UsageError(err.message);
+          throw err;
+        }
+        return 0;
+      }
+      case 'calibrate': {
+        if (!values.out) throw new UsageError('axis calibrate needs --out PREFIX (PREFIX.json and PREFIX.safetensors are written)');
+        const percentiles = list(values.percentiles ?? '1,25,50,75').map(Number);
+        if (!percentiles.length || percentiles.some((p) => !(p > 0 && p < 100))) throw new UsageError(`--percentiles must be numbers between 0 and 100, got ${JSON.stringify(values.percentiles)}`);
+        const runDir = await localRunDir(needName());
+        try {
+          const done = await calibrate(runDir, values.out, { percentiles, bands: values['layer-ranges'] });
+          process.stdout.write(`${values.out}.json, ${values.out}.safetensors: ${done.vectors} vectors, ${done.experiments.length} experiments (${done.experiments.slice(0, 4).join(', ')}${done.experiments.length > 4 ? ', ...' : ''})\n`);
+        } catch (err) {
+          if (err instanceof CalibrationError) throw new UsageError(err.message);
           throw err;
         }
         return 0;

@@ -10,6 +10,7 @@ import type { LocalStack } from '../../services/cli/stack';
 import { expectedReply, expectedScore, FakeOpenAIServer } from '../doubles/openai-server';
 import { coordinatorClient, getRun, startRun, waitFor, watchRun } from '../helpers/grpc';
 import { syntheticActivation } from '../../services/inference/synthetic';
+import { CappingConfig } from '../../services/inference/onnx';
 import { decodeSafetensors, readSafetensors } from '../../services/shared/safetensors';
 import { readAxis, readRunFiles, recomputeAxis, relativeErrorPerLayer } from '../kit/runfiles';
 import { ROOT, testStack, UPSTREAM_DATA } from '../kit/stack';
@@ -265,6 +266,25 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     const carried = JSON.parse((await readAxis(done.outputDir)).metadata.answer_percentiles);
     expect(carried.layer).toBe(report.target_layer);
     for (const a of report.answer_projections) expect(carried.groups[a.group]).toEqual(a.at_target);
+    // Calibration: -axis[l] per layer, caps at minus the pooled percentiles (recomputed here) of the band's layers.
+    const prefix = path.join(done.outputDir, '..', 'placed-capping');
+    const cal = await promisify(execFile)(process.execPath, [path.join(ROOT, 'dist/services/cli/axis.js'), 'calibrate', 'placed', '--out', prefix, '--percentiles', '25,50', '--layer-ranges', '3:5', '--coordinator', stack.address('coordinator')]);
+    expect(cal.stdout).toContain('2 vectors, 2 experiments (layers_3:5-p0.25, layers_3:5-p0.5)');
+    const config = JSON.parse(fs.readFileSync(`${prefix}.json`, 'utf8'));
+    const vectors = (await readSafetensors(`${prefix}.safetensors`)).tensors;
+    for (const l of [3, 4]) {
+      expect(config.vectors[`neg_axis_l${l}`]).toEqual({ layer: l });
+      expect(Array.from(vectors[`neg_axis_l${l}`].data)).toEqual(Array.from(axis.subarray(l * D, (l + 1) * D), (x) => -x));
+    }
+    for (const [q, id] of [[25, 'layers_3:5-p0.25'], [50, 'layers_3:5-p0.5']] as const) {
+      const e = config.experiments.find((x: { id: string }) => x.id === id);
+      e.interventions.forEach((iv: { vector: string; cap: number }, k: number) => {
+        expect(iv.vector).toBe(`neg_axis_l${3 + k}`);
+        expect(Math.abs(iv.cap - -percentile(want.pooled[3 + k], q))).toBeLessThanOrEqual(slack[3 + k]);
+      });
+    }
+    // The engine's loader takes it; an experiment's caps hold the projection at or above the percentile.
+    expect(CappingConfig.load(prefix, { numLayers: L, hidden: D }).experiment('layers_3:5-p0.25')!.layers.get(3)!.tau).toBe(config.experiments[0].interventions[0].cap);
     // GetRun returns them too, and the report's page plots them.
     expect((await getRun(client, 'placed')).summary!.answerProjections.map((a) => a.group)).toEqual(['role_play', 'role_play_3', 'default', 'pooled']);
     expect(fs.readFileSync(path.join(done.outputDir, 'report.html'), 'utf8')).toContain('Where the answers lie on the axis');
