@@ -29,6 +29,8 @@ export interface RunSpec {
   twoPass?: boolean;
   /** The chat template's thinking switch (Qwen 3): the model thinks before it answers. */
   enableThinking?: boolean;
+  /** An experiment of the inference replicas' capping config, generated and measured with. */
+  cappingExperiment?: string;
 }
 
 /** A batch submitted to the judge's Batch API and the items in it. */

@@ -42,6 +42,8 @@ export function manifest(spec: RunSpec, data: DataSet, model: ModelInfo, judge: 
     },
     sampling: { temperature: spec.temperature, top_p: spec.topP, max_new_tokens: spec.maxNewTokens, max_context: spec.maxContext, enable_thinking: !!spec.enableThinking },
     seed: spec.seed,
+    // Generated with interventions (docs/CONCEPTS.md, "Capping"): which experiment of which config.
+    capping: spec.cappingExperiment ? { experiment: spec.cappingExperiment, config: model.capping?.file ?? '', config_sha256: model.capping?.sha256 ?? '' } : 'none',
     layers: spec.layers.length ? spec.layers : 'all',
     judge: { provider: judge.provider, model: judge.model, base_url: judge.baseUrl, meaningful: judge.meaningful },
     data: { dir: data.dir, sha256: spec.dataHash, roles: spec.roles, question_count: spec.questionCount },

@@ -252,6 +252,7 @@ export class RunExecutor {
           // Two-pass: the text is what counts here; the activation comes from the prefill below.
           layers: spec.twoPass ? [0] : spec.layers,
           textOnly: textFirst,
+          cappingExperiment: spec.cappingExperiment ?? '',
         });
         checkItemError(r.error, `inference failed for item ${id}`);
         return r;
@@ -268,7 +269,7 @@ export class RunExecutor {
         // The sampled ids make a recovered activation exactly the generated one; two-pass
         // runs and imported answers have none, and the answer text is tokenized again.
         const responseTokenIds = ledger.responseIds(run, item.role, item.key);
-        const r = await (await this.pickReplica()).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: spec.layers, responseTokenIds, enableThinking: !!spec.enableThinking });
+        const r = await (await this.pickReplica()).extract.send(id, { itemId: id, messages: [...messages, { role: 'assistant', content: text }], layers: spec.layers, responseTokenIds, enableThinking: !!spec.enableThinking, cappingExperiment: spec.cappingExperiment ?? '' });
         checkItemError(r.error, `activation recovery (Extract) failed for item ${id}`);
         return r;
       });

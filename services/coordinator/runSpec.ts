@@ -82,6 +82,17 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
     throw failedPrecondition(`model: no inference replica serves ${JSON.stringify(model)} (served: ${served.join(', ')})`);
   }
   const info = upstreams.inference.replicas.find((r) => r.info?.model === model)!.info!;
+  const experiment = req.cappingExperiment && req.cappingExperiment !== 'none' ? req.cappingExperiment : undefined;
+  if (experiment) {
+    // Every replica of the model must have it, from the same config: items go to any of them.
+    for (const r of upstreams.inference.serving(model)) {
+      const c = r.info!.capping;
+      if (!c) throw failedPrecondition(`capping_experiment: the inference replica at ${r.address} has no capping config (start it with --capping-config)`);
+      if (!c.experiments.includes(experiment)) throw invalidArgument(`capping_experiment: ${JSON.stringify(experiment)} is not an experiment of ${c.file} (it has ${c.experiments.join(', ')})`);
+      if (c.sha256 !== info.capping!.sha256) throw failedPrecondition(`capping_experiment: the replicas of ${model} loaded different capping configs (${r.address}: ${c.file})`);
+    }
+    if (importDir || req.twoPass) throw invalidArgument(`capping_experiment: ${importDir ? 'an imported run generates nothing' : 'a two-pass run measures the text apart from its generation'}: capping applies to generated runs`);
+  }
   const seen = new Set<number>();
   for (const l of req.layers) {
     if (l >= info.numLayers) throw invalidArgument(`layers: layer ${l} does not exist (${model} has ${info.numLayers} layers, zero-indexed)`);
@@ -109,6 +120,7 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
     ...(importDir ? { importDir } : {}),
     ...(req.twoPass ? { twoPass: true } : {}),
     ...(req.enableThinking ? { enableThinking: true } : {}),
+    ...(experiment ? { cappingExperiment: experiment } : {}),
   };
   return { spec, data };
 }

@@ -30,6 +30,8 @@ export interface GenerateInput {
   signal?: AbortSignal;
   /** The text and token ids only: no activation (the caller measures the saved answer with Extract). */
   textOnly?: boolean;
+  /** An experiment of the replica's capping config (empty or "none": none). */
+  cappingExperiment?: string;
 }
 
 export interface GenerateOutput {
@@ -52,6 +54,8 @@ export interface ExtractOptions {
   enableThinking?: boolean;
   /** As GenerateInput's. */
   signal?: AbortSignal;
+  /** As GenerateInput's: measured with the interventions the answer was generated with. */
+  cappingExperiment?: string;
 }
 
 export interface ExtractOutput {

@@ -46,6 +46,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
     return new OnnxBackend({
       generator,
       generatorCheck: cfg['generator-check'] as 'greedy' | 'off',
+      cappingConfig: cfg['capping-config'] || undefined,
       modelDirs: cfg['model-dir'].split(',').map((d) => d.trim()).filter(Boolean),
       model: cfg.model,
       capacity: cfg.capacity || 2 * cfg['max-batch'],

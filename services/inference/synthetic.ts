@@ -50,6 +50,7 @@ export class SyntheticBackend implements InferenceBackend {
       slotLength: 0,
       stepRuntime: '',
       generator: undefined,
+      capping: undefined,
     };
   }
 

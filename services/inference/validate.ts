@@ -50,7 +50,7 @@ export function validateGenerate(req: GenerateRequest, info: ModelInfo): Generat
   if (!(s.maxNewTokens >= 1)) throw bad('sampling.max_new_tokens: must be at least 1');
   if (!(s.maxContext >= 2 && s.maxContext <= MAX_CONTEXT_TOKENS)) throw bad(`sampling.max_context: must be in [2, ${MAX_CONTEXT_TOKENS}], got ${s.maxContext}`);
   checkLength(req.messages, Math.min(s.maxContext, sequenceBound(info)), 'max_context');
-  return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info), textOnly: req.textOnly };
+  return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info), textOnly: req.textOnly, cappingExperiment: checkExperiment(req.cappingExperiment, info) };
 }
 
 export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[]; opts: ExtractOptions } {
@@ -58,7 +58,15 @@ export function validateExtract(req: ExtractRequest, info: ModelInfo): { message
   checkMessages(req.messages);
   if (req.messages[req.messages.length - 1].role !== 'assistant') throw bad('messages: the last message must be the assistant answer to measure');
   checkLength(req.messages, sequenceBound(info), info.slotLength > 0 ? 'a slot (--slot-length)' : 'the longest context served');
-  return { messages: req.messages, layers: checkLayers(req.layers, info), opts: { answerIds: req.responseTokenIds.length ? req.responseTokenIds : undefined, enableThinking: req.enableThinking } };
+  return { messages: req.messages, layers: checkLayers(req.layers, info), opts: { answerIds: req.responseTokenIds.length ? req.responseTokenIds : undefined, enableThinking: req.enableThinking, cappingExperiment: checkExperiment(req.cappingExperiment, info) } };
+}
+
+/** An item's capping experiment: one of the replica's config (none when empty or "none"). */
+function checkExperiment(id: string, info: ModelInfo): string | undefined {
+  if (!id || id === 'none') return undefined;
+  if (!info.capping) throw new RpcError(grpc.status.FAILED_PRECONDITION, `capping_experiment: ${JSON.stringify(id)}, but this replica has no capping config (start it with --capping-config)`);
+  if (!info.capping.experiments.includes(id)) throw bad(`capping_experiment: ${JSON.stringify(id)} is not an experiment of ${info.capping.file} (it has ${info.capping.experiments.join(', ')})`);
+  return id;
 }
 
 /** A projection request: a conversation with an assistant turn, an axis of this model's width with a row per named layer. */

@@ -16,7 +16,7 @@ const spec: RunSpec = {
 };
 const model = {
   model: 'tiny-llama', architecture: 'llama', numLayers: 4, hiddenSize: 8, device: 'cpu', capacity: 4, backend: 'onnx',
-  activationDtype: DType.DTYPE_F32, supportsSystemPrompt: true, modelShortName: 'Tiny', hashes: { weights: 'w1', graph: 'g1' }, slots: 4, slotLength: 2560, stepRuntime: 'native', generator: undefined,
+  activationDtype: DType.DTYPE_F32, supportsSystemPrompt: true, modelShortName: 'Tiny', hashes: { weights: 'w1', graph: 'g1' }, slots: 4, slotLength: 2560, stepRuntime: 'native', generator: undefined, capping: undefined,
 };
 const judge = { provider: 'openai', model: 'gpt-4.1-mini', baseUrl: 'http://judge/v1', meaningful: true, hasPrice: true, promptPricePerMtok: 0.4, completionPricePerMtok: 1.6, requestsPerSecond: 10, concurrency: 8 };
 const summary: RunSummary = {
@@ -35,6 +35,7 @@ describe('manifest', () => {
       model: { name: 'tiny-llama', backend: 'onnx', architecture: 'llama', num_layers: 4, hidden_size: 8, device: 'cpu', short_name: 'Tiny', system_prompt_supported: true, hashes: { weights: 'w1', graph: 'g1' }, generator: 'this engine' },
       sampling: { temperature: 0.7, top_p: 0.9, max_new_tokens: 64, max_context: 2048, enable_thinking: false },
       seed: 7,
+      capping: 'none',
       layers: 'all',
       judge: { provider: 'openai', model: 'gpt-4.1-mini', base_url: 'http://judge/v1', meaningful: true },
       data: { dir: '/data', sha256: 'abc123', roles: ['pirate', 'default'], question_count: 5 },

@@ -29,7 +29,7 @@ describe('limits', () => {
     const call = client.generate();
     call.on('data', () => undefined);
     call.on('error', () => undefined);
-    const req = (i: number): GenerateRequest => ({ itemId: `flood-${i}`, messages: [{ role: 'user', content: `question ${i}` }], sampling: { temperature: 0.7, topP: 0.9, maxNewTokens: 64, maxContext: 2048, seed: 0, enableThinking: false }, seed: i, layers: [], textOnly: false });
+    const req = (i: number): GenerateRequest => ({ itemId: `flood-${i}`, messages: [{ role: 'user', content: `question ${i}` }], sampling: { temperature: 0.7, topP: 0.9, maxNewTokens: 64, maxContext: 2048, seed: 0, enableThinking: false }, seed: i, layers: [], textOnly: false, cappingExperiment: '' });
     for (let i = 0; i < 20 * MAX_PENDING_PER_STREAM; i++) call.write(req(i));
     const inFlight = () => metricValue(`http://${stack.host}:${stack.metricsPorts.inference}/metrics`, 'axis_inference_in_flight');
     await new Promise((r) => setTimeout(r, 3000));

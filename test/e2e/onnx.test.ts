@@ -16,6 +16,7 @@ import { LoadedModel } from '../../services/inference/onnx/model';
 import { projectTurns, renderTurns } from '../../services/inference/onnx/projection';
 import { DecoderSession } from '../../services/inference/onnx/session';
 import { unitRows } from '../../services/shared/projection';
+import { writeSafetensors } from '../../services/shared/safetensors';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { tempDir } from '../kit/files';
@@ -27,12 +28,18 @@ describe('end to end through the ONNX backend on a tiny llama', () => {
   let modelDir: string;
   const judge = new FakeOpenAIServer();
 
+  let capping: string;
   beforeAll(async () => {
     ({ modelDir } = await tinyLlama());
     await judge.start();
+    // A capping config of the tiny model (4 layers x 64): layers 1 and 2 capped at 0 along fixed vectors, and one capping nothing.
+    capping = path.join(tempDir('onnx-capping'), 'capping');
+    const v = (seed: number) => Float32Array.from({ length: 64 }, (_, i) => Math.sin(seed + i * 0.37));
+    fs.writeFileSync(`${capping}.json`, JSON.stringify({ format: 'assistant-axis-capping/1', vectors: { a: { layer: 1 }, b: { layer: 2 } }, experiments: [{ id: 'cap', interventions: [{ vector: 'a', cap: 0 }, { vector: 'b', cap: 0 }] }, { id: 'open', interventions: [{ vector: 'a', cap: 'inf' }] }] }));
+    await writeSafetensors(`${capping}.safetensors`, { a: { shape: [64], data: v(1) }, b: { shape: [64], data: v(2) } });
     ({ stack } = await testStack('onnx', {
       args: {
-        inference: ['--backend', 'onnx', '--model-dir', modelDir],
+        inference: ['--backend', 'onnx', '--model-dir', modelDir, '--capping-config', capping],
         judge: ['--provider', 'openai', '--base-url', judge.baseUrl],
       },
     }));
@@ -95,6 +102,28 @@ describe('end to end through the ONNX backend on a tiny llama', () => {
     await expect(startRun(client, { name: 'onnx-think', ...REQUEST })).rejects.toThrow(/already exists with other parameters \(enableThinking\)/);
     client.close();
   });
+
+  it('generates a run with a capping experiment: recorded in the manifest, other answers than without, the same with caps at +infinity', async () => {
+    const client = coordinatorClient(stack.address('coordinator'));
+    if ((await watchRun(client, 'onnx-a', () => undefined).catch(() => undefined))?.state !== RunState.RUN_STATE_SUCCEEDED) {
+      await startRun(client, { name: 'onnx-a', ...REQUEST });
+      await watchRun(client, 'onnx-a', () => undefined);
+    }
+    const plain = readRunFiles(path.join(stack.opts.outputRoot, 'onnx-a')).responses;
+    await startRun(client, { name: 'onnx-capped', ...REQUEST, cappingExperiment: 'cap' });
+    const capped = await watchRun(client, 'onnx-capped', () => undefined);
+    expect(capped.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    const manifest = JSON.parse(fs.readFileSync(path.join(capped.outputDir, 'manifest.json'), 'utf8'));
+    expect(manifest.capping).toMatchObject({ experiment: 'cap', config: `${capping}.json` });
+    expect(manifest.capping.config_sha256).toMatch(/^[0-9a-f]{64}$/);
+    expect(readRunFiles(capped.outputDir).responses).not.toEqual(plain);
+    await startRun(client, { name: 'onnx-open', ...REQUEST, cappingExperiment: 'open' });
+    const open = await watchRun(client, 'onnx-open', () => undefined);
+    expect(readRunFiles(open.outputDir).responses).toEqual(plain);
+    // An experiment the replicas do not have is refused, naming it and those they have.
+    await expect(startRun(client, { name: 'onnx-nope', ...REQUEST, cappingExperiment: 'nope' })).rejects.toThrow(/capping_experiment: "nope" is not an experiment of .*capping\.json \(it has cap, open\)/);
+    client.close();
+  }, 300_000);
 
   it('projects transcripts on a finished run\'s axis through the coordinator: axis project writes projections.json and .html, a bad file gets its error', async () => {
     const client = coordinatorClient(stack.address('coordinator'));

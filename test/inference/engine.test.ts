@@ -261,7 +261,7 @@ describe('the batch engine and the onnx backend', () => {
     const client = new InferenceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions());
     try {
       const messages = [{ role: 'user', content: 'Tell me about the sea.' }];
-      const long = { itemId: 'r/a/long', messages, sampling: { ...sampling, maxNewTokens: 400, maxContext: 512 }, seed: 1, layers: [], textOnly: false };
+      const long = { itemId: 'r/a/long', messages, sampling: { ...sampling, maxNewTokens: 400, maxContext: 512 }, seed: 1, layers: [], textOnly: false, cappingExperiment: '' };
       const stream = client.generate();
       stream.on('error', () => undefined);
       stream.write(long);

@@ -48,15 +48,15 @@ describe('live monitoring of answers on an axis', () => {
     const norm = Math.hypot(...row);
     const projections: number[] = [];
     for (let i = 0; i < 12; i++) {
-      const r = await service.generate({ itemId: `r/chef/k${i}`, messages: [{ role: 'user', content: `question ${i}` }], sampling, seed: i, layers: [], textOnly: false });
+      const r = await service.generate({ itemId: `r/chef/k${i}`, messages: [{ role: 'user', content: `question ${i}` }], sampling, seed: i, layers: [], textOnly: false, cappingExperiment: '' });
       const a = decodeTensor(r.activation, 'a').data;
       projections.push(row.reduce((s, x, k) => s + x * a[3 * d + k], 0) / norm);
     }
     // A measured answer with only layers 1 and 3: read from its second row; with only layer 1: not counted.
-    const m = await service.extract({ itemId: 'r/chef/m', messages: [{ role: 'user', content: 'q' }, { role: 'assistant', content: 'an answer' }], layers: [1, 3], responseTokenIds: [], enableThinking: false });
+    const m = await service.extract({ itemId: 'r/chef/m', messages: [{ role: 'user', content: 'q' }, { role: 'assistant', content: 'an answer' }], layers: [1, 3], responseTokenIds: [], enableThinking: false, cappingExperiment: '' });
     const ma = decodeTensor(m.activation, 'm').data;
     projections.push(row.reduce((s, x, k) => s + x * ma[d + k], 0) / norm);
-    await service.extract({ itemId: 'r/chef/n', messages: [{ role: 'user', content: 'q' }, { role: 'assistant', content: 'another' }], layers: [1], responseTokenIds: [], enableThinking: false });
+    await service.extract({ itemId: 'r/chef/n', messages: [{ role: 'user', content: 'q' }, { role: 'assistant', content: 'another' }], layers: [1], responseTokenIds: [], enableThinking: false, cappingExperiment: '' });
     const text = await registry.metrics();
     const value = (name: string) => Number(new RegExp(`^${name}\\{model="synthetic-tiny"\\} (\\S+)$`, 'm').exec(text)![1]);
     expect(value('axis_inference_monitored_answers_total')).toBe(13);

@@ -20,22 +20,22 @@ describe('the inference service without a network', () => {
   it('says the model is not loaded until it is, then generates, and Extract of the answer gives the same activation', async () => {
     const service = setup();
     expect(() => service.modelInfo()).toThrow('model still loading');
-    const early = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [], textOnly: false });
+    const early = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [], textOnly: false, cappingExperiment: '' });
     // Passing, so the coordinator tries again (a run through a replica restarting behind a generator failed on this).
     expect(early.error).toMatchObject({ code: grpc.status.UNAVAILABLE, message: 'model still loading' });
     expect(await service.load()).toBe(true);
     expect(service.modelInfo()).toMatchObject({ numLayers: 3, hiddenSize: 8 });
-    const generated = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [], textOnly: false });
+    const generated = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [], textOnly: false, cappingExperiment: '' });
     expect(generated.error).toBeUndefined();
     expect(decodeTensor(generated.activation, 'generated').shape).toEqual([3, 8]);
-    const extracted = await service.extract({ itemId: 'r/chef/k', messages: [...messages, { role: 'assistant', content: generated.text }], layers: [], responseTokenIds: [], enableThinking: false });
+    const extracted = await service.extract({ itemId: 'r/chef/k', messages: [...messages, { role: 'assistant', content: generated.text }], layers: [], responseTokenIds: [], enableThinking: false, cappingExperiment: '' });
     expect(Array.from(decodeTensor(extracted.activation, 'extracted').data)).toEqual(Array.from(decodeTensor(generated.activation, 'generated').data));
   });
 
   it('answers a bad request with the item\'s error naming the field, and the stream goes on', async () => {
     const service = setup();
     await service.load();
-    const bad = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [7], textOnly: false });
+    const bad = await service.generate({ itemId: 'r/chef/k', messages, sampling, seed: 1, layers: [7], textOnly: false, cappingExperiment: '' });
     expect(bad.error).toMatchObject({ code: grpc.status.INVALID_ARGUMENT });
     expect(bad.error!.message).toMatch(/^layers/);
     expect(service.inFlight).toBe(0);

@@ -71,13 +71,13 @@ describe('inference request checks name the field', () => {
   });
 
   it('wants Extract conversations to end with the answer', () => {
-    expect(() => validateExtract({ itemId: 'i', messages, layers: [], responseTokenIds: [], enableThinking: false }, info)).toThrow(/last message must be the assistant answer/);
+    expect(() => validateExtract({ itemId: 'i', messages, layers: [], responseTokenIds: [], enableThinking: false, cappingExperiment: '' }, info)).toThrow(/last message must be the assistant answer/);
   });
 
   it('refuses an Extract conversation longer than a slot can hold before tokenizing it, and takes one that may fit', () => {
     const planned = { ...info, slotLength: 100 };
     const conversation = (chars: number) => [{ role: 'user', content: 'q' }, { role: 'assistant', content: 'b'.repeat(chars) }];
-    const req = (chars: number) => ({ itemId: 'i', messages: conversation(chars), layers: [], responseTokenIds: [], enableThinking: false });
+    const req = (chars: number) => ({ itemId: 'i', messages: conversation(chars), layers: [], responseTokenIds: [], enableThinking: false, cappingExperiment: '' });
     expect(() => validateExtract(req(100 * 64), planned)).toThrow(/messages: 6401 characters cannot fit a slot \(--slot-length\) \(100 tokens/);
     expect(() => validateExtract(req(100 * 64 - 1), planned)).not.toThrow();
   });

@@ -12,7 +12,7 @@ import { serverOptions } from '../../services/shared/server';
  * the test lets it go, and counts what it was given.
  */
 const KB100 = 'x'.repeat(100_000);
-const request = (i: number): GenerateRequest => ({ itemId: `big-${i}`, messages: [{ role: 'user', content: KB100 }], sampling: { temperature: 0, topP: 1, maxNewTokens: 1, maxContext: 2048, seed: 0, enableThinking: false }, seed: i, layers: [], textOnly: false });
+const request = (i: number): GenerateRequest => ({ itemId: `big-${i}`, messages: [{ role: 'user', content: KB100 }], sampling: { temperature: 0, topP: 1, maxNewTokens: 1, maxContext: 2048, seed: 0, enableThinking: false }, seed: i, layers: [], textOnly: false, cappingExperiment: '' });
 const requestBytes = GenerateRequest.encode(request(0)).finish().length;
 
 async function serve(limits: { streamBytes?: number; service?: PendingBytes }) {

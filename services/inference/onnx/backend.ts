@@ -13,6 +13,7 @@ import { extractionJob, extractionOutput, generationJob, generationOutput, witho
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
 import { projectTurns, renderTurns } from './projection';
+import { CappingConfig, Steering } from './steering';
 import { CPU, DecoderSession, ModelLoadError, Placement, readJson, readMetadata } from './session';
 import { DEFAULT_SLOT_LENGTH, describePlan, ModelPlan, parseBytes, PREFILL_CHUNK } from '../memoryPlan';
 import { planModelDirs } from './plan';
@@ -77,6 +78,8 @@ export interface OnnxOptions extends EngineOptions {
   generator?: CompletionsGenerator;
   /** `greedy` (default): at load, the generator must continue fixed prompts greedily as this model does; `off`: not checked. */
   generatorCheck?: 'greedy' | 'off';
+  /** A capping config (PREFIX of PREFIX.json and PREFIX.safetensors) whose experiments items may name. */
+  cappingConfig?: string;
 }
 
 /** The device list a --device value asks for, one placement per stage. */
@@ -122,6 +125,7 @@ export class OnnxBackend implements InferenceBackend {
       slotLength: 0,
       stepRuntime: '',
       generator: undefined,
+      capping: undefined,
     };
   }
 
@@ -170,7 +174,27 @@ export class OnnxBackend implements InferenceBackend {
       slotLength: this.slotLength,
       stepRuntime: runner instanceof SlotRunner ? runner.step.runtime : '',
     };
+    if (this.opts.cappingConfig) {
+      try {
+        this.capping = CappingConfig.load(this.opts.cappingConfig, { numLayers: model.metadata.num_layers, hidden: model.metadata.hidden_size });
+      } catch (err) {
+        throw new ModelLoadError(`--capping-config: ${(err as Error).message}`);
+      }
+      if (!(runner instanceof SlotRunner)) throw new ModelLoadError(`--capping-config: interventions run in the slots engine (--decode slots), not the ${runner.kind} one`);
+      if (!model.metadata.step?.steering) throw new ModelLoadError(`--capping-config: ${this.opts.modelDirs[0]} was built before interventions: build it again`);
+      this.info = { ...this.info, capping: { file: this.capping.file, sha256: this.capping.sha256, experiments: [...this.capping.experiments.keys()] } };
+    }
     if (this.opts.generator) await this.connectGenerator(this.opts.generator, model, name);
+  }
+
+  /** The replica's capping config, once loaded. */
+  private capping: CappingConfig | undefined;
+
+  /** An item's interventions (validated against ModelInfo.capping by the adapter). */
+  private steering(experiment: string | undefined): Steering | undefined {
+    if (!experiment) return undefined;
+    if (this.opts.generator) throw new RpcError(grpc.status.FAILED_PRECONDITION, 'capping_experiment: this replica\'s answers come from a generator (--generator), which cannot cap');
+    return this.capping!.experiment(experiment);
   }
 
   /**
@@ -249,8 +273,8 @@ export class OnnxBackend implements InferenceBackend {
   async generate(input: GenerateInput): Promise<GenerateOutput> {
     if (this.opts.generator) return this.generateElsewhere(this.opts.generator, input);
     const { model, engine } = this.loaded();
-    const job = generationJob(model, input, this.slotLength);
-    const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal), (again) => engine.submit(again, true, input.signal));
+    const job = { ...generationJob(model, input, this.slotLength), steering: this.steering(input.cappingExperiment) };
+    const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal), (again) => engine.submit({ ...again, steering: job.steering }, true, input.signal));
     return generationOutput(model, input, job, result);
   }
 
@@ -260,6 +284,7 @@ export class OnnxBackend implements InferenceBackend {
    */
   private async generateElsewhere(generator: CompletionsGenerator, input: GenerateInput): Promise<GenerateOutput> {
     const { model, engine } = this.loaded();
+    this.steering(input.cappingExperiment);
     const job = generationJob(model, input, this.slotLength);
     let answer;
     try {
@@ -286,7 +311,7 @@ export class OnnxBackend implements InferenceBackend {
 
   async extract(messages: ChatMessage[], layers: number[], opts: ExtractOptions = {}): Promise<ExtractOutput> {
     const { model, engine } = this.loaded();
-    return extractionOutput(model, layers, await engine.submit(extractionJob(model, messages, { ...opts, slotLength: this.slotLength }), true, opts.signal));
+    return extractionOutput(model, layers, await engine.submit({ ...extractionJob(model, messages, { ...opts, slotLength: this.slotLength }), steering: this.steering(opts.cappingExperiment) }, true, opts.signal));
   }
 
   /** The portable graph that projections run through (loaded at the first), and the model's context. */

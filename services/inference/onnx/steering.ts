@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import { decodeSafetensors } from '../../shared/safetensors';
 
@@ -53,6 +54,8 @@ export class SteeringError extends Error {}
 export class CappingConfig {
   private constructor(
     readonly file: string,
+    /** sha256 of PREFIX.json and PREFIX.safetensors together: which config a run used. */
+    readonly sha256: string,
     readonly model: string,
     readonly vectors: Map<string, { layer: number; values: Float32Array }>,
     readonly experiments: Map<string, InterventionSpec[]>,
@@ -94,7 +97,8 @@ export class CappingConfig {
       if (!Array.isArray(e.interventions)) throw new SteeringError(`${jsonFile}: experiments[${i}].interventions must be a list`);
       experiments.set(e.id, e.interventions);
     });
-    const config = new CappingConfig(jsonFile, spec.model ?? '', vectors, experiments);
+    const digest = createHash('sha256').update(fs.readFileSync(jsonFile)).update(fs.readFileSync(tensorFile)).digest('hex');
+    const config = new CappingConfig(jsonFile, digest, spec.model ?? '', vectors, experiments);
     // Every experiment resolves now, so that a bad one is refused at load and not at its first item.
     for (const id of experiments.keys()) config.experiment(id);
     return config;
