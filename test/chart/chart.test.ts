@@ -165,6 +165,19 @@ maybe('the helm chart', () => {
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.generator.url=vllm:8000']).stderr).toMatch(/generator.*url/);
   });
 
+  it('passes the capping config and the monitored axis to inference, and alerts on persona drift only when monitoring', () => {
+    const sets = [MODEL, 'inference.capping.config=/models/capping/tiny', 'inference.monitor.axisFile=/models/axes/tiny.safetensors', 'inference.monitor.threshold=-1.5', 'metrics.prometheusRule.enabled=true'];
+    const docs = render(sets);
+    const args = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.containers[0].args;
+    expect(args).toEqual(expect.arrayContaining(['--capping-config=/models/capping/tiny', '--monitor-axis=/models/axes/tiny.safetensors', '--monitor-threshold=-1.5']));
+    const alerts = (d: any[]) => d.find((x) => x.kind === 'PrometheusRule').spec.groups.flatMap((g: any) => g.rules.map((r: any) => r.alert));
+    expect(alerts(docs)).toContain('AssistantAxisPersonaDrift');
+    expect(alerts(render([MODEL, 'metrics.prometheusRule.enabled=true']))).not.toContain('AssistantAxisPersonaDrift');
+    expect(render([MODEL]).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.containers[0].args.join(' ')).not.toMatch(/capping|monitor/);
+    expect(validate(sets).problems).toEqual([]);
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.monitor.axisFile=axis.pt']).stderr).toMatch(/axisFile/);
+  });
+
   it('gives the inference container one resources key holding the GPU, keeps the state volumes on uninstall, and asks for the Kubernetes that preStop.sleep needs', () => {
     // render() fails on YAML errors: a second resources key in the container was one (helm kept the last one).
     const docs = render([MODEL]);
