@@ -13,7 +13,9 @@
  *   - the engine on the --no-capture build (what measuring the activations costs);
  *   - on the first PEER_ITEMS items: the engine again, the engine through onnxruntime-node's
  *     JavaScript API (the stock runtime), and transformers.js `generate` on the portable
- *     graph, batches of 16 (a peer on the same runtime).
+ *     graph, batches of 16 (a peer on the same runtime);
+ *   - the engine again on ITEMS items with an experiment capping all 8 layers (the step
+ *     graph's interventions on for every row), paired with the first contender.
  * Throughput is useful tokens (the tokens the items asked for) per second of wall time.
  * Ends with `result:` lines; the figures go to docs/PERFORMANCE.md.
  */
@@ -23,6 +25,7 @@ import { LoadedModel } from '../services/inference/onnx/model';
 import { keepWeightsResident } from '../services/inference/onnx/residentWeights';
 import type { SequenceJob } from '../services/inference/onnx/runner';
 import { PrefillStats, SlotRunner, StepStats } from '../services/inference/onnx/slotEngine';
+import type { Steering } from '../services/inference/onnx/steering';
 import { CAP, ITEMS, PEER_ITEMS, prepare, REPEATS, sampling, SLOTS, WARMUP_ITEMS, workload } from './inferenceWorkload';
 
 interface Measure {
@@ -111,6 +114,7 @@ async function main(): Promise<void> {
   // The workload, from the tokenizer (any of the models).
   const probe = await slots(capture, false)(8);
   const { jobs, budgets, conversations } = workload(probe);
+  const probeHidden = probe.metadata.hidden_size;
   await probe.close();
   const peerJobs = jobs.slice(0, PEER_ITEMS);
   const slotLength = Math.max(...jobs.map((j) => j.ids.length + j.maxNew));
@@ -121,6 +125,19 @@ async function main(): Promise<void> {
   const textOnly = await slots(plain, false)(slotLength);
   const stock = await slots(capture, false, 'stock')(slotLength);
   const peer = await transformersJs(plain, conversations.slice(0, PEER_ITEMS), budgets.slice(0, PEER_ITEMS));
+  // Capping 8 layers (every layer of the benchmark model) at 0 along fixed unit vectors: the step graph's interventions on, every row.
+  const d = probeHidden;
+  const capping: Steering = {
+    id: 'bench-capping',
+    layers: new Map(
+      Array.from({ length: 8 }, (_, l) => {
+        const v = Float32Array.from({ length: d }, (_, i) => Math.sin(l * 31 + i * 0.11));
+        const n = Math.hypot(...v);
+        return [l, { layer: l, unit: v.map((x) => x / n), add: new Float32Array(d), beta: 1, tau: 0, gamma: 0 }];
+      }),
+    ),
+  };
+  const cappedJobs = jobs.map((j) => ({ ...j, steering: capping }));
   const contenders: [string, () => Promise<Measure>][] = [
     ['continuous batching, capture', () => engineRun(continuous, jobs)],
     ['static batching, capture', () => engineRun(staticEngine, jobs)],
@@ -128,6 +145,7 @@ async function main(): Promise<void> {
     [`transformers.js generate, batches of 16 (${PEER_ITEMS} items)`, peer],
     [`continuous batching, capture, stock runtime (${PEER_ITEMS} items)`, () => engineRun(stock, peerJobs)],
     [`continuous batching, capture (${PEER_ITEMS} items)`, () => engineRun(continuous, peerJobs)],
+    ['continuous batching, capture, capping 8 layers', () => engineRun(continuous, cappedJobs)],
   ];
   // Warm-up: first-run allocations and lazy tables.
   for (const engine of [continuous, staticEngine, textOnly, stock]) await engineRun(engine, jobs.slice(0, WARMUP_ITEMS));
@@ -162,6 +180,7 @@ async function main(): Promise<void> {
   const capture_ = ratios(2, 0).map((x) => (x - 1) * 100);
   const peer_ = ratios(5, 3);
   const binding = ratios(5, 4);
+  const cappingCost = ratios(0, 6).map((x) => (x - 1) * 100);
   const ideal = idealGain(budgets);
   process.stdout.write(`continuous/static per run: ${gain.map((x) => x.toFixed(2)).join(', ')}; capture overhead per run: ${capture_.map((x) => x.toFixed(1)).join(', ')} %; vs transformers.js per run: ${peer_.map((x) => x.toFixed(2)).join(', ')}; native/stock per run: ${binding.map((x) => x.toFixed(2)).join(', ')}\n`);
   process.stdout.write(`spread: continuous/static ${spread(gain)} x, capture overhead ${spread(capture_)} %, vs transformers.js ${spread(peer_)} x, native/stock ${spread(binding)} x; wall time ${((performance.now() - started) / 60000).toFixed(1)} min\n`);
@@ -174,6 +193,8 @@ async function main(): Promise<void> {
   process.stdout.write(`result: capture_overhead = ${median(capture_).toFixed(1)} %\n`);
   process.stdout.write(`result: inference_vs_transformersjs = ${median(peer_).toFixed(2)} x\n`);
   process.stdout.write(`result: binding_vs_stock = ${median(binding).toFixed(2)} x\n`);
+  process.stdout.write(`capping overhead per run: ${cappingCost.map((x) => x.toFixed(1)).join(', ')} % (spread ${spread(cappingCost)})\n`);
+  process.stdout.write(`result: capping_overhead = ${median(cappingCost).toFixed(1)} %\n`);
 }
 
 main().catch((err) => {
