@@ -54,7 +54,7 @@ describe.each(cases)('%s step graph in %s', (arch, dtype) => {
     const typeOf = (v: (typeof g.input)[number]) => (v.type!.value.value as { elemType: number }).elemType;
     for (const v of [...g.input, ...g.output]) {
       const kv = /^(past_key_values|present)\./.test(v.name);
-      const expected = kv ? half : v.name === 'sample_in_graph' ? DataType.BOOL : v.name === 'seqlens_k' || v.name === 'total_sequence_length' ? DataType.INT32 : /ids|positions|next_tokens/.test(v.name) ? DataType.INT64 : DataType.FLOAT;
+      const expected = kv ? half : v.name === 'sample_in_graph' || v.name === 'steer' ? DataType.BOOL : v.name === 'seqlens_k' || v.name === 'total_sequence_length' ? DataType.INT32 : /ids|positions|next_tokens/.test(v.name) ? DataType.INT64 : DataType.FLOAT;
       expect({ name: v.name, type: typeOf(v) }).toEqual({ name: v.name, type: expected });
     }
     if (arch === 'gemma2') {
