@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DType } from '../../gen/assistant_axis/v1/common';
+import { unitRows } from '../shared/projection';
 import { decodeTensor } from '../shared/tensor';
 import type { ActivationValues } from './axis';
 
@@ -225,13 +226,7 @@ export function weightedPercentile(sorted: { value: number; weight: number }[], 
  * group's total over its sample size).
  */
 export function answerProjections(sample: AnswerSample, axis: Float64Array, numLayers: number, hidden: number, totals: Record<AnswerGroup, number>): { group: string; sampleSize: number; total: number; levels: number[]; percentiles: number[] }[] {
-  const unit = new Float64Array(axis.length);
-  for (let l = 0; l < numLayers; l++) {
-    let sq = 0;
-    for (let i = 0; i < hidden; i++) sq += axis[l * hidden + i] ** 2;
-    const n = Math.sqrt(sq) || 1;
-    for (let i = 0; i < hidden; i++) unit[l * hidden + i] = axis[l * hidden + i] / n;
-  }
+  const unit = unitRows(axis, numLayers, hidden);
   const projected = new Map<AnswerGroup, number[][]>(); // group -> per layer, the projections
   for (const g of ANSWER_GROUPS) {
     const rows: number[][] = Array.from({ length: numLayers }, () => []);

@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { writeFileAtomic } from '../shared/files';
+import { axisFileLayers } from '../shared/projection';
 import { readSafetensors, writeSafetensors } from '../shared/safetensors';
 
 /** A finished run that cannot be calibrated from, or bad flags: the message names the file or flag. */
@@ -53,7 +54,7 @@ export async function calibrate(runDir: string, prefix: string, opts: { percenti
   const axis = tensors.axis;
   if (axis?.shape.length !== 2) throw new CalibrationError(`${axisFile}: no [layers, hidden] tensor named axis`);
   const [rows, hidden] = axis.shape;
-  const layers = !metadata.layers || metadata.layers === 'all' ? [...Array(rows).keys()] : metadata.layers.split(',').map(Number);
+  const layers = axisFileLayers(metadata.layers, rows);
   const reportFile = path.join(runDir, 'report.json');
   let report: { model: string; num_layers: number; answer_projections?: { group: string; levels: number[]; by_layer: number[][] }[] };
   try {

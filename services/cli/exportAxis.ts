@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { writeFileAtomic } from '../shared/files';
+import { axisFileLayers } from '../shared/projection';
 import { encodeGguf } from '../shared/gguf';
 import { readSafetensors, writeSafetensors } from '../shared/safetensors';
 
@@ -71,7 +72,7 @@ export async function exportControlVector(runDir: string, out: string, scale = 1
   const { file: axisFile, tensors, metadata } = await readAxisFile(runDir);
   const axis = tensors.axis;
   const [rows, hidden] = axis.shape;
-  const layers = !metadata.layers || metadata.layers === 'all' ? [...Array(rows).keys()] : metadata.layers.split(',').map(Number);
+  const layers = axisFileLayers(metadata.layers, rows);
   if (layers.length !== rows || layers.some((l) => !Number.isInteger(l) || l < 0)) throw new ExportError(`${axisFile}: its layers metadata (${metadata.layers}) does not name its ${rows} rows`);
   if (!Number.isFinite(scale)) throw new ExportError(`--scale must be a number, got ${scale}`);
   let hint = 'unknown';

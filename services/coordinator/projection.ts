@@ -4,6 +4,7 @@ import * as path from 'node:path';
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { ProjectRequest, ProjectResponse, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { ProjectConversationResponse } from '../../gen/assistant_axis/v1/inference';
+import { axisFileLayers } from '../shared/projection';
 import { invalidArgument, RpcError } from '../shared/rpc';
 import { encodeTensor } from '../shared/tensor';
 import { confinedPath, readAxisFile } from './confine';
@@ -94,7 +95,7 @@ async function axisOf(file: string, field: string): Promise<Omit<NamedAxis, 'mod
   const [rows, hidden] = axis.shape;
   // A run that kept a subset of layers names them (axis.safetensors' metadata "layers").
   const named = read.metadata.layers;
-  const layers = !named || named === 'all' ? [...Array(rows).keys()] : named.split(',').map(Number);
+  const layers = axisFileLayers(named, rows);
   if (layers.length !== rows || layers.some((l) => !Number.isInteger(l) || l < 0)) throw invalidArgument(`${field}: ${file}: its "layers" metadata (${named}) does not name its ${rows} rows`);
   return { data: axis.data, rows, hidden, layers };
 }

@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
-import { targetLayer } from '../shared/projection';
+import { axisFileLayers, targetLayer } from '../shared/projection';
 import { decodeSafetensors } from '../shared/safetensors';
 import type { FloatTensor } from '../shared/tensor';
 
@@ -39,7 +39,7 @@ export class ProjectionMonitor {
     const [rows, hidden] = axis.shape;
     if (hidden !== info.hiddenSize) throw new MonitorError(`--monitor-axis ${file}: its axis is [${axis.shape}], rows of ${hidden}, but ${info.model} has hidden size ${info.hiddenSize}`);
     const named = read.metadata.layers;
-    const layers = !named || named === 'all' ? [...Array(rows).keys()] : named.split(',').map(Number);
+    const layers = axisFileLayers(named, rows);
     if (layers.length !== rows) throw new MonitorError(`--monitor-axis ${file}: its "layers" metadata (${named}) does not name its ${rows} rows`);
     if (!named || named === 'all') {
       if (rows !== info.numLayers) throw new MonitorError(`--monitor-axis ${file}: its axis has ${rows} rows, but ${info.model} has ${info.numLayers} layers`);

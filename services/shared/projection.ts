@@ -12,6 +12,11 @@ export function targetLayer(model: string, numLayers: number): number {
   return Math.floor(numLayers / 2);
 }
 
+/** The model layer of each row of an axis file: its metadata "layers" ("0,3,7"), or all layers in order when absent or "all". */
+export function axisFileLayers(named: string | undefined, rows: number): number[] {
+  return !named || named === 'all' ? [...Array(rows).keys()] : named.split(',').map(Number);
+}
+
 /** An axis's rows [rows, hidden] made unit length (float64); a zero row stays zero (its projections are 0). */
 export function unitRows(axis: ArrayLike<number>, rows: number, hidden: number): Float64Array {
   const out = new Float64Array(rows * hidden);
