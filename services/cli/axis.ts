@@ -15,7 +15,7 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
 
   axis run NAME [--model M] [--roles a,b] [--question-count N] [--min-count N] [--seed N]
                 [--max-new-tokens N] [--layers 0,1] [--data-dir D] [--import-dir D] [--two-pass]
-                [--enable-thinking] [--capping-experiment ID] [--judge-batch] [--max-judge-cost-usd X] [--archive-activations] [--dry-run] [--detach]
+                [--enable-thinking] [--capping-experiment ID] [--compare-run NAME] [--judge-batch] [--max-judge-cost-usd X] [--archive-activations] [--dry-run] [--detach]
       starts (or resumes: the same NAME and parameters) a run, and shows its progress until it ends
   axis watch NAME      the progress of a run until it ends
   axis status NAME     a run's state and summary, once
@@ -61,6 +61,7 @@ const OPTIONS = {
   'two-pass': { type: 'boolean' },
   'enable-thinking': { type: 'boolean' },
   'capping-experiment': { type: 'string' },
+  'compare-run': { type: 'string' },
   'judge-batch': { type: 'boolean' },
   'max-judge-cost-usd': { type: 'string' },
   'archive-activations': { type: 'boolean' },
@@ -107,6 +108,7 @@ export function requestFromFlags(name: string, v: Record<string, string | boolea
     twoPass: !!v['two-pass'],
     enableThinking: !!v['enable-thinking'],
     cappingExperiment: (v['capping-experiment'] as string) ?? '',
+    compareRun: (v['compare-run'] as string) ?? '',
     judgeBatch: !!v['judge-batch'],
     maxJudgeCostUsd: cost === undefined ? undefined : Number(cost),
     archiveActivations: !!v['archive-activations'],

@@ -21,6 +21,8 @@ export interface RunSpec {
   judgeBatch?: boolean;
   /** Another axis to compare with in the report (absolute path of a safetensors file). */
   compareAxis?: string;
+  /** A finished run (its name, under the output root) to compare with in the report. */
+  compareRun?: string;
   /** Keep every item's activation (bf16) in activations/<role>.safetensors. */
   archiveActivations?: boolean;
   /** A reference run imported (absolute path): its answers are measured, not generated. */
@@ -41,7 +43,7 @@ export interface JudgeBatchRow {
 }
 
 /** Spec fields that may change between StartRun calls of the same run. */
-export const ADJUSTABLE_SPEC_FIELDS: (keyof RunSpec)[] = ['maxJudgeCostUsd', 'compareAxis'];
+export const ADJUSTABLE_SPEC_FIELDS: (keyof RunSpec)[] = ['maxJudgeCostUsd', 'compareAxis', 'compareRun'];
 
 /** What the judge reported for one item, all attempts. */
 export interface JudgeUsage {

@@ -7,6 +7,7 @@ import { decodeTensor } from '../shared/tensor';
 import { readAxisFile } from './confine';
 import { manifest, RunSummary } from './manifest';
 import { reportHtml } from './report/html';
+import { compareRun, RunComparison } from './report/compareRun';
 import { buildReport, ReportInput } from './report/report';
 import { RunFailure } from './retry';
 import type { RunContext } from './runContext';
@@ -101,6 +102,28 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
     if (other && other.shape[0] === summary.numLayers && other.shape[1] === summary.hiddenSize) compare = { name: path.basename(spec.compareAxis), axis: other.data };
     else ctx.log.warn({ file: spec.compareAxis, shape: other?.shape }, 'compare_axis has another shape than this run\'s axis: left out of the report');
   }
+  let compareWith: RunComparison | undefined;
+  if (spec.compareRun) {
+    const layers = spec.layers.length ? spec.layers : [...Array(summary.numLayers).keys()];
+    const self = {
+      dir: runDir,
+      model: spec.model,
+      capping: spec.cappingExperiment ?? 'none',
+      layers,
+      axis,
+      hidden: d,
+      row: targetLayer(spec.model, summary.numLayers),
+      roles: roles.map((r) => r.role),
+      defaults: defaults.map((r) => r.role),
+      histograms,
+      judgedRoles: [...summary.kept, ...summary.leftOut].map((r) => r.role),
+    };
+    // Checked at StartRun; a run deleted or changed since is left out of the report, with the reason in the log.
+    compareWith = await compareRun(self, path.join(path.dirname(runDir), spec.compareRun)).catch((err: Error) => {
+      ctx.log.warn({ compareRun: spec.compareRun, err: err.message }, 'compare_run cannot be compared with: left out of the report');
+      return undefined;
+    });
+  }
   const generator = ctx.items.modelInfo.generator;
   const report = await buildReport({
     run: spec.name,
@@ -116,6 +139,7 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
     histograms,
     axis,
     compare,
+    compareRun: compareWith,
     answerProjections: summary.answerProjections ?? [],
   });
   await writeFileAtomic(path.join(runDir, 'report.json'), JSON.stringify(report, null, 2) + '\n');

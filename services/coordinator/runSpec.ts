@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING, MAX_CONTEXT_TOKENS } from '../shared/defaults';
@@ -9,11 +10,14 @@ import { DataSet, loadDataSet } from './data';
 import type { RunSpec } from './ledgerRows';
 import { ImportedItem, ImportError, importedRoles, readImport } from './referenceImport';
 import type { Upstreams } from './upstreams';
+import { COMPARE_RUN_FILES } from './report/compareRun';
 
 export interface RunSpecOptions {
   defaultDataDir: string;
   /** Directories a run's data_dir must lie under; empty: any readable directory. */
   dataRoots?: string[];
+  /** Where runs' directories are (compare_run names one of them). */
+  outputRoot: string;
 }
 
 /** A run's name must be safe as a directory name: INVALID_ARGUMENT naming the field otherwise. */
@@ -48,6 +52,14 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
     } catch (err) {
       throw invalidArgument(`compare_axis: ${compareAxis}: ${(err as Error).message}`);
     }
+  }
+  if (req.compareRun) {
+    const problem = nameProblem(req.compareRun);
+    if (problem) throw invalidArgument(`compare_run: ${problem}`);
+    if (req.compareRun === req.name) throw invalidArgument('compare_run: a run cannot be compared with itself');
+    const other = path.join(opts.outputRoot, req.compareRun);
+    const missing = COMPARE_RUN_FILES.filter((f) => !fs.existsSync(path.join(other, f)));
+    if (missing.length) throw failedPrecondition(`compare_run: ${JSON.stringify(req.compareRun)} is not a finished run here (${other} has no ${missing.join(', ')})`);
   }
   let importDir: string | undefined;
   let roleNames = req.roles;
@@ -116,6 +128,7 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
     ...(req.maxJudgeCostUsd !== undefined ? { maxJudgeCostUsd: req.maxJudgeCostUsd } : {}),
     ...(req.judgeBatch ? { judgeBatch: true } : {}),
     ...(compareAxis ? { compareAxis } : {}),
+    ...(req.compareRun ? { compareRun: req.compareRun } : {}),
     ...(req.archiveActivations ? { archiveActivations: true } : {}),
     ...(importDir ? { importDir } : {}),
     ...(req.twoPass ? { twoPass: true } : {}),

@@ -110,13 +110,58 @@ describe('end to end through the ONNX backend on a tiny llama', () => {
       await watchRun(client, 'onnx-a', () => undefined);
     }
     const plain = readRunFiles(path.join(stack.opts.outputRoot, 'onnx-a')).responses;
-    await startRun(client, { name: 'onnx-capped', ...REQUEST, cappingExperiment: 'cap' });
+    // compare_run must name a finished run of this coordinator, by a valid name.
+    await expect(startRun(client, { name: 'onnx-capped', ...REQUEST, cappingExperiment: 'cap', compareRun: 'never-ran' })).rejects.toThrow(/compare_run: "never-ran" is not a finished run here \(.*never-ran has no axis\.safetensors, manifest\.json\)/);
+    await expect(startRun(client, { name: 'onnx-capped', ...REQUEST, cappingExperiment: 'cap', compareRun: '../onnx-a' })).rejects.toThrow(/compare_run: /);
+    await startRun(client, { name: 'onnx-capped', ...REQUEST, cappingExperiment: 'cap', compareRun: 'onnx-a' });
     const capped = await watchRun(client, 'onnx-capped', () => undefined);
     expect(capped.state).toBe(RunState.RUN_STATE_SUCCEEDED);
     const manifest = JSON.parse(fs.readFileSync(path.join(capped.outputDir, 'manifest.json'), 'utf8'));
     expect(manifest.capping).toMatchObject({ experiment: 'cap', config: `${capping}.json` });
     expect(manifest.capping.config_sha256).toMatch(/^[0-9a-f]{64}$/);
     expect(readRunFiles(capped.outputDir).responses).not.toEqual(plain);
+
+    // The report against the uncapped run: every vector of both runs on onnx-a's unit axis at
+    // the target layer, recomputed here in float64 from the two runs' files.
+    const plainDir = path.join(stack.opts.outputRoot, 'onnx-a');
+    const report = JSON.parse(fs.readFileSync(path.join(capped.outputDir, 'report.json'), 'utf8'));
+    const c = report.compare_run;
+    expect(c).toMatchObject({ name: 'onnx-a', row: report.target_layer, layer: report.target_layer, capping: { this: 'cap', other: 'none' } });
+    const row = report.target_layer as number;
+    const frameRow = Array.from((await readAxis(plainDir)).tensors.axis.data.subarray(row * 64, (row + 1) * 64));
+    const frameNorm = Math.sqrt(frameRow.reduce((s, x) => s + x * x, 0));
+    const on = async (dir: string, role: string) => {
+      const file = path.join(dir, 'vectors', `${role}.safetensors`);
+      if (!fs.existsSync(file)) return null;
+      const v = (await readSafetensors(file)).tensors.vector.data;
+      return frameRow.reduce((s, x, i) => s + (x / frameNorm) * v[row * 64 + i], 0);
+    };
+    const manifests = [capped.outputDir, plainDir].map((d) => JSON.parse(fs.readFileSync(path.join(d, 'manifest.json'), 'utf8')));
+    const listed = (m: { results: { roles_kept: { role: string }[]; defaults: { role: string }[] } }) => [...m.results.roles_kept, ...m.results.defaults].map((r) => r.role);
+    const roles = [...new Set([...listed(manifests[0]), ...listed(manifests[1])])];
+    expect(c.roles.map((r: { role: string }) => r.role).sort()).toEqual([...roles].sort());
+    expect(c.roles.length).toBeGreaterThanOrEqual(2);
+    for (const r of c.roles as { role: string; this: number | null; other: number | null }[]) {
+      const [mine, theirs] = [await on(capped.outputDir, r.role), await on(plainDir, r.role)];
+      for (const [got, want] of [[r.this, mine], [r.other, theirs]]) {
+        if (want === null) expect(got).toBeNull();
+        else expect(Math.abs(got! - want)).toBeLessThanOrEqual(1e-5 * Math.max(1, Math.abs(want)));
+      }
+    }
+    const both = c.roles.filter((r: { kind: string; this: number | null; other: number | null }) => r.kind === 'role' && r.this !== null && r.other !== null);
+    const shift = both.reduce((s: number, r: { this: number; other: number }) => s + r.this - r.other, 0) / Math.max(1, both.length);
+    expect(c.mean.roles.count).toBe(both.length);
+    expect(Math.abs(c.mean.roles.shift - shift)).toBeLessThanOrEqual(1e-6);
+    // Both runs' judge scores, pooled over their role-play roles (each run's report holds its histograms).
+    const pooled = (dir: string, m: { results: { roles_kept: { role: string }[]; roles_left_out: { role: string }[] } }) => {
+      const h = JSON.parse(fs.readFileSync(path.join(dir, 'report.json'), 'utf8')).histograms as Record<string, Record<string, number>>;
+      const total: Record<string, number> = {};
+      for (const { role } of [...m.results.roles_kept, ...m.results.roles_left_out]) for (const [k, n] of Object.entries(h[role] ?? {})) total[k] = (total[k] ?? 0) + n;
+      return total;
+    };
+    expect(c.scores).toEqual({ this: pooled(capped.outputDir, manifests[0]), other: pooled(plainDir, manifests[1]) });
+    expect(Object.values(c.scores.this as Record<string, number>).reduce((a, b) => a + b, 0)).toBe(2 * 3 * 5);
+    expect(fs.readFileSync(path.join(capped.outputDir, 'report.html'), 'utf8')).toContain('<h2>Against run onnx-a</h2>');
     await startRun(client, { name: 'onnx-open', ...REQUEST, cappingExperiment: 'open' });
     const open = await watchRun(client, 'onnx-open', () => undefined);
     expect(readRunFiles(open.outputDir).responses).toEqual(plain);

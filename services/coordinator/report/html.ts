@@ -1,4 +1,7 @@
+import type { RunComparison } from './compareRun';
 import type { Report } from './report';
+
+type RunComparisonMean = RunComparison['mean']['roles'];
 import { axes, esc, H, lineChart, M, scale, W } from '../../shared/svgCharts';
 
 
@@ -63,6 +66,7 @@ ${lineChart([{ name: '|axis|', values: r.axis_norms, color: '#285' }], 'layer', 
 <p class="note">The axis points from role-play toward the Assistant: default vectors (red) should rank high.</p>
 ${hbars(r.projections.map((p) => ({ label: p.role, value: p.projection, color: p.kind === 'default' ? '#d33' : '#36c' })))}
 ${answersSection(r)}
+${compareRunSection(r)}
 <h2>Score histograms</h2>
 <table><tr><th>role</th>${scoreKeys.map((k) => `<th>${k}</th>`).join('')}<th></th></tr>${histRows}</table>
 ${r.roles_left_out.length ? `<h2>Roles left out (fewer than ${r.min_count} score-3 items)</h2><p>${r.roles_left_out.map((x) => `${esc(x.role)} (${x.count})`).join(', ')}</p>` : ''}
@@ -88,4 +92,23 @@ function answersSection(r: Report): string {
 <p class="note">Each answer's projection on the unit axis, per layer (median, 25th and 75th percentiles of each group), from the answers sampled (up to 4,096 per group, the lowest hashes of their item keys).</p>
 ${lineChart(series, 'layer', 'projection', r.target_layer)}
 <table><tr><th>layer ${r.target_layer}</th>${(groups[0]?.levels ?? []).map((l) => `<th>P${l}</th>`).join('')}<th>answers</th></tr>${rows}</table>`;
+}
+
+/** compare_run: how far this run's vectors moved along the other run's axis, and the two runs' scores. */
+function compareRunSection(r: Report): string {
+  const c = r.compare_run;
+  if (!c) return '';
+  const both = c.roles.filter((x) => x.this !== null && x.other !== null).sort((a, b) => b.this! - b.other! - (a.this! - a.other!));
+  const scoreKeys = ['0', '1', '2', '3', 'none'];
+  const share = (h: Record<string, number>) => {
+    const total = scoreKeys.reduce((n, k) => n + (h[k] ?? 0), 0);
+    return scoreKeys.map((k) => `<td>${total ? (((h[k] ?? 0) / total) * 100).toFixed(1) : '0.0'}%</td>`).join('') + `<td>${total}</td>`;
+  };
+  const mean = (name: string, m: RunComparisonMean) => `<tr><td>${name} (${m.count})</td><td>${m.this.toPrecision(4)}</td><td>${m.other.toPrecision(4)}</td><td>${m.shift >= 0 ? '+' : ''}${m.shift.toPrecision(3)}</td></tr>`;
+  return `<h2>Against run ${esc(c.name)}</h2>
+<p class="note">This run (capping: ${esc(c.capping.this)}) and run ${esc(c.name)} (capping: ${esc(c.capping.other)}): each role's vector (the mean of its answers scored 3; all answers for default roles) projected on run ${esc(c.name)}'s unit axis at layer ${c.layer}. A positive shift is toward the Assistant. The two runs' axes there have a cosine of ${c.axis_cosine.toFixed(3)}.</p>
+<table><tr><th>mean projection</th><th>this run</th><th>${esc(c.name)}</th><th>shift</th></tr>${mean('role-play roles', c.mean.roles)}${mean('default roles', c.mean.defaults)}</table>
+${both.length ? hbars(both.map((x) => ({ label: x.role, value: x.this! - x.other!, color: x.kind === 'default' ? '#d33' : '#36c' }))) : ''}
+<p class="note">The judge's scores of every role-play answer (3: fully in the role).</p>
+<table><tr><th>run</th>${scoreKeys.map((k) => `<th>${k}</th>`).join('')}<th>answers</th></tr><tr><td>this run</td>${share(c.scores.this)}</tr><tr><td>${esc(c.name)}</td>${share(c.scores.other)}</tr></table>`;
 }

@@ -1,5 +1,6 @@
 import type { AnswerProjections } from '../../../gen/assistant_axis/v1/common';
 import { cosine, dot, norm, pca, targetLayer } from './analysis';
+import type { RunComparison } from './compareRun';
 
 export interface ReportInput {
   run: string;
@@ -21,6 +22,8 @@ export interface ReportInput {
   histograms: Record<string, Record<string, number>>;
   axis: Float32Array;
   compare?: { name: string; axis: Float32Array };
+  /** Another run against this one (compare_run), computed from both runs' files. */
+  compareRun?: RunComparison;
   /** Where the run's answers lie on the axis (aggregation's percentiles per group and layer). */
   answerProjections?: AnswerProjections[];
 }
@@ -58,6 +61,8 @@ export interface Report {
   roles_kept: { role: string; count: number }[];
   roles_left_out: { role: string; count: number }[];
   compare?: { name: string; cosine_per_layer: number[] };
+  /** compare_run: the vectors of both runs on the other run's axis at the target layer, and both runs' judge scores. */
+  compare_run?: RunComparison;
   /**
    * Per group of answers (role_play, role_play_3: scored 3, default, pooled), the percentiles
    * (`levels`) of their projections on the axis at every layer (`by_layer[l][k]`), and at the
@@ -147,5 +152,6 @@ export async function buildReport(input: ReportInput, components = 10): Promise<
       name: input.compare.name,
       cosine_per_layer: Array.from({ length: L }, (_, l) => cosine(layerOf(input.axis, l, d), layerOf(input.compare!.axis, l, d))),
     },
+    ...(input.compareRun ? { compare_run: input.compareRun } : {}),
   };
 }
