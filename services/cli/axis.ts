@@ -8,6 +8,7 @@ import { clientCredentials } from '../shared/tls';
 import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, projectConversation, startRun, stateName, watchRun } from './client';
 import { projectFiles, writeProjections } from './projectFiles';
 import { calibrate, CalibrationError } from './calibrate';
+import { chat } from './chat';
 import { EXPORT_FORMATS, ExportError, exportControlVector, exportHfDataset } from './exportAxis';
 import { formatSummary, ProgressBar } from './progress';
 
@@ -36,7 +37,11 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
       each assistant turn of conversations in the reference's transcript format ("conversation":
       [{role, content}]) projected on an axis: DIR/projections.json and projections.html
 
-  --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token, when it requires one;
+  axis chat --url http://HOST:PORT/v1 --token-file F [--experiment ID|none] [--model M] [--seed N] [--max-new-tokens N]
+      a conversation in the terminal with an inference replica's chat endpoint (--chat-port): each
+      answer as it comes, then its projection on the replica's monitored axis as a bar
+
+  --token-file F (or AXIS_TOKEN_FILE): the coordinator's bearer token (axis chat: the chat endpoint's), when it requires one;
       sent only over TLS or to this machine (e.g. a kubectl port-forward), unless
       --allow-plaintext-token says the network between is trusted
   --tls-ca F: the coordinator serves TLS, verified against this CA; --tls-cert F --tls-key F:
@@ -62,6 +67,8 @@ const OPTIONS = {
   'enable-thinking': { type: 'boolean' },
   'capping-experiment': { type: 'string' },
   'compare-run': { type: 'string' },
+  url: { type: 'string' },
+  experiment: { type: 'string' },
   'judge-batch': { type: 'boolean' },
   'max-judge-cost-usd': { type: 'string' },
   'archive-activations': { type: 'boolean' },
@@ -133,6 +140,17 @@ async function main(argv: string[]): Promise<number> {
     } catch (err) {
       throw new UsageError(`--token-file: cannot read ${tokenFile} (${(err as NodeJS.ErrnoException).code})`);
     }
+  }
+  if (command === 'chat') {
+    // The chat endpoint is HTTP, not the coordinator: its own URL and token.
+    if (!values.url) throw new UsageError('axis chat needs --url, the chat endpoint of an inference replica (http://HOST:PORT/v1)');
+    if (!token) throw new UsageError('axis chat needs --token-file, the chat endpoint\'s bearer token');
+    const host = new URL(values.url).hostname;
+    if (new URL(values.url).protocol === 'http:' && !isLoopbackAddress(`${host}:0`) && !values['allow-plaintext-token']) {
+      throw new UsageError(`--token-file: refusing to send the token in plaintext to ${host}, which is not this machine: use https, a port-forward (127.0.0.1), or --allow-plaintext-token if the network between is trusted`);
+    }
+    await chat({ url: values.url, token, model: values.model, experiment: values.experiment, seed: wholeNumber('seed', values.seed), maxTokens: wholeNumber('max-new-tokens', values['max-new-tokens']), input: process.stdin, output: process.stdout });
+    return 0;
   }
   const ca = values['tls-ca'] ?? process.env.AXIS_TLS_CA;
   if (token && !ca && !isLoopbackAddress(address) && !values['allow-plaintext-token']) {

@@ -32,6 +32,11 @@ export interface GenerateInput {
   textOnly?: boolean;
   /** An experiment of the replica's capping config (empty or "none": none). */
   cappingExperiment?: string;
+  /**
+   * The answer's text as it grows, in pieces whose concatenation is the final text (streaming);
+   * a backend without tokens gives it in one piece at the end.
+   */
+  onText?: (delta: string) => void;
 }
 
 export interface GenerateOutput {

@@ -6,7 +6,9 @@ import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
 import { createBackend } from './backends';
-import { inferenceMetrics, monitorMetrics } from './metrics';
+import * as fs from 'node:fs';
+import { ChatServer } from './chatServer';
+import { chatMetrics, inferenceMetrics, monitorMetrics } from './metrics';
 import { ProjectionMonitor } from './monitor';
 import { INFERENCE_OPTIONS } from './options';
 import { createInferenceService, inferenceGrpcHandlers, InferenceService } from './service';
@@ -19,6 +21,13 @@ async function main(): Promise<void> {
   const wireDtype = WIRE_DTYPES[cfg['activation-dtype']];
   if (wireDtype === undefined) throw new Error(`--activation-dtype must be f32, f16 or bf16, got ${cfg['activation-dtype']}`);
   if (!(cfg.capacity >= 0)) throw new Error('--capacity must be at least 1 (or 0 for the backend default)');
+  // The chat endpoint's token, read before anything starts: a missing file is a configuration error.
+  let chatToken: string | undefined;
+  if (cfg['chat-port']) {
+    if (!cfg['chat-token-file']) throw new Error('--chat-port needs --chat-token-file: the chat endpoint requires a bearer token');
+    chatToken = fs.readFileSync(cfg['chat-token-file'], 'utf8').trim();
+    if (!chatToken) throw new Error(`--chat-token-file ${cfg['chat-token-file']} is empty`);
+  }
   const registry = createRegistry('inference');
   let service: InferenceService | undefined;
   const metrics = inferenceMetrics(registry, {
@@ -53,6 +62,10 @@ async function main(): Promise<void> {
     metrics,
     log,
     afterLoad: (info) => {
+      const chatDefault = cfg['chat-capping-experiment'];
+      if (cfg['chat-port'] && chatDefault && chatDefault !== 'none' && !info.capping?.experiments.includes(chatDefault)) {
+        throw new Error(`--chat-capping-experiment ${JSON.stringify(chatDefault)} is not an experiment of ${info.capping ? `${info.capping.file} (it has ${info.capping.experiments.join(', ')})` : 'a capping config (give --capping-config)'}`);
+      }
       if (!cfg['monitor-axis']) return;
       monitor = ProjectionMonitor.load(cfg['monitor-axis'], info, threshold);
       observe = monitorMetrics(registry, info.model, monitor.buckets, monitor.threshold);
@@ -83,7 +96,14 @@ async function main(): Promise<void> {
       await backend.close();
     },
   });
-  if (await service.load()) running.setReady(true);
+  const loaded = await service.load();
+  if (loaded) running.setReady(true);
+  if (cfg['chat-port']) {
+    // Not loaded: the endpoint answers every request 503 with the reason.
+    const countChat = loaded ? chatMetrics(registry, service.modelInfo().model) : undefined;
+    const chat = await ChatServer.start(service, { host: cfg.host, port: cfg['chat-port'], token: chatToken!, defaultExperiment: cfg['chat-capping-experiment'], monitor: () => monitor, onAnswer: (capped) => countChat?.(capped) }, log);
+    process.once('SIGTERM', () => void chat.close());
+  }
 }
 
 if (require.main === module) runMain('inference', main);

@@ -81,3 +81,11 @@ export function monitorMetrics(registry: Registry, model: string, buckets: numbe
     if (threshold !== undefined && value < threshold) below.inc({ model });
   };
 }
+
+/** The chat endpoint's answers, capped (an experiment applied) or not. */
+export function chatMetrics(registry: Registry, model: string): (capped: boolean) => void {
+  const answers = new prom.Counter({ name: 'axis_inference_chat_answers_total', help: 'Answers of the chat endpoint, by whether an experiment of the capping config was applied', labelNames: ['model', 'capped'], registers: [registry] });
+  answers.inc({ model, capped: 'yes' }, 0);
+  answers.inc({ model, capped: 'no' }, 0);
+  return (capped) => answers.inc({ model, capped: capped ? 'yes' : 'no' });
+}

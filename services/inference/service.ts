@@ -13,8 +13,11 @@ import { validateExtract, validateGenerate, validateProject } from './validate';
 export interface InferenceService {
   /** The model's info once loaded; until then FAILED_PRECONDITION saying why the model is not there. */
   modelInfo(): ModelInfo;
-  /** One item, under the capacity limit; a failure becomes the item's error (the stream goes on). */
-  generate(req: GenerateRequest, cancelled?: AbortSignal): Promise<GenerateResult>;
+  /**
+   * One item, under the capacity limit; a failure becomes the item's error (the stream goes on).
+   * `onText`: the answer as it grows (streaming), in pieces that add up to its text.
+   */
+  generate(req: GenerateRequest, cancelled?: AbortSignal, onText?: (delta: string) => void): Promise<GenerateResult>;
   extract(req: ExtractRequest, cancelled?: AbortSignal): Promise<ExtractResult>;
   /** A conversation's assistant turns on an axis; bad input and failures are the call's status. */
   projectConversation(req: ProjectConversationRequest, cancelled?: AbortSignal): Promise<ProjectConversationResponse>;
@@ -75,13 +78,13 @@ export function createInferenceService(deps: {
     get running() {
       return limiter.running;
     },
-    generate: (req, cancelled) =>
+    generate: (req, cancelled, onText) =>
       serveItem<GenerateRequest, GenerateResult>(
         'Generate',
         req,
         async (r) => {
           const input = validateGenerate(r, modelInfo());
-          const out = await backend.generate({ ...input, signal: cancelled });
+          const out = await backend.generate({ ...input, signal: cancelled, onText });
           if (out.timeToFirstTokenSeconds !== undefined) metrics.firstToken.observe(out.timeToFirstTokenSeconds);
           if (out.activation.shape[0]) deps.onActivation?.(out.activation, input.layers);
           metrics.tokens.inc({ kind: 'prompt' }, out.promptTokens);

@@ -77,6 +77,8 @@ export class SyntheticBackend implements InferenceBackend {
       if (this.nextSlot > now) await sleep(this.nextSlot - now);
     }
     const conversation = [...input.messages, { role: 'assistant', content: text }];
+    // No tokens to stream: the text in one piece.
+    input.onText?.(text);
     return {
       text,
       promptTokens: wordCount(input.messages.map((m) => m.content).join(' ')),

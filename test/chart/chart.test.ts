@@ -178,6 +178,37 @@ maybe('the helm chart', () => {
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.monitor.axisFile=axis.pt']).stderr).toMatch(/axisFile/);
   });
 
+  it('serves the chat endpoint when asked: its port, a kept token Secret (or the one named), and a NetworkPolicy rule for it alone', () => {
+    const sets = [MODEL, 'inference.chat.enabled=true', 'inference.chat.port=8100', 'inference.chat.cappingExperiment=layers_2:3-p0.25', 'inference.chat.namespaceSelector.matchLabels.chat-clients=allowed'];
+    const docs = render(sets);
+    const deployment = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference');
+    const container = deployment.spec.template.spec.containers[0];
+    expect(container.args).toEqual(expect.arrayContaining(['--chat-port=8100', '--chat-token-file=/secrets/chat/token', '--chat-capping-experiment=layers_2:3-p0.25']));
+    expect(container.ports).toContainEqual({ name: 'chat', containerPort: 8100 });
+    expect(container.volumeMounts).toContainEqual({ name: 'chat-token', mountPath: '/secrets/chat', readOnly: true });
+    expect(deployment.spec.template.spec.volumes).toContainEqual({ name: 'chat-token', secret: { secretName: 'axis-chat-token', items: [{ key: 'token', path: 'token' }] } });
+    const service = docs.find((d) => d.kind === 'Service' && d.metadata.name === 'axis-inference');
+    expect(service.spec.ports).toContainEqual({ name: 'chat', port: 8100, targetPort: 'chat' });
+    const secret = docs.find((d) => d.kind === 'Secret' && d.metadata.name === 'axis-chat-token');
+    expect(secret.metadata.annotations['helm.sh/resource-policy']).toBe('keep');
+    expect(Buffer.from(secret.data.token, 'base64').toString()).toMatch(/^[A-Za-z0-9]{40}$/);
+    const ingress = docs.find((d) => d.kind === 'NetworkPolicy' && d.metadata.name === 'axis-inference').spec.ingress;
+    expect(ingress.find((r: any) => r.ports[0].port === 8100)).toEqual({
+      ports: [{ port: 8100, protocol: 'TCP' }],
+      from: [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'research' } } }, { namespaceSelector: { matchLabels: { 'chat-clients': 'allowed' } } }],
+    });
+    expect(validate(sets).problems).toEqual([]);
+    // A token Secret of one's own: no Secret made, that one mounted.
+    const own = render([MODEL, 'inference.chat.enabled=true', 'inference.chat.auth.existingSecret=my-chat', 'inference.chat.auth.key=bearer']);
+    expect(own.find((d) => d.kind === 'Secret' && d.metadata.name === 'axis-chat-token')).toBeUndefined();
+    expect(own.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.volumes).toContainEqual({ name: 'chat-token', secret: { secretName: 'my-chat', items: [{ key: 'bearer', path: 'bearer' }] } });
+    // Off by default: no port, no flag, no Secret, no rule.
+    const plain = render([MODEL]);
+    expect(JSON.stringify(plain.filter((d) => d.metadata.name.startsWith('axis-inference')))).not.toMatch(/chat/);
+    expect(plain.find((d) => d.kind === 'Secret' && d.metadata.name === 'axis-chat-token')).toBeUndefined();
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.chat.port=0']).stderr).toMatch(/port/);
+  });
+
   it('gives the inference container one resources key holding the GPU, keeps the state volumes on uninstall, and asks for the Kubernetes that preStop.sleep needs', () => {
     // render() fails on YAML errors: a second resources key in the container was one (helm kept the last one).
     const docs = render([MODEL]);

@@ -67,6 +67,10 @@ ports:
     containerPort: {{ .values.port }}
   - name: metrics
     containerPort: {{ .values.metricsPort }}
+  {{- with .chatPort }}
+  - name: chat
+    containerPort: {{ . }}
+  {{- end }}
 env:
   - name: AXIS_HOST
     value: 0.0.0.0
@@ -165,3 +169,8 @@ coordinator mounts all three, each service its own). Called with (dict "root" . 
     {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* The Secret holding the chat endpoint's bearer token: the one named, or the chart's. */}}
+{{- define "axis.chatSecret" -}}
+{{- .Values.inference.chat.auth.existingSecret | default (printf "%s-chat-token" (include "axis.fullname" .)) -}}
+{{- end }}

@@ -9,7 +9,7 @@ import { unitRows } from '../../shared/projection';
 import { ExtractOptions, ExtractOutput, GenerateInput, GenerateOutput, InferenceBackend, ProjectInput, ProjectOutput, selectLayers } from '../backend';
 import { CompletionsGenerator, GeneratorError } from '../generator';
 import { BatchEngine, BatchStats, EngineOptions, SequenceEngine } from './engine';
-import { extractionJob, extractionOutput, generationJob, generationOutput, withoutThinking } from './generate';
+import { extractionJob, extractionOutput, generationJob, generationOutput, textDeltas, withoutThinking } from './generate';
 import { LoadedModel } from './model';
 import { describePlacements } from './runner';
 import { projectTurns, renderTurns } from './projection';
@@ -273,9 +273,12 @@ export class OnnxBackend implements InferenceBackend {
   async generate(input: GenerateInput): Promise<GenerateOutput> {
     if (this.opts.generator) return this.generateElsewhere(this.opts.generator, input);
     const { model, engine } = this.loaded();
-    const job = { ...generationJob(model, input, this.slotLength), steering: this.steering(input.cappingExperiment) };
+    const stream = input.onText && textDeltas(model, input.onText);
+    const job = { ...generationJob(model, input, this.slotLength), steering: this.steering(input.cappingExperiment), onToken: stream?.onToken };
     const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal), (again) => engine.submit({ ...again, steering: job.steering }, true, input.signal));
-    return generationOutput(model, input, job, result);
+    const out = generationOutput(model, input, job, result);
+    stream?.finish(out.text);
+    return out;
   }
 
   /**

@@ -122,3 +122,32 @@ export async function extractOne(model: LoadedModel, messages: ChatMessage[], la
   const [result] = await model.runner.run([extractionJob(model, messages, opts)]);
   return extractionOutput(model, layers, result);
 }
+
+/**
+ * Streams an answer's text as its tokens come: after each token the text decoded so far, less
+ * what was sent, unless it ends in an incomplete character (a token can hold part of one) or no
+ * longer starts with what was sent (a tokenizer that rewrites earlier text); `finish` sends the
+ * rest of the final text, so that the pieces add up to it.
+ */
+export function textDeltas(model: LoadedModel, onText: (delta: string) => void): { onToken: (id: number) => void; finish: (text: string) => void } {
+  const ids: number[] = [];
+  let sent = '';
+  const send = (text: string) => {
+    if (text.length <= sent.length || !text.startsWith(sent)) return;
+    const delta = text.slice(sent.length);
+    sent = text;
+    try {
+      onText(delta);
+    } catch {
+      // A listener that fails (its client gone) never stops the engine.
+    }
+  };
+  return {
+    onToken: (id) => {
+      ids.push(id);
+      const text = model.decode(ids);
+      if (!text.endsWith('\uFFFD')) send(text);
+    },
+    finish: send,
+  };
+}

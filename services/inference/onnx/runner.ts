@@ -21,6 +21,8 @@ export interface SequenceJob {
   weights?: Float32Array;
   /** Interventions on the residual stream while this sequence runs (capping; the slots engine only). */
   steering?: Steering;
+  /** Each token as it is sampled (the stop token excluded), for streaming (the slots engine only). */
+  onToken?: (id: number) => void;
 }
 
 export interface SequenceResult {

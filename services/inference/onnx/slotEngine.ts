@@ -210,6 +210,7 @@ export class SlotEngine {
       return;
     }
     this.slots[slot] = { item, responseIds: [first], next: first, count: new ResponseCount() };
+    job.onToken?.(first);
   }
 
   /** A slot's running sum over `count` tokens, as a float32 mean [layers * hidden]. */
@@ -272,6 +273,7 @@ export class SlotEngine {
       if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);
       b.next = token;
+      b.item.job.onToken?.(token);
     });
     this.onStep({ active, rows, seconds: (performance.now() - started) / 1000 });
     for (const [s, stopped] of finished) await this.finish(s, stopped);
