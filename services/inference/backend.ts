@@ -37,6 +37,8 @@ export interface GenerateInput {
    * a backend without tokens gives it in one piece at the end.
    */
   onText?: (delta: string) => void;
+  /** Who asked: a run's item or a chat request (the slots policy may favour one; default run). */
+  lane?: 'run' | 'chat';
 }
 
 export interface GenerateOutput {

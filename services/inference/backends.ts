@@ -58,6 +58,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
       deviceMemory: cfg['device-memory'],
       slotLength: cfg['slot-length'],
       slotPolicy: cfg['slot-policy'] as SlotPolicy,
+      chatSlots: cfg['chat-slots'],
       stepRuntime: cfg['step-runtime'] as StepRuntime | 'auto',
       cudaOptions: parseCudaOptions(cfg['cuda-options']),
       ...hooks,

@@ -102,7 +102,7 @@ export class ChatServer {
         const piece = scanner.push(delta);
         if (chat.stream && piece) write(chunkBody(id, created, info.model, { content: piece }, null));
       };
-      const result = await service.generate(generateRequest(chat, experiment, monitor?.layer, id), gone.signal, onText);
+      const result = await service.generate(generateRequest(chat, experiment, monitor?.layer, id), gone.signal, { onText, lane: 'chat' });
       if (result.error) {
         const status = HTTP_OF[result.error.code as grpc.status] ?? 500;
         const param = result.error.message.startsWith('capping_experiment') ? 'capping_experiment' : null;

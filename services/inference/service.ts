@@ -15,9 +15,10 @@ export interface InferenceService {
   modelInfo(): ModelInfo;
   /**
    * One item, under the capacity limit; a failure becomes the item's error (the stream goes on).
-   * `onText`: the answer as it grows (streaming), in pieces that add up to its text.
+   * `stream.onText`: the answer as it grows (streaming), in pieces that add up to its text;
+   * `stream.lane`: who asks (the chat endpoint says chat).
    */
-  generate(req: GenerateRequest, cancelled?: AbortSignal, onText?: (delta: string) => void): Promise<GenerateResult>;
+  generate(req: GenerateRequest, cancelled?: AbortSignal, stream?: { onText?: (delta: string) => void; lane?: 'run' | 'chat' }): Promise<GenerateResult>;
   extract(req: ExtractRequest, cancelled?: AbortSignal): Promise<ExtractResult>;
   /** A conversation's assistant turns on an axis; bad input and failures are the call's status. */
   projectConversation(req: ProjectConversationRequest, cancelled?: AbortSignal): Promise<ProjectConversationResponse>;
@@ -78,13 +79,13 @@ export function createInferenceService(deps: {
     get running() {
       return limiter.running;
     },
-    generate: (req, cancelled, onText) =>
+    generate: (req, cancelled, stream) =>
       serveItem<GenerateRequest, GenerateResult>(
         'Generate',
         req,
         async (r) => {
           const input = validateGenerate(r, modelInfo());
-          const out = await backend.generate({ ...input, signal: cancelled, onText });
+          const out = await backend.generate({ ...input, signal: cancelled, onText: stream?.onText, lane: stream?.lane });
           if (out.timeToFirstTokenSeconds !== undefined) metrics.firstToken.observe(out.timeToFirstTokenSeconds);
           if (out.activation.shape[0]) deps.onActivation?.(out.activation, input.layers);
           metrics.tokens.inc({ kind: 'prompt' }, out.promptTokens);

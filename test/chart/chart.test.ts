@@ -179,11 +179,11 @@ maybe('the helm chart', () => {
   });
 
   it('serves the chat endpoint when asked: its port, a kept token Secret (or the one named), and a NetworkPolicy rule for it alone', () => {
-    const sets = [MODEL, 'inference.chat.enabled=true', 'inference.chat.port=8100', 'inference.chat.cappingExperiment=layers_2:3-p0.25', 'inference.chat.namespaceSelector.matchLabels.chat-clients=allowed'];
+    const sets = [MODEL, 'inference.chat.enabled=true', 'inference.chat.port=8100', 'inference.chat.cappingExperiment=layers_2:3-p0.25', 'inference.chat.namespaceSelector.matchLabels.chat-clients=allowed', 'inference.slotPolicy=chat-first', 'inference.chatSlots=3'];
     const docs = render(sets);
     const deployment = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference');
     const container = deployment.spec.template.spec.containers[0];
-    expect(container.args).toEqual(expect.arrayContaining(['--chat-port=8100', '--chat-token-file=/secrets/chat/token', '--chat-capping-experiment=layers_2:3-p0.25']));
+    expect(container.args).toEqual(expect.arrayContaining(['--chat-port=8100', '--chat-token-file=/secrets/chat/token', '--chat-capping-experiment=layers_2:3-p0.25', '--slot-policy=chat-first', '--chat-slots=3']));
     expect(container.ports).toContainEqual({ name: 'chat', containerPort: 8100 });
     expect(container.volumeMounts).toContainEqual({ name: 'chat-token', mountPath: '/secrets/chat', readOnly: true });
     expect(deployment.spec.template.spec.volumes).toContainEqual({ name: 'chat-token', secret: { secretName: 'axis-chat-token', items: [{ key: 'token', path: 'token' }] } });

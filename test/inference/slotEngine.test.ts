@@ -57,10 +57,10 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
   afterAll(() => host?.close());
 
   const prefills: PrefillStats[] = [];
-  const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number; prefixReuse?: boolean; runtime?: 'native' | 'stock' } = {}) =>
+  const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number; prefixReuse?: boolean; runtime?: 'native' | 'stock'; policy?: 'fifo' | 'chat-first'; chatSlots?: number } = {}) =>
     LoadedModel.load(modelDir, {
       decode: 'slots',
-      slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: 'fifo', staticBatches: extra.staticBatches, prefixReuse: extra.prefixReuse, runtime: extra.runtime, onStep: (s) => steps.push(s), onPrefill: (p) => prefills.push(p) },
+      slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: extra.policy ?? 'fifo', chatSlots: extra.chatSlots, staticBatches: extra.staticBatches, prefixReuse: extra.prefixReuse, runtime: extra.runtime, onStep: (s) => steps.push(s), onPrefill: (p) => prefills.push(p) },
     });
 
   it('gives each item the text and activation it gets alone, whatever its slot, neighbours and joining step', async () => {
@@ -193,6 +193,41 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
       }
     } finally {
       await m.close();
+    }
+  });
+
+  it('shares the slots between runs and chat by the policy: chat-first keeps slots for chat and serves it first, fifo by arrival', async () => {
+    for (const policy of ['fifo', 'chat-first'] as const) {
+      const m = await load(3, { policy, chatSlots: 1, prefixReuse: false });
+      try {
+        const all = jobs(m);
+        // Who holds a slot when, from each item's first and last sampled token.
+        const events: string[] = [];
+        const watched = (j: SequenceJob, name: string): SequenceJob => {
+          let first = true;
+          return { ...j, onToken: () => first && (first = false, events.push(`+${name}`)) };
+        };
+        const runs = [3, 4, 5, 1].map((i) => watched(all[i], `run${i}`));
+        const pending = runs.map((j, k) => slotsOf(m).engine.submit(j, false, undefined, 'run').then((r) => (events.push(`-run${[3, 4, 5, 1][k]}`), r)));
+        // A chat request arrives while run items wait.
+        const chat = slotsOf(m).engine.submit(watched(all[0], 'chat'), false, undefined, 'chat').then((r) => (events.push('-chat'), r));
+        const results = await Promise.all([...pending, chat]);
+        // Whatever the order, each item's tokens are its own.
+        [3, 4, 5, 1, 0].forEach((i, k) => expectSame(results[k], alone[i]));
+        const started = events.filter((e) => e.startsWith('+'));
+        if (policy === 'fifo') {
+          expect(started.slice(0, 3)).toEqual(['+run3', '+run4', '+run5']);
+          expect(started.indexOf('+chat')).toBe(4);
+        } else {
+          // The chat request before every run item that waited with it (the first was in its slot already),
+          // and never more than two run items at once (three slots, one kept for chat).
+          expect(started.slice(0, 2)).toEqual(['+run3', '+chat']);
+          let running = 0;
+          for (const e of events) if (e.includes('run')) expect((running += e.startsWith('+') ? 1 : -1)).toBeLessThanOrEqual(2);
+        }
+      } finally {
+        await m.close();
+      }
     }
   });
 

@@ -61,6 +61,8 @@ export interface OnnxOptions extends EngineOptions {
   slotLength?: number;
   /** Which waiting item takes a free slot; default fifo. */
   slotPolicy?: SlotPolicy;
+  /** `chat-first`: slots kept for chat requests. */
+  chatSlots?: number;
   /** How the slots engine reaches onnxruntime (default auto: native, else stock with a warning). */
   stepRuntime?: StepRuntime | 'auto';
   /** CUDA provider options over the defaults (`--cuda-options`, parsed by `parseCudaOptions`). */
@@ -251,7 +253,7 @@ export class OnnxBackend implements InferenceBackend {
     const model = await LoadedModel.load(dirs, {
       decode,
       placements: placements.map((p) => (p.provider === 'cuda' ? { ...p, cudaOptions } : p)),
-      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', runtime: this.opts.stepRuntime, onStep: this.opts.onStep, onPrefill: this.opts.onPrefill } } : {}),
+      ...(decode === 'slots' ? { slots: { slots, slotLength: this.slotLength, prefillChunk: PREFILL_CHUNK, policy: this.opts.slotPolicy ?? 'fifo', chatSlots: this.opts.chatSlots, runtime: this.opts.stepRuntime, onStep: this.opts.onStep, onPrefill: this.opts.onPrefill } } : {}),
     });
     const step = model.runner instanceof SlotRunner ? model.runner.step : undefined;
     const { residency } = model;
@@ -275,7 +277,7 @@ export class OnnxBackend implements InferenceBackend {
     const { model, engine } = this.loaded();
     const stream = input.onText && textDeltas(model, input.onText);
     const job = { ...generationJob(model, input, this.slotLength), steering: this.steering(input.cappingExperiment), onToken: stream?.onToken };
-    const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal), (again) => engine.submit({ ...again, steering: job.steering }, true, input.signal));
+    const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal, input.lane), (again) => engine.submit({ ...again, steering: job.steering }, true, input.signal, input.lane));
     const out = generationOutput(model, input, job, result);
     stream?.finish(out.text);
     return out;

@@ -12,7 +12,8 @@ export interface EngineOptions {
 /** What the backend submits items to: batches (BatchEngine) or slots (SlotEngine). */
 export interface SequenceEngine {
   /** `signal`: the item may be dropped once aborted (the slots engine does; a batch runs to its end). */
-  submit(job: SequenceJob, extract: boolean, signal?: AbortSignal): Promise<SequenceResult>;
+  /** `lane`: who asks (a run's item or a chat request), for an engine whose policy tells them apart. */
+  submit(job: SequenceJob, extract: boolean, signal?: AbortSignal, lane?: 'run' | 'chat'): Promise<SequenceResult>;
   /** Sequences running now (0 when idle), for the batch-size gauge. */
   readonly currentBatch: number;
   /** Items waiting to start. */

@@ -4,8 +4,13 @@ import type { Placement } from './session';
 import { sampleToken } from './sampling';
 import { SlotError, StepSession } from './stepSession';
 
-/** Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first (the only policy so far). */
-export const SLOT_POLICIES = ['fifo'] as const;
+/**
+ * Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first, whoever
+ * sent it; `chat-first`, chat items before run items, with `chatSlots` slots that run items never
+ * take (a long run cannot starve people) and chat items taking more only while no run item waits
+ * (a burst of chat cannot stall a run).
+ */
+export const SLOT_POLICIES = ['fifo', 'chat-first'] as const;
 export type SlotPolicy = (typeof SLOT_POLICIES)[number];
 
 export interface SlotEngineOptions {
@@ -23,7 +28,11 @@ export interface SlotEngineOptions {
    * prefilled from its first token.
    */
   prefixReuse?: boolean;
+  /** `chat-first`: slots kept for chat items (at most the slots less one). */
+  chatSlots?: number;
 }
+
+export type Lane = 'run' | 'chat';
 
 /** One item's prefill, for the metrics: its prompt's tokens and how many of them were reused. */
 export interface PrefillStats {
@@ -46,6 +55,8 @@ export class CancelledError extends Error {
 
 interface Item {
   job: SequenceJob;
+  /** Who sent it: a run's item, or a chat request (what `chat-first` tells apart). */
+  lane: Lane;
   extract: boolean;
   resolve: (r: SequenceResult) => void;
   reject: (e: unknown) => void;
@@ -103,14 +114,14 @@ export class SlotEngine {
     return this.occupied;
   }
 
-  submit(job: SequenceJob, extract: boolean, signal?: AbortSignal): Promise<SequenceResult> {
+  submit(job: SequenceJob, extract: boolean, signal?: AbortSignal, lane: Lane = 'run'): Promise<SequenceResult> {
     if (this.closed) return Promise.reject(new Error('the engine is closed'));
     if (signal?.aborted) return Promise.reject(new CancelledError('cancelled before it started'));
     return new Promise((resolve, reject) => {
       // One stream's signal serves all its items: each item's listener leaves with the item.
       const onAbort = () => this.cancelWaiting(item);
       const done = () => signal?.removeEventListener('abort', onAbort);
-      const item: Item = { job, extract, resolve: (r) => (done(), resolve(r)), reject: (e) => (done(), reject(e)), signal };
+      const item: Item = { job, extract, lane, resolve: (r) => (done(), resolve(r)), reject: (e) => (done(), reject(e)), signal };
       this.queue.push(item);
       signal?.addEventListener('abort', onAbort, { once: true });
       void this.pump();
@@ -160,7 +171,9 @@ export class SlotEngine {
     }
     for (let s = 0; s < this.slots.length && this.queue.length > 0; s++) {
       if (this.slots[s]) continue;
-      const item = this.queue.shift()!;
+      const at = this.next();
+      if (at < 0) break;
+      const [item] = this.queue.splice(at, 1);
       try {
         await this.prefill(s, item);
       } catch (err) {
@@ -170,6 +183,18 @@ export class SlotEngine {
         item.reject(err);
       }
     }
+  }
+
+  /** The waiting item that takes the next free slot (its index in the queue), or -1 for none. */
+  private next(): number {
+    if (this.opts.policy !== 'chat-first') return 0;
+    const reserved = Math.min(this.opts.chatSlots ?? 0, this.slots.length - 1);
+    const busy = (lane: Lane) => this.slots.filter((b) => b?.item.lane === lane).length;
+    const chat = this.queue.findIndex((w) => w.lane === 'chat');
+    const run = this.queue.findIndex((w) => w.lane === 'run');
+    if (chat >= 0 && (run < 0 || busy('chat') < reserved)) return chat;
+    if (run >= 0 && busy('run') < this.slots.length - reserved) return run;
+    return -1;
   }
 
   private async prefill(slot: number, item: Item): Promise<void> {
