@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference bench-extract bench-project bench-fullscale soak helm
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference bench-extract bench-project bench-chat bench-fullscale soak helm
 
 install: $(NODE_MODULES)
 
@@ -69,6 +69,9 @@ bench-extract: build
 # Projecting the four persona-drift conversations on an axis against a plain prefill of the same tokens.
 bench-project: build
 	node dist/bench/project.js
+
+bench-chat: build
+	node dist/bench/chat.js
 
 # The full reference workload (331,200 items, [46, 4608] bf16) through the four processes, and a
 # 20,000-item leg at an 8-GPU node's pace with a realistic judge (about 40 minutes, a few GB of disk).

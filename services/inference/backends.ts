@@ -21,6 +21,7 @@ export function createBackend(cfg: Config<typeof INFERENCE_OPTIONS>, hooks: { on
   if (cfg.backend === 'onnx') {
     if (!cfg['model-dir']) throw new Error('--model-dir is required with --backend onnx');
     if (!(SLOT_POLICIES as readonly string[]).includes(cfg['slot-policy'])) throw new Error(`--slot-policy must be one of ${SLOT_POLICIES.join(', ')}, got ${cfg['slot-policy']}`);
+    if (!(Number.isInteger(cfg['chat-slots']) && cfg['chat-slots'] >= 0)) throw new Error(`--chat-slots must be a whole number >= 0, got ${cfg['chat-slots']}`);
     if (!['auto', ...STEP_RUNTIMES].includes(cfg['step-runtime'])) throw new Error(`--step-runtime must be auto, ${STEP_RUNTIMES.join(' or ')}, got ${cfg['step-runtime']}`);
     if (!['auto', 'slots', 'loop', 'host'].includes(cfg.decode)) throw new Error(`--decode must be auto, slots, loop or host, got ${cfg.decode}`);
     if (!(Number.isInteger(cfg['max-batch']) && cfg['max-batch'] >= 1)) throw new Error(`--max-batch must be a whole number >= 1, got ${cfg['max-batch']}`);

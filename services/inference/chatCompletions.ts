@@ -36,6 +36,8 @@ export interface ChatRequest {
   includeUsage: boolean;
   /** As asked; undefined: the replica's default. */
   cappingExperiment?: string;
+  /** `projection_turns`: also project every assistant turn of the conversation, the answer included. */
+  projectTurns: boolean;
 }
 
 const bad = (param: string, message: string) => new ChatRequestError(400, `${param}: ${message}`, param);
@@ -80,6 +82,7 @@ export function parseChatRequest(body: unknown, served: string): ChatRequest {
   if (b.stream !== undefined && b.stream !== null && typeof b.stream !== 'boolean') throw bad('stream', 'true or false');
   const options = b.stream_options as { include_usage?: unknown } | undefined | null;
   if (options !== undefined && options !== null && (typeof options !== 'object' || (options.include_usage !== undefined && typeof options.include_usage !== 'boolean'))) throw bad('stream_options', 'an object {include_usage: boolean}');
+  if (b.projection_turns !== undefined && b.projection_turns !== null && typeof b.projection_turns !== 'boolean') throw bad('projection_turns', 'true or false');
   if (b.capping_experiment !== undefined && b.capping_experiment !== null && typeof b.capping_experiment !== 'string') throw bad('capping_experiment', 'the id of an experiment of this replica\'s capping config, or "none"');
   return {
     model: b.model,
@@ -90,6 +93,7 @@ export function parseChatRequest(body: unknown, served: string): ChatRequest {
     stream: b.stream === true,
     includeUsage: options?.include_usage === true,
     cappingExperiment: typeof b.capping_experiment === 'string' ? b.capping_experiment : undefined,
+    projectTurns: b.projection_turns === true,
   };
 }
 
@@ -158,6 +162,13 @@ export interface AxisExtension {
   /** On the replica's monitored axis (--monitor-axis) at `layer`; null without one. */
   projection: number | null;
   layer: number | null;
+  /**
+   * `projection_turns`: every assistant turn of the conversation with the answer (message_index
+   * in the request's messages; the answer's is their count), from one rendering of the whole
+   * conversation (the ProjectConversation pass): the answer's text tokenized again, read without
+   * interventions (the pass runs no capping), so its turn can differ from `projection`.
+   */
+  turns?: { message_index: number; projection: number }[];
 }
 
 export interface Usage {

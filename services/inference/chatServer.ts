@@ -3,7 +3,7 @@ import { timingSafeEqual } from 'node:crypto';
 import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
-import { decodeTensor } from '../shared/tensor';
+import { decodeTensor, encodeTensor } from '../shared/tensor';
 import { AxisExtension, ChatRequest, ChatRequestError, chunkBody, completionBody, completionId, generateRequest, parseChatRequest, StopScanner, usageChunkBody } from './chatCompletions';
 import type { ProjectionMonitor } from './monitor';
 import type { InferenceService } from './service';
@@ -85,6 +85,7 @@ export class ChatServer {
       const asked = chat.cappingExperiment ?? opts.defaultExperiment;
       const experiment = asked === 'none' ? '' : asked;
       const monitor = opts.monitor();
+      if (chat.projectTurns && !monitor) return send(res, 400, new ChatRequestError(400, 'projection_turns: this replica monitors no axis (--monitor-axis)', 'projection_turns').body());
       const id = completionId();
       const created = Math.floor(Date.now() / 1000);
       // A client that goes away stops its item at the engine's next step.
@@ -127,6 +128,10 @@ export class ChatServer {
         projection = (activation && monitor.project(activation, [monitor.layer])) ?? null;
       }
       const axis: AxisExtension = { capping_experiment: experiment || 'none', projection, layer: monitor ? monitor.layer : null };
+      if (chat.projectTurns && monitor) {
+        const projected = await service.projectConversation({ messages: [...chat.messages, { role: 'assistant', content: text }], axis: encodeTensor(monitor.unitRow()), axisLayers: [monitor.layer], tokenProjections: false, enableThinking: false, chunkTokens: 0 }, gone.signal);
+        axis.turns = projected.turns.map((t) => ({ message_index: t.messageIndex, projection: t.projections[0] }));
+      }
       const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
       const finish = scanner.stopped ? 'stop' : (result.finishReason as 'stop' | 'length');
       if (!chat.stream) return send(res, 200, completionBody(id, created, info.model, text, finish, usage, axis));

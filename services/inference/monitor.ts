@@ -66,6 +66,11 @@ export class ProjectionMonitor {
     return new ProjectionMonitor(file, layer, unit, chosen, [...new Set([...buckets, ...(chosen === undefined ? [] : [chosen])])].sort((a, b) => a - b));
   }
 
+  /** The unit axis at the monitored layer, as a one-row tensor (what a projection pass takes). */
+  unitRow(): FloatTensor {
+    return { shape: [1, this.unit.length], data: Float32Array.from(this.unit) };
+  }
+
   /** The projection of an activation [rows, hidden] whose rows are `layers` (all when empty); undefined when it lacks the target layer. */
   project(activation: FloatTensor, layers: number[]): number | undefined {
     const row = layers.length ? layers.indexOf(this.layer) : this.layer;

@@ -10,7 +10,7 @@ import { ProjectionMonitor } from '../../services/inference/monitor';
 import { OnnxBackend } from '../../services/inference/onnx/backend';
 import { createInferenceService, InferenceService } from '../../services/inference/service';
 import { writeSafetensors } from '../../services/shared/safetensors';
-import { decodeTensor } from '../../services/shared/tensor';
+import { decodeTensor, encodeTensor } from '../../services/shared/tensor';
 import { tempDir } from '../kit/files';
 import { tinyLlama } from '../helpers/model';
 import { ROOT } from '../kit/stack';
@@ -163,6 +163,22 @@ describe('the chat endpoint', () => {
     expect(projectionBar(-4, 4)).toBe(`${'█'.repeat(12)}|${'·'.repeat(12)}`);
   });
 
+  it('projects every assistant turn of the conversation on request, the answer included, as the projection pass does', async () => {
+    const history = [...messages, { role: 'assistant' as const, content: 'A roux is flour cooked in fat.' }, { role: 'user' as const, content: 'And what is it for?' }];
+    const reply = await client.chat.completions.create({ model, messages: history, max_tokens: 8, seed: 9, projection_turns: true } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+    const ext = (reply as unknown as { assistant_axis: { projection: number; turns: { message_index: number; projection: number }[] } }).assistant_axis;
+    expect(ext.turns.map((t) => t.message_index)).toEqual([2, 4]);
+    // The conversation with the answer, through the projection pass with the whole axis (every
+    // layer's row, normalised there): the turns at the target layer. (Its one rendering tokenizes
+    // the answer's text again, so the answer's turn need not be the reply's projection, which
+    // comes from the sampled tokens: test/inference/projection.test.ts has the pass against a
+    // float64 forward.)
+    const all = [...history, { role: 'assistant', content: reply.choices[0].message.content! }];
+    const whole = await service.projectConversation({ messages: all, axis: encodeTensor({ shape: [L, d], data: axis }), axisLayers: [], tokenProjections: false, enableThinking: false, chunkTokens: 0 });
+    expect(whole.turns.map((t) => t.messageIndex)).toEqual([2, 4]);
+    whole.turns.forEach((t, k) => expect(Math.abs(ext.turns[k].projection - t.projections[monitor.layer])).toBeLessThanOrEqual(1e-4));
+  });
+
   it('refuses a missing or wrong token, another model, and bad fields, naming the field', async () => {
     const wrong = new OpenAI({ baseURL: `http://127.0.0.1:${server.port}/v1`, apiKey: 'nope', maxRetries: 0 });
     await expect(wrong.models.list()).rejects.toMatchObject({ status: 401 });
@@ -180,6 +196,7 @@ describe('the chat endpoint', () => {
     expect(await refused({ stop: ['a', 'b', 'c', 'd', 'e'] })).toMatchObject({ status: 400, param: 'stop' });
     expect(await refused({ messages: [{ role: 'wizard', content: 'hi' }] })).toMatchObject({ status: 400, param: 'messages[0].role' });
     expect(await refused({ messages: [] })).toMatchObject({ status: 400, param: 'messages' });
+    expect(await refused({ projection_turns: 'yes' })).toMatchObject({ status: 400, param: 'projection_turns' });
     expect(await refused({ capping_experiment: 'nope' })).toMatchObject({ status: 400, param: 'capping_experiment', message: expect.stringMatching(/capping_experiment: "nope" is not an experiment of .*capping\.json \(it has cap\)/) });
     const notJson = await fetch(`http://127.0.0.1:${server.port}/v1/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' }, body: '{"model": ' });
     expect(notJson.status).toBe(400);

@@ -87,7 +87,9 @@ describe('the onnx backend\'s options', () => {
   // Checked when the backend is made, before any model is read: the message names the flag.
   const make = (...argv: string[]) => () => createBackend(loadConfig('inference', INFERENCE_OPTIONS, ['--backend', 'onnx', '--model-dir', '/nonexistent', ...argv], {}));
   it('names the slot policy, decode mode and batch size it refuses, and takes the known ones', () => {
-    expect(make('--slot-policy', 'lifo')).toThrow('--slot-policy must be one of fifo, got lifo');
+    expect(make('--slot-policy', 'lifo')).toThrow('--slot-policy must be one of fifo, chat-first, got lifo');
+    expect(make('--slot-policy', 'chat-first', '--chat-slots', '1.5')).toThrow('--chat-slots must be a whole number >= 0, got 1.5');
+    expect(make('--slot-policy', 'chat-first', '--chat-slots', '3')()).toBeDefined();
     expect(make('--step-runtime', 'cuda')).toThrow('--step-runtime must be auto, native or stock, got cuda');
     expect(make('--decode', 'fast')).toThrow('--decode must be auto, slots, loop or host, got fast');
     expect(make('--max-batch', '0')).toThrow('--max-batch must be a whole number >= 1, got 0');
