@@ -169,6 +169,8 @@ export interface AxisExtension {
    * interventions (the pass runs no capping), so its turn can differ from `projection`.
    */
   turns?: { message_index: number; projection: number }[];
+  /** Why `turns` is missing when they were asked for and could not be projected. */
+  turns_error?: string;
 }
 
 export interface Usage {

@@ -129,8 +129,15 @@ export class ChatServer {
       }
       const axis: AxisExtension = { capping_experiment: experiment || 'none', projection, layer: monitor ? monitor.layer : null };
       if (chat.projectTurns && monitor) {
-        const projected = await service.projectConversation({ messages: [...chat.messages, { role: 'assistant', content: text }], axis: encodeTensor(monitor.unitRow()), axisLayers: [monitor.layer], tokenProjections: false, enableThinking: false, chunkTokens: 0 }, gone.signal);
-        axis.turns = projected.turns.map((t) => ({ message_index: t.messageIndex, projection: t.projections[0] }));
+        try {
+          const projected = await service.projectConversation({ messages: [...chat.messages, { role: 'assistant', content: text }], axis: encodeTensor(monitor.unitRow()), axisLayers: [monitor.layer], tokenProjections: false, enableThinking: false, chunkTokens: 0 }, gone.signal);
+          axis.turns = projected.turns.map((t) => ({ message_index: t.messageIndex, projection: t.projections[0] }));
+        } catch (err) {
+          // The answer stands; the turns say why they are missing (a conversation longer than the model's context, say).
+          const code = (err as { code?: number }).code;
+          if (typeof code !== 'number') throw err;
+          axis.turns_error = (err as Error).message;
+        }
       }
       const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
       const finish = scanner.stopped ? 'stop' : (result.finishReason as 'stop' | 'length');

@@ -207,6 +207,13 @@ maybe('the helm chart', () => {
     expect(JSON.stringify(plain.filter((d) => d.metadata.name.startsWith('axis-inference')))).not.toMatch(/chat/);
     expect(plain.find((d) => d.kind === 'Secret' && d.metadata.name === 'axis-chat-token')).toBeUndefined();
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.chat.port=0']).stderr).toMatch(/port/);
+    // NOTES: how to reach it and read its token.
+    const notes = (extra: string[]) => {
+      const r = helm(['install', 'axis', CHART, '--namespace', 'research', '--dry-run=client', ...[MODEL, ...extra].flatMap((x) => ['--set', x])]);
+      return r.stdout.slice(r.stdout.indexOf('NOTES:'));
+    };
+    expect(notes(['inference.chat.enabled=true'])).toContain("kubectl -n research get secret axis-chat-token -o jsonpath='{.data.token}' | base64 -d > chat-token\n  npx axis chat --url http://127.0.0.1:8000/v1 --token-file chat-token");
+    expect(notes([])).not.toContain('axis chat');
   });
 
   it('gives the inference container one resources key holding the GPU, keeps the state volumes on uninstall, and asks for the Kubernetes that preStop.sleep needs', () => {
