@@ -15,9 +15,11 @@ import { formatSummary, ProgressBar } from './progress';
 const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coordinator host:port, or AXIS_COORDINATOR)
 
   axis run NAME [--model M] [--roles a,b] [--question-count N] [--min-count N] [--seed N]
-                [--max-new-tokens N] [--layers 0,1] [--data-dir D] [--import-dir D] [--two-pass]
+                [--max-new-tokens N] [--max-context N] [--temperature T] [--top-p P] [--layers 0,1]
+                [--data-dir D] [--import-dir D] [--two-pass] [--compare-axis F]
                 [--enable-thinking] [--capping-experiment ID] [--compare-run NAME] [--judge-batch] [--max-judge-cost-usd X] [--archive-activations] [--dry-run] [--detach]
-      starts (or resumes: the same NAME and parameters) a run, and shows its progress until it ends
+      starts (or resumes: the same NAME and parameters) a run, and shows its progress until it ends;
+      exits 0 only when it SUCCEEDED, 3 FAILED, 4 PAUSED, 5 CANCELLED (1 another error, 2 a usage error)
   axis watch NAME      the progress of a run until it ends
   axis status NAME     a run's state and summary, once
   axis list            every run the coordinator knows
@@ -67,6 +69,10 @@ const OPTIONS = {
   'enable-thinking': { type: 'boolean' },
   'capping-experiment': { type: 'string' },
   'compare-run': { type: 'string' },
+  'compare-axis': { type: 'string' },
+  temperature: { type: 'string' },
+  'top-p': { type: 'string' },
+  'max-context': { type: 'string' },
   url: { type: 'string' },
   experiment: { type: 'string' },
   'judge-batch': { type: 'boolean' },
@@ -85,7 +91,24 @@ const OPTIONS = {
   help: { type: 'boolean' },
 } as const;
 
-class UsageError extends Error {}
+export class UsageError extends Error {}
+
+/**
+ * `axis run` and `axis watch` exit with the run's end: 0 only when it SUCCEEDED; 3 FAILED,
+ * 4 PAUSED (the judge's spending cap), 5 CANCELLED. 1: any other error, 2: a usage error.
+ */
+export const EXIT_CODES: Record<string, number> = { SUCCEEDED: 0, FAILED: 3, PAUSED: 4, CANCELLED: 5 };
+
+/** The exit code of a run that ended in `state` (a state name). */
+export function exitCodeOf(state: string): number {
+  return EXIT_CODES[state] ?? 1;
+}
+
+function decimal(flag: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  if (!/^-?\d+(\.\d+)?([eE][-+]?\d+)?$/.test(value)) throw new UsageError(`--${flag} must be a number, got ${JSON.stringify(value)}`);
+  return Number(value);
+}
 
 function wholeNumber(flag: string, value: string | undefined): number | undefined {
   if (value === undefined) return undefined;
@@ -109,6 +132,10 @@ export function requestFromFlags(name: string, v: Record<string, string | boolea
     minCount: wholeNumber('min-count', v['min-count'] as string),
     seed: wholeNumber('seed', v.seed as string),
     maxNewTokens: wholeNumber('max-new-tokens', v['max-new-tokens'] as string),
+    maxContext: wholeNumber('max-context', v['max-context'] as string),
+    temperature: decimal('temperature', v.temperature as string),
+    topP: decimal('top-p', v['top-p'] as string),
+    compareAxis: (v['compare-axis'] as string) ?? '',
     layers: list(v.layers as string).map((l) => wholeNumber('layers', l)!),
     dataDir: (v['data-dir'] as string) ?? '',
     importDir: (v['import-dir'] as string) ?? '',
@@ -177,7 +204,7 @@ async function main(argv: string[]): Promise<number> {
     if (!fs.existsSync(run.outputDir)) throw new UsageError(`run ${run.name}'s outputs (${run.outputDir}) are not on this machine: copy them here and give --run-dir`);
     return run.outputDir;
   };
-  const ok = (state: number) => (['SUCCEEDED', 'CANCELLED'].includes(stateName(state)) ? 0 : 1);
+  const ok = (state: number) => exitCodeOf(stateName(state));
   try {
     switch (command) {
       case 'run': {
