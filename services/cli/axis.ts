@@ -9,6 +9,7 @@ import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopba
 import { projectFiles, writeProjections } from './projectFiles';
 import { calibrate, CalibrationError } from './calibrate';
 import { chat } from './chat';
+import { pullRun } from './pull';
 import { EXPORT_FORMATS, ExportError, exportControlVector, exportHfDataset } from './exportAxis';
 import { formatSummary, ProgressBar } from './progress';
 
@@ -25,6 +26,9 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
   axis list            every run the coordinator knows
   axis cancel NAME     stops a run cleanly (StartRun with the same NAME resumes it)
   axis delete NAME     removes a run that is not running: its ledger rows, its outputs and its sums
+  axis pull NAME [--out DIR]
+      a run's files from the coordinator (a cluster's volume) into DIR (default ./NAME), each
+      checked by its sha256; files already there with the same sha256 are kept, a cut pull resumes
   axis export NAME --format gguf-control-vector --out FILE [--scale S] [--run-dir DIR]
       a finished run's axis as a llama.cpp control vector (direction.i for block i's output;
       llama.cpp has no direction.0); --run-dir reads the run's directory instead of asking the
@@ -285,6 +289,13 @@ async function main(argv: string[]): Promise<number> {
         const written = await writeProjections(values.out, results, { axis, bands });
         process.stdout.write(`${written.join(', ')}${failed ? ` (${failed} of ${files.length} files not projected)` : ''}\n`);
         return failed ? 1 : 0;
+      }
+      case 'pull': {
+        const name = needName();
+        const out = values.out ?? name;
+        const report = await pullRun(client, name, out, meta(), (a, action) => process.stderr.write(`${action === 'pulled' ? 'pulled' : 'already here'}: ${a.path} (${Number(a.size)} bytes)\n`));
+        process.stdout.write(`run ${name} in ${out}: ${report.pulled.length} files pulled (${(report.bytes / 2 ** 20).toFixed(1)} MiB), ${report.kept.length} already here\n`);
+        return 0;
       }
       case 'delete': {
         const name = needName();

@@ -1,8 +1,9 @@
 import * as grpc from '@grpc/grpc-js';
 import { CoordinatorServer, Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { Logger } from '../shared/logger';
-import { failStream, RpcError, unary } from '../shared/rpc';
+import { failStream, RpcError, unary, writeWhenReady } from '../shared/rpc';
 import { bearerMatches, UNAUTHENTICATED_DETAILS } from '../shared/auth';
+import { artifactChunks, artifactFile, listArtifacts } from './artifacts';
 import { projectConversation } from './projection';
 import type { RunManager } from './runManager';
 import type { InferencePool } from './upstreams';
@@ -36,6 +37,21 @@ export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string
       return {};
     }),
     projectConversation: guarded((req) => projectConversation(req, { runs, inference: opts.inference, dataRoots: opts.dataRoots })),
+    listArtifacts: guarded(async (req) => ({ artifacts: await listArtifacts(runs.get(req.run).outputDir) })),
+    getArtifact: (call) => {
+      void (async () => {
+        try {
+          authorize(call);
+          const { file, size } = await artifactFile(runs.get(call.request.run).outputDir, call.request.path);
+          for await (const chunk of artifactChunks(file, size, Number(call.request.offset))) {
+            if (!(await writeWhenReady(call, chunk))) return;
+          }
+          call.end();
+        } catch (err) {
+          failStream(call, err);
+        }
+      })();
+    },
     watchRun: (call) => {
       try {
         authorize(call);

@@ -164,5 +164,46 @@ describe('import of a reference run, and two-pass runs', () => {
     const refused = await cli(['run', 'from-cli', '--roles', 'poet']);
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/^axis: ALREADY_EXISTS: name: run "from-cli" already exists with other parameters/);
+
+    // axis pull: the run's files as the coordinator holds them, byte for byte; again: nothing to
+    // pull; a changed file and one cut short (its .partial) are pulled again, the rest kept.
+    const source = path.join(stack.opts.outputRoot, 'from-cli');
+    const listing = (root: string): string[] => fs.readdirSync(root, { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).map((e) => path.relative(root, path.join(e.parentPath, e.name))).sort();
+    const out = path.join(dir, 'pulled');
+    const pulled = await cli(['pull', 'from-cli', '--out', out]);
+    expect(pulled.code).toBe(0);
+    const files = listing(source);
+    expect(files).toEqual(expect.arrayContaining(['axis.safetensors', 'manifest.json', 'report.json', 'vectors/chef.safetensors']));
+    expect(listing(out)).toEqual(files);
+    for (const f of files) expect(fs.readFileSync(path.join(out, f)).equals(fs.readFileSync(path.join(source, f)))).toBe(true);
+    expect(pulled.stdout).toMatch(new RegExp(`^run from-cli in ${out}: ${files.length} files pulled \\([0-9.]+ MiB\\), 0 already here`));
+    fs.writeFileSync(path.join(out, 'manifest.json'), '{}');
+    const axisBytes = fs.readFileSync(path.join(source, 'axis.safetensors'));
+    fs.rmSync(path.join(out, 'axis.safetensors'));
+    fs.writeFileSync(path.join(out, 'axis.safetensors.partial'), axisBytes.subarray(0, 100));
+    const repull = await cli(['pull', 'from-cli', '--out', out]);
+    expect(repull.stdout).toMatch(`2 files pulled`);
+    expect(repull.stdout).toMatch(`${files.length - 2} already here`);
+    expect(fs.readFileSync(path.join(out, 'axis.safetensors')).equals(axisBytes)).toBe(true);
+    expect(fs.readFileSync(path.join(out, 'manifest.json')).equals(fs.readFileSync(path.join(source, 'manifest.json')))).toBe(true);
+    expect(listing(out)).toEqual(files);
+    // A path that leaves the run's directory, a file it does not have, a run that does not exist.
+    const client = coordinatorClient(stack.address('coordinator'));
+    const fetch = (run: string, p: string) =>
+      new Promise<grpc.ServiceError>((resolve) => {
+        const call = client.getArtifact({ run, path: p, offset: 0 }, new grpc.Metadata());
+        call.on('data', () => undefined);
+        call.on('error', resolve);
+        call.on('end', () => resolve({ code: grpc.status.OK } as grpc.ServiceError));
+      });
+    expect(await fetch('from-cli', '../from-cli/manifest.json')).toMatchObject({ code: grpc.status.INVALID_ARGUMENT, details: expect.stringMatching(/^path: "\.\.\/from-cli\/manifest\.json" is not a path inside the run's directory/) });
+    expect(await fetch('from-cli', '/etc/passwd')).toMatchObject({ code: grpc.status.INVALID_ARGUMENT });
+    expect(await fetch('from-cli', 'nothing.json')).toMatchObject({ code: grpc.status.NOT_FOUND });
+    expect(await fetch('no-such-run', 'manifest.json')).toMatchObject({ code: grpc.status.NOT_FOUND });
+    // A link inside the run's directory that leads out of it is refused.
+    fs.symlinkSync('/etc/hostname', path.join(source, 'outside.txt'));
+    expect(await fetch('from-cli', 'outside.txt')).toMatchObject({ code: grpc.status.INVALID_ARGUMENT, details: expect.stringMatching(/leads out of the run's directory/) });
+    fs.rmSync(path.join(source, 'outside.txt'));
+    client.close();
   });
 });
