@@ -1,20 +1,15 @@
 import * as grpc from '@grpc/grpc-js';
-import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Artifact, ArtifactChunk, CoordinatorClient } from '../../gen/assistant_axis/v1/coordinator';
+import { sha256File } from '../shared/files';
 
 export function listArtifacts(client: CoordinatorClient, run: string, metadata = new grpc.Metadata()): Promise<Artifact[]> {
   return new Promise((resolve, reject) => client.listArtifacts({ run }, metadata, (err, res) => (err ? reject(err) : resolve(res.artifacts))));
 }
 
 /** A file's sha256 (hex), or undefined when there is none. */
-async function localSha256(file: string): Promise<string | undefined> {
-  if (!fs.existsSync(file)) return undefined;
-  const hash = createHash('sha256');
-  for await (const part of fs.createReadStream(file)) hash.update(part as Buffer);
-  return hash.digest('hex');
-}
+const localSha256 = async (file: string): Promise<string | undefined> => (fs.existsSync(file) ? sha256File(file) : undefined);
 
 export interface PullReport {
   pulled: string[];

@@ -1,8 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
-import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Artifact } from '../../gen/assistant_axis/v1/coordinator';
+import { sha256File } from '../shared/files';
 import { RpcError } from '../shared/rpc';
 
 /** Bytes per GetArtifact message (well under gRPC's 4 MiB default limit). */
@@ -14,9 +14,7 @@ const hashes = new Map<string, { size: number; mtimeMs: number; sha256: string }
 async function sha256Of(file: string, stat: fs.Stats): Promise<string> {
   const known = hashes.get(file);
   if (known && known.size === stat.size && known.mtimeMs === stat.mtimeMs) return known.sha256;
-  const hash = createHash('sha256');
-  for await (const part of fs.createReadStream(file)) hash.update(part as Buffer);
-  const sha256 = hash.digest('hex');
+  const sha256 = await sha256File(file);
   hashes.set(file, { size: stat.size, mtimeMs: stat.mtimeMs, sha256 });
   return sha256;
 }

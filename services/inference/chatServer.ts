@@ -1,8 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
-import { timingSafeEqual } from 'node:crypto';
 import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
+import { bearerHeaderMatches } from '../shared/auth';
 import { decodeTensor, encodeTensor } from '../shared/tensor';
 import { AxisExtension, ChatRequest, ChatRequestError, chunkBody, completionBody, completionId, generateRequest, parseChatRequest, StopScanner, usageChunkBody } from './chatCompletions';
 import type { ProjectionMonitor } from './monitor';
@@ -48,7 +48,6 @@ export class ChatServer {
   }
 
   static async start(service: InferenceService, opts: ChatServerOptions, log: Logger): Promise<ChatServer> {
-    const expected = Buffer.from(`Bearer ${opts.token}`);
     const server = http.createServer((req, res) => {
       void handle(req, res).catch((err: Error) => {
         log.error({ err }, 'chat request failed');
@@ -56,14 +55,10 @@ export class ChatServer {
         else res.end();
       });
     });
-    const authorized = (req: http.IncomingMessage) => {
-      const got = Buffer.from(req.headers.authorization ?? '');
-      return got.length === expected.length && timingSafeEqual(got, expected);
-    };
 
     async function handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
       const url = (req.url ?? '').split('?')[0];
-      if (!authorized(req)) return send(res, 401, new ChatRequestError(401, 'a bearer token is required (Authorization: Bearer ...)', null, 'authentication_error').body());
+      if (!bearerHeaderMatches(req.headers.authorization, opts.token)) return send(res, 401, new ChatRequestError(401, 'a bearer token is required (Authorization: Bearer ...)', null, 'authentication_error').body());
       let info;
       try {
         info = service.modelInfo();

@@ -1,12 +1,11 @@
 import { DType } from '../../gen/assistant_axis/v1/common';
 import { InferenceServiceBulk } from '../shared/bulkWire';
 import { loadConfig } from '../shared/config';
-import { callerInterceptors } from '../shared/auth';
+import { callerInterceptors, readToken } from '../shared/auth';
 import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
 import { createBackend } from './backends';
-import * as fs from 'node:fs';
 import { ChatServer } from './chatServer';
 import { chatMetrics, inferenceMetrics, monitorMetrics } from './metrics';
 import { ProjectionMonitor } from './monitor';
@@ -25,8 +24,7 @@ async function main(): Promise<void> {
   let chatToken: string | undefined;
   if (cfg['chat-port']) {
     if (!cfg['chat-token-file']) throw new Error('--chat-port needs --chat-token-file: the chat endpoint requires a bearer token');
-    chatToken = fs.readFileSync(cfg['chat-token-file'], 'utf8').trim();
-    if (!chatToken) throw new Error(`--chat-token-file ${cfg['chat-token-file']} is empty`);
+    chatToken = readToken(cfg['chat-token-file'], '--chat-token-file');
   }
   const registry = createRegistry('inference');
   let service: InferenceService | undefined;

@@ -22,7 +22,11 @@ export function readToken(file: string, flag = '--auth-token-file'): string {
 
 /** Constant-time comparison of the call's bearer token with the configured one. */
 export function bearerMatches(metadata: grpc.Metadata, token: string): boolean {
-  const header = metadata.get('authorization')[0];
+  return bearerHeaderMatches(metadata.get('authorization')[0], token);
+}
+
+/** Constant-time comparison of an authorization header's bearer token (gRPC metadata or HTTP) with the configured one. */
+export function bearerHeaderMatches(header: unknown, token: string): boolean {
   if (typeof header !== 'string' || !header.startsWith('Bearer ')) return false;
   const given = Buffer.from(header.slice('Bearer '.length));
   const expected = Buffer.from(token);

@@ -1,7 +1,7 @@
 import * as fsSync from 'node:fs';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 
 /**
  * Writes a file so that readers see either nothing or all of it: a temporary file in the
@@ -75,4 +75,11 @@ export async function exists(p: string): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/** A file's sha256 (hex), read as a stream (files of any size). */
+export async function sha256File(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const part of fsSync.createReadStream(file)) hash.update(part as Buffer);
+  return hash.digest('hex');
 }

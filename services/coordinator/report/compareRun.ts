@@ -1,7 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { readSafetensors, SafetensorsSlices } from '../../shared/safetensors';
-import { dot, norm } from './analysis';
+import { projectRow, unitRows } from '../../shared/projection';
+import { cosine } from './analysis';
 
 /** What a finished run's directory holds that a comparison reads (vectors/ besides). */
 export const COMPARE_RUN_FILES = ['axis.safetensors', 'manifest.json'];
@@ -53,11 +54,6 @@ interface Manifest {
   results?: { roles_kept?: { role: string }[]; roles_left_out?: { role: string }[]; defaults?: { role: string }[] };
 }
 
-const unit = (v: Float32Array): Float64Array => {
-  const n = norm(v);
-  return Float64Array.from(v, (x) => x / n);
-};
-
 /** The comparison of `self` with the finished run in `otherDir` (read from its files). */
 export async function compareRun(self: ThisRun, otherDir: string): Promise<RunComparison> {
   const name = path.basename(otherDir);
@@ -75,14 +71,14 @@ export async function compareRun(self: ThisRun, otherDir: string): Promise<RunCo
     throw new CompareRunError(`run ${name} kept other layers or another hidden size (layers ${layers.join(',')}, hidden ${axis?.shape[1]}; this run: layers ${self.layers.join(',')}, hidden ${self.hidden})`);
   }
   const d = self.hidden;
-  const frame = unit(axis.data.subarray(self.row * d, (self.row + 1) * d));
-  const own = unit(self.axis.subarray(self.row * d, (self.row + 1) * d));
+  const otherRow = axis.data.subarray(self.row * d, (self.row + 1) * d);
+  const frame = unitRows(otherRow, 1, d);
   // A role's vector row in a run's directory, projected on the frame; null when the run has none.
   const projection = async (dir: string, role: string): Promise<number | null> => {
     const file = path.join(dir, 'vectors', `${role}.safetensors`);
     if (!fs.existsSync(file)) return null;
     const slices = await SafetensorsSlices.open(file, 'vector');
-    return dot(await slices.read(self.row * d, d), frame);
+    return projectRow(await slices.read(self.row * d, d), 0, frame, 0, d);
   };
   const names = (list?: { role: string }[]) => (list ?? []).map((r) => r.role);
   const otherRoles = names(manifest.results?.roles_kept);
@@ -116,7 +112,7 @@ export async function compareRun(self: ThisRun, otherDir: string): Promise<RunCo
     row: self.row,
     layer: self.layers[self.row],
     capping: { this: self.capping, other: cappingOf(manifest.capping) },
-    axis_cosine: dot(own, frame),
+    axis_cosine: cosine(self.axis.subarray(self.row * d, (self.row + 1) * d), otherRow),
     roles,
     mean: { roles: meanOf('role'), defaults: meanOf('default') },
     scores: { this: pooled(self.histograms, self.judgedRoles), other: pooled(otherHistograms, [...otherRoles, ...names(manifest.results?.roles_left_out)]) },
