@@ -34,9 +34,10 @@ export interface GenerateInput {
   cappingExperiment?: string;
   /**
    * The answer's text as it grows, in pieces whose concatenation is the final text (streaming);
-   * a backend without tokens gives it in one piece at the end.
+   * a backend without tokens gives it in one piece at the end. Returning true ends the answer
+   * there (a stop string: the slots engine stops the item, the others let it run on).
    */
-  onText?: (delta: string) => void;
+  onText?: (delta: string) => boolean | void;
   /** Who asked: a run's item or a chat request (the slots policy may favour one; default run). */
   lane?: 'run' | 'chat';
 }

@@ -94,9 +94,11 @@ export class ChatServer {
         res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
         write(chunkBody(id, created, info.model, { role: 'assistant', content: '' }, null));
       }
+      // A stop string ends the item too: its slot is free and `usage` counts the tokens up to it.
       const onText = (delta: string) => {
         const piece = scanner.push(delta);
         if (chat.stream && piece) write(chunkBody(id, created, info.model, { content: piece }, null));
+        return scanner.stopped;
       };
       const result = await service.generate(generateRequest(chat, experiment, monitor?.layer, id), gone.signal, { onText, lane: 'chat' });
       if (result.error) {

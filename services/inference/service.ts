@@ -16,9 +16,9 @@ export interface InferenceService {
   /**
    * One item, under the capacity limit; a failure becomes the item's error (the stream goes on).
    * `stream.onText`: the answer as it grows (streaming), in pieces that add up to its text;
-   * `stream.lane`: who asks (the chat endpoint says chat).
+   * `stream.onText` returning true ends the answer there; `stream.lane`: who asks (the chat endpoint says chat).
    */
-  generate(req: GenerateRequest, cancelled?: AbortSignal, stream?: { onText?: (delta: string) => void; lane?: 'run' | 'chat' }): Promise<GenerateResult>;
+  generate(req: GenerateRequest, cancelled?: AbortSignal, stream?: { onText?: (delta: string) => boolean | void; lane?: 'run' | 'chat' }): Promise<GenerateResult>;
   extract(req: ExtractRequest, cancelled?: AbortSignal): Promise<ExtractResult>;
   /** A conversation's assistant turns on an axis; bad input and failures are the call's status. */
   projectConversation(req: ProjectConversationRequest, cancelled?: AbortSignal): Promise<ProjectConversationResponse>;

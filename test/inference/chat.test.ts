@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { Tokenizer } from '@huggingface/tokenizers';
 import OpenAI from 'openai';
 import pino from 'pino';
 import { Registry } from 'prom-client';
@@ -34,11 +35,12 @@ describe('the chat endpoint', () => {
   let registry: Registry;
   let model: string;
   let monitor: ProjectionMonitor;
+  let modelDir: string;
   const axis = Float32Array.from({ length: L * d }, (_, i) => Math.sin(i * 0.37) + 0.1);
   const messages = [{ role: 'system' as const, content: 'You are a chef.' }, { role: 'user' as const, content: 'What is a roux?' }];
 
   beforeAll(async () => {
-    const { modelDir } = await tinyLlama();
+    ({ modelDir } = await tinyLlama());
     const dir = tempDir('chat');
     const capping = path.join(dir, 'capping');
     const v = (l: number) => Float32Array.from({ length: d }, (_, i) => Math.cos(i * (l + 1)));
@@ -66,7 +68,7 @@ describe('the chat endpoint', () => {
   const engine = async (seed: number, experiment = '', maxNewTokens = 12) => {
     const r = await service.generate({ itemId: 'direct', messages, sampling: { temperature: 0.9, topP: 0.95, maxNewTokens, maxContext: 4096, seed, enableThinking: false }, seed, layers: [], textOnly: false, cappingExperiment: experiment });
     expect(r.error).toBeUndefined();
-    return { text: r.text, activation: decodeTensor(r.activation, 'a').data, promptTokens: r.promptTokens, completionTokens: r.completionTokens };
+    return { text: r.text, activation: decodeTensor(r.activation, 'a').data, promptTokens: r.promptTokens, completionTokens: r.completionTokens, ids: r.responseTokenIds };
   };
   /** The answer's projection on the unit axis at the model's target layer, in float64 from every layer's activation. */
   const projectionOf = (activation: Float32Array) => {
@@ -135,6 +137,12 @@ describe('the chat endpoint', () => {
     const reply = await client.chat.completions.create({ model, messages, temperature: 0.9, top_p: 0.95, max_tokens: 16, seed: 8, stop: [stop] });
     expect(reply.choices[0].message.content).toBe(expected);
     expect(reply.choices[0].finish_reason).toBe('stop');
+    // The item ends where the stop string is complete: usage counts the tokens up to there, by the model's own tokenizer.
+    const tokenizer = new Tokenizer(JSON.parse(fs.readFileSync(path.join(modelDir, 'tokenizer.json'), 'utf8')), {});
+    let upToStop = 1;
+    while (!tokenizer.decode(full.ids.slice(0, upToStop), { skip_special_tokens: true }).includes(stop)) upToStop++;
+    expect(upToStop).toBeLessThan(full.ids.length);
+    expect(reply.usage?.completion_tokens).toBe(upToStop);
     const stream = await client.chat.completions.create({ model, messages, temperature: 0.9, top_p: 0.95, max_tokens: 16, seed: 8, stop, stream: true });
     let streamed = '';
     for await (const chunk of stream) streamed += chunk.choices[0]?.delta.content ?? '';

@@ -205,7 +205,13 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
         const events: string[] = [];
         const watched = (j: SequenceJob, name: string): SequenceJob => {
           let first = true;
-          return { ...j, onToken: () => first && (first = false, events.push(`+${name}`)) };
+          return {
+            ...j,
+            onToken: () => {
+              if (first) events.push(`+${name}`);
+              first = false;
+            },
+          };
         };
         const runs = [3, 4, 5, 1].map((i) => watched(all[i], `run${i}`));
         const pending = runs.map((j, k) => slotsOf(m).engine.submit(j, false, undefined, 'run').then((r) => (events.push(`-run${[3, 4, 5, 1][k]}`), r)));

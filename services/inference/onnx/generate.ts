@@ -127,17 +127,19 @@ export async function extractOne(model: LoadedModel, messages: ChatMessage[], la
  * Streams an answer's text as its tokens come: after each token the text decoded so far, less
  * what was sent, unless it ends in an incomplete character (a token can hold part of one) or no
  * longer starts with what was sent (a tokenizer that rewrites earlier text); `finish` sends the
- * rest of the final text, so that the pieces add up to it.
+ * rest of the final text, so that the pieces add up to it. A listener that returns true (a stop
+ * string in the text) ends the answer: `onToken` then returns true.
  */
-export function textDeltas(model: LoadedModel, onText: (delta: string) => void): { onToken: (id: number) => void; finish: (text: string) => void } {
+export function textDeltas(model: LoadedModel, onText: (delta: string) => boolean | void): { onToken: (id: number) => boolean; finish: (text: string) => void } {
   const ids: number[] = [];
   let sent = '';
+  let enough = false;
   const send = (text: string) => {
     if (text.length <= sent.length || !text.startsWith(sent)) return;
     const delta = text.slice(sent.length);
     sent = text;
     try {
-      onText(delta);
+      if (onText(delta) === true) enough = true;
     } catch {
       // A listener that fails (its client gone) never stops the engine.
     }
@@ -147,6 +149,7 @@ export function textDeltas(model: LoadedModel, onText: (delta: string) => void):
       ids.push(id);
       const text = model.decode(ids);
       if (!text.endsWith('\uFFFD')) send(text);
+      return enough;
     },
     finish: send,
   };

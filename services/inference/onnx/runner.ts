@@ -21,8 +21,11 @@ export interface SequenceJob {
   weights?: Float32Array;
   /** Interventions on the residual stream while this sequence runs (capping; the slots engine only). */
   steering?: Steering;
-  /** Each token as it is sampled (the stop token excluded), for streaming (the slots engine only). */
-  onToken?: (id: number) => void;
+  /**
+   * Each token as it is sampled (the stop token excluded), for streaming (the slots engine only);
+   * returning true ends the answer after this token (a stop string in its text), as a stop token would.
+   */
+  onToken?: (id: number) => boolean | void;
 }
 
 export interface SequenceResult {

@@ -234,8 +234,12 @@ export class SlotEngine {
       item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
       return;
     }
+    if (job.onToken?.(first) === true) {
+      this.step.reset(slot);
+      item.resolve({ responseIds: [first], stopped: true, mean: new Float32Array(L * d), counted: 0 });
+      return;
+    }
     this.slots[slot] = { item, responseIds: [first], next: first, count: new ResponseCount() };
-    job.onToken?.(first);
   }
 
   /** A slot's running sum over `count` tokens, as a float32 mean [layers * hidden]. */
@@ -298,7 +302,7 @@ export class SlotEngine {
       if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);
       b.next = token;
-      b.item.job.onToken?.(token);
+      if (b.item.job.onToken?.(token) === true) finished.push([s, true]);
     });
     this.onStep({ active, rows, seconds: (performance.now() - started) / 1000 });
     for (const [s, stopped] of finished) await this.finish(s, stopped);
