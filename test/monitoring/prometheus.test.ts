@@ -41,6 +41,8 @@ maybe('Prometheus and the dashboard', () => {
   let stack: LocalStack;
   let prometheus: ChildProcess;
   let promUrl = '';
+  let chatPort = 0;
+  const CHAT_TOKEN = 'prometheus-chat-token';
   const judge = new FakeOpenAIServer({ latencyMs: () => 5 });
 
   beforeAll(async () => {
@@ -50,10 +52,14 @@ maybe('Prometheus and the dashboard', () => {
     // An axis of the synthetic model's shape (8 layers x 64) to monitor answers with (the persona row).
     const axisFile = path.join(dir, 'axis.safetensors');
     await writeSafetensors(axisFile, { axis: { shape: [8, 64], data: Float32Array.from({ length: 8 * 64 }, (_, i) => Math.sin(i)) } });
+    // The chat endpoint on too (its panel).
+    chatPort = await freePort();
+    const chatToken = path.join(dir, 'chat-token');
+    fs.writeFileSync(chatToken, CHAT_TOKEN);
     ({ stack } = await testStack('prom', {
       args: {
         // About 15 s of run, so that Prometheus scrapes it while it is active.
-        inference: ['--synthetic-tokens-per-second', '30', '--capacity', '4', '--monitor-axis', axisFile, '--monitor-threshold', '0'],
+        inference: ['--synthetic-tokens-per-second', '30', '--capacity', '4', '--monitor-axis', axisFile, '--monitor-threshold', '0', '--chat-port', String(chatPort), '--chat-token-file', chatToken],
         judge: ['--provider', 'openai', '--base-url', judge.baseUrl, '--model', 'judge-prom', '--prices', prices],
       },
     }));
@@ -85,6 +91,11 @@ maybe('Prometheus and the dashboard', () => {
   it('scrapes every metric the dashboard and the alerts use, and every dashboard query returns data during a run', async () => {
     const client = coordinatorClient(stack.address('coordinator'));
     await startRun(client, { name: 'watched', roles: ['chef', 'poet', 'default'], questionCount: 4, minCount: 1, maxNewTokens: 16 });
+    // One chat answer while the run goes on.
+    const headers = { authorization: `Bearer ${CHAT_TOKEN}`, 'content-type': 'application/json' };
+    const models = (await (await fetch(`http://127.0.0.1:${chatPort}/v1/models`, { headers })).json()) as { data: { id: string }[] };
+    const chat = await fetch(`http://127.0.0.1:${chatPort}/v1/chat/completions`, { method: 'POST', headers, body: JSON.stringify({ model: models.data[0].id, messages: [{ role: 'user', content: 'Hello?' }], max_tokens: 8 }) });
+    expect(chat.status).toBe(200);
     const queries = dashboardQueries();
     const rules = chartRules().groups.flatMap((g) => g.rules.map((r) => r.expr));
     const names = metricNames([...queries, ...rules]);
@@ -102,6 +113,8 @@ maybe('Prometheus and the dashboard', () => {
       40_000,
     ).catch(() => undefined);
     expect(empty).toEqual([]);
+    const chats = (await query('sum(axis_inference_chat_answers_total{capped="no"})')) as { value: [number, string] }[];
+    expect(chats[0].value[1]).toBe('1');
     const done = await watchRun(client, 'watched', () => undefined);
     expect(done.state).toBe(RunState.RUN_STATE_SUCCEEDED);
     client.close();
