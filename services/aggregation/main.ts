@@ -27,7 +27,7 @@ async function main(): Promise<void> {
   for (const q of quarantined) log.error({ segment: q.ref.segment, offset: q.ref.offset, error: q.error, keptIn: q.file }, 'a journal record could not be applied: quarantined, the rest goes on');
   log.info({ stateDir: cfg['state-dir'], replayed, quarantined: quarantined.length, runs: store.runCount(), ms: Date.now() - opened }, 'state loaded: checkpoint and journal replayed');
 
-  const registry = createRegistry('aggregation');
+  const registry = createRegistry();
   const service = createAggregationService({ store, metrics: aggregationMetrics(registry, () => store, () => store.quarantinedCount), log });
   const checkpoint = () => service.checkpoint().catch((err) => log.error({ err }, 'checkpoint failed'));
   const timer = setInterval(() => void checkpoint(), cfg['checkpoint-seconds'] * 1000);

@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
+import { checkHealth } from '../shared/health';
 import { clientCredentials } from '../shared/tls';
 import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, projectConversation, startRun, stateName, watchRun } from './client';
 import { projectFiles, writeProjections } from './projectFiles';
@@ -24,6 +25,7 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
   axis watch NAME      the progress of a run until it ends
   axis status NAME     a run's state and summary, once
   axis list            every run the coordinator knows
+  axis health          the coordinator's gRPC health (exit 0 when SERVING; no token needed)
   axis cancel NAME     stops a run cleanly (StartRun with the same NAME resumes it)
   axis delete NAME     removes a run that is not running: its ledger rows, its outputs and its sums
   axis pull NAME [--out DIR]
@@ -188,7 +190,13 @@ async function main(argv: string[]): Promise<number> {
     throw new UsageError(`--token-file: refusing to send the token in plaintext to ${address}, which is not this machine: give --tls-ca (the coordinator's TLS), reach it through a port-forward (127.0.0.1), or say --allow-plaintext-token if the network between is trusted`);
   }
   const meta = () => authMetadata(token);
-  const client = coordinatorClient(address, clientCredentials({ ca, cert: values['tls-cert'], key: values['tls-key'] }));
+  const credentials = clientCredentials({ ca, cert: values['tls-cert'], key: values['tls-key'] });
+  if (command === 'health') {
+    const status = await checkHealth(address, '', 10_000, credentials);
+    process.stdout.write(`coordinator ${address}: ${status}\n`);
+    return status === 'SERVING' ? 0 : 1;
+  }
+  const client = coordinatorClient(address, credentials);
   const needName = () => {
     if (!name) throw new UsageError(`axis ${command} needs a run NAME`);
     return name;

@@ -5,6 +5,7 @@ import { buildModel } from '../model/build';
 import { writeTinyCheckpoint } from '../model/tiny';
 import { writeHiddenStates } from './hidden';
 import { printPlan } from './plan';
+import { ByteProgress } from './progress';
 
 const USAGE = `usage:
   axis-model tiny --arch llama|qwen2|qwen3|gemma2 --out <checkpoint dir> [--seed N] [--merges N]
@@ -27,6 +28,10 @@ const USAGE = `usage:
 
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
+  if (rest.includes('--help') || rest.includes('-h')) {
+    process.stdout.write(USAGE + '\n');
+    return;
+  }
   if (command === 'tiny') {
     const { values } = parseArgs({ args: rest, options: { arch: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string', default: '0' }, merges: { type: 'string', default: '2000' } } });
     if (!values.arch || !values.out) throw new Error(`tiny needs --arch and --out\n\n${USAGE}`);
@@ -47,7 +52,12 @@ async function main(argv: string[]): Promise<void> {
       layers = [Number(m[1]), Number(m[2])];
     }
     const started = Date.now();
-    const meta = await buildModel({ hf: values.hf, out: values.out, capture: !values['no-capture'], dtype: values.dtype as WeightDtype, layers, decodeLoop: !values['no-decode-loop'] }, (m) => process.stderr.write(m + '\n'));
+    const bar = new ByteProgress('reading the checkpoint');
+    const meta = await buildModel({ hf: values.hf, out: values.out, capture: !values['no-capture'], dtype: values.dtype as WeightDtype, layers, decodeLoop: !values['no-decode-loop'], progress: (done, total) => bar.update(done, total) }, (m) => {
+      bar.done();
+      process.stderr.write(m + '\n');
+    });
+    bar.done();
     process.stdout.write(`built ${meta.name} (${meta.architecture}, ${meta.num_layers} layers) into ${values.out} in ${((Date.now() - started) / 1000).toFixed(1)} s\n`);
   } else if (command === 'plan') {
     const { values } = parseArgs({ args: rest, options: { hf: { type: 'string' }, dtype: { type: 'string' }, 'gpu-memory': { type: 'string' }, 'max-length': { type: 'string' }, gpus: { type: 'string', default: '1' } } });

@@ -32,6 +32,45 @@ export class ProgressBar {
   }
 }
 
+/**
+ * Bytes of a long job (a model build): on a terminal a bar redrawn in place, with the rate and
+ * the time left; otherwise (a pod's log) a line at each tenth.
+ */
+export class ByteProgress {
+  private lastDecile = -1;
+  private lastDraw = 0;
+  private readonly started = Date.now();
+  constructor(private readonly label: string, private readonly out: NodeJS.WriteStream = process.stderr) {}
+
+  update(done: number, total: number): void {
+    if (!(total > 0)) return;
+    const frac = Math.min(1, done / total);
+    const decile = Math.floor(frac * 10);
+    const now = Date.now();
+    if (this.out.isTTY ? now - this.lastDraw < 200 && frac < 1 : decile === this.lastDecile) return;
+    this.lastDraw = now;
+    this.lastDecile = decile;
+    const seconds = (now - this.started) / 1000;
+    const rate = seconds > 0 ? done / seconds : 0;
+    const left = rate > 0 && frac < 1 ? `, ${formatSeconds((total - done) / rate)} left` : '';
+    const gib = (b: number) => (b / 2 ** 30).toFixed(2);
+    const text = `${this.label} ${(frac * 100).toFixed(0).padStart(3)}%: ${gib(done)} of ${gib(total)} GiB, ${(rate / 2 ** 20).toFixed(0)} MiB/s${left}`;
+    if (this.out.isTTY) {
+      const width = 24;
+      const filled = Math.round(frac * width);
+      this.out.write(`\r[${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${text}`.slice(0, (this.out.columns || 160) - 1) + '\x1b[K');
+    } else {
+      this.out.write(text + '\n');
+    }
+  }
+
+  /** Ends the bar's line on a terminal (before other output, and at the end). */
+  done(): void {
+    if (this.out.isTTY && this.lastDraw) this.out.write('\n');
+    this.lastDraw = 0;
+  }
+}
+
 export function formatSeconds(s: number): string {
   if (s < 60) return `${s.toFixed(0)}s`;
   if (s < 3600) return `${Math.floor(s / 60)}m${Math.round(s % 60)}s`;

@@ -42,7 +42,7 @@ async function main(): Promise<void> {
   const ledger = new Ledger(path.resolve(cfg['state-dir']));
   const dataRoots = cfg['data-roots'].split(',').map((r) => r.trim()).filter(Boolean).map((r) => path.resolve(r));
   const runs = new RunManager(ledger, upstreams, { outputRoot: path.resolve(cfg['output-root']), defaultDataDir: path.resolve(cfg['data-dir']), judgeConcurrency: cfg['judge-concurrency'], batchPollSeconds: cfg['batch-poll-seconds'], dataRoots }, log);
-  const registry = createRegistry('coordinator');
+  const registry = createRegistry();
   const metrics = coordinatorMetrics(registry, runs);
 
   const running = await startService({

@@ -26,7 +26,7 @@ async function main(): Promise<void> {
     if (!cfg['chat-token-file']) throw new Error('--chat-port needs --chat-token-file: the chat endpoint requires a bearer token');
     chatToken = readToken(cfg['chat-token-file'], '--chat-token-file');
   }
-  const registry = createRegistry('inference');
+  const registry = createRegistry();
   let service: InferenceService | undefined;
   const metrics = inferenceMetrics(registry, {
     inFlight: () => service?.inFlight ?? 0,

@@ -13,7 +13,7 @@ import { createJudgeService, judgeGrpcHandlers } from './service';
 async function main(): Promise<void> {
   const cfg = loadConfig('judge', JUDGE_OPTIONS);
   const log = createLogger('judge');
-  const registry = createRegistry('judge');
+  const registry = createRegistry();
   const service = createJudgeService({
     provider: createProvider(cfg),
     prices: loadPrices(cfg.prices),

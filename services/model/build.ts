@@ -19,6 +19,8 @@ export interface BuildModelOptions {
   layers?: [number, number];
   /** Also write the generation graph (whole models only); default true. */
   decodeLoop?: boolean;
+  /** As the checkpoint is read: bytes of its tensors read so far, and in all (a stage reads only its own). */
+  progress?: (bytesRead: number, totalBytes: number) => void;
 }
 
 /**
@@ -33,6 +35,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
   // Gemma 2's activations exceed float16's range (Hugging Face runs it in bf16 or float32).
   if (config.model_type === 'gemma2' && opts.dtype === 'f16') throw new Error('--dtype f16: Gemma 2 overflows in float16; build it with --dtype bf16');
   const ckpt = await CheckpointReader.open(opts.hf);
+  ckpt.onProgress = opts.progress;
   const tmp = `${opts.out.replace(/\/+$/, '')}.building-${randomBytes(4).toString('hex')}`;
   await fs.mkdir(path.join(tmp, 'onnx'), { recursive: true });
   let data: ExternalData | undefined;

@@ -30,7 +30,18 @@ const ELEMENT_BYTES: Record<string, number> = { F32: 4, F16: 2, BF16: 2 };
  * one tensor, never the checkpoint. F32, F16 and BF16 are read as float32.
  */
 export class CheckpointReader {
+  /** Called as tensors are read: the bytes of distinct tensors read so far, and of all of them. */
+  onProgress?: (bytesRead: number, totalBytes: number) => void;
+  private readonly started = new Set<string>();
+  private bytesRead = 0;
   private constructor(readonly dir: string, private readonly entries: Map<string, TensorEntry>) {}
+
+  /** Bytes of every tensor in the checkpoint. */
+  get totalBytes(): number {
+    let n = 0;
+    for (const e of this.entries.values()) n += e.end - e.start;
+    return n;
+  }
 
   static async open(dir: string): Promise<CheckpointReader> {
     const index = path.join(dir, 'model.safetensors.index.json');
@@ -83,6 +94,9 @@ export class CheckpointReader {
     const size = ELEMENT_BYTES[e.dtype];
     const n = e.shape.reduce((a, b) => a * b, 1);
     const handle = await fs.open(e.file, 'r');
+    // A tensor read again (a second graph) is counted once.
+    const counts = !this.started.has(name);
+    this.started.add(name);
     try {
       for (let first = 0; first < n; first += chunkElements) {
         const count = Math.min(chunkElements, n - first);
@@ -94,6 +108,10 @@ export class CheckpointReader {
         else {
           const convert = e.dtype === 'F16' ? f16ToF32 : bf16ToF32;
           for (let i = 0; i < count; i++) out[i] = convert(buf.readUInt16LE(i * 2));
+        }
+        if (counts && this.onProgress) {
+          this.bytesRead += buf.length;
+          this.onProgress(this.bytesRead, this.totalBytes);
         }
         yield out;
       }

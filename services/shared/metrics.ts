@@ -1,11 +1,15 @@
 import * as http from 'node:http';
 import * as client from 'prom-client';
 
-/** One registry per service process, with the default process metrics and a `service` label. */
-export function createRegistry(service: string): client.Registry {
+/**
+ * One registry per service process, with the default process metrics under their usual names
+ * (process_*, nodejs_*: the stock Node.js dashboards read them). No label names the service: the
+ * scrape gives every series its target's labels (the Prometheus Operator's `service`, `pod`,
+ * `namespace`, `job`), and a `service` label of our own would be renamed `exported_service`.
+ */
+export function createRegistry(): client.Registry {
   const registry = new client.Registry();
-  registry.setDefaultLabels({ service });
-  client.collectDefaultMetrics({ register: registry, prefix: 'axis_' });
+  client.collectDefaultMetrics({ register: registry });
   return registry;
 }
 

@@ -17,8 +17,11 @@ function helm(args: string[]): { status: number; stdout: string; stderr: string 
   return { status: r.status ?? 1, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** `--set` each, or `--set-json` for those written `json:key=[...]`. */
+const setArgs = (sets: string[]) => sets.flatMap((s) => (s.startsWith('json:') ? ['--set-json', s.slice(5)] : ['--set', s]));
+
 function render(sets: string[]): any[] {
-  const r = helm(['template', 'axis', CHART, '--namespace', 'research', ...sets.flatMap((s) => ['--set', s])]);
+  const r = helm(['template', 'axis', CHART, '--namespace', 'research', ...setArgs(sets)]);
   if (r.status !== 0) throw new Error(r.stderr);
   const docs = parseAllDocuments(r.stdout);
   // What a YAML parser objects to (a key given twice: helm keeps the last, kustomize and Flux refuse the manifest).
@@ -28,7 +31,7 @@ function render(sets: string[]): any[] {
 }
 
 function validate(sets: string[]): { count: number; problems: unknown[] } {
-  const out = helm(['template', 'axis', CHART, ...sets.flatMap((s) => ['--set', s])]).stdout;
+  const out = helm(['template', 'axis', CHART, ...setArgs(sets)]).stdout;
   return JSON.parse(execFileSync(process.execPath, [path.join(__dirname, 'validate.mjs')], { input: out, cwd: ROOT }).toString());
 }
 
@@ -58,15 +61,16 @@ maybe('the helm chart', () => {
 
   it('hardens every container and probes every service on the gRPC health service', () => {
     const docs = render(EVERYTHING);
-    const pods = docs.filter((d) => ['Deployment', 'Job'].includes(d.kind)).map((d) => ({ name: d.metadata.name, spec: d.spec.template.spec }));
-    expect(pods.length).toBe(5);
-    for (const { name, spec } of pods) {
+    // The four services, the model-build Job and the helm test's Pod; init containers too.
+    const pods = docs.filter((d) => ['Deployment', 'Job', 'Pod'].includes(d.kind)).map((d) => ({ kind: d.kind, name: d.metadata.name, spec: d.kind === 'Pod' ? d.spec : d.spec.template.spec }));
+    expect(pods.length).toBe(6);
+    for (const { kind, name, spec } of pods) {
       expect([name, spec.securityContext.runAsNonRoot, spec.securityContext.seccompProfile.type]).toEqual([name, true, 'RuntimeDefault']);
-      for (const c of spec.containers) {
+      for (const c of [...spec.containers, ...(spec.initContainers ?? [])]) {
         expect(c.securityContext).toMatchObject({ allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: ['ALL'] } });
         expect(c.resources.requests).toBeDefined();
-        if (!name.endsWith('build-model')) expect(c.readinessProbe.grpc.port).toBeGreaterThan(0);
       }
+      if (kind === 'Deployment') expect(spec.containers[0].readinessProbe.grpc.port).toBeGreaterThan(0);
     }
   });
 
@@ -230,6 +234,87 @@ maybe('the helm chart', () => {
       ['axis-aggregation-state', 'keep'],
     ].sort((a, b) => claims.findIndex((c) => c.metadata.name === a[0]) - claims.findIndex((c) => c.metadata.name === b[0])));
     expect(fs.readFileSync(path.join(CHART, 'Chart.yaml'), 'utf8')).toMatch(/^kubeVersion: ">=1\.30\.0-0"$/m);
+  });
+
+  it('takes the pass-through values users expect: names, image tag, a ServiceAccount, pod labels and annotations, extra env and a priority class, each component\'s merged over the top level\'s', () => {
+    const sets = [
+      MODEL,
+      'inference.model.build.enabled=true',
+      'nameOverride=axis-lab',
+      'fullnameOverride=lab',
+      'serviceAccount.create=true',
+      'serviceAccount.annotations.iam\\.gke\\.io/gcp-service-account=axis@project.iam',
+      'podLabels.team=interp',
+      'json:podAnnotations={"sidecar.istio.io/inject":"false"}',
+      'inference.podLabels.kueue\\.x-k8s\\.io/queue-name=gpu-queue',
+      'inference.podLabels.team=gpu',
+      'json:extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"},{"name":"NO_PROXY","value":".svc"}]',
+      'json:judge.extraEnv=[{"name":"NO_PROXY","value":".svc,api.internal"}]',
+      'priorityClassName=research',
+      'inference.priorityClassName=gpu-batch',
+    ];
+    const docs = render(sets);
+    expect(validate(sets).problems).toEqual([]);
+    const pods = docs.filter((d) => ['Deployment', 'Job'].includes(d.kind));
+    expect(pods.map((d) => d.metadata.name).sort()).toEqual(['lab-aggregation', 'lab-coordinator', 'lab-inference', expect.stringMatching(/^lab-inference-build-model-[0-9a-f]{8}$/), 'lab-judge']);
+    const sa = docs.find((d) => d.kind === 'ServiceAccount' && d.metadata.name === 'lab');
+    expect(sa.metadata.annotations).toEqual({ 'iam.gke.io/gcp-service-account': 'axis@project.iam' });
+    // The coordinator's EndpointSlice Role is bound to the shared account, and no second account is made.
+    expect(docs.filter((d) => d.kind === 'ServiceAccount')).toHaveLength(1);
+    expect(docs.find((d) => d.kind === 'RoleBinding').subjects).toEqual([{ kind: 'ServiceAccount', name: 'lab', namespace: 'research' }]);
+    for (const d of pods) {
+      const component = d.spec.template.metadata.labels['app.kubernetes.io/component'];
+      const pod = d.spec.template.spec;
+      const gpu = ['inference', 'model-build'].includes(component);
+      expect(pod.serviceAccountName).toBe('lab');
+      expect(pod.priorityClassName).toBe(gpu ? 'gpu-batch' : 'research');
+      expect(d.spec.template.metadata.labels).toMatchObject({ 'app.kubernetes.io/name': 'axis-lab', team: gpu ? 'gpu' : 'interp' });
+      expect(d.spec.template.metadata.labels['kueue.x-k8s.io/queue-name']).toBe(gpu ? 'gpu-queue' : undefined);
+      expect(d.spec.template.metadata.annotations).toEqual({ 'sidecar.istio.io/inject': 'false' });
+      // The selector still matches the pods.
+      if (d.kind === 'Deployment') expect(d.spec.template.metadata.labels).toMatchObject(d.spec.selector.matchLabels);
+      const env = Object.fromEntries(pod.containers[0].env.map((e: { name: string; value: string }) => [e.name, e.value]));
+      expect(env.HTTPS_PROXY).toBe('http://proxy:3128');
+      expect(env.NO_PROXY).toBe(component === 'judge' ? '.svc,api.internal' : '.svc');
+      expect(pod.containers[0].env.filter((e: { name: string }) => e.name === 'NO_PROXY')).toHaveLength(1);
+    }
+    // The image tag defaults to the chart's appVersion.
+    const appVersion = /^appVersion: "(.+)"$/m.exec(fs.readFileSync(path.join(CHART, 'Chart.yaml'), 'utf8'))![1];
+    expect(pods.find((d) => d.metadata.name === 'lab-judge').spec.template.spec.containers[0].image).toBe(`ghcr.io/example/assistant-axis:${appVersion}`);
+    expect(pods.find((d) => d.metadata.name === 'lab-inference').spec.template.spec.containers[0].image).toBe(`ghcr.io/example/assistant-axis:${appVersion}-cuda`);
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'judge.podLabels=oops']).stderr).toMatch(/podLabels/);
+  });
+
+  it('builds the model in a plain Job (no hook for helm to time out on) that inference waits for, named after what it builds', () => {
+    const docs = render([MODEL, 'inference.model.build.enabled=true']);
+    const job = docs.find((d) => d.kind === 'Job');
+    expect(job.metadata.annotations?.['helm.sh/hook']).toBeUndefined();
+    expect(job.spec.template.spec.containers[0].command.join(' ')).toMatch(/axisModel\.js build --hf \/pvc\/checkpoint --out \/pvc\/model --dtype bf16/);
+    const inference = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec;
+    const wait = inference.initContainers.find((c: any) => c.name === 'wait-for-model');
+    expect(wait.command.join(' ')).toMatch(/until test -f \/pvc\/model\/axis_model\.json/);
+    expect(wait.command.join(' ')).toContain(job.metadata.name);
+    expect(wait.volumeMounts).toEqual([{ name: 'model-pvc', mountPath: '/pvc', readOnly: true }]);
+    expect(inference.volumes.find((v: any) => v.name === 'model-pvc').persistentVolumeClaim).toEqual({ claimName: 'models', readOnly: true });
+    // Same build, same Job (an upgrade leaves it); another build, another Job (a Job's pod template cannot change).
+    const again = render([MODEL, 'inference.model.build.enabled=true', 'inference.replicas=3']).find((d) => d.kind === 'Job');
+    const other = render([MODEL, 'inference.model.build.enabled=true', 'inference.model.build.dtype=f16']).find((d) => d.kind === 'Job');
+    expect(again.metadata.name).toBe(job.metadata.name);
+    expect(other.metadata.name).not.toBe(job.metadata.name);
+    expect(render([MODEL]).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.initContainers).toBeUndefined();
+  });
+
+  it('has a helm test that checks the coordinator\'s health and lists runs with the release\'s token', () => {
+    for (const [sets, tls] of [[[MODEL], false], [[MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls'], true]] as const) {
+      const test = render([...sets]).find((d) => d.metadata.annotations?.['helm.sh/hook'] === 'test');
+      expect(test.kind).toBe('Pod');
+      const command = test.spec.containers[0].command[2];
+      expect(command).toMatch(/^node dist\/services\/cli\/axis\.js health --coordinator=axis-coordinator:50051.* && node dist\/services\/cli\/axis\.js list --coordinator=axis-coordinator:50051 .*--token-file=\/secrets\/auth\/token/);
+      expect(command.includes('--allow-plaintext-token')).toBe(!tls);
+      expect(command.includes('--tls-ca=/secrets/tls/ca.crt')).toBe(tls);
+      expect(test.spec.volumes.find((v: any) => v.name === 'auth').secret.secretName).toBe('axis-coordinator-token');
+      expect(validate([...sets]).problems).toEqual([]);
+    }
   });
 
   it('mounts the judge key from a Secret, never as an environment variable', () => {

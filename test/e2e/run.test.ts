@@ -426,7 +426,12 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     for (const name of ['coordinator', 'inference', 'judge', 'aggregation'] as const) {
       const res = await fetch(`http://127.0.0.1:${stack.metricsPorts[name]}/metrics`);
       expect(res.status).toBe(200);
-      expect(await res.text()).toContain(`service="${name}"`);
+      const text = await res.text();
+      // The process metrics under the names the stock Node.js dashboards read; no label of ours
+      // named `service` (the scrape's target label: the Prometheus Operator would rename ours).
+      expect(text).toMatch(/^process_cpu_user_seconds_total \d/m);
+      expect(text).toMatch(/^nodejs_eventloop_lag_seconds \d/m);
+      expect(text).not.toMatch(/[{,]service="/);
     }
     const judgeMetrics = await (await fetch(`http://127.0.0.1:${stack.metricsPorts.judge}/metrics`)).text();
     expect(judgeMetrics).toMatch(/axis_judge_items_total\{[^}]*result="scored"[^}]*\} [1-9]/);

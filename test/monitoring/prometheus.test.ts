@@ -68,7 +68,12 @@ maybe('Prometheus and the dashboard', () => {
     promUrl = `http://127.0.0.1:${port}`;
     const config = {
       global: { scrape_interval: '1s', evaluation_interval: '1s' },
-      scrape_configs: (['coordinator', 'inference', 'judge', 'aggregation'] as const).map((s) => ({ job_name: `axis-${s}`, static_configs: [{ targets: [`127.0.0.1:${stack.metricsPorts[s]}`] }] })),
+      // The target labels a ServiceMonitor's scrape gives (the Prometheus Operator's relabelling:
+      // job, namespace, service, pod, endpoint): a label of the same name from the service would come out as exported_*.
+      scrape_configs: (['coordinator', 'inference', 'judge', 'aggregation'] as const).map((s) => ({
+        job_name: `axis-${s}`,
+        static_configs: [{ targets: [`127.0.0.1:${stack.metricsPorts[s]}`], labels: { namespace: 'research', service: `axis-${s}`, pod: `axis-${s}-0`, endpoint: 'metrics', container: s } }],
+      })),
     };
     fs.writeFileSync(path.join(dir, 'prometheus.yml'), stringify(config));
     prometheus = spawn(PROMETHEUS, [`--config.file=${path.join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${port}`], { stdio: 'ignore' });
@@ -113,6 +118,11 @@ maybe('Prometheus and the dashboard', () => {
       40_000,
     ).catch(() => undefined);
     expect(empty).toEqual([]);
+    // No series had a label of its own renamed by the scrape's target labels.
+    const renamed = (await query('count by (__name__) ({__name__=~".+", exported_service!=""} or {__name__=~".+", exported_pod!=""} or {__name__=~".+", exported_namespace!=""} or {__name__=~".+", exported_job!=""})')) as { metric: { __name__: string } }[];
+    expect(renamed.map((r) => r.metric.__name__)).toEqual([]);
+    // The Node.js process metrics under their usual names, one series per service.
+    expect(((await query('process_cpu_user_seconds_total')) as unknown[]).length).toBe(4);
     const chats = (await query('sum(axis_inference_chat_answers_total{capped="no"})')) as { value: [number, string] }[];
     expect(chats[0].value[1]).toBe('1');
     const done = await watchRun(client, 'watched', () => undefined);

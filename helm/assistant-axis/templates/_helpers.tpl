@@ -1,9 +1,14 @@
+{{/* Every object's name starts with this: the release's name, or fullnameOverride. */}}
 {{- define "axis.fullname" -}}
-{{- printf "%s" .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | default .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "axis.name" -}}
+{{- .Values.nameOverride | default "assistant-axis" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "axis.labels" -}}
-app.kubernetes.io/name: assistant-axis
+app.kubernetes.io/name: {{ include "axis.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -11,22 +16,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "axis.selector" -}}
-app.kubernetes.io/name: assistant-axis
+app.kubernetes.io/name: {{ include "axis.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{- define "axis.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion -}}
+{{- end -}}
+
 {{- define "axis.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{ .Values.image.repository }}:{{ include "axis.imageTag" . }}
 {{- end -}}
 
 {{/* A component's image: its own when set, else the chart's (inference on GPUs: the chart's tag + "-cuda", deploy/Dockerfile.cuda). */}}
 {{- define "axis.componentImage" -}}
 {{- $img := .values.image | default dict -}}
 {{- if $img.repository -}}
-{{ $img.repository }}:{{ $img.tag | default .root.Values.image.tag }}
+{{ $img.repository }}:{{ $img.tag | default (include "axis.imageTag" .root) }}
 {{- else if and .values.gpu .values.gpu.enabled -}}
-{{ .root.Values.image.repository }}:{{ .root.Values.image.tag }}-cuda
+{{ .root.Values.image.repository }}:{{ include "axis.imageTag" .root }}-cuda
 {{- else -}}
 {{ include "axis.image" .root }}
 {{- end -}}
@@ -36,6 +45,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "axis.podCommon" -}}
 {{- /* Only a pod that talks to the Kubernetes API (the coordinator's discovery) gets a token for it. */}}
 automountServiceAccountToken: {{ .kubernetesApi | default false }}
+{{- with include "axis.serviceAccountName" . }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- with .values.priorityClassName | default .root.Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
 securityContext:
   {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
 {{- with .root.Values.imagePullSecrets }}
@@ -85,6 +100,9 @@ env:
   - { name: AXIS_TLS_CLIENT_CA, value: /secrets/tls/ca.crt }
   {{- end }}
   - { name: AXIS_HEALTH_PORT, value: {{ .root.Values.tls.healthPort | quote }} }
+  {{- end }}
+  {{- with include "axis.extraEnv" . | trim }}
+  {{- . | nindent 2 }}
   {{- end }}
 readinessProbe:
   grpc:
@@ -174,3 +192,52 @@ coordinator mounts all three, each service its own). Called with (dict "root" . 
 {{- define "axis.chatSecret" -}}
 {{- .Values.inference.chat.auth.existingSecret | default (printf "%s-chat-token" (include "axis.fullname" .)) -}}
 {{- end }}
+
+
+{{/*
+A pod template's metadata: the selector labels, then the component's podLabels over the
+top-level ones (the selector's keys win), and podAnnotations likewise.
+Called with (dict "root" . "values" $component "component" "name").
+*/}}
+{{- define "axis.podMetadata" -}}
+{{- $selector := dict "app.kubernetes.io/name" (include "axis.name" .root) "app.kubernetes.io/instance" .root.Release.Name "app.kubernetes.io/component" .component -}}
+{{- $labels := merge $selector (deepCopy (.values.podLabels | default dict)) (deepCopy (.root.Values.podLabels | default dict)) -}}
+{{- $annotations := merge (deepCopy (.values.podAnnotations | default dict)) (deepCopy (.root.Values.podAnnotations | default dict)) -}}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* extraEnv: the top level's, less those the component names again, then the component's. */}}
+{{- define "axis.extraEnv" -}}
+{{- $own := dict -}}
+{{- range (.values.extraEnv | default list) }}{{ $_ := set $own .name true }}{{ end -}}
+{{- range (.root.Values.extraEnv | default list) }}
+{{- if not (hasKey $own .name) }}
+- {{ toJson . }}
+{{- end }}
+{{- end }}
+{{- range (.values.extraEnv | default list) }}
+- {{ toJson . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The ServiceAccount a pod runs as: serviceAccount's (made by the chart or yours); else, for the
+coordinator with discovery: kubernetes, its own; else none (the namespace's default).
+*/}}
+{{- define "axis.sharedServiceAccount" -}}
+{{- $sa := .Values.serviceAccount -}}
+{{- if $sa.create -}}{{ $sa.name | default (include "axis.fullname" .) }}{{- else -}}{{ $sa.name }}{{- end -}}
+{{- end -}}
+
+{{- define "axis.serviceAccountName" -}}
+{{- with include "axis.sharedServiceAccount" .root -}}
+{{ . }}
+{{- else -}}
+{{- if .kubernetesApi -}}{{ include "axis.fullname" .root }}-coordinator{{- end -}}
+{{- end -}}
+{{- end -}}
