@@ -57,6 +57,7 @@ export class RunExecutor {
   private readonly roles: RoleCompletion;
   private readonly aggregation: AggregationSteps;
   private readonly judging: OnlineJudging;
+  private inJudgeBatches = false;
   private readonly batches: JudgeBatchPhase;
 
   constructor(spec: RunSpec, data: DataSet, ledger: Ledger, private readonly upstreams: Upstreams, runDir: string, log: Logger, onProgress: () => void, private readonly opts: RunExecutorOptions) {
@@ -92,6 +93,11 @@ export class RunExecutor {
     return this.cancelled;
   }
 
+  /** Batch mode: whether the run is in its judge batches (hours of waiting for scores are not a stall). */
+  get waitingForJudgeBatches(): boolean {
+    return this.inJudgeBatches;
+  }
+
   cancel(): void {
     this.cancelled = true;
     this.changes.notify();
@@ -119,7 +125,12 @@ export class RunExecutor {
     for (let round = 1; ; round++) {
       await this.processPending(round === 1);
       if (spec.judgeBatch && !this.stopping()) {
-        await this.batches.run();
+        this.inJudgeBatches = true;
+        try {
+          await this.batches.run();
+        } finally {
+          this.inJudgeBatches = false;
+        }
         this.onlineFallback = true;
         if (!this.stopping()) await this.processPending(false);
       }

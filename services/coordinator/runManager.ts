@@ -53,9 +53,21 @@ export class RunManager {
     return this.executors.get(name)?.progress ?? this.lastProgress.get(name);
   }
 
-  /** Runs with progress in this process: running, or ended since it started (for metrics). */
-  observedRuns(): string[] {
-    return [...new Set([...this.executors.keys(), ...this.lastProgress.keys()])];
+  /** Runs executing in this process (the per-run metrics: an ended run leaves them). */
+  executingRuns(): string[] {
+    return [...this.executors.keys()];
+  }
+
+  /** Batch mode: whether a run executing here is in its judge batches. */
+  waitingForJudgeBatches(name: string): boolean {
+    return this.executors.get(name)?.waitingForJudgeBatches ?? false;
+  }
+
+  /** How many runs the ledger holds in each state. */
+  runsByState(): Map<string, number> {
+    const counts = new Map<string, number>();
+    for (const run of this.ledger.listRuns()) counts.set(run.state, (counts.get(run.state) ?? 0) + 1);
+    return counts;
   }
 
   async start(req: StartRunRequest): Promise<Run> {

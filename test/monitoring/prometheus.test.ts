@@ -127,6 +127,11 @@ maybe('Prometheus and the dashboard', () => {
     expect(chats[0].value[1]).toBe('1');
     const done = await watchRun(client, 'watched', () => undefined);
     expect(done.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    // The ended run leaves the per-run series; the ledger's count by state has it.
+    await waitFor('the ended run to leave the per-run series', async () => {
+      const text = await (await fetch(`http://127.0.0.1:${stack.metricsPorts.coordinator}/metrics`)).text();
+      return !/run="watched"/.test(text) && /^axis_coordinator_runs\{state="SUCCEEDED"\} 1$/m.test(text) ? true : undefined;
+    }, 10_000);
     client.close();
     // The scrape targets are all up.
     const up = (await query('up')) as { value: [number, string] }[];
@@ -139,6 +144,42 @@ maybe('Prometheus and the dashboard', () => {
     fs.writeFileSync(file, stringify(chartRules()));
     const r = spawnSync(PROMTOOL, ['check', 'rules', file], { encoding: 'utf8' });
     expect(r.stdout + r.stderr).toMatch(/SUCCESS: 5 rules found/);
+    expect(r.status).toBe(0);
+  });
+
+  it('promtool: the stalled-run alert fires for an executing run that makes no progress, not for one waiting on judge batches, one moving, or one that ended', () => {
+    const dir = tempDir('rules');
+    fs.writeFileSync(path.join(dir, 'rules.yml'), stringify(chartRules()));
+    const run = (name: string, aggregated: string, batches?: string) => [
+      { series: `axis_coordinator_run_items{run="${name}",stage="aggregated"}`, values: aggregated },
+      { series: `axis_coordinator_run_items{run="${name}",stage="total"}`, values: aggregated.replace(/\d+\+\d+x(\d+)|\d+x(\d+)/g, (_m, a, b) => `100x${a ?? b}`) },
+      ...(batches ? [{ series: `axis_coordinator_run_waiting_for_judge_batches{run="${name}"}`, values: batches }] : []),
+    ];
+    const tests = {
+      rule_files: ['rules.yml'],
+      evaluation_interval: '1m',
+      tests: [
+        {
+          interval: '1m',
+          input_series: [
+            // 10 of 100 items for an hour: stalled.
+            ...run('stuck', '10x60', '0x60'),
+            // The same, in its judge batches (the Batch API takes hours): not stalled.
+            ...run('batched', '10x60', '1x60'),
+            // One more item a minute: moving.
+            ...run('moving', '0+1x60'),
+            // Stopped at 20 minutes and ended (failed, cancelled, paused: its series leave).
+            ...run('ended', '10x20 _x40'),
+          ],
+          alert_rule_test: [
+            { eval_time: '60m', alertname: 'AssistantAxisRunStalled', exp_alerts: [{ exp_labels: { severity: 'warning', run: 'stuck' }, exp_annotations: { summary: 'Run stuck has made no progress for 15 minutes' } }] },
+          ],
+        },
+      ],
+    };
+    fs.writeFileSync(path.join(dir, 'tests.yml'), stringify(tests));
+    const r = spawnSync(PROMTOOL, ['test', 'rules', path.join(dir, 'tests.yml')], { encoding: 'utf8' });
+    expect(r.stdout + r.stderr).toMatch(/SUCCESS/);
     expect(r.status).toBe(0);
   });
 
