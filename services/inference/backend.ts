@@ -51,6 +51,8 @@ export interface GenerateOutput {
   activation: FloatTensor;
   /** From the start of generation to the first token sampled (the prefill). */
   timeToFirstTokenSeconds?: number;
+  /** After the first token, the mean time of each further one (the decoding steps). */
+  timePerOutputTokenSeconds?: number;
   /** The answer's token ids as sampled, where the backend has tokens. */
   responseIds?: number[];
 }

@@ -87,6 +87,7 @@ export function createInferenceService(deps: {
           const input = validateGenerate(r, modelInfo());
           const out = await backend.generate({ ...input, signal: cancelled, onText: stream?.onText, lane: stream?.lane });
           if (out.timeToFirstTokenSeconds !== undefined) metrics.firstToken.observe(out.timeToFirstTokenSeconds);
+          if (out.timePerOutputTokenSeconds !== undefined) metrics.perOutputToken.observe(out.timePerOutputTokenSeconds);
           if (out.activation.shape[0]) deps.onActivation?.(out.activation, input.layers);
           metrics.tokens.inc({ kind: 'prompt' }, out.promptTokens);
           metrics.tokens.inc({ kind: 'completion' }, out.completionTokens);

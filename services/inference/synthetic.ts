@@ -86,6 +86,7 @@ export class SyntheticBackend implements InferenceBackend {
       finishReason,
       activation: selectLayers(syntheticActivation(conversation, this.opts.numLayers, this.opts.hidden), input.layers),
       timeToFirstTokenSeconds: this.opts.tokensPerSecond > 0 ? 1 / this.opts.tokensPerSecond : 0,
+      timePerOutputTokenSeconds: this.opts.tokensPerSecond > 0 ? 1 / this.opts.tokensPerSecond : 0,
     };
   }
 

@@ -6,7 +6,7 @@ import type { Registry } from 'prom-client';
 import { DRAIN_SECONDS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES } from './defaults';
 import type { Logger } from './logger';
 import { reflectionPackageDefinition } from './protos';
-import { startMetricsServer } from './metrics';
+import { grpcServerMetrics, startMetricsServer } from './metrics';
 import { tolerantDecoding, tolerantServer } from './rpc';
 import { serverCredentials, TlsConfig } from './tls';
 
@@ -64,7 +64,7 @@ export function serverOptions(maxReceiveBytes = MAX_MESSAGE_BYTES, interceptors:
  */
 export async function startService(opts: StartOptions): Promise<RunningService> {
   const { log } = opts;
-  const server = new grpc.Server(serverOptions(opts.maxReceiveBytes, opts.interceptors));
+  const server = new grpc.Server(serverOptions(opts.maxReceiveBytes, [grpcServerMetrics(opts.registry), ...(opts.interceptors ?? [])]));
   const initial: Record<string, ServingStatus> = { '': 'NOT_SERVING' };
   for (const b of opts.bindings) initial[b.name] = 'NOT_SERVING';
   const health = new HealthImplementation(initial);

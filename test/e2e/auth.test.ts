@@ -149,6 +149,22 @@ describe('coordinator authentication, data roots and secrets', () => {
     expect(await checkHealth(stack.address('coordinator'))).toBe('SERVING');
   });
 
+  it('counts every call by method and status code, the refused ones too (grpc_server_* as go-grpc-prometheus names them)', async () => {
+    const scrape = async () => (await (await fetch(`http://127.0.0.1:${stack.metricsPorts.coordinator}/metrics`)).text());
+    const count = (text: string, code: string) => Number(new RegExp(`^grpc_server_handled_total\\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="StartRun",grpc_type="unary",grpc_code="${code}"\\} (\\d+)$`, 'm').exec(text)?.[1] ?? 0);
+    const before = await scrape();
+    await start({ name: 'counted', dryRun: true });
+    await start({ name: 'counted', dryRun: true }, 'wrong-token-0123456789abcdef');
+    await start({ name: 'counted', dryRun: true }, TOKEN);
+    const after = await scrape();
+    expect(count(after, 'UNAUTHENTICATED') - count(before, 'UNAUTHENTICATED')).toBe(2);
+    expect(count(after, 'OK') - count(before, 'OK')).toBe(1);
+    const started = (text: string) => Number(/^grpc_server_started_total\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="StartRun",grpc_type="unary"\} (\d+)$/m.exec(text)?.[1] ?? 0);
+    expect(started(after) - started(before)).toBe(3);
+    expect(after).toMatch(/^grpc_server_handling_seconds_count\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="StartRun",grpc_type="unary"\} \d+$/m);
+    expect(after).toMatch(/^grpc_server_handled_total\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="WatchRun",grpc_type="server_stream",grpc_code="UNAUTHENTICATED"\} [1-9]/m);
+  });
+
   it('refuses a data_dir outside the data roots, naming it', async () => {
     const { err } = await start({ name: 'b', dataDir: UPSTREAM_DATA, roles: ['pirate', 'default'], dryRun: true }, TOKEN);
     expect(err?.code).toBe(grpc.status.INVALID_ARGUMENT);

@@ -126,6 +126,17 @@ describe('the chat endpoint', () => {
     const text = await registry.metrics();
     expect(text).toMatch(new RegExp(`axis_inference_chat_answers_total\\{model="${model}",capped="yes"\\} 1\\n`));
     expect(text).toMatch(new RegExp(`axis_inference_chat_answers_total\\{model="${model}",capped="no"\\} [3-9]\\n`));
+    // vLLM's latency pair: every generated answer's time to its first token, and per token after it, each under its whole time.
+    const histogram = (name: string) => ({ sum: Number(new RegExp(`^${name}_sum (\\S+)$`, 'm').exec(text)![1]), count: Number(new RegExp(`^${name}_count (\\d+)$`, 'm').exec(text)![1]) });
+    const e2e = Number(/^axis_inference_e2e_request_latency_seconds_sum\{rpc="Generate"\} (\S+)$/m.exec(text)![1]);
+    const generated = Number(/^axis_inference_e2e_request_latency_seconds_count\{rpc="Generate"\} (\d+)$/m.exec(text)![1]);
+    const ttft = histogram('axis_inference_time_to_first_token_seconds');
+    const tpot = histogram('axis_inference_time_per_output_token_seconds');
+    expect(ttft.count).toBe(generated);
+    expect(tpot.count).toBe(generated);
+    expect(ttft.sum).toBeGreaterThan(0);
+    expect(tpot.sum).toBeGreaterThan(0);
+    expect(ttft.sum + tpot.sum).toBeLessThan(e2e);
   });
 
   it('ends the text at a stop string, streamed or not, and projects the text it sent', async () => {

@@ -139,6 +139,20 @@ maybe('Prometheus and the dashboard', () => {
     expect(up.every((u) => u.value[1] === '1')).toBe(true);
   }, 120_000);
 
+  it('has a dashboard that picks its Prometheus, and gives each panel one unit and latency as quantiles', () => {
+    const dash = JSON.parse(fs.readFileSync(path.join(CHART, 'dashboards', 'assistant-axis.json'), 'utf8'));
+    expect(dash.templating.list[0]).toMatchObject({ name: 'datasource', type: 'datasource', query: 'prometheus' });
+    const panels = dash.panels.filter((p: { type: string }) => p.type !== 'row');
+    for (const p of panels) {
+      expect([p.title, p.datasource]).toEqual([p.title, { type: 'prometheus', uid: '${datasource}' }]);
+      expect([p.title, typeof p.fieldConfig?.defaults?.unit]).toEqual([p.title, 'string']);
+    }
+    const exprs = dashboardQueries();
+    for (const m of ['axis_inference_time_to_first_token_seconds', 'axis_inference_time_per_output_token_seconds']) for (const qu of ['0.5', '0.95', '0.99']) expect(exprs).toContain(`histogram_quantile(${qu}, sum by (le) (rate(${m}_bucket[5m])))`);
+    expect(exprs.some((e) => e.includes('axis_inference_requests_waiting'))).toBe(true);
+    expect(exprs.some((e) => e.includes('grpc_server_handling_seconds_bucket'))).toBe(true);
+  });
+
   it('promtool accepts the chart\'s alert rules', () => {
     const file = path.join(tempDir('rules'), 'rules.yml');
     fs.writeFileSync(file, stringify(chartRules()));

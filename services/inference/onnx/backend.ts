@@ -276,11 +276,25 @@ export class OnnxBackend implements InferenceBackend {
     if (this.opts.generator) return this.generateElsewhere(this.opts.generator, input);
     const { model, engine } = this.loaded();
     const stream = input.onText && textDeltas(model, input.onText);
-    const job = { ...generationJob(model, input, this.slotLength), steering: this.steering(input.cappingExperiment), onToken: stream?.onToken };
+    // When each token comes (the slots engine says), for the time to the first and between the others.
+    const started = performance.now();
+    let first: number | undefined;
+    let last = started;
+    const onToken = (id: number) => {
+      last = performance.now();
+      first ??= last;
+      return stream?.onToken(id) ?? false;
+    };
+    const job = { ...generationJob(model, input, this.slotLength), steering: this.steering(input.cappingExperiment), onToken };
     const result = await withoutThinking(model, input, await engine.submit(job, false, input.signal, input.lane), (again) => engine.submit({ ...again, steering: job.steering }, true, input.signal, input.lane));
     const out = generationOutput(model, input, job, result);
     stream?.finish(out.text);
-    return out;
+    const tokens = result.responseIds.length;
+    return {
+      ...out,
+      ...(first !== undefined ? { timeToFirstTokenSeconds: (first - started) / 1000 } : {}),
+      ...(first !== undefined && tokens > 1 ? { timePerOutputTokenSeconds: (last - first) / 1000 / (tokens - 1) } : {}),
+    };
   }
 
   /**
