@@ -60,6 +60,8 @@ async function main(): Promise<void> {
     metrics,
     log,
     afterLoad: (info) => {
+      // Every series of this replica names its model, as vLLM's do (dashboards join on it).
+      registry.setDefaultLabels({ model_name: info.model });
       const chatDefault = cfg['chat-capping-experiment'];
       if (cfg['chat-port'] && chatDefault && chatDefault !== 'none' && !info.capping?.experiments.includes(chatDefault)) {
         throw new Error(`--chat-capping-experiment ${JSON.stringify(chatDefault)} is not an experiment of ${info.capping ? `${info.capping.file} (it has ${info.capping.experiments.join(', ')})` : 'a capping config (give --capping-config)'}`);

@@ -28,7 +28,7 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
   gauge('axis_inference_requests_running', 'Items being generated or prefilled now', () => load.running());
   gauge('axis_inference_requests_waiting', 'Items received and waiting for a free slot', () => Math.max(0, load.inFlight() - load.running()));
   gauge('axis_inference_batch_size', 'Sequences in the batch running now (0 when idle); the synthetic backend runs each item alone', () => load.batchSize());
-  const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model', 'backend', 'device', 'architecture', 'decode'], registers });
+  const modelInfo = new prom.Gauge({ name: 'axis_inference_model_info', help: 'The loaded model (value 1)', labelNames: ['model_name', 'backend', 'device', 'architecture', 'decode'], registers });
   const slots = new prom.Gauge({ name: 'axis_inference_slots', help: 'Sequences the memory plan lets this replica hold at once (0: no plan)', registers });
   gauge('axis_inference_slot_occupancy', 'Busy slots over slots (the slots engine; 0 without a plan)', () => (slotCount ? load.batchSize() / slotCount : 0));
   let slotCount = 0;
@@ -50,7 +50,7 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
     perOutputToken: new prom.Histogram({ name: 'axis_inference_time_per_output_token_seconds', help: 'After an answer\'s first token, the mean time of each further one', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1], registers }),
     /** The loaded model and where each stage runs (value 1). */
     loaded(info: ModelInfo, decode: string): void {
-      modelInfo.set({ model: info.model, backend: info.backend, device: info.device, architecture: info.architecture, decode }, 1);
+      modelInfo.set({ model_name: info.model, backend: info.backend, device: info.device, architecture: info.architecture, decode }, 1);
       slots.set(info.slots);
       slotCount = info.slots;
       slotLength.set(info.slotLength);
@@ -63,30 +63,30 @@ export type InferenceMetrics = ReturnType<typeof inferenceMetrics>;
 
 /**
  * The persona metrics of a replica started with --monitor-axis (made once the axis is read:
- * the histogram's buckets come from where the axis run's answers lie). By model only: no
- * per-conversation labels.
+ * the histogram's buckets come from where the axis run's answers lie). By model only
+ * (`model_name`, as vLLM labels its series): no per-conversation labels.
  */
 export function monitorMetrics(registry: Registry, model: string, buckets: number[], threshold: number | undefined) {
   const registers = [registry];
-  const projection = new prom.Histogram({ name: 'axis_inference_answer_projection', help: 'Each answer\'s projection on the monitored axis at the target layer (--monitor-axis)', labelNames: ['model'], buckets, registers });
-  const answers = new prom.Counter({ name: 'axis_inference_monitored_answers_total', help: 'Answers projected on the monitored axis', labelNames: ['model'], registers });
-  const below = new prom.Counter({ name: 'axis_inference_answers_below_threshold_total', help: 'Answers whose projection fell below --monitor-threshold (drifted from the Assistant)', labelNames: ['model'], registers });
-  const limit = new prom.Gauge({ name: 'axis_inference_monitor_threshold', help: 'The projection below which an answer counts as drifted', labelNames: ['model'], registers });
-  if (threshold !== undefined) limit.set({ model }, threshold);
+  const projection = new prom.Histogram({ name: 'axis_inference_answer_projection', help: 'Each answer\'s projection on the monitored axis at the target layer (--monitor-axis)', labelNames: ['model_name'], buckets, registers });
+  const answers = new prom.Counter({ name: 'axis_inference_monitored_answers_total', help: 'Answers projected on the monitored axis', labelNames: ['model_name'], registers });
+  const below = new prom.Counter({ name: 'axis_inference_answers_below_threshold_total', help: 'Answers whose projection fell below --monitor-threshold (drifted from the Assistant)', labelNames: ['model_name'], registers });
+  const limit = new prom.Gauge({ name: 'axis_inference_monitor_threshold', help: 'The projection below which an answer counts as drifted', labelNames: ['model_name'], registers });
+  if (threshold !== undefined) limit.set({ model_name: model }, threshold);
   // Zero from the start, so that rates exist before the first drifted answer.
-  answers.inc({ model }, 0);
-  below.inc({ model }, 0);
+  answers.inc({ model_name: model }, 0);
+  below.inc({ model_name: model }, 0);
   return (value: number) => {
-    projection.observe({ model }, value);
-    answers.inc({ model });
-    if (threshold !== undefined && value < threshold) below.inc({ model });
+    projection.observe({ model_name: model }, value);
+    answers.inc({ model_name: model });
+    if (threshold !== undefined && value < threshold) below.inc({ model_name: model });
   };
 }
 
 /** The chat endpoint's answers, capped (an experiment applied) or not. */
 export function chatMetrics(registry: Registry, model: string): (capped: boolean) => void {
-  const answers = new prom.Counter({ name: 'axis_inference_chat_answers_total', help: 'Answers of the chat endpoint, by whether an experiment of the capping config was applied', labelNames: ['model', 'capped'], registers: [registry] });
-  answers.inc({ model, capped: 'yes' }, 0);
-  answers.inc({ model, capped: 'no' }, 0);
-  return (capped) => answers.inc({ model, capped: capped ? 'yes' : 'no' });
+  const answers = new prom.Counter({ name: 'axis_inference_chat_answers_total', help: 'Answers of the chat endpoint, by whether an experiment of the capping config was applied', labelNames: ['model_name', 'capped'], registers: [registry] });
+  answers.inc({ model_name: model, capped: 'yes' }, 0);
+  answers.inc({ model_name: model, capped: 'no' }, 0);
+  return (capped) => answers.inc({ model_name: model, capped: capped ? 'yes' : 'no' });
 }

@@ -429,10 +429,16 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
       const text = await res.text();
       // The process metrics under the names the stock Node.js dashboards read; no label of ours
       // named `service` (the scrape's target label: the Prometheus Operator would rename ours).
-      expect(text).toMatch(/^process_cpu_user_seconds_total \d/m);
-      expect(text).toMatch(/^nodejs_eventloop_lag_seconds \d/m);
+      expect(text).toMatch(/^process_cpu_user_seconds_total(\{[^}]*\})? \d/m);
+      expect(text).toMatch(/^nodejs_eventloop_lag_seconds(\{[^}]*\})? \d/m);
       expect(text).not.toMatch(/[{,]service="/);
     }
+    // Every inference series names the model it serves (vLLM's label).
+    const inferenceMetrics = await (await fetch(`http://127.0.0.1:${stack.metricsPorts.inference}/metrics`)).text();
+    const model = /^axis_inference_model_info\{model_name="([^"]+)"/m.exec(inferenceMetrics)![1];
+    const series = inferenceMetrics.split('\n').filter((l) => l && !l.startsWith('#'));
+    expect(series.length).toBeGreaterThan(20);
+    expect(series.filter((l) => !l.includes(`model_name="${model}"`))).toEqual([]);
     const judgeMetrics = await (await fetch(`http://127.0.0.1:${stack.metricsPorts.judge}/metrics`)).text();
     expect(judgeMetrics).toMatch(/axis_judge_items_total\{[^}]*result="scored"[^}]*\} [1-9]/);
     expect(judgeMetrics).toMatch(/axis_judge_requests_total\{[^}]*outcome="rate_limited"[^}]*\} 2/);

@@ -124,8 +124,8 @@ describe('the chat endpoint', () => {
     const off = await client.chat.completions.create({ ...body, capping_experiment: 'none' } as OpenAI.ChatCompletionCreateParamsNonStreaming);
     expect(off.choices[0].message.content).toBe((await engine(7)).text);
     const text = await registry.metrics();
-    expect(text).toMatch(new RegExp(`axis_inference_chat_answers_total\\{model="${model}",capped="yes"\\} 1\\n`));
-    expect(text).toMatch(new RegExp(`axis_inference_chat_answers_total\\{model="${model}",capped="no"\\} [3-9]\\n`));
+    expect(text).toMatch(new RegExp(`axis_inference_chat_answers_total\\{model_name="${model}",capped="yes"\\} 1\\n`));
+    expect(text).toMatch(new RegExp(`axis_inference_chat_answers_total\\{model_name="${model}",capped="no"\\} [3-9]\\n`));
     // vLLM's latency pair: every generated answer's time to its first token, and per token after it, each under its whole time.
     const histogram = (name: string) => ({ sum: Number(new RegExp(`^${name}_sum (\\S+)$`, 'm').exec(text)![1]), count: Number(new RegExp(`^${name}_count (\\d+)$`, 'm').exec(text)![1]) });
     const e2e = Number(/^axis_inference_e2e_request_latency_seconds_sum\{rpc="Generate"\} (\S+)$/m.exec(text)![1]);

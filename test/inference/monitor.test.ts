@@ -58,7 +58,7 @@ describe('live monitoring of answers on an axis', () => {
     projections.push(row.reduce((s, x, k) => s + x * ma[d + k], 0) / norm);
     await service.extract({ itemId: 'r/chef/n', messages: [{ role: 'user', content: 'q' }, { role: 'assistant', content: 'another' }], layers: [1], responseTokenIds: [], enableThinking: false, cappingExperiment: '' });
     const text = await registry.metrics();
-    const value = (name: string) => Number(new RegExp(`^${name}\\{model="synthetic-tiny"\\} (\\S+)$`, 'm').exec(text)![1]);
+    const value = (name: string) => Number(new RegExp(`^${name}\\{model_name="synthetic-tiny"\\} (\\S+)$`, 'm').exec(text)![1]);
     expect(value('axis_inference_monitored_answers_total')).toBe(13);
     const below = projections.filter((p) => p < 0.01).length;
     expect(below).toBeGreaterThan(0);

@@ -201,8 +201,8 @@ maybe('Prometheus and the dashboard', () => {
     const dir = tempDir('rules');
     fs.writeFileSync(path.join(dir, 'rules.yml'), stringify(chartRules()));
     const series = (model: string, below: string, all: string) => [
-      { series: `axis_inference_answers_below_threshold_total{model="${model}"}`, values: below },
-      { series: `axis_inference_monitored_answers_total{model="${model}"}`, values: all },
+      { series: `axis_inference_answers_below_threshold_total{model_name="${model}"}`, values: below },
+      { series: `axis_inference_monitored_answers_total{model_name="${model}"}`, values: all },
     ];
     const summary = (model: string) => `More than 50% of ${model}'s answers have drifted below the persona threshold on the Assistant Axis for 30 minutes`;
     const tests = {
@@ -220,7 +220,7 @@ maybe('Prometheus and the dashboard', () => {
             ...series('lately', '0+3x40 128+8x20', '0+10x60'),
           ],
           alert_rule_test: [
-            { eval_time: '60m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [{ exp_labels: { severity: 'warning', model: 'drifting' }, exp_annotations: { summary: summary('drifting') } }] },
+            { eval_time: '60m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [{ exp_labels: { severity: 'warning', model_name: 'drifting' }, exp_annotations: { summary: summary('drifting') } }] },
             { eval_time: '20m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [] },
           ],
         },
