@@ -2,11 +2,11 @@
 import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
-import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { Run, type StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_PORTS } from '../shared/defaults';
 import { checkHealth } from '../shared/health';
 import { clientCredentials } from '../shared/tls';
-import { authMetadata, cancelRun, coordinatorClient, deleteRun, getRun, isLoopbackAddress, listRuns, projectConversation, startRun, stateName, watchRun } from './client';
+import { authMetadata, cancelRun, coordinatorClient, deleteRun, followRun, getRun, isLoopbackAddress, listRuns, projectConversation, startRun, stateName } from './client';
 import { projectFiles, writeProjections } from './projectFiles';
 import { calibrate, CalibrationError } from './calibrate';
 import { chat } from './chat';
@@ -53,12 +53,18 @@ const USAGE = `usage: axis <command> [options]   (talks to a coordinator: --coor
       sent only over TLS or to this machine (e.g. a kubectl port-forward), unless
       --allow-plaintext-token says the network between is trusted
   --tls-ca F: the coordinator serves TLS, verified against this CA; --tls-cert F --tls-key F:
-      this client's certificate, when it requires mutual TLS`;
+      this client's certificate, when it requires mutual TLS
+  --json: every command prints one JSON value on stdout for scripts (a run: the Run message as
+      grpcurl prints it; list: an array of them); progress and notes stay on stderr
+  --reconnect-seconds N (300): run and watch open the stream again when the connection drops
+      (a port-forward that died, a coordinator restarting), for up to N seconds without news`;
 
 const OPTIONS = {
   coordinator: { type: 'string' },
   'token-file': { type: 'string' },
   'allow-plaintext-token': { type: 'boolean' },
+  json: { type: 'boolean' },
+  'reconnect-seconds': { type: 'string' },
   'tls-ca': { type: 'string' },
   'tls-cert': { type: 'string' },
   'tls-key': { type: 'string' },
@@ -193,7 +199,7 @@ async function main(argv: string[]): Promise<number> {
   const credentials = clientCredentials({ ca, cert: values['tls-cert'], key: values['tls-key'] });
   if (command === 'health') {
     const status = await checkHealth(address, '', 10_000, credentials);
-    process.stdout.write(`coordinator ${address}: ${status}\n`);
+    process.stdout.write(values.json ? JSON.stringify({ address, status }) + '\n' : `coordinator ${address}: ${status}\n`);
     return status === 'SERVING' ? 0 : 1;
   }
   const client = coordinatorClient(address, credentials);
@@ -201,11 +207,21 @@ async function main(argv: string[]): Promise<number> {
     if (!name) throw new UsageError(`axis ${command} needs a run NAME`);
     return name;
   };
+  const json = !!values.json;
+  /** What a command prints: its text, or with --json the one JSON value a script reads. */
+  const emit = (text: string, value: unknown) => process.stdout.write(json ? JSON.stringify(value) + '\n' : text);
+  const reconnectSeconds = values['reconnect-seconds'] === undefined ? 300 : wholeNumber('reconnect-seconds', values['reconnect-seconds'])!;
   const follow = async (runName: string) => {
     const bar = new ProgressBar();
-    const final = await watchRun(client, runName, (r) => bar.update(r), meta());
+    const final = await followRun(client, runName, (r) => bar.update(r), meta(), {
+      reconnectSeconds,
+      onReconnect: (err, attempt) => {
+        bar.done();
+        process.stderr.write(`axis: lost the coordinator (${grpc.status[err.code]}: ${err.details}); reconnecting (attempt ${attempt})\n`);
+      },
+    });
     bar.done();
-    process.stdout.write(formatSummary(final) + '\n');
+    emit(formatSummary(final) + '\n', Run.toJSON(final));
     return final.state;
   };
   /** A finished run's directory on this machine: --run-dir, else where the coordinator says it is. */
@@ -223,30 +239,36 @@ async function main(argv: string[]): Promise<number> {
         const run = await startRun(client, requestFromFlags(needName(), values), meta());
         if (values['dry-run']) {
           const d = run.dryRun!;
+          if (json) {
+            emit('', Run.toJSON(run));
+            return 0;
+          }
           process.stdout.write(`dry run of ${run.name}: ${run.message}\n  items: ${d.items}\n  judge prompts: ${d.judgePrompts}\n  estimated judge tokens: ${d.estimatedPromptTokens} prompt + ${d.estimatedCompletionTokens} completion\n  estimated judge cost: $${d.estimatedCostUsd.toFixed(4)}${d.note ? ` (${d.note})` : ''}\n  sample judge prompt:\n${d.samplePrompt.replace(/^/gm, '    ')}\n`);
           return 0;
         }
         process.stderr.write(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}; output ${run.outputDir}\n`);
-        if (values.detach) return 0;
+        if (values.detach) {
+          if (json) emit('', Run.toJSON(run));
+          return 0;
+        }
         return ok(await follow(run.name));
       }
       case 'watch':
         return ok(await follow(needName()));
       case 'status': {
         const run = await getRun(client, needName(), meta());
-        process.stdout.write(formatSummary(run) + '\n');
+        emit(formatSummary(run) + '\n', Run.toJSON(run));
         return 0;
       }
       case 'list': {
-        for (const r of await listRuns(client, meta())) {
-          const p = r.progress;
-          process.stdout.write(`${r.name.padEnd(24)} ${stateName(r.state).padEnd(10)} ${p ? `${p.aggregated}/${p.itemsTotal} items` : ''}  ${r.model}\n`);
-        }
+        const runs = await listRuns(client, meta());
+        const line = (r: Run) => `${r.name.padEnd(24)} ${stateName(r.state).padEnd(10)} ${r.progress ? `${r.progress.aggregated}/${r.progress.itemsTotal} items` : ''}  ${r.model}\n`;
+        emit(runs.map(line).join(''), runs.map((r) => Run.toJSON(r)));
         return 0;
       }
       case 'cancel': {
         const run = await cancelRun(client, needName(), meta());
-        process.stdout.write(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}\n`);
+        emit(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}\n`, Run.toJSON(run));
         return 0;
       }
       case 'export': {
@@ -259,9 +281,13 @@ async function main(argv: string[]): Promise<number> {
         try {
           if (format === 'hf-dataset') {
             const files = await exportHfDataset(runDir, values.out);
-            process.stdout.write(`${values.out}: ${files.join(', ')}\n`);
+            emit(`${values.out}: ${files.join(', ')}\n`, { out: values.out, format, files });
           } else {
             const layers = await exportControlVector(runDir, values.out, scale);
+            if (json) {
+              emit('', { out: values.out, format, layers, scale });
+              return 0;
+            }
             process.stdout.write(`${values.out}: a control vector of ${layers.length} layers (direction.${layers[0]}..direction.${layers[layers.length - 1]}), scale ${scale}\n`);
           }
         } catch (err) {
@@ -277,6 +303,10 @@ async function main(argv: string[]): Promise<number> {
         const runDir = await localRunDir(needName());
         try {
           const done = await calibrate(runDir, values.out, { percentiles, bands: values['layer-ranges'] });
+          if (json) {
+            emit('', { config: `${values.out}.json`, vectors_file: `${values.out}.safetensors`, vectors: done.vectors, experiments: done.experiments });
+            return 0;
+          }
           process.stdout.write(`${values.out}.json, ${values.out}.safetensors: ${done.vectors} vectors, ${done.experiments.length} experiments (${done.experiments.slice(0, 4).join(', ')}${done.experiments.length > 4 ? ', ...' : ''})\n`);
         } catch (err) {
           if (err instanceof CalibrationError) throw new UsageError(err.message);
@@ -295,20 +325,20 @@ async function main(argv: string[]): Promise<number> {
           process.stderr.write(entry.error ? `${file}: ${entry.error}\n` : `${file}: ${entry.turns!.length} assistant turns, projections ${entry.turns!.map((t) => t.projection.toFixed(2)).join(' ')}\n`);
         });
         const written = await writeProjections(values.out, results, { axis, bands });
-        process.stdout.write(`${written.join(', ')}${failed ? ` (${failed} of ${files.length} files not projected)` : ''}\n`);
+        emit(`${written.join(', ')}${failed ? ` (${failed} of ${files.length} files not projected)` : ''}\n`, { written, failed });
         return failed ? 1 : 0;
       }
       case 'pull': {
         const name = needName();
         const out = values.out ?? name;
         const report = await pullRun(client, name, out, meta(), (a, action) => process.stderr.write(`${action === 'pulled' ? 'pulled' : 'already here'}: ${a.path} (${Number(a.size)} bytes)\n`));
-        process.stdout.write(`run ${name} in ${out}: ${report.pulled.length} files pulled (${(report.bytes / 2 ** 20).toFixed(1)} MiB), ${report.kept.length} already here\n`);
+        emit(`run ${name} in ${out}: ${report.pulled.length} files pulled (${(report.bytes / 2 ** 20).toFixed(1)} MiB), ${report.kept.length} already here\n`, { run: name, out, pulled: report.pulled, kept: report.kept, bytes: report.bytes });
         return 0;
       }
       case 'delete': {
         const name = needName();
         await deleteRun(client, name, meta());
-        process.stdout.write(`run ${name}: deleted\n`);
+        emit(`run ${name}: deleted\n`, { run: name, deleted: true });
         return 0;
       }
       default:

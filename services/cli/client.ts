@@ -50,6 +50,33 @@ export function projectConversation(client: CoordinatorClient, req: ProjectReque
   return new Promise((resolve, reject) => client.projectConversation(req, metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
+/** A stream lost to the network (a port-forward that dropped, a coordinator restarting), worth opening again. */
+const RECONNECTABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.status.UNKNOWN]);
+
+/**
+ * Follows a run to its end like `watchRun`, opening the stream again when the connection drops
+ * (backing off up to 5 s), for at most `reconnectSeconds` without an update.
+ */
+export async function followRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void, metadata: grpc.Metadata, opts: { reconnectSeconds: number; onReconnect?: (err: grpc.ServiceError, attempt: number) => void }): Promise<Run> {
+  let heard = Date.now();
+  let delay = 250;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await watchRun(client, name, (run) => {
+        heard = Date.now();
+        delay = 250;
+        onUpdate(run);
+      }, metadata);
+    } catch (err) {
+      const e = err as grpc.ServiceError;
+      if (!RECONNECTABLE.has(e.code) || Date.now() - heard > opts.reconnectSeconds * 1000) throw err;
+      opts.onReconnect?.(e, attempt);
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(5000, delay * 2);
+    }
+  }
+}
+
 /** Follows WatchRun until the run ends; resolves with the last state seen. */
 export function watchRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void, metadata = new grpc.Metadata()): Promise<Run> {
   return new Promise((resolve, reject) => {

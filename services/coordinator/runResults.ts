@@ -61,7 +61,7 @@ export async function writeRunResults(ctx: RunContext): Promise<RunSummary> {
           // Which layer each row is (a run that kept a subset of layers has rows that are not layers 0..n-1).
           layer_index: { shape: [rows], data: Float32Array.from(spec.layers.length ? spec.layers : [...Array(rows).keys()]) },
         },
-        meta({ min_count: String(spec.minCount), roles_kept: String(a.kept.length), roles_left_out: String(a.leftOut.length), counts: JSON.stringify(Object.fromEntries(a.kept.map((k) => [k.role, k.count]))), ...answerPercentiles(a.answerProjections, spec.layers.length ? spec.layers : [...Array(rows).keys()], targetLayer(spec.model, ctx.items.modelInfo.numLayers || rows)) }),
+        meta({ min_count: String(spec.minCount), roles_kept: String(a.kept.length), roles_left_out: String(a.leftOut.length), counts: JSON.stringify(Object.fromEntries(a.kept.map((k) => [k.role, k.count]))), ...answerPercentiles(a.answerProjections, spec.layers.length ? spec.layers : [...Array(rows).keys()], targetLayer(spec.model, ctx.items.modelInfo.numLayers || rows, ctx.items.modelInfo.architecture)) }),
       );
     }
   }
@@ -112,7 +112,7 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
       layers,
       axis,
       hidden: d,
-      row: targetLayer(spec.model, summary.numLayers),
+      row: targetLayer(spec.model, summary.numLayers, ctx.items.modelInfo.architecture),
       roles: roles.map((r) => r.role),
       defaults: defaults.map((r) => r.role),
       histograms,
@@ -128,6 +128,7 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
   const report = await buildReport({
     run: spec.name,
     model: spec.model,
+    architecture: ctx.items.modelInfo.architecture,
     generatedBy: generator ? `${generator.model} at ${generator.url} (measured here)` : 'this engine',
     numLayers: summary.numLayers,
     hidden: summary.hiddenSize,

@@ -44,7 +44,7 @@ export class ProjectionMonitor {
     if (!named || named === 'all') {
       if (rows !== info.numLayers) throw new MonitorError(`--monitor-axis ${file}: its axis has ${rows} rows, but ${info.model} has ${info.numLayers} layers`);
     }
-    const layer = targetLayer(info.model, info.numLayers);
+    const layer = targetLayer(info.model, info.numLayers, info.architecture);
     const row = layers.indexOf(layer);
     if (row < 0) throw new MonitorError(`--monitor-axis ${file}: no row for layer ${layer}, ${info.model}'s target layer (its rows: ${layers.join(', ')})`);
     const unit = Float64Array.from(axis.data.subarray(row * hidden, (row + 1) * hidden));

@@ -87,7 +87,7 @@ export function validateProject(req: ProjectConversationRequest, info: ModelInfo
   const nonFinite = axis.data.findIndex((x) => !Number.isFinite(x));
   if (nonFinite >= 0) throw bad(`axis: element ${nonFinite} is not finite`);
   if (req.chunkTokens > MAX_PROJECTION_CHUNK) throw bad(`chunk_tokens: at most ${MAX_PROJECTION_CHUNK}, got ${req.chunkTokens}`);
-  const target = targetLayer(info.model, info.numLayers);
+  const target = targetLayer(info.model, info.numLayers, info.architecture);
   if (req.tokenProjections && !axisLayers.includes(target)) throw bad(`token_projections: read at the target layer ${target}, which the axis has no row for (its layers: ${axisLayers.join(', ')})`);
   return { messages: req.messages, axis: { shape: [axis.shape[0], axis.shape[1]], data: axis.data }, axisLayers, targetLayer: target, tokenProjections: req.tokenProjections, enableThinking: req.enableThinking, chunk: req.chunkTokens };
 }

@@ -26,13 +26,23 @@ export function itemKey(promptIndex: number, questionIndex: number): string {
   return `pos_p${promptIndex}_q${questionIndex}`;
 }
 
-/** What replaces {model_name} in instructions: the family for known models, else from the name. */
-export function modelShortName(model: string): string {
-  const lower = model.toLowerCase();
-  for (const [needle, short] of [['gemma', 'Gemma'], ['qwen', 'Qwen'], ['llama', 'Llama']] as const) {
-    if (lower.includes(needle)) return short;
+const FAMILIES = [['gemma', 'Gemma'], ['qwen', 'Qwen'], ['llama', 'Llama']] as const;
+
+/**
+ * What replaces {model_name} in instructions: the family of a known model, by its name or else
+ * by its architecture (config.json's model_type: a checkpoint whose directory is called
+ * "checkpoint" is still a Gemma); only then the name's first word, which `guessed` flags.
+ */
+export function modelShortNameOf(model: string, architecture = ''): { shortName: string; guessed: boolean } {
+  for (const text of [model, architecture]) {
+    const lower = text.toLowerCase();
+    for (const [needle, short] of FAMILIES) if (lower.includes(needle)) return { shortName: short, guessed: false };
   }
   const base = model.split('/').pop() ?? model;
   const first = base.split(/[-_.\s]/).find((s) => s.length > 0) ?? base;
-  return first.charAt(0).toUpperCase() + first.slice(1);
+  return { shortName: first.charAt(0).toUpperCase() + first.slice(1), guessed: true };
+}
+
+export function modelShortName(model: string, architecture = ''): string {
+  return modelShortNameOf(model, architecture).shortName;
 }

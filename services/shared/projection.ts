@@ -3,12 +3,15 @@
  * a[l] . axis[l] / |axis[l]|, usually read at the model's target layer.
  */
 
-/** The layer where projections are usually read: the paper's for its three models, else the middle one. */
-export function targetLayer(model: string, numLayers: number): number {
-  const m = model.toLowerCase();
-  if (m.includes('gemma-2-27b') && numLayers === 46) return 22;
-  if (m.includes('qwen3-32b') && numLayers === 64) return 32;
-  if (m.includes('llama-3.3-70b') && numLayers === 80) return 40;
+/**
+ * The layer where projections are usually read: the paper's for its three models, known by their
+ * architecture and depth (config.json, not a directory's name) or by name, else the middle one.
+ */
+export function targetLayer(model: string, numLayers: number, architecture = ''): number {
+  const m = `${model} ${architecture}`.toLowerCase();
+  if ((m.includes('gemma-2-27b') || m.includes('gemma2')) && numLayers === 46) return 22;
+  if ((m.includes('qwen3-32b') || m.includes('qwen3')) && numLayers === 64) return 32;
+  if ((m.includes('llama-3.3-70b') || m.includes('llama')) && numLayers === 80) return 40;
   return Math.floor(numLayers / 2);
 }
 

@@ -2,7 +2,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { buildConversation } from '../../services/coordinator/conversation';
 import { loadDataSet, parseRole } from '../../services/coordinator/data';
-import { isDefaultRole, modelShortName, nameProblem } from '../../services/shared/names';
+import { isDefaultRole, modelShortName, modelShortNameOf, nameProblem } from '../../services/shared/names';
+import { targetLayer } from '../../services/shared/projection';
 import { ROOT, UPSTREAM_DATA } from '../kit/stack';
 import { tempDir } from '../kit/files';
 
@@ -89,6 +90,20 @@ describe('conversations', () => {
     expect(modelShortName('Qwen/Qwen3-32B')).toBe('Qwen');
     expect(modelShortName('meta-llama/Llama-3.3-70B-Instruct')).toBe('Llama');
     expect(modelShortName('mistralai/Mistral-7B')).toBe('Mistral');
+    // A checkpoint in a directory called "checkpoint" is still a Gemma by its config (model_type).
+    expect(modelShortNameOf('checkpoint', 'gemma2')).toEqual({ shortName: 'Gemma', guessed: false });
+    expect(modelShortNameOf('checkpoint', 'mistral')).toEqual({ shortName: 'Checkpoint', guessed: true });
+  });
+
+  it('takes the paper\'s target layers from the architecture and depth, whatever the directory is called', () => {
+    // The paper: Gemma 2 27B at layer 22 of 46, Qwen 3 32B at 32 of 64, Llama 3.3 70B at 40 of 80.
+    expect(targetLayer('checkpoint', 46, 'gemma2')).toBe(22);
+    expect(targetLayer('google/gemma-2-27b-it', 46)).toBe(22);
+    expect(targetLayer('checkpoint', 64, 'qwen3')).toBe(32);
+    expect(targetLayer('checkpoint', 80, 'llama')).toBe(40);
+    // Other models: the middle layer.
+    expect(targetLayer('checkpoint', 46, 'llama')).toBe(23);
+    expect(targetLayer('tiny', 4, 'gemma2')).toBe(2);
   });
 
   it('rejects names that would escape a directory', () => {

@@ -5,6 +5,8 @@ import type { RunComparison } from './compareRun';
 export interface ReportInput {
   run: string;
   model: string;
+  /** config.json's model_type, which names the paper's models whatever their directory is called. */
+  architecture?: string;
   /** Who generated the answers: "this engine", or the OpenAI-compatible server whose answers were measured here. */
   generatedBy?: string;
   numLayers: number;
@@ -87,7 +89,7 @@ function layerOf(v: Float32Array, l: number, d: number): Float64Array {
  */
 export async function buildReport(input: ReportInput, components = 10): Promise<Report> {
   const { numLayers: L, hidden: d } = input;
-  const target = targetLayer(input.model, L);
+  const target = targetLayer(input.model, L, input.architecture);
   const axisNorms = Array.from({ length: L }, (_, l) => norm(layerOf(input.axis, l, d)));
   const wide = (rows: Float32Array[]) => rows.map((r) => Float64Array.from(r));
   const axisVsPc1: number[] = [];

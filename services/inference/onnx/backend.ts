@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { DType } from '../../../gen/assistant_axis/v1/common';
 import type { ChatMessage } from '../../../gen/assistant_axis/v1/common';
 import type { ModelInfo } from '../../../gen/assistant_axis/v1/inference';
-import { modelShortName } from '../../shared/names';
+import { modelShortNameOf } from '../../shared/names';
 import { RpcError } from '../../shared/rpc';
 import { DEFAULT_PROJECTION_CHUNK, MAX_CONTEXT_TOKENS } from '../../shared/defaults';
 import { unitRows } from '../../shared/projection';
@@ -158,6 +158,9 @@ export class OnnxBackend implements InferenceBackend {
       model = await this.loadOn(wanted);
     }
     const name = this.opts.model || model.metadata.name;
+    const shortName = modelShortNameOf(name, model.metadata.architecture);
+    // {model_name} in every instruction: a guess from a directory's name ("Checkpoint") would be in every prompt.
+    if (shortName.guessed) this.opts.warn?.(`the model's family is unknown from its name ${JSON.stringify(name)} or architecture ${model.metadata.architecture}: instructions will call it "${shortName.shortName}" ({model_name}); give --model with its real name (chart: inference.model.name)`);
     const runner = model.runner;
     this.model = model;
     // Slots: the engine is the step graph's; otherwise a batch holds at most as many sequences as the plan has slots.
@@ -170,7 +173,7 @@ export class OnnxBackend implements InferenceBackend {
       hiddenSize: model.metadata.hidden_size,
       device: describePlacements(runner.placements),
       supportsSystemPrompt: model.chat.supportsSystemPrompt(),
-      modelShortName: modelShortName(name),
+      modelShortName: shortName.shortName,
       hashes: model.hashes,
       slots: runner instanceof SlotRunner ? runner.step.slots : (this.plan?.slots ?? 0),
       slotLength: this.slotLength,
