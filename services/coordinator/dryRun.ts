@@ -3,6 +3,7 @@ import { estimateJudgeCost, estimateTokens, judgePrompt } from '../contracts/jud
 import { JUDGE_MAX_TOKENS } from '../shared/defaults';
 import type { DataSet } from './data';
 import type { RunSpec } from './ledgerRows';
+import { specFields } from './runSpec';
 import { emptyProgress } from './progress';
 import type { ImportedItem } from './referenceImport';
 import { judgeLabel, Upstreams } from './upstreams';
@@ -73,5 +74,6 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
       note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens estimated at 4 characters each, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
     },
     maxJudgeCostUsd: spec.maxJudgeCostUsd,
+    ...specFields(spec),
   };
 }

@@ -12,7 +12,7 @@ import { ADJUSTABLE_SPEC_FIELDS, RunRow, RunSpec, RunStateName } from './ledgerR
 import type { RunSummary } from './manifest';
 import { addCounts, emptyProgress, Progress } from './progress';
 import { RunExecutor, RunOutcome } from './runExecutor';
-import { checkRunName, importedItems, resolveRunSpec, RunSpecOptions } from './runSpec';
+import { checkRunName, importedItems, resolveRunSpec, RunSpecOptions, specFields } from './runSpec';
 import { judgeLabel, Upstreams } from './upstreams';
 
 export interface RunManagerOptions extends RunSpecOptions {
@@ -297,6 +297,7 @@ export class RunManager {
       sampling: { temperature: row.spec.temperature, topP: row.spec.topP, maxNewTokens: row.spec.maxNewTokens, maxContext: row.spec.maxContext, seed: row.spec.seed, enableThinking: !!row.spec.enableThinking },
       dryRun: undefined,
       maxJudgeCostUsd: row.spec.maxJudgeCostUsd,
+      ...specFields(row.spec),
     };
   }
 

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import type { Run, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { DEFAULT_MIN_COUNT, DEFAULT_SAMPLING, MAX_CONTEXT_TOKENS } from '../shared/defaults';
 import { nameProblem } from '../shared/names';
 import { failedPrecondition, invalidArgument, RpcError } from '../shared/rpc';
@@ -18,6 +18,22 @@ export interface RunSpecOptions {
   dataRoots?: string[];
   /** Where runs' directories are (compare_run names one of them). */
   outputRoot: string;
+}
+
+/** What a Run echoes of its spec beyond its sampling and counts (GetRun, ListRuns, a dry run). */
+export function specFields(spec: RunSpec): Pick<Run, 'dataDir' | 'dataSha256' | 'layers' | 'compareAxis' | 'compareRun' | 'twoPass' | 'judgeBatch' | 'cappingExperiment' | 'archiveActivations' | 'importDir'> {
+  return {
+    dataDir: spec.dataDir,
+    dataSha256: spec.dataHash,
+    layers: spec.layers,
+    compareAxis: spec.compareAxis ?? '',
+    compareRun: spec.compareRun ?? '',
+    twoPass: !!spec.twoPass,
+    judgeBatch: !!spec.judgeBatch,
+    cappingExperiment: spec.cappingExperiment ?? '',
+    archiveActivations: !!spec.archiveActivations,
+    importDir: spec.importDir ?? '',
+  };
 }
 
 /** A run's name must be safe as a directory name: INVALID_ARGUMENT naming the field otherwise. */

@@ -174,6 +174,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     await startRun(client, { name: 'archived', roles: ['chef', 'default'], questionCount: 2, minCount: 1, archiveActivations: true });
     const done = await watchRun(client, 'archived', () => undefined);
     expect(done.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    expect(await getRun(client, 'archived')).toMatchObject({ archiveActivations: true, roles: ['chef', 'default'], layers: [], twoPass: false, dataDir: path.join(ROOT, 'data') });
     const files = readRunFiles(done.outputDir);
     for (const role of ['chef', 'default']) {
       const buf = fs.readFileSync(path.join(done.outputDir, 'activations', `${role}.safetensors`));
@@ -388,6 +389,10 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     expect(dry.estimatedPromptTokens).toBeGreaterThan(160 * 100);
     expect(dry.estimatedCostUsd).toBeCloseTo((dry.estimatedPromptTokens * 1 + dry.estimatedCompletionTokens * 4) / 1e6, 10);
     expect(dry.judgeModel).toBe('judge-test');
+    // The Run echoes the spec it resolved: the data directory and its sha256, layers, modes.
+    const echoed = await startRun(client, { name: 'dry', questionCount: 4, maxNewTokens: 100, dryRun: true, layers: [1, 3], twoPass: true, judgeBatch: true, archiveActivations: true });
+    expect(echoed).toMatchObject({ dataDir: path.join(ROOT, 'data'), layers: [1, 3], twoPass: true, judgeBatch: true, archiveActivations: true, compareAxis: '', compareRun: '', cappingExperiment: '', importDir: '' });
+    expect(echoed.dataSha256).toMatch(/^[0-9a-f]{64}$/);
     expect(judge.requests.length).toBe(before);
     const runs = await new Promise<string[]>((resolve, reject) => client.listRuns({}, (e, r) => (e ? reject(e) : resolve(r.runs.map((x) => x.name)))));
     expect(runs).not.toContain('dry');
