@@ -304,6 +304,25 @@ maybe('the helm chart', () => {
     expect(render([MODEL]).find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec.initContainers).toBeUndefined();
   });
 
+  it('deploys a model split into stages across the pod\'s GPUs, and builds it stage by stage', () => {
+    const docs = render([MODEL, 'inference.model.build.enabled=true', 'inference.model.stages={0:40,40:80}', 'inference.gpu.count=2']);
+    const pod = docs.find((d) => d.kind === 'Deployment' && d.metadata.name === 'axis-inference').spec.template.spec;
+    const container = pod.containers[0];
+    expect(container.args).toContain('--model-dir=/model/stage-0-40,/model/stage-40-80');
+    expect(container.args).toContain('--device=cuda'); // stage k on GPU k
+    expect(container.resources.limits['nvidia.com/gpu']).toBe(2);
+    const build = docs.find((d) => d.kind === 'Job').spec.template.spec.containers[0].command[2];
+    expect(build).toBe('{ test -f /pvc/model/stage-0-40/axis_model.json || node dist/services/cli/axisModel.js build --hf /pvc/checkpoint --out /pvc/model/stage-0-40 --dtype bf16 --layers 0:40; } && { test -f /pvc/model/stage-40-80/axis_model.json || node dist/services/cli/axisModel.js build --hf /pvc/checkpoint --out /pvc/model/stage-40-80 --dtype bf16 --layers 40:80; }');
+    expect(pod.initContainers[0].command[2]).toMatch(/^until test -f \/pvc\/model\/stage-0-40\/axis_model\.json && test -f \/pvc\/model\/stage-40-80\/axis_model\.json; do/);
+    // Another split, another build Job.
+    const one = render([MODEL, 'inference.model.build.enabled=true']).find((d) => d.kind === 'Job').metadata.name;
+    expect(docs.find((d) => d.kind === 'Job').metadata.name).not.toBe(one);
+    // Fewer GPUs than stages, or a stage that is not A:B: refused, naming the value.
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.model.stages={0:40,40:80}']).stderr).toMatch(/inference\.gpu\.count: a model of 2 stages .* needs 2 GPUs/);
+    expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.model.stages={0-40}']).stderr).toMatch(/inference\/model\/stages\/0/);
+    expect(validate([MODEL, 'inference.model.stages={0:40,40:80}', 'inference.gpu.count=2']).problems).toEqual([]);
+  });
+
   it('has a helm test that checks the coordinator\'s health and lists runs with the release\'s token', () => {
     for (const [sets, tls] of [[[MODEL], false], [[MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls'], true]] as const) {
       const test = render([...sets]).find((d) => d.metadata.annotations?.['helm.sh/hook'] === 'test');
