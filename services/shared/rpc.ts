@@ -2,6 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { setMaxListeners } from 'node:events';
 import { DEFAULT_SERVICE_PENDING_BYTES, MAX_PENDING_BYTES_PER_STREAM } from './defaults';
 import type { Logger } from './logger';
+import { detailsMetadata } from './statusDetails';
 
 /** An error that becomes a gRPC status with this code and message. */
 export class RpcError extends Error {
@@ -14,8 +15,9 @@ export const invalidArgument = (message: string) => new RpcError(grpc.status.INV
 export const failedPrecondition = (message: string) => new RpcError(grpc.status.FAILED_PRECONDITION, message);
 export const notFound = (message: string) => new RpcError(grpc.status.NOT_FOUND, message);
 
+/** The status a thrown error becomes; ours (RpcError) carry their details (the field at fault, the reason) in trailers too. */
 export function toServiceError(err: unknown): Partial<grpc.ServiceError> {
-  if (err instanceof RpcError) return { code: err.code, details: err.message, message: err.message };
+  if (err instanceof RpcError) return { code: err.code, details: err.message, message: err.message, metadata: detailsMetadata(err.code, err.message) };
   const code = (err as { code?: unknown })?.code;
   if (typeof code === 'number' && code in grpc.status) {
     const details = (err as grpc.ServiceError).details ?? String(err);

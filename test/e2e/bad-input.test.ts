@@ -1,6 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import * as protobuf from 'protobufjs';
 import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
 import { coordinatorClient, startRun, startRunError } from '../helpers/grpc';
@@ -58,6 +59,33 @@ describe('StartRun rejects bad input', () => {
     const err = await startRunError(client, req());
     expect(grpc.status[err.code]).toBe(grpc.status[code]);
     expect(err.details).toMatch(message);
+  });
+
+  it('carries the field at fault and the reason in the status details (google.rpc.BadRequest, ErrorInfo), as gRPC clients decode them', async () => {
+    // The messages by their published field numbers, read with protobufjs (not the encoder's library).
+    const { root } = protobuf.parse(`
+      syntax = "proto3";
+      package google.rpc;
+      message Any { string type_url = 1; bytes value = 2; }
+      message Status { int32 code = 1; string message = 2; repeated Any details = 3; }
+      message FieldViolation { string field = 1; string description = 2; }
+      message BadRequest { repeated FieldViolation field_violations = 1; }
+      message ErrorInfo { string reason = 1; string domain = 2; map<string, string> metadata = 3; }
+    `);
+    const type = (name: string) => root.lookupType(`google.rpc.${name}`);
+    const details = (err: grpc.ServiceError) => {
+      const status = type('Status').toObject(type('Status').decode(err.metadata.get('grpc-status-details-bin')[0] as Buffer)) as { code: number; message: string; details: { typeUrl: string; value: Uint8Array }[] };
+      return { status, parts: Object.fromEntries(status.details.map((d) => [d.typeUrl, type(d.typeUrl.split('.').pop()!).toObject(type(d.typeUrl.split('.').pop()!).decode(d.value))])) };
+    };
+    const bad = await startRunError(client, { name: 'd1', topP: 1.5 });
+    const { status, parts } = details(bad);
+    expect(status).toMatchObject({ code: grpc.status.INVALID_ARGUMENT, message: bad.details });
+    expect(parts['type.googleapis.com/google.rpc.BadRequest']).toEqual({ fieldViolations: [{ field: 'top_p', description: 'must be in (0, 1], got 1.5' }] });
+    expect(parts['type.googleapis.com/google.rpc.ErrorInfo']).toEqual({ reason: 'INVALID_ARGUMENT', domain: 'assistant-axis.v1', metadata: { field: 'top_p' } });
+    // A failed precondition: the reason and the field, no BadRequest.
+    const precondition = details(await startRunError(client, { name: 'd2', model: 'google/gemma-2-27b-it' })).parts;
+    expect(Object.keys(precondition)).toEqual(['type.googleapis.com/google.rpc.ErrorInfo']);
+    expect(precondition['type.googleapis.com/google.rpc.ErrorInfo']).toEqual({ reason: 'FAILED_PRECONDITION', domain: 'assistant-axis.v1', metadata: { field: 'model' } });
   });
 
   it('wrote nothing for any of them: no run directory, no run in the ledger', async () => {
