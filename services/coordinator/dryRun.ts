@@ -3,6 +3,7 @@ import { estimateJudgeCost, estimateTokens, judgePrompt } from '../contracts/jud
 import { JUDGE_MAX_TOKENS } from '../shared/defaults';
 import type { DataSet } from './data';
 import type { RunSpec } from './ledgerRows';
+import { JudgeTokenCounter } from './judgeTokens';
 import { specFields } from './runSpec';
 import { emptyProgress } from './progress';
 import type { ImportedItem } from './referenceImport';
@@ -19,6 +20,7 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
   let prompts = 0;
   let promptTokens = 0;
   let sample = '';
+  const counter = new JudgeTokenCounter();
   // An import: its items, and judge prompts (with the real answers) only for those without a score.
   const roles = imported ? [] : data.roles;
   if (imported) {
@@ -27,9 +29,8 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
     for (const it of imported) {
       const evalPrompt = byName.get(it.role)?.evalPrompt;
       if (!evalPrompt || it.score !== undefined) continue;
-      const filled = judgePrompt(evalPrompt, data.questions[it.q].question, it.text);
-      sample ||= filled;
-      promptTokens += estimateTokens(filled);
+      sample ||= judgePrompt(evalPrompt, data.questions[it.q].question, it.text);
+      promptTokens += counter.prompt(evalPrompt, data.questions[it.q].question, estimateTokens(it.text));
       prompts++;
     }
   }
@@ -37,9 +38,8 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
     items += role.instructions.length * data.questions.length;
     if (!role.evalPrompt) continue;
     for (const q of data.questions) {
-      const filled = judgePrompt(role.evalPrompt, q.question, '');
       sample ||= judgePrompt(role.evalPrompt, q.question, `<the model's answer, up to ${spec.maxNewTokens} tokens>`);
-      promptTokens += role.instructions.length * (estimateTokens(filled) + spec.maxNewTokens);
+      promptTokens += role.instructions.length * counter.prompt(role.evalPrompt, q.question, spec.maxNewTokens);
       prompts += role.instructions.length;
     }
   }
@@ -71,7 +71,7 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
       estimatedCostUsd: cost,
       judgeModel: info.model,
       judgeHasPrice: info.hasPrice,
-      note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens estimated at 4 characters each, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
+      note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens counted with o200k_base (the tokenizer of gpt-4o, gpt-4.1, gpt-5; for other judge models an estimate)${imported ? ', imported answers at 4 characters a token' : ''}, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
     },
     maxJudgeCostUsd: spec.maxJudgeCostUsd,
     ...specFields(spec),

@@ -99,8 +99,13 @@ async function writeReport(ctx: RunContext, summary: RunSummary, roles: ReportIn
   let compare: ReportInput['compare'];
   if (spec.compareAxis) {
     const other = (await readAxisFile(spec.compareAxis)).tensors.axis;
-    if (other && other.shape[0] === summary.numLayers && other.shape[1] === summary.hiddenSize) compare = { name: path.basename(spec.compareAxis), axis: other.data };
-    else ctx.log.warn({ file: spec.compareAxis, shape: other?.shape }, 'compare_axis has another shape than this run\'s axis: left out of the report');
+    if (other && other.shape[0] === summary.numLayers && other.shape[1] === d) compare = { name: path.basename(spec.compareAxis), axis: other.data };
+    else if (other && spec.layers.length && other.shape[0] === ctx.items.modelInfo.numLayers && other.shape[1] === d) {
+      // A whole model's axis, for a run that kept some layers: its rows of those layers.
+      const rows = new Float32Array(spec.layers.length * d);
+      spec.layers.forEach((l, k) => rows.set(other.data.subarray(l * d, (l + 1) * d), k * d));
+      compare = { name: path.basename(spec.compareAxis), axis: rows };
+    } else throw new RunFailure(`compare_axis: ${spec.compareAxis} holds an axis of [${other?.shape.join(', ') ?? 'nothing'}], not this run's [${summary.numLayers}, ${d}] (the file changed since the run started?)`);
   }
   let compareWith: RunComparison | undefined;
   if (spec.compareRun) {

@@ -60,11 +60,13 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
   const roots = opts.dataRoots ?? [];
   const dataDir = req.dataDir ? await confinedPath('data_dir', req.dataDir, roots) : path.resolve(opts.defaultDataDir);
   let compareAxis: string | undefined;
+  let compareShape: number[] | undefined;
   if (req.compareAxis) {
     compareAxis = await confinedPath('compare_axis', req.compareAxis, roots);
     try {
       const { tensors } = await readAxisFile(compareAxis);
       if (!tensors.axis) throw new Error(`it holds no tensor named "axis" (it has ${Object.keys(tensors).join(', ') || 'none'})`);
+      compareShape = tensors.axis.shape;
     } catch (err) {
       throw invalidArgument(`compare_axis: ${compareAxis}: ${(err as Error).message}`);
     }
@@ -126,6 +128,12 @@ export async function resolveRunSpec(req: StartRunRequest, opts: RunSpecOptions,
     if (l >= info.numLayers) throw invalidArgument(`layers: layer ${l} does not exist (${model} has ${info.numLayers} layers, zero-indexed)`);
     if (seen.has(l)) throw invalidArgument(`layers: layer ${l} is listed twice`);
     seen.add(l);
+  }
+  // Another axis to compare with must be this model's: all its layers, or the run's subset of them.
+  if (compareShape) {
+    const [rows, hidden] = compareShape;
+    const fits = hidden === info.hiddenSize && (rows === info.numLayers || (req.layers.length > 0 && rows === req.layers.length));
+    if (!fits) throw invalidArgument(`compare_axis: ${compareAxis} holds an axis of [${compareShape.join(', ')}], but ${model}'s is [${info.numLayers}, ${info.hiddenSize}]${req.layers.length ? ` (or [${req.layers.length}, ${info.hiddenSize}] for this run's layers)` : ''}: an axis of another model (convert a published .pt axis with docs/CONCEPTS.md's lines)`);
   }
   const spec: RunSpec = {
     name: req.name,

@@ -6,6 +6,7 @@ import type { StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
 import { coordinatorClient, startRun, startRunError } from '../helpers/grpc';
 import { testStack } from '../kit/stack';
+import { writeSafetensors } from '../../services/shared/safetensors';
 
 /** Every bad StartRun gets a clear status naming the field or file, and nothing is written. */
 describe('StartRun rejects bad input', () => {
@@ -24,6 +25,8 @@ describe('StartRun rejects bad input', () => {
     fs.writeFileSync(path.join(roles, 'notjson.json'), '{ nope');
     fs.writeFileSync(path.join(roles, 'noinstruction.json'), JSON.stringify({ eval_prompt: '{question} {answer}' }));
     fs.writeFileSync(path.join(roles, 'noeval.json'), JSON.stringify({ instruction: [{ pos: 'Be a cat.' }] }));
+    // An axis of another model's shape (the synthetic model is 8 layers of 64).
+    await writeSafetensors(path.join(dir, 'other-model.safetensors'), { axis: { shape: [7, 64], data: new Float32Array(7 * 64) } });
     await stack.startAll();
     client = coordinatorClient(stack.address('coordinator'));
   });
@@ -52,6 +55,7 @@ describe('StartRun rejects bad input', () => {
     ['min_count 0', () => ({ name: 'r12', minCount: 0 }), grpc.status.INVALID_ARGUMENT, /min_count: must be at least 1/],
     ['layer the model lacks', () => ({ name: 'r13', layers: [99] }), grpc.status.INVALID_ARGUMENT, /layers: layer 99 does not exist/],
     ['compare_axis that is not there', () => ({ name: 'r15', compareAxis: path.join(dir, 'missing.safetensors') }), grpc.status.INVALID_ARGUMENT, /compare_axis: .*missing\.safetensors/],
+    ['compare_axis of another model', () => ({ name: 'r17', compareAxis: path.join(dir, 'other-model.safetensors') }), grpc.status.INVALID_ARGUMENT, /^compare_axis: .*other-model\.safetensors holds an axis of \[7, 64\], but synthetic-tiny's is \[8, 64\]/],
     ['model no replica serves', () => ({ name: 'r14', model: 'google/gemma-2-27b-it' }), grpc.status.FAILED_PRECONDITION, /model: no inference replica serves "google\/gemma-2-27b-it" \(served: synthetic-tiny\)/],
   ];
 

@@ -1,6 +1,8 @@
 import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { Tiktoken } from 'js-tiktoken/lite';
+import o200kBase from 'js-tiktoken/ranks/o200k_base';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { AggregationClient } from '../../gen/assistant_axis/v1/aggregation';
@@ -165,6 +167,13 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     const compared = JSON.parse(fs.readFileSync(path.join(done.outputDir, 'report.json'), 'utf8'));
     expect(compared.compare.name).toBe('axis.safetensors');
     for (const c of compared.compare.cosine_per_layer) expect(c).toBeCloseTo(1, 6);
+    // A run of some layers compares with the whole model's axis at those layers.
+    await startRun(client, { name: 'compared-layers', questionCount: QUESTIONS, minCount: MIN_COUNT, seed: 11, maxNewTokens: 48, layers: [1, 4], compareAxis: path.join(e2eDir, 'axis.safetensors') });
+    const some = await watchRun(client, 'compared-layers', () => undefined);
+    expect(some.state).toBe(RunState.RUN_STATE_SUCCEEDED);
+    const partial = JSON.parse(fs.readFileSync(path.join(some.outputDir, 'report.json'), 'utf8'));
+    expect(partial.compare.cosine_per_layer).toHaveLength(2);
+    for (const c of partial.compare.cosine_per_layer) expect(c).toBeCloseTo(1, 6);
     client.close();
   });
 
@@ -386,7 +395,23 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     expect(dry.samplePrompt).toContain('How should someone spend a quiet Sunday morning?');
     expect(dry.samplePrompt).toContain("<the model's answer, up to 100 tokens>");
     expect(dry.estimatedCompletionTokens).toBe(160 * 10);
-    expect(dry.estimatedPromptTokens).toBeGreaterThan(160 * 100);
+    // Prompt tokens by o200k_base (js-tiktoken here, each filled prompt whole): the dry run's count
+    // by parts is at least that, and at most a token more at each side of each placeholder.
+    const encoder = new Tiktoken(o200kBase);
+    const questions = fs.readFileSync(path.join(ROOT, 'data', 'extraction_questions.jsonl'), 'utf8').trim().split('\n').slice(0, 4).map((l) => JSON.parse(l).question as string);
+    let low = 0;
+    let joints = 0;
+    for (const f of fs.readdirSync(path.join(ROOT, 'data', 'roles', 'instructions'))) {
+      const role = JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', f), 'utf8')) as { instruction: unknown[]; eval_prompt?: string };
+      if (f.startsWith('default') || !role.eval_prompt) continue;
+      for (const q of questions) {
+        low += role.instruction.length * (encoder.encode(role.eval_prompt.replace(/\{(question|answer)\}/g, (_m, x) => (x === 'question' ? q : ''))).length + 100);
+        joints += role.instruction.length * 2 * (role.eval_prompt.match(/\{(question|answer)\}/g) ?? []).length;
+      }
+    }
+    expect(dry.estimatedPromptTokens).toBeGreaterThanOrEqual(low);
+    expect(dry.estimatedPromptTokens).toBeLessThanOrEqual(low + joints);
+    expect(dry.note).toMatch(/o200k_base/);
     expect(dry.estimatedCostUsd).toBeCloseTo((dry.estimatedPromptTokens * 1 + dry.estimatedCompletionTokens * 4) / 1e6, 10);
     expect(dry.judgeModel).toBe('judge-test');
     // The Run echoes the spec it resolved: the data directory and its sha256, layers, modes.
