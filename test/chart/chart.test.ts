@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseAllDocuments } from 'yaml';
 import { NODE_FLAGS } from '../../services/shared/defaults';
+import { tempDir } from '../kit/files';
 import { ROOT } from '../kit/stack';
 
 /** The Helm chart, rendered by a real helm (`make helm` fetches it; `make test` sets AXIS_HELM) and validated against the Kubernetes API schemas. */
@@ -321,6 +322,27 @@ maybe('the helm chart', () => {
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.model.stages={0:40,40:80}']).stderr).toMatch(/inference\.gpu\.count: a model of 2 stages .* needs 2 GPUs/);
     expect(helm(['template', 'axis', CHART, '--set', MODEL, '--set', 'inference.model.stages={0-40}']).stderr).toMatch(/inference\/model\/stages\/0/);
     expect(validate([MODEL, 'inference.model.stages={0:40,40:80}', 'inference.gpu.count=2']).problems).toEqual([]);
+  });
+
+  it('renders the values docs/DEPLOY.md gives (its install, a split model, a Kueue queue), each on top of the install\'s', () => {
+    const deploy = fs.readFileSync(path.join(ROOT, 'docs', 'DEPLOY.md'), 'utf8');
+    const install = /cat > my-values\.yaml <<'YAML'\n([\s\S]*?)\nYAML\n/.exec(deploy)![1];
+    // The chart's values blocks (```yaml blocks that start at `inference:`; the others are cert-manager's objects).
+    const overlays = [...deploy.matchAll(/```yaml\n(inference:[\s\S]*?)```/g)].map((m) => m[1]);
+    expect(overlays.length).toBeGreaterThanOrEqual(2);
+    const dir = tempDir('deploy-values');
+    fs.writeFileSync(path.join(dir, 'my-values.yaml'), install);
+    for (const [k, overlay] of [undefined, ...overlays].entries()) {
+      const files = ['-f', path.join(dir, 'my-values.yaml')];
+      if (overlay) {
+        fs.writeFileSync(path.join(dir, `overlay-${k}.yaml`), overlay);
+        files.push('-f', path.join(dir, `overlay-${k}.yaml`));
+      }
+      const r = helm(['template', 'axis', CHART, '--namespace', 'axis', ...files]);
+      expect([k, r.stderr]).toEqual([k, '']);
+      const out = JSON.parse(execFileSync(process.execPath, [path.join(__dirname, 'validate.mjs')], { input: r.stdout, cwd: ROOT }).toString());
+      expect([k, out.problems]).toEqual([k, []]);
+    }
   });
 
   it('has a helm test that checks the coordinator\'s health and lists runs with the release\'s token', () => {
