@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import * as net from 'node:net';
 import { service as healthService } from 'grpc-health-check';
 
 const HealthClient = grpc.makeGenericClientConstructor(healthService, 'Health');
@@ -15,12 +16,39 @@ export function checkHealth(address: string, service = '', timeoutMs = 1000, cre
   });
 }
 
-/** Waits until the service reports SERVING; throws after `timeoutMs` with the last status seen. */
+/**
+ * Whether something listens at `host:port`. Connecting to a local port nobody listens on can
+ * connect the socket to itself (TCP's simultaneous open, when the kernel picks that very port as
+ * the source, which on loopback it then keeps picking): such a socket holds the port, and the
+ * service starting there fails with EADDRINUSE. It is reset at once (no TIME_WAIT) and counts as
+ * nothing listening. `localPort` forces the source port (tests).
+ */
+export function probeListening(address: string, localPort?: number): Promise<'listening' | 'closed' | 'self'> {
+  const at = address.lastIndexOf(':');
+  const host = address.slice(0, at).replace(/^\[|\]$/g, '');
+  const port = Number(address.slice(at + 1));
+  return new Promise((resolve) => {
+    const socket = net.connect({ host, port, ...(localPort ? { localPort, localAddress: host } : {}) });
+    socket.once('connect', () => {
+      const self = socket.localPort === socket.remotePort && socket.localAddress === socket.remoteAddress;
+      if (self) socket.resetAndDestroy();
+      else socket.destroy();
+      resolve(self ? 'self' : 'listening');
+    });
+    socket.once('error', () => resolve('closed'));
+  });
+}
+
+/**
+ * Waits until the service reports SERVING; throws after `timeoutMs` with the last status seen.
+ * The health check (a gRPC channel, which would hold a self-connection) is asked only once the
+ * port has a listener.
+ */
 export async function waitServing(address: string, timeoutMs: number, isAlive: () => boolean = () => true, credentials?: grpc.ChannelCredentials): Promise<void> {
   const until = Date.now() + timeoutMs;
   let last = 'UNREACHABLE';
   while (Date.now() < until) {
-    last = await checkHealth(address, '', 1000, credentials);
+    last = (await probeListening(address)) === 'listening' ? await checkHealth(address, '', 1000, credentials) : 'UNREACHABLE (nothing listens yet)';
     if (last === 'SERVING') return;
     if (!isAlive()) throw new Error(`${address}: the process exited before it was ready`);
     await new Promise((r) => setTimeout(r, 100));
