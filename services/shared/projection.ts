@@ -9,9 +9,8 @@
  */
 export function targetLayer(model: string, numLayers: number, architecture = ''): number {
   const m = `${model} ${architecture}`.toLowerCase();
+  // Qwen 3 32B's 32 of 64 and Llama 3.3 70B's 40 of 80 are the middle layer already; only Gemma 2 27B's is not.
   if ((m.includes('gemma-2-27b') || m.includes('gemma2')) && numLayers === 46) return 22;
-  if ((m.includes('qwen3-32b') || m.includes('qwen3')) && numLayers === 64) return 32;
-  if ((m.includes('llama-3.3-70b') || m.includes('llama')) && numLayers === 80) return 40;
   return Math.floor(numLayers / 2);
 }
 

@@ -35,6 +35,16 @@ function dashboardQueries(): string[] {
   return dash.panels.flatMap((p: { targets?: { expr: string }[] }) => (p.targets ?? []).map((t) => t.expr.replaceAll('$run', '.*')));
 }
 
+/** `promtool test rules` on the chart's alert rules: one test of 1-minute series and the alerts expected at given times. */
+function promtoolRuleTest(inputSeries: { series: string; values: string }[], alertRuleTest: unknown[]): { status: number | null; output: string } {
+  const dir = tempDir('rules');
+  fs.writeFileSync(path.join(dir, 'rules.yml'), stringify(chartRules()));
+  const tests = { rule_files: ['rules.yml'], evaluation_interval: '1m', tests: [{ interval: '1m', input_series: inputSeries, alert_rule_test: alertRuleTest }] };
+  fs.writeFileSync(path.join(dir, 'tests.yml'), stringify(tests));
+  const r = spawnSync(PROMTOOL, ['test', 'rules', path.join(dir, 'tests.yml')], { encoding: 'utf8' });
+  return { status: r.status, output: r.stdout + r.stderr };
+}
+
 const metricNames = (exprs: string[]) => [...new Set(exprs.flatMap((e) => e.match(/axis_[a-z0-9_]+/g) ?? []))];
 
 maybe('Prometheus and the dashboard', () => {
@@ -162,73 +172,49 @@ maybe('Prometheus and the dashboard', () => {
   });
 
   it('promtool: the stalled-run alert fires for an executing run that makes no progress, not for one waiting on judge batches, one moving, or one that ended', () => {
-    const dir = tempDir('rules');
-    fs.writeFileSync(path.join(dir, 'rules.yml'), stringify(chartRules()));
     const run = (name: string, aggregated: string, batches?: string) => [
       { series: `axis_coordinator_run_items{run="${name}",stage="aggregated"}`, values: aggregated },
       { series: `axis_coordinator_run_items{run="${name}",stage="total"}`, values: aggregated.replace(/\d+\+\d+x(\d+)|\d+x(\d+)/g, (_m, a, b) => `100x${a ?? b}`) },
       ...(batches ? [{ series: `axis_coordinator_run_waiting_for_judge_batches{run="${name}"}`, values: batches }] : []),
     ];
-    const tests = {
-      rule_files: ['rules.yml'],
-      evaluation_interval: '1m',
-      tests: [
-        {
-          interval: '1m',
-          input_series: [
-            // 10 of 100 items for an hour: stalled.
-            ...run('stuck', '10x60', '0x60'),
-            // The same, in its judge batches (the Batch API takes hours): not stalled.
-            ...run('batched', '10x60', '1x60'),
-            // One more item a minute: moving.
-            ...run('moving', '0+1x60'),
-            // Stopped at 20 minutes and ended (failed, cancelled, paused: its series leave).
-            ...run('ended', '10x20 _x40'),
-          ],
-          alert_rule_test: [
-            { eval_time: '60m', alertname: 'AssistantAxisRunStalled', exp_alerts: [{ exp_labels: { severity: 'warning', run: 'stuck' }, exp_annotations: { summary: 'Run stuck has made no progress for 15 minutes' } }] },
-          ],
-        },
+    const r = promtoolRuleTest(
+      [
+        // 10 of 100 items for an hour: stalled.
+        ...run('stuck', '10x60', '0x60'),
+        // The same, in its judge batches (the Batch API takes hours): not stalled.
+        ...run('batched', '10x60', '1x60'),
+        // One more item a minute: moving.
+        ...run('moving', '0+1x60'),
+        // Stopped at 20 minutes and ended (failed, cancelled, paused: its series leave).
+        ...run('ended', '10x20 _x40'),
       ],
-    };
-    fs.writeFileSync(path.join(dir, 'tests.yml'), stringify(tests));
-    const r = spawnSync(PROMTOOL, ['test', 'rules', path.join(dir, 'tests.yml')], { encoding: 'utf8' });
-    expect(r.stdout + r.stderr).toMatch(/SUCCESS/);
+      [{ eval_time: '60m', alertname: 'AssistantAxisRunStalled', exp_alerts: [{ exp_labels: { severity: 'warning', run: 'stuck' }, exp_annotations: { summary: 'Run stuck has made no progress for 15 minutes' } }] }],
+    );
+    expect(r.output).toMatch(/SUCCESS/);
     expect(r.status).toBe(0);
   });
 
   it('promtool: the persona alert fires when most answers stay below the threshold for its time, and not otherwise', () => {
-    const dir = tempDir('rules');
-    fs.writeFileSync(path.join(dir, 'rules.yml'), stringify(chartRules()));
     const series = (model: string, below: string, all: string) => [
       { series: `axis_inference_answers_below_threshold_total{model_name="${model}"}`, values: below },
       { series: `axis_inference_monitored_answers_total{model_name="${model}"}`, values: all },
     ];
     const summary = (model: string) => `More than 50% of ${model}'s answers have drifted below the persona threshold on the Assistant Axis for 30 minutes`;
-    const tests = {
-      rule_files: ['rules.yml'],
-      evaluation_interval: '1m',
-      tests: [
-        {
-          interval: '1m',
-          input_series: [
-            // 8 of 10 answers a minute below the threshold for an hour: fires.
-            ...series('drifting', '0+8x60', '0+10x60'),
-            // 3 of 10: does not.
-            ...series('steady', '0+3x60', '0+10x60'),
-            // 8 of 10, but only for the last 20 minutes (3 of 10 before): not yet.
-            ...series('lately', '0+3x40 128+8x20', '0+10x60'),
-          ],
-          alert_rule_test: [
-            { eval_time: '60m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [{ exp_labels: { severity: 'warning', model_name: 'drifting' }, exp_annotations: { summary: summary('drifting') } }] },
-            { eval_time: '20m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [] },
-          ],
-        },
+    const r = promtoolRuleTest(
+      [
+        // 8 of 10 answers a minute below the threshold for an hour: fires.
+        ...series('drifting', '0+8x60', '0+10x60'),
+        // 3 of 10: does not.
+        ...series('steady', '0+3x60', '0+10x60'),
+        // 8 of 10, but only for the last 20 minutes (3 of 10 before): not yet.
+        ...series('lately', '0+3x40 128+8x20', '0+10x60'),
       ],
-    };
-    fs.writeFileSync(path.join(dir, 'tests.yml'), stringify(tests));
-    const r = spawnSync(PROMTOOL, ['test', 'rules', path.join(dir, 'tests.yml')], { encoding: 'utf8' });
-    expect(r.stdout + r.stderr).toMatch(/SUCCESS/);
+      [
+        { eval_time: '60m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [{ exp_labels: { severity: 'warning', model_name: 'drifting' }, exp_annotations: { summary: summary('drifting') } }] },
+        { eval_time: '20m', alertname: 'AssistantAxisPersonaDrift', exp_alerts: [] },
+      ],
+    );
+    expect(r.output).toMatch(/SUCCESS/);
     expect(r.status).toBe(0);
   });
 });
