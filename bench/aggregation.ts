@@ -10,8 +10,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { spawn } from 'node:child_process';
-import { AggregationClient, IngestAck, IngestRequest } from '../gen/assistant_axis/v1/aggregation';
-import { DType } from '../gen/assistant_axis/v1/common';
+import { AggregationServiceClient, IngestResponse, IngestRequest } from '../gen/assistant_axis/v1/aggregation';
+import { Dtype } from '../gen/assistant_axis/v1/common';
 import { StreamPipe } from '../services/shared/pipe';
 import { channelOptions } from '../services/shared/server';
 import { testStack } from '../test/kit/stack';
@@ -27,7 +27,7 @@ const ITEMS = Number(process.env.BENCH_AGG_ITEMS ?? 600);
 function observations(count: number): Uint8Array[] {
   const pool = new Float32Array(N);
   for (let i = 0; i < N; i++) pool[i] = (Math.random() - 0.5) * 4;
-  const base = encodeTensor({ shape: [L, D], data: pool }, DType.DTYPE_BF16).data;
+  const base = encodeTensor({ shape: [L, D], data: pool }, Dtype.DTYPE_BF16).data;
   // Distinct payloads (a shifted copy each) so no cache helps either side.
   return Array.from({ length: count }, (_, k) => {
     const out = new Uint8Array(base.length);
@@ -60,7 +60,7 @@ function ingest(data: Uint8Array[]): number {
   const scratch = new Float32Array(N);
   const started = performance.now();
   data.forEach((bytes, k) => {
-    const t = decodeTensor({ dtype: DType.DTYPE_BF16, shape: [L, D], data: Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength) }, 'activation', undefined, scratch);
+    const t = decodeTensor({ dtype: Dtype.DTYPE_BF16, shape: [L, D], data: Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength) }, 'activation', undefined, scratch);
     acc.addScore('pirate', `k${k}`, 3);
     acc.addActivation('pirate', `k${k}`, t.shape, t.data, undefined, t.firstNonFinite);
   });
@@ -114,12 +114,12 @@ async function grpcPaths(data: Uint8Array[]): Promise<{ durable: number; raw: nu
   const raw = spawn(process.execPath, [path.join(__dirname, 'rawStreamServer.js')], { stdio: ['ignore', 'pipe', 'inherit'] });
   try {
     await stack.start('aggregation');
-    const client = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure(), channelOptions());
-    const pipe = new StreamPipe<IngestRequest, IngestAck>(() => client.ingest(), (a) => `${a.role}/${a.itemKey}/${a.isActivation}`);
+    const client = new AggregationServiceClient(stack.address('aggregation'), grpc.credentials.createInsecure(), channelOptions());
+    const pipe = new StreamPipe<IngestRequest, IngestResponse>(() => client.ingest(), (a) => `${a.role}/${a.itemKey}/${a.isActivation}`);
     // Scores first, so every activation folds at once.
     await throughStream((i) => pipe.send(`pirate/k${i}/false`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'score', value: { score: 3 } }, runShape: [], runPlan: undefined }), data.length);
     const durable = await throughStream(
-      (i) => pipe.send(`pirate/k${i}/true`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'activation', value: { dtype: DType.DTYPE_BF16, shape: [L, D], data: Buffer.from(data[i]) } }, runShape: [L, D], runPlan: undefined }),
+      (i) => pipe.send(`pirate/k${i}/true`, { run: 'bench', role: 'pirate', itemKey: `k${i}`, payload: { $case: 'activation', value: { dtype: Dtype.DTYPE_BF16, shape: [L, D], data: Buffer.from(data[i]) } }, runShape: [L, D], runPlan: undefined }),
       data.length,
     );
     pipe.close();

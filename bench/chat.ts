@@ -14,7 +14,7 @@
 import OpenAI from 'openai';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import { DType } from '../gen/assistant_axis/v1/common';
+import { Dtype } from '../gen/assistant_axis/v1/common';
 import { ChatServer } from '../services/inference/chatServer';
 import { inferenceMetrics } from '../services/inference/metrics';
 import { OnnxBackend } from '../services/inference/onnx/backend';
@@ -38,7 +38,7 @@ async function main(): Promise<void> {
   const slotLength = Math.max(...jobs.map((j) => j.ids.length + j.maxNew));
   const backend = new OnnxBackend({ model: '', capacity: 4 * SLOTS, device: 'cpu', decode: 'slots', maxBatch: SLOTS, maxBatchTokens: 1 << 20, gatherMs: 0, modelDirs: [capture], slotLength });
   const metrics = inferenceMetrics(new Registry(), { inFlight: () => 0, running: () => 0, batchSize: () => 0 });
-  const service = createInferenceService({ backend, wireDtype: DType.DTYPE_F32, metrics, log: pino({ level: 'silent' }) });
+  const service = createInferenceService({ backend, wireDtype: Dtype.DTYPE_F32, metrics, log: pino({ level: 'silent' }) });
   if (!(await service.load())) throw new Error('the benchmark model did not load');
   const model = service.modelInfo().model;
   const server = await ChatServer.start(service, { host: '127.0.0.1', port: 0, token: TOKEN, defaultExperiment: '', monitor: () => undefined }, pino({ level: 'silent' }));

@@ -8,7 +8,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import OpenAI from 'openai';
-import { JudgeClient, ScoreRequest, ScoreResult } from '../gen/assistant_axis/v1/judge';
+import { JudgeServiceClient, ScoreRequest, ScoreResponse } from '../gen/assistant_axis/v1/judge';
 import { judgePrompt } from '../services/contracts/judge';
 import { StreamPipe } from '../services/shared/pipe';
 import { FakeOpenAIServer } from '../test/doubles/openai-server';
@@ -32,8 +32,8 @@ async function service(server: FakeOpenAIServer): Promise<{ seconds: number; arr
     env: { OPENAI_API_KEY: 'sk-bench' },
   });
   await stack.start('judge');
-  const client = new JudgeClient(stack.address('judge'), grpc.credentials.createInsecure());
-  const pipe = new StreamPipe<ScoreRequest, ScoreResult>(() => client.score(), (r) => r.itemId);
+  const client = new JudgeServiceClient(stack.address('judge'), grpc.credentials.createInsecure());
+  const pipe = new StreamPipe<ScoreRequest, ScoreResponse>(() => client.score(), (r) => r.itemId);
   const first = server.requests.length;
   const started = performance.now();
   const results = await Promise.all(Array.from({ length: ITEMS }, (_, i) => pipe.send(`i${i}`, { itemId: `i${i}`, ...item(i) })));

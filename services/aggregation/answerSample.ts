@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { unitRows } from '../shared/projection';
 import { decodeTensor } from '../shared/tensor';
 import type { ActivationValues } from './axis';
@@ -160,7 +160,7 @@ export class AnswerSample {
 
   private write(hash: string, groups: Set<AnswerGroup>, values: ActivationValues): void {
     fs.mkdirSync(this.dir!, { recursive: true });
-    const [dtype, bytes] = values instanceof Float32Array ? [DType.DTYPE_F32, Buffer.from(values.buffer, values.byteOffset, values.byteLength)] : [values.dtype, values.data];
+    const [dtype, bytes] = values instanceof Float32Array ? [Dtype.DTYPE_F32, Buffer.from(values.buffer, values.byteOffset, values.byteLength)] : [values.dtype, values.data];
     const shape = values instanceof Float32Array ? [values.length] : values.shape;
     const header = Buffer.from(JSON.stringify({ dtype, shape }));
     const len = Buffer.alloc(4);
@@ -175,7 +175,7 @@ export class AnswerSample {
   private read(hash: string, groups: Set<AnswerGroup>): Float32Array {
     const buf = fs.readFileSync(this.file(hash, groups));
     const n = buf.readUInt32LE(0);
-    const { dtype, shape } = JSON.parse(buf.subarray(4, 4 + n).toString()) as { dtype: DType; shape: number[] };
+    const { dtype, shape } = JSON.parse(buf.subarray(4, 4 + n).toString()) as { dtype: Dtype; shape: number[] };
     return decodeTensor({ dtype, shape, data: buf.subarray(4 + n) }, 'activation').data;
   }
 }

@@ -39,8 +39,8 @@ async function main(): Promise<void> {
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
     // Only the coordinator calls this service: with a caller token, nobody else can.
-    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.Aggregation'),
-    bindings: [{ name: 'assistant_axis.v1.Aggregation', definition: AggregationServiceKeepingBytes, implementation: aggregationGrpcHandlers(service, log) }],
+    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.AggregationService'),
+    bindings: [{ name: 'assistant_axis.v1.AggregationService', definition: AggregationServiceKeepingBytes, implementation: aggregationGrpcHandlers(service, log) }],
     registry,
     log,
     tls: cfg,

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { answerProjections as answerProjectionsOf } from './answerSample';
-import type { AggregationRunState, AggregationServer, ComputeAxisRequest, ComputeAxisResult, ExportSumsRequest, IngestAck, IngestRequest, RoleCount, BucketSum } from '../../gen/assistant_axis/v1/aggregation';
+import type { GetRunStateResponse, AggregationServiceServer, ComputeAxisRequest, ComputeAxisResponse, ExportSumsRequest, IngestResponse, IngestRequest, RoleCount, ExportSumsResponse } from '../../gen/assistant_axis/v1/aggregation';
 import { ROLE_VECTOR_SCORES } from '../shared/defaults';
 import type { Logger } from '../shared/logger';
 import { isDefaultRole, isSafeName, nameProblem } from '../shared/names';
@@ -15,12 +15,12 @@ import { DurableStore, MemoryBudgetExceeded } from './store';
 /** The aggregation's RPCs as plain functions: what the gRPC adapter serves and what tests call without a network. */
 export interface AggregationService {
   /** Checks names, then hands the message to the store: resolves once it is durable and counted. */
-  ingest(req: IngestRequest): Promise<IngestAck>;
-  runState(run: string): AggregationRunState;
+  ingest(req: IngestRequest): Promise<IngestResponse>;
+  runState(run: string): GetRunStateResponse;
   /** A run's float64 sums, bucket by bucket (cold ones read from disk as they come). Throws before the first when the request is bad. */
-  exportSums(req: ExportSumsRequest): Generator<BucketSum>;
+  exportSums(req: ExportSumsRequest): Generator<ExportSumsResponse>;
   /** The role vectors, each as soon as it is computed, then the axis. Throws before the first when the request is bad. */
-  computeAxis(req: ComputeAxisRequest): Generator<ComputeAxisResult>;
+  computeAxis(req: ComputeAxisRequest): Generator<ComputeAxisResponse>;
   /** Removes a run's state (committed before it resolves). */
   deleteRun(run: string): Promise<void>;
   /** Writes what changed since the last checkpoint. */
@@ -35,15 +35,15 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
   const { store, metrics, log } = deps;
   const state = store.state;
 
-  function* sums(run: string, acc: NonNullable<ReturnType<typeof state.get>>): Generator<BucketSum> {
+  function* sums(run: string, acc: NonNullable<ReturnType<typeof state.get>>): Generator<ExportSumsResponse> {
     // A client reads at its pace: the run stays in memory while it does.
     for (const { role, bucket, sum: s } of state.reading(run, acc.allSums())) {
       const bytes = Buffer.from(s.sum.buffer, s.sum.byteOffset, s.sum.byteLength);
-      yield { role, bucket, count: s.count, sum: { dtype: DType.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } };
+      yield { role, bucket, count: s.count, sum: { dtype: Dtype.DTYPE_F64, shape: [acc.numLayers, acc.hidden], data: bytes } };
     }
   }
 
-  function* parts(run: string, acc: NonNullable<ReturnType<typeof state.get>>, computed: ReturnType<NonNullable<ReturnType<typeof state.get>>['computeParts']>): Generator<ComputeAxisResult> {
+  function* parts(run: string, acc: NonNullable<ReturnType<typeof state.get>>, computed: ReturnType<NonNullable<ReturnType<typeof state.get>>['computeParts']>): Generator<ComputeAxisResponse> {
     const { plan, parts: all, histograms } = computed;
     const { numLayers: L, hidden: d } = acc;
     const count = (r: { role: string; count: number }): RoleCount => ({ role: r.role, count: r.count, histogram: histograms[r.role] ?? {} });
@@ -70,7 +70,7 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
 
   return {
     async ingest(req) {
-      const ack: IngestAck = { run: req.run, role: req.role, itemKey: req.itemKey, isActivation: req.payload?.$case === 'activation', duplicate: false, error: undefined };
+      const ack: IngestResponse = { run: req.run, role: req.role, itemKey: req.itemKey, isActivation: req.payload?.$case === 'activation', duplicate: false, error: undefined };
       const kind = ack.isActivation ? 'activation' : 'score';
       try {
         for (const [field, value] of [['run', req.run], ['role', req.role], ['item_key', req.itemKey]] as const) {
@@ -156,7 +156,7 @@ export function createAggregationService(deps: { store: DurableStore; metrics: A
  * The gRPC adapter. Streams go out at the pace the client reads: the next message waits for the
  * client to take the last, so a run with many roles holds a few sums, not all.
  */
-export function aggregationGrpcHandlers(service: AggregationService, log: Logger): AggregationServer {
+export function aggregationGrpcHandlers(service: AggregationService, log: Logger): AggregationServiceServer {
   const stream = async <T>(call: grpc.ServerWritableStream<unknown, T>, messages: () => Iterable<T>, yieldEach: boolean) => {
     try {
       for (const msg of messages()) {

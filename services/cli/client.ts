@@ -1,9 +1,9 @@
 import * as grpc from '@grpc/grpc-js';
-import {CoordinatorClient, Run, RunState, StartRunRequest, ProjectRequest, ProjectResponse} from '../../gen/assistant_axis/v1/coordinator';
+import {CoordinatorServiceClient, Run, RunState, StartRunRequest, CoordinatorServiceProjectConversationRequest, CoordinatorServiceProjectConversationResponse} from '../../gen/assistant_axis/v1/coordinator';
 import { channelOptions } from '../shared/server';
 
-export function coordinatorClient(address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()): CoordinatorClient {
-  return new CoordinatorClient(address, credentials, channelOptions());
+export function coordinatorClient(address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure()): CoordinatorServiceClient {
+  return new CoordinatorServiceClient(address, credentials, channelOptions());
 }
 
 /** Call metadata carrying the coordinator's bearer token, when it requires one. */
@@ -26,27 +26,27 @@ export function authMetadata(token?: string): grpc.Metadata {
   return m;
 }
 
-export function startRun(client: CoordinatorClient, req: Partial<StartRunRequest>, metadata = new grpc.Metadata()): Promise<Run> {
+export function startRun(client: CoordinatorServiceClient, req: Partial<StartRunRequest>, metadata = new grpc.Metadata()): Promise<Run> {
   return new Promise((resolve, reject) => client.startRun(StartRunRequest.fromPartial(req), metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
-export function getRun(client: CoordinatorClient, name: string, metadata = new grpc.Metadata()): Promise<Run> {
+export function getRun(client: CoordinatorServiceClient, name: string, metadata = new grpc.Metadata()): Promise<Run> {
   return new Promise((resolve, reject) => client.getRun({ name }, metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
-export function listRuns(client: CoordinatorClient, metadata = new grpc.Metadata()): Promise<Run[]> {
+export function listRuns(client: CoordinatorServiceClient, metadata = new grpc.Metadata()): Promise<Run[]> {
   return new Promise((resolve, reject) => client.listRuns({}, metadata, (err, res) => (err ? reject(err) : resolve(res.runs))));
 }
 
-export function cancelRun(client: CoordinatorClient, name: string, metadata = new grpc.Metadata()): Promise<Run> {
+export function cancelRun(client: CoordinatorServiceClient, name: string, metadata = new grpc.Metadata()): Promise<Run> {
   return new Promise((resolve, reject) => client.cancelRun({ name }, metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
-export function deleteRun(client: CoordinatorClient, name: string, metadata = new grpc.Metadata()): Promise<void> {
+export function deleteRun(client: CoordinatorServiceClient, name: string, metadata = new grpc.Metadata()): Promise<void> {
   return new Promise((resolve, reject) => client.deleteRun({ name }, metadata, (err) => (err ? reject(err) : resolve())));
 }
 
-export function projectConversation(client: CoordinatorClient, req: ProjectRequest, metadata = new grpc.Metadata()): Promise<ProjectResponse> {
+export function projectConversation(client: CoordinatorServiceClient, req: CoordinatorServiceProjectConversationRequest, metadata = new grpc.Metadata()): Promise<CoordinatorServiceProjectConversationResponse> {
   return new Promise((resolve, reject) => client.projectConversation(req, metadata, (err, res) => (err ? reject(err) : resolve(res))));
 }
 
@@ -57,7 +57,7 @@ const RECONNECTABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, gr
  * Follows a run to its end like `watchRun`, opening the stream again when the connection drops
  * (backing off up to 5 s), for at most `reconnectSeconds` without an update.
  */
-export async function followRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void, metadata: grpc.Metadata, opts: { reconnectSeconds: number; onReconnect?: (err: grpc.ServiceError, attempt: number) => void }): Promise<Run> {
+export async function followRun(client: CoordinatorServiceClient, name: string, onUpdate: (run: Run) => void, metadata: grpc.Metadata, opts: { reconnectSeconds: number; onReconnect?: (err: grpc.ServiceError, attempt: number) => void }): Promise<Run> {
   let heard = Date.now();
   let delay = 250;
   for (let attempt = 1; ; attempt++) {
@@ -78,7 +78,7 @@ export async function followRun(client: CoordinatorClient, name: string, onUpdat
 }
 
 /** Follows WatchRun until the run ends; resolves with the last state seen. */
-export function watchRun(client: CoordinatorClient, name: string, onUpdate: (run: Run) => void, metadata = new grpc.Metadata()): Promise<Run> {
+export function watchRun(client: CoordinatorServiceClient, name: string, onUpdate: (run: Run) => void, metadata = new grpc.Metadata()): Promise<Run> {
   return new Promise((resolve, reject) => {
     let last: Run | undefined;
     const call = client.watchRun({ name }, metadata);

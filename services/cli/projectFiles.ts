@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
-import type { ProjectRequest, ProjectResponse } from '../../gen/assistant_axis/v1/coordinator';
+import type { CoordinatorServiceProjectConversationRequest, CoordinatorServiceProjectConversationResponse } from '../../gen/assistant_axis/v1/coordinator';
 import { writeFileAtomic } from '../shared/files';
 import { Band, esc, lineChart } from '../shared/svgCharts';
 
@@ -39,11 +39,11 @@ export function readTranscript(file: string): { messages: ChatMessage[]; fields:
  * one file at a time; a file that cannot be read or projected gets an `error` entry and the
  * others go on. Keys are the files' names (their paths where two share a name).
  */
-export async function projectFiles(files: string[], request: Omit<ProjectRequest, 'messages'>, project: (req: ProjectRequest) => Promise<ProjectResponse>, onFile: (file: string, entry: ProjectedFile) => void = () => undefined): Promise<{ results: Record<string, ProjectedFile>; bands?: ProjectResponse['bands']; failed: number }> {
+export async function projectFiles(files: string[], request: Omit<CoordinatorServiceProjectConversationRequest, 'messages'>, project: (req: CoordinatorServiceProjectConversationRequest) => Promise<CoordinatorServiceProjectConversationResponse>, onFile: (file: string, entry: ProjectedFile) => void = () => undefined): Promise<{ results: Record<string, ProjectedFile>; bands?: CoordinatorServiceProjectConversationResponse['bands']; failed: number }> {
   const names = files.map((f) => path.basename(f));
   const key = (i: number) => (names.filter((n) => n === names[i]).length > 1 ? files[i] : names[i]);
   const results: Record<string, ProjectedFile> = {};
-  let bands: ProjectResponse['bands'];
+  let bands: CoordinatorServiceProjectConversationResponse['bands'];
   let failed = 0;
   for (let i = 0; i < files.length; i++) {
     let entry: ProjectedFile;
@@ -73,7 +73,7 @@ export async function projectFiles(files: string[], request: Omit<ProjectRequest
 const COLORS = ['#c33', '#258', '#2a7', '#a5c', '#d80', '#555', '#08a', '#a33'];
 
 /** projections.html: each conversation's trajectory at the target layer (turn on x), with where the axis run's own answers lie. */
-export function projectionsHtml(results: Record<string, ProjectedFile>, opts: { axis: string; bands?: ProjectResponse['bands'] }): string {
+export function projectionsHtml(results: Record<string, ProjectedFile>, opts: { axis: string; bands?: CoordinatorServiceProjectConversationResponse['bands'] }): string {
   const bands: Band[] = [];
   const b = opts.bands;
   // The middle half (25th to 75th percentile) of each group of the run's answers.
@@ -90,7 +90,7 @@ export function projectionsHtml(results: Record<string, ProjectedFile>, opts: { 
 }
 
 /** Writes projections.json and projections.html under `out` (created if missing); returns their paths. */
-export async function writeProjections(out: string, results: Record<string, ProjectedFile>, opts: { axis: string; bands?: ProjectResponse['bands'] }): Promise<string[]> {
+export async function writeProjections(out: string, results: Record<string, ProjectedFile>, opts: { axis: string; bands?: CoordinatorServiceProjectConversationResponse['bands'] }): Promise<string[]> {
   fs.mkdirSync(out, { recursive: true });
   const json = path.join(out, 'projections.json');
   const html = path.join(out, 'projections.html');

@@ -1,10 +1,10 @@
 import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type { Artifact, ArtifactChunk, CoordinatorClient } from '../../gen/assistant_axis/v1/coordinator';
+import type { Artifact, GetArtifactResponse, CoordinatorServiceClient } from '../../gen/assistant_axis/v1/coordinator';
 import { sha256File } from '../shared/files';
 
-export function listArtifacts(client: CoordinatorClient, run: string, metadata = new grpc.Metadata()): Promise<Artifact[]> {
+export function listArtifacts(client: CoordinatorServiceClient, run: string, metadata = new grpc.Metadata()): Promise<Artifact[]> {
   return new Promise((resolve, reject) => client.listArtifacts({ run }, metadata, (err, res) => (err ? reject(err) : resolve(res.artifacts))));
 }
 
@@ -23,7 +23,7 @@ export interface PullReport {
  * `.partial` left by a pull cut short is resumed from its end. A path the coordinator lists
  * that would leave `out` is refused (the coordinator never lists one).
  */
-export async function pullRun(client: CoordinatorClient, run: string, out: string, metadata: grpc.Metadata, onFile: (a: Artifact, action: 'pulled' | 'kept') => void = () => undefined): Promise<PullReport> {
+export async function pullRun(client: CoordinatorServiceClient, run: string, out: string, metadata: grpc.Metadata, onFile: (a: Artifact, action: 'pulled' | 'kept') => void = () => undefined): Promise<PullReport> {
   const artifacts = await listArtifacts(client, run, metadata);
   const report: PullReport = { pulled: [], kept: [], bytes: 0 };
   const root = path.resolve(out);
@@ -45,7 +45,7 @@ export async function pullRun(client: CoordinatorClient, run: string, out: strin
     await new Promise<void>((resolve, reject) => {
       const sink = fs.createWriteStream(partial, { flags: offset ? 'a' : 'w' });
       const call = client.getArtifact({ run, path: a.path, offset }, metadata);
-      call.on('data', (chunk: ArtifactChunk) => {
+      call.on('data', (chunk: GetArtifactResponse) => {
         report.bytes += chunk.data.length;
         if (!sink.write(chunk.data)) {
           call.pause();

@@ -33,8 +33,8 @@ async function up(): Promise<void> {
 logs: ${dirs.logs}/
 try:
   grpcurl -plaintext localhost:${stack.ports.coordinator} list
-  grpcurl -plaintext -d '{"name":"try1","questionCount":10,"minCount":20}' localhost:${stack.ports.coordinator} assistant_axis.v1.Coordinator/StartRun
-  grpcurl -plaintext -d '{"name":"try1"}' localhost:${stack.ports.coordinator} assistant_axis.v1.Coordinator/WatchRun
+  grpcurl -plaintext -d '{"name":"try1","questionCount":10,"minCount":20}' localhost:${stack.ports.coordinator} assistant_axis.v1.CoordinatorService/StartRun
+  grpcurl -plaintext -d '{"name":"try1"}' localhost:${stack.ports.coordinator} assistant_axis.v1.CoordinatorService/WatchRun
 stop with: make down
 `);
 }

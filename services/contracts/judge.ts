@@ -24,7 +24,7 @@ export function estimateTokens(text: string): number {
   return Math.ceil(text.length / 4);
 }
 
-/** The judge's prices as its GetJudgeInfo reports them (JudgeInfo has these fields). */
+/** The judge's prices as its GetJudgeInfo reports them (GetJudgeInfoResponse has these fields). */
 export interface JudgePricing {
   hasPrice: boolean;
   promptPricePerMtok: number;

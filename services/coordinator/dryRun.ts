@@ -1,5 +1,6 @@
 import { Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
-import { estimateJudgeCost, estimateTokens, judgePrompt } from '../contracts/judge';
+import { setImmediate as yieldToEvents } from 'node:timers/promises';
+import { estimateJudgeCost, judgePrompt } from '../contracts/judge';
 import { JUDGE_MAX_TOKENS } from '../shared/defaults';
 import type { DataSet } from './data';
 import type { RunSpec } from './ledgerRows';
@@ -12,9 +13,11 @@ import { judgeLabel, Upstreams } from './upstreams';
 /**
  * What a run would send to the judge and cost, with nothing generated, judged or written.
  * Answers are not known yet: each is counted at max_new_tokens, so the estimate is an upper bound.
- * An import counts its real answers, and judge prompts only for items without a score.
+ * An import counts its real answers (with the judge's tokenizer, yielding to other calls as it
+ * goes: an import of many unscored answers takes about a second per 2 MB of text), and judge
+ * prompts only for items without a score.
  */
-export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, outputDir: string, imported?: ImportedItem[]): Run {
+export async function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, outputDir: string, imported?: ImportedItem[]): Promise<Run> {
   const info = upstreams.judge.info!;
   let items = 0;
   let prompts = 0;
@@ -26,12 +29,14 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
   if (imported) {
     const byName = new Map(data.roles.map((r) => [r.name, r]));
     items = imported.length;
+    let counted = 0;
     for (const it of imported) {
       const evalPrompt = byName.get(it.role)?.evalPrompt;
       if (!evalPrompt || it.score !== undefined) continue;
       sample ||= judgePrompt(evalPrompt, data.questions[it.q].question, it.text);
-      promptTokens += counter.prompt(evalPrompt, data.questions[it.q].question, estimateTokens(it.text));
+      promptTokens += counter.prompt(evalPrompt, data.questions[it.q].question, JudgeTokenCounter.count(it.text));
       prompts++;
+      if (++counted % 500 === 0) await yieldToEvents();
     }
   }
   for (const role of roles) {
@@ -56,8 +61,8 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
     error: '',
     message: 'dry run: nothing was generated, judged or written',
     summary: undefined,
-    createdAt: '',
-    finishedAt: '',
+    createTime: new Date(),
+    endTime: undefined,
     minCount: spec.minCount,
     questionCount: spec.questionCount,
     roles: spec.roles,
@@ -71,7 +76,7 @@ export function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstreams, o
       estimatedCostUsd: cost,
       judgeModel: info.model,
       judgeHasPrice: info.hasPrice,
-      note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens}), prompt tokens counted with o200k_base (the tokenizer of gpt-4o, gpt-4.1, gpt-5; for other judge models an estimate)${imported ? ', imported answers at 4 characters a token' : ''}, at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
+      note: `${spec.judgeBatch ? 'Batch API prices (half the online price); ' : ''}${imported ? 'imported answers counted as they are' : `an upper bound: each answer counted at max_new_tokens (${spec.maxNewTokens})`}, prompt tokens counted with o200k_base (the tokenizer of gpt-4o, gpt-4.1, gpt-5; for other judge models an estimate), at most ${JUDGE_MAX_TOKENS} completion tokens per prompt, no retries${info.hasPrice ? '' : '; the judge has no price for its model, so the cost is 0'}`,
     },
     maxJudgeCostUsd: spec.maxJudgeCostUsd,
     ...specFields(spec),

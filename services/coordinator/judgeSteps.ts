@@ -1,4 +1,4 @@
-import type { ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import type { ScoreResponse } from '../../gen/assistant_axis/v1/judge';
 import { judgePrompt } from '../contracts/judge';
 import { Limiter } from '../shared/limit';
 import { InFlight } from './changes';
@@ -7,7 +7,7 @@ import { checkItemError } from './retry';
 import type { RunContext } from './runContext';
 import type { JudgeSpending } from './judgeSpending';
 
-export function judgeUsage(r: ScoreResult): JudgeUsage {
+export function judgeUsage(r: ScoreResponse): JudgeUsage {
   return { attempts: r.attempts, promptTokens: r.promptTokens, completionTokens: r.completionTokens, costUsd: r.costUsd, possiblyBilledTokens: r.possiblyBilledTokens };
 }
 
@@ -48,14 +48,14 @@ export class OnlineJudging {
 }
 
 /** The usage of calls that scored nothing: recorded and counted all the same (they were made, and may be billed). */
-export function recordFailedCalls(ctx: RunContext, item: ItemRow, result: ScoreResult): void {
+export function recordFailedCalls(ctx: RunContext, item: ItemRow, result: ScoreResponse): void {
   const usage = judgeUsage(result);
   ctx.ledger.addJudgeUsage(ctx.spec.name, item.role, item.key, usage);
   ctx.progress.addUsage(usage);
 }
 
 /** A judge's answer for an item: saved in the ledger (it is paid for) and counted. */
-export function saveScore(ctx: RunContext, item: ItemRow, result: ScoreResult): void {
+export function saveScore(ctx: RunContext, item: ItemRow, result: ScoreResponse): void {
   const usage = judgeUsage(result);
   ctx.ledger.saveScore(ctx.spec.name, item.role, item.key, result.score ?? null, result.rawReply, usage);
   ctx.progress.addUsage(usage);

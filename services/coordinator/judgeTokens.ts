@@ -19,10 +19,15 @@ export class JudgeTokenCounter {
     return JudgeTokenCounter.shared;
   }
 
+  /** Tokens of a text seen once (an imported answer): counted, not kept. */
+  static count(text: string): number {
+    return text ? JudgeTokenCounter.encoder().encode(text).length : 0;
+  }
+
   tokens(text: string): number {
     let n = this.cache.get(text);
     if (n === undefined) {
-      n = text ? JudgeTokenCounter.encoder().encode(text).length : 0;
+      n = JudgeTokenCounter.count(text);
       this.cache.set(text, n);
     }
     return n;

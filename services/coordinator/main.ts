@@ -1,5 +1,5 @@
 import * as path from 'node:path';
-import { CoordinatorService } from '../../gen/assistant_axis/v1/coordinator';
+import { CoordinatorServiceService } from '../../gen/assistant_axis/v1/coordinator';
 import { loadConfig } from '../shared/config';
 import { DRAIN_SECONDS } from '../shared/defaults';
 import { createLogger } from '../shared/logger';
@@ -50,12 +50,12 @@ async function main(): Promise<void> {
     host: cfg.host,
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
-    bindings: [{ name: 'assistant_axis.v1.Coordinator', definition: CoordinatorService, implementation: coordinatorGrpcHandlers(runs, { token, log, inference: upstreams.inference, dataRoots }) }],
+    bindings: [{ name: 'assistant_axis.v1.CoordinatorService', definition: CoordinatorServiceService, implementation: coordinatorGrpcHandlers(runs, { token, log, inference: upstreams.inference, dataRoots }) }],
     registry,
     log,
     tls: cfg,
     maxReceiveBytes: cfg['max-receive-bytes'],
-    interceptors: token ? [bearerInterceptor(token, '/assistant_axis.v1.Coordinator/')] : [],
+    interceptors: token ? [bearerInterceptor(token, '/assistant_axis.v1.CoordinatorService/')] : [],
     onDrain: async () => {
       await runs.drain((DRAIN_SECONDS - 2) * 1000);
       for (const d of Object.values(discovery)) d.stop();

@@ -1,6 +1,6 @@
 import type { AnswerProjections } from '../../gen/assistant_axis/v1/common';
-import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
-import type { JudgeInfo } from '../../gen/assistant_axis/v1/judge';
+import type { GetModelInfoResponse } from '../../gen/assistant_axis/v1/inference';
+import type { GetJudgeInfoResponse } from '../../gen/assistant_axis/v1/judge';
 import { codeVersion } from '../shared/codeVersion';
 import type { DataSet } from './data';
 import type { RunSpec } from './ledgerRows';
@@ -21,7 +21,7 @@ export interface RunSummary {
 export const RUN_MANIFEST_VERSION = 1;
 
 /** What a run was and what it used, so a result can be traced and repeated (docs/CONCEPTS.md). */
-export function manifest(spec: RunSpec, data: DataSet, model: ModelInfo, judge: JudgeInfo, summary: RunSummary) {
+export function manifest(spec: RunSpec, data: DataSet, model: GetModelInfoResponse, judge: GetJudgeInfoResponse, summary: RunSummary) {
   return {
     format_version: RUN_MANIFEST_VERSION,
     run: spec.name,

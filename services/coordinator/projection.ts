@@ -1,8 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DType } from '../../gen/assistant_axis/v1/common';
-import { ProjectRequest, ProjectResponse, RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
+import { CoordinatorServiceProjectConversationRequest, CoordinatorServiceProjectConversationResponse, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { ProjectConversationResponse } from '../../gen/assistant_axis/v1/inference';
 import { axisFileLayers } from '../shared/projection';
 import { invalidArgument, RpcError } from '../shared/rpc';
@@ -30,7 +30,7 @@ interface NamedAxis {
  * the data roots (`axis_file`), the layers asked for, and one inference replica of the model,
  * which projects the conversation in one pass.
  */
-export async function projectConversation(req: ProjectRequest, deps: { runs: RunManager; inference: InferencePool; dataRoots: string[] }): Promise<ProjectResponse> {
+export async function projectConversation(req: CoordinatorServiceProjectConversationRequest, deps: { runs: RunManager; inference: InferencePool; dataRoots: string[] }): Promise<CoordinatorServiceProjectConversationResponse> {
   if (!req.axisRun === !req.axisFile) throw invalidArgument('axis_run, axis_file: name exactly one (a finished run, or a safetensors file with a tensor "axis")');
   const axis = req.axisRun ? await runAxis(req.axisRun, deps.runs) : await fileAxis(req.axisFile, deps.dataRoots);
   const layers = req.layers.length ? req.layers : axis.layers;
@@ -47,7 +47,7 @@ export async function projectConversation(req: ProjectRequest, deps: { runs: Run
   const replica = replicas.reduce((a, b) => (b.inFlight < a.inFlight ? b : a));
   const res = await new Promise<ProjectConversationResponse>((resolve, reject) =>
     replica.client.projectConversation(
-      { messages: req.messages, axis: encodeTensor({ shape: [rows.length, axis.hidden], data: picked }, DType.DTYPE_F32), axisLayers: layers, tokenProjections: req.tokenProjections, enableThinking: req.enableThinking, chunkTokens: 0 },
+      { messages: req.messages, axis: encodeTensor({ shape: [rows.length, axis.hidden], data: picked }, Dtype.DTYPE_F32), axisLayers: layers, tokenProjections: req.tokenProjections, enableThinking: req.enableThinking, chunkTokens: 0 },
       new grpc.Metadata(),
       { deadline: new Date(Date.now() + PROJECT_DEADLINE_MS) },
       (err, r) => (err ? reject(new RpcError(err.code, `inference ${replica.address}: ${err.details || err.message}`)) : resolve(r)),
@@ -57,7 +57,7 @@ export async function projectConversation(req: ProjectRequest, deps: { runs: Run
 }
 
 /** Where the axis run's default and role-play answers lie at `layer` (its report's percentiles), when it has them. */
-function runBands(runDir: string, layer: number): ProjectResponse['bands'] {
+function runBands(runDir: string, layer: number): CoordinatorServiceProjectConversationResponse['bands'] {
   try {
     const report = JSON.parse(fs.readFileSync(path.join(runDir, 'report.json'), 'utf8')) as { answer_projections?: { group: string; by_layer: number[][] }[] };
     const at = (group: string) => report.answer_projections?.find((a) => a.group === group)?.by_layer[layer] ?? [];

@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import type { ChatMessage, Tensor } from '../../gen/assistant_axis/v1/common';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { exists, writeFileAtomic } from '../shared/files';
 import { isDefaultRole } from '../shared/names';
 import { writeSafetensorsStreaming } from '../shared/safetensors';
@@ -86,7 +86,7 @@ export class RoleCompletion {
 
   /** Stages an item's activation for its role's archive (before aggregation acknowledges it). */
   async stage(item: ItemRow, activation: Tensor): Promise<void> {
-    if (this.ctx.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decodeTensor(activation, `activation of item ${this.ctx.items.id(item)}`), DType.DTYPE_BF16).data);
+    if (this.ctx.spec.archiveActivations) await writeFileAtomic(this.stagingFile(item), encodeTensor(decodeTensor(activation, `activation of item ${this.ctx.items.id(item)}`), Dtype.DTYPE_BF16).data);
   }
 
   private stagingFile(item: ItemRow): string {

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
-import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import type { GetModelInfoResponse } from '../../gen/assistant_axis/v1/inference';
 import type { Logger } from '../shared/logger';
 import type { ChangeSignal } from './changes';
 import { buildConversation } from './conversation';
@@ -50,18 +50,18 @@ export function itemId(run: string, item: { role: string; key: string }): string
 /** A run's items as the upstreams see them: their ids, and the conversation each is (docs/CONCEPTS.md, "Items"). */
 export class RunItems {
   private readonly rolesByName: Map<string, Role>;
-  private model: ModelInfo | undefined;
+  private model: GetModelInfoResponse | undefined;
 
   constructor(private readonly spec: RunSpec, private readonly data: DataSet, private readonly ledger: Ledger) {
     this.rolesByName = new Map(data.roles.map((r) => [r.name, r]));
   }
 
   /** The model's info decides how the system prompt is rendered; set once a replica has answered. */
-  setModel(info: ModelInfo): void {
+  setModel(info: GetModelInfoResponse): void {
     this.model = info;
   }
 
-  get modelInfo(): ModelInfo {
+  get modelInfo(): GetModelInfoResponse {
     if (!this.model) throw new Error('the model is not known yet');
     return this.model;
   }

@@ -289,8 +289,8 @@ export class RunManager {
       message: this.messages.get(name) ?? '',
       // Runs finished before answers were placed on the axis have none.
       summary: summary && { ...summary, answerProjections: summary.answerProjections ?? [] },
-      createdAt: row.createdAt,
-      finishedAt: row.finishedAt,
+      createTime: new Date(row.createdAt),
+      endTime: row.finishedAt ? new Date(row.finishedAt) : undefined,
       minCount: row.spec.minCount,
       questionCount: row.spec.questionCount,
       roles: row.spec.roles,

@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { CoordinatorServer, Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
+import { CoordinatorServiceServer, Run, RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { Logger } from '../shared/logger';
 import { failStream, RpcError, unary, writeWhenReady } from '../shared/rpc';
 import { bearerMatches, UNAUTHENTICATED_DETAILS } from '../shared/auth';
@@ -16,7 +16,7 @@ const WATCH_INTERVAL_MS = 200;
  * call without a network). Every call carries the bearer token when one is configured; health
  * and reflection stay open for probes.
  */
-export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string; log: Logger; inference: InferencePool; dataRoots: string[] }): CoordinatorServer {
+export function coordinatorGrpcHandlers(runs: RunManager, opts: { token?: string; log: Logger; inference: InferencePool; dataRoots: string[] }): CoordinatorServiceServer {
   const authorize = (call: { metadata: grpc.Metadata }) => {
     // Also refused earlier, before the message is read, by `bearerInterceptor` on the server.
     if (opts.token && !bearerMatches(call.metadata, opts.token)) throw new RpcError(grpc.status.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS);

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
-import { AggregationClient, AggregationRunState, ComputeAxisRequest, ComputeAxisResult, IngestAck, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
-import { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceClient, ModelInfo } from '../../gen/assistant_axis/v1/inference';
-import { JudgeClient, JudgeInfo, PollBatchResponse, ScoreRequest, ScoreResult, SubmitBatchResponse } from '../../gen/assistant_axis/v1/judge';
+import { AggregationServiceClient, GetRunStateResponse, ComputeAxisRequest, ComputeAxisResponse, IngestResponse, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
+import { ExtractRequest, ExtractResponse, GenerateRequest, GenerateResponse, InferenceServiceClient, GetModelInfoResponse } from '../../gen/assistant_axis/v1/inference';
+import { JudgeServiceClient, GetJudgeInfoResponse, PollBatchResponse, ScoreRequest, ScoreResponse, SubmitBatchResponse } from '../../gen/assistant_axis/v1/judge';
 import { StreamPipe } from '../shared/pipe';
 import { AggregationClientBulk } from '../shared/bulkWire';
 import { STREAM_REPLY_TIMEOUT_MS } from '../shared/defaults';
@@ -27,15 +27,15 @@ function unaryCall<Req, Res>(fn: (req: Req, meta: grpc.Metadata, opts: grpc.Call
 
 /** One inference replica: its model info, and one Generate and one Extract stream to it. */
 export class InferenceReplica {
-  readonly client: InferenceClient;
-  info: ModelInfo | undefined;
+  readonly client: InferenceServiceClient;
+  info: GetModelInfoResponse | undefined;
   /** Why the last GetModelInfo failed (e.g. "model not loaded: ..."). */
   lastError = '';
-  readonly generate: StreamPipe<GenerateRequest, GenerateResult>;
-  readonly extract: StreamPipe<ExtractRequest, ExtractResult>;
+  readonly generate: StreamPipe<GenerateRequest, GenerateResponse>;
+  readonly extract: StreamPipe<ExtractRequest, ExtractResponse>;
 
   constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), dial: Dial = {}) {
-    this.client = new InferenceClient(address, credentials, replicaOptions(dial));
+    this.client = new InferenceServiceClient(address, credentials, replicaOptions(dial));
     this.generate = new StreamPipe(() => this.client.generate(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
     this.extract = new StreamPipe(() => this.client.extract(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.inference);
   }
@@ -44,7 +44,7 @@ export class InferenceReplica {
     return this.generate.inFlight + this.extract.inFlight;
   }
 
-  async refresh(): Promise<ModelInfo> {
+  async refresh(): Promise<GetModelInfoResponse> {
     try {
       this.info = await unaryCall(this.client.getModelInfo.bind(this.client), {});
       this.lastError = '';
@@ -153,16 +153,16 @@ function replicaOptions({ serverName, token }: Dial): grpc.ClientOptions {
 
 /** One judge replica, and one Score stream to it. */
 export class JudgeUpstream {
-  readonly client: JudgeClient;
-  info: JudgeInfo | undefined;
-  readonly score: StreamPipe<ScoreRequest, ScoreResult>;
+  readonly client: JudgeServiceClient;
+  info: GetJudgeInfoResponse | undefined;
+  readonly score: StreamPipe<ScoreRequest, ScoreResponse>;
 
   constructor(readonly address: string, credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(), dial: Dial = {}) {
-    this.client = new JudgeClient(address, credentials, replicaOptions(dial));
+    this.client = new JudgeServiceClient(address, credentials, replicaOptions(dial));
     this.score = new StreamPipe(() => this.client.score(), (r) => r.itemId, STREAM_REPLY_TIMEOUT_MS.judge);
   }
 
-  async refresh(): Promise<JudgeInfo> {
+  async refresh(): Promise<GetJudgeInfoResponse> {
     this.info = await unaryCall(this.client.getJudgeInfo.bind(this.client), {});
     return this.info;
   }
@@ -190,8 +190,8 @@ export class JudgeUpstream {
 export class JudgePool {
   private readonly replicas: JudgeUpstream[] = [];
   /** The judge's description (model, provider, prices), from the first replica that answered. */
-  info: JudgeInfo | undefined;
-  readonly score = { send: (id: string, req: ScoreRequest): Promise<ScoreResult> => this.pick().score.send(id, req) };
+  info: GetJudgeInfoResponse | undefined;
+  readonly score = { send: (id: string, req: ScoreRequest): Promise<ScoreResponse> => this.pick().score.send(id, req) };
 
   constructor(
     private readonly credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
@@ -218,10 +218,10 @@ export class JudgePool {
   }
 
   /** Asks every replica for its info; resolves with the first answer, rejects if none answers. */
-  async refresh(): Promise<JudgeInfo> {
+  async refresh(): Promise<GetJudgeInfoResponse> {
     if (this.replicas.length === 0) throw new Error('no judge replica is known (yet)');
     const answers = await Promise.allSettled(this.replicas.map((r) => r.refresh()));
-    const ok = answers.find((a): a is PromiseFulfilledResult<JudgeInfo> => a.status === 'fulfilled');
+    const ok = answers.find((a): a is PromiseFulfilledResult<GetJudgeInfoResponse> => a.status === 'fulfilled');
     if (!ok) throw (answers[0] as PromiseRejectedResult).reason;
     this.info = ok.value;
     return this.info;
@@ -268,8 +268,8 @@ export function ingestId(run: string, role: string, itemKey: string, isActivatio
  * was in flight on the old one fails and is retried (the service drops duplicates).
  */
 export class AggregationUpstream {
-  private client: AggregationClient | undefined;
-  readonly ingest: StreamPipe<IngestRequest, IngestAck>;
+  private client: AggregationServiceClient | undefined;
+  readonly ingest: StreamPipe<IngestRequest, IngestResponse>;
   address = '';
 
   /** `address`: empty until discovery finds the replica (calls fail meanwhile, and are retried). */
@@ -283,7 +283,7 @@ export class AggregationUpstream {
     if (address) this.update([address]);
   }
 
-  private need(): AggregationClient {
+  private need(): AggregationServiceClient {
     if (!this.client) throw new Error('no aggregation replica is known (yet)');
     return this.client;
   }
@@ -302,7 +302,7 @@ export class AggregationUpstream {
     old?.close();
   }
 
-  runState(run: string): Promise<AggregationRunState> {
+  runState(run: string): Promise<GetRunStateResponse> {
     const client = this.need();
     return unaryCall(client.getRunState.bind(client), { run });
   }
@@ -320,10 +320,10 @@ export class AggregationUpstream {
   }
 
   /** The ComputeAxis stream (vectors, then the axis), read as the caller takes each message. */
-  async *computeAxis(req: ComputeAxisRequest): AsyncGenerator<ComputeAxisResult> {
+  async *computeAxis(req: ComputeAxisRequest): AsyncGenerator<ComputeAxisResponse> {
     const call = this.need().computeAxis(req, deadline(300_000));
     try {
-      for await (const r of call) yield r as ComputeAxisResult;
+      for await (const r of call) yield r as ComputeAxisResponse;
     } finally {
       call.cancel(); // the caller stopped early (an error): the service stops computing
     }

@@ -1,11 +1,11 @@
 import type { ChatMessage, SamplingParams } from '../../gen/assistant_axis/v1/common';
-import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import type { GetModelInfoResponse } from '../../gen/assistant_axis/v1/inference';
 import type { FloatTensor } from '../shared/tensor';
 
 /** What a model backend (`onnx`: a built model on onnxruntime; `synthetic`: no model) offers the inference service's adapter. */
 export interface InferenceBackend {
   /** Everything the service reports about its model; `capacity` is items it can usefully hold in flight. */
-  readonly info: ModelInfo;
+  readonly info: GetModelInfoResponse;
   /** How it decodes, for the model_info metric and the logs: the ONNX runner (loop, host), or synthetic. */
   readonly decodeKind: string;
   /** Sequences in the batch running now (0 when idle), or undefined for a backend that runs each item alone. */

@@ -1,4 +1,4 @@
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { InferenceServiceBulk } from '../shared/bulkWire';
 import { loadConfig } from '../shared/config';
 import { callerInterceptors, readToken } from '../shared/auth';
@@ -12,7 +12,7 @@ import { ProjectionMonitor } from './monitor';
 import { INFERENCE_OPTIONS } from './options';
 import { createInferenceService, inferenceGrpcHandlers, InferenceService } from './service';
 
-const WIRE_DTYPES: Record<string, DType> = { f32: DType.DTYPE_F32, f16: DType.DTYPE_F16, bf16: DType.DTYPE_BF16 };
+const WIRE_DTYPES: Record<string, Dtype> = { f32: Dtype.DTYPE_F32, f16: Dtype.DTYPE_F16, bf16: Dtype.DTYPE_BF16 };
 
 async function main(): Promise<void> {
   const cfg = loadConfig('inference', INFERENCE_OPTIONS);
@@ -82,8 +82,8 @@ async function main(): Promise<void> {
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
     // Only the coordinator calls this service: with a caller token, nobody else can.
-    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.Inference'),
-    bindings: [{ name: 'assistant_axis.v1.Inference', definition: InferenceServiceBulk, implementation: inferenceGrpcHandlers(service, log) }],
+    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.InferenceService'),
+    bindings: [{ name: 'assistant_axis.v1.InferenceService', definition: InferenceServiceBulk, implementation: inferenceGrpcHandlers(service, log) }],
     registry,
     log,
     tls: cfg,

@@ -1,5 +1,5 @@
 import type { Registry } from 'prom-client';
-import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import type { GetModelInfoResponse } from '../../gen/assistant_axis/v1/inference';
 import { prom } from '../shared/metrics';
 
 /** What the gauges read when scraped. */
@@ -49,7 +49,7 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
     firstToken: new prom.Histogram({ name: 'axis_inference_time_to_first_token_seconds', help: 'Time from the start of an item\'s generation to its first token', buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30], registers }),
     perOutputToken: new prom.Histogram({ name: 'axis_inference_time_per_output_token_seconds', help: 'After an answer\'s first token, the mean time of each further one', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1], registers }),
     /** The loaded model and where each stage runs (value 1). */
-    loaded(info: ModelInfo, decode: string): void {
+    loaded(info: GetModelInfoResponse, decode: string): void {
       modelInfo.set({ model_name: info.model, backend: info.backend, device: info.device, architecture: info.architecture, decode }, 1);
       slots.set(info.slots);
       slotCount = info.slots;

@@ -1,5 +1,5 @@
 import * as fs from 'node:fs';
-import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import type { GetModelInfoResponse } from '../../gen/assistant_axis/v1/inference';
 import { axisFileLayers, targetLayer } from '../shared/projection';
 import { decodeSafetensors } from '../shared/safetensors';
 import type { FloatTensor } from '../shared/tensor';
@@ -27,7 +27,7 @@ export class ProjectionMonitor {
     readonly buckets: number[],
   ) {}
 
-  static load(file: string, info: ModelInfo, threshold?: number): ProjectionMonitor {
+  static load(file: string, info: GetModelInfoResponse, threshold?: number): ProjectionMonitor {
     let read;
     try {
       read = decodeSafetensors(fs.readFileSync(file), file);

@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
-import type { ChatMessage, DType } from '../../gen/assistant_axis/v1/common';
-import type { ExtractRequest, ExtractResult, GenerateRequest, GenerateResult, InferenceServer, ModelInfo, ProjectConversationRequest, ProjectConversationResponse } from '../../gen/assistant_axis/v1/inference';
+import type { ChatMessage, Dtype } from '../../gen/assistant_axis/v1/common';
+import type { ExtractRequest, ExtractResponse, GenerateRequest, GenerateResponse, InferenceServiceServer, GetModelInfoResponse, ProjectConversationRequest, ProjectConversationResponse } from '../../gen/assistant_axis/v1/inference';
 import { Limiter } from '../shared/limit';
 import type { Logger } from '../shared/logger';
 import { RpcError, serveBidi, unary } from '../shared/rpc';
@@ -12,14 +12,14 @@ import { validateExtract, validateGenerate, validateProject } from './validate';
 /** The inference service's RPCs as plain functions: what the gRPC adapter serves and what tests call without a network. */
 export interface InferenceService {
   /** The model's info once loaded; until then FAILED_PRECONDITION saying why the model is not there. */
-  modelInfo(): ModelInfo;
+  modelInfo(): GetModelInfoResponse;
   /**
    * One item, under the capacity limit; a failure becomes the item's error (the stream goes on).
    * `stream.onText`: the answer as it grows (streaming), in pieces that add up to its text;
    * `stream.onText` returning true ends the answer there; `stream.lane`: who asks (the chat endpoint says chat).
    */
-  generate(req: GenerateRequest, cancelled?: AbortSignal, stream?: { onText?: (delta: string) => boolean | void; lane?: 'run' | 'chat' }): Promise<GenerateResult>;
-  extract(req: ExtractRequest, cancelled?: AbortSignal): Promise<ExtractResult>;
+  generate(req: GenerateRequest, cancelled?: AbortSignal, stream?: { onText?: (delta: string) => boolean | void; lane?: 'run' | 'chat' }): Promise<GenerateResponse>;
+  extract(req: ExtractRequest, cancelled?: AbortSignal): Promise<ExtractResponse>;
   /** A conversation's assistant turns on an axis; bad input and failures are the call's status. */
   projectConversation(req: ProjectConversationRequest, cancelled?: AbortSignal): Promise<ProjectConversationResponse>;
   /** Loads the model; false (and every call says why) when it cannot. */
@@ -32,11 +32,11 @@ export interface InferenceService {
 
 export function createInferenceService(deps: {
   backend: InferenceBackend;
-  wireDtype: DType;
+  wireDtype: Dtype;
   metrics: InferenceMetrics;
   log: Logger;
   /** Once the model is loaded (the monitor reads its axis then); a throw fails the load, saying why. */
-  afterLoad?: (info: ModelInfo) => void;
+  afterLoad?: (info: GetModelInfoResponse) => void;
   /** Each answer's activation [rows, hidden] (rows: `layers`, all when empty), for the monitor. */
   onActivation?: (activation: FloatTensor, layers: number[]) => void;
 }): InferenceService {
@@ -80,7 +80,7 @@ export function createInferenceService(deps: {
       return limiter.running;
     },
     generate: (req, cancelled, stream) =>
-      serveItem<GenerateRequest, GenerateResult>(
+      serveItem<GenerateRequest, GenerateResponse>(
         'Generate',
         req,
         async (r) => {
@@ -96,7 +96,7 @@ export function createInferenceService(deps: {
         (itemId, code, message) => ({ itemId, text: '', promptTokens: 0, completionTokens: 0, finishReason: '', activation: undefined, error: { code, message }, responseTokenIds: [] }),
       ),
     extract: (req, cancelled) =>
-      serveItem<ExtractRequest, ExtractResult>(
+      serveItem<ExtractRequest, ExtractResponse>(
         'Extract',
         req,
         async (r) => {
@@ -150,7 +150,7 @@ export function createInferenceService(deps: {
 }
 
 /** The gRPC adapter: each bidi stream's requests run concurrently, each answered when done. */
-export function inferenceGrpcHandlers(service: InferenceService, log: Logger): InferenceServer {
+export function inferenceGrpcHandlers(service: InferenceService, log: Logger): InferenceServiceServer {
   return {
     getModelInfo: unary(log, async () => service.modelInfo()),
     generate: (call) => serveBidi(call, (req: GenerateRequest, cancelled) => service.generate(req, cancelled)),

@@ -1,6 +1,6 @@
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
-import { DType } from '../../gen/assistant_axis/v1/common';
-import type { ModelInfo } from '../../gen/assistant_axis/v1/inference';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
+import type { GetModelInfoResponse } from '../../gen/assistant_axis/v1/inference';
 import { modelShortName } from '../shared/names';
 import { digest, Rng } from '../shared/random';
 import type { FloatTensor } from '../shared/tensor';
@@ -30,7 +30,7 @@ const FILLER = ('the a of to and in that it with as for on be by this from at or
  * same conversation returns exactly the same activation as `generate` did.
  */
 export class SyntheticBackend implements InferenceBackend {
-  readonly info: ModelInfo;
+  readonly info: GetModelInfoResponse;
 
   constructor(private readonly opts: SyntheticOptions) {
     this.info = {
@@ -41,7 +41,7 @@ export class SyntheticBackend implements InferenceBackend {
       device: 'cpu',
       capacity: opts.capacity,
       backend: 'synthetic',
-      activationDtype: DType.DTYPE_F32,
+      activationDtype: Dtype.DTYPE_F32,
       supportsSystemPrompt: opts.supportsSystemPrompt,
       modelShortName: modelShortName(opts.model),
       hashes: {},

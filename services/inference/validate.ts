@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
-import type { ExtractRequest, GenerateRequest, ModelInfo, ProjectConversationRequest } from '../../gen/assistant_axis/v1/inference';
+import type { ExtractRequest, GenerateRequest, GetModelInfoResponse, ProjectConversationRequest } from '../../gen/assistant_axis/v1/inference';
 import { MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS, MAX_PROJECTION_CHUNK, MAX_PROJECTION_TOKENS } from '../shared/defaults';
 import { targetLayer } from '../shared/projection';
 import { decodeTensor } from '../shared/tensor';
@@ -27,9 +27,9 @@ function checkLength(messages: ChatMessage[], tokens: number, what: string): voi
 }
 
 /** The most tokens a sequence may hold here: the slot length when there is a memory plan, else the global bound. */
-const sequenceBound = (info: ModelInfo) => (info.slotLength > 0 ? info.slotLength : MAX_CONTEXT_TOKENS);
+const sequenceBound = (info: GetModelInfoResponse) => (info.slotLength > 0 ? info.slotLength : MAX_CONTEXT_TOKENS);
 
-function checkLayers(layers: number[], info: ModelInfo): number[] {
+function checkLayers(layers: number[], info: GetModelInfoResponse): number[] {
   const seen = new Set<number>();
   for (const l of layers) {
     if (l >= info.numLayers) throw bad(`layers: layer ${l} does not exist (the model has ${info.numLayers}, zero-indexed)`);
@@ -39,7 +39,7 @@ function checkLayers(layers: number[], info: ModelInfo): number[] {
   return layers;
 }
 
-export function validateGenerate(req: GenerateRequest, info: ModelInfo): GenerateInput {
+export function validateGenerate(req: GenerateRequest, info: GetModelInfoResponse): GenerateInput {
   if (!req.itemId) throw bad('item_id: required');
   checkMessages(req.messages);
   if (req.messages[req.messages.length - 1].role !== 'user') throw bad('messages: the last message must be the user turn to answer');
@@ -53,7 +53,7 @@ export function validateGenerate(req: GenerateRequest, info: ModelInfo): Generat
   return { messages: req.messages, sampling: s, seed: req.seed, layers: checkLayers(req.layers, info), textOnly: req.textOnly, cappingExperiment: checkExperiment(req.cappingExperiment, info) };
 }
 
-export function validateExtract(req: ExtractRequest, info: ModelInfo): { messages: ChatMessage[]; layers: number[]; opts: ExtractOptions } {
+export function validateExtract(req: ExtractRequest, info: GetModelInfoResponse): { messages: ChatMessage[]; layers: number[]; opts: ExtractOptions } {
   if (!req.itemId) throw bad('item_id: required');
   checkMessages(req.messages);
   if (req.messages[req.messages.length - 1].role !== 'assistant') throw bad('messages: the last message must be the assistant answer to measure');
@@ -62,7 +62,7 @@ export function validateExtract(req: ExtractRequest, info: ModelInfo): { message
 }
 
 /** An item's capping experiment: one of the replica's config (none when empty or "none"). */
-function checkExperiment(id: string, info: ModelInfo): string | undefined {
+function checkExperiment(id: string, info: GetModelInfoResponse): string | undefined {
   if (!id || id === 'none') return undefined;
   if (!info.capping) throw new RpcError(grpc.status.FAILED_PRECONDITION, `capping_experiment: ${JSON.stringify(id)}, but this replica has no capping config (start it with --capping-config)`);
   if (!info.capping.experiments.includes(id)) throw bad(`capping_experiment: ${JSON.stringify(id)} is not an experiment of ${info.capping.file} (it has ${info.capping.experiments.join(', ')})`);
@@ -70,7 +70,7 @@ function checkExperiment(id: string, info: ModelInfo): string | undefined {
 }
 
 /** A projection request: a conversation with an assistant turn, an axis of this model's width with a row per named layer. */
-export function validateProject(req: ProjectConversationRequest, info: ModelInfo): Omit<ProjectInput, 'signal'> {
+export function validateProject(req: ProjectConversationRequest, info: GetModelInfoResponse): Omit<ProjectInput, 'signal'> {
   checkMessages(req.messages);
   if (!req.messages.some((m) => m.role === 'assistant')) throw bad('messages: no assistant turn to project');
   checkLength(req.messages, MAX_PROJECTION_TOKENS, 'the longest conversation projected');

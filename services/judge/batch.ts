@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import OpenAI, { toFile } from 'openai';
-import type { PollBatchResponse, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import type { PollBatchResponse, ScoreRequest, ScoreResponse } from '../../gen/assistant_axis/v1/judge';
 import { JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE } from '../shared/defaults';
 import { BATCH_PRICE_FACTOR, judgePrompt } from '../contracts/judge';
 import { costUsd, Price } from './costs';
@@ -60,7 +60,7 @@ export class BatchJudge {
     const counts = batch.request_counts ?? { completed: 0, failed: 0, total: 0 };
     const base = { batchId, status: batch.status, completed: counts.completed, failed: counts.failed, total: counts.total };
     if (!ENDED.has(batch.status)) return { ...base, done: false, results: [] };
-    const results = new Map<string, ScoreResult>();
+    const results = new Map<string, ScoreResponse>();
     for (const fileId of [batch.output_file_id, batch.error_file_id]) {
       if (!fileId) continue;
       const text = await (await this.client.files.content(fileId)).text();
@@ -76,7 +76,7 @@ export class BatchJudge {
     return { ...base, done: true, results: expected.map((id) => results.get(id)!) };
   }
 
-  private result(line: { custom_id?: string; response?: { status_code?: number; body?: any }; error?: { message?: string } | null }): ScoreResult {
+  private result(line: { custom_id?: string; response?: { status_code?: number; body?: any }; error?: { message?: string } | null }): ScoreResponse {
     const itemId = line.custom_id ?? '';
     const status = line.response?.status_code;
     if (line.error || status !== 200) {
@@ -103,6 +103,6 @@ export class BatchJudge {
   }
 }
 
-function empty(itemId: string, error: { code: number; message: string }): ScoreResult {
+function empty(itemId: string, error: { code: number; message: string }): ScoreResponse {
   return { itemId, score: undefined, rawReply: '', error, attempts: 1, promptTokens: 0, completionTokens: 0, costUsd: 0, possiblyBilledTokens: 0, unparsed: false };
 }

@@ -1,4 +1,4 @@
-import { JudgeService as JudgeServiceDefinition } from '../../gen/assistant_axis/v1/judge';
+import { JudgeServiceService as JudgeServiceDefinition } from '../../gen/assistant_axis/v1/judge';
 import { loadConfig } from '../shared/config';
 import { callerInterceptors } from '../shared/auth';
 import { createLogger } from '../shared/logger';
@@ -31,8 +31,8 @@ async function main(): Promise<void> {
     port: cfg.port,
     metricsPort: cfg['metrics-port'],
     // Only the coordinator calls this service: with a caller token, nobody else can.
-    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.Judge'),
-    bindings: [{ name: 'assistant_axis.v1.Judge', definition: JudgeServiceDefinition, implementation: judgeGrpcHandlers(service, log) }],
+    interceptors: callerInterceptors(cfg['caller-token-file'], 'assistant_axis.v1.JudgeService'),
+    bindings: [{ name: 'assistant_axis.v1.JudgeService', definition: JudgeServiceDefinition, implementation: judgeGrpcHandlers(service, log) }],
     registry,
     log,
     tls: cfg,

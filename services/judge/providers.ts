@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import OpenAI from 'openai';
-import type { JudgeInfo } from '../../gen/assistant_axis/v1/judge';
+import type { GetJudgeInfoResponse } from '../../gen/assistant_axis/v1/judge';
 import { JUDGE_MAX_TOKENS, JUDGE_TEMPERATURE } from '../shared/defaults';
 
 export interface JudgeCall {
@@ -17,7 +17,7 @@ export interface JudgeReply {
   completionTokens: number;
 }
 
-export type ProviderInfo = Pick<JudgeInfo, 'provider' | 'model' | 'baseUrl' | 'meaningful'>;
+export type ProviderInfo = Pick<GetJudgeInfoResponse, 'provider' | 'model' | 'baseUrl' | 'meaningful'>;
 
 /** Where scores come from: an OpenAI-compatible API, or the offline heuristic for demos. One call, no retries: the Scorer retries. */
 export interface JudgeProvider {

@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import type { JudgeInfo, JudgeServer, PollBatchRequest, PollBatchResponse, ScoreRequest, ScoreResult, SubmitBatchRequest, SubmitBatchResponse } from '../../gen/assistant_axis/v1/judge';
+import type { GetJudgeInfoResponse, JudgeServiceServer, PollBatchRequest, PollBatchResponse, ScoreRequest, ScoreResponse, SubmitBatchRequest, SubmitBatchResponse } from '../../gen/assistant_axis/v1/judge';
 import { BATCH_API_MAX_REQUESTS } from '../contracts/judge';
 import type { Logger } from '../shared/logger';
 import { failedPrecondition, invalidArgument, RpcError, serveBidi, unary } from '../shared/rpc';
@@ -25,15 +25,15 @@ export interface JudgeServiceDeps {
 
 /** The judge's RPCs as plain functions: what the gRPC adapter serves and what tests call without a network. */
 export interface JudgeService {
-  readonly info: JudgeInfo;
-  score(req: ScoreRequest, cancelled?: AbortSignal): Promise<ScoreResult>;
+  readonly info: GetJudgeInfoResponse;
+  score(req: ScoreRequest, cancelled?: AbortSignal): Promise<ScoreResponse>;
   submitBatch(req: SubmitBatchRequest): Promise<SubmitBatchResponse>;
   pollBatch(req: PollBatchRequest): Promise<PollBatchResponse>;
 }
 
 const EMPTY: ScoreOutcome = { rawReply: '', attempts: 0, promptTokens: 0, completionTokens: 0, costUsd: 0, possiblyBilledTokens: 0, unparsed: false };
 
-function toResult(itemId: string, o: ScoreOutcome): ScoreResult {
+function toResult(itemId: string, o: ScoreOutcome): ScoreResponse {
   return { itemId, score: o.score, rawReply: o.rawReply, error: o.error, attempts: o.attempts, promptTokens: o.promptTokens, completionTokens: o.completionTokens, costUsd: o.costUsd, possiblyBilledTokens: o.possiblyBilledTokens, unparsed: o.unparsed };
 }
 
@@ -45,7 +45,7 @@ export function createJudgeService(deps: JudgeServiceDeps): JudgeService {
   } else if (!price) {
     log.warn({ model: provider.info.model }, 'no price for this model in the price table: costs are reported as 0 (set --prices)');
   }
-  const info: JudgeInfo = {
+  const info: GetJudgeInfoResponse = {
     ...provider.info,
     hasPrice: !!price,
     promptPricePerMtok: price?.prompt ?? 0,
@@ -127,7 +127,7 @@ export function createJudgeService(deps: JudgeServiceDeps): JudgeService {
 }
 
 /** The gRPC adapter: each RPC to its function (Score's requests go straight to the scorer's pool, no batch barrier). */
-export function judgeGrpcHandlers(service: JudgeService, log: Logger): JudgeServer {
+export function judgeGrpcHandlers(service: JudgeService, log: Logger): JudgeServiceServer {
   return {
     getJudgeInfo: unary(log, async () => service.info),
     submitBatch: unary(log, (req) => service.submitBatch(req)),

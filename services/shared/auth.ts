@@ -40,7 +40,7 @@ export const UNAUTHENTICATED_DETAILS = 'authorization: this coordinator requires
 export const NOT_THE_COORDINATOR_DETAILS = 'authorization: this service takes calls from the coordinator only (its caller token is missing or wrong)';
 
 /**
- * Refuses a call to the services under `pathPrefix` (e.g. "/assistant_axis.v1.Coordinator/")
+ * Refuses a call to the services under `pathPrefix` (e.g. "/assistant_axis.v1.CoordinatorService/")
  * that does not carry the token, on its metadata, before its message is read or decoded: a
  * stranger makes the service allocate nothing. Health and reflection stay open for probes.
  */
@@ -81,7 +81,7 @@ export const CALLER_TOKEN_OPTION = {
   },
 } as const;
 
-/** The interceptors of an internal service's server: its caller token checked on every call to `service` ("assistant_axis.v1.Judge"). */
+/** The interceptors of an internal service's server: its caller token checked on every call to `service` ("assistant_axis.v1.JudgeService"). */
 export function callerInterceptors(file: string, service: string): grpc.ServerInterceptor[] {
   return file ? [bearerInterceptor(readToken(file, '--caller-token-file'), `/${service}/`, NOT_THE_COORDINATOR_DETAILS)] : [];
 }

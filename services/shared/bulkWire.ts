@@ -1,8 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
-import { AggregationClient, AggregationService, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
+import { AggregationServiceClient, AggregationServiceService, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { Tensor } from '../../gen/assistant_axis/v1/common';
-import { ExtractResult, GenerateResult, InferenceService } from '../../gen/assistant_axis/v1/inference';
+import { ExtractResponse, GenerateResponse, InferenceServiceService } from '../../gen/assistant_axis/v1/inference';
 
 /**
  * Serialization of the messages that carry an activation (hundreds of KB each, one per item).
@@ -45,9 +45,9 @@ export function withSerializers<D extends grpc.ServiceDefinition>(
 }
 
 /** Inference's service, answering Generate and Extract with the activation written once. */
-export const InferenceServiceBulk = withSerializers(InferenceService, {
-  generate: { responseSerialize: (r: GenerateResult) => encodeWithTensor(GenerateResult.encode({ ...r, activation: undefined }).finish(), 6, r.activation) },
-  extract: { responseSerialize: (r: ExtractResult) => encodeWithTensor(ExtractResult.encode({ ...r, activation: undefined }).finish(), 3, r.activation) },
+export const InferenceServiceBulk = withSerializers(InferenceServiceService, {
+  generate: { responseSerialize: (r: GenerateResponse) => encodeWithTensor(GenerateResponse.encode({ ...r, activation: undefined }).finish(), 6, r.activation) },
+  extract: { responseSerialize: (r: ExtractResponse) => encodeWithTensor(ExtractResponse.encode({ ...r, activation: undefined }).finish(), 3, r.activation) },
 });
 
 function serializeIngest(m: IngestRequest): Buffer {
@@ -56,13 +56,13 @@ function serializeIngest(m: IngestRequest): Buffer {
 }
 
 /** The coordinator's client of the aggregation service: an activation crosses with one copy. */
-export const AggregationClientBulk = grpc.makeGenericClientConstructor(withSerializers(AggregationService, { ingest: { requestSerialize: serializeIngest } }), 'assistant_axis.v1.Aggregation') as unknown as typeof AggregationClient;
+export const AggregationClientBulk = grpc.makeGenericClientConstructor(withSerializers(AggregationServiceService, { ingest: { requestSerialize: serializeIngest } }), 'assistant_axis.v1.AggregationService') as unknown as typeof AggregationServiceClient;
 
 /** The bytes each Ingest message arrived as: the journal keeps them as they are instead of encoding the message again. */
 export const receivedBytes = new WeakMap<object, Buffer>();
 
 /** The aggregation's service, remembering each Ingest message's bytes (see receivedBytes). */
-export const AggregationServiceKeepingBytes = withSerializers(AggregationService, {
+export const AggregationServiceKeepingBytes = withSerializers(AggregationServiceService, {
   ingest: {
     requestDeserialize: (bytes: Buffer) => {
       const m = IngestRequest.decode(bytes);

@@ -11,7 +11,7 @@ import { tolerantDecoding, tolerantServer } from './rpc';
 import { serverCredentials, TlsConfig } from './tls';
 
 export interface ServiceBinding {
-  /** Fully qualified name, e.g. "assistant_axis.v1.Judge": also its name in the health service. */
+  /** Fully qualified name, e.g. "assistant_axis.v1.JudgeService": also its name in the health service. */
   name: string;
   definition: grpc.ServiceDefinition;
   implementation: grpc.UntypedServiceImplementation;

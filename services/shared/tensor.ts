@@ -1,4 +1,4 @@
-import { DType, Tensor } from '../../gen/assistant_axis/v1/common';
+import { Dtype, Tensor } from '../../gen/assistant_axis/v1/common';
 
 /** A dense float tensor in memory; activations and vectors are always row-major [layers, hidden]. */
 export interface FloatTensor {
@@ -16,13 +16,13 @@ export interface DecodedTensor extends FloatTensor {
 
 export class TensorError extends Error {}
 
-const BYTES: Record<number, number> = { [DType.DTYPE_F32]: 4, [DType.DTYPE_F16]: 2, [DType.DTYPE_BF16]: 2 };
+const BYTES: Record<number, number> = { [Dtype.DTYPE_F32]: 4, [Dtype.DTYPE_F16]: 2, [Dtype.DTYPE_BF16]: 2 };
 
-export function dtypeName(dtype: DType): string {
+export function dtypeName(dtype: Dtype): string {
   switch (dtype) {
-    case DType.DTYPE_F32: return 'F32';
-    case DType.DTYPE_F16: return 'F16';
-    case DType.DTYPE_BF16: return 'BF16';
+    case Dtype.DTYPE_F32: return 'F32';
+    case Dtype.DTYPE_F16: return 'F16';
+    case Dtype.DTYPE_BF16: return 'BF16';
     default: return `unknown(${dtype})`;
   }
 }
@@ -32,14 +32,14 @@ export function elementCount(shape: readonly number[]): number {
 }
 
 /** Encodes as little-endian raw bytes in the wire dtype (F32 unless asked otherwise). */
-export function encodeTensor(t: FloatTensor, dtype: DType = DType.DTYPE_F32): Tensor {
+export function encodeTensor(t: FloatTensor, dtype: Dtype = Dtype.DTYPE_F32): Tensor {
   if (elementCount(t.shape) !== t.data.length) throw new TensorError(`shape [${t.shape}] does not hold ${t.data.length} values`);
   let bytes: Uint8Array;
-  if (dtype === DType.DTYPE_F32) {
+  if (dtype === Dtype.DTYPE_F32) {
     bytes = littleEndianF32(t.data);
-  } else if (dtype === DType.DTYPE_BF16) {
+  } else if (dtype === Dtype.DTYPE_BF16) {
     bytes = new Uint8Array(bf16Array(t.data).buffer);
-  } else if (dtype === DType.DTYPE_F16) {
+  } else if (dtype === Dtype.DTYPE_F16) {
     const half = new Uint16Array(t.data.length);
     for (let i = 0; i < t.data.length; i++) half[i] = f32ToF16(t.data[i]);
     bytes = new Uint8Array(half.buffer);
@@ -61,7 +61,7 @@ export function encodeTensor(t: FloatTensor, dtype: DType = DType.DTYPE_F32): Te
 export function inspectTensor(t: Tensor | undefined, field: string, expectShape?: readonly number[]): { shape: number[]; firstNonFinite: number } {
   const n = checkLayout(t, field, expectShape);
   const data = t!.data;
-  if (t!.dtype === DType.DTYPE_F32) {
+  if (t!.dtype === Dtype.DTYPE_F32) {
     const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
     for (let i = 0; i < n; i++) {
       const v = view.getFloat32(i * 4, true);
@@ -70,7 +70,7 @@ export function inspectTensor(t: Tensor | undefined, field: string, expectShape?
     return { shape: [...t!.shape], firstNonFinite: ALL_FINITE };
   }
   // Half precision: an all-ones exponent is NaN or infinity.
-  const mask = t!.dtype === DType.DTYPE_BF16 ? 0x7f80 : 0x7c00;
+  const mask = t!.dtype === Dtype.DTYPE_BF16 ? 0x7f80 : 0x7c00;
   if (data.byteOffset % 2 === 0) {
     const half = new Uint16Array(data.buffer, data.byteOffset, n);
     let special = 0;
@@ -109,7 +109,7 @@ export function decodeTensor(t: Tensor | undefined, field: string, expectShape?:
   const tensor = t!;
   const out = into && into.length >= n ? into.subarray(0, n) : new Float32Array(n);
   let firstNonFinite = ALL_FINITE;
-  if (tensor.dtype === DType.DTYPE_BF16) {
+  if (tensor.dtype === Dtype.DTYPE_BF16) {
     // bf16 is the top half of a float32: widen by shifting; all-ones exponent = NaN or infinity.
     // Bytes at an odd offset (where the field fell in its message) are read pairwise, not copied.
     const bits = new Uint32Array(out.buffer, out.byteOffset, n);
@@ -136,7 +136,7 @@ export function decodeTensor(t: Tensor | undefined, field: string, expectShape?:
   // unaligned offset): far faster than per-element DataView calls. Little-endian hosts.
   const size = BYTES[tensor.dtype];
   const bytes = tensor.data.byteOffset % size === 0 ? tensor.data : Uint8Array.from(tensor.data);
-  if (tensor.dtype === DType.DTYPE_F32) {
+  if (tensor.dtype === Dtype.DTYPE_F32) {
     out.set(new Float32Array(bytes.buffer, bytes.byteOffset, n));
     for (let i = 0; i < n; i++) {
       if (out[i] - out[i] !== 0) {
@@ -163,7 +163,7 @@ export function addTensorInto(sum: Float64Array, t: Tensor): void {
   const n = elementCount(t.shape);
   if (sum.length !== n) throw new TensorError(`a sum of ${sum.length} values cannot take a tensor of ${n}`);
   const b = t.data;
-  if (t.dtype === DType.DTYPE_BF16) {
+  if (t.dtype === Dtype.DTYPE_BF16) {
     // One float reinterpreted from its bits per element: bf16 is the top half of a float32.
     const bits = new Uint32Array(1);
     const float = new Float32Array(bits.buffer);
@@ -181,7 +181,7 @@ export function addTensorInto(sum: Float64Array, t: Tensor): void {
     }
     return;
   }
-  if (t.dtype === DType.DTYPE_F32 && b.byteOffset % 4 === 0) {
+  if (t.dtype === Dtype.DTYPE_F32 && b.byteOffset % 4 === 0) {
     const values = new Float32Array(b.buffer, b.byteOffset, n);
     for (let i = 0; i < n; i++) sum[i] += values[i];
     return;

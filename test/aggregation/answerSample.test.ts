@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { AnswerSample, answerProjections, weightedPercentile } from '../../services/aggregation/answerSample';
 import { encodeTensor } from '../../services/shared/tensor';
 import { tempDir } from '../kit/files';
@@ -40,7 +40,7 @@ describe('the answers a run keeps to place them on its axis', () => {
     for (const x of items) forward.offer(x.role, x.key, x.role === 'default', x.score, x.values);
     const backward = new AnswerSample(b, 7);
     // Another order, with every answer offered twice (a replay after a restart).
-    for (const x of [...items].reverse().concat(items)) backward.offer(x.role, x.key, x.role === 'default', x.score, encodeTensor({ shape: [2, 3], data: x.values }, DType.DTYPE_F32));
+    for (const x of [...items].reverse().concat(items)) backward.offer(x.role, x.key, x.role === 'default', x.score, encodeTensor({ shape: [2, 3], data: x.values }, Dtype.DTYPE_F32));
     const want = expectedKept(items, 7);
     expect(keptFiles(a)).toEqual(want);
     expect(keptFiles(b)).toEqual(want);

@@ -404,7 +404,7 @@ maybe('the helm chart', () => {
     };
     const plain = notes([MODEL]);
     expect(plain).toContain("TOKEN=$(kubectl -n research get secret axis-coordinator-token -o jsonpath='{.data.token}' | base64 -d)");
-    expect(plain).toMatch(/grpcurl -plaintext -H "authorization: Bearer \$TOKEN" -d '\{"name":"my-run"\}' localhost:50051 assistant_axis\.v1\.Coordinator\/StartRun/);
+    expect(plain).toMatch(/grpcurl -plaintext -H "authorization: Bearer \$TOKEN" -d '\{"name":"my-run"\}' localhost:50051 assistant_axis\.v1\.CoordinatorService\/StartRun/);
     const tls = notes([MODEL, 'tls.enabled=true', 'tls.existingSecret=axis-tls']);
     expect(tls).toMatch(/grpcurl -cacert ca\.crt -cert client\.crt -key client\.key -servername axis-coordinator\.research\.svc -H "authorization: Bearer \$TOKEN"/);
     expect(tls).not.toContain('-plaintext');
@@ -479,7 +479,7 @@ maybe('the helm chart', () => {
 
   it('tells the user how to start and watch a run', () => {
     const r = helm(['install', 'axis', CHART, '--dry-run=client', '--set', MODEL]);
-    expect(r.stdout).toContain('assistant_axis.v1.Coordinator/StartRun');
+    expect(r.stdout).toContain('assistant_axis.v1.CoordinatorService/StartRun');
     expect(r.stdout).toContain('OFFLINE heuristic');
   });
 });

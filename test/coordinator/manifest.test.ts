@@ -1,7 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { manifest, RunSummary } from '../../services/coordinator/manifest';
 import type { RunSpec } from '../../services/coordinator/ledgerRows';
 import { ROOT } from '../kit/stack';
@@ -16,7 +16,7 @@ const spec: RunSpec = {
 };
 const model = {
   model: 'tiny-llama', architecture: 'llama', numLayers: 4, hiddenSize: 8, device: 'cpu', capacity: 4, backend: 'onnx',
-  activationDtype: DType.DTYPE_F32, supportsSystemPrompt: true, modelShortName: 'Tiny', hashes: { weights: 'w1', graph: 'g1' }, slots: 4, slotLength: 2560, stepRuntime: 'native', generator: undefined, capping: undefined,
+  activationDtype: Dtype.DTYPE_F32, supportsSystemPrompt: true, modelShortName: 'Tiny', hashes: { weights: 'w1', graph: 'g1' }, slots: 4, slotLength: 2560, stepRuntime: 'native', generator: undefined, capping: undefined,
 };
 const judge = { provider: 'openai', model: 'gpt-4.1-mini', baseUrl: 'http://judge/v1', meaningful: true, hasPrice: true, promptPricePerMtok: 0.4, completionPricePerMtok: 1.6, requestsPerSecond: 10, concurrency: 8 };
 const summary: RunSummary = {

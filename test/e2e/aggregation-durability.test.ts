@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
-import { AggregationClient, BucketSum, IngestAck, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { AggregationServiceClient, ExportSumsResponse, IngestResponse, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import type { LocalStack } from '../../services/cli/stack';
 import { bucketOf } from '../../services/aggregation/accumulator';
 import { StreamPipe } from '../../services/shared/pipe';
@@ -36,7 +36,7 @@ function messages(all: Item[]): IngestRequest[] {
   const rng = new Rng(digest('order'));
   const msgs: IngestRequest[] = [];
   for (const it of all) {
-    msgs.push({ run: 'durable', role: it.role, itemKey: it.key, payload: { $case: 'activation', value: encodeTensor({ shape: [L, D], data: it.activation }, DType.DTYPE_F32) }, runShape: [L, D], runPlan: undefined });
+    msgs.push({ run: 'durable', role: it.role, itemKey: it.key, payload: { $case: 'activation', value: encodeTensor({ shape: [L, D], data: it.activation }, Dtype.DTYPE_F32) }, runShape: [L, D], runPlan: undefined });
     if (it.role !== 'default') msgs.push({ run: 'durable', role: it.role, itemKey: it.key, payload: { $case: 'score', value: { score: it.score ?? undefined } }, runShape: [], runPlan: undefined });
   }
   // Activations and scores in random order: many activations wait (spooled) for their score, some scores for their activation.
@@ -68,8 +68,8 @@ describe('aggregation durability', () => {
     let kills = 0;
     let duplicates = 0;
     while (pending.size) {
-      const client = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure());
-      const pipe = new StreamPipe<IngestRequest, IngestAck>(() => client.ingest(), (a) => idOf(a, a.isActivation));
+      const client = new AggregationServiceClient(stack.address('aggregation'), grpc.credentials.createInsecure());
+      const pipe = new StreamPipe<IngestRequest, IngestResponse>(() => client.ingest(), (a) => idOf(a, a.isActivation));
       // Kill -9 after a random number of acknowledgements (at most 30% of what is left), with many messages still in flight.
       const killAfter = kills < KILLS ? 1 + rng.int(Math.max(1, Math.floor(pending.size * 0.3))) : Infinity;
       let acked = 0;
@@ -114,11 +114,11 @@ describe('aggregation durability', () => {
       for (let i = 0; i < L * D; i++) e.sum[i] += it.activation[i];
       expected.set(k, e);
     }
-    const client = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure());
-    const sums = await new Promise<BucketSum[]>((resolve, reject) => {
-      const out: BucketSum[] = [];
+    const client = new AggregationServiceClient(stack.address('aggregation'), grpc.credentials.createInsecure());
+    const sums = await new Promise<ExportSumsResponse[]>((resolve, reject) => {
+      const out: ExportSumsResponse[] = [];
       const call = client.exportSums({ run: 'durable' });
-      call.on('data', (b: BucketSum) => out.push(b));
+      call.on('data', (b: ExportSumsResponse) => out.push(b));
       call.on('error', reject);
       call.on('end', () => resolve(out));
     });
@@ -145,8 +145,8 @@ describe('aggregation durability', () => {
   }, 120_000);
 
   it('rejects NaN, a wrong shape for the run and an escaping role name, counting nothing', async () => {
-    const client = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure());
-    const pipe = new StreamPipe<IngestRequest, IngestAck>(() => client.ingest(), (a) => idOf(a, a.isActivation));
+    const client = new AggregationServiceClient(stack.address('aggregation'), grpc.credentials.createInsecure());
+    const pipe = new StreamPipe<IngestRequest, IngestResponse>(() => client.ingest(), (a) => idOf(a, a.isActivation));
     const nan = new Float32Array(L * D);
     nan[5] = NaN;
     const send = (role: string, key: string, data: Float32Array, shape = [L, D]) =>

@@ -3,10 +3,10 @@ import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
-import { AggregationClient } from '../../gen/assistant_axis/v1/aggregation';
-import { CoordinatorClient, Run, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
-import { InferenceClient } from '../../gen/assistant_axis/v1/inference';
-import { JudgeClient } from '../../gen/assistant_axis/v1/judge';
+import { AggregationServiceClient } from '../../gen/assistant_axis/v1/aggregation';
+import { CoordinatorServiceClient, Run, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { InferenceServiceClient } from '../../gen/assistant_axis/v1/inference';
+import { JudgeServiceClient } from '../../gen/assistant_axis/v1/judge';
 import type { LocalStack } from '../../services/cli/stack';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import { authMetadata, watchRun } from '../../services/cli/client';
@@ -27,7 +27,7 @@ const CALLER_TOKENS = { inference: 'inference-caller-0123456789', judge: 'judge-
  */
 describe('coordinator authentication, data roots and secrets', () => {
   let stack: LocalStack;
-  let client: CoordinatorClient;
+  let client: CoordinatorServiceClient;
   let dir: string;
   const api = new FakeOpenAIServer({ latencyMs: () => 2 });
 
@@ -54,7 +54,7 @@ describe('coordinator authentication, data roots and secrets', () => {
       env: { AXIS_LOG_LEVEL: 'debug' },
     }));
     await stack.startAll();
-    client = new CoordinatorClient(stack.address('coordinator'), grpc.credentials.createInsecure());
+    client = new CoordinatorServiceClient(stack.address('coordinator'), grpc.credentials.createInsecure());
   });
 
   afterAll(async () => {
@@ -103,10 +103,10 @@ describe('coordinator authentication, data roots and secrets', () => {
       return out;
     };
     const targets: [keyof typeof CALLER_TOKENS | 'coordinator', grpc.Client, string][] = [
-      ['coordinator', client, '/assistant_axis.v1.Coordinator/ListRuns'],
-      ['inference', new InferenceClient(stack.address('inference'), grpc.credentials.createInsecure()), '/assistant_axis.v1.Inference/GetModelInfo'],
-      ['judge', new JudgeClient(stack.address('judge'), grpc.credentials.createInsecure()), '/assistant_axis.v1.Judge/GetJudgeInfo'],
-      ['aggregation', new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure()), '/assistant_axis.v1.Aggregation/GetRunState'],
+      ['coordinator', client, '/assistant_axis.v1.CoordinatorService/ListRuns'],
+      ['inference', new InferenceServiceClient(stack.address('inference'), grpc.credentials.createInsecure()), '/assistant_axis.v1.InferenceService/GetModelInfo'],
+      ['judge', new JudgeServiceClient(stack.address('judge'), grpc.credentials.createInsecure()), '/assistant_axis.v1.JudgeService/GetJudgeInfo'],
+      ['aggregation', new AggregationServiceClient(stack.address('aggregation'), grpc.credentials.createInsecure()), '/assistant_axis.v1.AggregationService/GetRunState'],
     ];
     for (const [service, c, method] of targets) {
       for (const values of headers(service)) {
@@ -128,7 +128,7 @@ describe('coordinator authentication, data roots and secrets', () => {
       new Promise<grpc.ServiceError | undefined>((resolve) => {
         const md = new grpc.Metadata();
         if (token) md.set('authorization', `Bearer ${token}`);
-        raw.makeUnaryRequest('/assistant_axis.v1.Coordinator/StartRun', (b: Buffer) => b, (b: Buffer) => b, body, md, (err) => resolve(err ?? undefined));
+        raw.makeUnaryRequest('/assistant_axis.v1.CoordinatorService/StartRun', (b: Buffer) => b, (b: Buffer) => b, body, md, (err) => resolve(err ?? undefined));
       });
     const garbage = Buffer.from([0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]);
     const anonymous = await send(garbage);
@@ -144,14 +144,14 @@ describe('coordinator authentication, data roots and secrets', () => {
   it('serves calls with the token, also from buf curl with a header, and leaves health open for probes', async () => {
     const { run } = await start({ name: 'a', dryRun: true }, TOKEN);
     expect(run?.dryRun?.items).toBeGreaterThan(0);
-    const { stdout } = await promisify(execFile)(path.join(ROOT, 'node_modules', '.bin', 'buf'), ['curl', '--protocol', 'grpc', '--http2-prior-knowledge', '-H', `authorization: Bearer ${TOKEN}`, '-d', '{}', `http://${stack.address('coordinator')}/assistant_axis.v1.Coordinator/ListRuns`], { cwd: '/tmp' });
+    const { stdout } = await promisify(execFile)(path.join(ROOT, 'node_modules', '.bin', 'buf'), ['curl', '--protocol', 'grpc', '--http2-prior-knowledge', '-H', `authorization: Bearer ${TOKEN}`, '-d', '{}', `http://${stack.address('coordinator')}/assistant_axis.v1.CoordinatorService/ListRuns`], { cwd: '/tmp' });
     expect(JSON.parse(stdout)).toEqual({});
     expect(await checkHealth(stack.address('coordinator'))).toBe('SERVING');
   });
 
   it('counts every call by method and status code, the refused ones too (grpc_server_* as go-grpc-prometheus names them)', async () => {
     const scrape = async () => (await (await fetch(`http://127.0.0.1:${stack.metricsPorts.coordinator}/metrics`)).text());
-    const count = (text: string, code: string) => Number(new RegExp(`^grpc_server_handled_total\\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="StartRun",grpc_type="unary",grpc_code="${code}"\\} (\\d+)$`, 'm').exec(text)?.[1] ?? 0);
+    const count = (text: string, code: string) => Number(new RegExp(`^grpc_server_handled_total\\{grpc_service="assistant_axis.v1.CoordinatorService",grpc_method="StartRun",grpc_type="unary",grpc_code="${code}"\\} (\\d+)$`, 'm').exec(text)?.[1] ?? 0);
     const before = await scrape();
     await start({ name: 'counted', dryRun: true });
     await start({ name: 'counted', dryRun: true }, 'wrong-token-0123456789abcdef');
@@ -159,10 +159,10 @@ describe('coordinator authentication, data roots and secrets', () => {
     const after = await scrape();
     expect(count(after, 'UNAUTHENTICATED') - count(before, 'UNAUTHENTICATED')).toBe(2);
     expect(count(after, 'OK') - count(before, 'OK')).toBe(1);
-    const started = (text: string) => Number(/^grpc_server_started_total\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="StartRun",grpc_type="unary"\} (\d+)$/m.exec(text)?.[1] ?? 0);
+    const started = (text: string) => Number(/^grpc_server_started_total\{grpc_service="assistant_axis.v1.CoordinatorService",grpc_method="StartRun",grpc_type="unary"\} (\d+)$/m.exec(text)?.[1] ?? 0);
     expect(started(after) - started(before)).toBe(3);
-    expect(after).toMatch(/^grpc_server_handling_seconds_count\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="StartRun",grpc_type="unary"\} \d+$/m);
-    expect(after).toMatch(/^grpc_server_handled_total\{grpc_service="assistant_axis.v1.Coordinator",grpc_method="WatchRun",grpc_type="server_stream",grpc_code="UNAUTHENTICATED"\} [1-9]/m);
+    expect(after).toMatch(/^grpc_server_handling_seconds_count\{grpc_service="assistant_axis.v1.CoordinatorService",grpc_method="StartRun",grpc_type="unary"\} \d+$/m);
+    expect(after).toMatch(/^grpc_server_handled_total\{grpc_service="assistant_axis.v1.CoordinatorService",grpc_method="WatchRun",grpc_type="server_stream",grpc_code="UNAUTHENTICATED"\} [1-9]/m);
   });
 
   it('refuses a data_dir outside the data roots, naming it', async () => {
@@ -178,9 +178,9 @@ describe('coordinator authentication, data roots and secrets', () => {
         if (token) md.set('authorization', `Bearer ${token}`);
         call(md, (err) => resolve(err));
       });
-    const inference = new InferenceClient(stack.address('inference'), grpc.credentials.createInsecure());
-    const judge = new JudgeClient(stack.address('judge'), grpc.credentials.createInsecure());
-    const aggregation = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure());
+    const inference = new InferenceServiceClient(stack.address('inference'), grpc.credentials.createInsecure());
+    const judge = new JudgeServiceClient(stack.address('judge'), grpc.credentials.createInsecure());
+    const aggregation = new AggregationServiceClient(stack.address('aggregation'), grpc.credentials.createInsecure());
     try {
       const calls = {
         inference: (md: grpc.Metadata, cb: (err: grpc.ServiceError | null) => void) => inference.getModelInfo({}, md, cb),

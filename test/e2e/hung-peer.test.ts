@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { AggregationClient, AggregationServer, AggregationService, IngestAck, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
+import { AggregationServiceClient, AggregationServiceServer, AggregationServiceService, IngestResponse, IngestRequest } from '../../gen/assistant_axis/v1/aggregation';
 import { ingestId } from '../../services/coordinator/upstreams';
 import { StreamPipe } from '../../services/shared/pipe';
 import { channelOptions, serverOptions } from '../../services/shared/server';
@@ -12,12 +12,12 @@ import { channelOptions, serverOptions } from '../../services/shared/server';
  */
 describe('a hung peer on a long-lived stream', () => {
   let server: grpc.Server;
-  let client: AggregationClient;
+  let client: AggregationServiceClient;
   const streams: { cancelled: boolean; received: number }[] = [];
 
   beforeAll(async () => {
     server = new grpc.Server(serverOptions());
-    const impl: Pick<AggregationServer, 'ingest'> = {
+    const impl: Pick<AggregationServiceServer, 'ingest'> = {
       ingest: (call) => {
         const stream = { cancelled: false, received: 0 };
         streams.push(stream);
@@ -30,9 +30,9 @@ describe('a hung peer on a long-lived stream', () => {
         call.on('end', () => call.end());
       },
     };
-    server.addService(AggregationService, impl as grpc.UntypedServiceImplementation);
+    server.addService(AggregationServiceService, impl as grpc.UntypedServiceImplementation);
     const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
-    client = new AggregationClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions());
+    client = new AggregationServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions());
   });
 
   afterAll(() => {
@@ -41,7 +41,7 @@ describe('a hung peer on a long-lived stream', () => {
   });
 
   it('cancels the stream after the reply timeout, fails what was on it, and the retry goes through a new stream', async () => {
-    const pipe = new StreamPipe<IngestRequest, IngestAck>(() => client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), 300);
+    const pipe = new StreamPipe<IngestRequest, IngestResponse>(() => client.ingest(), (a) => ingestId(a.run, a.role, a.itemKey, a.isActivation), 300);
     const req = (key: string): IngestRequest => ({ run: 'r', role: 'chef', itemKey: key, payload: { $case: 'score', value: { score: 3 } }, runShape: [], runPlan: undefined });
     const started = Date.now();
     const first = await Promise.allSettled([pipe.send(ingestId('r', 'chef', 'a', false), req('a')), pipe.send(ingestId('r', 'chef', 'b', false), req('b'))]);

@@ -3,6 +3,8 @@ import * as fs from 'node:fs';
 import { promisify } from 'node:util';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { Tiktoken } from 'js-tiktoken/lite';
+import o200kBase from 'js-tiktoken/ranks/o200k_base';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import type { LocalStack } from '../../services/cli/stack';
 import { coordinatorClient, startRun, startRunError, watchRun } from '../helpers/grpc';
@@ -65,6 +67,19 @@ describe('import of a reference run, and two-pass runs', () => {
     const client = coordinatorClient(stack.address('coordinator'));
     const dry = await startRun(client, { name: 'imported', importDir: source, minCount: 1, questionCount: 4, dryRun: true });
     expect(dry.dryRun).toMatchObject({ items: 60, judgePrompts: dropped.length });
+    // The prompts hold the real answers, counted with o200k_base (js-tiktoken here, each filled
+    // prompt whole): the dry run's count by parts is at least that and at most a token more at
+    // each side of each placeholder; 4 characters a token would miss it.
+    const encoder = new Tiktoken(o200kBase);
+    const evalPrompt = JSON.parse(fs.readFileSync(path.join(ROOT, 'data', 'roles', 'instructions', 'chef.json'), 'utf8')).eval_prompt as string;
+    const lines = fs.readFileSync(path.join(source, 'responses', 'chef.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+    const toJudge = lines.filter((l) => dropped.includes(`${l.label}_p${l.prompt_index}_q${l.question_index}`));
+    expect(toJudge).toHaveLength(dropped.length);
+    const low = toJudge.reduce((a, l) => a + encoder.encode(evalPrompt.replace('{question}', l.question).replace('{answer}', l.conversation[l.conversation.length - 1].content)).length, 0);
+    const joints = toJudge.length * 2 * (evalPrompt.match(/\{(question|answer)\}/g) ?? []).length;
+    expect(dry.dryRun!.estimatedPromptTokens).toBeGreaterThanOrEqual(low);
+    expect(dry.dryRun!.estimatedPromptTokens).toBeLessThanOrEqual(low + joints);
+    expect(dry.dryRun!.note).toMatch(/^imported answers counted as they are, prompt tokens counted with o200k_base/);
     client.close();
 
     const before = await counts();

@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { GenerateRequest, InferenceClient } from '../../gen/assistant_axis/v1/inference';
+import { GenerateRequest, InferenceServiceClient } from '../../gen/assistant_axis/v1/inference';
 import type { LocalStack } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
 import { MAX_PENDING_PER_STREAM } from '../../services/shared/rpc';
@@ -25,7 +25,7 @@ describe('limits', () => {
   });
 
   it(`an endless Generate stream is read only ${MAX_PENDING_PER_STREAM} requests ahead`, async () => {
-    const client = new InferenceClient(stack.address('inference'), grpc.credentials.createInsecure());
+    const client = new InferenceServiceClient(stack.address('inference'), grpc.credentials.createInsecure());
     const call = client.generate();
     call.on('data', () => undefined);
     call.on('error', () => undefined);

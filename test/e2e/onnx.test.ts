@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
-import { InferenceClient } from '../../gen/assistant_axis/v1/inference';
+import { InferenceServiceClient } from '../../gen/assistant_axis/v1/inference';
 import type { LocalStack } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
 import { readSafetensors } from '../../services/shared/safetensors';
@@ -252,7 +252,7 @@ describe('an inference service whose model cannot load', () => {
       await waitFor('the service to answer', async () => ((await checkHealth(address)) === 'NOT_SERVING' ? true : undefined), 20_000);
       await waitFor('the load to fail', async () => (fs.readFileSync(log, 'utf8').includes('model failed to load') ? true : undefined), 20_000);
       expect(await checkHealth(address)).toBe('NOT_SERVING');
-      const client = new InferenceClient(address, grpc.credentials.createInsecure());
+      const client = new InferenceServiceClient(address, grpc.credentials.createInsecure());
       const err = await new Promise<grpc.ServiceError>((resolve) => client.getModelInfo({}, (e) => resolve(e!)));
       expect(err.code).toBe(grpc.status.FAILED_PRECONDITION);
       expect(err.details).toMatch(/model not loaded: .*axis_model\.json: missing/);

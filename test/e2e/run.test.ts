@@ -5,7 +5,7 @@ import { Tiktoken } from 'js-tiktoken/lite';
 import o200kBase from 'js-tiktoken/ranks/o200k_base';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
-import { AggregationClient } from '../../gen/assistant_axis/v1/aggregation';
+import { AggregationServiceClient } from '../../gen/assistant_axis/v1/aggregation';
 import { RunState } from '../../gen/assistant_axis/v1/coordinator';
 import { judgePrompt } from '../../services/contracts/judge';
 import type { LocalStack } from '../../services/cli/stack';
@@ -68,25 +68,33 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
     for (const name of ['coordinator', 'inference', 'judge', 'aggregation'] as const) {
       const out = await bufCurl(['--list-services', `http://${stack.address(name)}`]);
       // Each service describes itself and the health service, nothing else.
-      expect(out.trim().split('\n').sort()).toEqual([`assistant_axis.v1.${name[0].toUpperCase()}${name.slice(1)}`, 'grpc.health.v1.Health']);
+      expect(out.trim().split('\n').sort()).toEqual([`assistant_axis.v1.${name[0].toUpperCase()}${name.slice(1)}Service`, 'grpc.health.v1.Health']);
       const health = JSON.parse(await bufCurl(['-d', '{"service":""}', `http://${stack.address(name)}/grpc.health.v1.Health/Check`]));
       expect(health.status).toBe('SERVING');
     }
     const methods = await bufCurl(['--list-methods', `http://${stack.address('coordinator')}`]);
-    for (const m of ['StartRun', 'GetRun', 'ListRuns', 'WatchRun', 'CancelRun', 'DeleteRun']) expect(methods).toContain(`assistant_axis.v1.Coordinator/${m}`);
+    for (const m of ['StartRun', 'GetRun', 'ListRuns', 'WatchRun', 'CancelRun', 'DeleteRun']) expect(methods).toContain(`assistant_axis.v1.CoordinatorService/${m}`);
   });
 
   it('runs through the coordinator started and watched with buf curl; files and axis match an independent recomputation', async () => {
     const address = `http://${stack.address('coordinator')}`;
-    const started = JSON.parse(await bufCurl(['-d', JSON.stringify(E2E), `${address}/assistant_axis.v1.Coordinator/StartRun`]));
+    const started = JSON.parse(await bufCurl(['-d', JSON.stringify(E2E), `${address}/assistant_axis.v1.CoordinatorService/StartRun`]));
     expect(started.name).toBe('e2e');
     expect(started.backend).toBe('synthetic');
     expect(started.judge).toContain('judge-test');
-    const watched = await bufCurl(['-d', '{"name":"e2e"}', `${address}/assistant_axis.v1.Coordinator/WatchRun`]);
+    // Times are google.protobuf.Timestamps: RFC 3339 in JSON; the end is set only once the run has ended.
+    const t0 = Date.now();
+    expect(started.createTime).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/);
+    expect(Math.abs(Date.parse(started.createTime) - t0)).toBeLessThan(60_000);
+    expect(started.endTime).toBeUndefined();
+    const watched = await bufCurl(['-d', '{"name":"e2e"}', `${address}/assistant_axis.v1.CoordinatorService/WatchRun`]);
     // buf curl prints each streamed message as a JSON object; the last is the finished run.
     const messages = watched.trim().split(/\n(?=\{)/).map((m) => JSON.parse(m));
     const final = messages[messages.length - 1];
     expect(final.state).toBe('RUN_STATE_SUCCEEDED');
+    expect(final.createTime).toBe(started.createTime);
+    expect(Date.parse(final.endTime)).toBeGreaterThanOrEqual(Date.parse(started.createTime));
+    expect(Date.parse(final.endTime)).toBeLessThanOrEqual(Date.now());
     expect(final.progress.aggregated).toBe(String(9 * 5 * QUESTIONS));
 
     const runDir = final.outputDir as string;
@@ -316,7 +324,7 @@ describe('end to end: four processes, synthetic backend, OpenAI-compatible judge
   it('deletes a run that is not running: its ledger rows, outputs and aggregation state; refuses while it runs', async () => {
     const client = coordinatorClient(stack.address('coordinator'));
     const deleteRun = (name: string) => new Promise<void>((resolve, reject) => client.deleteRun({ name }, (err) => (err ? reject(err) : resolve())));
-    const aggregation = new AggregationClient(stack.address('aggregation'), grpc.credentials.createInsecure());
+    const aggregation = new AggregationServiceClient(stack.address('aggregation'), grpc.credentials.createInsecure());
     const activationsThere = (run: string) => new Promise<number>((resolve, reject) => aggregation.getRunState({ run }, (err, r) => (err ? reject(err) : resolve(Number(r.activations)))));
     await startRun(client, { name: 'doomed', questionCount: 8, minCount: 1 });
     await expect(deleteRun('doomed')).rejects.toMatchObject({ code: grpc.status.FAILED_PRECONDITION, details: expect.stringMatching(/is running: cancel it first/) });

@@ -1,9 +1,9 @@
 import * as grpc from '@grpc/grpc-js';
 import * as fs from 'node:fs';
-import { AggregationService } from '../../gen/assistant_axis/v1/aggregation';
-import { CoordinatorService } from '../../gen/assistant_axis/v1/coordinator';
-import { InferenceService } from '../../gen/assistant_axis/v1/inference';
-import { JudgeService } from '../../gen/assistant_axis/v1/judge';
+import { AggregationServiceService } from '../../gen/assistant_axis/v1/aggregation';
+import { CoordinatorServiceService } from '../../gen/assistant_axis/v1/coordinator';
+import { InferenceServiceService } from '../../gen/assistant_axis/v1/inference';
+import { JudgeServiceService } from '../../gen/assistant_axis/v1/judge';
 import type { LocalStack, ServiceName } from '../../services/cli/stack';
 import { checkHealth } from '../../services/shared/health';
 import { testStack } from '../kit/stack';
@@ -99,10 +99,10 @@ const PROBES: Record<string, Method> = {
 };
 
 const SERVICES: [ServiceName, Record<string, Method>][] = [
-  ['inference', { ...InferenceService, ...PROBES }],
-  ['judge', { ...JudgeService, ...PROBES }],
-  ['aggregation', { ...AggregationService, ...PROBES }],
-  ['coordinator', { ...CoordinatorService, ...PROBES }],
+  ['inference', { ...InferenceServiceService, ...PROBES }],
+  ['judge', { ...JudgeServiceService, ...PROBES }],
+  ['aggregation', { ...AggregationServiceService, ...PROBES }],
+  ['coordinator', { ...CoordinatorServiceService, ...PROBES }],
 ];
 const identity = (b: Buffer) => b;
 

@@ -1,11 +1,11 @@
 import * as grpc from '@grpc/grpc-js';
-import { CoordinatorClient, Run, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
+import { CoordinatorServiceClient, Run, StartRunRequest } from '../../gen/assistant_axis/v1/coordinator';
 import { coordinatorClient, getRun, startRun, watchRun } from '../../services/cli/client';
 
 export { coordinatorClient, getRun, startRun, watchRun };
 
 /** StartRun that resolves with the gRPC error instead of throwing. */
-export async function startRunError(client: CoordinatorClient, req: Partial<StartRunRequest>): Promise<grpc.ServiceError> {
+export async function startRunError(client: CoordinatorServiceClient, req: Partial<StartRunRequest>): Promise<grpc.ServiceError> {
   try {
     const run: Run = await startRun(client, req);
     throw new Error(`expected an error, got run ${run.name} in state ${run.state}`);

@@ -4,7 +4,7 @@ import { Tokenizer } from '@huggingface/tokenizers';
 import OpenAI from 'openai';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { ChatServer } from '../../services/inference/chatServer';
 import { chatMetrics, inferenceMetrics } from '../../services/inference/metrics';
 import { ProjectionMonitor } from '../../services/inference/monitor';
@@ -51,7 +51,7 @@ describe('the chat endpoint', () => {
     backend = new OnnxBackend({ model: '', capacity: 8, device: 'cpu', decode: 'slots', maxBatch: 4, maxBatchTokens: 4096, gatherMs: 5, modelDirs: [modelDir], cappingConfig: capping });
     registry = new Registry();
     const metrics = inferenceMetrics(registry, { inFlight: () => 0, running: () => 0, batchSize: () => 0 });
-    service = createInferenceService({ backend, wireDtype: DType.DTYPE_F32, metrics, log: pino({ level: 'silent' }), afterLoad: (info) => (monitor = ProjectionMonitor.load(axisFile, info)) });
+    service = createInferenceService({ backend, wireDtype: Dtype.DTYPE_F32, metrics, log: pino({ level: 'silent' }), afterLoad: (info) => (monitor = ProjectionMonitor.load(axisFile, info)) });
     expect(await service.load()).toBe(true);
     model = service.modelInfo().model;
     const count = chatMetrics(registry, model);

@@ -7,8 +7,8 @@ import type { StepStats } from '../../services/inference/onnx/slotEngine';
 import * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import { DType } from '../../gen/assistant_axis/v1/common';
-import { GenerateResult, InferenceClient } from '../../gen/assistant_axis/v1/inference';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
+import { GenerateResponse, InferenceServiceClient } from '../../gen/assistant_axis/v1/inference';
 import { inferenceMetrics } from '../../services/inference/metrics';
 import { createInferenceService, inferenceGrpcHandlers } from '../../services/inference/service';
 import { InferenceServiceBulk } from '../../services/shared/bulkWire';
@@ -253,12 +253,12 @@ describe('the batch engine and the onnx backend', () => {
     const steps: StepStats[] = [];
     const backend = new OnnxBackend({ ...options, modelDirs: [modelDir], maxBatch: 1, slotLength: 512, onStep: (s) => steps.push(s) });
     const metrics = inferenceMetrics(new Registry(), { inFlight: () => 0, running: () => 0, batchSize: () => 0 });
-    const service = createInferenceService({ backend, wireDtype: DType.DTYPE_F32, metrics, log: pino({ level: 'silent' }) });
+    const service = createInferenceService({ backend, wireDtype: Dtype.DTYPE_F32, metrics, log: pino({ level: 'silent' }) });
     expect(await service.load()).toBe(true);
     const server = new grpc.Server(serverOptions());
     server.addService(InferenceServiceBulk, inferenceGrpcHandlers(service, pino({ level: 'silent' })) as grpc.UntypedServiceImplementation);
     const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
-    const client = new InferenceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions());
+    const client = new InferenceServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions());
     try {
       const messages = [{ role: 'user', content: 'Tell me about the sea.' }];
       const long = { itemId: 'r/a/long', messages, sampling: { ...sampling, maxNewTokens: 400, maxContext: 512 }, seed: 1, layers: [], textOnly: false, cappingExperiment: '' };
@@ -278,9 +278,9 @@ describe('the batch engine and the onnx backend', () => {
       const generate = backend.generate.bind(backend);
       backend.generate = (input) => (limits.push(getMaxListeners(input.signal!)), generate(input));
       const next = client.generate();
-      const answers = new Promise<GenerateResult[]>((resolve, reject) => {
-        const got: GenerateResult[] = [];
-        next.on('data', (r: GenerateResult) => got.push(r) === 20 && resolve(got));
+      const answers = new Promise<GenerateResponse[]>((resolve, reject) => {
+        const got: GenerateResponse[] = [];
+        next.on('data', (r: GenerateResponse) => got.push(r) === 20 && resolve(got));
         next.on('error', reject);
       });
       for (let i = 0; i < 20; i++) next.write({ ...long, itemId: `r/a/short${i}`, sampling: { ...sampling, maxNewTokens: 4 } });

@@ -1,7 +1,7 @@
 import * as path from 'node:path';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { inferenceMetrics, monitorMetrics } from '../../services/inference/metrics';
 import { ProjectionMonitor } from '../../services/inference/monitor';
 import { createInferenceService } from '../../services/inference/service';
@@ -31,7 +31,7 @@ describe('live monitoring of answers on an axis', () => {
     let observe: ((v: number) => void) | undefined;
     const service = createInferenceService({
       backend,
-      wireDtype: DType.DTYPE_F32,
+      wireDtype: Dtype.DTYPE_F32,
       metrics,
       log: pino({ level: 'silent' }),
       afterLoad: (info) => {
@@ -92,7 +92,7 @@ describe('live monitoring of answers on an axis', () => {
     expect(() => ProjectionMonitor.load(subset, info)).toThrow("no row for layer 3, synthetic-tiny's target layer (its rows: 0, 1)");
     expect(() => ProjectionMonitor.load('/no/such/axis.safetensors', info)).toThrow('--monitor-axis /no/such/axis.safetensors: cannot read it (ENOENT)');
     const backend = new SyntheticBackend({ model: 'synthetic-tiny', numLayers: L, hidden: d, tokensPerSecond: 0, itemsPerSecond: 0, capacity: 4, supportsSystemPrompt: true });
-    const service = createInferenceService({ backend, wireDtype: DType.DTYPE_F32, metrics: inferenceMetrics(new Registry(), { inFlight: () => 0, running: () => 0, batchSize: () => 0 }), log: pino({ level: 'silent' }), afterLoad: (i) => void ProjectionMonitor.load(wide, i) });
+    const service = createInferenceService({ backend, wireDtype: Dtype.DTYPE_F32, metrics: inferenceMetrics(new Registry(), { inFlight: () => 0, running: () => 0, batchSize: () => 0 }), log: pino({ level: 'silent' }), afterLoad: (i) => void ProjectionMonitor.load(wide, i) });
     expect(await service.load()).toBe(false);
     expect(() => service.modelInfo()).toThrow(`model not loaded: --monitor-axis ${wide}`);
   });

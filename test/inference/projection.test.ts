@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { ChatMessage } from '../../gen/assistant_axis/v1/common';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { OnnxBackend } from '../../services/inference/onnx/backend';
 import { extractOne } from '../../services/inference/onnx/generate';
 import { LoadedModel } from '../../services/inference/onnx/model';
@@ -180,7 +180,7 @@ describe('ProjectConversation and Extract', () => {
     const { num_layers: L, hidden_size: d } = model.metadata;
     const axisData = randomAxis(L, d, 13);
     const messages = firstTurns(model, transcripts()[3].messages, 2000).map((m) => ({ role: m.role, content: m.content.trim() }));
-    const input = validateProject({ messages, axis: encodeTensor({ shape: [L, d], data: axisData }, DType.DTYPE_F32), axisLayers: [], tokenProjections: false, enableThinking: false, chunkTokens: 100 }, backend.info);
+    const input = validateProject({ messages, axis: encodeTensor({ shape: [L, d], data: axisData }, Dtype.DTYPE_F32), axisLayers: [], tokenProjections: false, enableThinking: false, chunkTokens: 100 }, backend.info);
     const out = await backend.project(input);
     expect(out.turns.length).toBe(messages.filter((m) => m.role === 'assistant').length);
     expect(out.turns.length).toBeGreaterThan(1);
@@ -211,7 +211,7 @@ describe('ProjectConversation and Extract', () => {
       const messages = firstTurns(model, transcripts()[0].messages, 1000);
       const tokens = model.encode(model.chat.render(messages, false)).length;
       expect(tokens).toBeGreaterThan(300);
-      const input = validateProject({ messages, axis: encodeTensor({ shape: [L, d], data: randomAxis(L, d, 1) }, DType.DTYPE_F32), axisLayers: [], tokenProjections: false, enableThinking: false, chunkTokens: 0 }, b.info);
+      const input = validateProject({ messages, axis: encodeTensor({ shape: [L, d], data: randomAxis(L, d, 1) }, Dtype.DTYPE_F32), axisLayers: [], tokenProjections: false, enableThinking: false, chunkTokens: 0 }, b.info);
       await expect(b.project(input)).rejects.toThrow(`the conversation is ${tokens} tokens, longer than the model's context of 300 tokens`);
     } finally {
       await b.close();
@@ -221,15 +221,15 @@ describe('ProjectConversation and Extract', () => {
   it('refuses bad requests naming the field: axis shape, rows for layers, no assistant turn, an unknown role, a non-finite axis', () => {
     const { numLayers: L, hiddenSize: d } = backend.info;
     const messages = [{ role: 'user', content: 'hi' }, { role: 'assistant', content: 'hello' }];
-    const req = (over: object) => ({ messages, axis: encodeTensor({ shape: [L, d], data: new Float32Array(L * d).fill(1) }, DType.DTYPE_F32), axisLayers: [] as number[], tokenProjections: false, enableThinking: false, chunkTokens: 0, ...over });
-    expect(() => validateProject(req({ axis: encodeTensor({ shape: [L, d + 1], data: new Float32Array(L * (d + 1)) }, DType.DTYPE_F32) }), backend.info)).toThrow(`axis: shape [${L},${d + 1}] does not match the model (rows of ${d}`);
+    const req = (over: object) => ({ messages, axis: encodeTensor({ shape: [L, d], data: new Float32Array(L * d).fill(1) }, Dtype.DTYPE_F32), axisLayers: [] as number[], tokenProjections: false, enableThinking: false, chunkTokens: 0, ...over });
+    expect(() => validateProject(req({ axis: encodeTensor({ shape: [L, d + 1], data: new Float32Array(L * (d + 1)) }, Dtype.DTYPE_F32) }), backend.info)).toThrow(`axis: shape [${L},${d + 1}] does not match the model (rows of ${d}`);
     expect(() => validateProject(req({ axisLayers: [0] }), backend.info)).toThrow(`axis: ${L} rows for 1 layers`);
-    expect(() => validateProject(req({ axisLayers: [0, L] , axis: encodeTensor({ shape: [2, d], data: new Float32Array(2 * d) }, DType.DTYPE_F32) }), backend.info)).toThrow(`layers: layer ${L} does not exist`);
+    expect(() => validateProject(req({ axisLayers: [0, L] , axis: encodeTensor({ shape: [2, d], data: new Float32Array(2 * d) }, Dtype.DTYPE_F32) }), backend.info)).toThrow(`layers: layer ${L} does not exist`);
     expect(() => validateProject(req({ messages: [{ role: 'user', content: 'hi' }] }), backend.info)).toThrow('messages: no assistant turn to project');
     expect(() => validateProject(req({ messages: [...messages, { role: 'narrator', content: 'x' }] }), backend.info)).toThrow('messages[2].role: must be system, user or assistant, got "narrator"');
     const nan = new Float32Array(L * d).fill(1);
     nan[7] = NaN;
-    expect(() => validateProject(req({ axis: encodeTensor({ shape: [L, d], data: nan }, DType.DTYPE_F32) }), backend.info)).toThrow('axis: element 7 is not finite');
-    expect(() => validateProject(req({ tokenProjections: true, axisLayers: [0], axis: encodeTensor({ shape: [1, d], data: new Float32Array(d).fill(1) }, DType.DTYPE_F32) }), backend.info)).toThrow(`token_projections: read at the target layer ${Math.floor(L / 2)}, which the axis has no row for`);
+    expect(() => validateProject(req({ axis: encodeTensor({ shape: [L, d], data: nan }, Dtype.DTYPE_F32) }), backend.info)).toThrow('axis: element 7 is not finite');
+    expect(() => validateProject(req({ tokenProjections: true, axisLayers: [0], axis: encodeTensor({ shape: [1, d], data: new Float32Array(d).fill(1) }, Dtype.DTYPE_F32) }), backend.info)).toThrow(`token_projections: read at the target layer ${Math.floor(L / 2)}, which the axis has no row for`);
   });
 });

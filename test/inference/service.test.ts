@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { inferenceMetrics } from '../../services/inference/metrics';
 import { createInferenceService } from '../../services/inference/service';
 import { SyntheticBackend } from '../../services/inference/synthetic';
@@ -12,7 +12,7 @@ describe('the inference service without a network', () => {
   const setup = () => {
     const backend = new SyntheticBackend({ model: 'synthetic-tiny', numLayers: 3, hidden: 8, tokensPerSecond: 0, itemsPerSecond: 0, capacity: 2, supportsSystemPrompt: true });
     const metrics = inferenceMetrics(new Registry(), { inFlight: () => 0, running: () => 0, batchSize: () => 0 });
-    return createInferenceService({ backend, wireDtype: DType.DTYPE_F32, metrics, log: pino({ level: 'silent' }) });
+    return createInferenceService({ backend, wireDtype: Dtype.DTYPE_F32, metrics, log: pino({ level: 'silent' }) });
   };
   const messages = [{ role: 'user', content: 'What is a roux?' }];
   const sampling = { temperature: 0, topP: 1, maxNewTokens: 16, maxContext: 256, seed: 0, enableThinking: false };

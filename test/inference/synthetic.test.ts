@@ -1,4 +1,4 @@
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { createBackend } from '../../services/inference/backends';
 import { parseCudaOptions } from '../../services/inference/onnx';
 import { INFERENCE_OPTIONS } from '../../services/inference/options';
@@ -45,7 +45,7 @@ describe('synthetic backend', () => {
   });
 
   it('reports its model info', () => {
-    expect(backend.info).toMatchObject({ backend: 'synthetic', numLayers: 4, hiddenSize: 8, capacity: 2, activationDtype: DType.DTYPE_F32, modelShortName: 'Synthetic' });
+    expect(backend.info).toMatchObject({ backend: 'synthetic', numLayers: 4, hiddenSize: 8, capacity: 2, activationDtype: Dtype.DTYPE_F32, modelShortName: 'Synthetic' });
   });
 });
 

@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import { JudgeClient, JudgeService, ScoreRequest, ScoreResult } from '../../gen/assistant_axis/v1/judge';
+import { JudgeServiceClient, JudgeServiceService, ScoreRequest, ScoreResponse } from '../../gen/assistant_axis/v1/judge';
 import { judgeMetrics } from '../../services/judge/metrics';
 import { createJudgeService, judgeGrpcHandlers } from '../../services/judge/service';
 import { tolerantDecoding } from '../../services/shared/rpc';
@@ -36,9 +36,9 @@ describe('the judge scorer against an OpenAI-compatible server', () => {
       env: { OPENAI_API_KEY: 'sk-test-fault-key' },
     });
     await stack.start('judge');
-    const client = new JudgeClient(stack.address('judge'), grpc.credentials.createInsecure());
+    const client = new JudgeServiceClient(stack.address('judge'), grpc.credentials.createInsecure());
     try {
-      const pipe = new StreamPipe<ScoreRequest, ScoreResult>(() => client.score(), (r) => r.itemId);
+      const pipe = new StreamPipe<ScoreRequest, ScoreResponse>(() => client.score(), (r) => r.itemId);
       const outcomes = await Promise.all(Array.from({ length: N }, (_, i) => pipe.send(`i${i}`, { itemId: `i${i}`, ...item(i) })));
       pipe.close();
 
@@ -141,10 +141,10 @@ describe('retry rules', () => {
     const log = pino({ level: 'silent' });
     const judge = createJudgeService({ provider: new OpenAIProvider({ apiKey: 'k', baseUrl: server.baseUrl, model: 'm', timeoutMs: 30_000 }), prices: {}, concurrency: 2, requestsPerSecond: 0, tokensPerMinute: 0, retry: { maxAttempts: 5, baseDelayMs: 1, maxDelayMs: 5 }, unparsedRetries: 0, metrics: judgeMetrics(new Registry()), log });
     const grpcServer = new grpc.Server();
-    const { definition, implementation } = tolerantDecoding(JudgeService, judgeGrpcHandlers(judge, log) as unknown as grpc.UntypedServiceImplementation);
+    const { definition, implementation } = tolerantDecoding(JudgeServiceService, judgeGrpcHandlers(judge, log) as unknown as grpc.UntypedServiceImplementation);
     grpcServer.addService(definition, implementation);
     const port = await new Promise<number>((resolve, reject) => grpcServer.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
-    const client = new JudgeClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+    const client = new JudgeServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
     try {
       const call = client.score();
       call.on('error', () => undefined);

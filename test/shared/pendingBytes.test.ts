@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { GenerateRequest, GenerateResult, InferenceClient, InferenceService } from '../../gen/assistant_axis/v1/inference';
+import { GenerateRequest, GenerateResponse, InferenceServiceClient, InferenceServiceService } from '../../gen/assistant_axis/v1/inference';
 import { MAX_CONCURRENT_STREAMS } from '../../services/shared/defaults';
 import { PendingBytes, serveBidi, tolerantDecoding } from '../../services/shared/rpc';
 import { serverOptions } from '../../services/shared/server';
@@ -20,28 +20,28 @@ async function serve(limits: { streamBytes?: number; service?: PendingBytes }) {
   /** The encoded size of each request handed over and not yet answered, computed here. */
   const sizes: number[] = [];
   const server = new grpc.Server(serverOptions());
-  const { definition, implementation } = tolerantDecoding(InferenceService, {
-    generate: (call: grpc.ServerDuplexStream<GenerateRequest, GenerateResult>) =>
+  const { definition, implementation } = tolerantDecoding(InferenceServiceService, {
+    generate: (call: grpc.ServerDuplexStream<GenerateRequest, GenerateResponse>) =>
       serveBidi(
         call,
         (req) =>
-          new Promise<GenerateResult>((resolve) => {
+          new Promise<GenerateResponse>((resolve) => {
             sizes.push(GenerateRequest.encode(req).finish().length);
-            held.push(() => resolve(GenerateResult.fromPartial({ itemId: req.itemId })));
+            held.push(() => resolve(GenerateResponse.fromPartial({ itemId: req.itemId })));
           }),
         limits,
       ),
   } as unknown as grpc.UntypedServiceImplementation);
   server.addService(definition, implementation);
   const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
-  const client = new InferenceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': 64 << 20 });
+  const client = new InferenceServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': 64 << 20 });
   /** Lets go of every held request; returns how many there were. */
   const release = () => (sizes.splice(0), held.splice(0).map((r) => r()).length);
   return { held, sizes, release, client, stop: () => (client.close(), server.forceShutdown()) };
 }
 
 /** Sends `count` requests on a new stream; resolves with the answers once the stream ends. */
-function stream(client: InferenceClient, count: number, from = 0): Promise<number> {
+function stream(client: InferenceServiceClient, count: number, from = 0): Promise<number> {
   const call = client.generate();
   let answers = 0;
   const done = new Promise<number>((resolve, reject) => {

@@ -1,4 +1,4 @@
-import { DType } from '../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../gen/assistant_axis/v1/common';
 import { decodeSafetensors, encodeSafetensors } from '../../services/shared/safetensors';
 import { addTensorInto, bf16Array, bf16ToF32, decodeTensor, encodeTensor, f16ToF32, f32ToBf16, f32ToF16, inspectTensor } from '../../services/shared/tensor';
 
@@ -28,16 +28,16 @@ describe('tensor encoding', () => {
     expect(bf16ToF32(f32ToBf16(3.140625))).toBe(3.140625);
     expect(f32ToBf16(1 + 2 ** -8)).toBe(0x3f80); // tie to even
     expect(Number.isNaN(bf16ToF32(f32ToBf16(NaN)))).toBe(true);
-    const wire = encodeTensor({ shape: [1, 2], data: new Float32Array([0.5, -4]) }, DType.DTYPE_BF16);
+    const wire = encodeTensor({ shape: [1, 2], data: new Float32Array([0.5, -4]) }, Dtype.DTYPE_BF16);
     expect(wire.data.byteLength).toBe(4);
     expect([...decodeTensor(wire, 'x').data]).toEqual([0.5, -4]);
   });
 
   it('rejects a byte length that does not match dtype and shape, naming the field', () => {
-    expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [2, 2], data: Buffer.alloc(12) }, 'activation')).toThrow(/activation.data: 12 bytes, expected 16/);
-    expect(() => decodeTensor({ dtype: DType.DTYPE_UNSPECIFIED, shape: [1], data: Buffer.alloc(4) }, 'activation')).toThrow(/activation.dtype/);
-    expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [0, 2], data: Buffer.alloc(0) }, 'activation')).toThrow(/activation.shape/);
-    expect(() => decodeTensor({ dtype: DType.DTYPE_F32, shape: [1, 1], data: Buffer.alloc(4) }, 'activation', [2, 2])).toThrow(/expected \[2,2\]/);
+    expect(() => decodeTensor({ dtype: Dtype.DTYPE_F32, shape: [2, 2], data: Buffer.alloc(12) }, 'activation')).toThrow(/activation.data: 12 bytes, expected 16/);
+    expect(() => decodeTensor({ dtype: Dtype.DTYPE_UNSPECIFIED, shape: [1], data: Buffer.alloc(4) }, 'activation')).toThrow(/activation.dtype/);
+    expect(() => decodeTensor({ dtype: Dtype.DTYPE_F32, shape: [0, 2], data: Buffer.alloc(0) }, 'activation')).toThrow(/activation.shape/);
+    expect(() => decodeTensor({ dtype: Dtype.DTYPE_F32, shape: [1, 1], data: Buffer.alloc(4) }, 'activation', [2, 2])).toThrow(/expected \[2,2\]/);
   });
 });
 
@@ -51,7 +51,7 @@ describe('tensors at any offset of their message, and inspected without decoding
   const values = new Float32Array([0.5, -4, 3.25, 1e-3, -0, 7]);
 
   it('decodes the same values at odd and even offsets, for every dtype', () => {
-    for (const dtype of [DType.DTYPE_F32, DType.DTYPE_F16, DType.DTYPE_BF16]) {
+    for (const dtype of [Dtype.DTYPE_F32, Dtype.DTYPE_F16, Dtype.DTYPE_BF16]) {
       const wire = encodeTensor({ shape: [2, 3], data: values }, dtype);
       const aligned = [...decodeTensor(wire, 'x').data];
       for (const offset of [0, 1, 2, 3]) expect([...decodeTensor({ ...wire, data: at(wire.data, offset) }, 'x').data]).toEqual(aligned);
@@ -59,7 +59,7 @@ describe('tensors at any offset of their message, and inspected without decoding
   });
 
   it('adds a wire tensor into float64 sums exactly as decoding it and adding the floats, at any offset', () => {
-    for (const dtype of [DType.DTYPE_F32, DType.DTYPE_F16, DType.DTYPE_BF16]) {
+    for (const dtype of [Dtype.DTYPE_F32, Dtype.DTYPE_F16, Dtype.DTYPE_BF16]) {
       const wire = encodeTensor({ shape: [2, 3], data: values }, dtype);
       const decoded = decodeTensor(wire, 'x').data;
       for (const offset of [0, 1, 2, 3]) {
@@ -74,7 +74,7 @@ describe('tensors at any offset of their message, and inspected without decoding
   });
 
   it('finds the first NaN or infinity as decoding does, without decoding, and checks the same things', () => {
-    for (const dtype of [DType.DTYPE_F32, DType.DTYPE_F16, DType.DTYPE_BF16]) {
+    for (const dtype of [Dtype.DTYPE_F32, Dtype.DTYPE_F16, Dtype.DTYPE_BF16]) {
       for (const [bad, index] of [[NaN, 4], [Infinity, 2], [-Infinity, 0], [0, -1]] as const) {
         const data = values.slice();
         if (index >= 0) data[index] = bad;
@@ -87,9 +87,9 @@ describe('tensors at any offset of their message, and inspected without decoding
       }
     }
     // Large finite values are not taken for infinities (bf16 0x7f7f, f16 65504).
-    expect(inspectTensor(encodeTensor({ shape: [2], data: new Float32Array([3.3e38, -3.3e38]) }, DType.DTYPE_BF16), 'x').firstNonFinite).toBe(-1);
-    expect(inspectTensor(encodeTensor({ shape: [1], data: new Float32Array([65504]) }, DType.DTYPE_F16), 'x').firstNonFinite).toBe(-1);
-    expect(() => inspectTensor({ dtype: DType.DTYPE_BF16, shape: [2, 2], data: Buffer.alloc(6) }, 'activation')).toThrow(/activation.data: 6 bytes, expected 8/);
+    expect(inspectTensor(encodeTensor({ shape: [2], data: new Float32Array([3.3e38, -3.3e38]) }, Dtype.DTYPE_BF16), 'x').firstNonFinite).toBe(-1);
+    expect(inspectTensor(encodeTensor({ shape: [1], data: new Float32Array([65504]) }, Dtype.DTYPE_F16), 'x').firstNonFinite).toBe(-1);
+    expect(() => inspectTensor({ dtype: Dtype.DTYPE_BF16, shape: [2, 2], data: Buffer.alloc(6) }, 'activation')).toThrow(/activation.data: 6 bytes, expected 8/);
     expect(() => inspectTensor(undefined, 'activation')).toThrow(/activation: missing tensor/);
   });
 });

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
-import { DType } from '../../../gen/assistant_axis/v1/common';
+import { Dtype } from '../../../gen/assistant_axis/v1/common';
 import type { ChatMessage } from '../../../gen/assistant_axis/v1/common';
-import type { ModelInfo } from '../../../gen/assistant_axis/v1/inference';
+import type { GetModelInfoResponse } from '../../../gen/assistant_axis/v1/inference';
 import { modelShortNameOf } from '../../shared/names';
 import { RpcError } from '../../shared/rpc';
 import { DEFAULT_PROJECTION_CHUNK, MAX_CONTEXT_TOKENS } from '../../shared/defaults';
@@ -108,7 +108,7 @@ export class OnnxBackend implements InferenceBackend {
   private get slotLength(): number {
     return this.opts.slotLength ?? DEFAULT_SLOT_LENGTH;
   }
-  info: ModelInfo;
+  info: GetModelInfoResponse;
 
   constructor(private readonly opts: OnnxOptions) {
     this.info = {
@@ -119,7 +119,7 @@ export class OnnxBackend implements InferenceBackend {
       device: '',
       capacity: opts.capacity,
       backend: 'onnx',
-      activationDtype: DType.DTYPE_F32,
+      activationDtype: Dtype.DTYPE_F32,
       supportsSystemPrompt: false,
       modelShortName: '',
       hashes: {},
@@ -195,7 +195,7 @@ export class OnnxBackend implements InferenceBackend {
   /** The replica's capping config, once loaded. */
   private capping: CappingConfig | undefined;
 
-  /** An item's interventions (validated against ModelInfo.capping by the adapter). */
+  /** An item's interventions (validated against GetModelInfoResponse.capping by the adapter). */
   private steering(experiment: string | undefined): Steering | undefined {
     if (!experiment) return undefined;
     if (this.opts.generator) throw new RpcError(grpc.status.FAILED_PRECONDITION, 'capping_experiment: this replica\'s answers come from a generator (--generator), which cannot cap');
