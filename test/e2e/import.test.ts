@@ -75,7 +75,7 @@ describe('import of a reference run, and two-pass runs', () => {
     const lines = fs.readFileSync(path.join(source, 'responses', 'chef.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
     const toJudge = lines.filter((l) => dropped.includes(`${l.label}_p${l.prompt_index}_q${l.question_index}`));
     expect(toJudge).toHaveLength(dropped.length);
-    const low = toJudge.reduce((a, l) => a + encoder.encode(evalPrompt.replace('{question}', l.question).replace('{answer}', l.conversation[l.conversation.length - 1].content)).length, 0);
+    const low = toJudge.reduce((a, l) => a + encoder.encode(evalPrompt.replace(/\{(question|answer)\}/g, (_m, x) => (x === 'question' ? l.question : l.conversation[l.conversation.length - 1].content))).length, 0);
     const joints = toJudge.length * 2 * (evalPrompt.match(/\{(question|answer)\}/g) ?? []).length;
     expect(dry.dryRun!.estimatedPromptTokens).toBeGreaterThanOrEqual(low);
     expect(dry.dryRun!.estimatedPromptTokens).toBeLessThanOrEqual(low + joints);
