@@ -262,7 +262,9 @@ async function main(argv: string[]): Promise<number> {
       }
       case 'list': {
         const runs = await listRuns(client, meta());
-        const line = (r: Run) => `${r.name.padEnd(24)} ${stateName(r.state).padEnd(10)} ${r.progress ? `${r.progress.aggregated}/${r.progress.itemsTotal} items` : ''}  ${r.model}\n`;
+        // When each started (UTC, to the minute), newest last as the coordinator lists them.
+        const started = (r: Run) => (r.createTime ? `${r.createTime.toISOString().slice(0, 16).replace('T', ' ')} UTC` : '');
+        const line = (r: Run) => `${r.name.padEnd(24)} ${stateName(r.state).padEnd(10)} ${r.progress ? `${r.progress.aggregated}/${r.progress.itemsTotal} items` : ''}  ${started(r)}  ${r.model}\n`;
         emit(runs.map(line).join(''), runs.map((r) => Run.toJSON(r)));
         return 0;
       }

@@ -86,6 +86,12 @@ describe('axis for scripts', () => {
     const exec = (args: string[]) => promisify(execFile)(process.execPath, [CLI, ...args, '--json', '--coordinator', address]);
     const list = JSON.parse((await exec(['list'])).stdout);
     expect(list.map((r: { name: string; state: string }) => [r.name, r.state])).toContainEqual(['scripted', 'RUN_STATE_SUCCEEDED']);
+    const listed = list.find((r: { name: string }) => r.name === 'scripted');
+    expect(listed.createTime).toBe(run.createTime);
+    expect(Date.parse(listed.endTime)).toBeGreaterThanOrEqual(Date.parse(run.createTime));
+    // The table: the run's start to the minute, in UTC.
+    const table = (await promisify(execFile)(process.execPath, [CLI, 'list', '--coordinator', address])).stdout;
+    expect(table).toMatch(new RegExp(`^scripted\\s+SUCCEEDED\\s+\\d+/\\d+ items\\s+${run.createTime.slice(0, 16).replace('T', ' ')} UTC\\s`, 'm'));
     expect(JSON.parse((await exec(['status', 'scripted'])).stdout)).toMatchObject({ name: 'scripted', state: 'RUN_STATE_SUCCEEDED', outputDir: run.outputDir });
     expect(JSON.parse((await exec(['health'])).stdout)).toEqual({ address, status: 'SERVING' });
   }, 120_000);
