@@ -124,20 +124,25 @@ export async function extractOne(model: LoadedModel, messages: ChatMessage[], la
 }
 
 /**
- * Streams an answer's text as its tokens come: after each token the text decoded so far, less
- * what was sent, unless it ends in an incomplete character (a token can hold part of one) or no
- * longer starts with what was sent (a tokenizer that rewrites earlier text); `finish` sends the
- * rest of the final text, so that the pieces add up to it. A listener that returns true (a stop
- * string in the text) ends the answer: `onToken` then returns true.
+ * Streams an answer's text as its tokens come, decoding only a few tokens each time (as vLLM's
+ * incremental detokenizer does): the text of the tokens since the last delta but one, less that
+ * of the tokens before the last delta, both decoded from the same token, so that a decoder that
+ * treats the start of a text apart (stripping a leading space, a SentencePiece word marker)
+ * treats both alike. Nothing is sent while the text ends in an incomplete character (a token can
+ * hold part of one). Decoding the whole answer after each token would cost its length squared.
+ * `finish` sends whatever the final text holds beyond what was sent, so that the pieces add up
+ * to it. A listener that returns true (a stop string in the text) ends the answer: `onToken`
+ * then returns true.
  */
-export function textDeltas(model: LoadedModel, onText: (delta: string) => boolean | void): { onToken: (id: number) => boolean; finish: (text: string) => void } {
+export function textDeltas(model: Pick<LoadedModel, 'decode'>, onText: (delta: string) => boolean | void): { onToken: (id: number) => boolean; finish: (text: string) => void } {
   const ids: number[] = [];
+  // ids[prefixOffset, readOffset) were decoded for the last delta; ids[readOffset...] are new.
+  let prefixOffset = 0;
+  let readOffset = 0;
   let sent = '';
   let enough = false;
-  const send = (text: string) => {
-    if (text.length <= sent.length || !text.startsWith(sent)) return;
-    const delta = text.slice(sent.length);
-    sent = text;
+  const deliver = (delta: string) => {
+    sent += delta;
     try {
       if (onText(delta) === true) enough = true;
     } catch {
@@ -147,10 +152,18 @@ export function textDeltas(model: LoadedModel, onText: (delta: string) => boolea
   return {
     onToken: (id) => {
       ids.push(id);
-      const text = model.decode(ids);
-      if (!text.endsWith('\uFFFD')) send(text);
+      // (The tokenizer refuses to decode no tokens.)
+      const before = readOffset > prefixOffset ? model.decode(ids.slice(prefixOffset, readOffset)) : '';
+      const now = model.decode(ids.slice(prefixOffset));
+      if (now.length > before.length && now.startsWith(before) && !now.endsWith('\uFFFD')) {
+        deliver(now.slice(before.length));
+        prefixOffset = readOffset;
+        readOffset = ids.length;
+      }
       return enough;
     },
-    finish: send,
+    finish: (text) => {
+      if (text.length > sent.length && text.startsWith(sent)) deliver(text.slice(sent.length));
+    },
   };
 }
