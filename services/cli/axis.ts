@@ -239,11 +239,7 @@ async function main(argv: string[]): Promise<number> {
         const run = await startRun(client, requestFromFlags(needName(), values), meta());
         if (values['dry-run']) {
           const d = run.dryRun!;
-          if (json) {
-            emit('', Run.toJSON(run));
-            return 0;
-          }
-          process.stdout.write(`dry run of ${run.name}: ${run.message}\n  items: ${d.items}\n  judge prompts: ${d.judgePrompts}\n  estimated judge tokens: ${d.estimatedPromptTokens} prompt + ${d.estimatedCompletionTokens} completion\n  estimated judge cost: $${d.estimatedCostUsd.toFixed(4)}${d.note ? ` (${d.note})` : ''}\n  sample judge prompt:\n${d.samplePrompt.replace(/^/gm, '    ')}\n`);
+          emit(`dry run of ${run.name}: ${run.message}\n  items: ${d.items}\n  judge prompts: ${d.judgePrompts}\n  estimated judge tokens: ${d.estimatedPromptTokens} prompt + ${d.estimatedCompletionTokens} completion\n  estimated judge cost: $${d.estimatedCostUsd.toFixed(4)}${d.note ? ` (${d.note})` : ''}\n  sample judge prompt:\n${d.samplePrompt.replace(/^/gm, '    ')}\n`, Run.toJSON(run));
           return 0;
         }
         process.stderr.write(`run ${run.name}: ${stateName(run.state)}${run.message ? ` (${run.message})` : ''}; output ${run.outputDir}\n`);
@@ -286,11 +282,7 @@ async function main(argv: string[]): Promise<number> {
             emit(`${values.out}: ${files.join(', ')}\n`, { out: values.out, format, files });
           } else {
             const layers = await exportControlVector(runDir, values.out, scale);
-            if (json) {
-              emit('', { out: values.out, format, layers, scale });
-              return 0;
-            }
-            process.stdout.write(`${values.out}: a control vector of ${layers.length} layers (direction.${layers[0]}..direction.${layers[layers.length - 1]}), scale ${scale}\n`);
+            emit(`${values.out}: a control vector of ${layers.length} layers (direction.${layers[0]}..direction.${layers[layers.length - 1]}), scale ${scale}\n`, { out: values.out, format, layers, scale });
           }
         } catch (err) {
           if (err instanceof ExportError) throw new UsageError(err.message);
@@ -305,11 +297,7 @@ async function main(argv: string[]): Promise<number> {
         const runDir = await localRunDir(needName());
         try {
           const done = await calibrate(runDir, values.out, { percentiles, bands: values['layer-ranges'] });
-          if (json) {
-            emit('', { config: `${values.out}.json`, vectors_file: `${values.out}.safetensors`, vectors: done.vectors, experiments: done.experiments });
-            return 0;
-          }
-          process.stdout.write(`${values.out}.json, ${values.out}.safetensors: ${done.vectors} vectors, ${done.experiments.length} experiments (${done.experiments.slice(0, 4).join(', ')}${done.experiments.length > 4 ? ', ...' : ''})\n`);
+          emit(`${values.out}.json, ${values.out}.safetensors: ${done.vectors} vectors, ${done.experiments.length} experiments (${done.experiments.slice(0, 4).join(', ')}${done.experiments.length > 4 ? ', ...' : ''})\n`, { config: `${values.out}.json`, vectors_file: `${values.out}.safetensors`, vectors: done.vectors, experiments: done.experiments });
         } catch (err) {
           if (err instanceof CalibrationError) throw new UsageError(err.message);
           throw err;

@@ -29,14 +29,13 @@ export async function dryRunView(spec: RunSpec, data: DataSet, upstreams: Upstre
   if (imported) {
     const byName = new Map(data.roles.map((r) => [r.name, r]));
     items = imported.length;
-    let counted = 0;
     for (const it of imported) {
       const evalPrompt = byName.get(it.role)?.evalPrompt;
       if (!evalPrompt || it.score !== undefined) continue;
       sample ||= judgePrompt(evalPrompt, data.questions[it.q].question, it.text);
       promptTokens += counter.prompt(evalPrompt, data.questions[it.q].question, JudgeTokenCounter.count(it.text));
       prompts++;
-      if (++counted % 500 === 0) await yieldToEvents();
+      if (prompts % 500 === 0) await yieldToEvents();
     }
   }
   for (const role of roles) {
