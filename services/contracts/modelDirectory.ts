@@ -98,6 +98,13 @@ export interface StepGraphMetadata {
   sampling?: boolean;
   /** The graph takes interventions on its layers (STEERING_INPUTS). Absent in builds before them. */
   steering?: boolean;
+  /**
+   * The graph (its last stage) also gives each row's this many most probable ids and their
+   * probabilities under its temperature (outputs `candidate_probs`, `candidate_ids`), so that
+   * a host that samples finds the nucleus there instead of in the whole vocabulary. Absent in
+   * builds before them: the host then samples from the logits alone.
+   */
+  candidates?: number;
 }
 
 export const STEP_INPUTS = {
@@ -166,6 +173,10 @@ export const STEP_OUTPUTS = {
   presentValue: (l: number) => `present.${l}.value`,
   /** [B] int64: each row's token sampled from its last logits position. */
   nextTokens: 'next_tokens',
+  /** [B, k] float32: each row's k highest probabilities under softmax(last logits / temperature), in descending order (ties by id). */
+  candidateProbs: 'candidate_probs',
+  /** [B, k] int64: their ids. */
+  candidateIds: 'candidate_ids',
   /** [B, 2, hidden] float32: the sums after this run. */
   responseSumsOut: (l: number) => `response_sums_out.${l}`,
 } as const;

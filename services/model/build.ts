@@ -19,9 +19,22 @@ export interface BuildModelOptions {
   layers?: [number, number];
   /** Also write the generation graph (whole models only); default true. */
   decodeLoop?: boolean;
+  /**
+   * How many of each row's most probable ids the step graph gives a host that samples
+   * (default STEP_CANDIDATES; 0: none, the host then samples from the logits alone).
+   */
+  candidates?: number;
   /** As the checkpoint is read: bytes of its tensors read so far, and in all (a stage reads only its own). */
   progress?: (bytesRead: number, totalBytes: number) => void;
 }
+
+/**
+ * The step graph's candidates per row: the nucleus of a trained model's next token (top_p 0.9)
+ * is a few to a few hundred ids, and even a random-weight model's (its logits nearly flat) is
+ * under 1,024 nearly always (measured on the benchmark model: median 596, at most 1,052 of
+ * 32,005); a TopK of 1,024 over 32k ids costs about a quarter of the host's full pass.
+ */
+export const STEP_CANDIDATES = 1024;
 
 /**
  * Builds a model directory from a Hugging Face checkpoint: the ONNX decoder graph with its
@@ -53,7 +66,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
     await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
     // The step graph: the same weights, used as stored (no cast), GroupQueryAttention over fixed KV buffers.
     const stepGraph = new GraphBuilder(new WrittenWeights(data), dtype, undefined, false);
-    const stepSignature = await builderFor(config, ckpt, stepGraph, { kind: 'step' }).build({ capture: opts.capture, layers: opts.layers, steering: true });
+    const stepSignature = await builderFor(config, ckpt, stepGraph, { kind: 'step' }).build({ capture: opts.capture, layers: opts.layers, steering: true, candidates: opts.candidates ?? STEP_CANDIDATES });
     const stepBytes = stepGraph.encode(`${config.model_type}-step`, 'assistant-axis');
     await fs.writeFile(path.join(tmp, MODEL_FILES.step), stepBytes);
     const step: StepGraphMetadata = {
@@ -66,6 +79,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       ...(stepSignature.responseSums ? { response_sums: true } : {}),
       ...(stepSignature.sampling ? { sampling: true } : {}),
       ...(stepSignature.steering ? { steering: true } : {}),
+      ...(stepSignature.candidates ? { candidates: stepSignature.candidates } : {}),
     };
     log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];

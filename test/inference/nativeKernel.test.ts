@@ -74,6 +74,30 @@ describe('the native step runtime', () => {
     expect(native.filter((o) => typeof o !== 'string' && o.responseIds.length > 1).length).toBeGreaterThan(6);
   });
 
+  it('draws the same tokens from the graph\'s candidates as from the whole vocabulary\'s logits, on either runtime', async () => {
+    const tokens: Record<string, number[][]> = {};
+    for (const [name, runtime, hostCandidates] of [['native, candidates', 'native', true], ['native, logits only', 'native', false], ['stock, candidates', 'stock', true]] as const) {
+      const m = await LoadedModel.load(modelDir, { decode: 'slots', slots: { slots: 3, slotLength: 256, prefillChunk: 7, policy: 'fifo', runtime, hostCandidates } });
+      try {
+        expect((m.runner as SlotRunner).step.hostCandidates).toBe(hostCandidates);
+        // Greedy, top_p 1 and nucleus items (jobs() makes every fourth greedy; these add top_p 1).
+        const all = jobs(m, 12, (i) => 3 + ((7 * i) % 19)).map((j, i) => (i % 6 === 1 ? { ...j, topP: 1 } : j));
+        const results = await Promise.all(all.map((j) => engineOf(m).submit(j, false)));
+        tokens[name] = results.map((r) => r.responseIds);
+        const { draws } = engineOf(m);
+        const drawn = results.reduce((n, r) => n + r.responseIds.length + (r.stopped ? 1 : 0), 0);
+        // Every token (a stop token included) was drawn once on the host: from the candidates wherever they could serve.
+        expect(draws.candidates + draws.vocabulary).toBe(drawn);
+        if (hostCandidates) expect(draws.candidates).toBeGreaterThan(drawn / 3);
+        else expect(draws.candidates).toBe(0);
+      } finally {
+        await m.close();
+      }
+    }
+    expect(tokens['native, candidates']).toEqual(tokens['native, logits only']);
+    expect(tokens['stock, candidates']).toEqual(tokens['native, logits only']);
+  });
+
   it('binds each layer\'s KV buffer as past and present: the run writes where onnxruntime allocated, no copy', async () => {
     const step = await StepSession.load(modelDir, { slots: 2, slotLength: 32 });
     try {

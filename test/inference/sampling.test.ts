@@ -1,4 +1,5 @@
-import { sampleToken } from '../../services/inference/onnx/sampling';
+import { drawToken, sampleFromCandidates, sampleToken } from '../../services/inference/onnx/sampling';
+import type { Candidates } from '../../services/inference/onnx/stepKernel';
 
 /**
  * The sampler's nucleus comes from a partial sort (the k most probable ids, k growing); it must
@@ -67,5 +68,58 @@ describe('sampleToken', () => {
 
   it('is the argmax at temperature 0, the first of equal maxima', () => {
     expect(sampleToken(Float32Array.from([0.5, 3, -1, 3, 2]), 0, 0.9, 0.99)).toBe(1);
+  });
+});
+
+/** A row's k most probable ids under softmax(logits / t), as the graph gives them: float64 probabilities sorted (ties by id), rounded to float32. */
+function candidatesOf(logits: ArrayLike<number>, temperature: number, k: number): Candidates {
+  const max = Math.max(...Array.from(logits));
+  const w = Array.from(logits, (x) => Math.exp((x - max) / temperature));
+  const total = w.reduce((a, b) => a + b, 0);
+  const order = w.map((_, i) => i).sort((a, b) => w[b] - w[a] || a - b).slice(0, k);
+  return { k, probs: Float32Array.from(order, (i) => w[i] / total), ids: BigInt64Array.from(order, BigInt) };
+}
+
+describe('sampling from the graph\'s candidates', () => {
+  it('chooses what a full sort chooses where the nucleus ends among the candidates, and gives up where it does not', () => {
+    let seed = 23;
+    const rnd = () => (seed = (seed * 16807) % 2147483647) / 2147483647;
+    let served = 0;
+    let refused = 0;
+    for (let t = 0; t < 400; t++) {
+      const n = 20 + Math.floor(rnd() * 3000);
+      const logits = Float32Array.from({ length: n }, () => (rnd() < 0.1 ? 1 : rnd() * (t % 2 ? 12 : 3)));
+      const temperature = 0.2 + 1.5 * rnd();
+      const topP = 0.05 + 0.9 * rnd();
+      const u = rnd();
+      const k = [4, 64, 512][t % 3];
+      const c = candidatesOf(logits, temperature, k);
+      const token = sampleFromCandidates(c.probs, c.ids, topP, u);
+      // Where the candidates' mass reaches top_p the nucleus is among them; else nothing is chosen.
+      const mass = c.probs.reduce((a, b) => a + b, 0);
+      if (mass < topP - 1e-6) {
+        expect(token).toBeUndefined();
+        refused++;
+      } else if (mass > topP + 1e-6) {
+        expect(token).toBe(fullSortSample(Array.from(logits), temperature, topP, u));
+        served++;
+      }
+    }
+    expect(served).toBeGreaterThan(100);
+    expect(refused).toBeGreaterThan(30);
+  });
+
+  it('draws from the candidates only at 0 < top_p < 1 with a temperature, else from the logits', () => {
+    const logits = Float32Array.from([0.5, 3, -1, 2.9, 2]);
+    const c = candidatesOf(logits, 1, 3);
+    // Greedy: the logits' argmax; top_p 1: every id in id order (the candidates cannot say).
+    expect(drawToken(logits, c, 0, 0, 0.9, 0.99)).toEqual({ token: 1, fromCandidates: false });
+    expect(drawToken(logits, c, 0, 1, 1, 0.99)).toEqual({ token: sampleToken(logits, 1, 1, 0.99), fromCandidates: false });
+    expect(drawToken(logits, c, 0, 1, 0.6, 0.7)).toEqual({ token: fullSortSample(Array.from(logits), 1, 0.6, 0.7), fromCandidates: true });
+    // A nucleus past the 3 candidates: from the logits.
+    expect(drawToken(logits, c, 0, 1, 0.99, 0.995)).toEqual({ token: sampleToken(logits, 1, 0.99, 0.995), fromCandidates: false });
+    // Row 1 of two rows' candidates.
+    const two: Candidates = { k: 3, probs: Float32Array.from([...c.probs, 0.9, 0.05, 0.01]), ids: BigInt64Array.from([...c.ids, 4n, 0n, 2n]) };
+    expect(drawToken(logits, two, 1, 1, 0.5, 0.99)).toEqual({ token: 4, fromCandidates: true });
   });
 });

@@ -138,6 +138,45 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
     await session.close();
   });
 
+  it('gives the host each row\'s most probable ids under its temperature (the candidates), sorted, whether it draws or not', async () => {
+    const session = await StepSession.load(modelDir, { slots: 2, slotLength: 40 });
+    const k = session.step.candidates!;
+    // The default: the build's 1,024 (or the whole vocabulary, were it smaller).
+    expect(k).toBe(Math.min(1024, V));
+    expect(session.hostCandidates).toBe(true);
+    await session.prefill(0, idsA.slice(0, 4));
+    await session.prefill(1, idsB.slice(0, 3));
+    const temperatures = [0.7, 1.3];
+    const check = (logits: Float32Array, probs: Float32Array, ids: BigInt64Array, temperature: number) => {
+      // softmax(logits / t) in float64, apart from the graph.
+      const max = Math.max(...logits);
+      const w = Array.from(logits, (x) => Math.exp((x - max) / temperature));
+      const total = w.reduce((a, b) => a + b, 0);
+      const p = w.map((x) => x / total);
+      const chosen = new Set(Array.from(ids, Number));
+      expect(chosen.size).toBe(k);
+      for (let i = 0; i < k; i++) {
+        // float32 softmax (onnxruntime's exp and sum) against float64: a few parts in a million.
+        expect(Math.abs(probs[i] - p[Number(ids[i])])).toBeLessThanOrEqual(1e-5 * p[Number(ids[i])]);
+        if (i > 0) expect(probs[i]).toBeLessThanOrEqual(probs[i - 1]);
+      }
+      // No id left out is more probable than the least probable one kept (beyond float32's roundings).
+      const least = Math.min(...Array.from(ids, (id) => p[Number(id)]));
+      for (let id = 0; id < p.length; id++) if (!chosen.has(id)) expect(p[id]).toBeLessThanOrEqual(least * (1 + 1e-5));
+    };
+    // Through the session, as the engine asks (the graph draws nothing; the host will).
+    const sample = temperatures.map((temperature) => ({ temperature, topP: 0.9, uniform: 0.5 }));
+    const out = await session.decode([idsA[4], idsB[3]], { sample, candidates: true, hidden: false });
+    expect(out.tokens).toBeUndefined();
+    for (const r of [0, 1]) check(out.logits.subarray(r * V, (r + 1) * V), out.candidates!.probs.subarray(r * k, (r + 1) * k), out.candidates!.ids.subarray(r * k, (r + 1) * k), temperatures[r]);
+    // Asked of a run that also draws in the graph (a GPU's): the first k of the sampler's own sort.
+    const seqlens = Int32Array.from([0, 1], (s) => session.lengths[s]);
+    const drawn = await session.kernel.run({ firstSlot: 0, batch: 2, length: 1, inputIds: BigInt64Array.of(BigInt(idsA[5]), BigInt(idsB[4])), positionIds: BigInt64Array.from(seqlens, BigInt), seqlensK: seqlens, totalSequenceLength: Math.max(...seqlens) + 1, logitsPositions: BigInt64Array.of(0n), sumWeights: new Float32Array(4), sumMix: Float32Array.of(1, 0, 0, 1, 1, 0, 0, 1), hidden: false, logits: true, candidates: true, sample: { draw: true, temperature: Float32Array.from(temperatures), topP: Float32Array.of(0.9, 0.9), uniform: Float32Array.of(0.2, 0.6) } });
+    expect(drawn.tokens?.length).toBe(2);
+    for (const r of [0, 1]) check(drawn.logits.subarray(r * V, (r + 1) * V), drawn.candidates!.probs.subarray(r * k, (r + 1) * k), drawn.candidates!.ids.subarray(r * k, (r + 1) * k), temperatures[r]);
+    await session.close();
+  });
+
   it('keeps each slot\'s running sums in the graph: weighted prefill positions, then decoded tokens as the counting rules say', async () => {
     const session = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
     expect(session.keepsSums).toBe(true);

@@ -21,7 +21,7 @@ export interface LoadOptions {
    */
   decode?: 'slots' | 'loop' | 'host';
   /** The slots of the `slots` engine (from the memory plan). */
-  slots?: { slots: number; slotLength: number; prefillChunk: number; policy: SlotPolicy; staticBatches?: boolean; runtime?: StepRuntime | 'auto'; sampleInGraph?: boolean; prefixReuse?: boolean; chatSlots?: number; onStep?: (s: StepStats) => void; onPrefill?: (p: PrefillStats) => void };
+  slots?: { slots: number; slotLength: number; prefillChunk: number; policy: SlotPolicy; staticBatches?: boolean; runtime?: StepRuntime | 'auto'; sampleInGraph?: boolean; hostCandidates?: boolean; prefixReuse?: boolean; chatSlots?: number; onStep?: (s: StepStats) => void; onPrefill?: (p: PrefillStats) => void };
   /** One placement per stage (a whole model is one stage); default CPU. */
   placements?: Placement[];
   /** Accept a generation graph built with --no-capture (benchmarks only: no activations). */
@@ -63,7 +63,7 @@ export class LoadedModel implements TokenRules {
       if (dirs.length > 1) throw new ModelLoadError('a model split into stages runs with the host loop (--decode host): the step engine runs a whole model');
       const s = opts.slots;
       if (!s) throw new ModelLoadError('--decode slots needs the memory plan\'s slots');
-      const step = await StepSession.load(dirs[0], { slots: s.slots, slotLength: s.slotLength, placement: placements[0], runtime: s.runtime, sampleInGraph: s.sampleInGraph });
+      const step = await StepSession.load(dirs[0], { slots: s.slots, slotLength: s.slotLength, placement: placements[0], runtime: s.runtime, sampleInGraph: s.sampleInGraph, hostCandidates: s.hostCandidates });
       model.runner = new SlotRunner(step, new SlotEngine(step, model, s, s.onStep, s.onPrefill), [placements[0]]);
       model.hashes.graph = metadata.step!.graph_sha256;
     } else if (decode === 'loop') {

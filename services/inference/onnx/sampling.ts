@@ -1,3 +1,5 @@
+import type { Candidates } from './stepKernel';
+
 /**
  * Picks the next token: greedy at temperature 0; otherwise softmax(logits / temperature)
  * restricted to the nucleus (the most probable tokens whose probabilities first reach top_p,
@@ -35,6 +37,48 @@ export function sampleToken(logits: ArrayLike<number>, temperature: number, topP
     if (r < 0) return i;
   }
   return candidates[candidates.length - 1];
+}
+
+/**
+ * `sampleToken` from the k most probable ids the graph gives (StepGraphMetadata.candidates:
+ * probabilities under the row's temperature, descending, ties by id: the full sort's first k),
+ * or undefined when the nucleus does not end among them (the caller then samples from the
+ * logits). The same rule as `sampleToken` at 0 < top_p < 1: the nucleus is the first ids whose
+ * cumulative probability reaches top_p, and the draw the first whose cumulative kept mass
+ * exceeds u times the kept mass; only the probabilities are float32 softmax's instead of the
+ * host's float64 (a draw differs only where u falls within a rounding of an edge).
+ */
+export function sampleFromCandidates(probs: Float32Array, ids: BigInt64Array, topP: number, u: number): number | undefined {
+  let cumulative = 0;
+  let end = -1;
+  for (let k = 0; k < probs.length; k++) {
+    cumulative += probs[k];
+    if (cumulative >= topP) {
+      end = k;
+      break;
+    }
+  }
+  if (end < 0) return undefined;
+  let r = u * cumulative;
+  for (let k = 0; k < end; k++) {
+    r -= probs[k];
+    if (r < 0) return Number(ids[k]);
+  }
+  return Number(ids[end]);
+}
+
+/**
+ * Row `row`'s next token: from the graph's candidates where they hold its nucleus (sampling at
+ * 0 < top_p < 1), else from its logits (`logits`: the row's; `sampleToken`). Says whether the
+ * candidates served.
+ */
+export function drawToken(logits: Float32Array, candidates: Candidates | undefined, row: number, temperature: number, topP: number, u: number): { token: number; fromCandidates: boolean } {
+  if (candidates && temperature > 0 && topP < 1) {
+    const { k } = candidates;
+    const token = sampleFromCandidates(candidates.probs.subarray(row * k, (row + 1) * k), candidates.ids.subarray(row * k, (row + 1) * k), topP, u);
+    if (token !== undefined) return { token, fromCandidates: true };
+  }
+  return { token: sampleToken(logits, temperature, topP, u), fromCandidates: false };
 }
 
 /** Buckets: four per halving of the probability below the most probable token's, then one for the rest. */

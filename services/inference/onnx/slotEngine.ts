@@ -1,8 +1,8 @@
 import { ResponseCount } from './responseMean';
 import type { BatchRunner, SequenceJob, SequenceResult, TokenRules } from './runner';
 import type { Placement } from './session';
-import { sampleToken } from './sampling';
-import { SlotError, StepSession } from './stepSession';
+import { drawToken } from './sampling';
+import { SlotError, StepResult, StepSession } from './stepSession';
 
 /**
  * Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first, whoever
@@ -88,6 +88,8 @@ export class SlotEngine {
   private closed = false;
   /** Static batching: the rows of the batch in flight. */
   private batchRows = 0;
+  /** Tokens drawn on the host so far: from the graph's candidates, and from the whole vocabulary's logits (greedy rows, top_p 1, a nucleus past the candidates). */
+  readonly draws = { candidates: 0, vocabulary: 0 };
 
   constructor(
     private readonly step: StepSession,
@@ -216,7 +218,8 @@ export class SlotEngine {
       fresh: true,
       weights: extract ? job.weights?.subarray(reused) : undefined,
       logits: extract || this.step.sampleInGraph ? 'none' : 'last',
-      sample: extract || !this.step.sampleInGraph ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
+      sample: extract || !(this.step.sampleInGraph || this.step.hostCandidates) ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
+      candidates: !extract && this.step.hostCandidates,
       steer: job.steering,
     });
     const { num_layers: L, hidden_size: d } = this.step.metadata;
@@ -228,7 +231,7 @@ export class SlotEngine {
       item.resolve({ responseIds: [], stopped: false, mean, counted: total });
       return;
     }
-    const first = this.step.sampleInGraph ? Number(out.tokens![0]) : sampleToken(out.logits, job.temperature, job.topP, job.uniforms[0]);
+    const first = this.step.sampleInGraph ? Number(out.tokens![0]) : this.draw(out, 0, job, 0);
     if (this.rules.stopIds.has(first)) {
       this.step.reset(slot);
       item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
@@ -275,11 +278,12 @@ export class SlotEngine {
     const counts = stepped.map((b) => b?.count.add(this.rules.tokenKind(b.next)));
     // Each row's next token is drawn with its item's own parameters and n-th uniform: in the graph, or here from the logits.
     const inGraph = this.step.sampleInGraph;
-    const sample = inGraph ? stepped.map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 }) : undefined;
+    const candidates = this.step.hostCandidates;
+    const sample = inGraph || candidates ? stepped.map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 }) : undefined;
     const started = performance.now();
     let out;
     try {
-      out = await this.step.decode(tokens, { counts, sample, hidden: false, logits: !inGraph, steer: stepped.map((b) => b?.item.job.steering) });
+      out = await this.step.decode(tokens, { counts, sample, candidates, hidden: false, logits: !inGraph, steer: stepped.map((b) => b?.item.job.steering) });
     } catch (err) {
       // The step failed for every row: the items in it fail, the slots are free again.
       this.slots.forEach((b, s) => {
@@ -290,7 +294,6 @@ export class SlotEngine {
       });
       return;
     }
-    const V = this.step.metadata.vocab_size;
     let active = 0;
     const finished: [number, boolean][] = [];
     this.slots.forEach((b, s) => {
@@ -298,7 +301,7 @@ export class SlotEngine {
       active++;
       const { job } = b.item;
       if (b.responseIds.length >= job.maxNew) return finished.push([s, false]);
-      const token = inGraph ? Number(out.tokens![s]) : sampleToken(out.logits.subarray(s * V, (s + 1) * V), job.temperature, job.topP, job.uniforms[b.responseIds.length]);
+      const token = inGraph ? Number(out.tokens![s]) : this.draw(out, s, job, b.responseIds.length);
       if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);
       b.next = token;
@@ -306,6 +309,15 @@ export class SlotEngine {
     });
     this.onStep({ active, rows, seconds: (performance.now() - started) / 1000 });
     for (const [s, stopped] of finished) await this.finish(s, stopped);
+  }
+
+  /** Row `row`'s token drawn on the host, its item's n-th: among the graph's candidates where they hold the nucleus, else from the logits. */
+  private draw(out: StepResult, row: number, job: SequenceJob, n: number): number {
+    const V = this.step.metadata.vocab_size;
+    const { token, fromCandidates } = drawToken(out.logits.subarray(row * V, (row + 1) * V), out.candidates, row, job.temperature, job.topP, job.uniforms[n]);
+    if (fromCandidates) this.draws.candidates++;
+    else this.draws.vocabulary++;
+    return token;
   }
 
   /** Reads a finished item's sums (before its slot can be reused) and frees the slot. */

@@ -29,6 +29,8 @@ export interface StepFeeds {
    * skips its sampler), and [batch] temperature, top_p and uniform per row (temperature 0: greedy).
    */
   sample?: { draw: boolean; temperature: Float32Array; topP: Float32Array; uniform: Float32Array };
+  /** Return each row's candidates (a graph that gives them, with `sample`: their temperature is the row's). */
+  candidates?: boolean;
   /** For a graph that takes interventions: the rows' (STEERING_INPUTS, [layers built, batch, ...]); absent: none this run. */
   steer?: SteeringFeeds;
 }
@@ -62,4 +64,13 @@ export interface StepResult {
   logits: Float32Array;
   /** Each row's token sampled by the graph from its last logits position (a graph that samples, its last stage). */
   tokens?: BigInt64Array;
+  /** When asked of a graph that gives them: each row's k most probable ids, [rows * k] (StepGraphMetadata.candidates). */
+  candidates?: Candidates;
+}
+
+/** Each row's k most probable ids from its last logits position, descending (ties by id), with their probabilities. */
+export interface Candidates {
+  k: number;
+  probs: Float32Array;
+  ids: BigInt64Array;
 }

@@ -1,6 +1,6 @@
 import { ModelMetadata, STEP_INPUTS, StepGraphMetadata } from '../../contracts/modelDirectory';
 import type { TokenWeights } from './responseMean';
-import { KernelShape, STEP_RUNTIMES, StepKernel, StepResult, StepRuntime } from './stepKernel';
+import { Candidates, KernelShape, STEP_RUNTIMES, StepKernel, StepResult, StepRuntime } from './stepKernel';
 import { OrtApi } from './native/capi';
 import { NativeKernel } from './native/nativeKernel';
 import { checkedGraph, CPU, ModelLoadError, Placement, placementName, readMetadata } from './session';
@@ -8,7 +8,7 @@ import { Steering, steeringFeeds } from './steering';
 import { StockKernel } from './stockKernel';
 
 export { STEP_RUNTIMES } from './stepKernel';
-export type { StepFeeds, StepKernel, StepResult, StepRuntime } from './stepKernel';
+export type { Candidates, StepFeeds, StepKernel, StepResult, StepRuntime } from './stepKernel';
 
 export interface StepSessionOptions {
   /** Sequences held at once, each in its own part of every layer's KV buffer. */
@@ -30,6 +30,12 @@ export interface StepSessionOptions {
    * the graph's full one).
    */
   sampleInGraph?: boolean;
+  /**
+   * When the host samples: whether it looks for each row's nucleus among the candidates the
+   * graph gives (StepGraphMetadata.candidates) before the whole vocabulary. Default: yes, where
+   * the graph gives them; off, the host always samples from the logits (the tests' reference).
+   */
+  hostCandidates?: boolean;
 }
 
 /** How a row's next token is drawn (the host sampler's parameters; temperature 0 is greedy). */
@@ -78,6 +84,8 @@ export class StepSession {
     readonly slotLength: number,
     /** Whether the engine samples in the graph (StepSessionOptions.sampleInGraph). */
     readonly sampleInGraph: boolean,
+    /** Whether the host's draws start from the graph's candidates (StepSessionOptions.hostCandidates). */
+    readonly hostCandidates: boolean,
     /** Why the stock runtime runs where auto would have had the native one. */
     readonly fallback?: string,
   ) {
@@ -133,7 +141,8 @@ export class StepSession {
     const { file } = await checkedGraph(dir, step.graph, step.graph_sha256);
     const shape: KernelShape = { metadata, step, layers: metadata.layers ?? [0, metadata.num_layers], slots: opts.slots, slotLength: opts.slotLength };
     const kernel = runtime === 'native' ? await NativeKernel.create(file, placement, shape) : await StockKernel.create(file, placement, shape);
-    return new StepSession(metadata, step, kernel, opts.slots, opts.slotLength, opts.sampleInGraph ?? placement.provider === 'cuda', fallback);
+    const sampleInGraph = opts.sampleInGraph ?? placement.provider === 'cuda';
+    return new StepSession(metadata, step, kernel, opts.slots, opts.slotLength, sampleInGraph, !sampleInGraph && opts.hostCandidates !== false && (step.candidates ?? 0) > 0, fallback);
   }
 
   /** Forgets a slot's sequence (its buffer rows stay, for `reusePrefix`, until a run overwrites them). */
@@ -179,11 +188,12 @@ export class StepSession {
    * Runs `ids` into `slot` after what it holds, `chunk` tokens per run (all at once by default).
    * `logits`: 'last' (the default) for the last position's, 'all' for every position's,
    * 'none' when only the graph's sampled token is wanted (`sample`: its parameters; greedy by
-   * default). `hidden` (default true): return each captured layer's hidden states. With
+   * default). `candidates`: the graph gives the last position's candidates under `sample`'s
+   * temperature and draws nothing (the host draws). `hidden` (default true): return each captured layer's hidden states. With
    * running sums: `fresh` starts the slot's sums afresh, and `weights[i]` is position i's
    * weight in the sum (none by default).
    */
-  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all' | 'none'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number>; sample?: Sampling; steer?: Steering } = {}): Promise<StepResult> {
+  async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all' | 'none'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number>; sample?: Sampling; candidates?: boolean; steer?: Steering } = {}): Promise<StepResult> {
     this.checkSlot(slot);
     if (this.lengths[slot] > 0 && this.steeredBy[slot] !== opts.steer?.id) throw new SlotError(`slot ${slot} holds a sequence run with ${this.steeredBy[slot] ?? 'no intervention'}: it cannot go on with ${opts.steer?.id ?? 'none'}`);
     if (ids.length === 0) throw new SlotError('a prefill needs at least one token');
@@ -195,6 +205,7 @@ export class StepSession {
     const hiddenParts: Float32Array[][] = [];
     const logitParts: Float32Array[] = [];
     let tokens: BigInt64Array | undefined;
+    let candidates: Candidates | undefined;
     for (let at = 0; at < ids.length; at += chunk) {
       const part = ids.slice(at, at + chunk);
       const past = this.lengths[slot];
@@ -207,15 +218,15 @@ export class StepSession {
         if (opts.weights) for (let i = 0; i < part.length; i++) weights[i] = opts.weights[at + i] ?? 0;
         sums = { weights, mix: opts.fresh && at === 0 ? new Float32Array(4) : Float32Array.of(1, 0, 0, 1) };
       }
-      const out = await this.run(slot, [part], [past], positions, { hidden: opts.hidden ?? true, logits: opts.logits !== 'none', sums, sample: isLast && opts.sample ? [opts.sample] : undefined, steer: opts.steer ? [opts.steer] : undefined });
+      const out = await this.run(slot, [part], [past], positions, { hidden: opts.hidden ?? true, logits: opts.logits !== 'none', sums, sample: isLast && opts.sample ? [opts.sample] : undefined, candidates: isLast && opts.candidates, steer: opts.steer ? [opts.steer] : undefined });
       this.lengths[slot] = past + part.length;
       this.steeredBy[slot] = opts.steer?.id;
       this.held[slot] = [...this.held[slot].slice(0, past), ...part];
       hiddenParts.push(out.hidden);
       if (opts.logits === 'all' || isLast) logitParts.push(out.logits);
-      if (isLast) tokens = out.tokens;
+      if (isLast) [tokens, candidates] = [out.tokens, out.candidates];
     }
-    return { hidden: opts.hidden ?? true ? this.hiddenOf(hiddenParts) : [], logits: concat(logitParts), tokens };
+    return { hidden: opts.hidden ?? true ? this.hiddenOf(hiddenParts) : [], logits: concat(logitParts), tokens, candidates };
   }
 
   /**
@@ -223,11 +234,12 @@ export class StepSession {
    * step costs what the busy slots need when they are the lowest ones): `tokens[s]` is fed to
    * slot s (undefined: the slot is idle, and its row is computed but neither kept nor counted).
    * `counts[s]`: how the fed token's hidden state joins slot s's running sums (none if absent);
-   * `sample[s]`: slot s's sampling parameters for the token the graph draws (greedy if absent).
+   * `sample[s]`: slot s's sampling parameters for the token the graph draws (greedy if absent),
+   * or with `candidates`, those of the candidates it gives the host (it draws nothing).
    * Returns each row's sampled token, its logits unless `logits` is false, and its hidden
    * states unless `hidden` is false.
    */
-  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; sample?: (Sampling | undefined)[]; hidden?: boolean; logits?: boolean; steer?: (Steering | undefined)[] } = {}): Promise<StepResult> {
+  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; sample?: (Sampling | undefined)[]; candidates?: boolean; hidden?: boolean; logits?: boolean; steer?: (Steering | undefined)[] } = {}): Promise<StepResult> {
     if (tokens.length < 1 || tokens.length > this.slots) throw new SlotError(`a decoding step feeds slots 0..k-1 of ${this.slots}: got ${tokens.length} tokens`);
     const slots = [...Array(tokens.length).keys()];
     for (const s of slots) {
@@ -249,7 +261,7 @@ export class StepSession {
       sums = { weights, mix };
     }
     const steer = opts.steer?.some(Boolean) ? slots.map((s) => (tokens[s] === undefined ? undefined : opts.steer?.[s])) : undefined;
-    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample: opts.sample && slots.map((s) => opts.sample?.[s]), steer });
+    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample: opts.sample && slots.map((s) => opts.sample?.[s]), candidates: opts.candidates, steer });
     for (const s of slots) {
       const token = tokens[s];
       if (token === undefined) {
@@ -301,7 +313,7 @@ export class StepSession {
   }
 
   /** One run over consecutive slots from `firstSlot`, each with its tokens after `past` held ones. */
-  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], opts: { hidden: boolean; logits: boolean; sums?: RunSums; sample?: (Sampling | undefined)[]; steer?: (Steering | undefined)[] }): Promise<StepResult> {
+  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], opts: { hidden: boolean; logits: boolean; sums?: RunSums; sample?: (Sampling | undefined)[]; candidates?: boolean; steer?: (Steering | undefined)[] }): Promise<StepResult> {
     const batch = ids.length;
     const steer = opts.steer && steeringFeeds(opts.steer, this.layers, this.metadata.hidden_size);
     if (steer && !this.step.steering) throw new SlotError('this model was built before interventions (capping): build it again with this axis-model');
@@ -321,10 +333,12 @@ export class StepSession {
       hidden: opts.hidden,
       logits: opts.logits,
       steer,
+      candidates: opts.candidates,
       // A graph that samples is always told whether to draw (rows without parameters draw greedily).
       sample: this.step.sampling
         ? {
-            draw: opts.sample !== undefined,
+            // With candidates, the rows' parameters are theirs (their temperature), and the host draws.
+            draw: opts.sample !== undefined && !opts.candidates,
             temperature: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.temperature ?? 0),
             topP: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.topP ?? 1),
             uniform: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.uniform ?? 0),

@@ -86,6 +86,8 @@ export class StockKernel implements StepKernel {
       feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample.uniform, [f.batch]);
       if (f.sample.draw) fetches[STEP_OUTPUTS.nextTokens] = null;
     }
+    const candidates = f.logitsPositions && f.sample && f.candidates ? step.candidates : undefined;
+    if (candidates) fetches[STEP_OUTPUTS.candidateProbs] = fetches[STEP_OUTPUTS.candidateIds] = null;
     if (f.steer && !step.steering) throw new Error('this step graph was built before interventions (capping): build the model again');
     if (step.steering) {
       // Without interventions this run: `steer` false, and rows of zeros the graph does not read.
@@ -101,6 +103,7 @@ export class StockKernel implements StepKernel {
       tokens: sampling ? (out[STEP_OUTPUTS.nextTokens].data as BigInt64Array) : undefined,
       hidden: f.hidden ? step.hidden_state_outputs.map((name) => out[name].data as Float32Array) : [],
       logits: f.logitsPositions && f.logits ? (out[STEP_OUTPUTS.logits].data as Float32Array) : new Float32Array(0),
+      candidates: candidates ? { k: candidates, probs: out[STEP_OUTPUTS.candidateProbs].data as Float32Array, ids: out[STEP_OUTPUTS.candidateIds].data as BigInt64Array } : undefined,
     };
   }
 

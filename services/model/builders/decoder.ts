@@ -2,7 +2,7 @@ import type { CheckpointReader, HfConfig } from '../checkpoint';
 import { CheckpointError } from '../checkpoint';
 import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { DataType, GraphBuilder, MS_DOMAIN, STORAGE_TYPES } from '../graph';
-import { sampleTokens } from '../sampler';
+import { candidatesOf, sampleTokens, sampleTokensAndCandidates } from '../sampler';
 
 export interface DecoderDims {
   numLayers: number;
@@ -23,6 +23,8 @@ export interface BuildOptions {
   layers?: [number, number];
   /** Take interventions after each block (STEERING_INPUTS): the step graph (not the portable one, which other tools run, nor the generation graph's Loop body). */
   steering?: boolean;
+  /** The step graph's last stage: each row's this many most probable ids for a host that samples (STEP_OUTPUTS.candidateProbs); 0 or absent: none. */
+  candidates?: number;
 }
 
 /**
@@ -91,6 +93,8 @@ export interface GraphSignature {
   sampling?: boolean;
   /** The graph takes interventions (STEERING_INPUTS). */
   steering?: boolean;
+  /** The step graph gives each row's this many most probable ids (STEP_OUTPUTS.candidateProbs, candidateIds). */
+  candidates?: number;
 }
 
 /** Values built once per graph and used by every layer. */
@@ -550,6 +554,7 @@ export class DecoderBuilder {
       }
     }
     let sampling = false;
+    let candidates = 0;
     if (values.logits) {
       const logits = this.toFloat(values.logits);
       g.output(logits, this.names.logits, DataType.FLOAT, ['batch_size', step ? 'logits_count' : 'sequence_length', vocab]);
@@ -561,13 +566,32 @@ export class DecoderBuilder {
         sampling = true;
         g.input(STEP_INPUTS.sampleInGraph, DataType.BOOL, []);
         for (const name of [STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform]) g.input(name, DataType.FLOAT, ['batch_size']);
+        // With `candidates` (k), both branches also give each row's k most probable ids: sliced
+        // from the sampler's sort, or selected by a TopK of k (the host then samples from them).
+        const k = Math.min(opts.candidates ?? 0, vocab);
+        const withCandidates = (b: GraphBuilder, c: { probs: string; ids: string }) => {
+          b.output(c.probs, b.fresh('candidate_probs'), DataType.FLOAT, ['batch_size', k]);
+          b.output(c.ids, b.fresh('candidate_ids'), DataType.INT64, ['batch_size', k]);
+        };
         const drawn = g.child();
         const last = drawn.node('Gather', [logits, drawn.constInt64([-1], [])], { axis: 1 });
-        drawn.output(sampleTokens(drawn, last, STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform), drawn.fresh('drawn_tokens'), DataType.INT64, ['batch_size']);
+        const params = [STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform] as const;
+        if (k) {
+          const sampled = sampleTokensAndCandidates(drawn, last, ...params, k);
+          drawn.output(sampled.tokens, drawn.fresh('drawn_tokens'), DataType.INT64, ['batch_size']);
+          withCandidates(drawn, sampled);
+        } else drawn.output(sampleTokens(drawn, last, ...params), drawn.fresh('drawn_tokens'), DataType.INT64, ['batch_size']);
         const skipped = g.child();
         skipped.output(skipped.node('ConstantOfShape', [skipped.node('Shape', [STEP_INPUTS.temperature])], { value: GraphBuilder.tensor([0], [1], DataType.INT64) }), skipped.fresh('no_tokens'), DataType.INT64, ['batch_size']);
-        g.nodeNamed('If', [STEP_INPUTS.sampleInGraph], [STEP_OUTPUTS.nextTokens], { then_branch: { graph: drawn.subgraph('sample') }, else_branch: { graph: skipped.subgraph('no_sample') } });
+        if (k) withCandidates(skipped, candidatesOf(skipped, skipped.node('Gather', [logits, skipped.constInt64([-1], [])], { axis: 1 }), STEP_INPUTS.temperature, k));
+        const ifOutputs = [STEP_OUTPUTS.nextTokens, ...(k ? [STEP_OUTPUTS.candidateProbs, STEP_OUTPUTS.candidateIds] : [])];
+        g.nodeNamed('If', [STEP_INPUTS.sampleInGraph], ifOutputs, { then_branch: { graph: drawn.subgraph('sample') }, else_branch: { graph: skipped.subgraph('no_sample') } });
         g.output(STEP_OUTPUTS.nextTokens, STEP_OUTPUTS.nextTokens, DataType.INT64, ['batch_size']);
+        if (k) {
+          g.output(STEP_OUTPUTS.candidateProbs, STEP_OUTPUTS.candidateProbs, DataType.FLOAT, ['batch_size', k]);
+          g.output(STEP_OUTPUTS.candidateIds, STEP_OUTPUTS.candidateIds, DataType.INT64, ['batch_size', k]);
+          candidates = k;
+        }
       }
     }
     const presentLength = step ? 'max_length' : 'total_sequence_length';
@@ -575,6 +599,6 @@ export class DecoderBuilder {
       g.output(this.names.presentKey(l), this.names.presentKey(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
       g.output(this.names.presentValue(l), this.names.presentValue(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
     }
-    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums, sampling, steering: !!opts.steering };
+    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums, sampling, steering: !!opts.steering, ...(candidates ? { candidates } : {}) };
   }
 }

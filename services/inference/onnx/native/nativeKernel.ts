@@ -2,7 +2,7 @@ import koffi from 'koffi';
 import { idleSteering } from '../steering';
 import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
 import { CUDA_PROVIDER_DEFAULTS, ModelLoadError, Placement, placementName } from '../session';
-import { KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
+import { Candidates, KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
 import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, OrtApi, OrtCallError } from './capi';
 import { copyGraph } from './copyGraph';
 
@@ -173,6 +173,7 @@ export class NativeKernel implements StepKernel {
     const logits = new Float32Array(f.logits ? f.batch * count * metadata.vocab_size : 0);
     if (f.logitsPositions && f.logits) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [f.batch, count, metadata.vocab_size]));
     let tokens: BigInt64Array | undefined;
+    let candidates: Candidates | undefined;
     if (f.logitsPositions && f.sample) {
       bind('BindInput', STEP_INPUTS.sampleInGraph, this.host(held, Uint8Array.of(f.sample.draw ? 1 : 0), 'bool', []));
       bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample.temperature, 'float32', [f.batch]));
@@ -181,6 +182,12 @@ export class NativeKernel implements StepKernel {
       if (f.sample.draw) {
         tokens = new BigInt64Array(f.batch);
         bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
+      }
+      if (f.candidates && step.candidates) {
+        const k = step.candidates;
+        candidates = { k, probs: new Float32Array(f.batch * k), ids: new BigInt64Array(f.batch * k) };
+        bind('BindOutput', STEP_OUTPUTS.candidateProbs, this.host(held, candidates.probs, 'float32', [f.batch, k]));
+        bind('BindOutput', STEP_OUTPUTS.candidateIds, this.host(held, candidates.ids, 'int64', [f.batch, k]));
       }
     }
     if (f.steer && !step.steering) throw new OrtCallError('this step graph was built before interventions (capping): build the model again');
@@ -196,7 +203,7 @@ export class NativeKernel implements StepKernel {
     }
     // The arrays stay referenced (by this frame) until the run is over.
     await api.callAsync(api.fn.RunWithBinding, [this.session, null, this.binding], 'running the step graph');
-    return { hidden, logits, tokens };
+    return { hidden, logits, tokens, candidates };
   }
 
   copySlot(from: number, to: number, positions: number): Promise<void> {
