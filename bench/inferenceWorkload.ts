@@ -48,7 +48,7 @@ export async function prepare(): Promise<{ capture: string; plain: string }> {
     const meta = path.join(dir, 'axis_model.json');
     // Builds from before the step graph, before it could sample, take interventions or give the host candidates, or of an older checkpoint are made again.
     const built = fs.existsSync(meta) ? (JSON.parse(fs.readFileSync(meta, 'utf8')) as ModelMetadata) : undefined;
-    const stale = !built || !built.step?.inputs.includes(STEP_INPUTS.sampleInGraph) || !built.step.steering || (withCapture && !built.step.candidates) || fs.statSync(meta).mtimeMs < fs.statSync(config).mtimeMs;
+    const stale = !built || !built.step?.inputs.includes(STEP_INPUTS.sampleInGraph) || !built.step.steering || !built.step.candidates || fs.statSync(meta).mtimeMs < fs.statSync(config).mtimeMs;
     if (stale) {
       fs.rmSync(dir, { recursive: true, force: true });
       process.stderr.write(`building ${path.basename(dir)}\n`);
