@@ -25,9 +25,9 @@ export interface StepSessionOptions {
   runtime?: StepRuntime | 'auto';
   /**
    * Whether the engine has the graph draw each token (the logits stay where they are made) or
-   * samples on the host from the logits. Default: in the graph on CUDA, on the host on the CPU
-   * (where the logits are in host memory already and the host's partial sort is cheaper than
-   * the graph's full one).
+   * samples on the host (from the graph's candidates, else the logits). Default: in the graph
+   * on CUDA, on the host on the CPU (where the logits are in host memory already and the
+   * host's partial sort is cheaper than the graph's full one).
    */
   sampleInGraph?: boolean;
   /**

@@ -561,8 +561,8 @@ export class DecoderBuilder {
       if (step) {
         // Each row's next token, sampled in the graph from its last logits position when
         // `sample_in_graph` says so (on a GPU, so that a step's logits need not cross to the
-        // host); otherwise the sort is skipped (an If: on a CPU it costs more than the host's
-        // partial sort of logits already in host memory) and the tokens are zeros.
+        // host); otherwise the full sort is skipped (an If: on a CPU it costs more than the
+        // host's partial sort of logits already in host memory) and the tokens are zeros.
         sampling = true;
         g.input(STEP_INPUTS.sampleInGraph, DataType.BOOL, []);
         for (const name of [STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform]) g.input(name, DataType.FLOAT, ['batch_size']);
