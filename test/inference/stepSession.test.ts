@@ -174,6 +174,9 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
     const drawn = await session.kernel.run({ firstSlot: 0, batch: 2, length: 1, inputIds: BigInt64Array.of(BigInt(idsA[5]), BigInt(idsB[4])), positionIds: BigInt64Array.from(seqlens, BigInt), seqlensK: seqlens, totalSequenceLength: Math.max(...seqlens) + 1, logitsPositions: BigInt64Array.of(0n), sumWeights: new Float32Array(4), sumMix: Float32Array.of(1, 0, 0, 1, 1, 0, 0, 1), hidden: false, logits: true, candidates: true, sample: { draw: true, temperature: Float32Array.from(temperatures), topP: Float32Array.of(0.9, 0.9), uniform: Float32Array.of(0.2, 0.6) } });
     expect(drawn.tokens?.length).toBe(2);
     for (const r of [0, 1]) check(drawn.logits.subarray(r * V, (r + 1) * V), drawn.candidates!.probs.subarray(r * k, (r + 1) * k), drawn.candidates!.ids.subarray(r * k, (r + 1) * k), temperatures[r]);
+    // A step of greedy rows selects nothing (the host takes their argmax from the logits).
+    const greedy = await session.decode([idsA[6], idsB[5]], { sample: [0, 1].map(() => ({ temperature: 0, topP: 0.9, uniform: 0.5 })), candidates: true, hidden: false });
+    expect(greedy.candidates!.probs.every((p) => p === 0)).toBe(true);
     await session.close();
   });
 

@@ -583,7 +583,19 @@ export class DecoderBuilder {
         } else drawn.output(sampleTokens(drawn, last, ...params), drawn.fresh('drawn_tokens'), DataType.INT64, ['batch_size']);
         const skipped = g.child();
         skipped.output(skipped.node('ConstantOfShape', [skipped.node('Shape', [STEP_INPUTS.temperature])], { value: GraphBuilder.tensor([0], [1], DataType.INT64) }), skipped.fresh('no_tokens'), DataType.INT64, ['batch_size']);
-        if (k) withCandidates(skipped, candidatesOf(skipped, skipped.node('Gather', [logits, skipped.constInt64([-1], [])], { axis: 1 }), STEP_INPUTS.temperature, k));
+        if (k) {
+          // Only when some row samples (a temperature above 0): a step of greedy rows selects nothing (zeros).
+          const select = skipped.child();
+          withCandidates(select, candidatesOf(select, select.node('Gather', [logits, select.constInt64([-1], [])], { axis: 1 }), STEP_INPUTS.temperature, k));
+          const none = skipped.child();
+          const dims = none.node('Concat', [none.node('Shape', [STEP_INPUTS.temperature]), none.constInt64([k])], { axis: 0 });
+          none.output(none.node('ConstantOfShape', [dims], { value: GraphBuilder.tensor([0], [1], DataType.FLOAT) }), none.fresh('no_candidate_probs'), DataType.FLOAT, ['batch_size', k]);
+          none.output(none.node('ConstantOfShape', [dims], { value: GraphBuilder.tensor([0], [1], DataType.INT64) }), none.fresh('no_candidate_ids'), DataType.INT64, ['batch_size', k]);
+          const anyHot = skipped.node('Greater', [skipped.node('ReduceMax', [STEP_INPUTS.temperature], { keepdims: 0 }), skipped.constFloat([0], [])]);
+          const [probs, ids] = [skipped.fresh('candidate_probs'), skipped.fresh('candidate_ids')];
+          skipped.nodeNamed('If', [anyHot], [probs, ids], { then_branch: { graph: select.subgraph('select_candidates') }, else_branch: { graph: none.subgraph('no_candidates') } });
+          withCandidates(skipped, { probs, ids });
+        }
         const ifOutputs = [STEP_OUTPUTS.nextTokens, ...(k ? [STEP_OUTPUTS.candidateProbs, STEP_OUTPUTS.candidateIds] : [])];
         g.nodeNamed('If', [STEP_INPUTS.sampleInGraph], ifOutputs, { then_branch: { graph: drawn.subgraph('sample') }, else_branch: { graph: skipped.subgraph('no_sample') } });
         g.output(STEP_OUTPUTS.nextTokens, STEP_OUTPUTS.nextTokens, DataType.INT64, ['batch_size']);
