@@ -105,6 +105,13 @@ export interface StepGraphMetadata {
    * builds before them: the host then samples from the logits alone.
    */
   candidates?: number;
+  /**
+   * The graph (its last stage) takes an empty `logits_positions`: a run that wants no logits
+   * (an Extract, a prompt's chunk before the last) then computes none and reads none of the
+   * output projection's weights. Absent in builds before it: such a run asks for its last
+   * position's.
+   */
+  empty_logits_positions?: boolean;
 }
 
 export const STEP_INPUTS = {

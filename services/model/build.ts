@@ -80,6 +80,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       ...(stepSignature.sampling ? { sampling: true } : {}),
       ...(stepSignature.steering ? { steering: true } : {}),
       ...(stepSignature.candidates ? { candidates: stepSignature.candidates } : {}),
+      ...(stepSignature.sampling ? { empty_logits_positions: true } : {}),
     };
     log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];

@@ -68,8 +68,22 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
     expect(session.lengths[0]).toBe(idsA.length);
     // 'last': the last position's logits only.
     session.reset(0);
+    // The chunks before the last run no logits position (the head's weights are not read).
+    const kernel = session.kernel;
+    const positions: number[] = [];
+    const run = kernel.run.bind(kernel);
+    kernel.run = (f) => (positions.push(f.logitsPositions!.length), run(f));
     const last = await session.prefill(0, idsA, { chunk: 4 });
     expect(relativeError(last.logits, rows(refA.logits, V, idsA.length - 1, idsA.length))).toBeLessThanOrEqual(1e-4);
+    expectClose(last.hidden, undefined, refA, 0, idsA.length);
+    expect(positions).toEqual([0, 0, 1]);
+    // 'none' (an Extract's): no position in any run, and the hidden states as before.
+    session.reset(0);
+    positions.length = 0;
+    const none = await session.prefill(0, idsA, { chunk: 4, logits: 'none' });
+    expect(positions).toEqual([0, 0, 0]);
+    expect(none.logits.length).toBe(0);
+    expectClose(none.hidden, undefined, refA, 0, idsA.length);
     await session.close();
   });
 

@@ -210,7 +210,10 @@ export class StepSession {
       const part = ids.slice(at, at + chunk);
       const past = this.lengths[slot];
       const isLast = at + chunk >= ids.length;
-      const positions = opts.logits === 'all' ? part.map((_, i) => i) : [part.length - 1];
+      // No position when nothing of this run's logits is wanted (an Extract, a chunk before the
+      // last): the graph then reads none of the output projection's weights.
+      const wanted = (isLast && (opts.logits !== 'none' || opts.sample !== undefined)) || !this.step.empty_logits_positions;
+      const positions = opts.logits === 'all' ? part.map((_, i) => i) : wanted ? [part.length - 1] : [];
       let sums: RunSums | undefined;
       if (this.keepsSums) {
         // Row 0 of the weights: each position's weight in the sum; the mix keeps the sums, or starts them afresh on the first run.

@@ -285,7 +285,8 @@ export class DecoderBuilder {
     const g = this.g;
     const rows = g.node('Reshape', [x, g.constInt64([-1, inFeatures])]);
     const y = g.node('Gemm', bias ? [rows, weight, bias] : [rows, weight], { transB: 1 });
-    return g.node('Reshape', [y, g.node('Concat', [this.shared.batchAndSequence, g.constInt64([outFeatures])], { axis: 0 })]);
+    // allowzero: the dims are real ones (from Shape), and a step graph's head may run no position at all.
+    return g.node('Reshape', [y, g.node('Concat', [this.shared.batchAndSequence, g.constInt64([outFeatures])], { axis: 0 })], { allowzero: 1 });
   }
 
   // ---------- shared structure ----------
