@@ -6,6 +6,7 @@ import { createLogger } from '../shared/logger';
 import { createRegistry } from '../shared/metrics';
 import { runMain, startService } from '../shared/server';
 import { createBackend } from './backends';
+import type { HostDraws } from './onnx';
 import { ChatServer } from './chatServer';
 import { chatMetrics, inferenceMetrics, monitorMetrics } from './metrics';
 import { ProjectionMonitor } from './monitor';
@@ -33,6 +34,10 @@ async function main(): Promise<void> {
     running: () => service?.running ?? 0,
     batchSize: () => backend.currentBatchSize() ?? Math.min(1, service?.running ?? 0),
   });
+  const countDraws = (d?: HostDraws) => {
+    if (d?.candidates) metrics.hostDraws.inc({ source: 'candidates' }, d.candidates);
+    if (d?.vocabulary) metrics.hostDraws.inc({ source: 'vocabulary' }, d.vocabulary);
+  };
   const backend = createBackend(cfg, {
     onBatch: (b) => {
       metrics.batchSizes.observe(b.size);
@@ -41,11 +46,13 @@ async function main(): Promise<void> {
     onStep: (s) => {
       metrics.stepTokens.observe(s.active);
       metrics.stepSeconds.observe(s.seconds);
+      countDraws(s.drawn);
     },
     onGenerator: (outcome) => metrics.generatorRequests.inc({ outcome }),
     onPrefill: (p) => {
       metrics.prefixCacheQueries.inc(p.tokens);
       metrics.prefixCacheHits.inc(p.reused);
+      countDraws(p.drawn);
     },
     warn: (msg) => log.warn(msg),
     info: (msg) => log.info(msg),

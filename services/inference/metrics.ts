@@ -41,6 +41,7 @@ export function inferenceMetrics(registry: Registry, load: InferenceLoad) {
     // vLLM's prefix-cache counters, in tokens: the hit rate is hits / queries.
     prefixCacheQueries: new prom.Counter({ name: 'axis_inference_prefix_cache_queries_total', help: 'Prompt tokens prefilled by the slots engine, reused or not', registers }),
     prefixCacheHits: new prom.Counter({ name: 'axis_inference_prefix_cache_hits_total', help: 'Prompt tokens whose keys and values were reused from a slot instead of computed', registers }),
+    hostDraws: new prom.Counter({ name: 'axis_inference_host_draws_total', help: 'Tokens drawn on the host (a CPU), by where: candidates (among the most probable ids the step graph gives) or vocabulary (from the whole logits: greedy rows, top_p 1, a nucleus past the candidates)', labelNames: ['source'], registers }),
     generatorRequests: new prom.Counter({ name: 'axis_inference_generator_requests_total', help: 'Requests to the generator (--generator openai), by outcome: ok, rate_limited, server_error, timeout, dropped (each retried), refused, failed (out of attempts)', labelNames: ['outcome'], registers }),
     batchSeconds: new prom.Histogram({ name: 'axis_inference_batch_seconds', help: 'Time to run one batch to its end', buckets: [0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers }),
     items: new prom.Counter({ name: 'axis_inference_items_total', help: 'Items answered, by RPC and outcome', labelNames: ['rpc', 'outcome'], registers }),

@@ -5,7 +5,7 @@ import { LoadedModel } from '../../services/inference/onnx/model';
 import { libraryPath, OrtApi } from '../../services/inference/onnx/native/capi';
 import { NativeKernel } from '../../services/inference/onnx/native/nativeKernel';
 import type { SequenceJob, SequenceResult } from '../../services/inference/onnx/runner';
-import { SlotRunner } from '../../services/inference/onnx/slotEngine';
+import { HostDraws, SlotRunner } from '../../services/inference/onnx/slotEngine';
 import { StepRuntime, StepSession } from '../../services/inference/onnx/stepSession';
 import { buildModel } from '../../services/model/build';
 import { writeTinyCheckpoint } from '../../services/model/tiny';
@@ -77,14 +77,16 @@ describe('the native step runtime', () => {
   it('draws the same tokens from the graph\'s candidates as from the whole vocabulary\'s logits, on either runtime', async () => {
     const tokens: Record<string, number[][]> = {};
     for (const [name, runtime, hostCandidates] of [['native, candidates', 'native', true], ['native, logits only', 'native', false], ['stock, candidates', 'stock', true]] as const) {
-      const m = await LoadedModel.load(modelDir, { decode: 'slots', slots: { slots: 3, slotLength: 256, prefillChunk: 7, policy: 'fifo', runtime, hostCandidates } });
+      // The host's draws as the engine reports them to the metrics (each prefill's first token, then each step's).
+      const draws = { candidates: 0, vocabulary: 0 };
+      const tally = (d?: HostDraws) => d && ((draws.candidates += d.candidates), (draws.vocabulary += d.vocabulary));
+      const m = await LoadedModel.load(modelDir, { decode: 'slots', slots: { slots: 3, slotLength: 256, prefillChunk: 7, policy: 'fifo', runtime, hostCandidates, onStep: (st) => tally(st.drawn), onPrefill: (p) => tally(p.drawn) } });
       try {
         expect((m.runner as SlotRunner).step.hostCandidates).toBe(hostCandidates);
         // Greedy, top_p 1 and nucleus items (jobs() makes every fourth greedy; these add top_p 1).
         const all = jobs(m, 12, (i) => 3 + ((7 * i) % 19)).map((j, i) => (i % 6 === 1 ? { ...j, topP: 1 } : j));
         const results = await Promise.all(all.map((j) => engineOf(m).submit(j, false)));
         tokens[name] = results.map((r) => r.responseIds);
-        const { draws } = engineOf(m);
         const drawn = results.reduce((n, r) => n + r.responseIds.length + (r.stopped ? 1 : 0), 0);
         // Every token (a stop token included) was drawn once on the host: from the candidates wherever they could serve.
         expect(draws.candidates + draws.vocabulary).toBe(drawn);

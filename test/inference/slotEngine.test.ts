@@ -60,7 +60,7 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
   const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number; prefixReuse?: boolean; runtime?: 'native' | 'stock'; policy?: 'fifo' | 'chat-first'; chatSlots?: number } = {}) =>
     LoadedModel.load(modelDir, {
       decode: 'slots',
-      slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: extra.policy ?? 'fifo', chatSlots: extra.chatSlots, staticBatches: extra.staticBatches, prefixReuse: extra.prefixReuse, runtime: extra.runtime, onStep: (s) => steps.push(s), onPrefill: (p) => prefills.push(p) },
+      slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: extra.policy ?? 'fifo', chatSlots: extra.chatSlots, staticBatches: extra.staticBatches, prefixReuse: extra.prefixReuse, runtime: extra.runtime, onStep: (s) => steps.push(s), onPrefill: (p) => prefills.push({ tokens: p.tokens, reused: p.reused }) },
     });
 
   it('gives each item the text and activation it gets alone, whatever its slot, neighbours and joining step', async () => {

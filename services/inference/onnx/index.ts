@@ -10,7 +10,7 @@ import { StepSession } from './stepSession';
 export { OnnxBackend, parsePlacements } from './backend';
 export type { OnnxOptions } from './backend';
 export type { BatchStats } from './engine';
-export type { PrefillStats, SlotPolicy, StepStats } from './slotEngine';
+export type { HostDraws, PrefillStats, SlotPolicy, StepStats } from './slotEngine';
 export { SLOT_POLICIES } from './slotEngine';
 export { ModelLoadError, parseCudaOptions } from './session';
 export { CAPPING_FORMAT, CappingConfig, SteeringError } from './steering';

@@ -38,6 +38,17 @@ export type Lane = 'run' | 'chat';
 export interface PrefillStats {
   tokens: number;
   reused: number;
+  /** Its first token's draw on the host (none: an Extract, or drawn by the graph). */
+  drawn?: HostDraws;
+}
+
+/**
+ * Tokens drawn on the host: from the graph's candidates, or from the whole vocabulary's logits
+ * (greedy rows, top_p 1, a nucleus that goes past the candidates, a graph without them).
+ */
+export interface HostDraws {
+  candidates: number;
+  vocabulary: number;
 }
 
 /** One decoding step, for the metrics. */
@@ -47,6 +58,8 @@ export interface StepStats {
   /** Rows the step ran: the busy slots (gaps are closed first); in static batching, the whole batch. */
   rows: number;
   seconds: number;
+  /** Its tokens drawn on the host (all zeros when the graph draws). */
+  drawn: HostDraws;
 }
 
 export class CancelledError extends Error {
@@ -88,8 +101,6 @@ export class SlotEngine {
   private closed = false;
   /** Static batching: the rows of the batch in flight. */
   private batchRows = 0;
-  /** Tokens drawn on the host so far: from the graph's candidates, and from the whole vocabulary's logits (greedy rows, top_p 1, a nucleus past the candidates). */
-  readonly draws = { candidates: 0, vocabulary: 0 };
 
   constructor(
     private readonly step: StepSession,
@@ -210,7 +221,6 @@ export class SlotEngine {
     const firstWeighted = extract && job.weights ? job.weights.findIndex((w) => w !== 0) : -1;
     const limit = Math.min(job.ids.length - 1, firstWeighted >= 0 ? firstWeighted : Infinity);
     const reused = this.opts.prefixReuse === false ? 0 : await this.step.reusePrefix(slot, job.ids, limit, job.steering?.id);
-    this.onPrefill({ tokens: job.ids.length, reused });
     // The slot's sums start afresh; an Extract item's answer positions are weighted in this prefill.
     const out = await this.step.prefill(slot, job.ids.slice(reused), {
       chunk: this.opts.prefillChunk,
@@ -224,6 +234,7 @@ export class SlotEngine {
     });
     const { num_layers: L, hidden_size: d } = this.step.metadata;
     if (extract) {
+      this.onPrefill({ tokens: job.ids.length, reused });
       // Extract: the weighted mean of the answer positions, from this prefill alone.
       const total = this.step.keepsSums ? Array.from(job.weights ?? [], Number).reduce((t, w) => t + (w || 0), 0) : 0;
       const mean = total ? await this.meanOf(slot, total) : new Float32Array(L * d);
@@ -231,7 +242,9 @@ export class SlotEngine {
       item.resolve({ responseIds: [], stopped: false, mean, counted: total });
       return;
     }
-    const first = this.step.sampleInGraph ? Number(out.tokens![0]) : this.draw(out, 0, job, 0);
+    const drawn: HostDraws = { candidates: 0, vocabulary: 0 };
+    const first = this.step.sampleInGraph ? Number(out.tokens![0]) : this.draw(out, 0, job, 0, drawn);
+    this.onPrefill({ tokens: job.ids.length, reused, ...(this.step.sampleInGraph ? {} : { drawn }) });
     if (this.rules.stopIds.has(first)) {
       this.step.reset(slot);
       item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
@@ -295,28 +308,28 @@ export class SlotEngine {
       return;
     }
     let active = 0;
+    const drawn: HostDraws = { candidates: 0, vocabulary: 0 };
     const finished: [number, boolean][] = [];
     this.slots.forEach((b, s) => {
       if (!b) return;
       active++;
       const { job } = b.item;
       if (b.responseIds.length >= job.maxNew) return finished.push([s, false]);
-      const token = inGraph ? Number(out.tokens![s]) : this.draw(out, s, job, b.responseIds.length);
+      const token = inGraph ? Number(out.tokens![s]) : this.draw(out, s, job, b.responseIds.length, drawn);
       if (this.rules.stopIds.has(token)) return finished.push([s, true]);
       b.responseIds.push(token);
       b.next = token;
       if (b.item.job.onToken?.(token) === true) finished.push([s, true]);
     });
-    this.onStep({ active, rows, seconds: (performance.now() - started) / 1000 });
+    this.onStep({ active, rows, seconds: (performance.now() - started) / 1000, drawn });
     for (const [s, stopped] of finished) await this.finish(s, stopped);
   }
 
-  /** Row `row`'s token drawn on the host, its item's n-th: among the graph's candidates where they hold the nucleus, else from the logits. */
-  private draw(out: StepResult, row: number, job: SequenceJob, n: number): number {
+  /** Row `row`'s token drawn on the host, its item's n-th: among the graph's candidates where they hold the nucleus, else from the logits (counted in `tally`). */
+  private draw(out: StepResult, row: number, job: SequenceJob, n: number, tally: HostDraws): number {
     const V = this.step.metadata.vocab_size;
     const { token, fromCandidates } = drawToken(out.logits.subarray(row * V, (row + 1) * V), out.candidates, row, job.temperature, job.topP, job.uniforms[n]);
-    if (fromCandidates) this.draws.candidates++;
-    else this.draws.vocabulary++;
+    tally[fromCandidates ? 'candidates' : 'vocabulary']++;
     return token;
   }
 
