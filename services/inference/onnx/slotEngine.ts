@@ -289,7 +289,7 @@ export class SlotEngine {
     const stepped = this.slots.slice(0, rows);
     const tokens = stepped.map((b) => b?.next);
     const counts = stepped.map((b) => b?.count.add(this.rules.tokenKind(b.next)));
-    // Each row's next token is drawn with its item's own parameters and n-th uniform: in the graph, or here from the logits.
+    // Each row's next token is drawn with its item's own parameters and n-th uniform: in the graph, or here (from the graph's candidates, else the logits).
     const inGraph = this.step.sampleInGraph;
     const candidates = this.step.hostCandidates;
     const sample = inGraph || candidates ? stepped.map((b) => b && { temperature: b.item.job.temperature, topP: b.item.job.topP, uniform: b.item.job.uniforms[b.responseIds.length] ?? 0 }) : undefined;
