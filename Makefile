@@ -5,7 +5,7 @@ export ONNXRUNTIME_NODE_INSTALL := skip
 NODE_MODULES := node_modules/.package-lock.json
 BUILD_STAMP := dist/.built
 
-.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference bench-extract bench-project bench-chat bench-fullscale soak helm
+.PHONY: install build demo test test-long up down clean lint docs bench-build bench-judge bench-aggregation bench-inference bench-sampler bench-extract bench-project bench-chat bench-fullscale soak helm
 
 install: $(NODE_MODULES)
 
@@ -62,6 +62,10 @@ bench-aggregation: build
 # Continuous batching over 16 slots against static batching, the --no-capture build and transformers.js (about 20 minutes).
 bench-inference: build
 	node dist/bench/inference.js
+
+# The step graph's own draw (a GPU's) by a partial sort against the whole vocabulary's sort, on the CPU (about 8 minutes).
+bench-sampler: build
+	node dist/bench/sampler.js
 
 bench-extract: build
 	node dist/bench/extract.js

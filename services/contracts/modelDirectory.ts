@@ -112,6 +112,13 @@ export interface StepGraphMetadata {
    * position's.
    */
   empty_logits_positions?: boolean;
+  /**
+   * The graph's own draw (`sample_in_graph`, a GPU's) sorts only what the step's rows need: a
+   * step of greedy rows takes their argmax alone, and a nucleus that ends among the `candidates`
+   * is drawn from them; only a step with a row past them (or at top_p >= 1) sorts the whole
+   * vocabulary. Absent in builds before it: every drawing step sorts the whole vocabulary.
+   */
+  partial_sort_sampling?: boolean;
 }
 
 export const STEP_INPUTS = {

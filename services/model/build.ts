@@ -81,6 +81,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       ...(stepSignature.steering ? { steering: true } : {}),
       ...(stepSignature.candidates ? { candidates: stepSignature.candidates } : {}),
       ...(stepSignature.sampling ? { empty_logits_positions: true } : {}),
+      ...(stepSignature.sampling && stepSignature.candidates ? { partial_sort_sampling: true } : {}),
     };
     log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];

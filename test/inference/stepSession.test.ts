@@ -149,6 +149,10 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
     }
     // Not all greedy in disguise: many draws left the most probable token.
     expect(drawn).toBeGreaterThan(3);
+    // The steps above mixed the sampler's paths (the nucleus among the candidates; past them or
+    // top_p 1: the whole vocabulary's sort). A step of greedy rows only takes each row's argmax.
+    const greedy = await session.decode([idsA[1], idsB[1]], { sample: [0, 1].map(() => ({ temperature: 0, topP: 0.9, uniform: 0.5 })), hidden: false });
+    for (const r of [0, 1]) expect(Number(greedy.tokens![r])).toBe(argmax(greedy.logits.subarray(r * V, (r + 1) * V)));
     await session.close();
   });
 
