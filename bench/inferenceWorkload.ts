@@ -46,9 +46,9 @@ export async function prepare(): Promise<{ capture: string; plain: string }> {
   }
   for (const [dir, withCapture] of [[capture, true], [plain, false]] as const) {
     const meta = path.join(dir, 'axis_model.json');
-    // Builds from before the step graph, before it could sample, take interventions, give the host candidates, run no logits position or draw by a partial sort, or of an older checkpoint are made again.
+    // Builds from before the step graph, before it could sample, take interventions, give the host candidates, run no logits position, draw by a partial sort or take a joining row, or of an older checkpoint are made again.
     const built = fs.existsSync(meta) ? (JSON.parse(fs.readFileSync(meta, 'utf8')) as ModelMetadata) : undefined;
-    const stale = !built || !built.step?.inputs.includes(STEP_INPUTS.sampleInGraph) || !built.step.steering || !built.step.candidates || !built.step.empty_logits_positions || !built.step.partial_sort_sampling || fs.statSync(meta).mtimeMs < fs.statSync(config).mtimeMs;
+    const stale = !built || !built.step?.inputs.includes(STEP_INPUTS.sampleInGraph) || !built.step.steering || !built.step.candidates || !built.step.empty_logits_positions || !built.step.partial_sort_sampling || !built.step.join || fs.statSync(meta).mtimeMs < fs.statSync(config).mtimeMs;
     if (stale) {
       fs.rmSync(dir, { recursive: true, force: true });
       process.stderr.write(`building ${path.basename(dir)}\n`);

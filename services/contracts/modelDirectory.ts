@@ -119,6 +119,12 @@ export interface StepGraphMetadata {
    * vocabulary. Absent in builds before it: every drawing step sorts the whole vocabulary.
    */
   partial_sort_sampling?: boolean;
+  /**
+   * The graph takes a joining row beside its decoding rows (JOIN_INPUTS): an item's prompt run
+   * in the same run as the other slots' decoding step, so that the weights are read once for
+   * both. Absent in builds before it: every prompt is its own run.
+   */
+  join?: boolean;
 }
 
 export const STEP_INPUTS = {
@@ -153,6 +159,38 @@ export const STEP_INPUTS = {
   temperature: 'temperature',
   topP: 'top_p',
   uniform: 'uniform',
+} as const;
+
+/**
+ * The joining row of a step graph built with `join`: one slot's prompt tokens [1, J] run beside
+ * the decoding rows [B, 1], through the same weights (the tokens of both, one after the other,
+ * go through every matrix product together), each with its own attention over its own slot's
+ * KV buffer. Its logits (last position) follow the decoding rows' as row B of `logits` and of
+ * the sampling rows (`temperature`, `top_p`, `uniform` and the candidates then have B + 1
+ * rows). J = 0: no joining row (its buffers are not read).
+ */
+export const JOIN_INPUTS = {
+  /** [1, J] int64. */
+  inputIds: 'join_input_ids',
+  /** [1, J] int64. */
+  positionIds: 'join_position_ids',
+  /** [1] int32: the joining slot's filled length after this run, minus one. */
+  seqlensK: 'join_seqlens_k',
+  /** int32 scalar: the same plus one. */
+  totalSequenceLength: 'join_total_sequence_length',
+  /** [1, kv_heads, join_length, head_dim]: the joining slot's part of layer l's KV buffer, bound as `join_present.{l}.*` too. */
+  pastKey: (l: number) => `join_past_key_values.${l}.key`,
+  pastValue: (l: number) => `join_past_key_values.${l}.value`,
+  /** [1, 2, J], [1, 2, 2], [1, 2, hidden] float32: the joining slot's running sums, as STEP_INPUTS' (capture builds). */
+  responseWeights: 'join_response_weights',
+  sumsMix: 'join_sums_mix',
+  responseSums: (l: number) => `join_response_sums.${l}`,
+} as const;
+
+export const JOIN_OUTPUTS = {
+  presentKey: (l: number) => `join_present.${l}.key`,
+  presentValue: (l: number) => `join_present.${l}.value`,
+  responseSumsOut: (l: number) => `join_response_sums_out.${l}`,
 } as const;
 
 /**

@@ -66,7 +66,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
     await fs.writeFile(path.join(tmp, MODEL_FILES.graph), graphBytes);
     // The step graph: the same weights, used as stored (no cast), GroupQueryAttention over fixed KV buffers.
     const stepGraph = new GraphBuilder(new WrittenWeights(data), dtype, undefined, false);
-    const stepSignature = await builderFor(config, ckpt, stepGraph, { kind: 'step' }).build({ capture: opts.capture, layers: opts.layers, steering: true, candidates: opts.candidates ?? STEP_CANDIDATES });
+    const stepSignature = await builderFor(config, ckpt, stepGraph, { kind: 'step' }).build({ capture: opts.capture, layers: opts.layers, steering: true, candidates: opts.candidates ?? STEP_CANDIDATES, join: true });
     const stepBytes = stepGraph.encode(`${config.model_type}-step`, 'assistant-axis');
     await fs.writeFile(path.join(tmp, MODEL_FILES.step), stepBytes);
     const step: StepGraphMetadata = {
@@ -82,6 +82,7 @@ export async function buildModel(opts: BuildModelOptions, log: (msg: string) => 
       ...(stepSignature.candidates ? { candidates: stepSignature.candidates } : {}),
       ...(stepSignature.sampling ? { empty_logits_positions: true } : {}),
       ...(stepSignature.sampling && stepSignature.candidates ? { partial_sort_sampling: true } : {}),
+      ...(stepSignature.join ? { join: true } : {}),
     };
     log(`wrote the step graph ${MODEL_FILES.step} (computing in ${dtype})`);
     let decodeLoop: ModelMetadata['decode_loop'];

@@ -127,7 +127,17 @@ describe('the native step runtime', () => {
       const L = step.metadata.num_layers;
       expect(third.sums.length).toBe(L);
       for (const a of [...third.keys, ...third.values, ...third.sums]) expect(third.boundOutputs).toContain(a);
-      expect(third.boundOutputs.length).toBe(3 * L + 1);
+      // The tokens, and the idle joining row's small buffers (keys, values, sums of each layer), bound in place too.
+      expect(third.boundOutputs.length).toBe(3 * L + 1 + 3 * L);
+      // A prompt joining a step: its slot's part of each buffer, bound in place beside the step's.
+      step.reset(1);
+      await step.decode([10], { join: { slot: 1, ids: [7, 7, 7], fresh: true } });
+      const fourth = kernel.addresses();
+      for (const a of [...fourth.keys, ...fourth.values]) {
+        expect(fourth.boundOutputs).toContain(a);
+        expect(fourth.boundOutputs).toContain(a + slotBytes);
+      }
+      expect([...step.lengths]).toEqual([7, 3]);
     } finally {
       await step.close();
     }

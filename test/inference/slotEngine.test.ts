@@ -57,18 +57,21 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
   afterAll(() => host?.close());
 
   const prefills: PrefillStats[] = [];
-  const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number; prefixReuse?: boolean; runtime?: 'native' | 'stock'; policy?: 'fifo' | 'chat-first'; chatSlots?: number } = {}) =>
+  const load = (slots: number, extra: { staticBatches?: boolean; slotLength?: number; prefixReuse?: boolean; runtime?: 'native' | 'stock'; policy?: 'fifo' | 'chat-first'; chatSlots?: number; joinPrompts?: boolean; prefillChunk?: number } = {}) =>
     LoadedModel.load(modelDir, {
       decode: 'slots',
-      slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: 7, policy: extra.policy ?? 'fifo', chatSlots: extra.chatSlots, staticBatches: extra.staticBatches, prefixReuse: extra.prefixReuse, runtime: extra.runtime, onStep: (s) => steps.push(s), onPrefill: (p) => prefills.push({ tokens: p.tokens, reused: p.reused }) },
+      slots: { slots, slotLength: extra.slotLength ?? 256, prefillChunk: extra.prefillChunk ?? 7, policy: extra.policy ?? 'fifo', chatSlots: extra.chatSlots, staticBatches: extra.staticBatches, prefixReuse: extra.prefixReuse, runtime: extra.runtime, joinPrompts: extra.joinPrompts, onStep: (s) => steps.push(s), onPrefill: (p) => prefills.push({ tokens: p.tokens, reused: p.reused, ...(p.joined ? { joined: true } : {}) }) },
     });
 
   it('gives each item the text and activation it gets alone, whatever its slot, neighbours and joining step', async () => {
     expect(alone.some((r) => r.responseIds.length >= 10)).toBe(true);
-    for (const [slots, order] of [[3, [0, 1, 2, 3, 4, 5]], [2, [5, 3, 1, 0, 2, 4]], [6, [4, 0, 5, 1, 3, 2]]] as [number, number[]][]) {
-      const m = await load(slots);
+    // Prompts join the decoding step's run by default (the first batch has runs of its own):
+    // their last chunk of 7 tokens, or (chunks of 64) the whole of what is not reused. The last case runs every prompt alone.
+    for (const [slots, order, joinPrompts, prefillChunk] of [[3, [0, 1, 2, 3, 4, 5], true, 7], [2, [5, 3, 1, 0, 2, 4], true, 7], [6, [4, 0, 5, 1, 3, 2], true, 7], [2, [1, 4, 0, 5, 2, 3], true, 64], [3, [0, 1, 2, 3, 4, 5], false, 7]] as [number, number[], boolean, number][]) {
+      const m = await load(slots, { joinPrompts, prefillChunk });
       try {
         steps.length = 0;
+        prefills.length = 0;
         const all = jobs(m);
         const results = await Promise.all(order.map((i) => slotsOf(m).engine.submit(all[i], false)));
         order.forEach((i, k) => expectSame(results[k], alone[i]));
@@ -78,6 +81,8 @@ describe.each([['llama'], ['gemma2']] as [TinyArch][])('%s: the slots engine', (
         if (slots === 6) expect(new Set(steps.map((s) => s.rows)).size).toBeGreaterThan(3);
         // Items joined while others were decoding: some step ran fewer items than there were slots, others as many.
         if (slots < 6) expect(steps.some((s) => s.active === slots)).toBe(true);
+        // The items after the first batch joined a step (joining off: none did).
+        expect(prefills.filter((p) => p.joined).length).toBe(joinPrompts && slots < 6 ? 6 - slots : 0);
       } finally {
         await m.close();
       }

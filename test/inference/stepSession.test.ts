@@ -1,5 +1,6 @@
 import * as path from 'node:path';
 import { sampleToken } from '../../services/inference/onnx/sampling';
+import type { Steering } from '../../services/inference/onnx/steering';
 import { StepSession } from '../../services/inference/onnx/stepSession';
 import { buildModel } from '../../services/model/build';
 import { TINY_ARCHITECTURES, TinyArch, writeTinyCheckpoint } from '../../services/model/tiny';
@@ -124,6 +125,74 @@ describe.each(TINY_ARCHITECTURES.map((a) => [a]))('%s step graph', (arch) => {
       expect(relativeError(out.logits.subarray(0, V), rows(refB.logits, V, 3 + t, 4 + t))).toBeLessThanOrEqual(1e-4);
     }
     await session.close();
+  });
+
+  it.each([['native'], ['stock']] as const)('runs a joining prompt in the same run as a decoding step (%s runtime): every row as the reference, its sums, its draw, and its slot decodes on', async (runtime) => {
+    const session = await StepSession.load(modelDir, { slots: 3, slotLength: 16, runtime });
+    expect(session.step.join).toBe(true);
+    await session.prefill(0, idsA.slice(0, 4));
+    await session.prefill(1, idsB.slice(0, 2));
+    // Slot 2 starts from slot 1's first two tokens (a reused prefix, as the engine does), and the next three join the step.
+    expect(await session.reusePrefix(2, idsB, 2)).toBe(2);
+    const sample = { temperature: 0.9, topP: 0.8, uniform: 0.3 };
+    const out = await session.decode([idsA[4], idsB[2]], { sample: [undefined, sample], join: { slot: 2, ids: idsB.slice(2, 5), weights: [0, 1, 1], fresh: true, sample } });
+    // Rows 0 and 1: the step's; row 2: the joining prompt's last position.
+    expect(out.logits.length).toBe(3 * V);
+    for (const [r, ref, p] of [[0, refA, 4], [1, refB, 2], [2, refB, 4]] as const) expect(relativeError(out.logits.subarray(r * V, (r + 1) * V), rows(ref.logits, V, p, p + 1))).toBeLessThanOrEqual(1e-4);
+    // Hidden states are the step's rows' only.
+    for (let l = 0; l < L; l++) {
+      expect(out.hidden[l].length).toBe(2 * d);
+      expect(relativeError(out.hidden[l].subarray(0, d), rows(refA.hidden[l], d, 4, 5))).toBeLessThanOrEqual(1e-4);
+    }
+    // Each row drawn by its own parameters (row 0 greedy), the joining row's too.
+    expect(Number(out.tokens![0])).toBe(argmax(out.logits.subarray(0, V)));
+    for (const r of [1, 2]) expect(Number(out.tokens![r])).toBe(sampleToken(out.logits.subarray(r * V, (r + 1) * V), sample.temperature, sample.topP, sample.uniform));
+    expect([...session.lengths]).toEqual([5, 3, 5]);
+    // Its sums: positions 3 and 4 of idsB, weighted 1.
+    const sums = await session.readSum(2);
+    for (let l = 0; l < L; l++) {
+      const want = rows(refB.hidden[l], d, 3, 4).map((x, i) => x + refB.hidden[l][4 * d + i]);
+      expect(relativeError(sums.subarray(l * d, (l + 1) * d), want)).toBeLessThanOrEqual(1e-4);
+    }
+    // The joined slot decodes on from what the joining run wrote.
+    const next = await session.decode([idsA[5], idsB[3], idsB[5]]);
+    expect(relativeError(next.logits.subarray(2 * V, 3 * V), rows(refB.logits, V, 5, 6))).toBeLessThanOrEqual(1e-4);
+    expect(relativeError(next.logits.subarray(V, 2 * V), rows(refB.logits, V, 3, 4))).toBeLessThanOrEqual(1e-4);
+    // A joining slot among the step's, or one too full, is refused before anything runs.
+    await expect(session.decode([idsA[6], idsB[4]], { join: { slot: 1, ids: [3] } })).rejects.toThrow("a joining prompt goes into a slot after the step's (0..1), not 1");
+    await expect(session.decode([idsA[6]], { join: { slot: 2, ids: idsA } })).rejects.toThrow('17 tokens do not fit a slot of 16 (6 held, 11 new)');
+    expect([...session.lengths]).toEqual([6, 4, 6]);
+    await session.close();
+  });
+
+  it('runs a joining prompt with its own interventions beside rows with theirs, as runs of their own do', async () => {
+    // Caps at 0 along fixed unit vectors, one experiment per row.
+    const capping = (id: string, seed: number): Steering => ({
+      id,
+      layers: new Map(
+        Array.from({ length: L }, (_, l) => {
+          const v = Float32Array.from({ length: d }, (_, i) => Math.sin(seed + l * 31 + i * 0.11));
+          const n = Math.hypot(...v);
+          return [l, { layer: l, unit: v.map((x) => x / n), add: new Float32Array(d), beta: 1, tau: 0, gamma: 0 }];
+        }),
+      ),
+    });
+    const [a, b] = [capping('a', 1), capping('b', 2)];
+    const alone = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
+    await alone.prefill(0, idsA.slice(0, 4), { steer: a });
+    const promptB = await alone.prefill(1, idsB.slice(0, 5), { steer: b });
+    const stepA = await alone.decode([idsA[4]], { steer: [a] });
+    await alone.close();
+    // The interventions change what they touch (this is not a test of nothing).
+    expect(relativeError(promptB.logits, rows(refB.logits, V, 4, 5))).toBeGreaterThan(1e-3);
+    const joined = await StepSession.load(modelDir, { slots: 2, slotLength: 16 });
+    await joined.prefill(0, idsA.slice(0, 4), { steer: a });
+    const out = await joined.decode([idsA[4]], { steer: [a], join: { slot: 1, ids: idsB.slice(0, 5), fresh: true, steer: b } });
+    expect(relativeError(out.logits.subarray(0, V), stepA.logits)).toBeLessThanOrEqual(1e-5);
+    expect(relativeError(out.logits.subarray(V, 2 * V), promptB.logits)).toBeLessThanOrEqual(1e-5);
+    // Its slot goes on only with the same experiment.
+    await expect(joined.decode([idsA[5], idsB[5]], { steer: [a, undefined] })).rejects.toThrow('slot 1 holds a sequence run with b: it cannot go on with none');
+    await joined.close();
   });
 
   it('samples in the graph by the host sampler\'s rule: greedy, temperature and nucleus, each row with its own uniform', async () => {

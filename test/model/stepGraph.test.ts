@@ -48,13 +48,16 @@ describe.each(cases)('%s step graph in %s', (arch, dtype) => {
       expect(n.input.slice(3, 5)).toEqual([`past_key_values.${l}.key`, `past_key_values.${l}.value`]);
       expect(n.output.slice(1)).toEqual([`present.${l}.key`, `present.${l}.value`]);
     });
+    // The joining row's attention, each layer's in an If (it runs only when a prompt joins), over its slot's part of the same buffers.
+    const joins = g.node.filter((n) => n.opType === 'If' && n.output[1]?.startsWith('join_present.'));
+    expect(joins.map((n) => n.output.slice(1))).toEqual(Array.from({ length: L }, (_, l) => [`join_present.${l}.key`, `join_present.${l}.value`]));
     // No cache grown by Concat, no repeated KV heads.
     expect(g.node.filter((n) => n.opType === 'Expand' || (n.opType === 'Concat' && n.input.some((i) => i.startsWith('past_key_values'))))).toEqual([]);
 
     const typeOf = (v: (typeof g.input)[number]) => (v.type!.value.value as { elemType: number }).elemType;
     for (const v of [...g.input, ...g.output]) {
-      const kv = /^(past_key_values|present)\./.test(v.name);
-      const expected = kv ? half : v.name === 'sample_in_graph' || v.name === 'steer' ? DataType.BOOL : v.name === 'seqlens_k' || v.name === 'total_sequence_length' ? DataType.INT32 : /ids|positions|next_tokens/.test(v.name) ? DataType.INT64 : DataType.FLOAT;
+      const kv = /^(join_)?(past_key_values|present)\./.test(v.name);
+      const expected = kv ? half : v.name === 'sample_in_graph' || v.name === 'steer' ? DataType.BOOL : /^(join_)?(seqlens_k|total_sequence_length)$/.test(v.name) ? DataType.INT32 : /ids|positions|next_tokens/.test(v.name) ? DataType.INT64 : DataType.FLOAT;
       expect({ name: v.name, type: typeOf(v) }).toEqual({ name: v.name, type: expected });
     }
     if (arch === 'gemma2') {

@@ -21,7 +21,7 @@ export interface LoadOptions {
    */
   decode?: 'slots' | 'loop' | 'host';
   /** The slots of the `slots` engine (from the memory plan). */
-  slots?: { slots: number; slotLength: number; prefillChunk: number; policy: SlotPolicy; staticBatches?: boolean; runtime?: StepRuntime | 'auto'; sampleInGraph?: boolean; hostCandidates?: boolean; prefixReuse?: boolean; chatSlots?: number; onStep?: (s: StepStats) => void; onPrefill?: (p: PrefillStats) => void };
+  slots?: { slots: number; slotLength: number; prefillChunk: number; policy: SlotPolicy; staticBatches?: boolean; runtime?: StepRuntime | 'auto'; sampleInGraph?: boolean; hostCandidates?: boolean; prefixReuse?: boolean; chatSlots?: number; joinPrompts?: boolean; onStep?: (s: StepStats) => void; onPrefill?: (p: PrefillStats) => void };
   /** One placement per stage (a whole model is one stage); default CPU. */
   placements?: Placement[];
   /** Accept a generation graph built with --no-capture (benchmarks only: no activations). */

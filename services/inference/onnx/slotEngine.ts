@@ -2,7 +2,7 @@ import { ResponseCount } from './responseMean';
 import type { BatchRunner, SequenceJob, SequenceResult, TokenRules } from './runner';
 import type { Placement } from './session';
 import { drawToken } from './sampling';
-import { SlotError, StepResult, StepSession } from './stepSession';
+import { Join, SlotError, StepResult, StepSession } from './stepSession';
 
 /**
  * Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first, whoever
@@ -30,6 +30,13 @@ export interface SlotEngineOptions {
   prefixReuse?: boolean;
   /** `chat-first`: slots kept for chat items (at most the slots less one). */
   chatSlots?: number;
+  /**
+   * Whether a waiting item's prompt runs in the same run as the next decoding step (one item a
+   * step, where the model's step graph takes a joining row: StepGraphMetadata.join) instead of
+   * a run of its own: the weights are read once for both (default on). Extract items and the
+   * first batch (nothing decoding yet) have runs of their own.
+   */
+  joinPrompts?: boolean;
 }
 
 export type Lane = 'run' | 'chat';
@@ -40,6 +47,8 @@ export interface PrefillStats {
   reused: number;
   /** Its first token's draw on the host (none: an Extract, or drawn by the graph). */
   drawn?: HostDraws;
+  /** Its prompt ran in a decoding step's run (its last chunk, for a long one). */
+  joined?: boolean;
 }
 
 /**
@@ -163,38 +172,58 @@ export class SlotEngine {
     try {
       for (;;) {
         this.releaseCancelled();
-        await this.admit();
+        const joining = await this.admit();
         await this.closeGaps();
         if (!this.slots.some(Boolean)) {
-          if (this.queue.length === 0) return;
+          // Nothing decodes for it to join: a run of its own.
+          if (joining) await this.admitAlone(this.slots.findIndex((b) => !b), joining);
+          if (this.queue.length === 0 && !this.slots.some(Boolean)) return;
           continue;
         }
-        await this.decodeStep();
+        await this.decodeStep(joining);
       }
     } finally {
       this.pumping = false;
     }
   }
 
-  /** Prefills waiting items into free slots, lowest first (so a step's rows stay few). */
-  private async admit(): Promise<void> {
+  /**
+   * Prefills waiting items into free slots, lowest first (so a step's rows stay few). While
+   * slots decode (continuous batching), the first item that can join the next step is returned
+   * instead (it takes a free slot there), and the items after it wait for the steps after.
+   */
+  private async admit(): Promise<Item | undefined> {
     if (this.opts.staticBatches) {
-      if (this.slots.some(Boolean)) return;
+      if (this.slots.some(Boolean)) return undefined;
       this.batchRows = Math.min(this.queue.length, this.slots.length);
     }
+    const joins = this.opts.joinPrompts !== false && !this.opts.staticBatches && this.step.step.join === true && this.slots.some(Boolean);
+    let joining: Item | undefined;
     for (let s = 0; s < this.slots.length && this.queue.length > 0; s++) {
       if (this.slots[s]) continue;
       const at = this.next();
       if (at < 0) break;
-      const [item] = this.queue.splice(at, 1);
-      try {
-        await this.prefill(s, item);
-      } catch (err) {
-        // A failing item fails alone; its slot is free again.
-        this.step.reset(s);
-        this.slots[s] = undefined;
-        item.reject(err);
+      const waiting = this.queue[at];
+      if (joins && !waiting.extract && waiting.job.maxNew > 0) {
+        // One joining prompt a step; this free slot is left for it.
+        if (joining) break;
+        joining = this.queue.splice(at, 1)[0];
+        continue;
       }
+      await this.admitAlone(s, this.queue.splice(at, 1)[0]);
+    }
+    return joining;
+  }
+
+  /** An item's prompt in a run of its own into free slot `slot`. */
+  private async admitAlone(slot: number, item: Item): Promise<void> {
+    try {
+      await this.prefill(slot, item);
+    } catch (err) {
+      // A failing item fails alone; its slot is free again.
+      this.step.reset(slot);
+      this.slots[slot] = undefined;
+      item.reject(err);
     }
   }
 
@@ -212,8 +241,7 @@ export class SlotEngine {
 
   private async prefill(slot: number, item: Item): Promise<void> {
     const { job } = item;
-    const needs = job.ids.length + job.maxNew;
-    if (needs > this.step.slotLength) throw new SlotError(`the item needs ${needs} tokens (${job.ids.length} of prompt, up to ${job.maxNew} new), more than a slot holds (${this.step.slotLength})`);
+    this.checkFits(job);
     this.step.reset(slot);
     const extract = item.extract || job.maxNew === 0;
     // At least the last prompt token is run (its logits draw the first token, and the run
@@ -242,9 +270,53 @@ export class SlotEngine {
       item.resolve({ responseIds: [], stopped: false, mean, counted: total });
       return;
     }
+    this.start(slot, item, out, 0, reused, false);
+  }
+
+  private checkFits(job: SequenceJob): void {
+    const needs = job.ids.length + job.maxNew;
+    if (needs > this.step.slotLength) throw new SlotError(`the item needs ${needs} tokens (${job.ids.length} of prompt, up to ${job.maxNew} new), more than a slot holds (${this.step.slotLength})`);
+  }
+
+  /**
+   * Readies a joining item's slot, the first free one after the step's `rows`: the prefix it
+   * reuses, and the chunks of a long prompt before its last in runs of their own. Undefined
+   * (the item failed alone) when it cannot run.
+   */
+  private async prepareJoin(item: Item, rows: number): Promise<{ join: Join; reused: number } | undefined> {
+    const { job } = item;
+    const slot = this.slots.findIndex((b, s) => !b && s >= rows);
+    try {
+      if (item.signal?.aborted) throw new CancelledError('cancelled while waiting for a slot');
+      // The admission left a slot free for it, and the busy ones were moved below it.
+      if (slot < 0) throw new SlotError('no free slot after the decoding ones for a joining prompt');
+      this.checkFits(job);
+      this.step.reset(slot);
+      const reused = this.opts.prefixReuse === false ? 0 : await this.step.reusePrefix(slot, job.ids, job.ids.length - 1, job.steering?.id);
+      let ids = job.ids.slice(reused);
+      let fresh = true;
+      const chunk = this.opts.prefillChunk;
+      if (ids.length > chunk) {
+        await this.step.prefill(slot, ids.slice(0, ids.length - chunk), { chunk, hidden: false, fresh: true, logits: 'none', steer: job.steering });
+        ids = ids.slice(ids.length - chunk);
+        fresh = false;
+      }
+      const sample = this.step.sampleInGraph || this.step.hostCandidates ? { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] } : undefined;
+      return { join: { slot, ids, fresh, sample, steer: job.steering }, reused };
+    } catch (err) {
+      if (slot >= 0) this.step.reset(slot);
+      item.reject(err);
+      return undefined;
+    }
+  }
+
+  /** An item whose prompt has run into `slot`: its first token, drawn from row `row` of `out`; the slot decodes it next unless it ends there. */
+  private start(slot: number, item: Item, out: StepResult, row: number, reused: number, joined: boolean): void {
+    const { job } = item;
+    const { num_layers: L, hidden_size: d } = this.step.metadata;
     const drawn: HostDraws = { candidates: 0, vocabulary: 0 };
-    const first = this.step.sampleInGraph ? Number(out.tokens![0]) : this.draw(out, 0, job, 0, drawn);
-    this.onPrefill({ tokens: job.ids.length, reused, ...(this.step.sampleInGraph ? {} : { drawn }) });
+    const first = this.step.sampleInGraph ? Number(out.tokens![row]) : this.draw(out, row, job, 0, drawn);
+    this.onPrefill({ tokens: job.ids.length, reused, ...(this.step.sampleInGraph ? {} : { drawn }), ...(joined ? { joined } : {}) });
     if (this.rules.stopIds.has(first)) {
       this.step.reset(slot);
       item.resolve({ responseIds: [], stopped: true, mean: new Float32Array(L * d), counted: 0 });
@@ -283,9 +355,14 @@ export class SlotEngine {
     }
   }
 
-  /** One decoding step of the busy slots: feed each its next token (counted into its sums in the step), sample the one after. */
-  private async decodeStep(): Promise<void> {
+  /**
+   * One decoding step of the busy slots: feed each its next token (counted into its sums in the
+   * step), sample the one after; `joining`'s prompt runs in the same run, into a free slot after
+   * theirs, and its first token is drawn with theirs.
+   */
+  private async decodeStep(joining?: Item): Promise<void> {
     const rows = Math.max(this.opts.staticBatches ? this.batchRows : 0, this.slots.reduce((top, b, s) => (b ? s + 1 : top), 0));
+    const joined = joining && (await this.prepareJoin(joining, rows));
     const stepped = this.slots.slice(0, rows);
     const tokens = stepped.map((b) => b?.next);
     const counts = stepped.map((b) => b?.count.add(this.rules.tokenKind(b.next)));
@@ -296,8 +373,12 @@ export class SlotEngine {
     const started = performance.now();
     let out;
     try {
-      out = await this.step.decode(tokens, { counts, sample, candidates, hidden: false, logits: !inGraph, steer: stepped.map((b) => b?.item.job.steering) });
+      out = await this.step.decode(tokens, { counts, sample, candidates, hidden: false, logits: !inGraph, steer: stepped.map((b) => b?.item.job.steering), join: joined?.join });
     } catch (err) {
+      if (joined) {
+        this.step.reset(joined.join.slot);
+        joining!.reject(err);
+      }
       // The step failed for every row: the items in it fail, the slots are free again.
       this.slots.forEach((b, s) => {
         if (!b) return;
@@ -322,6 +403,8 @@ export class SlotEngine {
       if (b.item.job.onToken?.(token) === true) finished.push([s, true]);
     });
     this.onStep({ active, rows, seconds: (performance.now() - started) / 1000, drawn });
+    // The joining item's first token: the row after the step's.
+    if (joined) this.start(joined.join.slot, joining!, out, rows, joined.reused, true);
     for (const [s, stopped] of finished) await this.finish(s, stopped);
   }
 

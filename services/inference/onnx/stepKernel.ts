@@ -31,8 +31,25 @@ export interface StepFeeds {
   sample?: { draw: boolean; temperature: Float32Array; topP: Float32Array; uniform: Float32Array };
   /** Return each row's candidates (a graph that gives them, with `sample`: their temperature is the row's). */
   candidates?: boolean;
-  /** For a graph that takes interventions: the rows' (STEERING_INPUTS, [layers built, batch, ...]); absent: none this run. */
+  /** For a graph that takes interventions: the rows' (STEERING_INPUTS, [layers built, batch (+ 1 with a joining row), ...]); absent: none this run. */
   steer?: SteeringFeeds;
+  /**
+   * For a graph that takes a joining row (StepGraphMetadata.join): a slot outside the run's,
+   * whose prompt tokens run beside the rows (absent: none). Its last position's logits,
+   * candidates and token are row `batch` of the results, and `sample` then has batch + 1 rows.
+   */
+  join?: JoinFeeds;
+}
+
+/** The joining row of a run (JOIN_INPUTS): its slot, [J] tokens and their positions, and its sums' weights [2 * J] and mix [4]. */
+export interface JoinFeeds {
+  slot: number;
+  inputIds: BigInt64Array;
+  positionIds: BigInt64Array;
+  /** The slot's filled length after the run, minus one. */
+  seqlensK: number;
+  sumWeights?: Float32Array;
+  sumMix?: Float32Array;
 }
 
 /** Runs the step graph over KV buffers it owns: onnxruntime-node's API, or the C API's. */
@@ -58,7 +75,7 @@ export interface KernelShape {
 
 /** What a prefill or a decoding step returns, float32. */
 export interface StepResult {
-  /** Per layer when asked, the hidden states of the positions run, [rows * positions * hidden] (rows: 1 for a prefill, slots for a step). */
+  /** Per layer when asked, the hidden states of the positions run, [rows * positions * hidden] (rows: 1 for a prefill, slots for a step; a joining row's are not returned). */
   hidden: Float32Array[];
   /** The logits asked for, [rows * count * vocab] (empty when not asked for). */
   logits: Float32Array;

@@ -1,6 +1,6 @@
 import { ModelMetadata, STEP_INPUTS, StepGraphMetadata } from '../../contracts/modelDirectory';
 import type { TokenWeights } from './responseMean';
-import { Candidates, KernelShape, STEP_RUNTIMES, StepKernel, StepResult, StepRuntime } from './stepKernel';
+import { Candidates, JoinFeeds, KernelShape, STEP_RUNTIMES, StepKernel, StepResult, StepRuntime } from './stepKernel';
 import { OrtApi } from './native/capi';
 import { NativeKernel } from './native/nativeKernel';
 import { checkedGraph, CPU, ModelLoadError, Placement, placementName, readMetadata } from './session';
@@ -8,7 +8,7 @@ import { Steering, steeringFeeds } from './steering';
 import { StockKernel } from './stockKernel';
 
 export { STEP_RUNTIMES } from './stepKernel';
-export type { Candidates, StepFeeds, StepKernel, StepResult, StepRuntime } from './stepKernel';
+export type { Candidates, JoinFeeds, StepFeeds, StepKernel, StepResult, StepRuntime } from './stepKernel';
 
 export interface StepSessionOptions {
   /** Sequences held at once, each in its own part of every layer's KV buffer. */
@@ -43,6 +43,21 @@ export interface Sampling {
   temperature: number;
   topP: number;
   uniform: number;
+}
+
+/**
+ * A prompt that joins a decoding step (`decode`'s `join`): run into `slot` (after the step's
+ * slots) after what it holds, in the same run as the step. `weights[i]`: position i's weight in
+ * the slot's sums, which `fresh` starts afresh; `sample`: the parameters its next token is drawn
+ * with (row k of the step's results, after the step's k rows); `steer`: its interventions.
+ */
+export interface Join {
+  slot: number;
+  ids: number[];
+  weights?: ArrayLike<number>;
+  fresh?: boolean;
+  sample?: Sampling;
+  steer?: Steering;
 }
 
 /** A run's [rows * 2 * length] weights and [rows * 4] mix of the running sums (STEP_INPUTS). */
@@ -242,8 +257,17 @@ export class StepSession {
    * Returns each row's sampled token, its logits unless `logits` is false, and its hidden
    * states unless `hidden` is false.
    */
-  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; sample?: (Sampling | undefined)[]; candidates?: boolean; hidden?: boolean; logits?: boolean; steer?: (Steering | undefined)[] } = {}): Promise<StepResult> {
+  async decode(tokens: (number | undefined)[], opts: { counts?: (TokenWeights | undefined)[]; sample?: (Sampling | undefined)[]; candidates?: boolean; hidden?: boolean; logits?: boolean; steer?: (Steering | undefined)[]; join?: Join } = {}): Promise<StepResult> {
     if (tokens.length < 1 || tokens.length > this.slots) throw new SlotError(`a decoding step feeds slots 0..k-1 of ${this.slots}: got ${tokens.length} tokens`);
+    const { join } = opts;
+    if (join) {
+      if (!this.step.join) throw new SlotError('this model was built before a prompt could join a decoding step: build it again');
+      this.checkSlot(join.slot);
+      if (join.slot < tokens.length) throw new SlotError(`a joining prompt goes into a slot after the step's (0..${tokens.length - 1}), not ${join.slot}`);
+      if (join.ids.length === 0) throw new SlotError('a joining prompt needs at least one token');
+      if (this.lengths[join.slot] + join.ids.length > this.slotLength) throw new SlotError(`${this.lengths[join.slot] + join.ids.length} tokens do not fit a slot of ${this.slotLength} (${this.lengths[join.slot]} held, ${join.ids.length} new): raise the slot length or shorten the prompt`);
+      if (this.lengths[join.slot] > 0 && this.steeredBy[join.slot] !== join.steer?.id) throw new SlotError(`slot ${join.slot} holds a sequence run with ${this.steeredBy[join.slot] ?? 'no intervention'}: it cannot go on with ${join.steer?.id ?? 'none'}`);
+    }
     const slots = [...Array(tokens.length).keys()];
     for (const s of slots) {
       if (tokens[s] !== undefined && this.lengths[s] + 1 > this.slotLength) throw new SlotError(`slot ${s} is full (${this.slotLength} tokens)`);
@@ -263,8 +287,25 @@ export class StepSession {
       }
       sums = { weights, mix };
     }
-    const steer = opts.steer?.some(Boolean) ? slots.map((s) => (tokens[s] === undefined ? undefined : opts.steer?.[s])) : undefined;
-    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample: opts.sample && slots.map((s) => opts.sample?.[s]), candidates: opts.candidates, steer });
+    // The rows' interventions, then the joining row's.
+    const steer = opts.steer?.some(Boolean) || join?.steer ? [...slots.map((s) => (tokens[s] === undefined ? undefined : opts.steer?.[s])), ...(join ? [join.steer] : [])] : undefined;
+    let joinFeeds: JoinFeeds | undefined;
+    if (join) {
+      const past = this.lengths[join.slot];
+      const J = join.ids.length;
+      const weights = new Float32Array(2 * J);
+      if (join.weights) for (let i = 0; i < J; i++) weights[i] = join.weights[i] ?? 0;
+      joinFeeds = { slot: join.slot, inputIds: BigInt64Array.from(join.ids, BigInt), positionIds: BigInt64Array.from({ length: J }, (_, i) => BigInt(past + i)), seqlensK: past + J - 1, sumWeights: weights, sumMix: join.fresh ? new Float32Array(4) : Float32Array.of(1, 0, 0, 1) };
+    }
+    // The sampling rows: the step's, then the joining row's.
+    const sample = opts.sample || join?.sample ? [...slots.map((s) => opts.sample?.[s]), ...(join ? [join.sample] : [])] : undefined;
+    const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample, candidates: opts.candidates, steer, join: joinFeeds });
+    if (join) {
+      const past = this.lengths[join.slot];
+      this.lengths[join.slot] = past + join.ids.length;
+      this.steeredBy[join.slot] = join.steer?.id;
+      this.held[join.slot] = [...this.held[join.slot].slice(0, past), ...join.ids];
+    }
     for (const s of slots) {
       const token = tokens[s];
       if (token === undefined) {
@@ -316,8 +357,10 @@ export class StepSession {
   }
 
   /** One run over consecutive slots from `firstSlot`, each with its tokens after `past` held ones. */
-  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], opts: { hidden: boolean; logits: boolean; sums?: RunSums; sample?: (Sampling | undefined)[]; candidates?: boolean; steer?: (Steering | undefined)[] }): Promise<StepResult> {
+  private run(firstSlot: number, ids: number[][], past: number[], logitPositions: number[], opts: { hidden: boolean; logits: boolean; sums?: RunSums; sample?: (Sampling | undefined)[]; candidates?: boolean; steer?: (Steering | undefined)[]; join?: JoinFeeds }): Promise<StepResult> {
     const batch = ids.length;
+    // The head's rows: the run's, then a joining row's.
+    const rows = batch + (opts.join ? 1 : 0);
     const steer = opts.steer && steeringFeeds(opts.steer, this.layers, this.metadata.hidden_size);
     if (steer && !this.step.steering) throw new SlotError('this model was built before interventions (capping): build it again with this axis-model');
     const length = ids[0].length;
@@ -337,14 +380,15 @@ export class StepSession {
       logits: opts.logits,
       steer,
       candidates: opts.candidates,
+      join: opts.join,
       // A graph that samples is always told whether to draw (rows without parameters draw greedily).
       sample: this.step.sampling
         ? {
             // With candidates, the rows' parameters are theirs (their temperature), and the host draws.
             draw: opts.sample !== undefined && !opts.candidates,
-            temperature: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.temperature ?? 0),
-            topP: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.topP ?? 1),
-            uniform: Float32Array.from({ length: batch }, (_, r) => opts.sample?.[r]?.uniform ?? 0),
+            temperature: Float32Array.from({ length: rows }, (_, r) => opts.sample?.[r]?.temperature ?? 0),
+            topP: Float32Array.from({ length: rows }, (_, r) => opts.sample?.[r]?.topP ?? 1),
+            uniform: Float32Array.from({ length: rows }, (_, r) => opts.sample?.[r]?.uniform ?? 0),
           }
         : undefined,
     });

@@ -1,5 +1,5 @@
 import * as ort from 'onnxruntime-node';
-import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
+import { JOIN_INPUTS, JOIN_OUTPUTS, STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { idleSteering } from './steering';
 import { createSession, ModelLoadError, Placement } from './session';
 import { KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
@@ -46,6 +46,12 @@ export class StockKernel implements StepKernel {
 
   async run(f: StepFeeds): Promise<StepResult> {
     const { metadata, step, slotLength } = this.shape;
+    const { join } = f;
+    if (join && !step.join) throw new Error('this step graph takes no joining row (built before it): build the model again');
+    if (join && !(Number.isInteger(join.slot) && join.slot >= 0 && join.slot < this.shape.slots && (join.slot < f.firstSlot || join.slot >= f.firstSlot + f.batch))) throw new Error(`the joining row's slot ${join.slot} must be one of the ${this.shape.slots} and not among the run's ${f.firstSlot}..${f.firstSlot + f.batch - 1}`);
+    if (join && f.logitsPositions?.length !== 1) throw new Error("a run with a joining row asks for one logits position of each of its rows (the joining row's is its last)");
+    // The head's rows: the run's, then the joining row.
+    const rows = f.batch + (join ? 1 : 0);
     const feeds: Record<string, ort.Tensor> = {
       [STEP_INPUTS.inputIds]: new ort.Tensor('int64', f.inputIds, [f.batch, f.length]),
       [STEP_INPUTS.positionIds]: new ort.Tensor('int64', f.positionIds, [f.batch, f.length]),
@@ -76,14 +82,45 @@ export class StockKernel implements StepKernel {
         fetches[STEP_OUTPUTS.responseSumsOut(first + i)] = view;
       });
     }
+    if (step.join) {
+      // The joining row over its slot's part of the buffers; without one, no tokens over small buffers it leaves as they are.
+      const J = join ? join.inputIds.length : 0;
+      feeds[JOIN_INPUTS.inputIds] = new ort.Tensor('int64', join?.inputIds ?? new BigInt64Array(0), [1, J]);
+      feeds[JOIN_INPUTS.positionIds] = new ort.Tensor('int64', join?.positionIds ?? new BigInt64Array(0), [1, J]);
+      feeds[JOIN_INPUTS.seqlensK] = new ort.Tensor('int32', Int32Array.of(join ? join.seqlensK : 0), [1]);
+      feeds[JOIN_INPUTS.totalSequenceLength] = new ort.Tensor('int32', Int32Array.of(join ? join.seqlensK + 1 : 1), []);
+      const kvHeads = metadata.num_key_value_heads;
+      for (let l = first; l < end; l++) {
+        const view = (buffer: KvBuffer) =>
+          join ? new ort.Tensor(this.kvType, buffer.subarray(join.slot * this.slotElements, (join.slot + 1) * this.slotElements), [1, kvHeads, slotLength, metadata.head_dim]) : new ort.Tensor(this.kvType, buffer instanceof Uint16Array ? new Uint16Array(kvHeads * metadata.head_dim) : new Float32Array(kvHeads * metadata.head_dim), [1, kvHeads, 1, metadata.head_dim]);
+        const k = view(this.keys[l - first]);
+        const v = view(this.values[l - first]);
+        feeds[JOIN_INPUTS.pastKey(l)] = k;
+        feeds[JOIN_INPUTS.pastValue(l)] = v;
+        fetches[JOIN_OUTPUTS.presentKey(l)] = k;
+        fetches[JOIN_OUTPUTS.presentValue(l)] = v;
+      }
+      if (step.response_sums) {
+        if (join && (!join.sumWeights || !join.sumMix)) throw new Error('this step graph keeps running sums: a joining row needs their weights and mix');
+        feeds[JOIN_INPUTS.responseWeights] = new ort.Tensor('float32', join?.sumWeights ?? new Float32Array(0), [1, 2, J]);
+        feeds[JOIN_INPUTS.sumsMix] = new ort.Tensor('float32', join?.sumMix ?? Float32Array.of(1, 0, 0, 1), [1, 2, 2]);
+        const per = 2 * metadata.hidden_size;
+        this.sums.forEach((buffer, i) => {
+          const view = new ort.Tensor('float32', join ? buffer.subarray(join.slot * per, (join.slot + 1) * per) : new Float32Array(per), [1, 2, metadata.hidden_size]);
+          feeds[JOIN_INPUTS.responseSums(first + i)] = view;
+          fetches[JOIN_OUTPUTS.responseSumsOut(first + i)] = view;
+        });
+      }
+    }
     if (f.hidden) for (const name of step.hidden_state_outputs) fetches[name] = null;
     if (f.logitsPositions && f.logits) fetches[STEP_OUTPUTS.logits] = null;
     const sampling = f.logitsPositions && f.sample?.draw;
     if (f.logitsPositions && f.sample) {
       feeds[STEP_INPUTS.sampleInGraph] = new ort.Tensor('bool', Uint8Array.of(f.sample.draw ? 1 : 0), []);
-      feeds[STEP_INPUTS.temperature] = new ort.Tensor('float32', f.sample.temperature, [f.batch]);
-      feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample.topP, [f.batch]);
-      feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample.uniform, [f.batch]);
+      if (f.sample.temperature.length !== rows) throw new Error(`a run of ${rows} rows needs ${rows} sampling rows, got ${f.sample.temperature.length}`);
+      feeds[STEP_INPUTS.temperature] = new ort.Tensor('float32', f.sample.temperature, [rows]);
+      feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample.topP, [rows]);
+      feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample.uniform, [rows]);
       if (f.sample.draw) fetches[STEP_OUTPUTS.nextTokens] = null;
     }
     const candidates = f.logitsPositions && f.sample && f.candidates ? step.candidates : undefined;
@@ -92,7 +129,7 @@ export class StockKernel implements StepKernel {
     if (step.steering) {
       // Without interventions this run: `steer` false, and rows of zeros the graph does not read.
       const values = f.steer ?? idleSteering(this.shape.layers[1] - this.shape.layers[0], metadata.hidden_size);
-      const dims = [this.shape.layers[1] - this.shape.layers[0], f.steer ? f.batch : 1];
+      const dims = [this.shape.layers[1] - this.shape.layers[0], f.steer ? rows : 1];
       feeds[STEERING_INPUTS.on] = new ort.Tensor('bool', Uint8Array.of(f.steer ? 1 : 0), []);
       feeds[STEERING_INPUTS.unit] = new ort.Tensor('float32', values.unit, [...dims, metadata.hidden_size]);
       feeds[STEERING_INPUTS.add] = new ort.Tensor('float32', values.add, [...dims, metadata.hidden_size]);

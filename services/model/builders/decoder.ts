@@ -1,6 +1,6 @@
 import type { CheckpointReader, HfConfig } from '../checkpoint';
 import { CheckpointError } from '../checkpoint';
-import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
+import { JOIN_INPUTS, JOIN_OUTPUTS, STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { DataType, GraphBuilder, MS_DOMAIN, STORAGE_TYPES } from '../graph';
 import { candidatesOf, sampleTokens, sampleTokensAndCandidates } from '../sampler';
 
@@ -25,6 +25,8 @@ export interface BuildOptions {
   steering?: boolean;
   /** The step graph's last stage: each row's this many most probable ids for a host that samples (STEP_OUTPUTS.candidateProbs); 0 or absent: none. */
   candidates?: number;
+  /** The step graph of a whole model: take a joining row beside the decoding rows (JOIN_INPUTS). */
+  join?: boolean;
 }
 
 /**
@@ -95,6 +97,25 @@ export interface GraphSignature {
   steering?: boolean;
   /** The step graph gives each row's this many most probable ids (STEP_OUTPUTS.candidateProbs, candidateIds). */
   candidates?: number;
+  /** The step graph takes a joining row (JOIN_INPUTS). */
+  join?: boolean;
+}
+
+/**
+ * A step graph with a joining row runs the tokens of its decoding rows [B, S] and of the
+ * joining row [1, J] as one sequence [1, B*S + J] through everything that treats tokens alike
+ * (embedding, norms, matrix products, rotary); attention, interventions, sums and the head take
+ * each part apart.
+ */
+interface Lanes {
+  /** [2] int64: B and S of the decoding rows. */
+  decodeShape: string;
+  /** [1] int64: B * S. */
+  decodeTokens: string;
+  /** bool scalar: J > 0. */
+  joining: string;
+  /** [B*S + J] int64: each token's row (the joining row's is B), for the rows' interventions. */
+  tokenRows: string;
 }
 
 /** Values built once per graph and used by every layer. */
@@ -138,6 +159,8 @@ export class DecoderBuilder {
   protected readonly act: (typeof DataType)[keyof typeof DataType];
   protected readonly names: DecoderNames;
   private shared!: Shared;
+  /** Set while building a step graph with a joining row. */
+  private lanes: Lanes | undefined;
   private readonly slidingBiases = new Map<number, string>();
 
   constructor(protected readonly config: HfConfig, protected readonly ckpt: CheckpointReader, protected readonly g: GraphBuilder, opts: BuilderOptions = {}) {
@@ -361,7 +384,6 @@ export class DecoderBuilder {
     [q, k] = await this.queryKeyNorm(l, q, k);
     q = fromHeads(this.rotary(q), heads);
     k = fromHeads(this.rotary(k), kvHeads);
-    const out = g.fresh('attention');
     const attrs: Record<string, number | { float: number }> = { num_heads: heads, kv_num_heads: kvHeads, scale: { float: this.attentionScale() } };
     const cap = this.attentionSoftcap();
     if (cap) attrs.softcap = { float: cap };
@@ -369,14 +391,50 @@ export class DecoderBuilder {
     // local_window_size = the window itself (itself included), as onnxruntime-genai's builder
     // sets it; the step-graph tests check it against the reference's Hugging Face semantics.
     if (window) attrs.local_window_size = window;
-    g.nodeNamed(
-      'GroupQueryAttention',
-      [q, k, v, this.names.pastKey(l), this.names.pastValue(l), this.names.seqlensK, this.names.totalSequenceLength],
-      [out, this.names.presentKey(l), this.names.presentValue(l)],
-      attrs,
-      MS_DOMAIN,
-    );
+    const gqa = (b: GraphBuilder, qkv: string[], past: string[], lengths: string[], outputs: string[]) => b.nodeNamed('GroupQueryAttention', [...qkv, ...past, ...lengths], outputs, attrs, MS_DOMAIN);
+    const decodePast = [this.names.pastKey(l), this.names.pastValue(l)];
+    const decodeLengths = [this.names.seqlensK, this.names.totalSequenceLength];
+    const decodePresent = [this.names.presentKey(l), this.names.presentValue(l)];
+    if (!this.lanes) {
+      const out = g.fresh('attention');
+      gqa(g, [q, k, v], decodePast, decodeLengths, [out, ...decodePresent]);
+      return this.linear(out, `${p}.o_proj`, hidden, heads * headDim);
+    }
+    // Each part over its own slots: the decoding rows as before, the joining row (when there is
+    // one: onnxruntime's CPU kernel runs several tokens after a past only at batch 1) over its slot.
+    const decodeOut = g.fresh('attention');
+    gqa(g, [q, k, v].map((x) => this.decodePart(x)), decodePast, decodeLengths, [decodeOut, ...decodePresent]);
+    const [jq, jk, jv] = [q, k, v].map((x) => this.joinPart(x));
+    const joinPast = [JOIN_INPUTS.pastKey(l), JOIN_INPUTS.pastValue(l)];
+    const kvDims = [1, kvHeads, 'join_length', headDim];
+    const on = g.child();
+    const onOut = on.fresh('join_attention');
+    const onPresent = [on.fresh('join_present_key'), on.fresh('join_present_value')];
+    gqa(on, [jq, jk, jv], joinPast, [JOIN_INPUTS.seqlensK, JOIN_INPUTS.totalSequenceLength], [onOut, ...onPresent]);
+    on.output(onOut, on.fresh('join_attention_out'), this.act, [1, 'join_tokens', heads * headDim]);
+    onPresent.forEach((x, i) => on.output(x, on.fresh(i ? 'join_present_value_out' : 'join_present_key_out'), this.act, kvDims));
+    const off = g.child();
+    // No joining row: no tokens (the queries' empty part has the attention output's width), its buffers as they were.
+    off.output(off.node('Identity', [jq]), off.fresh('no_join_attention'), this.act, [1, 'join_tokens', heads * headDim]);
+    joinPast.forEach((x, i) => off.output(off.node('Identity', [x]), off.fresh(i ? 'no_join_value' : 'no_join_key'), this.act, kvDims));
+    const joinOut = g.fresh('join_attention');
+    g.nodeNamed('If', [this.lanes.joining], [joinOut, JOIN_OUTPUTS.presentKey(l), JOIN_OUTPUTS.presentValue(l)], { then_branch: { graph: on.subgraph(`join_attention_${l}`) }, else_branch: { graph: off.subgraph(`no_join_attention_${l}`) } });
+    const out = g.node('Concat', [g.node('Reshape', [decodeOut, g.constInt64([1, -1, heads * headDim])]), joinOut], { axis: 1 });
     return this.linear(out, `${p}.o_proj`, hidden, heads * headDim);
+  }
+
+  /** The decoding rows' part of a joined sequence [1, T, ...] as [B, S, ...]. */
+  protected decodePart(x: string): string {
+    const g = this.g;
+    const lanes = this.lanes!;
+    const tokens = g.node('Slice', [x, g.constInt64([0]), lanes.decodeTokens, g.constInt64([1])]);
+    return g.node('Reshape', [tokens, g.node('Concat', [lanes.decodeShape, g.constInt64([-1])], { axis: 0 })]);
+  }
+
+  /** The joining row's part of a joined sequence [1, T, n] as [1, J, n]. */
+  protected joinPart(x: string): string {
+    const g = this.g;
+    return g.node('Slice', [x, this.lanes!.decodeTokens, g.constInt64([Number.MAX_SAFE_INTEGER]), g.constInt64([1])]);
   }
 
   /** The additive mask of layer l (portable graph): causal and padding, and the sliding window where the layer has one. */
@@ -418,16 +476,16 @@ export class DecoderBuilder {
    * type, as Hugging Face does); in the portable graph also the causal + padding mask from
    * attention_mask.
    */
-  private sharedValues(): Shared {
+  private sharedValues(positionIds = this.names.positionIds): Shared {
     const g = this.g;
-    const pos = g.node('Unsqueeze', [g.node('Cast', [this.names.positionIds], { to: DataType.FLOAT }), g.constInt64([2])]);
+    const pos = g.node('Unsqueeze', [g.node('Cast', [positionIds], { to: DataType.FLOAT }), g.constInt64([2])]);
     const freqs = g.node('Mul', [pos, g.constFloat(this.inverseFrequencies())]);
     const emb = g.node('Concat', [freqs, freqs], { axis: -1 });
     // [B, S, headDim] -> heads first [B, 1, S, headDim] (portable) or [B, S, 1, headDim] (step).
     const headAxis = this.kind === 'step' ? 2 : 1;
     const cos = this.toAct(g.node('Unsqueeze', [g.node('Cos', [emb]), g.constInt64([headAxis])]));
     const sin = this.toAct(g.node('Unsqueeze', [g.node('Sin', [emb]), g.constInt64([headAxis])]));
-    const positionShape = g.node('Shape', [this.names.positionIds]);
+    const positionShape = g.node('Shape', [positionIds]);
     if (this.kind === 'step') return { cos, sin, batchAndSequence: positionShape };
 
     const S = g.node('Gather', [positionShape, g.constInt64([1], [])], { axis: 0 });
@@ -450,8 +508,17 @@ export class DecoderBuilder {
    * reads only the positions `logitsPositions` names ([B, K, vocab] instead of [B, S, vocab]).
    */
   async forward(inputIds: string | undefined, inputHidden: string | undefined, [first, end]: [number, number], steering = false): Promise<DecoderValues> {
-    this.shared = this.sharedValues();
-    let h = inputIds !== undefined ? await this.embed(inputIds) : inputHidden!;
+    const g = this.g;
+    let ids = inputIds;
+    let positions = this.names.positionIds;
+    if (this.lanes) {
+      // One sequence of the decoding rows' tokens, then the joining row's.
+      const flat = (x: string) => g.node('Reshape', [x, g.constInt64([1, -1])]);
+      ids = g.node('Concat', [flat(inputIds!), JOIN_INPUTS.inputIds], { axis: 1 });
+      positions = g.node('Concat', [flat(this.names.positionIds), JOIN_INPUTS.positionIds], { axis: 1 });
+    }
+    this.shared = this.sharedValues(positions);
+    let h = ids !== undefined ? await this.embed(ids) : inputHidden!;
     const hidden: string[] = [];
     for (let l = first; l < end; l++) {
       h = await this.block(l, h);
@@ -459,10 +526,20 @@ export class DecoderBuilder {
       hidden.push(h);
     }
     if (end < this.dims.numLayers) return { hidden };
-    const g = this.g;
     let last = h;
     if (this.kind === 'step') {
-      last = g.node('Gather', [h, this.names.logitsPositions], { axis: 1 });
+      last = g.node('Gather', [this.lanes ? this.decodePart(h) : h, this.names.logitsPositions], { axis: 1 });
+      if (this.lanes) {
+        // The joining row's last position after the decoding rows' (with one position each).
+        const on = g.child();
+        const joinLast = on.node('Reshape', [on.node('Slice', [this.joinPart(h), on.constInt64([-1]), on.constInt64([Number.MAX_SAFE_INTEGER]), on.constInt64([1])]), on.constInt64([1, 1, this.dims.hidden])]);
+        on.output(on.node('Concat', [last, joinLast], { axis: 0 }), on.fresh('rows_joined'), this.act, ['rows', 'logits_count', this.dims.hidden]);
+        const off = g.child();
+        off.output(off.node('Identity', [last]), off.fresh('rows_decoding'), this.act, ['rows', 'logits_count', this.dims.hidden]);
+        const rows = g.fresh('rows');
+        g.nodeNamed('If', [this.lanes.joining], [rows], { then_branch: { graph: on.subgraph('head_rows_joined') }, else_branch: { graph: off.subgraph('head_rows') } });
+        last = rows;
+      }
       this.shared.batchAndSequence = g.node('Shape', [last], { end: 2 });
     }
     const normed = await this.norm(last, 'model.norm.weight');
@@ -479,7 +556,12 @@ export class DecoderBuilder {
     const g = this.g;
     const on = g.child();
     const at = on.constInt64([index], []);
-    const row = (name: string) => this.toActIn(on, on.node('Unsqueeze', [on.node('Gather', [name, at], { axis: 0 }), on.constInt64([1])]));
+    // Each row's values over its tokens: [B, 1, n], or with a joining row [1, T, n] by each token's row.
+    const lanes = this.lanes;
+    const row = (name: string) => {
+      const perRow = on.node('Gather', [name, at], { axis: 0 });
+      return this.toActIn(on, lanes ? on.node('Unsqueeze', [on.node('Gather', [perRow, lanes.tokenRows], { axis: 0 }), on.constInt64([0])]) : on.node('Unsqueeze', [perRow, on.constInt64([1])]));
+    };
     const unit = row(STEERING_INPUTS.unit); // [B, 1, hidden]
     const add = row(STEERING_INPUTS.add);
     const params = row(STEERING_INPUTS.params); // [B, 1, 3]
@@ -519,6 +601,33 @@ export class DecoderBuilder {
       g.input(this.names.pastKey(l), kvType, ['batch_size', kvHeads, pastLength, headDim]);
       g.input(this.names.pastValue(l), kvType, ['batch_size', kvHeads, pastLength, headDim]);
     }
+    // A joining row: the step graph of a whole model (a stage's rows come from another stage).
+    const join = step && !!opts.join && first === 0 && end === numLayers;
+    this.lanes = undefined;
+    if (join) {
+      g.input(JOIN_INPUTS.inputIds, DataType.INT64, [1, 'join_tokens']);
+      g.input(JOIN_INPUTS.positionIds, DataType.INT64, [1, 'join_tokens']);
+      g.input(JOIN_INPUTS.seqlensK, DataType.INT32, [1]);
+      g.input(JOIN_INPUTS.totalSequenceLength, DataType.INT32, []);
+      for (let l = first; l < end; l++) {
+        g.input(JOIN_INPUTS.pastKey(l), kvType, [1, kvHeads, 'join_length', headDim]);
+        g.input(JOIN_INPUTS.pastValue(l), kvType, [1, kvHeads, 'join_length', headDim]);
+      }
+      const decodeShape = g.node('Shape', [this.names.inputIds]);
+      const joinTokens = g.node('Shape', [JOIN_INPUTS.inputIds], { start: 1, end: 2 });
+      const decodeTokens = g.node('Shape', [g.node('Reshape', [this.names.inputIds, g.constInt64([-1])])]);
+      const J = g.node('Squeeze', [joinTokens, g.constInt64([0])]);
+      const at = (i: number) => g.node('Gather', [decodeShape, g.constInt64([i], [])], { axis: 0 });
+      // Token t of the decoding rows is row t / S's; the joining row's tokens are row B's.
+      const decodeRows = g.node('Div', [g.node('Range', [g.constInt64([0], []), g.node('Squeeze', [decodeTokens, g.constInt64([0])]), g.constInt64([1], [])]), at(1)]);
+      const joinRows = g.node('Mul', [g.node('ConstantOfShape', [joinTokens], { value: GraphBuilder.tensor([1], [1], DataType.INT64) }), at(0)]);
+      this.lanes = {
+        decodeShape,
+        decodeTokens,
+        joining: g.node('Greater', [J, g.constInt64([0], [])]),
+        tokenRows: g.node('Concat', [decodeRows, joinRows], { axis: 0 }),
+      };
+    }
     if (opts.steering) {
       g.input(STEERING_INPUTS.on, DataType.BOOL, []);
       g.input(STEERING_INPUTS.unit, DataType.FLOAT, ['steer_layers', 'steer_batch', hidden]);
@@ -536,10 +645,16 @@ export class DecoderBuilder {
       // not a product: whatever the buffer held, fresh memory or a previous item's overflow, stays out).
       keep = g.node('Greater', [g.node('ReduceMax', [g.node('Abs', [STEP_INPUTS.sumsMix])], { axes: [1, 2], keepdims: 1 }), g.constFloat([0], [])]);
     }
+    let joinKeep = '';
+    if (sums && join) {
+      g.input(JOIN_INPUTS.responseWeights, DataType.FLOAT, [1, 2, 'join_tokens']);
+      g.input(JOIN_INPUTS.sumsMix, DataType.FLOAT, [1, 2, 2]);
+      joinKeep = g.node('Greater', [g.node('ReduceMax', [g.node('Abs', [JOIN_INPUTS.sumsMix])], { axes: [1, 2], keepdims: 1 }), g.constFloat([0], [])]);
+    }
     for (let l = first; l < end; l++) {
       // A stage that is not the last hands its last hidden state on, capture or not.
       if (opts.capture || (l === end - 1 && end < numLayers)) {
-        const h = this.toFloat(values.hidden[l - first]);
+        const h = this.toFloat(join ? this.decodePart(values.hidden[l - first]) : values.hidden[l - first]);
         g.output(h, this.names.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
         if (opts.capture) hiddenStateOutputs.push(this.names.hiddenState(l));
         if (sums) {
@@ -551,6 +666,14 @@ export class DecoderBuilder {
           const added = g.node('MatMul', [STEP_INPUTS.responseWeights, h]);
           g.node('Add', [mixed, added], {}, STEP_OUTPUTS.responseSumsOut(l));
           g.output(STEP_OUTPUTS.responseSumsOut(l), STEP_OUTPUTS.responseSumsOut(l), DataType.FLOAT, ['batch_size', 2, hidden]);
+          if (join) {
+            // The joining row's sums, the same way over its slot's (no tokens: unchanged when the mix is the identity).
+            const joinHeld = g.input(JOIN_INPUTS.responseSums(l), DataType.FLOAT, [1, 2, hidden]);
+            const joinMixed = g.node('MatMul', [JOIN_INPUTS.sumsMix, g.node('Where', [joinKeep, joinHeld, g.constFloat([0], [])])]);
+            const joinAdded = g.node('MatMul', [JOIN_INPUTS.responseWeights, this.toFloat(this.joinPart(values.hidden[l - first]))]);
+            g.node('Add', [joinMixed, joinAdded], {}, JOIN_OUTPUTS.responseSumsOut(l));
+            g.output(JOIN_OUTPUTS.responseSumsOut(l), JOIN_OUTPUTS.responseSumsOut(l), DataType.FLOAT, [1, 2, hidden]);
+          }
         }
       }
     }
@@ -558,7 +681,9 @@ export class DecoderBuilder {
     let candidates = 0;
     if (values.logits) {
       const logits = this.toFloat(values.logits);
-      g.output(logits, this.names.logits, DataType.FLOAT, ['batch_size', step ? 'logits_count' : 'sequence_length', vocab]);
+      // With a joining row, the head's rows are the decoding rows and then it.
+      const rowsDim = join ? 'rows' : 'batch_size';
+      g.output(logits, this.names.logits, DataType.FLOAT, [rowsDim, step ? 'logits_count' : 'sequence_length', vocab]);
       if (step) {
         // Each row's next token, sampled in the graph from its last logits position when
         // `sample_in_graph` says so (on a GPU, so that a step's logits need not cross to the
@@ -566,7 +691,7 @@ export class DecoderBuilder {
         // host's partial sort of logits already in host memory) and the tokens are zeros.
         sampling = true;
         g.input(STEP_INPUTS.sampleInGraph, DataType.BOOL, []);
-        for (const name of [STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform]) g.input(name, DataType.FLOAT, ['batch_size']);
+        for (const name of [STEP_INPUTS.temperature, STEP_INPUTS.topP, STEP_INPUTS.uniform]) g.input(name, DataType.FLOAT, [rowsDim]);
         // With `candidates` (k), both branches also give each row's k most probable ids: sliced
         // from the sampler's sort, or selected by a TopK of k (the host then samples from them).
         const k = Math.min(opts.candidates ?? 0, vocab);
@@ -599,10 +724,10 @@ export class DecoderBuilder {
         }
         const ifOutputs = [STEP_OUTPUTS.nextTokens, ...(k ? [STEP_OUTPUTS.candidateProbs, STEP_OUTPUTS.candidateIds] : [])];
         g.nodeNamed('If', [STEP_INPUTS.sampleInGraph], ifOutputs, { then_branch: { graph: drawn.subgraph('sample') }, else_branch: { graph: skipped.subgraph('no_sample') } });
-        g.output(STEP_OUTPUTS.nextTokens, STEP_OUTPUTS.nextTokens, DataType.INT64, ['batch_size']);
+        g.output(STEP_OUTPUTS.nextTokens, STEP_OUTPUTS.nextTokens, DataType.INT64, [rowsDim]);
         if (k) {
-          g.output(STEP_OUTPUTS.candidateProbs, STEP_OUTPUTS.candidateProbs, DataType.FLOAT, ['batch_size', k]);
-          g.output(STEP_OUTPUTS.candidateIds, STEP_OUTPUTS.candidateIds, DataType.INT64, ['batch_size', k]);
+          g.output(STEP_OUTPUTS.candidateProbs, STEP_OUTPUTS.candidateProbs, DataType.FLOAT, [rowsDim, k]);
+          g.output(STEP_OUTPUTS.candidateIds, STEP_OUTPUTS.candidateIds, DataType.INT64, [rowsDim, k]);
           candidates = k;
         }
       }
@@ -611,7 +736,12 @@ export class DecoderBuilder {
     for (let l = first; l < end; l++) {
       g.output(this.names.presentKey(l), this.names.presentKey(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
       g.output(this.names.presentValue(l), this.names.presentValue(l), kvType, ['batch_size', kvHeads, presentLength, headDim]);
+      if (join) {
+        g.output(JOIN_OUTPUTS.presentKey(l), JOIN_OUTPUTS.presentKey(l), kvType, [1, kvHeads, 'join_length', headDim]);
+        g.output(JOIN_OUTPUTS.presentValue(l), JOIN_OUTPUTS.presentValue(l), kvType, [1, kvHeads, 'join_length', headDim]);
+      }
     }
-    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums, sampling, steering: !!opts.steering, ...(candidates ? { candidates } : {}) };
+    this.lanes = undefined;
+    return { inputs: g.inputs.map((v) => v.name), outputs: g.outputs.map((v) => v.name), hiddenStateOutputs, layers: [first, end], responseSums: sums, sampling, steering: !!opts.steering, ...(candidates ? { candidates } : {}), ...(join ? { join } : {}) };
   }
 }

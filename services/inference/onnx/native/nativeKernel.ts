@@ -1,6 +1,6 @@
 import koffi from 'koffi';
 import { idleSteering } from '../steering';
-import { STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
+import { JOIN_INPUTS, JOIN_OUTPUTS, STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
 import { CUDA_PROVIDER_DEFAULTS, ModelLoadError, Placement, placementName } from '../session';
 import { Candidates, KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
 import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, OrtApi, OrtCallError } from './capi';
@@ -39,6 +39,8 @@ export class NativeKernel implements StepKernel {
   private readonly values: Owned[] = [];
   /** Per captured layer, every slot's [sum, waiting sum] of hidden states, float32 [slots, 2, hidden]. */
   private readonly sums: Owned[] = [];
+  /** What a graph with a joining row is bound to when a run has none: per layer, keys, values [1, kv_heads, 1, head_dim] and sums [1, 2, hidden] it leaves as they are. */
+  private readonly idleJoin: { keys: Owned[]; values: Owned[]; sums: Owned[] } = { keys: [], values: [], sums: [] };
   private readonly slotBytes: number;
   private readonly sumSlotBytes: number;
   private readonly kvElement: ElementName;
@@ -76,10 +78,14 @@ export class NativeKernel implements StepKernel {
       for (let l = first; l < end; l++) {
         for (const list of [this.keys, this.values]) allocate(list, [slots, metadata.num_key_value_heads, slotLength, metadata.head_dim], this.kvElement, `allocating layer ${l}'s KV buffer (${mib(slots * this.slotBytes)}) on the session's device`);
         if (step.response_sums) allocate(this.sums, [slots, 2, metadata.hidden_size], 'float32', `allocating layer ${l}'s running sums (${mib(slots * this.sumSlotBytes)})`);
+        if (step.join) {
+          for (const list of [this.idleJoin.keys, this.idleJoin.values]) allocate(list, [1, metadata.num_key_value_heads, 1, metadata.head_dim], this.kvElement, 'allocating the idle joining row');
+          if (step.response_sums) allocate(this.idleJoin.sums, [1, 2, metadata.hidden_size], 'float32', 'allocating the idle joining row');
+        }
       }
     } catch (err) {
       // Out of device memory at start: give back what was allocated before failing.
-      for (const o of [...this.keys, ...this.values, ...this.sums]) api.fn.ReleaseValue(o.value);
+      for (const o of this.owned()) api.fn.ReleaseValue(o.value);
       throw err;
     }
   }
@@ -137,6 +143,12 @@ export class NativeKernel implements StepKernel {
     const { metadata, step, slotLength } = this.shape;
     const [first, end] = this.shape.layers;
     if (!(f.firstSlot >= 0 && f.batch >= 1 && f.firstSlot + f.batch <= this.shape.slots)) throw new OrtCallError(`slots ${f.firstSlot}..${f.firstSlot + f.batch - 1} are not all among the ${this.shape.slots}`);
+    const { join } = f;
+    if (join && !step.join) throw new OrtCallError('this step graph takes no joining row (built before it): build the model again');
+    if (join && !(Number.isInteger(join.slot) && join.slot >= 0 && join.slot < this.shape.slots && (join.slot < f.firstSlot || join.slot >= f.firstSlot + f.batch))) throw new OrtCallError(`the joining row's slot ${join.slot} must be one of the ${this.shape.slots} and not among the run's ${f.firstSlot}..${f.firstSlot + f.batch - 1}`);
+    if (join && f.logitsPositions?.length !== 1) throw new OrtCallError('a run with a joining row asks for one logits position of each of its rows (the joining row\'s is its last)');
+    // The head's rows: the run's, then the joining row.
+    const rows = f.batch + (join ? 1 : 0);
     this.release(this.binding, this.stepHeld);
     const held = (this.stepHeld = { values: [], arrays: [] });
     const { api } = this;
@@ -166,36 +178,64 @@ export class NativeKernel implements StepKernel {
         bind('BindOutput', STEP_OUTPUTS.responseSumsOut(first + i), view);
       });
     }
+    if (step.join) {
+      // The joining row over its slot's part of the buffers; without one, no tokens over buffers it leaves as they are.
+      const J = join ? join.inputIds.length : 0;
+      bind('BindInput', JOIN_INPUTS.inputIds, this.host(held, join?.inputIds ?? new BigInt64Array(0), 'int64', [1, J]));
+      bind('BindInput', JOIN_INPUTS.positionIds, this.host(held, join?.positionIds ?? new BigInt64Array(0), 'int64', [1, J]));
+      bind('BindInput', JOIN_INPUTS.seqlensK, this.host(held, Int32Array.of(join ? join.seqlensK : 0), 'int32', [1]));
+      bind('BindInput', JOIN_INPUTS.totalSequenceLength, this.host(held, Int32Array.of(join ? join.seqlensK + 1 : 1), 'int32', []));
+      const slotDims = [1, metadata.num_key_value_heads, slotLength, metadata.head_dim];
+      const idleDims = [1, metadata.num_key_value_heads, 1, metadata.head_dim];
+      for (let l = first; l < end; l++) {
+        const [k, v] = join ? [this.keys, this.values].map((b) => this.view(held, b[l - first], join.slot, this.slotBytes, slotDims, this.kvElement)) : [this.idleJoin.keys, this.idleJoin.values].map((b) => this.view(held, b[l - first], 0, 0, idleDims, this.kvElement));
+        bind('BindInput', JOIN_INPUTS.pastKey(l), k);
+        bind('BindInput', JOIN_INPUTS.pastValue(l), v);
+        bind('BindOutput', JOIN_OUTPUTS.presentKey(l), k);
+        bind('BindOutput', JOIN_OUTPUTS.presentValue(l), v);
+      }
+      if (step.response_sums) {
+        if (join && (!join.sumWeights || !join.sumMix)) throw new OrtCallError('this step graph keeps running sums: a joining row needs their weights and mix');
+        bind('BindInput', JOIN_INPUTS.responseWeights, this.host(held, join?.sumWeights ?? new Float32Array(0), 'float32', [1, 2, J]));
+        bind('BindInput', JOIN_INPUTS.sumsMix, this.host(held, join?.sumMix ?? Float32Array.of(1, 0, 0, 1), 'float32', [1, 2, 2]));
+        const dims = [1, 2, metadata.hidden_size];
+        (join ? this.sums : this.idleJoin.sums).forEach((buffer, i) => {
+          const view = this.view(held, buffer, join ? join.slot : 0, this.sumSlotBytes, dims, 'float32');
+          bind('BindInput', JOIN_INPUTS.responseSums(first + i), view);
+          bind('BindOutput', JOIN_OUTPUTS.responseSumsOut(first + i), view);
+        });
+      }
+    }
     // What the host reads, straight into JavaScript arrays (hidden states only when asked: the engine reads the sums).
     const hidden = f.hidden ? step.hidden_state_outputs.map(() => new Float32Array(f.batch * f.length * metadata.hidden_size)) : [];
     hidden.forEach((h, i) => bind('BindOutput', step.hidden_state_outputs[i], this.host(held, h, 'float32', [f.batch, f.length, metadata.hidden_size])));
     const count = f.logitsPositions?.length ?? 0;
-    const logits = new Float32Array(f.logits ? f.batch * count * metadata.vocab_size : 0);
-    if (f.logitsPositions && f.logits) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [f.batch, count, metadata.vocab_size]));
+    const logits = new Float32Array(f.logits ? rows * count * metadata.vocab_size : 0);
+    if (f.logitsPositions && f.logits) bind('BindOutput', STEP_OUTPUTS.logits, this.host(held, logits, 'float32', [rows, count, metadata.vocab_size]));
     let tokens: BigInt64Array | undefined;
     let candidates: Candidates | undefined;
     if (f.logitsPositions && f.sample) {
       bind('BindInput', STEP_INPUTS.sampleInGraph, this.host(held, Uint8Array.of(f.sample.draw ? 1 : 0), 'bool', []));
-      bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample.temperature, 'float32', [f.batch]));
-      bind('BindInput', STEP_INPUTS.topP, this.host(held, f.sample.topP, 'float32', [f.batch]));
-      bind('BindInput', STEP_INPUTS.uniform, this.host(held, f.sample.uniform, 'float32', [f.batch]));
+      if (f.sample.temperature.length !== rows) throw new OrtCallError(`a run of ${rows} rows needs ${rows} sampling rows, got ${f.sample.temperature.length}`);
+      bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample.temperature, 'float32', [rows]));
+      bind('BindInput', STEP_INPUTS.topP, this.host(held, f.sample.topP, 'float32', [rows]));
+      bind('BindInput', STEP_INPUTS.uniform, this.host(held, f.sample.uniform, 'float32', [rows]));
       if (f.sample.draw) {
-        tokens = new BigInt64Array(f.batch);
-        bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [f.batch]));
+        tokens = new BigInt64Array(rows);
+        bind('BindOutput', STEP_OUTPUTS.nextTokens, this.host(held, tokens, 'int64', [rows]));
       }
       if (f.candidates && step.candidates) {
         const k = step.candidates;
-        candidates = { k, probs: new Float32Array(f.batch * k), ids: new BigInt64Array(f.batch * k) };
-        bind('BindOutput', STEP_OUTPUTS.candidateProbs, this.host(held, candidates.probs, 'float32', [f.batch, k]));
-        bind('BindOutput', STEP_OUTPUTS.candidateIds, this.host(held, candidates.ids, 'int64', [f.batch, k]));
+        candidates = { k, probs: new Float32Array(rows * k), ids: new BigInt64Array(rows * k) };
+        bind('BindOutput', STEP_OUTPUTS.candidateProbs, this.host(held, candidates.probs, 'float32', [rows, k]));
+        bind('BindOutput', STEP_OUTPUTS.candidateIds, this.host(held, candidates.ids, 'int64', [rows, k]));
       }
     }
     if (f.steer && !step.steering) throw new OrtCallError('this step graph was built before interventions (capping): build the model again');
     if (step.steering) {
       // Without interventions this run: `steer` false, and rows of zeros the graph does not read.
-      const rows = f.steer ? f.batch : 1;
       const values = f.steer ?? idleSteering(end - first, metadata.hidden_size);
-      const dims = [end - first, rows];
+      const dims = [end - first, f.steer ? rows : 1];
       bind('BindInput', STEERING_INPUTS.on, this.host(held, Uint8Array.of(f.steer ? 1 : 0), 'bool', []));
       bind('BindInput', STEERING_INPUTS.unit, this.host(held, values.unit, 'float32', [...dims, metadata.hidden_size]));
       bind('BindInput', STEERING_INPUTS.add, this.host(held, values.add, 'float32', [...dims, metadata.hidden_size]));
@@ -267,7 +307,7 @@ export class NativeKernel implements StepKernel {
     await this.inflight;
     const { api } = this;
     this.release(this.binding, this.stepHeld);
-    for (const o of [...this.keys, ...this.values, ...this.sums]) api.fn.ReleaseValue(o.value);
+    for (const o of this.owned()) api.fn.ReleaseValue(o.value);
     api.fn.ReleaseIoBinding(this.binding);
     api.fn.ReleaseSession(this.session);
     for (const c of [this.kvCopier, this.sumsCopier, this.headCopier]) {
@@ -279,6 +319,11 @@ export class NativeKernel implements StepKernel {
       api.fn.ReleaseAllocator(this.kvAllocator);
       api.fn.ReleaseMemoryInfo(this.kvMemory);
     }
+  }
+
+  /** Every buffer this kernel allocated. */
+  private owned(): Owned[] {
+    return [...this.keys, ...this.values, ...this.sums, ...this.idleJoin.keys, ...this.idleJoin.values, ...this.idleJoin.sums];
   }
 
   /** A tensor over JavaScript memory (onnxruntime reads or writes it in place; the caller keeps the array alive). */
