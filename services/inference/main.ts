@@ -52,6 +52,7 @@ async function main(): Promise<void> {
     onPrefill: (p) => {
       metrics.prefixCacheQueries.inc(p.tokens);
       metrics.prefixCacheHits.inc(p.reused);
+      metrics.prompts.inc({ run: p.joined ? 'joined' : 'alone' });
       countDraws(p.drawn);
     },
     warn: (msg) => log.warn(msg),
