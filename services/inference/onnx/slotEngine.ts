@@ -201,7 +201,7 @@ export class SlotEngine {
     let joining: Item | undefined;
     for (let s = 0; s < this.slots.length && this.queue.length > 0; s++) {
       if (this.slots[s]) continue;
-      const at = this.next();
+      const at = this.next(joining);
       if (at < 0) break;
       const waiting = this.queue[at];
       if (joins && !waiting.extract && waiting.job.maxNew > 0) {
@@ -227,11 +227,11 @@ export class SlotEngine {
     }
   }
 
-  /** The waiting item that takes the next free slot (its index in the queue), or -1 for none. */
-  private next(): number {
+  /** The waiting item that takes the next free slot (its index in the queue), or -1 for none; `joining` will take a slot too. */
+  private next(joining?: Item): number {
     if (this.opts.policy !== 'chat-first') return 0;
     const reserved = Math.min(this.opts.chatSlots ?? 0, this.slots.length - 1);
-    const busy = (lane: Lane) => this.slots.filter((b) => b?.item.lane === lane).length;
+    const busy = (lane: Lane) => this.slots.filter((b) => b?.item.lane === lane).length + (joining?.lane === lane ? 1 : 0);
     const chat = this.queue.findIndex((w) => w.lane === 'chat');
     const run = this.queue.findIndex((w) => w.lane === 'run');
     if (chat >= 0 && (run < 0 || busy('chat') < reserved)) return chat;
