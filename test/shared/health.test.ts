@@ -31,7 +31,9 @@ describe('waiting for a port', () => {
     const socketsOn = (port: number) =>
       fs.readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1).filter((l) => l.trim() && parseInt(l.trim().split(/\s+/)[1].split(':')[1], 16) === port);
     for (let i = 0; i < 5; i++) {
-      const port = await freePort();
+      // A port no socket has yet: one another test's connection left in TIME_WAIT there would not be this probe's.
+      let port = await freePort();
+      while (socketsOn(port).length > 0) port = await freePort();
       expect(await probeListening(`127.0.0.1:${port}`, port)).toBe('self');
       expect(socketsOn(port)).toEqual([]);
       // The service starts right after: its bind succeeds.
