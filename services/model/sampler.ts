@@ -45,7 +45,7 @@ export function sampleTokensAndCandidates(b: GraphBuilder, logits: string, tempe
   const settled = sampling.node('Or', [sampling.node('Not', [hot]), withinCandidates]);
   const fallBack = sampling.node('Greater', [sampling.node('ReduceMax', [sampling.node('Cast', [sampling.node('Not', [settled])], { to: DataType.FLOAT })], { keepdims: 0 }), sampling.constFloat([0], [])]);
   const whole = sampling.child();
-  whole.output(sampleSorted(whole, logits, temperature, topP, uniform).tokens, whole.fresh('whole_vocabulary_tokens'), DataType.INT64, ['batch_size']);
+  whole.output(sampleSorted(whole, logits, temperature, topP, uniform, greedy).tokens, whole.fresh('whole_vocabulary_tokens'), DataType.INT64, ['batch_size']);
   const partial = sampling.child();
   const p = partial.node('Unsqueeze', [topP, partial.constInt64([1])]);
   const keep = partial.node('Less', [partial.node('Sub', [cumulative, candidateP]), p]);
@@ -84,7 +84,7 @@ function temperedProbs(b: GraphBuilder, logits: string, temperature: string): { 
   return { hot, probs: b.node('Softmax', [b.node('Div', [logits, safeT])], { axis: -1 }) };
 }
 
-function sampleSorted(b: GraphBuilder, logits: string, temperature: string, topP: string, uniform: string): { tokens: string; sortedP: string; sortedIdx: string } {
+function sampleSorted(b: GraphBuilder, logits: string, temperature: string, topP: string, uniform: string, greedy = b.node('ArgMax', [logits], { axis: -1, keepdims: 0 })): { tokens: string; sortedP: string; sortedIdx: string } {
   const { hot, probs } = temperedProbs(b, logits, temperature);
   const vocabK = b.node('Slice', [b.node('Shape', [probs]), b.constInt64([1]), b.constInt64([2])]);
   const [sortedP, sortedIdx] = b.nodeN('TopK', [probs, vocabK], 2, { axis: -1, largest: 1, sorted: 1 });
@@ -98,7 +98,6 @@ function sampleSorted(b: GraphBuilder, logits: string, temperature: string, topP
   const before = b.node('Sub', [cumulative, orderP]);
   const keep = b.node('Or', [b.node('Less', [before, p]), everything]);
   const drawn = drawFromNucleus(b, orderP, orderIdx, keep, uniform);
-  const greedy = b.node('ArgMax', [logits], { axis: -1, keepdims: 0 });
   return { tokens: b.node('Where', [hot, drawn, greedy]), sortedP, sortedIdx };
 }
 

@@ -91,3 +91,16 @@ export interface Candidates {
   probs: Float32Array;
   ids: BigInt64Array;
 }
+
+/**
+ * The head's rows of a run (its rows, then a joining row's), or what is wrong with its joining
+ * row: the checks both kernels make before binding anything (each throws its own error type).
+ */
+export function joinedRows(f: StepFeeds, shape: KernelShape): { rows: number } | { problem: string } {
+  const { join } = f;
+  if (!join) return { rows: f.batch };
+  if (!shape.step.join) return { problem: 'this step graph takes no joining row (built before it): build the model again' };
+  if (!(Number.isInteger(join.slot) && join.slot >= 0 && join.slot < shape.slots && (join.slot < f.firstSlot || join.slot >= f.firstSlot + f.batch))) return { problem: `the joining row's slot ${join.slot} must be one of the ${shape.slots} and not among the run's ${f.firstSlot}..${f.firstSlot + f.batch - 1}` };
+  if (f.logitsPositions?.length !== 1) return { problem: "a run with a joining row asks for one logits position of each of its rows (the joining row's is its last)" };
+  return { rows: f.batch + 1 };
+}

@@ -289,22 +289,21 @@ export class StepSession {
     }
     // The rows' interventions, then the joining row's.
     const steer = opts.steer?.some(Boolean) || join?.steer ? [...slots.map((s) => (tokens[s] === undefined ? undefined : opts.steer?.[s])), ...(join ? [join.steer] : [])] : undefined;
+    const joinPast = join ? this.lengths[join.slot] : 0;
     let joinFeeds: JoinFeeds | undefined;
     if (join) {
-      const past = this.lengths[join.slot];
       const J = join.ids.length;
       const weights = new Float32Array(2 * J);
       if (join.weights) for (let i = 0; i < J; i++) weights[i] = join.weights[i] ?? 0;
-      joinFeeds = { slot: join.slot, inputIds: BigInt64Array.from(join.ids, BigInt), positionIds: BigInt64Array.from({ length: J }, (_, i) => BigInt(past + i)), seqlensK: past + J - 1, sumWeights: weights, sumMix: join.fresh ? new Float32Array(4) : Float32Array.of(1, 0, 0, 1) };
+      joinFeeds = { slot: join.slot, inputIds: BigInt64Array.from(join.ids, BigInt), positionIds: BigInt64Array.from({ length: J }, (_, i) => BigInt(joinPast + i)), seqlensK: joinPast + J - 1, sumWeights: weights, sumMix: join.fresh ? new Float32Array(4) : Float32Array.of(1, 0, 0, 1) };
     }
     // The sampling rows: the step's, then the joining row's.
     const sample = opts.sample || join?.sample ? [...slots.map((s) => opts.sample?.[s]), ...(join ? [join.sample] : [])] : undefined;
     const out = await this.run(0, slots.map((s) => [tokens[s] ?? 0]), slots.map((s) => (tokens[s] === undefined ? 0 : this.lengths[s])), [0], { hidden: opts.hidden ?? true, logits: opts.logits ?? true, sums, sample, candidates: opts.candidates, steer, join: joinFeeds });
     if (join) {
-      const past = this.lengths[join.slot];
-      this.lengths[join.slot] = past + join.ids.length;
+      this.lengths[join.slot] = joinPast + join.ids.length;
       this.steeredBy[join.slot] = join.steer?.id;
-      this.held[join.slot] = [...this.held[join.slot].slice(0, past), ...join.ids];
+      this.held[join.slot] = [...this.held[join.slot].slice(0, joinPast), ...join.ids];
     }
     for (const s of slots) {
       const token = tokens[s];

@@ -2,7 +2,7 @@ import * as ort from 'onnxruntime-node';
 import { JOIN_INPUTS, JOIN_OUTPUTS, STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../contracts/modelDirectory';
 import { idleSteering } from './steering';
 import { createSession, ModelLoadError, Placement } from './session';
-import { KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
+import { joinedRows, KernelShape, StepFeeds, StepKernel, StepResult } from './stepKernel';
 
 /** One layer's keys or values for every slot: float32, or float16 as bits. */
 type KvBuffer = Float32Array | Uint16Array;
@@ -19,6 +19,8 @@ export class StockKernel implements StepKernel {
   private readonly values: KvBuffer[];
   /** Per captured layer, every slot's [sum, waiting sum], [slots, 2, hidden] (passed in and out as the KV buffers are). */
   private readonly sums: Float32Array[];
+  /** What a graph with a joining row is passed when a run has none: keys and values [1, kv_heads, 1, head_dim] and sums [1, 2, hidden] it leaves as they are. */
+  private readonly idleJoin: { kv: KvBuffer; sums: Float32Array } | undefined;
   private readonly slotElements: number;
   private readonly kvType: 'float32' | 'float16';
 
@@ -32,6 +34,8 @@ export class StockKernel implements StepKernel {
     this.keys = Array.from({ length: layers[1] - layers[0] }, buffer);
     this.values = Array.from({ length: layers[1] - layers[0] }, buffer);
     this.sums = step.response_sums ? Array.from({ length: layers[1] - layers[0] }, () => new Float32Array(slots * 2 * metadata.hidden_size)) : [];
+    const idleKv = metadata.num_key_value_heads * metadata.head_dim;
+    this.idleJoin = step.join ? { kv: this.kvType === 'float16' ? new Uint16Array(idleKv) : new Float32Array(idleKv), sums: new Float32Array(2 * metadata.hidden_size) } : undefined;
   }
 
   static async create(file: string, placement: Placement, shape: KernelShape): Promise<StockKernel> {
@@ -47,11 +51,9 @@ export class StockKernel implements StepKernel {
   async run(f: StepFeeds): Promise<StepResult> {
     const { metadata, step, slotLength } = this.shape;
     const { join } = f;
-    if (join && !step.join) throw new Error('this step graph takes no joining row (built before it): build the model again');
-    if (join && !(Number.isInteger(join.slot) && join.slot >= 0 && join.slot < this.shape.slots && (join.slot < f.firstSlot || join.slot >= f.firstSlot + f.batch))) throw new Error(`the joining row's slot ${join.slot} must be one of the ${this.shape.slots} and not among the run's ${f.firstSlot}..${f.firstSlot + f.batch - 1}`);
-    if (join && f.logitsPositions?.length !== 1) throw new Error("a run with a joining row asks for one logits position of each of its rows (the joining row's is its last)");
-    // The head's rows: the run's, then the joining row.
-    const rows = f.batch + (join ? 1 : 0);
+    const joined = joinedRows(f, this.shape);
+    if ('problem' in joined) throw new Error(joined.problem);
+    const { rows } = joined;
     const feeds: Record<string, ort.Tensor> = {
       [STEP_INPUTS.inputIds]: new ort.Tensor('int64', f.inputIds, [f.batch, f.length]),
       [STEP_INPUTS.positionIds]: new ort.Tensor('int64', f.positionIds, [f.batch, f.length]),
@@ -91,8 +93,7 @@ export class StockKernel implements StepKernel {
       feeds[JOIN_INPUTS.totalSequenceLength] = new ort.Tensor('int32', Int32Array.of(join ? join.seqlensK + 1 : 1), []);
       const kvHeads = metadata.num_key_value_heads;
       for (let l = first; l < end; l++) {
-        const view = (buffer: KvBuffer) =>
-          join ? new ort.Tensor(this.kvType, buffer.subarray(join.slot * this.slotElements, (join.slot + 1) * this.slotElements), [1, kvHeads, slotLength, metadata.head_dim]) : new ort.Tensor(this.kvType, buffer instanceof Uint16Array ? new Uint16Array(kvHeads * metadata.head_dim) : new Float32Array(kvHeads * metadata.head_dim), [1, kvHeads, 1, metadata.head_dim]);
+        const view = (buffer: KvBuffer) => (join ? new ort.Tensor(this.kvType, buffer.subarray(join.slot * this.slotElements, (join.slot + 1) * this.slotElements), [1, kvHeads, slotLength, metadata.head_dim]) : new ort.Tensor(this.kvType, this.idleJoin!.kv, [1, kvHeads, 1, metadata.head_dim]));
         const k = view(this.keys[l - first]);
         const v = view(this.values[l - first]);
         feeds[JOIN_INPUTS.pastKey(l)] = k;
@@ -106,7 +107,7 @@ export class StockKernel implements StepKernel {
         feeds[JOIN_INPUTS.sumsMix] = new ort.Tensor('float32', join?.sumMix ?? Float32Array.of(1, 0, 0, 1), [1, 2, 2]);
         const per = 2 * metadata.hidden_size;
         this.sums.forEach((buffer, i) => {
-          const view = new ort.Tensor('float32', join ? buffer.subarray(join.slot * per, (join.slot + 1) * per) : new Float32Array(per), [1, 2, metadata.hidden_size]);
+          const view = new ort.Tensor('float32', join ? buffer.subarray(join.slot * per, (join.slot + 1) * per) : this.idleJoin!.sums, [1, 2, metadata.hidden_size]);
           feeds[JOIN_INPUTS.responseSums(first + i)] = view;
           fetches[JOIN_OUTPUTS.responseSumsOut(first + i)] = view;
         });

@@ -2,7 +2,7 @@ import koffi from 'koffi';
 import { idleSteering } from '../steering';
 import { JOIN_INPUTS, JOIN_OUTPUTS, STEERING_INPUTS, STEP_INPUTS, STEP_OUTPUTS } from '../../../contracts/modelDirectory';
 import { CUDA_PROVIDER_DEFAULTS, ModelLoadError, Placement, placementName } from '../session';
-import { Candidates, KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
+import { Candidates, joinedRows, KernelShape, StepFeeds, StepKernel, StepResult } from '../stepKernel';
 import { ELEMENT, ELEMENT_BYTES, ElementName, Handle, OrtApi, OrtCallError } from './capi';
 import { copyGraph } from './copyGraph';
 
@@ -144,11 +144,9 @@ export class NativeKernel implements StepKernel {
     const [first, end] = this.shape.layers;
     if (!(f.firstSlot >= 0 && f.batch >= 1 && f.firstSlot + f.batch <= this.shape.slots)) throw new OrtCallError(`slots ${f.firstSlot}..${f.firstSlot + f.batch - 1} are not all among the ${this.shape.slots}`);
     const { join } = f;
-    if (join && !step.join) throw new OrtCallError('this step graph takes no joining row (built before it): build the model again');
-    if (join && !(Number.isInteger(join.slot) && join.slot >= 0 && join.slot < this.shape.slots && (join.slot < f.firstSlot || join.slot >= f.firstSlot + f.batch))) throw new OrtCallError(`the joining row's slot ${join.slot} must be one of the ${this.shape.slots} and not among the run's ${f.firstSlot}..${f.firstSlot + f.batch - 1}`);
-    if (join && f.logitsPositions?.length !== 1) throw new OrtCallError('a run with a joining row asks for one logits position of each of its rows (the joining row\'s is its last)');
-    // The head's rows: the run's, then the joining row.
-    const rows = f.batch + (join ? 1 : 0);
+    const joined = joinedRows(f, this.shape);
+    if ('problem' in joined) throw new OrtCallError(joined.problem);
+    const { rows } = joined;
     this.release(this.binding, this.stepHeld);
     const held = (this.stepHeld = { values: [], arrays: [] });
     const { api } = this;
