@@ -8,6 +8,10 @@
  *   engine.js build --hf DIR --out DIR --dtype bf16|f16
  *   engine.js measure --model DIR --out FILE [--device cuda|cpu] [--device-memory 70GiB]
  *                     [--lengths FILE] [--items N] [--cap N] [--extract N] [--max-slots N] [--repeats N]
+ *                     [--join on|off] [--sample graph|host]
+ *                                                  (--join off: prompts run alone, not in a decoding
+ *                                                  step's run; --sample host: the host draws the tokens;
+ *                                                  run.sh falls back to them when a measure fails)
  *   engine.js report --engine FILE --hf FILE       the `result:` lines and a table for docs/PERFORMANCE.md
  *   engine.js modules                              the packages the kit must carry (bench/gpu/pack.sh)
  *   engine.js lengths --transcripts DIR --out FILE  the assistant answers' lengths in the base tokenizer's
@@ -95,6 +99,10 @@ interface MeasureOptions {
   extract: number;
   maxSlots: number;
   repeats: number;
+  /** Whether a waiting prompt joins a decoding step's run (the engine's default) or runs alone. */
+  join: boolean;
+  /** Who draws the tokens: the step graph (the engine's default on CUDA) or the host. */
+  sample: 'graph' | 'host';
 }
 
 async function measure(o: MeasureOptions): Promise<void> {
@@ -106,13 +114,28 @@ async function measure(o: MeasureOptions): Promise<void> {
   log(`plan: ${plan.slots} slots of ${SLOT_LENGTH} tokens fit ${o.deviceMemory}; using ${slots}`);
   const memoryBefore = gpuMemoryUsed();
   const steps: StepStats[] = [];
+  let prompts = { joined: 0, alone: 0 };
   let loadSeconds = performance.now();
-  const model = await LoadedModel.load(o.model, { decode: 'slots', placements, slots: { slots, slotLength: SLOT_LENGTH, prefillChunk: 512, policy: 'fifo', runtime: 'native', onStep: (s) => steps.push(s) } });
+  const model = await LoadedModel.load(o.model, {
+    decode: 'slots',
+    placements,
+    slots: {
+      slots,
+      slotLength: SLOT_LENGTH,
+      prefillChunk: 512,
+      policy: 'fifo',
+      runtime: 'native',
+      joinPrompts: o.join,
+      sampleInGraph: o.sample === 'graph',
+      onStep: (s) => steps.push(s),
+      onPrefill: (p) => (p.joined ? prompts.joined++ : prompts.alone++),
+    },
+  });
   loadSeconds = (performance.now() - loadSeconds) / 1000;
   const memoryLoaded = gpuMemoryUsed();
   const engine = (model.runner as SlotRunner).engine;
   const step = (model.runner as SlotRunner).step;
-  log(`loaded in ${loadSeconds.toFixed(1)} s: step runtime ${step.runtime}, sampling in the graph ${step.sampleInGraph}`);
+  log(`loaded in ${loadSeconds.toFixed(1)} s: step runtime ${step.runtime}, sampling in the graph ${step.sampleInGraph}, prompts joining the step ${o.join && step.step.join === true}`);
   const meta = model.metadata;
   const fits = (ids: number[], what: string) => {
     if (ids.length > SLOT_LENGTH) throw new Error(`${what}: ${ids.length} tokens, more than the ${SLOT_LENGTH}-token slot`);
@@ -157,17 +180,18 @@ async function measure(o: MeasureOptions): Promise<void> {
   const items = conversations(model, o.items).map((messages, i) => generationJob(model, { messages, sampling: { ...SAMPLING, maxNewTokens: budget[i], maxContext: SLOT_LENGTH, seed: 0, enableThinking: false }, seed: i, layers: [] }));
   items.forEach((j, i) => fits([...j.ids, ...new Array(budget[i])], `generation item ${i}`));
   await Promise.all(items.slice(0, slots).map((j) => engine.submit({ ...j, maxNew: Math.min(8, j.maxNew) }, false))); // warm-up
-  const generation: { seconds: number; tokens: number; steps: number; rows: number; stepSeconds: number }[] = [];
+  const generation: { seconds: number; tokens: number; steps: number; rows: number; stepSeconds: number; prompts_joined: number; prompts_alone: number }[] = [];
   let memoryPeak = gpuMemoryUsed();
   for (let r = 0; r < o.repeats; r++) {
     steps.length = 0;
+    prompts = { joined: 0, alone: 0 };
     const t = performance.now();
     const results = await Promise.all(items.map((j) => engine.submit(j, false)));
     const seconds = (performance.now() - t) / 1000;
     const tokens = results.reduce((n, x) => n + x.responseIds.length, 0);
-    generation.push({ seconds, tokens, steps: steps.length, rows: steps.reduce((n, s) => n + s.rows, 0), stepSeconds: steps.reduce((n, s) => n + s.seconds, 0) });
+    generation.push({ seconds, tokens, steps: steps.length, rows: steps.reduce((n, s) => n + s.rows, 0), stepSeconds: steps.reduce((n, s) => n + s.seconds, 0), prompts_joined: prompts.joined, prompts_alone: prompts.alone });
     memoryPeak = Math.max(memoryPeak ?? 0, gpuMemoryUsed() ?? 0) || undefined;
-    log(`generation ${r + 1}/${o.repeats}: ${items.length} items, ${tokens} tokens in ${seconds.toFixed(2)} s (${steps.length} steps, ${(tokens / seconds).toFixed(0)} tokens/s)`);
+    log(`generation ${r + 1}/${o.repeats}: ${items.length} items, ${tokens} tokens in ${seconds.toFixed(2)} s (${steps.length} steps, ${(tokens / seconds).toFixed(0)} tokens/s, ${prompts.joined} prompts joined a step)`);
   }
   await model.close();
 
@@ -181,6 +205,7 @@ async function measure(o: MeasureOptions): Promise<void> {
     load_seconds: loadSeconds,
     step_runtime: step.runtime,
     sample_in_graph: step.sampleInGraph,
+    join_prompts: o.join && step.step.join === true,
     correctness,
     extract: { conversations: extracts.map((j) => ({ ids: j.ids, weights: Array.from(j.weights!) })), tokens: extractTokens, seconds: extractSeconds },
     generate: { sampling: SAMPLING, items: items.map((j, i) => ({ prompt_ids: j.ids, budget: budget[i] })), runs: generation },
@@ -214,9 +239,12 @@ interface EngineJson {
   model: { num_layers: number; hidden_size: number; weights_bytes: number; kv_bytes_per_token: number; compute_dtype?: string };
   plan: { slots_fit: number; slots: number; slot_length: number; devices: { weightBytes: number; workingBytes: number; bytesPerSlot: number }[] };
   memory: { before?: number; loaded?: number; peak?: number };
+  step_runtime?: string;
+  sample_in_graph?: boolean;
+  join_prompts?: boolean;
   correctness: { greedy_ids: number[]; stopped: boolean; mean: string; counted: number }[];
   extract: { tokens: number; seconds: number[] };
-  generate: { items: { prompt_ids: number[]; budget: number }[]; runs: { seconds: number; tokens: number; steps: number }[] };
+  generate: { items: { prompt_ids: number[]; budget: number }[]; runs: { seconds: number; tokens: number; steps: number; prompts_joined?: number; prompts_alone?: number }[] };
 }
 interface HfJson {
   gpu?: string;
@@ -231,6 +259,8 @@ export function report(e: EngineJson, h: HfJson, bandwidth?: number): string[] {
   const L = e.model.num_layers;
   const d = e.model.hidden_size;
   const lines: string[] = [];
+  const joined = e.generate.runs.map((r) => `${r.prompts_joined ?? 0} of ${(r.prompts_joined ?? 0) + (r.prompts_alone ?? 0)}`);
+  lines.push(`engine: ${e.step_runtime ?? 'n/a'} step runtime, tokens drawn by ${e.sample_in_graph ? 'the step graph' : 'the host'}, ${e.join_prompts ? `prompts joining a decoding step's run (${joined.join(', ')} per generation run)` : 'every prompt in a run of its own'}`);
   // Per layer, the worst relative L2 error of the response means over the conversations.
   const perLayer = new Array<number>(L).fill(0);
   const agree: number[] = [];
@@ -287,7 +317,7 @@ function modules(): string[] {
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
   const flag = (name: string, fallback?: string) => {
-    const { values } = parseArgs({ args: rest, options: Object.fromEntries(['arch', 'out', 'hf', 'dtype', 'model', 'device', 'device-memory', 'lengths', 'items', 'cap', 'extract', 'max-slots', 'repeats', 'engine', 'bandwidth', 'transcripts'].map((k) => [k, { type: 'string' }])) as never });
+    const { values } = parseArgs({ args: rest, options: Object.fromEntries(['arch', 'out', 'hf', 'dtype', 'model', 'device', 'device-memory', 'lengths', 'items', 'cap', 'extract', 'max-slots', 'repeats', 'join', 'sample', 'engine', 'bandwidth', 'transcripts'].map((k) => [k, { type: 'string' }])) as never });
     const v = (values as Record<string, string | undefined>)[name] ?? fallback;
     if (v === undefined) throw new Error(`${command} needs --${name}`);
     return v;
@@ -307,7 +337,11 @@ async function main(argv: string[]): Promise<void> {
   } else if (command === 'measure') {
     const device = flag('device', 'cuda');
     if (device !== 'cuda' && device !== 'cpu') throw new Error('--device must be cuda or cpu');
-    await measure({ model: flag('model'), out: flag('out'), device, deviceMemory: flag('device-memory', ''), lengths: rest.includes('--lengths') ? flag('lengths') : undefined, items: count('items', 256), cap: count('cap', 256), extract: count('extract', 128), maxSlots: count('max-slots', 128), repeats: count('repeats', 3) });
+    const join = flag('join', 'on');
+    if (join !== 'on' && join !== 'off') throw new Error('--join must be on or off');
+    const sample = flag('sample', device === 'cuda' ? 'graph' : 'host');
+    if (sample !== 'graph' && sample !== 'host') throw new Error('--sample must be graph or host');
+    await measure({ model: flag('model'), out: flag('out'), device, deviceMemory: flag('device-memory', ''), lengths: rest.includes('--lengths') ? flag('lengths') : undefined, items: count('items', 256), cap: count('cap', 256), extract: count('extract', 128), maxSlots: count('max-slots', 128), repeats: count('repeats', 3), join: join === 'on', sample });
   } else if (command === 'report') {
     const e = JSON.parse(fs.readFileSync(flag('engine'), 'utf8')) as EngineJson;
     const h = JSON.parse(fs.readFileSync(flag('hf'), 'utf8')) as HfJson;

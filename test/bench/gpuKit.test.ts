@@ -118,6 +118,12 @@ describe('the GPU kit (bench/gpu)', () => {
     expect(e.plan.slots).toBe(4);
     expect(e.generate.items).toHaveLength(12);
     expect(Math.max(...e.generate.items.map((i: { budget: number }) => i.budget))).toBeLessThanOrEqual(24);
+    // 12 items over 4 slots: each run's first 4 prompts alone, and prompts joining the steps after.
+    expect(e.join_prompts).toBe(true);
+    for (const r of e.generate.runs) {
+      expect(r.prompts_joined + r.prompts_alone).toBe(12);
+      expect(r.prompts_joined).toBeGreaterThan(0);
+    }
 
     // transformers' side, computed here by the float64 reference forward over the same ids.
     const ckpt = path.join(work, 'ckpt');
@@ -175,6 +181,51 @@ describe('the GPU kit (bench/gpu)', () => {
     const weights = fs.statSync(path.join(work, 'model', JSON.parse(fs.readFileSync(path.join(work, 'model', 'axis_model.json'), 'utf8')).weights)).size;
     const bytes = run0.steps * weights + kv * 2 * L * config.num_key_value_heads * config.head_dim * 2;
     expect(Number(result('gpu_generate_vs_bandwidth_limit'))).toBeCloseTo(bytes / 1e9 / run0.seconds, 2);
+    expect(lines).toContain(`engine: native step runtime, tokens drawn by the host, prompts joining a decoding step's run (${e.generate.runs.map((r: { prompts_joined: number }) => `${r.prompts_joined} of 12`).join(', ')} per generation run)`);
+  }, 300_000);
+
+  test('run.sh measures from the kit, falls back to prompts running alone and then the host drawing when a measure fails, and a later call starts at the fallback reached', () => {
+    expect(kit).toBeDefined();
+    // The device's tools as stand-ins: nvidia-smi's figures, and a Python whose torch answers its version.
+    const stubs = path.join(dir, 'stubs');
+    fs.mkdirSync(stubs);
+    fs.writeFileSync(path.join(stubs, 'nvidia-smi'), '#!/bin/sh\ncase "$*" in *memory.total*noheader*) echo 81559 ;; *memory.used*noheader*) echo 1024 ;; *) echo "name, memory.total [MiB]"; echo "Stand-in GPU, 81559 MiB" ;; esac\n', { mode: 0o755 });
+    fs.writeFileSync(path.join(stubs, 'python'), `#!/bin/sh\ncase "$*" in *"import torch"*) echo "python stand-in" ;; *) exec /usr/bin/python3 "$@" ;; esac\n`, { mode: 0o755 });
+    const preset = `kit-test-${process.pid}`;
+    const work = path.join('/tmp/axis-gpu', preset);
+    fs.rmSync(work, { recursive: true, force: true });
+    fs.mkdirSync(work, { recursive: true });
+    fs.symlinkSync(path.join(dir, 'work', 'model'), path.join(work, 'model'));
+    const out = path.join(dir, 'run-out');
+    const runSh = (flags: string) =>
+      spawnSync(path.join(ROOT, 'bench/gpu/run.sh'), [kit, preset, out, 'measure'], {
+        encoding: 'utf8',
+        env: { PATH: `${stubs}:${process.env.PATH}`, HOME: dir, AXIS_GPU_PYTHON: path.join(stubs, 'python'), AXIS_GPU_MEASURE_FLAGS: flags },
+      });
+    try {
+      // CUDA on this CPU: every try fails, each with the next fallback's flags, and none is marked done.
+      let r = runSh('');
+      expect(r.status).not.toBe(0);
+      const tries = r.stdout.split('\n').filter((l) => l.startsWith('== measure with '));
+      expect(tries).toEqual(['== measure with the defaults of the engine', '== measure with --join off', '== measure with --join off --sample host']);
+      expect(fs.readFileSync(path.join(work, 'measure-fallback'), 'utf8').trim()).toBe('3');
+      expect(fs.existsSync(path.join(work, 'done-measure'))).toBe(false);
+
+      // A later call starts at the fallback the last one reached (here the first), and its engine ran so.
+      fs.writeFileSync(path.join(work, 'measure-fallback'), '1\n');
+      r = runSh('--device cpu --items 6 --cap 12 --extract 2 --max-slots 2 --repeats 1');
+      expect(r.stdout).toMatch(/^== measure with --join off$/m);
+      expect(r.stdout).not.toMatch(/measure with the defaults/);
+      expect(r.status).toBe(0);
+      expect(fs.existsSync(path.join(work, 'done-measure'))).toBe(true);
+      const e = JSON.parse(fs.readFileSync(path.join(out, 'engine.json'), 'utf8'));
+      expect(e.join_prompts).toBe(false);
+      expect(e.generate.runs.map((x: { prompts_joined: number; prompts_alone: number }) => [x.prompts_joined, x.prompts_alone])).toEqual([[0, 6]]);
+      // The log lands in the output folder.
+      expect(fs.readdirSync(out).some((n) => n.endsWith(`-${preset}.log`))).toBe(true);
+    } finally {
+      fs.rmSync(work, { recursive: true, force: true });
+    }
   }, 300_000);
 
   test('the device scripts parse (bash -n, python3 -m py_compile)', () => {
