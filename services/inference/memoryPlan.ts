@@ -20,6 +20,13 @@ export const PREFILL_CHUNK = 512;
 export const MAX_SLOTS = 256;
 /** Tokens a slot holds by default: the default max_context (2048) plus max_new_tokens (512). */
 export const DEFAULT_SLOT_LENGTH = 2560;
+/**
+ * Bytes per vocabulary id of one row's draw in the step graph when it sorts the whole vocabulary
+ * (services/model/sampler.ts): about what is alive at once at its peak, the float32
+ * probabilities, sorted values, nucleus order and cumulative sums (4 x 4) and the int64 sorted
+ * ids and their order (2 x 8).
+ */
+export const SAMPLER_BYTES_PER_VOCAB_ID = 32;
 
 /** The model's dimensions the plan needs (from config.json, or axis_model.json for a built model). */
 export interface PlanDims {
@@ -51,7 +58,11 @@ export interface MemoryPlan {
   weightBytes: number;
   /** Keys and values of one token on this device's layers. */
   kvBytesPerToken: number;
-  /** One slot: its KV rows for slotLength tokens, its logits (float32), its per-layer outputs and sums (float32). */
+  /**
+   * One slot: its KV rows for slotLength tokens, its logits (float32), its per-layer outputs and
+   * sums (float32), and its row of a decoding step's work (its token's activations, its float32
+   * attention scores against a full slot, and on the head's device its draw's scratch).
+   */
   bytesPerSlot: number;
   /** The runtime reserve and a prefill chunk's activations and attention scores. */
   workingBytes: number;
@@ -65,12 +76,16 @@ export function planDevice(input: PlanInput): MemoryPlan {
   const { dims, layersHere, computeBytes: b } = input;
   const kvBytesPerToken = 2 * layersHere * dims.kvHeads * dims.headDim * b;
   const perTokenOutputs = (input.head ? dims.vocab * 4 : 0) + 2 * layersHere * dims.hidden * 4;
-  const bytesPerSlot = input.slotLength * kvBytesPerToken + perTokenOutputs;
+  // One layer's activations of one token at a time: residual, norms, q/k/v and attention output, gate/up/down.
+  const tokenActivations = (4 * dims.hidden + (dims.heads + 2 * dims.kvHeads) * dims.headDim + 3 * dims.intermediate) * b;
+  // Attention scores of one token against a full slot, float32 (what onnxruntime's CPU kernel allocates; an upper bound on CUDA).
+  const tokenScores = dims.heads * input.slotLength * 4;
+  // A decoding step runs every busy slot's token beside a joining prompt's chunk (counted below).
+  const stepRow = tokenActivations + tokenScores + (input.head ? dims.vocab * SAMPLER_BYTES_PER_VOCAB_ID : 0);
+  const bytesPerSlot = input.slotLength * kvBytesPerToken + perTokenOutputs + stepRow;
   const chunk = Math.min(PREFILL_CHUNK, input.slotLength);
-  // One layer's activations at a time: residual, norms, q/k/v and attention output, gate/up/down.
-  const chunkActivations = chunk * (4 * dims.hidden + (dims.heads + 2 * dims.kvHeads) * dims.headDim + 3 * dims.intermediate) * b;
-  // Attention scores of the chunk against a full slot, float32 (what onnxruntime's CPU kernel allocates; an upper bound on CUDA).
-  const chunkScores = dims.heads * chunk * input.slotLength * 4;
+  const chunkActivations = chunk * tokenActivations;
+  const chunkScores = chunk * tokenScores;
   const chunkLogits = input.head ? chunk * dims.vocab * 4 : 0;
   const workingBytes = RUNTIME_RESERVE_BYTES + chunkActivations + chunkScores + chunkLogits;
   const free = input.deviceMemory - input.weightBytes - workingBytes;

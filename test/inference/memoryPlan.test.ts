@@ -36,7 +36,10 @@ function byHand(name: string, memory: number) {
   const { config: c, params, normParams } = MODELS[name];
   const weights = 2 * (params - normParams) + 4 * normParams;
   const kvPerToken = 2 * c.num_hidden_layers * c.num_key_value_heads! * c.head_dim! * 2;
-  const perSlot = 2560 * kvPerToken + c.vocab_size * 4 + 2 * c.num_hidden_layers * c.hidden_size * 4;
+  // Its KV rows, float32 logits and per-layer outputs and sums, and its row of a decoding step: one
+  // token's bf16 activations, its float32 scores against 2560 keys, the draw's scratch (32 bytes per id).
+  const tokenActivations = (4 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads!) * c.head_dim! + 3 * c.intermediate_size) * 2;
+  const perSlot = 2560 * kvPerToken + c.vocab_size * 4 + 2 * c.num_hidden_layers * c.hidden_size * 4 + tokenActivations + c.num_attention_heads * 2560 * 4 + c.vocab_size * 32;
   // 1 GiB reserve; a 512-token chunk's activations (bf16), its float32 scores against 2560 keys, its float32 logits.
   const working = GiB + 512 * (4 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads!) * c.head_dim! + 3 * c.intermediate_size) * 2 + c.num_attention_heads * 512 * 2560 * 4 + 512 * c.vocab_size * 4;
   return { weights, kvPerToken, perSlot, working, slots: Math.max(0, Math.floor((memory - weights - working) / perSlot)) };
