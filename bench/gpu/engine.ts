@@ -251,7 +251,7 @@ interface HfJson {
   versions?: Record<string, string>;
   correctness: { greedy_ids: number[]; means: string[] }[];
   extract: { tokens: number; seconds: number[]; batch: number };
-  generate: { tokens: number; seconds: number[]; batch: number; memory_peak?: number };
+  generate: { tokens: number; seconds: number[]; batch: number; memory_peak?: number; compiled?: boolean };
 }
 
 /** The figures of the GPU proof from the two sides' files. */
@@ -283,7 +283,7 @@ export function report(e: EngineJson, h: HfJson, bandwidth?: number): string[] {
   const genEngine = median(genRuns);
   const genHf = h.generate.tokens / median(h.generate.seconds);
   lines.push(`Extract: engine ${extractEngine.toFixed(0)} tokens/s (${e.extract.seconds.map((s) => s.toFixed(2)).join(', ')} s), transformers forward with hooks at batch ${h.extract.batch} ${extractHf.toFixed(0)} tokens/s (${h.extract.seconds.map((s) => s.toFixed(2)).join(', ')} s)`);
-  lines.push(`generation with capture: engine ${genEngine.toFixed(0)} tokens/s at ${e.plan.slots} slots (${genRuns.map((x) => x.toFixed(0)).join(', ')}), transformers generate (static cache) at batch ${h.generate.batch} ${genHf.toFixed(0)} tokens/s (${h.generate.seconds.map((s) => s.toFixed(2)).join(', ')} s)`);
+  lines.push(`generation with capture: engine ${genEngine.toFixed(0)} tokens/s at ${e.plan.slots} slots (${genRuns.map((x) => x.toFixed(0)).join(', ')}), transformers generate (static cache, ${h.generate.compiled === false ? 'eager decoding step: its compile failed' : 'compiled decoding step'}) at batch ${h.generate.batch} ${genHf.toFixed(0)} tokens/s (${h.generate.seconds.map((s) => s.toFixed(2)).join(', ')} s)`);
   // The bandwidth limit: every decoding step reads all weights and each row's keys and values so far.
   const { items } = e.generate;
   const kvReads = items.reduce((n, it) => n + it.budget * it.prompt_ids.length + (it.budget * (it.budget + 1)) / 2, 0);

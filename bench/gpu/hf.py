@@ -9,7 +9,9 @@ ids the engine ran (read from its engine.json).
    engine weighted, and 32 greedy tokens from the prompt;
 2. the reference's step 2: a forward pass with hooks at batch 16 over Extract's conversations;
 3. generate with a static KV cache over the engine's items, at the engine's slot count (halved
-   until it fits), each batch running to its longest budget (min_new_tokens keeps every row going).
+   until it fits), each batch running to its longest budget (min_new_tokens keeps every row going),
+   its decoding step compiled once (transformers' default for a static cache; eager if the compile
+   fails, as the report says).
 """
 import argparse
 import base64
@@ -64,8 +66,8 @@ class Means:
             h.remove()
 
 
-def padded(rows, left=False, pad=0):
-    width = max(len(r) for r in rows)
+def padded(rows, left=False, pad=0, width=None):
+    width = width or max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
@@ -126,18 +128,33 @@ def main():
 
     items = engine["generate"]["items"]
     sampling = engine["generate"].get("sampling", {"temperature": 0.7, "topP": 0.9})
-    def generate(batch_size, limit=None):
-        for at in range(0, len(items) if limit is None else min(limit, len(items)), batch_size):
-            batch = items[at : at + batch_size]
-            ids, mask = padded([it["prompt_ids"] for it in batch], left=True)
-            new = max(it["budget"] for it in batch)
-            with torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=sampling["temperature"], top_p=sampling["topP"], top_k=0, cache_implementation="static", pad_token_id=0)
+    # One compiled decoding step for every batch: transformers compiles the step of a static cache
+    # for the cache's shape, and keeps a cache (reset) while a call needs no more rows or length than
+    # it holds. So every batch is left-padded to the longest prompt and filled to the full batch
+    # (extra rows repeat its first item and are not counted), and the warm-up allocates the cache at
+    # the largest length any batch needs; no batch then recompiles inside the timed runs.
+    width = max(len(it["prompt_ids"]) for it in items)
+    options = {}
+
+    def run_batch(batch, size, new):
+        rows = [it["prompt_ids"] for it in batch] + [batch[0]["prompt_ids"]] * (size - len(batch))
+        ids, mask = padded(rows, left=True, width=width)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=sampling["temperature"], top_p=sampling["topP"], top_k=0, cache_implementation="static", pad_token_id=0, **options)
+
+    def generate(size):
+        for at in range(0, len(items), size):
+            batch = items[at : at + size]
+            run_batch(batch, size, max(it["budget"] for it in batch))
+
+    def warm_up(size):
+        torch.cuda.reset_peak_memory_stats()
+        run_batch(items[:size], size, max(it["budget"] for it in items))
+
     batch = engine["plan"]["slots"]
     while True:
         try:
-            torch.cuda.reset_peak_memory_stats()
-            generate(batch, limit=batch)  # warm-up, and whether the batch fits
+            warm_up(batch)  # the compile, and whether the batch fits at the longest length
             break
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -145,6 +162,14 @@ def main():
                 raise
             log(f"batch {batch} does not fit; trying {batch // 2}")
             batch //= 2
+            if hasattr(model, "_cache"):
+                del model._cache
+        except Exception as err:  # the compile failed (no C compiler for Triton, ...): eager steps
+            if options:
+                raise
+            log(f"generate with the compiled step failed ({type(err).__name__}: {str(err)[:300]}); without compiling")
+            options = {"disable_compile": True}
+    log(f"generate: batch {batch}, {'eager' if options else 'compiled'} decoding step")
     generate_seconds = []
     for r in range(args.repeats):
         generate_seconds.append(timed(lambda: generate(batch)))
@@ -157,7 +182,7 @@ def main():
             "correctness": correctness,
             "extract": {"tokens": tokens, "seconds": extract_seconds, "batch": EXTRACT_BATCH},
             # Useful tokens: each item's budget (a batch's shorter rows run on to its longest: static batching).
-            "generate": {"tokens": sum(it["budget"] for it in items), "seconds": generate_seconds, "batch": batch, "memory_peak": torch.cuda.max_memory_allocated()},
+            "generate": {"tokens": sum(it["budget"] for it in items), "seconds": generate_seconds, "batch": batch, "compiled": not options, "memory_peak": torch.cuda.max_memory_allocated()},
         },
         open(args.out, "w"),
     )

@@ -162,7 +162,7 @@ describe('the GPU kit (bench/gpu)', () => {
       gpu: 'NVIDIA H200',
       correctness,
       extract: { tokens: e.extract.tokens, seconds: [4, 2, 3], batch: 16 },
-      generate: { tokens: e.generate.items.reduce((n: number, i: { budget: number }) => n + i.budget, 0), seconds: [9, 7, 8], batch: 4 },
+      generate: { tokens: e.generate.items.reduce((n: number, i: { budget: number }) => n + i.budget, 0), seconds: [9, 7, 8], batch: 4, compiled: false },
     };
     fs.writeFileSync(path.join(work, 'hf.json'), JSON.stringify(hf));
     // A bandwidth that makes this CPU's figure readable (the GPU's comes from its name).
@@ -181,6 +181,7 @@ describe('the GPU kit (bench/gpu)', () => {
     const weights = fs.statSync(path.join(work, 'model', JSON.parse(fs.readFileSync(path.join(work, 'model', 'axis_model.json'), 'utf8')).weights)).size;
     const bytes = run0.steps * weights + kv * 2 * L * config.num_key_value_heads * config.head_dim * 2;
     expect(Number(result('gpu_generate_vs_bandwidth_limit'))).toBeCloseTo(bytes / 1e9 / run0.seconds, 2);
+    expect(lines.find((l) => l.startsWith('generation with capture: '))).toMatch(/transformers generate \(static cache, eager decoding step: its compile failed\) at batch 4 /);
     expect(lines).toContain(`engine: native step runtime, tokens drawn by the host, prompts joining a decoding step's run (${e.generate.runs.map((r: { prompts_joined: number }) => `${r.prompts_joined} of 12`).join(', ')} per generation run)`);
   }, 300_000);
 
