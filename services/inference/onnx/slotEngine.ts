@@ -2,7 +2,7 @@ import { ResponseCount } from './responseMean';
 import type { BatchRunner, SequenceJob, SequenceResult, TokenRules } from './runner';
 import type { Placement } from './session';
 import { drawToken } from './sampling';
-import { Join, SlotError, StepResult, StepSession } from './stepSession';
+import { Join, Sampling, SlotError, StepResult, StepSession } from './stepSession';
 
 /**
  * Which waiting item takes a free slot (`--slot-policy`): `fifo`, the oldest first, whoever
@@ -256,7 +256,7 @@ export class SlotEngine {
       fresh: true,
       weights: extract ? job.weights?.subarray(reused) : undefined,
       logits: extract || this.step.sampleInGraph ? 'none' : 'last',
-      sample: extract || !(this.step.sampleInGraph || this.step.hostCandidates) ? undefined : { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] },
+      sample: extract ? undefined : this.firstDraw(job),
       candidates: !extract && this.step.hostCandidates,
       steer: job.steering,
     });
@@ -271,6 +271,11 @@ export class SlotEngine {
       return;
     }
     this.start(slot, item, out, 0, reused, false);
+  }
+
+  /** The parameters the run that ends a prompt draws its first token with (in the graph, or here from its candidates), or none (drawn here from its logits). */
+  private firstDraw(job: SequenceJob): Sampling | undefined {
+    return this.step.sampleInGraph || this.step.hostCandidates ? { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] } : undefined;
   }
 
   private checkFits(job: SequenceJob): void {
@@ -301,8 +306,7 @@ export class SlotEngine {
         ids = ids.slice(ids.length - chunk);
         fresh = false;
       }
-      const sample = this.step.sampleInGraph || this.step.hostCandidates ? { temperature: job.temperature, topP: job.topP, uniform: job.uniforms[0] } : undefined;
-      return { join: { slot, ids, fresh, sample, steer: job.steering }, reused };
+      return { join: { slot, ids, fresh, sample: this.firstDraw(job), steer: job.steering }, reused };
     } catch (err) {
       if (slot >= 0) this.step.reset(slot);
       item.reject(err);

@@ -94,13 +94,18 @@ export interface Candidates {
 
 /**
  * The head's rows of a run (its rows, then a joining row's), or what is wrong with its joining
- * row: the checks both kernels make before binding anything (each throws its own error type).
+ * row or its sampling rows: the checks both kernels make before binding anything (each throws
+ * its own error type).
  */
 export function joinedRows(f: StepFeeds, shape: KernelShape): { rows: number } | { problem: string } {
   const { join } = f;
-  if (!join) return { rows: f.batch };
-  if (!shape.step.join) return { problem: 'this step graph takes no joining row (built before it): build the model again' };
-  if (!(Number.isInteger(join.slot) && join.slot >= 0 && join.slot < shape.slots && (join.slot < f.firstSlot || join.slot >= f.firstSlot + f.batch))) return { problem: `the joining row's slot ${join.slot} must be one of the ${shape.slots} and not among the run's ${f.firstSlot}..${f.firstSlot + f.batch - 1}` };
-  if (f.logitsPositions?.length !== 1) return { problem: "a run with a joining row asks for one logits position of each of its rows (the joining row's is its last)" };
-  return { rows: f.batch + 1 };
+  const rows = f.batch + (join ? 1 : 0);
+  if (join) {
+    if (!shape.step.join) return { problem: 'this step graph takes no joining row (built before it): build the model again' };
+    if (!(Number.isInteger(join.slot) && join.slot >= 0 && join.slot < shape.slots && (join.slot < f.firstSlot || join.slot >= f.firstSlot + f.batch))) return { problem: `the joining row's slot ${join.slot} must be one of the ${shape.slots} and not among the run's ${f.firstSlot}..${f.firstSlot + f.batch - 1}` };
+    if (f.logitsPositions?.length !== 1) return { problem: "a run with a joining row asks for one logits position of each of its rows (the joining row's is its last)" };
+    if (shape.step.response_sums && (!join.sumWeights || !join.sumMix)) return { problem: 'this step graph keeps running sums: a joining row needs their weights and mix' };
+  }
+  if (f.logitsPositions && f.sample && f.sample.temperature.length !== rows) return { problem: `a run of ${rows} rows needs ${rows} sampling rows, got ${f.sample.temperature.length}` };
+  return { rows };
 }

@@ -210,11 +210,7 @@ export class StepSession {
    */
   async prefill(slot: number, ids: number[], opts: { chunk?: number; logits?: 'last' | 'all' | 'none'; hidden?: boolean; fresh?: boolean; weights?: ArrayLike<number>; sample?: Sampling; candidates?: boolean; steer?: Steering } = {}): Promise<StepResult> {
     this.checkSlot(slot);
-    if (this.lengths[slot] > 0 && this.steeredBy[slot] !== opts.steer?.id) throw new SlotError(`slot ${slot} holds a sequence run with ${this.steeredBy[slot] ?? 'no intervention'}: it cannot go on with ${opts.steer?.id ?? 'none'}`);
-    if (ids.length === 0) throw new SlotError('a prefill needs at least one token');
-    if (this.lengths[slot] + ids.length > this.slotLength) {
-      throw new SlotError(`${this.lengths[slot] + ids.length} tokens do not fit a slot of ${this.slotLength} (${this.lengths[slot]} held, ${ids.length} new): raise the slot length or shorten the prompt`);
-    }
+    this.checkAppend(slot, ids.length, opts.steer, 'a prefill');
     const chunk = opts.chunk ?? ids.length;
     if (!(Number.isInteger(chunk) && chunk >= 1)) throw new SlotError(`chunk must be a positive integer, got ${chunk}`);
     const hiddenParts: Float32Array[][] = [];
@@ -264,9 +260,7 @@ export class StepSession {
       if (!this.step.join) throw new SlotError('this model was built before a prompt could join a decoding step: build it again');
       this.checkSlot(join.slot);
       if (join.slot < tokens.length) throw new SlotError(`a joining prompt goes into a slot after the step's (0..${tokens.length - 1}), not ${join.slot}`);
-      if (join.ids.length === 0) throw new SlotError('a joining prompt needs at least one token');
-      if (this.lengths[join.slot] + join.ids.length > this.slotLength) throw new SlotError(`${this.lengths[join.slot] + join.ids.length} tokens do not fit a slot of ${this.slotLength} (${this.lengths[join.slot]} held, ${join.ids.length} new): raise the slot length or shorten the prompt`);
-      if (this.lengths[join.slot] > 0 && this.steeredBy[join.slot] !== join.steer?.id) throw new SlotError(`slot ${join.slot} holds a sequence run with ${this.steeredBy[join.slot] ?? 'no intervention'}: it cannot go on with ${join.steer?.id ?? 'none'}`);
+      this.checkAppend(join.slot, join.ids.length, join.steer, 'a joining prompt');
     }
     const slots = [...Array(tokens.length).keys()];
     for (const s of slots) {
@@ -396,6 +390,13 @@ export class StepSession {
   /** Chunks' hidden states joined per layer. */
   private hiddenOf(parts: Float32Array[][]): Float32Array[] {
     return this.step.hidden_state_outputs.map((_, i) => concat(parts.map((p) => p[i])));
+  }
+
+  /** That `count` more tokens (of `what`), run with `steer`, can go into `slot`: the same intervention as it holds, and room. */
+  private checkAppend(slot: number, count: number, steer: Steering | undefined, what: string): void {
+    if (this.lengths[slot] > 0 && this.steeredBy[slot] !== steer?.id) throw new SlotError(`slot ${slot} holds a sequence run with ${this.steeredBy[slot] ?? 'no intervention'}: it cannot go on with ${steer?.id ?? 'none'}`);
+    if (count === 0) throw new SlotError(`${what} needs at least one token`);
+    if (this.lengths[slot] + count > this.slotLength) throw new SlotError(`${this.lengths[slot] + count} tokens do not fit a slot of ${this.slotLength} (${this.lengths[slot]} held, ${count} new): raise the slot length or shorten the prompt`);
   }
 
   private checkSlot(slot: number): void {

@@ -102,7 +102,6 @@ export class StockKernel implements StepKernel {
         fetches[JOIN_OUTPUTS.presentValue(l)] = v;
       }
       if (step.response_sums) {
-        if (join && (!join.sumWeights || !join.sumMix)) throw new Error('this step graph keeps running sums: a joining row needs their weights and mix');
         feeds[JOIN_INPUTS.responseWeights] = new ort.Tensor('float32', join?.sumWeights ?? new Float32Array(0), [1, 2, J]);
         feeds[JOIN_INPUTS.sumsMix] = new ort.Tensor('float32', join?.sumMix ?? Float32Array.of(1, 0, 0, 1), [1, 2, 2]);
         const per = 2 * metadata.hidden_size;
@@ -118,7 +117,6 @@ export class StockKernel implements StepKernel {
     const sampling = f.logitsPositions && f.sample?.draw;
     if (f.logitsPositions && f.sample) {
       feeds[STEP_INPUTS.sampleInGraph] = new ort.Tensor('bool', Uint8Array.of(f.sample.draw ? 1 : 0), []);
-      if (f.sample.temperature.length !== rows) throw new Error(`a run of ${rows} rows needs ${rows} sampling rows, got ${f.sample.temperature.length}`);
       feeds[STEP_INPUTS.temperature] = new ort.Tensor('float32', f.sample.temperature, [rows]);
       feeds[STEP_INPUTS.topP] = new ort.Tensor('float32', f.sample.topP, [rows]);
       feeds[STEP_INPUTS.uniform] = new ort.Tensor('float32', f.sample.uniform, [rows]);

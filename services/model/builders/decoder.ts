@@ -637,19 +637,27 @@ export class DecoderBuilder {
     const values = await this.forward(first === 0 ? h0 : undefined, first === 0 ? undefined : this.toAct(h0), [first, end], opts.steering);
     const hiddenStateOutputs: string[] = [];
     const sums = step && opts.capture;
+    // A row whose mix is all zeros starts afresh without reading its held sums (a selection,
+    // not a product: whatever the buffer held, fresh memory or a previous item's overflow, stays out).
+    const keepOf = (mix: string) => g.node('Greater', [g.node('ReduceMax', [g.node('Abs', [mix])], { axes: [1, 2], keepdims: 1 }), g.constFloat([0], [])]);
+    // The slot's running sums stay beside its KV buffers: new = mix x held + weights x hidden,
+    // two batched products, written over the held sums (the same buffer; the products read it
+    // before the sum is written).
+    const runningSums = (keep: string, mix: string, weights: string, held: string, h: string, out: string, rows: number | string) => {
+      g.node('Add', [g.node('MatMul', [mix, g.node('Where', [keep, held, g.constFloat([0], [])])]), g.node('MatMul', [weights, h])], {}, out);
+      g.output(out, out, DataType.FLOAT, [rows, 2, hidden]);
+    };
     let keep = '';
     if (sums) {
       g.input(STEP_INPUTS.responseWeights, DataType.FLOAT, ['batch_size', 2, 'sequence_length']);
       g.input(STEP_INPUTS.sumsMix, DataType.FLOAT, ['batch_size', 2, 2]);
-      // A row whose mix is all zeros starts afresh without reading its held sums (a selection,
-      // not a product: whatever the buffer held, fresh memory or a previous item's overflow, stays out).
-      keep = g.node('Greater', [g.node('ReduceMax', [g.node('Abs', [STEP_INPUTS.sumsMix])], { axes: [1, 2], keepdims: 1 }), g.constFloat([0], [])]);
+      keep = keepOf(STEP_INPUTS.sumsMix);
     }
     let joinKeep = '';
     if (sums && join) {
       g.input(JOIN_INPUTS.responseWeights, DataType.FLOAT, [1, 2, 'join_tokens']);
       g.input(JOIN_INPUTS.sumsMix, DataType.FLOAT, [1, 2, 2]);
-      joinKeep = g.node('Greater', [g.node('ReduceMax', [g.node('Abs', [JOIN_INPUTS.sumsMix])], { axes: [1, 2], keepdims: 1 }), g.constFloat([0], [])]);
+      joinKeep = keepOf(JOIN_INPUTS.sumsMix);
     }
     for (let l = first; l < end; l++) {
       // A stage that is not the last hands its last hidden state on, capture or not.
@@ -658,21 +666,12 @@ export class DecoderBuilder {
         g.output(h, this.names.hiddenState(l), DataType.FLOAT, ['batch_size', 'sequence_length', hidden]);
         if (opts.capture) hiddenStateOutputs.push(this.names.hiddenState(l));
         if (sums) {
-          // The slot's running sums stay beside its KV buffers: new = mix x held + weights x hidden,
-          // two batched products, written over the held sums (the same buffer; the products
-          // read it before the sum is written).
           const held = g.input(STEP_INPUTS.responseSums(l), DataType.FLOAT, ['batch_size', 2, hidden]);
-          const mixed = g.node('MatMul', [STEP_INPUTS.sumsMix, g.node('Where', [keep, held, g.constFloat([0], [])])]);
-          const added = g.node('MatMul', [STEP_INPUTS.responseWeights, h]);
-          g.node('Add', [mixed, added], {}, STEP_OUTPUTS.responseSumsOut(l));
-          g.output(STEP_OUTPUTS.responseSumsOut(l), STEP_OUTPUTS.responseSumsOut(l), DataType.FLOAT, ['batch_size', 2, hidden]);
+          runningSums(keep, STEP_INPUTS.sumsMix, STEP_INPUTS.responseWeights, held, h, STEP_OUTPUTS.responseSumsOut(l), 'batch_size');
           if (join) {
             // The joining row's sums, the same way over its slot's (no tokens: unchanged when the mix is the identity).
             const joinHeld = g.input(JOIN_INPUTS.responseSums(l), DataType.FLOAT, [1, 2, hidden]);
-            const joinMixed = g.node('MatMul', [JOIN_INPUTS.sumsMix, g.node('Where', [joinKeep, joinHeld, g.constFloat([0], [])])]);
-            const joinAdded = g.node('MatMul', [JOIN_INPUTS.responseWeights, this.toFloat(this.joinPart(values.hidden[l - first]))]);
-            g.node('Add', [joinMixed, joinAdded], {}, JOIN_OUTPUTS.responseSumsOut(l));
-            g.output(JOIN_OUTPUTS.responseSumsOut(l), JOIN_OUTPUTS.responseSumsOut(l), DataType.FLOAT, [1, 2, hidden]);
+            runningSums(joinKeep, JOIN_INPUTS.sumsMix, JOIN_INPUTS.responseWeights, joinHeld, this.toFloat(this.joinPart(values.hidden[l - first])), JOIN_OUTPUTS.responseSumsOut(l), 1);
           }
         }
       }

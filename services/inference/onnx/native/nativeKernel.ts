@@ -193,7 +193,6 @@ export class NativeKernel implements StepKernel {
         bind('BindOutput', JOIN_OUTPUTS.presentValue(l), v);
       }
       if (step.response_sums) {
-        if (join && (!join.sumWeights || !join.sumMix)) throw new OrtCallError('this step graph keeps running sums: a joining row needs their weights and mix');
         bind('BindInput', JOIN_INPUTS.responseWeights, this.host(held, join?.sumWeights ?? new Float32Array(0), 'float32', [1, 2, J]));
         bind('BindInput', JOIN_INPUTS.sumsMix, this.host(held, join?.sumMix ?? Float32Array.of(1, 0, 0, 1), 'float32', [1, 2, 2]));
         const dims = [1, 2, metadata.hidden_size];
@@ -214,7 +213,6 @@ export class NativeKernel implements StepKernel {
     let candidates: Candidates | undefined;
     if (f.logitsPositions && f.sample) {
       bind('BindInput', STEP_INPUTS.sampleInGraph, this.host(held, Uint8Array.of(f.sample.draw ? 1 : 0), 'bool', []));
-      if (f.sample.temperature.length !== rows) throw new OrtCallError(`a run of ${rows} rows needs ${rows} sampling rows, got ${f.sample.temperature.length}`);
       bind('BindInput', STEP_INPUTS.temperature, this.host(held, f.sample.temperature, 'float32', [rows]));
       bind('BindInput', STEP_INPUTS.topP, this.host(held, f.sample.topP, 'float32', [rows]));
       bind('BindInput', STEP_INPUTS.uniform, this.host(held, f.sample.uniform, 'float32', [rows]));
