@@ -4,6 +4,7 @@ module.exports = {
   testEnvironment: '<rootDir>/test/helpers/ort-environment.js',
   roots: ['<rootDir>/test'],
   globalSetup: '<rootDir>/test/helpers/global-setup.js',
+  globalTeardown: '<rootDir>/test/helpers/global-teardown.js',
   testMatch: ['**/*.test.ts'],
   transform: {
     '^.+\\.ts$': ['ts-jest', { tsconfig: 'tsconfig.test.json' }],
